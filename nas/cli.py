@@ -1,0 +1,88 @@
+"""The console scripts: parse arguments, call the rooms, map errors to exit codes in one place.
+
+0 success, 1 unexpected error, 2 bad usage or bad input (one line, no traceback),
+130 interrupted by SIGINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib.metadata import PackageNotFoundError, version
+
+from nas.config import SHORTCUTS, load_run_config, parse_override
+from nas.errors import NasError
+
+DEFAULT_STORAGE = "sqlite:///runs/nas.db"
+
+
+def _version() -> str:
+    try:
+        return version("bnnas")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree
+        return "unknown"
+
+
+def search_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="nas-search",
+        description="Search a normalization-aware CNN space with Optuna; every trial is scored by "
+        "k-fold cross-validated validation loss and stored in an Optuna study.",
+        epilog="examples:\n  nas-search --config configs/digits.yaml\n"
+        "  nas-search --config configs/cifar.yaml --set dataset.root=~/data/cifar10 --trials 100\n"
+        "  nas-search --resume --study digits-bn --storage sqlite:///runs/nas.db --trials 60",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", help="run config YAML (dataset, search space, study, evaluation)")
+    p.add_argument("--resume", action="store_true", help="continue a stored study without its YAML (needs --study; --storage defaults to %(default)s)".replace("%(default)s", DEFAULT_STORAGE))
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE", help="override any config key (repeatable), e.g. --set dataset.root=~/data")
+    shortcuts = p.add_argument_group("shortcuts (each overrides one config key)")
+    types = {"trials": int, "epochs": int, "folds": int, "seed": int, "timeout": float}
+    for flag, key in SHORTCUTS.items():
+        extra = {"choices": ["auto", "cpu", "cuda"]} if flag == "device" else {}
+        shortcuts.add_argument(f"--{flag}", type=types.get(flag, str), help=f"sets {key}", **extra)
+    bars = p.add_mutually_exclusive_group()
+    bars.add_argument("--progress", dest="progress", action="store_true", default=None, help="show progress bars even when stderr is not a terminal")
+    bars.add_argument("--no-progress", dest="progress", action="store_false", help="never show progress bars")
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    return p
+
+
+def search_main(argv: list[str] | None = None) -> int:
+    parser = search_parser()
+    args = parser.parse_args(argv)
+    if args.resume and not args.study:
+        parser.error("--resume needs --study NAME")
+    if not args.resume and not args.config:
+        parser.error("give --config FILE, or --resume --study NAME")
+    return _run(lambda: _search(args))
+
+
+def _search(args: argparse.Namespace) -> None:
+    from nas.study import run_search, stored_config
+
+    overrides = [parse_override(text) for text in args.overrides]
+    overrides += [(key, getattr(args, flag)) for flag, key in SHORTCUTS.items() if getattr(args, flag) is not None]
+    if args.resume:
+        storage = args.storage or DEFAULT_STORAGE
+        cfg = load_run_config(None, overrides, stored=stored_config(args.study, storage))
+    else:
+        cfg = load_run_config(args.config, overrides)
+    run_search(cfg, progress=args.progress)
+
+
+def _run(action) -> int:
+    """Run a command body; the one place errors become exit codes."""
+    try:
+        action()
+    except NasError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(search_main())

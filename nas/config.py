@@ -1,0 +1,260 @@
+"""Load and validate run configs; every error names the file and the key path.
+
+A run config is YAML (`yaml.safe_load` only) read into the dataclasses below. The dataclass
+fields are the schema: their names are the allowed keys, their annotations the types, their
+defaults the one place each default lives, and `metadata` holds bounds and registry names.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from nas.errors import ConfigError
+
+DEVICES = ("auto", "cpu", "cuda")
+SAMPLER_NAMES = ("random", "tpe", "gp")
+PRUNER_NAMES = ("none", "median", "wilcoxon")
+AUGMENT_NAMES = ("auto", "none", "crop", "crop_flip")
+
+
+def _dataset_names() -> tuple[str, ...]:
+    from nas.data import LOADERS  # late: keeps `import nas.config` free of torch
+
+    return tuple(LOADERS)
+
+
+@dataclass
+class DatasetConfig:
+    name: str = field(default="digits", metadata={"choices": _dataset_names})
+    root: str | None = None  # folder (torchvision, imagefolder) or .npz file; relative to the cwd
+    download: bool = False
+    augment: str = field(default="auto", metadata={"choices": AUGMENT_NAMES})
+    image_size: int | None = field(default=None, metadata={"min": 1})  # imagefolder: resize to this
+
+
+@dataclass
+class StudyConfig:
+    name: str = "bnnas"
+    storage: str = "sqlite:///runs/nas.db"
+    sampler: str = field(default="tpe", metadata={"choices": SAMPLER_NAMES})
+    trials: int = field(default=30, metadata={"min": 1})
+    seed: int = 0
+    timeout: float | None = field(default=None, metadata={"min": 0})
+    max_consecutive_failures: int = field(default=5, metadata={"min": 1})
+
+
+@dataclass
+class EvaluationConfig:
+    folds: int = field(default=3, metadata={"min": 2})
+    epochs: int = field(default=15, metadata={"min": 1})
+    pruner: str = field(default="none", metadata={"choices": PRUNER_NAMES})
+
+
+@dataclass
+class RunConfig:
+    search_space: str  # path, relative to the config file
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    device: str = field(default="auto", metadata={"choices": DEVICES})
+    # Filled by the loader, not read from YAML:
+    source: str = field(default="", metadata={"internal": True})
+    space: dict = field(default_factory=dict, metadata={"internal": True})
+
+    def to_dict(self) -> dict:
+        """Plain JSON data: stored in the study so `--resume` needs no YAML."""
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Param:
+    """One search-space leaf: its type, default and bounds (the keys `check_bounds` reads)."""
+
+    kind: type
+    default: Any
+    bounds: dict = field(default_factory=dict)
+    searchable: bool = True
+
+
+# Shortcut flags of `nas-search` and the key each one overrides.
+SHORTCUTS = {
+    "trials": "study.trials",
+    "epochs": "evaluation.epochs",
+    "folds": "evaluation.folds",
+    "sampler": "study.sampler",
+    "seed": "study.seed",
+    "storage": "study.storage",
+    "study": "study.name",
+    "timeout": "study.timeout",
+    "device": "device",
+}
+
+
+def did_you_mean(word: str, known) -> str:
+    close = difflib.get_close_matches(str(word), [str(k) for k in known], n=1)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def unknown_key(file: str, path: str, key: str, known) -> ConfigError:
+    where = f"{path}.{key}" if path else str(key)
+    return ConfigError(file, where, f"unknown key (known: {', '.join(map(str, known))}){did_you_mean(key, known)}")
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping; a missing file or malformed YAML is a ConfigError naming the file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(path, "", "file not found") from None
+    except OSError as exc:
+        raise ConfigError(path, "", f"cannot read: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or "cannot parse"
+        raise ConfigError(path, "", f"malformed YAML: {where}{problem}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(path, "", f"expected a mapping of keys, got {type_name(data)}")
+    return data
+
+
+def type_name(value: Any) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+            list: "a list", dict: "a mapping", type(None): "nothing"}.get(type(value), type(value).__name__)
+
+
+def check_scalar(value: Any, kind: type, file: str, path: str) -> Any:
+    """Check one scalar against int / float / str / bool; ints are accepted as floats."""
+    ok = (
+        (kind is bool and isinstance(value, bool))
+        or (kind is int and isinstance(value, int) and not isinstance(value, bool))
+        or (kind is float and isinstance(value, (int, float)) and not isinstance(value, bool))
+        or (kind is str and isinstance(value, str))
+    )
+    if not ok:
+        raise ConfigError(file, path, f"expected {type_name(kind())}, got {type_name(value)} {value!r}")
+    return float(value) if kind is float else value
+
+
+def check_bounds(value: Any, meta: dict, file: str, path: str) -> None:
+    choices = meta.get("choices")
+    if choices is not None:
+        known = choices() if callable(choices) else choices
+        if value not in known:
+            what = meta.get("what", "value")
+            raise ConfigError(file, path, f"unknown {what} '{value}' (known: {', '.join(known)}){did_you_mean(value, known)}")
+    if "min" in meta and value < meta["min"]:
+        raise ConfigError(file, path, f"must be >= {meta['min']}, got {value}")
+    if "above" in meta and value <= meta["above"]:
+        raise ConfigError(file, path, f"must be > {meta['above']}, got {value}")
+    if "below" in meta and value >= meta["below"]:
+        raise ConfigError(file, path, f"must be < {meta['below']}, got {value}")
+    if "max" in meta and value > meta["max"]:
+        raise ConfigError(file, path, f"must be <= {meta['max']}, got {value}")
+    if meta.get("odd") and value % 2 == 0:
+        raise ConfigError(file, path, f"must be odd (so 'same' padding keeps the size), got {value}")
+
+
+def _from_dict(cls, data: Any, file: str, path: str):
+    if not isinstance(data, dict):
+        raise ConfigError(file, path, f"expected a mapping, got {type_name(data)}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    hints = typing.get_type_hints(cls)
+    for key in data:
+        if key not in fields:
+            raise unknown_key(file, path, key, fields)
+    values = {}
+    for name, f in fields.items():
+        key_path = f"{path}.{name}" if path else name
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(file, key_path, "missing (required)")
+            continue
+        hint, value = hints[name], data[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = _from_dict(hint, value, file, key_path)
+            continue
+        kinds = [k for k in _union_members(hint) if k is not type(None)]
+        if value is None and type(None) in _union_members(hint):
+            values[name] = None
+            continue
+        values[name] = check_scalar(value, kinds[0], file, key_path)
+        check_bounds(values[name], {"what": name.replace("_", " "), **f.metadata}, file, key_path)
+    return cls(**values)
+
+
+def _union_members(hint) -> tuple:
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return typing.get_args(hint)
+    return (hint,)
+
+
+def set_key(data: dict, key_path: str, value: Any) -> None:
+    """Set `a.b.c` in nested dicts, creating the mappings on the way."""
+    *parents, last = key_path.split(".")
+    node = data
+    for part in parents:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = node[part] = {}
+        node = child
+    node[last] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`key.path=value` with the value read as YAML (so `5` is an int, `true` a bool)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError("--set", text, "expected key.path=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_run_config(path: str | Path | None, overrides: list[tuple[str, Any]] = (), stored: dict | None = None) -> RunConfig:
+    """Read, override and validate a run config, then load and validate its search space.
+
+    `stored` is the dict a study keeps (`RunConfig.to_dict()`): resuming starts from it
+    instead of a YAML file, and its embedded space is used as it was.
+    """
+    from nas.space import load_space, validate_space  # late: space imports this module
+
+    if stored is not None:
+        raw = copy.deepcopy(stored)
+        file = raw.pop("source", "") or "stored config"
+        space_dict = raw.pop("space")
+    else:
+        file = str(path)
+        raw = read_yaml(path)
+        space_dict = None
+    for key, value in overrides:
+        set_key(raw, key, value)
+    cfg = _from_dict(RunConfig, raw, file, "")
+    cfg.source = file
+    if space_dict is None:
+        space_path = Path(cfg.search_space).expanduser()
+        if not space_path.is_absolute():
+            space_path = Path(file).parent / space_path
+        if not space_path.is_file():
+            raise ConfigError(file, "search_space", f"file not found: {space_path}")
+        cfg.search_space = str(space_path.resolve())
+        cfg.space = load_space(space_path)
+    else:
+        cfg.space = validate_space(space_dict, cfg.search_space)
+    return cfg

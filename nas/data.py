@@ -1,0 +1,219 @@
+"""Datasets as tensors on the device, batched augmentation on the device, stratified k-fold.
+
+A small dataset lives whole on the device as normalized float32; a batch is an index slice
+and augmentation (random crop with padding, horizontal flip) is one tensor operation over
+the batch. No per-sample Dataset or DataLoader on the hot path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nas.errors import DataError
+
+
+@dataclass
+class Dataset:
+    """Train and test splits, normalized per channel with the training split's statistics."""
+
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    classes: list[str]
+    augment: str = "none"  # none | crop | crop_flip
+    mean: list[float] | None = None
+    std: list[float] | None = None
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def to(self, device: torch.device | str) -> "Dataset":
+        for key in ("x_train", "y_train", "x_test", "y_test"):
+            setattr(self, key, getattr(self, key).to(device))
+        return self
+
+
+@dataclass
+class Arrays:
+    """What a loader returns: raw arrays (images N,C,H,W or signals N,L / N,C,L) and class names."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    classes: list[str]
+    augment: str = "none"  # what the data wants when the config says `auto`
+
+
+def _digits(cfg) -> Arrays:
+    """scikit-learn's bundled 8x8 digits: offline, with a fixed stratified train/test split."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    x = digits.images.astype(np.float32)[:, None] / 16.0
+    x_train, x_test, y_train, y_test = train_test_split(x, digits.target, test_size=0.2, stratify=digits.target, random_state=0)
+    return Arrays(x_train, y_train, x_test, y_test, [str(c) for c in digits.target_names])
+
+
+def _torchvision(cls_name: str, augment: str):
+    def load(cfg) -> Arrays:
+        import torchvision
+
+        if not cfg.root:
+            raise DataError(f"dataset.root: {cls_name} needs a folder; set dataset.root (e.g. --set dataset.root=~/data)")
+        root = Path(cfg.root).expanduser()
+        cls = getattr(torchvision.datasets, cls_name)
+        try:
+            train, test = (cls(str(root), train=flag, download=cfg.download) for flag in (True, False))
+        except RuntimeError as exc:
+            hint = "set dataset.download: true to fetch it" if not cfg.download else "the download did not complete"
+            raise DataError(f"dataset.root: {cls_name} not found in {root} ({hint}): {exc}") from None
+        except OSError as exc:  # a download without network, an unreadable folder
+            raise DataError(f"dataset.root: cannot load {cls_name} into {root} (dataset.download={cfg.download}): {exc}") from None
+
+        def images(split) -> np.ndarray:
+            data = np.asarray(split.data, dtype=np.float32) / 255.0
+            return data[:, None] if data.ndim == 3 else data.transpose(0, 3, 1, 2)  # -> N,C,H,W
+
+        return Arrays(images(train), np.asarray(train.targets), images(test), np.asarray(test.targets), list(train.classes), augment)
+
+    return load
+
+
+def _npz(cfg) -> Arrays:
+    """A .npz file with x_train, y_train, x_test, y_test: images (N,C,H,W / N,H,W) or signals (N,L / N,C,L)."""
+    if not cfg.root:
+        raise DataError("dataset.root: the npz dataset needs dataset.root set to a .npz file")
+    path = Path(cfg.root).expanduser()
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {key: npz[key] for key in ("x_train", "y_train", "x_test", "y_test") if key in npz}
+    except FileNotFoundError:
+        raise DataError(f"dataset.root: file not found: {path}") from None
+    except (OSError, ValueError) as exc:
+        raise DataError(f"dataset.root: {path} is not a readable .npz file: {exc}") from None
+    missing = [key for key in ("x_train", "y_train", "x_test", "y_test") if key not in arrays]
+    if missing:
+        raise DataError(f"dataset.root: {path} lacks the arrays {', '.join(missing)}")
+    x_train, x_test = (arrays[k].astype(np.float32) for k in ("x_train", "x_test"))
+    if x_train.ndim not in (2, 3, 4) or x_train.shape[1:] != x_test.shape[1:]:
+        raise DataError(f"dataset.root: {path}: x_train {x_train.shape} and x_test {x_test.shape} must share a sample shape (L), (C,L) or (C,H,W)")
+    labels = np.concatenate([arrays["y_train"], arrays["y_test"]])
+    classes, encoded = np.unique(labels, return_inverse=True)
+    n = len(arrays["y_train"])
+    if len(x_train) != n or len(x_test) != len(arrays["y_test"]):
+        raise DataError(f"dataset.root: {path}: x and y arrays differ in length")
+    return Arrays(x_train, encoded[:n], x_test, encoded[n:], [str(c) for c in classes])
+
+
+def _imagefolder(cfg) -> Arrays:
+    """`root/train/<class>/*.png` and `root/test/<class>/*.png`, via torchvision's ImageFolder."""
+    import torchvision
+    from torchvision.transforms import v2
+
+    if not cfg.root:
+        raise DataError("dataset.root: the imagefolder dataset needs dataset.root (a folder with train/ and test/)")
+    root = Path(cfg.root).expanduser()
+    steps = [v2.PILToTensor()]
+    if cfg.image_size:
+        steps.append(v2.Resize((cfg.image_size, cfg.image_size), antialias=True))
+    transform = v2.Compose(steps)
+    splits = []
+    for split in ("train", "test"):
+        try:
+            folder = torchvision.datasets.ImageFolder(str(root / split), transform=transform)
+        except (FileNotFoundError, OSError) as exc:
+            raise DataError(f"dataset.root: {root / split}: {exc}") from None
+        try:
+            x = torch.stack([image for image, _ in folder]).float().numpy() / 255.0
+        except RuntimeError:
+            raise DataError(f"dataset.root: images in {root / split} differ in size; set dataset.image_size") from None
+        splits.append((x, np.asarray(folder.targets), folder.classes))
+    (x_train, y_train, classes), (x_test, y_test, test_classes) = splits
+    if classes != test_classes:
+        raise DataError(f"dataset.root: {root}: train/ and test/ hold different classes")
+    return Arrays(x_train, y_train, x_test, y_test, classes)
+
+
+LOADERS = {
+    "digits": _digits,
+    "mnist": _torchvision("MNIST", "none"),
+    "fashion_mnist": _torchvision("FashionMNIST", "none"),
+    "cifar10": _torchvision("CIFAR10", "crop_flip"),
+    "cifar100": _torchvision("CIFAR100", "crop_flip"),
+    "npz": _npz,
+    "imagefolder": _imagefolder,
+}
+
+
+def load_dataset(cfg, device: torch.device | str = "cpu") -> Dataset:
+    """Load the dataset a `DatasetConfig` names, normalize it and put it on `device`."""
+    arrays = LOADERS[cfg.name](cfg)
+    x_train, x_test = arrays.x_train.astype(np.float32), arrays.x_test.astype(np.float32)
+    axes = (0,) if x_train.ndim == 2 else (0, *range(2, x_train.ndim))  # all but the channel axis
+    mean = x_train.mean(axis=axes, keepdims=True)
+    std = x_train.std(axis=axes, keepdims=True) + 1e-8
+    augment = arrays.augment if cfg.augment == "auto" else cfg.augment
+    if augment != "none" and x_train.ndim != 4:
+        raise DataError(f"dataset.augment: '{augment}' needs images (N,C,H,W); {cfg.name} has samples of shape {x_train.shape[1:]}")
+    return Dataset(
+        name=cfg.name,
+        x_train=torch.from_numpy((x_train - mean) / std),
+        y_train=torch.as_tensor(arrays.y_train, dtype=torch.long),
+        x_test=torch.from_numpy((x_test - mean) / std),
+        y_test=torch.as_tensor(arrays.y_test, dtype=torch.long),
+        classes=arrays.classes,
+        augment=augment,
+        mean=mean.reshape(-1).tolist(),
+        std=std.reshape(-1).tolist(),
+    ).to(device)
+
+
+def augment_batch(x: torch.Tensor, mode: str, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random crop with zero padding (size // 8) and, for `crop_flip`, horizontal flips, batched.
+
+    Zero padding of normalized data pads with the channel mean, as Normalize-then-pad would.
+    """
+    if mode == "none":
+        return x
+    n, _, h, w = x.shape
+    pad = max(1, min(h, w) // 8)
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n,), device=x.device, generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (n,), device=x.device, generator=generator)
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+    batch = torch.arange(n, device=x.device)[:, None, None, None]
+    channels = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+    out = padded[batch, channels, rows, cols]
+    if mode == "crop_flip":
+        flip = torch.rand(n, device=x.device, generator=generator) < 0.5
+        out = torch.where(flip[:, None, None, None], out.flip(-1), out)
+    return out
+
+
+def stratified_folds(labels: torch.Tensor, folds: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(train, validation) index tensors per fold, on the labels' device; scikit-learn's StratifiedKFold."""
+    from sklearn.model_selection import StratifiedKFold
+
+    y = labels.cpu().numpy()
+    smallest = np.bincount(y).min(initial=len(y)) if len(y) else 0
+    if smallest < folds:
+        raise DataError(f"evaluation.folds: {folds} folds need at least {folds} samples of every class; the smallest class has {smallest}")
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    return [
+        (torch.as_tensor(tr, device=labels.device), torch.as_tensor(va, device=labels.device))
+        for tr, va in splitter.split(np.zeros(len(y)), y)
+    ]

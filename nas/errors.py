@@ -1,0 +1,26 @@
+"""The exceptions bnnas raises on purpose; `cli.py` maps them to exit codes in one place."""
+
+
+class NasError(Exception):
+    """A problem the user can fix (bad input, missing data, unknown study): exit code 2."""
+
+
+class ConfigError(NasError):
+    """A config or search-space value is wrong; the message names the file and the key path."""
+
+    def __init__(self, file: str, key_path: str, problem: str):
+        self.file, self.key_path, self.problem = str(file), key_path, problem
+        where = f"{self.file}: {key_path}" if key_path else self.file
+        super().__init__(f"{where}: {problem}")
+
+
+class DataError(NasError):
+    """A dataset cannot be loaded (missing files, wrong arrays)."""
+
+
+class StudyError(NasError):
+    """A study cannot be created or resumed as asked."""
+
+
+class TrialError(Exception):
+    """One candidate failed (cannot be built, loss not finite); recorded on the trial, the search goes on."""

@@ -1,0 +1,65 @@
+"""The normalization and activation catalogues: one registry each, YAML names are the keys.
+
+`make_norm(spec, num_features, dims)` is the only way a model gets a norm layer, so adding
+a type is one entry in NORMS (its factory and the settings it takes) plus its test.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from torch import nn
+
+from nas.config import Param
+
+# Where the norm sits in a conv block: pre_conv = norm -> conv -> act, post_conv = conv -> norm
+# -> act (the usual), post_act = conv -> act -> norm.
+POSITIONS = ("pre_conv", "post_conv", "post_act")
+
+# Every setting any norm type takes, with its searchable bounds; a type lists the ones it uses.
+NORM_PARAMS = {
+    "momentum": Param(float, 0.1, {"above": 0.0, "max": 1.0}),
+    "eps": Param(float, 1e-5, {"above": 0.0}),
+    "affine": Param(bool, True),
+}
+
+
+@dataclass(frozen=True)
+class NormType:
+    """A norm: factory(num_features, dims, **settings) -> module, and the settings it takes."""
+
+    factory: Callable[..., nn.Module] | None
+    params: tuple[str, ...] = ()
+    centers_per_channel: bool = False  # subtracts a per-channel mean: a preceding conv bias is dead
+
+    def absorbs_conv_bias(self, settings: dict) -> bool:
+        """True when this norm directly after a conv makes the conv's bias redundant."""
+        return self.factory is not None and (self.centers_per_channel or settings.get("affine", False))
+
+
+def _batch(num_features: int, dims: int, momentum: float, eps: float, affine: bool) -> nn.Module:
+    cls = nn.BatchNorm2d if dims == 2 else nn.BatchNorm1d
+    return cls(num_features, eps=eps, momentum=momentum, affine=affine)
+
+
+NORMS: dict[str, NormType] = {
+    "batch": NormType(_batch, ("momentum", "eps", "affine"), centers_per_channel=True),
+    "none": NormType(None),
+}
+
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "relu": nn.ReLU,
+    "gelu": nn.GELU,
+    "silu": nn.SiLU,
+    "leaky_relu": nn.LeakyReLU,
+    "elu": nn.ELU,
+}
+
+
+def make_norm(spec: dict, num_features: int, dims: int) -> nn.Module | None:
+    """The norm layer an ArchSpec's `norm` entry asks for, or None for `none`."""
+    norm = NORMS[spec["type"]]
+    if norm.factory is None:
+        return None
+    return norm.factory(num_features, dims, **{key: spec[key] for key in norm.params})

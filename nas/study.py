@@ -1,0 +1,246 @@
+"""The Optuna study: storage, samplers, pruners, the objective, the trial budget and resume.
+
+`--trials N` is the study's total budget of finished (complete + pruned) trials, so the same
+command rerun after an interruption runs only the remainder. The run config (with its search
+space inline) is stored on the study, so a study can be resumed without its YAML.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable
+
+import optuna
+from optuna.trial import TrialState
+
+from nas.config import RunConfig
+from nas.errors import StudyError, TrialError
+from nas.space import Space, describe_norms
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+SCORE_ATTRS = ("fold_losses", "fold_accuracies", "cv_accuracy", "cv_loss_std", "params", "train_seconds")
+
+
+def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
+    """Seeded samplers; TPE models the conditional space jointly (multivariate + group)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if name == "random":
+            return optuna.samplers.RandomSampler(seed=seed)
+        if name == "tpe":
+            return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, constant_liar=True, warn_independent_sampling=False)
+        if name == "gp":
+            return optuna.samplers.GPSampler(seed=seed, warn_independent_sampling=False)
+    raise ValueError(f"unknown sampler {name!r}")
+
+
+def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
+    """`median` compares per-epoch validation losses; `wilcoxon` compares fold losses (made for k-fold)."""
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=max(1, epochs // 3))
+    if name == "wilcoxon":
+        return optuna.pruners.WilcoxonPruner(p_threshold=0.1)
+    return optuna.pruners.NopPruner()
+
+
+def _prepare_storage(url: str) -> str:
+    """Create the folder of a local SQLite file, so the default `sqlite:///runs/nas.db` just works."""
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and url[len(prefix):] not in ("", ":memory:"):
+        path = Path(url[len(prefix):]).expanduser()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StudyError(f"study.storage: cannot create {path.parent}: {exc.strerror or exc}") from None
+    return url
+
+
+def open_study(cfg: RunConfig) -> optuna.Study:
+    """Create the study or load it if it exists; store the run config on it."""
+    try:
+        study = optuna.create_study(
+            storage=_prepare_storage(cfg.study.storage),
+            study_name=cfg.study.name,
+            sampler=make_sampler(cfg.study.sampler, cfg.study.seed),
+            pruner=make_pruner(cfg.evaluation.pruner, cfg.evaluation.epochs),
+            direction="minimize",
+            load_if_exists=True,
+        )
+    except (ImportError, ValueError) as exc:
+        raise StudyError(f"study.storage: cannot open {cfg.study.storage}: {exc}") from None
+    study.set_user_attr("run_config", cfg.to_dict())
+    return study
+
+
+def stored_config(study_name: str, storage: str) -> dict:
+    """The run config a study was last run with, for `--resume`."""
+    try:
+        summaries = optuna.get_all_study_summaries(_prepare_storage(storage))
+    except Exception as exc:  # noqa: BLE001 - any storage failure is the user's URL or file
+        raise StudyError(f"--storage: cannot open {storage}: {exc}") from None
+    names = [s.study_name for s in summaries]
+    if study_name not in names:
+        known = ", ".join(names) or "none"
+        raise StudyError(f"--study: no study named '{study_name}' in {storage} (studies there: {known})")
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    config = study.user_attrs.get("run_config")
+    if config is None:
+        raise StudyError(f"--study: '{study_name}' has no stored run config (not made by nas-search); run with --config")
+    return config
+
+
+def finished_trials(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=FINISHED))
+
+
+def make_objective(cfg: RunConfig, data, folds, device, epoch_bar: Callable | None = None) -> Callable:
+    """The objective: sample an ArchSpec, cross-validate it, store the score on the trial."""
+    from nas.evaluate import cross_validate  # late: keeps torch out of `import nas.study` users that only read
+
+    space = Space(cfg.space)
+    epochs = cfg.evaluation.epochs
+
+    def objective(trial: optuna.Trial) -> float:
+        spec = space.sample(trial)
+        trial.set_user_attr("arch", spec)
+        fold_losses: list[float] = []
+        bar = epoch_bar(trial.number) if epoch_bar else None
+
+        def on_epoch(fold: int, epoch: int, loss: float, acc: float) -> None:
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(fold=fold + 1, val_loss=f"{loss:.4f}")
+            if cfg.evaluation.pruner == "median":
+                _report(trial, fold * epochs + epoch, loss, fold_losses)
+
+        def on_fold(fold: int, loss: float) -> None:
+            fold_losses.append(loss)
+            if cfg.evaluation.pruner == "wilcoxon":
+                _report(trial, fold, loss, fold_losses)
+
+        try:
+            score = cross_validate(spec, data, folds, epochs, device, cfg.study.seed, trial.number, on_epoch, on_fold)
+        except TrialError as exc:
+            trial.set_user_attr("fail_reason", str(exc))
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        for key in SCORE_ATTRS:
+            trial.set_user_attr(key, score[key])
+        return score["cv_loss"]
+
+    return objective
+
+
+def _report(trial: optuna.Trial, step: int, value: float, fold_losses: list[float]) -> None:
+    trial.report(value, step)
+    if trial.should_prune():
+        trial.set_user_attr("fold_losses", list(fold_losses))
+        raise optuna.TrialPruned(f"pruned at step {step}")
+
+
+class StopAfterFailures:
+    """Stop the search after N trials in a row failed: something is wrong beyond one candidate."""
+
+    def __init__(self, limit: int):
+        self.limit, self.streak, self.tripped = limit, 0, False
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        self.streak = self.streak + 1 if trial.state == TrialState.FAIL else 0
+        if self.streak >= self.limit:
+            self.tripped = True
+            study.stop()
+
+
+@contextmanager
+def _quiet_optuna():
+    level = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(level)
+
+
+def run_search(cfg: RunConfig, progress: bool | None = None, out=print) -> optuna.Study:
+    """Run the study to its budget of finished trials; prints what it did and the top candidates."""
+    from tqdm.auto import tqdm
+
+    from nas.data import load_dataset, stratified_folds
+    from nas.train import resolve_device
+
+    device = resolve_device(cfg.device)
+    study = open_study(cfg)
+    budget, done = cfg.study.trials, finished_trials(study)
+    if done >= budget:
+        out(f"Study '{cfg.study.name}' already has {done} finished trials (budget {budget}): nothing to run. Raise --trials to search more.")
+        out(summary_table(study))
+        return study
+    data = load_dataset(cfg.dataset, device)
+    folds = stratified_folds(data.y_train, cfg.evaluation.folds, cfg.study.seed)
+    show = sys.stderr.isatty() if progress is None else progress
+    out(f"Study '{cfg.study.name}' in {cfg.study.storage}: {done}/{budget} finished, running {budget - done} more "
+        f"on {device.type} ({data.name}: {len(data.y_train)} training samples, {cfg.evaluation.folds} folds x {cfg.evaluation.epochs} epochs)")
+    trials_bar = tqdm(total=budget, initial=done, desc="trials", unit="trial", disable=not show, dynamic_ncols=True)
+    per_trial = cfg.evaluation.folds * cfg.evaluation.epochs
+
+    def epoch_bar(number: int):
+        return tqdm(total=per_trial, desc=f"trial {number}", unit="epoch", leave=False, position=1, disable=not show, dynamic_ncols=True)
+
+    def advance(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if trial.state in FINISHED:
+            trials_bar.update(1)
+        best = _best_value(study)
+        if best is not None:
+            trials_bar.set_postfix(best_cv_loss=f"{best:.4f}")
+
+    failures = StopAfterFailures(cfg.study.max_consecutive_failures)
+    objective = make_objective(cfg, data, folds, device, epoch_bar if show else None)
+    with _quiet_optuna():
+        try:
+            study.optimize(
+                objective,
+                timeout=cfg.study.timeout,
+                catch=(TrialError,),
+                callbacks=[optuna.study.MaxTrialsCallback(budget, states=FINISHED), failures, advance],
+            )
+        finally:
+            trials_bar.close()
+    if failures.tripped:
+        last = study.trials[-1].user_attrs.get("fail_reason", "see the trial's user attributes")
+        raise StudyError(f"stopped after {failures.limit} failed trials in a row; last reason: {last}")
+    out(summary_table(study))
+    return study
+
+
+def _best_value(study: optuna.Study) -> float | None:
+    values = [t.value for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+    return min(values) if values else None
+
+
+def top_trials(study: optuna.Study, k: int = 5) -> list[optuna.trial.FrozenTrial]:
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return sorted(complete, key=lambda t: t.value)[:k]
+
+
+def summary_table(study: optuna.Study, k: int = 5) -> str:
+    """The top-k trials with their normalization choices, as a plain-text table."""
+    rows = [("trial", "cv loss", "cv acc", "params", "norm (type @ position)", "activation")]
+    for t in top_trials(study, k):
+        arch, attrs = t.user_attrs.get("arch", {}), t.user_attrs
+        act = arch["stages"][0]["blocks"][0]["activation"] if arch.get("stages") else "?"
+        std = attrs.get("cv_loss_std")
+        loss = f"{t.value:.4f}" + (f" ± {std:.4f}" if std is not None else "")
+        rows.append((str(t.number), loss, f"{attrs.get('cv_accuracy', float('nan')):.4f}", f"{attrs.get('params', 0):,}", describe_norms(arch), act))
+    if len(rows) == 1:
+        return f"Study '{study.study_name}': no completed trials yet."
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    header = f"Top {len(rows) - 1} of {finished_trials(study)} finished trials in '{study.study_name}' (lower cv loss is better):"
+    return "\n".join([header, *lines])
+

@@ -1,0 +1,134 @@
+"""Train one model on one split and evaluate it: a short loop over index slices of tensors.
+
+This module knows nothing of YAML or Optuna: it takes a model, the data, indices and the
+spec's `training` hyperparameters, and calls `on_epoch(epoch, val_loss, val_acc)` when given
+(the caller prunes there by raising).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nas.data import Dataset, augment_batch
+from nas.errors import TrialError
+
+
+@dataclass
+class FitResult:
+    val_loss: float
+    val_accuracy: float
+    seconds: float
+    epochs: int
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` is CUDA when present, else the CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        from nas.errors import NasError
+
+        raise NasError("device: cuda was asked for, but torch sees no CUDA device (use --device auto or cpu)")
+    return torch.device(name)
+
+
+def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
+    """Move to the device; on CUDA use channels_last for 2-D convs and let cuDNN pick kernels."""
+    model = model.to(device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        if any(isinstance(m, nn.Conv2d) for m in model.modules()):
+            model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; full precision on the CPU, where bf16 convs are slower."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def make_optimizer(model: nn.Module, hp: dict) -> torch.optim.Optimizer:
+    """SGD with Nesterov or AdamW; norm scales/shifts and biases get no weight decay (as in timm)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": hp["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
+    if hp["optimizer"] == "sgd":
+        return torch.optim.SGD(groups, lr=hp["lr"], momentum=0.9, nesterov=True)
+    return torch.optim.AdamW(groups, lr=hp["lr"])
+
+
+def batches(indices: torch.Tensor, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """Shuffled index slices; a last partial batch is dropped (BatchNorm needs > 1 sample) unless it is the only one."""
+    order = indices[torch.randperm(len(indices), generator=generator, device="cpu").to(indices.device)]
+    full = len(order) // batch_size
+    if full == 0:
+        return [order]
+    return list(order[: full * batch_size].split(batch_size))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device, batch_size: int = 1024) -> tuple[float, float]:
+    """Mean cross-entropy (no label smoothing) and accuracy, model in eval mode."""
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    for start in range(0, len(y), batch_size):
+        xb, yb = x[start : start + batch_size], y[start : start + batch_size]
+        with autocast(device):
+            logits = model(_layout(xb, device)).float()
+        loss_sum += F.cross_entropy(logits, yb, reduction="sum").item()
+        correct += (logits.argmax(1) == yb).sum().item()
+    return loss_sum / len(y), correct / len(y)
+
+
+def _layout(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" and x.dim() == 4 else x
+
+
+def fit(
+    model: nn.Module,
+    data: Dataset,
+    train_idx: torch.Tensor,
+    val_idx: torch.Tensor,
+    hp: dict,
+    epochs: int,
+    device: torch.device,
+    seed: int,
+    on_epoch: Callable[[int, float, float], None] | None = None,
+) -> FitResult:
+    """Train `model` on `train_idx` for `epochs` with a cosine learning rate, validate on `val_idx`."""
+    start = time.perf_counter()
+    generator = torch.Generator().manual_seed(seed)
+    aug_generator = torch.Generator(device=device).manual_seed(seed)
+    optimizer = make_optimizer(model, hp)
+    steps_per_epoch = max(1, len(train_idx) // hp["batch_size"])
+    total = epochs * steps_per_epoch
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
+    x_val, y_val = data.x_train[val_idx], data.y_train[val_idx]
+    val_loss = val_acc = float("nan")
+    for epoch in range(epochs):
+        model.train()
+        for idx in batches(train_idx, hp["batch_size"], generator):
+            xb = augment_batch(data.x_train[idx], data.augment, aug_generator)
+            with autocast(device):
+                loss = F.cross_entropy(model(_layout(xb, device)).float(), data.y_train[idx], label_smoothing=hp["label_smoothing"])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+        if not math.isfinite(loss.item()):
+            raise TrialError(f"training loss is {loss.item()} at epoch {epoch + 1}")
+        if on_epoch is not None or epoch == epochs - 1:
+            val_loss, val_acc = evaluate(model, x_val, y_val, device)
+            if not math.isfinite(val_loss):
+                raise TrialError(f"validation loss is {val_loss} at epoch {epoch + 1}")
+            if on_epoch is not None:
+                on_epoch(epoch, val_loss, val_acc)
+    return FitResult(val_loss, val_acc, time.perf_counter() - start, epochs)
