@@ -93,7 +93,10 @@ def _torchvision(cls_name: str, augment: str):
 
 
 def _npz(cfg) -> Arrays:
-    """A .npz file with x_train, y_train, x_test, y_test: images (N,C,H,W / N,H,W) or signals (N,L / N,C,L)."""
+    """A .npz file with x_train, y_train, x_test, y_test: images (N,C,H,W) or signals (N,L / N,C,L).
+
+    A 3-D array is read as signals with channels; store grey images as (N,1,H,W).
+    """
     if not cfg.root:
         raise DataError("dataset.root: the npz dataset needs dataset.root set to a .npz file")
     path = Path(cfg.root).expanduser()
@@ -162,7 +165,7 @@ def load_dataset(cfg, device: torch.device | str = "cpu") -> Dataset:
     """Load the dataset a `DatasetConfig` names, normalize it and put it on `device`."""
     arrays = LOADERS[cfg.name](cfg)
     x_train, x_test = arrays.x_train.astype(np.float32), arrays.x_test.astype(np.float32)
-    axes = (0,) if x_train.ndim == 2 else (0, *range(2, x_train.ndim))  # all but the channel axis
+    axes = (0, 1) if x_train.ndim == 2 else (0, *range(2, x_train.ndim))  # all but the channel axis; (N, L) is one channel
     mean = x_train.mean(axis=axes, keepdims=True)
     std = x_train.std(axis=axes, keepdims=True) + 1e-8
     augment = arrays.augment if cfg.augment == "auto" else cfg.augment
@@ -209,7 +212,7 @@ def stratified_folds(labels: torch.Tensor, folds: int, seed: int) -> list[tuple[
     from sklearn.model_selection import StratifiedKFold
 
     y = labels.cpu().numpy()
-    smallest = np.bincount(y).min(initial=len(y)) if len(y) else 0
+    smallest = np.unique(y, return_counts=True)[1].min() if len(y) else 0
     if smallest < folds:
         raise DataError(f"evaluation.folds: {folds} folds need at least {folds} samples of every class; the smallest class has {smallest}")
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)

@@ -31,7 +31,7 @@ def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
         if name == "random":
             return optuna.samplers.RandomSampler(seed=seed)
         if name == "tpe":
-            return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, constant_liar=True, warn_independent_sampling=False)
+            return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, constant_liar=True)
         if name == "gp":
             return optuna.samplers.GPSampler(seed=seed, warn_independent_sampling=False)
     raise ValueError(f"unknown sampler {name!r}")
@@ -42,7 +42,9 @@ def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
     if name == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=max(1, epochs // 3))
     if name == "wilcoxon":
-        return optuna.pruners.WilcoxonPruner(p_threshold=0.1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.pruners.WilcoxonPruner(p_threshold=0.1)
     return optuna.pruners.NopPruner()
 
 
@@ -61,14 +63,15 @@ def _prepare_storage(url: str) -> str:
 def open_study(cfg: RunConfig) -> optuna.Study:
     """Create the study or load it if it exists; store the run config on it."""
     try:
-        study = optuna.create_study(
-            storage=_prepare_storage(cfg.study.storage),
-            study_name=cfg.study.name,
-            sampler=make_sampler(cfg.study.sampler, cfg.study.seed),
-            pruner=make_pruner(cfg.evaluation.pruner, cfg.evaluation.epochs),
-            direction="minimize",
-            load_if_exists=True,
-        )
+        with _quiet_optuna():
+            study = optuna.create_study(
+                storage=_prepare_storage(cfg.study.storage),
+                study_name=cfg.study.name,
+                sampler=make_sampler(cfg.study.sampler, cfg.study.seed),
+                pruner=make_pruner(cfg.evaluation.pruner, cfg.evaluation.epochs),
+                direction="minimize",
+                load_if_exists=True,
+            )
     except (ImportError, ValueError) as exc:
         raise StudyError(f"study.storage: cannot open {cfg.study.storage}: {exc}") from None
     study.set_user_attr("run_config", cfg.to_dict())
@@ -174,14 +177,14 @@ def run_search(cfg: RunConfig, progress: bool | None = None, out=print) -> optun
     from nas.train import resolve_device
 
     device = resolve_device(cfg.device)
+    data = load_dataset(cfg.dataset, device)  # bad data is found before the storage is touched
+    folds = stratified_folds(data.y_train, cfg.evaluation.folds, cfg.study.seed)
     study = open_study(cfg)
     budget, done = cfg.study.trials, finished_trials(study)
     if done >= budget:
         out(f"Study '{cfg.study.name}' already has {done} finished trials (budget {budget}): nothing to run. Raise --trials to search more.")
         out(summary_table(study))
         return study
-    data = load_dataset(cfg.dataset, device)
-    folds = stratified_folds(data.y_train, cfg.evaluation.folds, cfg.study.seed)
     show = sys.stderr.isatty() if progress is None else progress
     out(f"Study '{cfg.study.name}' in {cfg.study.storage}: {done}/{budget} finished, running {budget - done} more "
         f"on {device.type} ({data.name}: {len(data.y_train)} training samples, {cfg.evaluation.folds} folds x {cfg.evaluation.epochs} epochs)")

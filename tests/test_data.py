@@ -221,12 +221,6 @@ def test_missing_cifar_through_the_cli_exits_2_without_traceback(missing_cifar_c
     assert str(root) in last and "dataset.download" in last
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG nas/study.py: open_study() runs outside _quiet_optuna(), so optuna's INFO line "
-    "'A new study created in RDB' reaches stderr, and make_sampler() passes the deprecated "
-    "warn_independent_sampling (FutureWarning, 2 lines) -- 4 lines on stderr instead of 1",
-)
 def test_missing_cifar_through_the_cli_prints_exactly_one_line_on_stderr(missing_cifar_cli_run):
     proc, _ = missing_cifar_cli_run
 
@@ -268,11 +262,6 @@ def test_npz_signals_keep_their_shape(tmp_path, channels):
     assert data.y_train.tolist() == y_train.tolist()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG nas/data.py:165: for (N, L) signals `axes = (0,)` normalizes every time step "
-    "separately (L means/stds) instead of the one channel the model sees",
-)
 def test_npz_signals_without_channel_axis_are_normalized_as_one_channel(tmp_path):
     x_train, y_train = sine_signals(20, length=32)
     x_train = x_train + np.linspace(0, 3, 32, dtype=np.float32)  # a shared trend must survive normalization
@@ -507,11 +496,6 @@ def test_too_few_samples_of_a_class_for_the_folds_is_a_data_error():
     assert isinstance(info.value, NasError)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG nas/data.py:212: np.bincount counts absent label values as classes of size 0, "
-    "so labels with a gap (e.g. a class seen only in the test split) are rejected",
-)
 def test_stratified_folds_accept_labels_with_gaps():
     labels = torch.tensor([0, 0, 0, 2, 2, 2])
 

@@ -1,0 +1,79 @@
+"""Every norm type x position x activation builds and trains in 1-D and 2-D; the data's rank picks the dims."""
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from nas.build import build
+from nas.norms import ACTIVATIONS, NORMS, POSITIONS
+from nas.space import default_spec
+
+SHAPES = {"2d": (3, 12, 12), "1d_channels": (2, 20), "1d_signal": (20,)}
+
+
+def spec_with(norm_type: str, position: str, activation: str = "relu", **space) -> dict:
+    norm = {"type": norm_type, "position": position}
+    return default_spec({"stages": 2, "width": 4, "block": {"activation": activation, "norm": norm}, **space})
+
+
+@pytest.mark.parametrize("shape_name", SHAPES)
+@pytest.mark.parametrize("norm_type, position, activation", list(itertools.product(NORMS, POSITIONS, ACTIVATIONS)))
+def test_every_block_layout_runs_forward_and_backward(shape_name, norm_type, position, activation):
+    shape = SHAPES[shape_name]
+    torch.manual_seed(0)
+    model = build(spec_with(norm_type, position, activation), shape, num_classes=5)
+    x = torch.randn(4, *shape)
+    loss = nn.functional.cross_entropy(model(x), torch.tensor([0, 1, 2, 3]))
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None for p in model.parameters())
+    dims = 2 if len(shape) == 3 else 1
+    convs = [m for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d))]
+    assert convs and all(isinstance(c, nn.Conv2d if dims == 2 else nn.Conv1d) for c in convs)
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert len(norms) == (0 if norm_type == "none" else len(convs))
+    assert all(isinstance(n, nn.BatchNorm2d if dims == 2 else nn.BatchNorm1d) for n in norms)
+
+
+def block_order(model: nn.Module) -> list[str]:
+    return list(model.features.stage1_block1._modules)
+
+
+def test_position_sets_the_order_and_bias_follows_the_norm():
+    orders = {p: block_order(build(spec_with("batch", p), (1, 8, 8), 3)) for p in POSITIONS}
+    assert orders == {"pre_conv": ["norm", "conv", "act"], "post_conv": ["conv", "norm", "act"], "post_act": ["conv", "act", "norm"]}
+    bias = lambda p, t="batch": build(spec_with(t, p), (1, 8, 8), 3).features.stage1_block1.conv.bias is not None  # noqa: E731
+    assert not bias("post_conv")  # BatchNorm right after the conv makes its bias redundant
+    assert bias("post_act") and bias("pre_conv") and bias("post_conv", "none")
+    assert block_order(build(spec_with("none", "post_conv"), (1, 8, 8), 3)) == ["conv", "act"]
+
+
+def test_norm_settings_reach_the_layer():
+    spec = default_spec({"block": {"norm": {"type": "batch", "momentum": 0.3, "eps": 1e-3, "affine": False}}})
+    bn = build(spec, (1, 8, 8), 3).features.stage1_block1.norm
+    assert (bn.momentum, bn.eps, bn.affine) == (0.3, 1e-3, False)
+
+
+@pytest.mark.parametrize("method", ["maxpool", "avgpool", "stride"])
+def test_downsampling_stops_at_a_one_pixel_map(method):
+    model = build(default_spec({"stages": 6, "width": 2, "downsample": method}), (1, 8, 8), 3)
+    sizes, x = [], torch.randn(2, 1, 8, 8)
+    for layer in model.features:
+        x = layer(x)
+        sizes.append(x.shape[-1])
+    assert min(sizes) == 1 and model(torch.randn(2, 1, 8, 8)).shape == (2, 3)
+    assert sizes[-1] == 1
+
+
+def test_rebuilding_a_spec_gives_the_same_architecture():
+    spec = spec_with("batch", "pre_conv", "gelu", blocks_per_stage=2)
+    a, b = build(spec, (3, 16, 16), 10), build(spec, (3, 16, 16), 10)
+    assert str(a) == str(b)
+    assert [p.shape for p in a.parameters()] == [p.shape for p in b.parameters()]
+
+
+def test_input_of_an_unsupported_rank_is_refused():
+    with pytest.raises(ValueError, match="expected"):
+        build(default_spec(), (1, 2, 3, 4), 3)

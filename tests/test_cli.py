@@ -1,0 +1,135 @@
+"""`nas-search` end to end on digits: the study, its budget, resume, and bad input on the command line."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from nas.cli import search_main
+
+TINY_SPACE = {
+    "stages": 1,
+    "width": 8,
+    "block": {"norm": {"type": {"choice": ["batch", "none"]}, "position": {"choice": ["pre_conv", "post_conv", "post_act"]}}},
+    "training": {"batch_size": 64, "lr": {"float": [0.01, 0.1], "log": True}},
+}
+
+
+@pytest.fixture
+def run_dir(tmp_path, monkeypatch):
+    """A config for digits with a tiny space and budget, and the cwd set to its folder."""
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(TINY_SPACE))
+    config = {
+        "dataset": {"name": "digits"},
+        "search_space": "space.yaml",
+        "study": {"name": "tiny", "storage": f"sqlite:///{tmp_path}/runs/nas.db", "sampler": "tpe", "trials": 2, "seed": 0},
+        "evaluation": {"folds": 2, "epochs": 1},
+        "device": "cpu",
+    }
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def trials(run_dir: Path, name: str = "tiny") -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{run_dir}/runs/nas.db").get_trials()
+
+
+def test_digits_search_in_a_real_process_stores_scored_trials_and_prints_the_table(run_dir):
+    proc = subprocess.run([sys.executable, "-m", "nas.cli", "--config", "run.yaml"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    done = trials(run_dir)
+    assert [t.state for t in done] == [optuna.trial.TrialState.COMPLETE] * 2
+    for t in done:
+        attrs = t.user_attrs
+        assert len(attrs["fold_losses"]) == 2 and len(attrs["fold_accuracies"]) == 2
+        assert t.value == pytest.approx(sum(attrs["fold_losses"]) / 2)
+        assert 0.0 <= attrs["cv_accuracy"] <= 1.0 and attrs["params"] > 0 and attrs["train_seconds"] > 0
+        assert attrs["arch"]["stages"][0]["blocks"][0]["norm"]["type"] == t.params["block.norm.type"]
+        assert ("block.norm.position" in t.params) == (t.params["block.norm.type"] != "none")
+    assert "Top 2 of 2 finished trials" in proc.stdout
+    best = min(done, key=lambda t: t.value)
+    table_rows = [line.split()[0] for line in proc.stdout.splitlines() if line[:1].isdigit()]
+    assert table_rows[0] == str(best.number)
+    assert "\r" not in proc.stderr  # no progress bar when stderr is not a terminal
+
+
+def test_rerun_runs_only_the_remainder_and_a_finished_study_runs_nothing(run_dir, capsys):
+    assert search_main(["--config", "run.yaml", "--trials", "2"]) == 0
+    first = [(t.number, t.value) for t in trials(run_dir)]
+    assert search_main(["--config", "run.yaml", "--trials", "4"]) == 0
+    after = trials(run_dir)
+    assert len(after) == 4 and [(t.number, t.value) for t in after[:2]] == first
+    capsys.readouterr()
+    assert search_main(["--config", "run.yaml", "--trials", "4"]) == 0
+    assert len(trials(run_dir)) == 4
+    assert "nothing to run" in capsys.readouterr().out
+
+
+def test_resume_needs_no_yaml_and_keeps_the_stored_space(run_dir):
+    assert search_main(["--config", "run.yaml", "--trials", "1"]) == 0
+    (run_dir / "space.yaml").unlink()
+    (run_dir / "run.yaml").unlink()
+    storage = f"sqlite:///{run_dir}/runs/nas.db"
+    assert search_main(["--resume", "--study", "tiny", "--storage", storage, "--trials", "2"]) == 0
+    done = trials(run_dir)
+    assert len(done) == 2 and all(t.state == optuna.trial.TrialState.COMPLETE for t in done)
+    assert done[1].user_attrs["arch"]["stages"][0]["width"] == 8
+    stored = optuna.load_study(study_name="tiny", storage=storage).user_attrs["run_config"]
+    assert stored["study"]["trials"] == 2 and stored["space"] == TINY_SPACE
+    json.dumps(stored)
+
+
+def test_resume_of_an_unknown_study_is_one_clear_line(run_dir, capsys):
+    assert search_main(["--config", "run.yaml", "--trials", "1"]) == 0
+    capsys.readouterr()
+    code = search_main(["--resume", "--study", "nope", "--storage", f"sqlite:///{run_dir}/runs/nas.db"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "no study named 'nope'" in err and "tiny" in err
+
+
+def test_bad_config_exits_2_with_one_line_and_writes_nothing(run_dir):
+    text = (run_dir / "run.yaml").read_text().replace("folds: 2", "fold: 2")
+    (run_dir / "bad.yaml").write_text(text)
+    proc = subprocess.run([sys.executable, "-m", "nas.cli", "--config", "bad.yaml"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"bad.yaml: evaluation.fold: unknown key (known: folds, epochs, pruner); did you mean 'folds'?"
+    assert "Traceback" not in proc.stderr
+    assert not (run_dir / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--trials", "0"], "study.trials: must be >= 1"),
+        (["--sampler", "cmaes"], "study.sampler: unknown sampler 'cmaes'"),
+        (["--set", "dataset.name=cifar"], "dataset.name: unknown name 'cifar'"),
+        (["--set", "evaluation.epochs=many"], "evaluation.epochs: expected an integer"),
+    ],
+)
+def test_bad_overrides_exit_2_naming_the_key(run_dir, capsys, args, words):
+    assert search_main(["--config", "run.yaml", *args]) == 2
+    err = capsys.readouterr().err
+    assert words in err and err.count("\n") == 1
+
+
+def test_pruners_from_the_config_prune_or_complete_every_trial(run_dir):
+    for pruner in ("median", "wilcoxon"):
+        assert search_main(["--config", "run.yaml", "--study", pruner, "--set", f"evaluation.pruner={pruner}", "--trials", "3", "--epochs", "2"]) == 0
+        states = {t.state for t in trials(run_dir, pruner)}
+        assert states <= {optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED} and len(trials(run_dir, pruner)) == 3
+
+
+def test_usage_errors_and_version():
+    with pytest.raises(SystemExit) as info:
+        search_main([])
+    assert info.value.code == 2
+    with pytest.raises(SystemExit) as info:
+        search_main(["--resume"])
+    assert info.value.code == 2
+    proc = subprocess.run([sys.executable, "-m", "nas.cli", "--version"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.startswith("nas-search ")

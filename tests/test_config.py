@@ -1,0 +1,129 @@
+"""Bad run configs and search spaces are refused with one line naming the file and key path."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from nas.config import load_run_config, parse_override
+from nas.errors import ConfigError
+from nas.space import load_space
+
+REPO = Path(__file__).resolve().parents[1]
+SPACE = {"stages": 1, "width": 8}
+
+
+def write(tmp_path: Path, config: dict, space: dict | None = SPACE, name: str = "run.yaml") -> Path:
+    if space is not None:
+        (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
+        config = {"search_space": "space.yaml", **config}
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def problem(tmp_path, config=None, space=SPACE, overrides=()) -> ConfigError:
+    path = write(tmp_path, config or {}, space)
+    with pytest.raises(ConfigError) as info:
+        load_run_config(path, list(overrides))
+    message = str(info.value)
+    assert "\n" not in message
+    return info.value
+
+
+def test_shipped_configs_and_space_are_valid():
+    for config in sorted((REPO / "configs").glob("*.yaml")):
+        cfg = load_run_config(config)
+        assert cfg.study.trials >= 1 and cfg.space
+    load_space(REPO / "search_spaces" / "bn_placement.yaml")
+
+
+def test_unknown_config_key_suggests_the_close_one(tmp_path):
+    err = problem(tmp_path, {"study": {"trails": 5}})
+    assert err.key_path == "study.trails"
+    assert "did you mean 'trials'" in str(err)
+    assert str(err).startswith(str(tmp_path / "run.yaml") + ": study.trails: ")
+
+
+def test_wrong_type_names_key_and_types(tmp_path):
+    err = problem(tmp_path, {"evaluation": {"folds": "three"}})
+    assert err.key_path == "evaluation.folds" and "expected an integer" in str(err)
+    assert problem(tmp_path, {"study": {"trials": True}}).key_path == "study.trials"
+    assert problem(tmp_path, {"study": "tpe"}).key_path == "study"
+
+
+def test_out_of_range_budget_is_refused(tmp_path):
+    assert "must be >= 2" in str(problem(tmp_path, {"evaluation": {"folds": 1}}))
+    assert "must be >= 1" in str(problem(tmp_path, {"study": {"trials": 0}}))
+
+
+def test_unknown_dataset_and_sampler_list_the_known_names(tmp_path):
+    err = problem(tmp_path, {"dataset": {"name": "cifar"}})
+    assert err.key_path == "dataset.name" and "cifar10" in str(err) and "digits" in str(err)
+    err = problem(tmp_path, {"study": {"sampler": "tpee"}})
+    assert "did you mean 'tpe'" in str(err)
+
+
+def test_malformed_yaml_names_the_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("study: {name: x\nevaluation: [\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: malformed YAML: line \d+"):
+        load_run_config(path)
+
+
+def test_missing_files_are_named(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yaml: file not found"):
+        load_run_config(tmp_path / "nope.yaml")
+    err = problem(tmp_path, {"search_space": "missing.yaml"}, space=None)
+    assert err.key_path == "search_space" and "missing.yaml" in str(err)
+
+
+def test_search_space_is_relative_to_the_config_file(tmp_path, monkeypatch):
+    sub = tmp_path / "configs"
+    sub.mkdir()
+    path = write(sub, {})
+    monkeypatch.chdir(tmp_path)
+    cfg = load_run_config(Path("configs") / path.name)
+    assert Path(cfg.search_space) == (sub / "space.yaml").resolve()
+    assert cfg.space == SPACE
+
+
+def test_overrides_reach_any_key_and_are_validated(tmp_path):
+    path = write(tmp_path, {})
+    cfg = load_run_config(path, [parse_override("study.trials=7"), parse_override("dataset.download=true"), ("evaluation.epochs", 2)])
+    assert (cfg.study.trials, cfg.dataset.download, cfg.evaluation.epochs) == (7, True, 2)
+    err = problem(tmp_path, overrides=[parse_override("study.nmae=x")])
+    assert err.key_path == "study.nmae" and "did you mean 'name'" in str(err)
+    with pytest.raises(ConfigError, match="expected key.path=value"):
+        parse_override("no-equals-sign")
+
+
+@pytest.mark.parametrize(
+    "space, key_path, words",
+    [
+        ({"stage": 2}, "stage", "did you mean 'stages'"),
+        ({"block": {"norm": {"tpye": "batch"}}}, "block.norm.tpye", "did you mean 'type'"),
+        ({"width": {"choice": []}}, "width.choice", "empty"),
+        ({"width": {"int": [64, 16]}}, "width.int", "low 64 > high 16"),
+        ({"training": {"weight_decay": {"float": [0.0, 0.1], "log": True}}}, "training.weight_decay.log", "low > 0"),
+        ({"training": {"lr": {"float": [-1.0, 0.1]}}}, "training.lr.float[0]", "must be > 0"),
+        ({"block": {"activation": {"choice": ["relu", "swish"]}}}, "block.activation.choice[1]", "unknown activation 'swish'"),
+        ({"block": {"norm": {"type": "batchnorm"}}}, "block.norm.type", "did you mean 'batch'"),
+        ({"block": {"norm": {"position": {"choice": ["post_conv", "after"]}}}}, "block.norm.position.choice[1]", "pre_conv, post_conv, post_act"),
+        ({"width": "wide"}, "width", "expected an integer"),
+        ({"width": {"float": [1.0, 2.0]}}, "width.float", "not a float range"),
+        ({"width": {"int": [8, 16], "choice": [8]}}, "width", "exactly one of"),
+        ({"width": {"int": [8, 16], "lgo": True}}, "width.lgo", "did you mean 'log'"),
+        ({"block": {"kernel": {"int": [3, 7]}}}, "block.kernel.step", "odd"),
+        ({"block": {"kernel": 4}}, "block.kernel", "must be odd"),
+        ({"block": {"norm": {"share": {"choice": ["global"]}}}}, "block.norm.share", "not searchable"),
+        ({"block": {"dropout": 1.0}}, "block.dropout", "must be < 1.0"),
+        ({"training": {"batch_size": {"choice": [32, 32]}}}, "training.batch_size.choice", "repeat"),
+        ({"training": [1, 2]}, "training", "expected a mapping"),
+    ],
+)
+def test_bad_search_space_names_file_and_key(tmp_path, space, key_path, words):
+    err = problem(tmp_path, space=space)
+    assert err.key_path == key_path
+    assert err.file.endswith("space.yaml")
+    assert words in str(err)
