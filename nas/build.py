@@ -1,8 +1,8 @@
 """Turn an ArchSpec into an nn.Module: `build(spec, input_shape, num_classes)`.
 
 The data's rank chooses the dimension once: a sample of shape (C, H, W) gets Conv2d /
-BatchNorm2d, a sample of shape (L,) or (C, L) gets Conv1d / BatchNorm1d. The block order
-(pre_conv / post_conv / post_act) is data; norm and activation come from the registries.
+BatchNorm2d, a sample of shape (L,) or (C, L) gets Conv1d / BatchNorm1d. Blocks (plain or
+residual, norm in any position) come from `nas.blocks`.
 This module knows nothing about Optuna or training.
 """
 
@@ -13,34 +13,10 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from nas.norms import ACTIVATIONS, NORMS, make_norm
+from nas.blocks import BLOCKS
 
-CONV = {1: nn.Conv1d, 2: nn.Conv2d}
 POOL = {"maxpool": {1: nn.MaxPool1d, 2: nn.MaxPool2d}, "avgpool": {1: nn.AvgPool1d, 2: nn.AvgPool2d}}
 GLOBAL_POOL = {1: nn.AdaptiveAvgPool1d, 2: nn.AdaptiveAvgPool2d}
-
-
-class ConvBlock(nn.Sequential):
-    """conv, norm and activation in the order `norm.position` names, then optional dropout.
-
-    The conv drops its bias when a norm that makes it redundant directly follows it.
-    """
-
-    def __init__(self, block: dict, in_channels: int, out_channels: int, stride: int, dims: int):
-        norm_spec = block["norm"]
-        position = norm_spec.get("position", "post_conv")
-        kernel = block["kernel"]
-        norm_channels = in_channels if position == "pre_conv" else out_channels
-        norm = make_norm(norm_spec, norm_channels, dims)
-        bias = not (norm is not None and position == "post_conv" and NORMS[norm_spec["type"]].absorbs_conv_bias(norm_spec))
-        conv = CONV[dims](in_channels, out_channels, kernel, stride=stride, padding=(kernel - 1) // 2, bias=bias)
-        act = ACTIVATIONS[block["activation"]]()
-        order = {"pre_conv": ("norm", "conv", "act"), "post_conv": ("conv", "norm", "act"), "post_act": ("conv", "act", "norm")}[position]
-        parts = {"conv": conv, "norm": norm, "act": act}
-        layers = [(name, parts[name]) for name in order if parts[name] is not None]
-        if block.get("dropout", 0.0) > 0:
-            layers.append(("drop", nn.Dropout(block["dropout"])))
-        super().__init__(OrderedDict(layers))
 
 
 class Net(nn.Module):
@@ -80,7 +56,8 @@ def build(spec: dict, input_shape: tuple[int, ...] | list[int], num_classes: int
             else:
                 layers.append((f"stage{i + 1}_pool", POOL[method][dims](2)))
         for j, block in enumerate(stage["blocks"]):
-            layers.append((f"stage{i + 1}_block{j + 1}", ConvBlock(block, channels, stage["width"], stride if j == 0 else 1, dims)))
+            block_cls = BLOCKS[block.get("type", "plain")]
+            layers.append((f"stage{i + 1}_block{j + 1}", block_cls(block, channels, stage["width"], stride if j == 0 else 1, dims)))
             channels = stage["width"]
     return Net(nn.Sequential(OrderedDict(layers)), nn.Linear(channels, num_classes), dims, add_channel)
 

@@ -71,6 +71,32 @@ def _search(args: argparse.Namespace) -> None:
     run_search(cfg, progress=args.progress)
 
 
+def report_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="nas-report",
+        description="Write report.md and PNGs about a study: what the normalization choices did. "
+        "Works on a study that a search is still writing.",
+    )
+    p.add_argument("--storage", default=DEFAULT_STORAGE, help="Optuna storage URL (default %(default)s)")
+    p.add_argument("--study", required=True, help="study name")
+    p.add_argument("--out", required=True, help="folder for report.md and the PNGs (created)")
+    p.add_argument("--top", type=int, default=10, help="rows in the top-k table (default %(default)s)")
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    return p
+
+
+def report_main(argv: list[str] | None = None) -> int:
+    args = report_parser().parse_args(argv)
+
+    def report() -> None:
+        from nas.report import write_report
+
+        path = write_report(args.storage, args.study, args.out, top=args.top)
+        print(f"wrote {path}")
+
+    return _run(report)
+
+
 def _run(action) -> int:
     """Run a command body; the one place errors become exit codes."""
     try:

@@ -57,6 +57,7 @@ class EvaluationConfig:
     folds: int = field(default=3, metadata={"min": 2})
     epochs: int = field(default=15, metadata={"min": 1})
     pruner: str = field(default="none", metadata={"choices": PRUNER_NAMES})
+    recalibrate_bn: bool = False  # re-estimate BN running statistics on the training fold before validation
 
 
 @dataclass

@@ -11,7 +11,8 @@ import torch
 from nas.build import build, count_parameters
 from nas.data import Dataset
 from nas.errors import TrialError
-from nas.train import fit, prepare_model
+from nas.diagnostics import recalibrate, train_mode_loss
+from nas.train import evaluate, fit, prepare_model
 
 
 def fold_seed(study_seed: int, trial_number: int, fold: int) -> int:
@@ -29,13 +30,17 @@ def cross_validate(
     trial_number: int = 0,
     on_epoch: Callable[[int, int, float, float], None] | None = None,
     on_fold: Callable[[int, float], None] | None = None,
+    recalibrate_bn: bool = False,
 ) -> dict:
     """Train and validate `spec` on every fold; returns the Score as plain data.
 
     `on_epoch(fold, epoch, val_loss, val_acc)` and `on_fold(fold, val_loss)` let the caller
-    report to a pruner (and stop by raising).
+    report to a pruner (and stop by raising). Each fold also records the BN diagnostics: the
+    validation loss with batch statistics, and with `recalibrate_bn` the loss after the running
+    statistics are re-estimated on the training fold (which then is the fold's score).
     """
     losses, accuracies, seconds, params = [], [], 0.0, 0
+    eval_mode, train_mode = [], []
     for k, (train_idx, val_idx) in enumerate(folds):
         seed = fold_seed(study_seed, trial_number, k)
         torch.manual_seed(seed)
@@ -46,9 +51,17 @@ def cross_validate(
         params = count_parameters(model)
         model = prepare_model(model, device)
         per_epoch = None if on_epoch is None else (lambda e, loss, acc, k=k: on_epoch(k, e, loss, acc))
-        result = fit(model, data, train_idx, val_idx, spec["training"], epochs, device, seed, per_epoch)
-        losses.append(result.val_loss)
-        accuracies.append(result.val_accuracy)
+        hp = spec["training"]
+        result = fit(model, data, train_idx, val_idx, hp, epochs, device, seed, per_epoch)
+        loss, accuracy = result.val_loss, result.val_accuracy
+        x_val, y_val = data.x_train[val_idx], data.y_train[val_idx]
+        eval_mode.append(loss)
+        train_mode.append(train_mode_loss(model, x_val, y_val, hp["batch_size"], device))
+        if recalibrate_bn:
+            recalibrate(model, data.x_train[train_idx], hp["batch_size"], device)
+            loss, accuracy = evaluate(model, x_val, y_val, device)
+        losses.append(loss)
+        accuracies.append(accuracy)
         seconds += result.seconds
         if on_fold is not None:
             on_fold(k, result.val_loss)
@@ -60,4 +73,7 @@ def cross_validate(
         "cv_accuracy": statistics.fmean(accuracies),
         "params": params,
         "train_seconds": seconds,
+        "eval_mode_loss": statistics.fmean(eval_mode),
+        "train_mode_loss": statistics.fmean(train_mode),
+        **({"recalibrated_loss": statistics.fmean(losses)} if recalibrate_bn else {}),
     }

@@ -6,11 +6,14 @@ a type is one entry in NORMS (its factory and the settings it takes) plus its te
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 from torch import nn
 
+from nas.batch_renorm import BatchRenorm
 from nas.config import Param
 
 # Where the norm sits in a conv block: pre_conv = norm -> conv -> act, post_conv = conv -> norm
@@ -22,6 +25,11 @@ NORM_PARAMS = {
     "momentum": Param(float, 0.1, {"above": 0.0, "max": 1.0}),
     "eps": Param(float, 1e-5, {"above": 0.0}),
     "affine": Param(bool, True),
+    "track_running_stats": Param(bool, True),
+    "r_max": Param(float, 3.0, {"min": 1.0}),
+    "d_max": Param(float, 5.0, {"min": 0.0}),
+    "warmup": Param(int, 100, {"min": 0}),
+    "groups": Param(int, 8, {"min": 1}),
 }
 
 
@@ -38,13 +46,28 @@ class NormType:
         return self.factory is not None and (self.centers_per_channel or settings.get("affine", False))
 
 
-def _batch(num_features: int, dims: int, momentum: float, eps: float, affine: bool) -> nn.Module:
+def _batch(num_features: int, dims: int, momentum: float, eps: float, affine: bool, track_running_stats: bool) -> nn.Module:
     cls = nn.BatchNorm2d if dims == 2 else nn.BatchNorm1d
-    return cls(num_features, eps=eps, momentum=momentum, affine=affine)
+    return cls(num_features, eps=eps, momentum=momentum, affine=affine, track_running_stats=track_running_stats)
+
+
+def _group(num_features: int, dims: int, groups: int, eps: float, affine: bool) -> nn.Module:
+    """GroupNorm with the largest group count that divides both the asked count and the channels."""
+    return nn.GroupNorm(math.gcd(groups, num_features), num_features, eps=eps, affine=affine)
+
+
+def _instance(num_features: int, dims: int, eps: float, affine: bool) -> nn.Module:
+    return _group(num_features, dims, num_features, eps, affine)
 
 
 NORMS: dict[str, NormType] = {
-    "batch": NormType(_batch, ("momentum", "eps", "affine"), centers_per_channel=True),
+    "batch": NormType(_batch, ("momentum", "eps", "affine", "track_running_stats"), centers_per_channel=True),
+    "batch_renorm": NormType(BatchRenorm, ("momentum", "eps", "affine", "r_max", "d_max", "warmup"), centers_per_channel=True),
+    "group": NormType(_group, ("groups", "eps", "affine")),
+    "layer": NormType(partial(_group, groups=1), ("eps", "affine")),
+    # Instance norm is GroupNorm with a group per channel: no running statistics, and a 1-pixel
+    # map gives zeros instead of an error.
+    "instance": NormType(_instance, ("eps", "affine"), centers_per_channel=True),
     "none": NormType(None),
 }
 
@@ -55,6 +78,12 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "leaky_relu": nn.LeakyReLU,
     "elu": nn.ELU,
 }
+
+
+def conv_bias_needed(norm_spec: dict) -> bool:
+    """A conv keeps its bias unless a norm that makes it redundant directly follows."""
+    norm = NORMS[norm_spec["type"]]
+    return not norm.absorbs_conv_bias(norm_spec)
 
 
 def make_norm(spec: dict, num_features: int, dims: int) -> nn.Module | None:

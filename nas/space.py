@@ -26,6 +26,8 @@ from nas.norms import ACTIVATIONS, NORM_PARAMS, NORMS, POSITIONS
 SHARE_MODES = ("global", "per_stage", "per_block")
 DOWNSAMPLE = ("maxpool", "avgpool", "stride")
 OPTIMIZERS = ("sgd", "adamw")
+BLOCK_TYPES = ("plain", "residual")
+RESIDUAL_ORDERS = ("original", "preact")  # post-activation (He 2015) or identity-mapping (He 2016)
 
 
 SCHEMA: dict = {
@@ -34,6 +36,11 @@ SCHEMA: dict = {
     "width": Param(int, 32, {"min": 1, "max": 1024}),
     "downsample": Param(str, "maxpool", {"choices": DOWNSAMPLE, "what": "downsampling"}),
     "block": {
+        "type": Param(str, "plain", {"choices": BLOCK_TYPES, "what": "block type"}),
+        "residual": {  # only sampled for residual blocks
+            "order": Param(str, "original", {"choices": RESIDUAL_ORDERS, "what": "residual ordering"}),
+            "zero_init": Param(bool, False),
+        },
         "kernel": Param(int, 3, {"min": 1, "max": 15, "odd": True}),
         "activation": Param(str, "relu", {"choices": tuple(ACTIVATIONS), "what": "activation"}),
         "dropout": Param(float, 0.0, {"min": 0.0, "below": 1.0}),
@@ -48,6 +55,7 @@ SCHEMA: dict = {
         "optimizer": Param(str, "sgd", {"choices": OPTIMIZERS, "what": "optimizer"}),
         "lr": Param(float, 0.05, {"above": 0.0}),
         "weight_decay": Param(float, 5e-4, {"min": 0.0}),
+        "l1": Param(float, 0.0, {"min": 0.0}),  # L1 penalty on conv weights
         "label_smoothing": Param(float, 0.0, {"min": 0.0, "below": 1.0}),
         "batch_size": Param(int, 64, {"min": 2}),
     },
@@ -173,40 +181,55 @@ class Space:
         s = lambda key: self.suggest(trial, key, key)  # noqa: E731 - the name is the key path
         n_stages, n_blocks, width = s("stages"), s("blocks_per_stage"), s("width")
         downsample = s("downsample")
-        kernel, activation, dropout = s("block.kernel"), s("block.activation"), s("block.dropout")
+        block_type = s("block.type")
+        template = {"type": block_type, "kernel": s("block.kernel"), "activation": s("block.activation"), "dropout": s("block.dropout")}
+        if block_type == "residual":
+            template["residual"] = {"order": s("block.residual.order"), "zero_init": s("block.residual.zero_init")}
         share = self.leaf("block.norm.share")
-        norm = self._sample_norm(trial, "block.norm") if share == "global" else None
+        sample_norm = lambda prefix: self._sample_norm(trial, prefix, block_type)  # noqa: E731
+        norm = sample_norm("block.norm") if share == "global" else None
         stages = []
         for i in range(n_stages):
             if share == "per_stage":
-                norm = self._sample_norm(trial, f"stage{i + 1}.block.norm")
+                norm = sample_norm(f"stage{i + 1}.block.norm")
             blocks = []
             for j in range(n_blocks):
                 if share == "per_block":
-                    norm = self._sample_norm(trial, f"stage{i + 1}.block{j + 1}.norm")
-                blocks.append({"kernel": kernel, "activation": activation, "dropout": dropout, "norm": dict(norm)})
+                    norm = sample_norm(f"stage{i + 1}.block{j + 1}.norm")
+                blocks.append({**template, "norm": dict(norm)})
             stages.append({"width": width * 2**i, "downsample": "none" if i == 0 else downsample, "blocks": blocks})
         training = {key: s(f"training.{key}") for key in SCHEMA["training"]}
         return {"stages": stages, "training": training}
 
-    def _sample_norm(self, trial, prefix: str) -> dict:
-        """One normalization decision; only the chosen type's own settings are sampled."""
+    def _sample_norm(self, trial, prefix: str, block_type: str) -> dict:
+        """One normalization decision; only the chosen type's own settings are sampled.
+
+        Residual blocks place their norms by `block.residual.order`, so they take no position.
+        """
         norm_type = self.suggest(trial, f"{prefix}.type", "block.norm.type")
         norm = {"type": norm_type}
-        if norm_type != "none":
+        if norm_type != "none" and block_type == "plain":
             norm["position"] = self.suggest(trial, f"{prefix}.position", "block.norm.position")
         for key in NORMS[norm_type].params:
             norm[key] = self.suggest(trial, f"{prefix}.{key}", f"block.norm.{key}")
         return norm
 
 
+def norm_position(block: dict) -> str:
+    """Where a block's norms sit: the plain position, or `residual:original` / `residual:preact`."""
+    if block.get("type") == "residual":
+        return f"residual:{block['residual']['order']}"
+    return block["norm"].get("position", "post_conv")
+
+
 def describe_norms(spec: dict) -> str:
     """One line for an ArchSpec's normalization layout: `batch @ post_conv`, or per stage when mixed."""
 
-    def one(norm: dict) -> str:
-        return "none" if norm["type"] == "none" else f"{norm['type']} @ {norm.get('position', 'post_conv')}"
+    def one(block: dict) -> str:
+        norm = block["norm"]
+        return "none" if norm["type"] == "none" else f"{norm['type']} @ {norm_position(block)}"
 
-    stages = [[one(block["norm"]) for block in stage["blocks"]] for stage in spec.get("stages", [])]
+    stages = [[one(block) for block in stage["blocks"]] for stage in spec.get("stages", [])]
     kinds = {k for stage in stages for k in stage}
     if len(kinds) <= 1:
         return next(iter(kinds), "?")

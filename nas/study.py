@@ -21,7 +21,8 @@ from nas.errors import StudyError, TrialError
 from nas.space import Space, describe_norms
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-SCORE_ATTRS = ("fold_losses", "fold_accuracies", "cv_accuracy", "cv_loss_std", "params", "train_seconds")
+SCORE_ATTRS = ("fold_losses", "fold_accuracies", "cv_accuracy", "cv_loss_std", "params", "train_seconds",
+               "eval_mode_loss", "train_mode_loss", "recalibrated_loss")
 
 
 def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
@@ -125,7 +126,7 @@ def make_objective(cfg: RunConfig, data, folds, device, epoch_bar: Callable | No
                 _report(trial, fold, loss, fold_losses)
 
         try:
-            score = cross_validate(spec, data, folds, epochs, device, cfg.study.seed, trial.number, on_epoch, on_fold)
+            score = cross_validate(spec, data, folds, epochs, device, cfg.study.seed, trial.number, on_epoch, on_fold, cfg.evaluation.recalibrate_bn)
         except TrialError as exc:
             trial.set_user_attr("fail_reason", str(exc))
             raise
@@ -133,7 +134,8 @@ def make_objective(cfg: RunConfig, data, folds, device, epoch_bar: Callable | No
             if bar is not None:
                 bar.close()
         for key in SCORE_ATTRS:
-            trial.set_user_attr(key, score[key])
+            if key in score:
+                trial.set_user_attr(key, score[key])
         return score["cv_loss"]
 
     return objective

@@ -75,20 +75,22 @@ def batches(indices: torch.Tensor, batch_size: int, generator: torch.Generator) 
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device, batch_size: int = 1024) -> tuple[float, float]:
-    """Mean cross-entropy (no label smoothing) and accuracy, model in eval mode."""
-    model.eval()
-    loss_sum, correct = 0.0, 0
-    for start in range(0, len(y), batch_size):
-        xb, yb = x[start : start + batch_size], y[start : start + batch_size]
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device, batch_size: int = 1024, keep_mode: bool = False) -> tuple[float, float]:
+    """Mean cross-entropy (no label smoothing) and accuracy; the model in eval mode unless `keep_mode`."""
+    if not keep_mode:
+        model.eval()
+    loss_sum = correct = torch.zeros((), device=y.device)  # summed on the device: one sync at the end
+    parts = math.ceil(len(y) / batch_size)  # near-equal batches: none of one sample, which batch statistics cannot take
+    for xb, yb in zip(x.tensor_split(parts), y.tensor_split(parts)):
         with autocast(device):
-            logits = model(_layout(xb, device)).float()
-        loss_sum += F.cross_entropy(logits, yb, reduction="sum").item()
-        correct += (logits.argmax(1) == yb).sum().item()
-    return loss_sum / len(y), correct / len(y)
+            logits = model(on_device_layout(xb, device)).float()
+        loss_sum = loss_sum + F.cross_entropy(logits, yb, reduction="sum")
+        correct = correct + (logits.argmax(1) == yb).sum()
+    return loss_sum.item() / len(y), correct.item() / len(y)
 
 
-def _layout(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+def on_device_layout(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """channels_last for images on CUDA, matching the model's memory format."""
     return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" and x.dim() == 4 else x
 
 
@@ -108,6 +110,8 @@ def fit(
     generator = torch.Generator().manual_seed(seed)
     aug_generator = torch.Generator(device=device).manual_seed(seed)
     optimizer = make_optimizer(model, hp)
+    l1 = hp.get("l1", 0.0)
+    conv_weights = [m.weight for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d))]
     steps_per_epoch = max(1, len(train_idx) // hp["batch_size"])
     total = epochs * steps_per_epoch
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
@@ -118,7 +122,9 @@ def fit(
         for idx in batches(train_idx, hp["batch_size"], generator):
             xb = augment_batch(data.x_train[idx], data.augment, aug_generator)
             with autocast(device):
-                loss = F.cross_entropy(model(_layout(xb, device)).float(), data.y_train[idx], label_smoothing=hp["label_smoothing"])
+                loss = F.cross_entropy(model(on_device_layout(xb, device)).float(), data.y_train[idx], label_smoothing=hp["label_smoothing"])
+                if l1 > 0:
+                    loss = loss + l1 * sum(w.abs().sum() for w in conv_weights)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -7,34 +7,62 @@ import torch
 from torch import nn
 
 from nas.build import build
+from nas.batch_renorm import BatchRenorm
 from nas.norms import ACTIVATIONS, NORMS, POSITIONS
-from nas.space import default_spec
+from nas.space import RESIDUAL_ORDERS, SHARE_MODES, default_spec
 
 SHAPES = {"2d": (3, 12, 12), "1d_channels": (2, 20), "1d_signal": (20,)}
 
 
-def spec_with(norm_type: str, position: str, activation: str = "relu", **space) -> dict:
-    norm = {"type": norm_type, "position": position}
-    return default_spec({"stages": 2, "width": 4, "block": {"activation": activation, "norm": norm}, **space})
+NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, BatchRenorm)
+LAYOUTS = [("plain", p) for p in POSITIONS] + [("residual", o) for o in RESIDUAL_ORDERS]
 
 
-@pytest.mark.parametrize("shape_name", SHAPES)
-@pytest.mark.parametrize("norm_type, position, activation", list(itertools.product(NORMS, POSITIONS, ACTIVATIONS)))
-def test_every_block_layout_runs_forward_and_backward(shape_name, norm_type, position, activation):
-    shape = SHAPES[shape_name]
-    torch.manual_seed(0)
-    model = build(spec_with(norm_type, position, activation), shape, num_classes=5)
+def spec_with(norm_type: str, position: str, activation: str = "relu", block_type: str = "plain", share: str = "global", **space) -> dict:
+    norm = {"type": norm_type, "position": position if block_type == "plain" else "post_conv", "share": share, "groups": 4}
+    block = {"type": block_type, "activation": activation, "norm": norm}
+    if block_type == "residual":
+        block["residual"] = {"order": position, "zero_init": True}
+    return default_spec({"stages": 2, "blocks_per_stage": 2, "width": 4, "block": block, **space})
+
+
+def train_one_step(model: nn.Module, shape: tuple) -> torch.Tensor:
     x = torch.randn(4, *shape)
     loss = nn.functional.cross_entropy(model(x), torch.tensor([0, 1, 2, 3]))
     loss.backward()
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    return loss
+
+
+@pytest.mark.parametrize("shape_name", SHAPES)
+@pytest.mark.parametrize("share", SHARE_MODES)
+@pytest.mark.parametrize("block_type, position", LAYOUTS)
+@pytest.mark.parametrize("norm_type", NORMS)
+def test_every_norm_layout_builds_and_trains_a_step(shape_name, share, block_type, position, norm_type):
+    shape = SHAPES[shape_name]
+    torch.manual_seed(0)
+    model = build(spec_with(norm_type, position, block_type=block_type, share=share), shape, num_classes=5)
+    loss = train_one_step(model, shape)
     assert torch.isfinite(loss)
     assert all(p.grad is not None for p in model.parameters())
     dims = 2 if len(shape) == 3 else 1
     convs = [m for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d))]
     assert convs and all(isinstance(c, nn.Conv2d if dims == 2 else nn.Conv1d) for c in convs)
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    assert len(norms) == (0 if norm_type == "none" else len(convs))
-    assert all(isinstance(n, nn.BatchNorm2d if dims == 2 else nn.BatchNorm1d) for n in norms)
+    norms = [m for m in model.modules() if isinstance(m, NORM_LAYERS)]
+    per_block = 1 if block_type == "plain" else 2
+    assert len(norms) == (0 if norm_type == "none" else per_block * 4)
+    assert all(isinstance(n, (nn.BatchNorm2d if dims == 2 else nn.BatchNorm1d, nn.GroupNorm, BatchRenorm)) for n in norms)
+    model.eval()
+    assert torch.isfinite(model(torch.randn(2, *shape))).all()
+
+
+@pytest.mark.parametrize("shape_name", SHAPES)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_every_activation_runs_forward_and_backward(shape_name, activation):
+    shape = SHAPES[shape_name]
+    model = build(spec_with("batch", "post_conv", activation), shape, num_classes=5)
+    assert torch.isfinite(train_one_step(model, shape))
+    assert isinstance(model.features.stage1_block1.act, ACTIVATIONS[activation])
 
 
 def block_order(model: nn.Module) -> list[str]:
@@ -47,6 +75,7 @@ def test_position_sets_the_order_and_bias_follows_the_norm():
     bias = lambda p, t="batch": build(spec_with(t, p), (1, 8, 8), 3).features.stage1_block1.conv.bias is not None  # noqa: E731
     assert not bias("post_conv")  # BatchNorm right after the conv makes its bias redundant
     assert bias("post_act") and bias("pre_conv") and bias("post_conv", "none")
+    assert not bias("post_conv", "batch_renorm") and not bias("post_conv", "group")  # group: affine shift
     assert block_order(build(spec_with("none", "post_conv"), (1, 8, 8), 3)) == ["conv", "act"]
 
 
@@ -77,3 +106,15 @@ def test_rebuilding_a_spec_gives_the_same_architecture():
 def test_input_of_an_unsupported_rank_is_refused():
     with pytest.raises(ValueError, match="expected"):
         build(default_spec(), (1, 2, 3, 4), 3)
+
+
+def test_zero_init_residual_block_starts_as_the_identity_path():
+    spec = spec_with("batch", "original", block_type="residual")
+    model = build(spec, (4, 6, 6), 3)  # width 4 = input channels: identity shortcut in stage 1
+    block = model.features.stage1_block1
+    x = torch.randn(5, 4, 6, 6)
+    block.train()
+    torch.testing.assert_close(block(x), torch.relu(x))
+    spec["stages"][0]["blocks"][0]["residual"]["zero_init"] = False
+    block = build(spec, (4, 6, 6), 3).features.stage1_block1
+    assert not torch.allclose(block(x), torch.relu(x))

@@ -108,7 +108,7 @@ def test_overrides_reach_any_key_and_are_validated(tmp_path):
         ({"training": {"weight_decay": {"float": [0.0, 0.1], "log": True}}}, "training.weight_decay.log", "low > 0"),
         ({"training": {"lr": {"float": [-1.0, 0.1]}}}, "training.lr.float[0]", "must be > 0"),
         ({"block": {"activation": {"choice": ["relu", "swish"]}}}, "block.activation.choice[1]", "unknown activation 'swish'"),
-        ({"block": {"norm": {"type": "batchnorm"}}}, "block.norm.type", "did you mean 'batch'"),
+        ({"block": {"norm": {"type": "btach"}}}, "block.norm.type", "did you mean 'batch'"),
         ({"block": {"norm": {"position": {"choice": ["post_conv", "after"]}}}}, "block.norm.position.choice[1]", "pre_conv, post_conv, post_act"),
         ({"width": "wide"}, "width", "expected an integer"),
         ({"width": {"float": [1.0, 2.0]}}, "width.float", "not a float range"),

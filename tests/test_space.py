@@ -41,7 +41,7 @@ def test_norm_settings_are_sampled_only_for_a_norm_that_takes_them():
     params = {**BASE, "block.norm.type": "batch", "block.norm.position": "post_act", "block.norm.momentum": 0.2, "block.norm.eps": 1e-3, "block.norm.affine": False}
     spec, asked = sample(SPACE, params)
     assert asked == set(params)
-    assert spec["stages"][1]["blocks"][0]["norm"] == {"type": "batch", "position": "post_act", "momentum": 0.2, "eps": 1e-3, "affine": False}
+    assert spec["stages"][1]["blocks"][0]["norm"] == {"type": "batch", "position": "post_act", "momentum": 0.2, "eps": 1e-3, "affine": False, "track_running_stats": True}
 
 
 def test_spec_is_plain_json_with_doubling_widths_and_defaults_for_silent_keys():
@@ -49,8 +49,8 @@ def test_spec_is_plain_json_with_doubling_widths_and_defaults_for_silent_keys():
     assert json.loads(json.dumps(spec)) == spec
     assert [s["width"] for s in spec["stages"]] == [8, 16, 32]
     assert [s["downsample"] for s in spec["stages"]] == ["none", "maxpool", "maxpool"]
-    assert spec["training"] == {"optimizer": "sgd", "lr": 0.01, "weight_decay": 5e-4, "label_smoothing": 0.0, "batch_size": 16}
-    assert spec["stages"][0]["blocks"][0]["kernel"] == 3
+    assert spec["training"] == {"optimizer": "sgd", "lr": 0.01, "weight_decay": 5e-4, "l1": 0.0, "label_smoothing": 0.0, "batch_size": 16}
+    assert spec["stages"][0]["blocks"][0]["kernel"] == 3 and spec["stages"][0]["blocks"][0]["type"] == "plain"
 
 
 @pytest.mark.parametrize(
@@ -86,3 +86,51 @@ def test_default_spec_takes_first_choices():
     spec = default_spec(SPACE)
     assert len(spec["stages"]) == 1 and spec["stages"][0]["width"] == 8
     assert spec["stages"][0]["blocks"][0]["norm"]["position"] == "pre_conv"
+
+
+CATALOGUE = {
+    "block": {
+        "type": {"choice": ["plain", "residual"]},
+        "residual": {"order": {"choice": ["original", "preact"]}, "zero_init": {"choice": [True, False]}},
+        "norm": {
+            "type": {"choice": ["batch", "batch_renorm", "group", "layer", "instance", "none"]},
+            "position": {"choice": ["pre_conv", "post_conv"]},
+            "momentum": {"float": [0.01, 0.5]},
+            "r_max": {"float": [1.0, 4.0]},
+            "d_max": {"float": [0.0, 5.0]},
+            "groups": {"choice": [2, 4, 8]},
+            "eps": {"float": [1e-5, 1e-3], "log": True},
+        },
+    }
+}
+
+
+@pytest.mark.parametrize(
+    "norm_type, own",
+    [
+        ("batch", {"momentum", "eps"}),
+        ("batch_renorm", {"momentum", "eps", "r_max", "d_max"}),
+        ("group", {"groups", "eps"}),
+        ("layer", {"eps"}),
+        ("instance", {"eps"}),
+        ("none", set()),
+    ],
+)
+def test_each_norm_type_samples_only_its_own_settings(norm_type, own):
+    params = {"block.type": "plain", "block.norm.type": norm_type, "block.norm.position": "pre_conv", "block.norm.momentum": 0.1,
+              "block.norm.r_max": 2.0, "block.norm.d_max": 1.0, "block.norm.groups": 4, "block.norm.eps": 1e-4}
+    _, asked = sample(CATALOGUE, params)
+    norm_params = {name.rsplit(".", 1)[1] for name in asked if name.startswith("block.norm.")} - {"type", "position"}
+    assert norm_params == own
+
+
+def test_residual_blocks_take_an_ordering_instead_of_a_position():
+    params = {"block.type": "residual", "block.residual.order": "preact", "block.residual.zero_init": True,
+              "block.norm.type": "batch", "block.norm.momentum": 0.1, "block.norm.eps": 1e-4}
+    spec, asked = sample(CATALOGUE, params)
+    assert "block.norm.position" not in asked
+    block = spec["stages"][0]["blocks"][0]
+    assert block["type"] == "residual" and block["residual"] == {"order": "preact", "zero_init": True}
+    assert "position" not in block["norm"]
+    _, asked = sample(CATALOGUE, {**params, "block.type": "plain", "block.norm.position": "pre_conv"})
+    assert not {"block.residual.order", "block.residual.zero_init"} & asked

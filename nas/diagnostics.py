@@ -1,0 +1,65 @@
+"""BatchNorm diagnostics: what running statistics cost, and re-estimating them.
+
+`train_mode_loss` validates with the norm layers using batch statistics (the rest of the model
+in eval mode, so dropout is off) and leaves the running statistics as they were; next to the
+usual eval-mode loss it shows how far the running statistics are from the batch ones.
+`recalibrate` re-estimates running statistics as a plain average over the training data, with
+no gradients, as recommended before evaluating a network whose statistics lag its weights.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from nas.batch_renorm import BatchRenorm
+from nas.train import autocast, evaluate, on_device_layout
+
+
+def running_stat_layers(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, (nn.modules.batchnorm._BatchNorm, BatchRenorm)) and m.running_mean is not None]
+
+
+def _norms_in_train_mode(model: nn.Module) -> list[nn.Module]:
+    model.eval()
+    layers = running_stat_layers(model)
+    for m in layers:
+        m.train()
+    return layers
+
+
+@torch.no_grad()
+def train_mode_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.device) -> float:
+    """Validation loss with batch statistics in batches of the training batch size; state restored."""
+    layers = running_stat_layers(model)
+    if not layers:
+        return evaluate(model, x, y, device)[0]
+    saved = [{k: v.clone() for k, v in m.state_dict().items()} for m in layers]
+    try:
+        _norms_in_train_mode(model)
+        return evaluate(model, x, y, device, batch_size=batch_size, keep_mode=True)[0]
+    finally:
+        for m, state in zip(layers, saved):
+            m.load_state_dict(state)
+        model.eval()
+
+
+@torch.no_grad()
+def recalibrate(model: nn.Module, x: torch.Tensor, batch_size: int, device: torch.device) -> None:
+    """Reset running statistics and re-estimate them as the average over `x`, batch by batch."""
+    layers = _norms_in_train_mode(model)
+    if not layers:
+        return
+    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in layers]
+    for m in layers:
+        m.running_mean.zero_()
+        m.running_var.fill_(1.0)
+    for k, start in enumerate(range(0, len(x), batch_size), 1):
+        for m in layers:
+            m.momentum = 1.0 / k  # a cumulative average over the batches seen so far
+        with autocast(device):
+            model(on_device_layout(x[start : start + batch_size], device))
+    for m, (momentum, tracked) in zip(layers, saved):
+        m.momentum = momentum
+        m.num_batches_tracked.copy_(tracked)
+    model.eval()

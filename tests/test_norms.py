@@ -1,0 +1,113 @@
+"""The normalization catalogue: batch renorm against its equations, group counts, BN diagnostics."""
+
+import pytest
+import torch
+from torch import nn
+
+from nas.batch_renorm import BatchRenorm
+from nas.build import build
+from nas.diagnostics import recalibrate, running_stat_layers, train_mode_loss
+from nas.norms import make_norm
+from nas.space import default_spec
+
+
+@pytest.mark.parametrize("dims, shape", [(2, (8, 6, 5, 5)), (1, (8, 6, 7))])
+def test_batch_renorm_with_unit_limits_is_batchnorm_in_training_mode(dims, shape):
+    torch.manual_seed(0)
+    renorm = BatchRenorm(6, dims, momentum=0.2, eps=1e-3, r_max=1.0, d_max=0.0, warmup=0)
+    bn = (nn.BatchNorm2d if dims == 2 else nn.BatchNorm1d)(6, momentum=0.2, eps=1e-3)
+    with torch.no_grad():
+        for layer in (renorm, bn):
+            layer.weight.copy_(torch.linspace(0.5, 2.0, 6))
+            layer.bias.copy_(torch.linspace(-1.0, 1.0, 6))
+    for step in range(3):
+        x = torch.randn(*shape) * 3 + step
+        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+        out_r, out_b = renorm(x1), bn(x2)
+        torch.testing.assert_close(out_r, out_b, atol=1e-5, rtol=1e-5)
+        (out_r * torch.arange(out_r.numel()).view_as(out_r)).sum().backward()
+        (out_b * torch.arange(out_b.numel()).view_as(out_b)).sum().backward()
+        torch.testing.assert_close(x1.grad, x2.grad, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(renorm.running_mean, bn.running_mean)
+        torch.testing.assert_close(renorm.running_var, bn.running_var)
+    renorm.eval(), bn.eval()
+    x = torch.randn(*shape)
+    torch.testing.assert_close(renorm(x), bn(x), atol=1e-5, rtol=1e-5)
+
+
+def test_batch_renorm_clips_r_and_d_as_the_paper_says():
+    torch.manual_seed(1)
+    layer = BatchRenorm(3, 2, momentum=0.1, eps=1e-5, affine=False, r_max=1.5, d_max=0.5, warmup=0)
+    with torch.no_grad():
+        layer.running_mean.copy_(torch.tensor([0.0, 5.0, -0.1]))
+        layer.running_var.copy_(torch.tensor([1.0, 1.0, 100.0]))
+    x = torch.randn(16, 3, 4, 4) * torch.tensor([4.0, 1.0, 1.0]).view(1, 3, 1, 1)
+    mu = x.mean((0, 2, 3))
+    sigma_b = (x.var((0, 2, 3), unbiased=False) + 1e-5).sqrt()
+    sigma = (torch.tensor([1.0, 1.0, 100.0]) + 1e-5).sqrt()
+    r = (sigma_b / sigma).clamp(1 / 1.5, 1.5)
+    d = ((mu - torch.tensor([0.0, 5.0, -0.1])) / sigma).clamp(-0.5, 0.5)
+    expected = (x - mu.view(1, 3, 1, 1)) / sigma_b.view(1, 3, 1, 1) * r.view(1, 3, 1, 1) + d.view(1, 3, 1, 1)
+    assert r[0] == 1.5 and r[2] == pytest.approx(1 / 1.5) and d[1] == -0.5  # the clips are active
+    torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_batch_renorm_relaxes_its_limits_over_the_warmup():
+    layer = BatchRenorm(2, 2, r_max=3.0, d_max=4.0, warmup=10)
+    assert [float(v) for v in layer.limits()] == [1.0, 0.0]
+    for _ in range(5):
+        layer(torch.randn(4, 2, 3, 3))
+    assert [float(v) for v in layer.limits()] == pytest.approx([2.0, 2.0])
+    for _ in range(10):
+        layer(torch.randn(4, 2, 3, 3))
+    assert [float(v) for v in layer.limits()] == pytest.approx([3.0, 4.0])
+
+
+@pytest.mark.parametrize("asked, channels, used", [(8, 12, 4), (3, 16, 1), (16, 16, 16), (32, 8, 8), (6, 1, 1)])
+def test_group_counts_that_do_not_divide_the_channels_never_reach_the_model(asked, channels, used):
+    layer = make_norm({"type": "group", "groups": asked, "eps": 1e-5, "affine": True}, channels, 2)
+    assert layer.num_groups == used and channels % layer.num_groups == 0
+
+
+def test_built_group_norms_divide_every_layer_they_sit_in():
+    spec = default_spec({"stages": 3, "width": 6, "block": {"norm": {"type": "group", "groups": 4, "position": "pre_conv"}}})
+    model = build(spec, (3, 16, 16), 10)
+    groups = [(m.num_groups, m.num_channels) for m in model.modules() if isinstance(m, nn.GroupNorm)]
+    assert groups == [(1, 3), (2, 6), (4, 12)]
+
+
+def trained_bn_model():
+    torch.manual_seed(0)
+    spec = default_spec({"width": 8, "block": {"norm": {"type": "batch", "momentum": 0.5}}})
+    model = build(spec, (1, 8, 8), 4)
+    model.train()
+    for _ in range(3):
+        model(torch.randn(16, 1, 8, 8) * 2 + 1)
+    return model
+
+
+def test_train_mode_loss_uses_batch_statistics_and_restores_the_running_ones():
+    model = trained_bn_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = torch.randn(40, 1, 8, 8), torch.randint(0, 4, (40,))
+    loss = train_mode_loss(model, x, y, 8, torch.device("cpu"))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not model.training
+    with torch.no_grad():
+        eval_loss = nn.functional.cross_entropy(model(x), y).item()
+    assert loss != pytest.approx(eval_loss)  # running stats come from other data than the batch stats
+
+
+def test_recalibration_sets_running_statistics_to_the_data_average():
+    model = trained_bn_model()
+    x = torch.randn(64, 1, 8, 8) * 3 - 2
+    recalibrate(model, x, 16, torch.device("cpu"))
+    first = running_stat_layers(model)[0]
+    conv = model.features.stage1_block1.conv
+    with torch.no_grad():
+        h = conv(x)
+    expected_mean = h.mean((0, 2, 3))
+    batch_vars = torch.stack([h[i : i + 16].var((0, 2, 3), unbiased=True) for i in range(0, 64, 16)])
+    torch.testing.assert_close(first.running_mean, expected_mean, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(first.running_var, batch_vars.mean(0), atol=1e-4, rtol=1e-4)
+    assert first.momentum == 0.5 and not model.training
