@@ -11,7 +11,6 @@ never sees half a file.
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 from collections import Counter
@@ -20,8 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
+import matplotlib
 import numpy as np
 import optuna
+import yaml
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 from optuna.study import StudyDirection
@@ -51,6 +52,8 @@ SETTING_ABBREV = {
     "warmup": "wu",
     "groups": "g",
 }
+# `orientation` replaced `vert` in matplotlib 3.10 (and `vert` warns from 3.11); pyproject allows 3.7.
+HORIZONTAL = {"orientation": "horizontal"} if matplotlib.__version_info__ >= (3, 10) else {"vert": False}
 PLOT_NAMES = ("history.png", "importances.png", "norm_type_position.png", "bn_diagnostics.png")
 STATE_ORDER = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING, TrialState.PRUNED, TrialState.FAIL)
 
@@ -82,6 +85,8 @@ class Row:
 
 def write_report(storage: str, study_name: str, out_dir, top: int = 10) -> Path:
     """Write report.md and its PNGs into `out_dir` (created); returns the path of report.md."""
+    if top < 1:
+        raise NasError(f"--top: must be at least 1, got {top}")
     study = open_study(storage, study_name)
     trials = study.get_trials(deepcopy=False)  # one snapshot: a live search keeps adding trials
     out = _make_dir(Path(out_dir))
@@ -138,9 +143,12 @@ def _missing_sqlite_file(storage: str) -> Path | None:
     return None if path.exists() else path
 
 
+def _first_line(text: str) -> str:
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")
+
+
 def _one_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__
+    return _first_line(str(exc)) or type(exc).__name__
 
 
 def _make_dir(path: Path) -> Path:
@@ -260,12 +268,12 @@ class Plots:
     def __init__(self, out_dir: Path):
         self.out_dir, self.made = out_dir, set()
 
-    def save(self, fig: Figure, name: str, caption: str) -> list[str]:
+    def save(self, fig: Figure, name: str, alt: str, caption: str) -> list[str]:
         """Write `fig` as `name`; returns the markdown that shows it with its caption."""
         fig.set_layout_engine("tight")
         atomic_write(self.out_dir / name, lambda f: fig.savefig(f, format="png", dpi=DPI))
         self.made.add(name)
-        return [f"![{caption}]({name})", "", f"*{caption}*"]
+        return [f"![{alt}]({name})", "", f"*{caption}*"]
 
     def remove_stale(self) -> None:
         for name in PLOT_NAMES:
@@ -275,7 +283,7 @@ class Plots:
 
 
 def _not_made(name: str, reason: str) -> list[str]:
-    return [f"*{name} not made: {reason}.*"]
+    return [f"*{reason}; {name} not made.*"]
 
 
 def _figure(width: float = 7.0, height: float = 4.0) -> tuple[Figure, object]:
@@ -330,8 +338,8 @@ def header(study: optuna.Study, storage: str, trials: list[FrozenTrial], rows: l
         loss = _loss(best.loss) + (f" ± {std:.4f}" if std is not None else "")
         lines.append(f"- best: trial {best.number}, CV loss {loss}, CV accuracy {_loss(acc)}, norm {best.group}")
     if len(rows) < MIN_TRIALS:
-        what = "No complete trials yet" if not rows else f"Only {len(rows)} complete trial(s)"
-        lines += ["", f"**Not enough data: {what}. Importances need at least {MIN_TRIALS}; rerun nas-report as the search goes on.**"]
+        what = "no complete trials yet" if not rows else f"only {len(rows)} complete trial{'s' if len(rows) > 1 else ''}"
+        lines += ["", f"**Not enough data: {what}.** Importances need at least {MIN_TRIALS}; rerun nas-report as the search goes on."]
     config = study.user_attrs.get("run_config")
     if isinstance(config, dict):
         lines += ["", *run_config_summary(config)]
@@ -349,7 +357,8 @@ def run_config_summary(config: dict) -> list[str]:
     lines = ["## Run config", ""]
     lines += [f"- {key}: {flat(config[key])}" for key in ("dataset", "search_space", "study", "evaluation", "device") if key in config]
     if "space" in config:
-        lines += ["", "<details><summary>search space</summary>", "", "```json", json.dumps(config["space"], indent=1), "```", "", "</details>"]
+        space = yaml.safe_dump(config["space"], sort_keys=False, default_flow_style=None, width=100).rstrip()
+        lines += ["", "<details><summary>search space</summary>", "", "```yaml", space, "```", "", "</details>"]
     return lines
 
 
@@ -360,7 +369,7 @@ def failures(trials: list[FrozenTrial], limit: int = 10) -> list[str]:
         return ["## Failed trials", "", "None."]
     by_reason: dict[str, list[int]] = {}
     for t in failed:
-        reason = _one_line(Exception(t.user_attrs.get("fail_reason", "no fail_reason recorded")))
+        reason = _first_line(str(t.user_attrs.get("fail_reason", ""))) or "no fail_reason recorded"
         by_reason.setdefault(reason[:200], []).append(t.number)
     ordered = sorted(by_reason.items(), key=lambda item: (-len(item[1]), item[1][0]))
     lines = ["## Failed trials", ""]
@@ -375,7 +384,7 @@ def failures(trials: list[FrozenTrial], limit: int = 10) -> list[str]:
 def history(rows: list[Row], minimize: bool, plots: Plots) -> list[str]:
     lines = ["## Optimization history", ""]
     if not rows:
-        return lines + _not_made("history.png", "no complete trials")
+        return lines + _not_made("history.png", "No complete trials yet")
     ordered = sorted(rows, key=lambda r: r.number)
     numbers, losses = [r.number for r in ordered], [r.loss for r in ordered]
     best = list((np.minimum if minimize else np.maximum).accumulate(losses))
@@ -386,8 +395,8 @@ def history(rows: list[Row], minimize: bool, plots: Plots) -> list[str]:
         ax.set_yscale("log")
     ax.set(title="Optimization history", xlabel="trial number", ylabel="CV loss")
     ax.grid(alpha=0.3)
-    ax.legend()
-    return lines + plots.save(fig, "history.png", "CV loss of each complete trial by trial number; the red line is the best so far.")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2, frameon=False)  # below: never over the points
+    return lines + plots.save(fig, "history.png", "optimization history", "CV loss of each complete trial by trial number; the red line is the best so far.")
 
 
 def importances(rows: list[Row], direction: StudyDirection, plots: Plots) -> list[str]:
@@ -395,7 +404,7 @@ def importances(rows: list[Row], direction: StudyDirection, plots: Plots) -> lis
     lines = ["## Parameter importances", ""]
     values, reason = _fanova(rows, direction)
     if values is None:
-        return lines + [f"Importances unavailable: {reason}."] + _not_made("importances.png", reason)
+        return lines + _not_made("importances.png", f"Importances unavailable: {reason}")
     rated = list(values.items())
     every_param = sorted({name for r in rows for name in r.trial.params})
     left_out = [name for name in every_param if name not in values]
@@ -414,7 +423,7 @@ def importances(rows: list[Row], direction: StudyDirection, plots: Plots) -> lis
     for y, v in enumerate(shares):
         ax.text(v, y, f" {v:.3f}", va="center", fontsize=8)
     ax.set(title="Parameter importances (fANOVA, seed 0)", xlabel="share of CV-loss variance", xlim=(0, max(shares) * 1.15 or 1))
-    return lines + [""] + plots.save(fig, "importances.png", "Share of CV-loss variance each parameter explains (fANOVA).")
+    return lines + [""] + plots.save(fig, "importances.png", "parameter importances", "Share of CV-loss variance each parameter explains (fANOVA).")
 
 
 def _fanova(rows: list[Row], direction: StudyDirection) -> tuple[dict | None, str]:
@@ -437,7 +446,7 @@ def _fanova(rows: list[Row], direction: StudyDirection) -> tuple[dict | None, st
 
 
 @contextmanager
-def _quiet_optuna():
+def _quiet_optuna():  # nas.study has one too, but importing it would load torch for a report
     level = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
@@ -450,7 +459,7 @@ def norm_groups(rows: list[Row], minimize: bool, plots: Plots) -> list[str]:
     """CV loss by norm type x position: a table of best / median (n) and a box plot per group."""
     lines = ["## CV loss by norm type x position", ""]
     if not rows:
-        return lines + ["No complete trials yet."] + _not_made("norm_type_position.png", "no complete trials")
+        return lines + _not_made("norm_type_position.png", "No complete trials yet")
     best = min if minimize else max
     types = sorted({r.norm_type for r in rows}, key=_order_key(NORM_ORDER))
     positions = sorted({r.position for r in rows}, key=_order_key(POSITION_ORDER))
@@ -480,18 +489,19 @@ def _group_plot(rows: list[Row], minimize: bool, plots: Plots) -> list[str]:
     colors = _type_colors(r.norm_type for r in rows)
     fig, ax = _figure(7.5, 1.4 + 0.45 * len(order))
     data = [[r.loss for r in groups[g]] for g in order]
-    ax.boxplot(data, orientation="horizontal", tick_labels=order, widths=0.6, showfliers=False,
+    ax.boxplot(data, widths=0.6, **HORIZONTAL, showfliers=False,
                medianprops={"color": "black"}, boxprops={"color": "0.4"}, whiskerprops={"color": "0.4"}, capprops={"color": "0.4"})
     jitter = np.random.default_rng(0)
     for y, g in enumerate(order, start=1):
         losses = [r.loss for r in groups[g]]
         ax.scatter(losses, y + jitter.uniform(-0.15, 0.15, len(losses)), s=16, alpha=0.8, color=colors[groups[g][0].norm_type], zorder=3)
+    ax.set_yticks(range(1, len(order) + 1), labels=[f"{g}  (n={len(groups[g])})" for g in order])
     ax.invert_yaxis()  # best median on top
     if _spans_decade(r.loss for r in rows):
         ax.set_xscale("log")
     ax.set(title="CV loss by norm type @ position (best median on top)", xlabel="CV loss", ylabel="norm type @ position")
     ax.grid(axis="x", alpha=0.3)
-    return plots.save(fig, "norm_type_position.png", "CV loss per norm type @ position: box = quartiles, dots = trials, sorted by median.")
+    return plots.save(fig, "norm_type_position.png", "CV loss by norm type and position", "CV loss per norm type @ position: box = quartiles, dots = trials, sorted by median.")
 
 
 def top_table(rows: list[Row], k: int) -> list[str]:
@@ -532,13 +542,13 @@ def bn_diagnostics(rows: list[Row], plots: Plots) -> list[str]:
             deltas = [r.attrs["recalibrated_loss"] - r.attrs["eval_mode_loss"] for r in of_kind if _finite(r.attrs.get("recalibrated_loss"))]
             row.append(f"{statistics.median(deltas):+.4f} ({len(deltas)})" if deltas else "")
         table.append(row)
-    header = ["norm type", "trials", "median eval - train mode loss"] + (["median recalibrated - eval loss (n)"] if recal else [])
+    columns = ["norm type", "trials", "median eval - train mode loss"] + (["median recalibrated - eval loss (n)"] if recal else [])
     lines += [
         "Validation loss with running statistics (eval mode) vs batch statistics (train mode), same data. "
         "A positive gap means the running statistics serve the model worse than the batch's own"
         + ("; a negative recalibrated - eval value means re-estimating them on the training fold helped." if recal else "."),
         "",
-        *_md_table(header, table),
+        *_md_table(columns, table),
         "",
     ]
     return lines + _bn_plot(have, plots)
@@ -565,4 +575,4 @@ def _bn_plot(rows: list[Row], plots: Plots) -> list[str]:
            ylabel="validation loss, eval mode (running stats)")
     ax.grid(alpha=0.3)
     ax.legend(title="norm type", fontsize=8)
-    return plots.save(fig, "bn_diagnostics.png", "Each complete trial's validation loss with batch vs running statistics; above the dashed line, running statistics hurt.")
+    return plots.save(fig, "bn_diagnostics.png", "BN diagnostics", "Each complete trial's validation loss with batch vs running statistics; above the dashed line, running statistics hurt.")
