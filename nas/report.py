@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import statistics
 from collections import Counter
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -29,6 +29,8 @@ from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from nas.errors import NasError, StudyError
+from nas.archspec import norm_position
+from nas.storage import load_existing_study, one_line, quiet_optuna
 
 DPI = 110
 MIN_TRIALS = 3  # below this, importances and group comparisons are noise, not data
@@ -114,41 +116,14 @@ def write_report(storage: str, study_name: str, out_dir, top: int = 10) -> Path:
 
 def open_study(storage: str, study_name: str) -> optuna.Study:
     """Load a study for reading; a missing study or storage is a StudyError naming what exists."""
-    missing = _missing_sqlite_file(storage)
-    if missing:
-        raise StudyError(f"--study: no study named '{study_name}' in {storage} (the file {missing} does not exist)")
-    try:
-        store = optuna.storages.get_storage(storage)
-        names = optuna.get_all_study_names(store)
-    except Exception as exc:  # noqa: BLE001 - any storage failure is the user's URL or file
-        raise StudyError(f"--storage: cannot read study '{study_name}' from {storage}: {_one_line(exc)}") from None
-    if study_name not in names:
-        known = ", ".join(sorted(names)) or "none"
-        raise StudyError(f"--study: no study named '{study_name}' in {storage} (studies there: {known})")
-    study = optuna.load_study(study_name=study_name, storage=store)
+    study = load_existing_study(storage, study_name)
     if len(study.directions) != 1:
         raise StudyError(f"--study: '{study_name}' has {len(study.directions)} objectives; nas-report reads single-objective studies")
     return study
 
 
-def _missing_sqlite_file(storage: str) -> Path | None:
-    """The file of a sqlite URL that does not exist: opening it would create an empty database."""
-    prefix = "sqlite:///"
-    if not storage.startswith(prefix):
-        return None
-    name = storage[len(prefix):].split("?", 1)[0]
-    if name in ("", ":memory:"):
-        return None
-    path = Path(name).expanduser()
-    return None if path.exists() else path
-
-
 def _first_line(text: str) -> str:
     return next((line.strip() for line in text.splitlines() if line.strip()), "")
-
-
-def _one_line(exc: BaseException) -> str:
-    return _first_line(str(exc)) or type(exc).__name__
 
 
 def _make_dir(path: Path) -> Path:
@@ -175,10 +150,9 @@ def _blocks(arch: dict) -> list[dict]:
 
 def block_position(block: dict) -> str:
     """Where a block normalizes: the norm position, or the residual ordering for residual blocks."""
-    if block.get("type") == "residual":
-        return f"residual:{block.get('residual', {}).get('order', UNKNOWN)}"
-    norm = block.get("norm", {})
-    return NO_POSITION if norm.get("type") == "none" else norm.get("position", "post_conv")
+    if block.get("type") != "residual" and block.get("norm", {}).get("type") == "none":
+        return NO_POSITION
+    return norm_position(block)
 
 
 def norm_group(arch: dict) -> tuple[str, str]:
@@ -432,27 +406,17 @@ def _fanova(rows: list[Row], direction: StudyDirection) -> tuple[dict | None, st
         return None, f"needs at least {MIN_TRIALS} complete trials, the study has {len(rows)}"
     if len({r.loss for r in rows}) == 1:
         return None, "every complete trial has the same CV loss"
-    with _quiet_optuna():
+    with quiet_optuna():
         copy = optuna.create_study(direction=direction)
         copy.add_trials([r.trial for r in sorted(rows, key=lambda r: r.number)])
         try:
             evaluator = optuna.importance.FanovaImportanceEvaluator(seed=IMPORTANCE_SEED)
             values = optuna.importance.get_param_importances(copy, evaluator=evaluator)
         except (RuntimeError, ValueError) as exc:
-            return None, _one_line(exc)
+            return None, one_line(exc)
     if not values:
         return None, "no parameter is present in every complete trial"
     return {name: float(v) for name, v in values.items()}, ""
-
-
-@contextmanager
-def _quiet_optuna():  # nas.study has one too, but importing it would load torch for a report
-    level = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        yield
-    finally:
-        optuna.logging.set_verbosity(level)
 
 
 def norm_groups(rows: list[Row], minimize: bool, plots: Plots) -> list[str]:

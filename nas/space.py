@@ -215,27 +215,6 @@ class Space:
         return norm
 
 
-def norm_position(block: dict) -> str:
-    """Where a block's norms sit: the plain position, or `residual:original` / `residual:preact`."""
-    if block.get("type") == "residual":
-        return f"residual:{block['residual']['order']}"
-    return block["norm"].get("position", "post_conv")
-
-
-def describe_norms(spec: dict) -> str:
-    """One line for an ArchSpec's normalization layout: `batch @ post_conv`, or per stage when mixed."""
-
-    def one(block: dict) -> str:
-        norm = block["norm"]
-        return "none" if norm["type"] == "none" else f"{norm['type']} @ {norm_position(block)}"
-
-    stages = [[one(block) for block in stage["blocks"]] for stage in spec.get("stages", [])]
-    kinds = {k for stage in stages for k in stage}
-    if len(kinds) <= 1:
-        return next(iter(kinds), "?")
-    return "  ".join(f"s{i + 1}: {' | '.join(stage)}" for i, stage in enumerate(stages))
-
-
 class FirstChoiceTrial:
     """A stand-in trial that takes every choice's first value and every range's low end."""
 

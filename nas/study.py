@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import sys
 import warnings
-from contextlib import contextmanager
-from pathlib import Path
 from typing import Callable
 
 import optuna
@@ -18,7 +16,9 @@ from optuna.trial import TrialState
 
 from nas.config import RunConfig
 from nas.errors import StudyError, TrialError
-from nas.space import Space, describe_norms
+from nas.archspec import describe_norms
+from nas.space import Space
+from nas.storage import load_existing_study, quiet_optuna, sqlite_path
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 SCORE_ATTRS = ("fold_losses", "fold_accuracies", "cv_accuracy", "cv_loss_std", "params", "train_seconds",
@@ -51,9 +51,8 @@ def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
 
 def _prepare_storage(url: str) -> str:
     """Create the folder of a local SQLite file, so the default `sqlite:///runs/nas.db` just works."""
-    prefix = "sqlite:///"
-    if url.startswith(prefix) and url[len(prefix):] not in ("", ":memory:"):
-        path = Path(url[len(prefix):]).expanduser()
+    path = sqlite_path(url)
+    if path is not None:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -64,7 +63,7 @@ def _prepare_storage(url: str) -> str:
 def open_study(cfg: RunConfig) -> optuna.Study:
     """Create the study or load it if it exists; store the run config on it."""
     try:
-        with _quiet_optuna():
+        with quiet_optuna():
             study = optuna.create_study(
                 storage=_prepare_storage(cfg.study.storage),
                 study_name=cfg.study.name,
@@ -81,16 +80,7 @@ def open_study(cfg: RunConfig) -> optuna.Study:
 
 def stored_config(study_name: str, storage: str) -> dict:
     """The run config a study was last run with, for `--resume`."""
-    try:
-        summaries = optuna.get_all_study_summaries(_prepare_storage(storage))
-    except Exception as exc:  # noqa: BLE001 - any storage failure is the user's URL or file
-        raise StudyError(f"--storage: cannot open {storage}: {exc}") from None
-    names = [s.study_name for s in summaries]
-    if study_name not in names:
-        known = ", ".join(names) or "none"
-        raise StudyError(f"--study: no study named '{study_name}' in {storage} (studies there: {known})")
-    study = optuna.load_study(study_name=study_name, storage=storage)
-    config = study.user_attrs.get("run_config")
+    config = load_existing_study(storage, study_name).user_attrs.get("run_config")
     if config is None:
         raise StudyError(f"--study: '{study_name}' has no stored run config (not made by nas-search); run with --config")
     return config
@@ -161,16 +151,6 @@ class StopAfterFailures:
             study.stop()
 
 
-@contextmanager
-def _quiet_optuna():
-    level = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        yield
-    finally:
-        optuna.logging.set_verbosity(level)
-
-
 def run_search(cfg: RunConfig, progress: bool | None = None, out=print) -> optuna.Study:
     """Run the study to its budget of finished trials; prints what it did and the top candidates."""
     from tqdm.auto import tqdm
@@ -205,7 +185,7 @@ def run_search(cfg: RunConfig, progress: bool | None = None, out=print) -> optun
 
     failures = StopAfterFailures(cfg.study.max_consecutive_failures)
     objective = make_objective(cfg, data, folds, device, epoch_bar if show else None)
-    with _quiet_optuna():
+    with quiet_optuna():
         try:
             study.optimize(
                 objective,

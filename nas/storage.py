@@ -1,0 +1,56 @@
+"""Opening Optuna storage: the shared pieces of `nas-search` and `nas-report` (no torch here)."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+
+import optuna
+
+from nas.errors import StudyError
+
+SQLITE = "sqlite:///"
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file of a local SQLite URL, or None for other URLs and in-memory databases."""
+    if not url.startswith(SQLITE):
+        return None
+    name = url[len(SQLITE):].split("?", 1)[0]
+    return None if name in ("", ":memory:") else Path(name).expanduser()
+
+
+@contextmanager
+def quiet_optuna():
+    """Optuna's INFO lines (study created, trial finished) would interleave with our own output."""
+    level = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(level)
+
+
+def one_line(exc: BaseException) -> str:
+    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    return first or type(exc).__name__
+
+
+def load_existing_study(storage: str, study_name: str) -> optuna.Study:
+    """Load a study that must exist; otherwise a StudyError naming the studies that do.
+
+    A missing SQLite file is reported, not created (opening it would make an empty database).
+    """
+    path = sqlite_path(storage)
+    if path is not None and not path.exists():
+        raise StudyError(f"--study: no study named '{study_name}' in {storage} (the file {path} does not exist)")
+    try:
+        with quiet_optuna():
+            store = optuna.storages.get_storage(storage)
+            names = optuna.get_all_study_names(store)
+    except Exception as exc:  # noqa: BLE001 - any storage failure is the user's URL or file
+        raise StudyError(f"--storage: cannot read study '{study_name}' from {storage}: {one_line(exc)}") from None
+    if study_name not in names:
+        known = ", ".join(sorted(names)) or "none"
+        raise StudyError(f"--study: no study named '{study_name}' in {storage} (studies there: {known})")
+    return optuna.load_study(study_name=study_name, storage=store)
