@@ -15,6 +15,7 @@ activations and pooling are memory-bound, add no MACs, and show up only in the l
 from __future__ import annotations
 
 import time
+import warnings
 from contextlib import ExitStack, contextmanager
 from typing import Callable, Iterator
 
@@ -190,3 +191,52 @@ def format_table(rows: list[dict], extra: dict | None = None) -> str:
     if rows:
         body.append(f"ratio = median ms / {rows[0]['variant']}'s median ms at the same batch size (below 1 is faster)")
     return "\n".join(lines + body)
+
+
+def candidate_costs(spec: dict, input_shape: tuple[int, ...], num_classes: int, device: torch.device,
+                    batch_size: int, wanted: list[str]) -> dict:
+    """The inference costs a multi-objective search asks for, of the candidate as it would deploy:
+    folded, eval mode, on `device`, at a fixed batch size (weights do not change the cost)."""
+    from nas.build import build
+    from nas.fold import fold_norms
+
+    model = fold_norms(build(spec, input_shape, num_classes)).to(device)
+    costs = {}
+    if "params" in wanted:
+        costs["params"] = count_params(model)
+    if "macs" in wanted:
+        costs["macs"] = count_macs(model, input_shape)
+    if "latency_ms" in wanted:
+        example = torch.randn(batch_size, *input_shape, device=device)
+        costs["latency_ms"] = measure_latency(model, example, device, warmup=5, repeats=20)["median_ms"]
+    return costs
+
+
+def bench_export(folder: str, device_name: str, batch_sizes: list[int], warmup: int, repeats: int) -> str:
+    """`nas-bench`: the four ways to run an exported model, side by side, as a table."""
+    from nas.export import load_exported
+    from nas.fold import fold_norms
+    from nas.train import resolve_device
+
+    device = resolve_device(device_name)
+    exported = load_exported(folder)
+    shape = tuple(exported.meta["input_shape"])
+    unfolded = exported.model.to(device)
+    folded = fold_norms(exported.model).to(device)
+    with warnings.catch_warnings():  # TorchScript is deprecated upstream; it is one of the variants measured
+        warnings.simplefilter("ignore", FutureWarning)
+        scripted = torch.jit.load(str(exported.folder / "model.ts"), map_location=device)
+    variants = {
+        "eager unfolded": unfolded,
+        "eager folded": folded,
+        "TorchScript folded": scripted,
+        "torch.export folded": torch.export.load(str(exported.folder / "model.pt2")).module().to(device),
+    }
+    rows = compare(variants, shape, batch_sizes, device, warmup, repeats)
+    extra = {
+        "model": f"{folder} (study {exported.meta.get('study')}, trial {exported.meta.get('trial')}, input {list(shape)})",
+        "device": f"{device.type}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads",
+        "params": f"{count_params(unfolded):,} unfolded, {count_params(folded):,} folded",
+        "MACs per sample": f"{count_macs(unfolded, shape):,} unfolded, {count_macs(folded, shape):,} folded",
+    }
+    return format_table(rows, extra)

@@ -30,6 +30,9 @@ class ConvBlock(nn.Sequential):
     """conv, norm and activation in the order `norm.position` names, then optional dropout."""
 
     ORDERS = {"pre_conv": ("norm", "conv", "act"), "post_conv": ("conv", "norm", "act"), "post_act": ("conv", "act", "norm")}
+    # TorchScript shares one compiled type between Sequentials whose children match as a set,
+    # whatever their order: the position as a constant keeps pre_conv and post_act blocks apart.
+    __constants__ = ["position"]
 
     def __init__(self, block: dict, in_channels: int, out_channels: int, stride: int, dims: int):
         norm_spec = block["norm"]
@@ -43,6 +46,7 @@ class ConvBlock(nn.Sequential):
         }
         layers = [(name, parts[name]) for name in self.ORDERS[position] if parts[name] is not None]
         super().__init__(OrderedDict(layers + _dropout(block)))
+        self.position = position
 
 
 class ResidualBlock(nn.Module):
@@ -51,6 +55,8 @@ class ResidualBlock(nn.Module):
     With `residual.zero_init` the scale of the branch's last norm starts at zero, so the block
     starts as the identity (Goyal et al. 2017).
     """
+
+    __constants__ = ["preact"]  # TorchScript then compiles only the branch this block takes
 
     def __init__(self, block: dict, in_channels: int, out_channels: int, stride: int, dims: int):
         super().__init__()

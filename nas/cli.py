@@ -1,7 +1,7 @@
 """The console scripts: parse arguments, call the rooms, map errors to exit codes in one place.
 
-0 success, 1 unexpected error, 2 bad usage or bad input (one line, no traceback),
-130 interrupted by SIGINT.
+0 success, 1 unexpected error or a failed self-check (one line), 2 bad usage or bad input
+(one line, no traceback), 130 interrupted by SIGINT.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sys
 from importlib.metadata import PackageNotFoundError, version
 
 from nas.config import SHORTCUTS, load_run_config, parse_override
-from nas.errors import NasError
+from nas.errors import NasError, VerificationError
 
 DEFAULT_STORAGE = "sqlite:///runs/nas.db"
 
@@ -97,6 +97,69 @@ def report_main(argv: list[str] | None = None) -> int:
     return _run(report)
 
 
+def export_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="nas-export",
+        description="Retrain a trial (default: the best) on the full training split, test it, fold BN into "
+        "the convs and write model.ts (TorchScript), model.pt2 (torch.export), weights.pt and model.json; "
+        "then verify both model files in a fresh process.",
+    )
+    p.add_argument("--storage", default=DEFAULT_STORAGE, help="Optuna storage URL (default %(default)s)")
+    p.add_argument("--study", required=True, help="study name")
+    p.add_argument("--trial", type=int, help="trial number (default: the best; required for multi-objective studies)")
+    p.add_argument("--out", default="exported", help="output folder (default %(default)s)")
+    p.add_argument("--epochs", type=int, help="training epochs (default: the study's evaluation.epochs)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: the study's device")
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    return p
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    args = export_parser().parse_args(argv)
+    if args.epochs is not None and args.epochs < 1:
+        export_parser().error("--epochs must be >= 1")
+
+    def export() -> None:
+        from nas.export import export_trial
+
+        export_trial(args.storage, args.study, args.out, args.trial, args.epochs, args.device)
+
+    return _run(export)
+
+
+def bench_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="nas-bench",
+        description="What BN costs at inference: median latency and throughput of the exported model as eager "
+        "unfolded, eager folded, TorchScript folded and torch.export folded, measured side by side in one run.",
+    )
+    p.add_argument("--model", required=True, help="an export folder written by nas-export")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu", help="default %(default)s")
+    p.add_argument("--batch-sizes", default="1,64,256", help="comma-separated (default %(default)s)")
+    p.add_argument("--repeats", type=int, default=50, help="timed calls per variant and batch size (default %(default)s)")
+    p.add_argument("--warmup", type=int, default=10, help="untimed calls first (default %(default)s)")
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    return p
+
+
+def bench_main(argv: list[str] | None = None) -> int:
+    parser = bench_parser()
+    args = parser.parse_args(argv)
+    try:
+        sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+    except ValueError:
+        parser.error(f"--batch-sizes: expected integers like 1,64,256, got {args.batch_sizes!r}")
+    if not sizes or min(sizes) < 1 or args.repeats < 1 or args.warmup < 0:
+        parser.error("--batch-sizes must be positive integers, --repeats >= 1, --warmup >= 0")
+
+    def bench() -> None:
+        from nas.bench import bench_export
+
+        print(bench_export(args.model, args.device, sizes, args.warmup, args.repeats))
+
+    return _run(bench)
+
+
 def _run(action) -> int:
     """Run a command body; the one place errors become exit codes."""
     try:
@@ -104,6 +167,9 @@ def _run(action) -> int:
     except NasError as exc:
         print(str(exc), file=sys.stderr)
         return 2
+    except VerificationError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

@@ -21,7 +21,8 @@ import yaml
 from nas.errors import ConfigError
 
 DEVICES = ("auto", "cpu", "cuda")
-SAMPLER_NAMES = ("random", "tpe", "gp")
+SAMPLER_NAMES = ("random", "tpe", "gp", "nsga2")
+OBJECTIVES = ("cv_loss", "latency_ms", "params", "macs")  # all minimized
 PRUNER_NAMES = ("none", "median", "wilcoxon")
 AUGMENT_NAMES = ("auto", "none", "crop", "crop_flip")
 
@@ -58,6 +59,7 @@ class EvaluationConfig:
     epochs: int = field(default=15, metadata={"min": 1})
     pruner: str = field(default="none", metadata={"choices": PRUNER_NAMES})
     recalibrate_bn: bool = False  # re-estimate BN running statistics on the training fold before validation
+    latency_batch_size: int = field(default=64, metadata={"min": 1})  # for the latency_ms objective
 
 
 @dataclass
@@ -67,6 +69,7 @@ class RunConfig:
     study: StudyConfig = field(default_factory=StudyConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     device: str = field(default="auto", metadata={"choices": DEVICES})
+    objectives: list[str] = field(default_factory=lambda: ["cv_loss"], metadata={"choices": OBJECTIVES, "what": "objective"})
     # Filled by the loader, not read from YAML:
     source: str = field(default="", metadata={"internal": True})
     space: dict = field(default_factory=dict, metadata={"internal": True})
@@ -189,6 +192,9 @@ def _from_dict(cls, data: Any, file: str, path: str):
         if dataclasses.is_dataclass(hint):
             values[name] = _from_dict(hint, value, file, key_path)
             continue
+        if typing.get_origin(hint) is list:
+            values[name] = _list_of(typing.get_args(hint)[0], value, f.metadata, file, key_path)
+            continue
         kinds = [k for k in _union_members(hint) if k is not type(None)]
         if value is None and type(None) in _union_members(hint):
             values[name] = None
@@ -196,6 +202,19 @@ def _from_dict(cls, data: Any, file: str, path: str):
         values[name] = check_scalar(value, kinds[0], file, key_path)
         check_bounds(values[name], {"what": name.replace("_", " "), **f.metadata}, file, key_path)
     return cls(**values)
+
+
+def _list_of(kind: type, value: Any, meta: dict, file: str, path: str) -> list:
+    """A non-empty list of distinct scalars; a single scalar is taken as a list of one."""
+    items = value if isinstance(value, list) else [value]
+    if not items:
+        raise ConfigError(file, path, "empty: give at least one value")
+    for i, item in enumerate(items):
+        check_scalar(item, kind, file, f"{path}[{i}]")
+        check_bounds(item, meta, file, f"{path}[{i}]")
+    if len(set(items)) != len(items):
+        raise ConfigError(file, path, "values repeat")
+    return list(items)
 
 
 def _union_members(hint) -> tuple:
@@ -248,6 +267,10 @@ def load_run_config(path: str | Path | None, overrides: list[tuple[str, Any]] = 
         set_key(raw, key, value)
     cfg = _from_dict(RunConfig, raw, file, "")
     cfg.source = file
+    if len(cfg.objectives) > 1 and cfg.evaluation.pruner != "none":
+        raise ConfigError(file, "evaluation.pruner", "Optuna prunes single-objective studies only; use none with several objectives")
+    if len(cfg.objectives) > 1 and cfg.study.sampler == "gp":
+        raise ConfigError(file, "study.sampler", "use tpe, nsga2 or random with several objectives")
     if space_dict is None:
         space_path = Path(cfg.search_space).expanduser()
         if not space_path.is_absolute():

@@ -24,3 +24,8 @@ class StudyError(NasError):
 
 class TrialError(Exception):
     """One candidate failed (cannot be built, loss not finite); recorded on the trial, the search goes on."""
+
+
+class VerificationError(Exception):
+    """An output failed its own check (folding not exact, a saved model that does not reproduce,
+    a file whose hash changed): exit code 1, one line."""

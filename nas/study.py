@@ -35,6 +35,8 @@ def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
             return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, constant_liar=True)
         if name == "gp":
             return optuna.samplers.GPSampler(seed=seed, warn_independent_sampling=False)
+        if name == "nsga2":
+            return optuna.samplers.NSGAIISampler(seed=seed, population_size=20)
     raise ValueError(f"unknown sampler {name!r}")
 
 
@@ -69,11 +71,13 @@ def open_study(cfg: RunConfig) -> optuna.Study:
                 study_name=cfg.study.name,
                 sampler=make_sampler(cfg.study.sampler, cfg.study.seed),
                 pruner=make_pruner(cfg.evaluation.pruner, cfg.evaluation.epochs),
-                direction="minimize",
+                directions=["minimize"] * len(cfg.objectives),
                 load_if_exists=True,
             )
     except (ImportError, ValueError) as exc:
         raise StudyError(f"study.storage: cannot open {cfg.study.storage}: {exc}") from None
+    if len(study.directions) != len(cfg.objectives):
+        raise StudyError(f"objectives: study '{cfg.study.name}' has {len(study.directions)} objective(s), the config asks for {len(cfg.objectives)}; use another --study")
     study.set_user_attr("run_config", cfg.to_dict())
     return study
 
@@ -92,6 +96,7 @@ def finished_trials(study: optuna.Study) -> int:
 
 def make_objective(cfg: RunConfig, data, folds, device, epoch_bar: Callable | None = None) -> Callable:
     """The objective: sample an ArchSpec, cross-validate it, store the score on the trial."""
+    from nas.bench import candidate_costs
     from nas.evaluate import cross_validate  # late: keeps torch out of `import nas.study` users that only read
 
     space = Space(cfg.space)
@@ -126,7 +131,13 @@ def make_objective(cfg: RunConfig, data, folds, device, epoch_bar: Callable | No
         for key in SCORE_ATTRS:
             if key in score:
                 trial.set_user_attr(key, score[key])
-        return score["cv_loss"]
+        if cfg.objectives == ["cv_loss"]:
+            return score["cv_loss"]
+        costs = candidate_costs(spec, data.input_shape, data.num_classes, device, cfg.evaluation.latency_batch_size, cfg.objectives)
+        for key, value in costs.items():
+            trial.set_user_attr(key, value)
+        values = {**score, **costs}
+        return tuple(values[name] for name in cfg.objectives)
 
     return objective
 
@@ -203,6 +214,8 @@ def run_search(cfg: RunConfig, progress: bool | None = None, out=print) -> optun
 
 
 def _best_value(study: optuna.Study) -> float | None:
+    if len(study.directions) > 1:
+        return None
     values = [t.value for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
     return min(values) if values else None
 
@@ -213,7 +226,10 @@ def top_trials(study: optuna.Study, k: int = 5) -> list[optuna.trial.FrozenTrial
 
 
 def summary_table(study: optuna.Study, k: int = 5) -> str:
-    """The top-k trials with their normalization choices, as a plain-text table."""
+    """The top-k trials (or a multi-objective study's Pareto front) with their normalization choices."""
+    objectives = study.user_attrs.get("run_config", {}).get("objectives", ["cv_loss"])
+    if len(study.directions) > 1:
+        return pareto_table(study, objectives)
     rows = [("trial", "cv loss", "cv acc", "params", "norm (type @ position)", "activation")]
     for t in top_trials(study, k):
         arch, attrs = t.user_attrs.get("arch", {}), t.user_attrs
@@ -223,9 +239,28 @@ def summary_table(study: optuna.Study, k: int = 5) -> str:
         rows.append((str(t.number), loss, f"{attrs.get('cv_accuracy', float('nan')):.4f}", f"{attrs.get('params', 0):,}", describe_norms(arch), act))
     if len(rows) == 1:
         return f"Study '{study.study_name}': no completed trials yet."
+    header = f"Top {len(rows) - 1} of {finished_trials(study)} finished trials in '{study.study_name}' (lower cv loss is better):"
+    return "\n".join([header, *text_table(rows)])
+
+
+def pareto_table(study: optuna.Study, objectives: list[str]) -> str:
+    """The Pareto front of a multi-objective study, sorted by its first objective."""
+    front = sorted(study.best_trials, key=lambda t: t.values)
+    if not front:
+        return f"Study '{study.study_name}': no completed trials yet."
+    rows = [("trial", *objectives, "cv acc", "norm (type @ position)")]
+    for t in front:
+        cells = [f"{v:.4f}" if isinstance(v, float) and not float(v).is_integer() else f"{int(v):,}" for v in t.values]
+        rows.append((str(t.number), *cells, f"{t.user_attrs.get('cv_accuracy', float('nan')):.4f}", describe_norms(t.user_attrs.get("arch", {}))))
+    header = (f"Pareto front of '{study.study_name}' ({len(front)} of {finished_trials(study)} finished trials; all objectives minimized; "
+              f"export one with nas-export --trial N):")
+    return "\n".join([header, *text_table(rows)])
+
+
+def text_table(rows: list[tuple]) -> list[str]:
+    """Rows of strings as padded columns with a dashed line under the header."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    header = f"Top {len(rows) - 1} of {finished_trials(study)} finished trials in '{study.study_name}' (lower cv loss is better):"
-    return "\n".join([header, *lines])
+    return lines
 

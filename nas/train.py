@@ -98,14 +98,14 @@ def fit(
     model: nn.Module,
     data: Dataset,
     train_idx: torch.Tensor,
-    val_idx: torch.Tensor,
+    val_idx: torch.Tensor | None,
     hp: dict,
     epochs: int,
     device: torch.device,
     seed: int,
     on_epoch: Callable[[int, float, float], None] | None = None,
 ) -> FitResult:
-    """Train `model` on `train_idx` for `epochs` with a cosine learning rate, validate on `val_idx`."""
+    """Train `model` on `train_idx` for `epochs` with a cosine learning rate, validate on `val_idx` (None: no validation)."""
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(seed)
     aug_generator = torch.Generator(device=device).manual_seed(seed)
@@ -115,7 +115,8 @@ def fit(
     steps_per_epoch = max(1, len(train_idx) // hp["batch_size"])
     total = epochs * steps_per_epoch
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
-    x_val, y_val = data.x_train[val_idx], data.y_train[val_idx]
+    if val_idx is not None:
+        x_val, y_val = data.x_train[val_idx], data.y_train[val_idx]
     val_loss = val_acc = float("nan")
     for epoch in range(epochs):
         model.train()
@@ -131,7 +132,7 @@ def fit(
             schedule.step()
         if not math.isfinite(loss.item()):
             raise TrialError(f"training loss is {loss.item()} at epoch {epoch + 1}")
-        if on_epoch is not None or epoch == epochs - 1:
+        if val_idx is not None and (on_epoch is not None or epoch == epochs - 1):
             val_loss, val_acc = evaluate(model, x_val, y_val, device)
             if not math.isfinite(val_loss):
                 raise TrialError(f"validation loss is {val_loss} at epoch {epoch + 1}")

@@ -127,3 +127,14 @@ def test_bad_search_space_names_file_and_key(tmp_path, space, key_path, words):
     assert err.key_path == key_path
     assert err.file.endswith("space.yaml")
     assert words in str(err)
+
+
+def test_objectives_are_a_list_of_known_names(tmp_path):
+    cfg = load_run_config(write(tmp_path, {"objectives": ["cv_loss", "latency_ms"]}))
+    assert cfg.objectives == ["cv_loss", "latency_ms"]
+    assert load_run_config(write(tmp_path, {})).objectives == ["cv_loss"]
+    err = problem(tmp_path, {"objectives": ["cv_loss", "latency"]})
+    assert err.key_path == "objectives[1]" and "did you mean 'latency_ms'" in str(err)
+    assert "repeat" in str(problem(tmp_path, {"objectives": ["params", "params"]}))
+    err = problem(tmp_path, {"objectives": ["cv_loss", "params"], "evaluation": {"pruner": "median"}})
+    assert err.key_path == "evaluation.pruner" and "single-objective" in str(err)

@@ -1,0 +1,238 @@
+"""Export a trial for deployment: retrain on the full training split, test, fold BN, save, verify.
+
+The output folder holds
+  model.ts     TorchScript of the folded eval model
+  model.pt2    the same as a torch.export program (batch dimension dynamic)
+  weights.pt   the unfolded state_dict (load with weights_only=True; for fine-tuning)
+  model.json   ArchSpec, input shape, input normalization, class names, test metrics,
+               library versions and the sha256 of every file above.
+Both model files take inputs normalized with model.json's mean / std. Every file is written
+under a temporary name and renamed, so a reader never sees half a file. A fresh Python
+process that imports only torch then loads model.ts and model.pt2 and must reproduce the eval
+model's test predictions, or the export fails.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from nas.errors import NasError, StudyError, VerificationError
+
+FORMAT = 1
+FILES = ("model.ts", "model.pt2", "weights.pt")
+FOLD_TOLERANCE = 1e-4  # max abs logit difference between folded and unfolded eval models
+
+
+@dataclass
+class Exported:
+    """An export folder read back: its metadata and the unfolded eval model."""
+
+    folder: Path
+    meta: dict
+    model: nn.Module
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _atomic(path: Path, write) -> None:
+    """Write through `write(tmp_path)` to a temporary name in the same folder, then rename."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def pick_trial(study, number: int | None):
+    """The trial to export: `number`, or the best (single objective; a multi-objective study needs --trial)."""
+    from optuna.trial import TrialState
+
+    if number is None:
+        if len(study.directions) > 1:
+            front = ", ".join(str(t.number) for t in study.best_trials)
+            raise StudyError(f"--trial: '{study.study_name}' has several objectives; pick one trial of its Pareto front ({front})")
+        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if not complete:
+            raise StudyError(f"--study: '{study.study_name}' has no completed trial to export")
+        return study.best_trial
+    matches = [t for t in study.get_trials(deepcopy=False) if t.number == number]
+    if not matches:
+        raise StudyError(f"--trial: '{study.study_name}' has no trial {number}")
+    trial = matches[0]
+    if "arch" not in trial.user_attrs:
+        raise StudyError(f"--trial: trial {number} has no stored ArchSpec (state {trial.state.name})")
+    return trial
+
+
+def export_trial(storage: str, study_name: str, out: str | Path, trial_number: int | None = None,
+                 epochs: int | None = None, device: str | None = None, log=print) -> Path:
+    """Retrain the trial's ArchSpec on the full training split, test it, fold, save and verify."""
+    from nas.build import build
+    from nas.config import load_run_config
+    from nas.data import load_dataset
+    from nas.evaluate import fold_seed
+    from nas.storage import load_existing_study
+    from nas.train import evaluate, fit, prepare_model, resolve_device
+
+    study = load_existing_study(storage, study_name)
+    stored = study.user_attrs.get("run_config")
+    if stored is None:
+        raise StudyError(f"--study: '{study_name}' has no stored run config (not made by nas-search)")
+    cfg = load_run_config(None, stored=stored)
+    trial = pick_trial(study, trial_number)
+    spec = trial.user_attrs["arch"]
+    dev = resolve_device(device or cfg.device)
+    data = load_dataset(cfg.dataset, dev)
+    epochs = epochs or cfg.evaluation.epochs
+    seed = fold_seed(cfg.study.seed, trial.number, cfg.evaluation.folds)  # a seed no CV fold used
+    torch.manual_seed(seed)
+    model = prepare_model(build(spec, data.input_shape, data.num_classes), dev)
+    log(f"Training trial {trial.number} of '{study_name}' on all {len(data.y_train)} training samples for {epochs} epochs on {dev.type}")
+    fit(model, data, torch.arange(len(data.y_train), device=dev), None, spec["training"], epochs, dev, seed)
+    test_loss, test_acc = evaluate(model, data.x_test, data.y_test, dev)
+    log(f"Test split: loss {test_loss:.4f}, accuracy {test_acc:.4f} ({len(data.y_test)} samples)")
+    model = model.to("cpu", memory_format=torch.contiguous_format).eval()
+    x_test = data.x_test.cpu()
+    meta = {
+        "format": FORMAT,
+        "study": study_name,
+        "trial": trial.number,
+        "arch": spec,
+        "input_shape": list(data.input_shape),
+        "num_classes": data.num_classes,
+        "classes": data.classes,
+        "normalization": {"mean": data.mean, "std": data.std},
+        "dataset": cfg.dataset.name,
+        "epochs": epochs,
+        "test": {"loss": test_loss, "accuracy": test_acc, "samples": len(data.y_test)},
+    }
+    folder = write_export(model, x_test, meta, Path(out))
+    log(f"Wrote {folder}/ ({', '.join(FILES)}, model.json); verified in a fresh process")
+    return folder
+
+
+def write_export(model: nn.Module, x_check: torch.Tensor, meta: dict, folder: Path) -> Path:
+    """Fold, check folding exactness, write the four files atomically, verify in a fresh process."""
+    from nas.fold import fold_norms
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise NasError(f"--out: cannot create {folder}: {exc.strerror or exc}") from None
+    model = model.eval()
+    folded = fold_norms(model)
+    with torch.no_grad():
+        expected = model(x_check)
+        gap = (folded(x_check) - expected).abs().max().item()
+    if gap > FOLD_TOLERANCE:
+        raise VerificationError(f"folding changed the logits by {gap:.2e} (> {FOLD_TOLERANCE}); nothing written")
+    with warnings.catch_warnings():  # TorchScript is deprecated upstream; users still deploy it
+        warnings.simplefilter("ignore", FutureWarning)
+        scripted = torch.jit.script(folded)
+    example = x_check[:2]
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    program = torch.export.export(folded, (example,), dynamic_shapes={"x": {0: batch}})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        _atomic(folder / "model.ts", lambda tmp: torch.jit.save(scripted, tmp))
+    _atomic(folder / "model.pt2", lambda tmp: torch.export.save(program, tmp))
+    _atomic(folder / "weights.pt", lambda tmp: torch.save(model.state_dict(), tmp))
+    meta = {
+        **meta,
+        "fold_max_abs_diff": gap,
+        "versions": {"torch": torch.__version__, "python": platform.python_version(), "bnnas": _version()},
+        "files": {name: sha256(folder / name) for name in FILES},
+    }
+    _atomic(folder / "model.json", lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
+    verify_in_fresh_process(folder, x_check, expected)
+    return folder
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("bnnas")
+    except PackageNotFoundError:  # pragma: no cover
+        return "unknown"
+
+
+# Runs in a fresh interpreter that imports only torch: `nas` is blocked, so a file that needed
+# it would fail here rather than on the user's machine.
+VERIFY_SCRIPT = r"""
+import sys, warnings
+sys.modules["nas"] = None
+warnings.simplefilter("ignore", FutureWarning)
+import torch
+folder, check = sys.argv[1], sys.argv[2]
+data = torch.load(check, weights_only=True)
+x, expected = data["x"], data["expected"]
+with torch.no_grad():
+    ts = torch.jit.load(f"{folder}/model.ts")
+    ep = torch.export.load(f"{folder}/model.pt2").module()
+    for name, model in (("model.ts", ts), ("model.pt2", ep)):
+        out = model(x)
+        gap = (out - expected).abs().max().item()
+        agree = (out.argmax(1) == expected.argmax(1)).float().mean().item()
+        if gap > float(sys.argv[3]) or agree < 1.0:
+            print(f"{name}: max abs diff {gap:.2e}, predictions agree on {agree:.2%}")
+            sys.exit(1)
+print("ok")
+"""
+
+
+def verify_in_fresh_process(folder: Path, x: torch.Tensor, expected: torch.Tensor) -> None:
+    """Load model.ts and model.pt2 in a new interpreter (torch only) and compare with `expected`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        check = Path(tmp) / "check.pt"
+        torch.save({"x": x.contiguous(), "expected": expected.contiguous()}, check)
+        proc = subprocess.run([sys.executable, "-c", VERIFY_SCRIPT, str(folder), str(check), str(FOLD_TOLERANCE)],
+                              capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0 or proc.stdout.strip() != "ok":
+        detail = (proc.stdout.strip() or proc.stderr.strip().splitlines()[-1:] or ["no output"])
+        detail = detail if isinstance(detail, str) else detail[0]
+        raise VerificationError(f"verification failed in a fresh process for {folder}: {detail}")
+
+
+def load_exported(folder: str | Path) -> Exported:
+    """Read an export folder back; every file's sha256 must match model.json."""
+    from nas.build import build
+
+    folder = Path(folder)
+    meta_path = folder / "model.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except FileNotFoundError:
+        raise NasError(f"{meta_path}: not found (is {folder} an export folder made by nas-export?)") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise NasError(f"{meta_path}: unreadable: {exc}") from None
+    for name, digest in meta.get("files", {}).items():
+        path = folder / name
+        if not path.is_file():
+            raise NasError(f"{path}: missing (listed in model.json)")
+        if sha256(path) != digest:
+            raise VerificationError(f"{path}: sha256 differs from model.json (file changed or corrupted); refusing to load it")
+    model = build(meta["arch"], meta["input_shape"], meta["num_classes"])
+    model.load_state_dict(torch.load(folder / "weights.pt", map_location="cpu", weights_only=True))
+    return Exported(folder, meta, model.eval())

@@ -1,0 +1,138 @@
+"""nas-export round trip: retrain, fold, save, verify in a fresh process; multi-objective Pareto fronts."""
+
+import json
+import subprocess
+import sys
+
+import optuna
+import pytest
+import torch
+import yaml
+
+from nas.cli import bench_main, export_main, search_main
+from nas.config import DatasetConfig
+from nas.data import load_dataset
+from nas.errors import VerificationError
+from nas.export import FILES, load_exported, sha256
+
+SPACE = {
+    "stages": 2,
+    "width": 8,
+    "block": {"norm": {"type": {"choice": ["batch", "batch_renorm", "group"]}, "position": {"choice": ["pre_conv", "post_conv", "post_act"]}}},
+    "training": {"batch_size": 64},
+}
+
+
+@pytest.fixture(scope="module")
+def study_dir(tmp_path_factory):
+    """A small digits study with three trials, made once through the CLI."""
+    root = tmp_path_factory.mktemp("export")
+    (root / "space.yaml").write_text(yaml.safe_dump(SPACE))
+    config = {
+        "dataset": {"name": "digits"},
+        "search_space": str(root / "space.yaml"),
+        "study": {"name": "tiny", "storage": f"sqlite:///{root}/nas.db", "sampler": "random", "trials": 3, "seed": 1},
+        "evaluation": {"folds": 2, "epochs": 1},
+        "device": "cpu",
+    }
+    (root / "run.yaml").write_text(yaml.safe_dump(config))
+    assert search_main(["--config", str(root / "run.yaml"), "--no-progress"]) == 0
+    return root
+
+
+@pytest.fixture(scope="module")
+def exported(study_dir):
+    out = study_dir / "exported"
+    assert export_main(["--storage", f"sqlite:///{study_dir}/nas.db", "--study", "tiny", "--out", str(out), "--epochs", "2"]) == 0
+    return out
+
+
+def test_export_writes_hashed_files_for_the_best_trial(study_dir, exported):
+    meta = json.loads((exported / "model.json").read_text())
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{study_dir}/nas.db")
+    assert meta["trial"] == study.best_trial.number and meta["arch"] == study.best_trial.user_attrs["arch"]
+    assert meta["input_shape"] == [1, 8, 8] and meta["classes"] == [str(i) for i in range(10)]
+    assert len(meta["normalization"]["mean"]) == 1 and 0.5 < meta["test"]["accuracy"] <= 1.0
+    assert meta["fold_max_abs_diff"] <= 1e-4
+    assert {name: sha256(exported / name) for name in FILES} == meta["files"]
+    assert not [p for p in exported.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+def test_exported_files_load_without_the_nas_package_and_match_the_eval_model(exported):
+    data = load_dataset(DatasetConfig())
+    model = load_exported(exported).model
+    with torch.no_grad():
+        expected = model(data.x_test)
+    torch.save({"x": data.x_test, "expected": expected}, exported.parent / "check.pt")
+    script = (
+        "import sys; sys.modules['nas'] = None; import torch\n"
+        f"d = torch.load({str(exported.parent / 'check.pt')!r}, weights_only=True)\n"
+        f"ts = torch.jit.load({str(exported / 'model.ts')!r})\n"
+        f"ep = torch.export.load({str(exported / 'model.pt2')!r}).module()\n"
+        "for m in (ts, ep):\n"
+        "    out = m(d['x']); print((out - d['expected']).abs().max().item(), (out.argmax(1) == d['expected'].argmax(1)).all().item())\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    for line in proc.stdout.split("\n")[:2]:
+        gap, same = line.split()
+        assert float(gap) <= 1e-4 and same == "True"
+
+
+def test_a_changed_file_is_refused_on_load(exported, tmp_path):
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for path in exported.iterdir():
+        (copy / path.name).write_bytes(path.read_bytes())
+    weights = torch.load(copy / "weights.pt", weights_only=True)
+    next(iter(weights.values())).add_(1.0)
+    torch.save(weights, copy / "weights.pt")
+    with pytest.raises(VerificationError, match="sha256"):
+        load_exported(copy)
+
+
+def test_export_of_a_missing_trial_or_study_is_one_line(study_dir, capsys):
+    storage = f"sqlite:///{study_dir}/nas.db"
+    assert export_main(["--storage", storage, "--study", "tiny", "--trial", "99", "--out", str(study_dir / "x")]) == 2
+    assert export_main(["--storage", storage, "--study", "nope", "--out", str(study_dir / "x")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "no trial 99" in err[0] and "no study named 'nope'" in err[1]
+
+
+def test_bench_prints_every_variant_with_ratios(exported, capsys):
+    assert bench_main(["--model", str(exported), "--batch-sizes", "1,8", "--repeats", "3", "--warmup", "1"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.split("  ")[0] in ("eager unfolded", "eager folded", "TorchScript folded", "torch.export folded")]
+    assert len(rows) == 8  # every variant at both batch sizes
+    assert all(line.split()[-1] == "1.00" for line in rows if line.startswith("eager unfolded"))
+    assert "MACs per sample" in out and "params" in out
+
+
+def test_multi_objective_search_prints_a_pareto_front_and_exports_any_of_it(study_dir, capsys):
+    storage = f"sqlite:///{study_dir}/mo.db"
+    args = ["--config", str(study_dir / "run.yaml"), "--storage", storage, "--study", "mo", "--sampler", "nsga2", "--trials", "4",
+            "--set", "objectives=[cv_loss, params]", "--no-progress"]
+    assert search_main(args) == 0
+    out = capsys.readouterr().out
+    study = optuna.load_study(study_name="mo", storage=storage)
+    front = study.best_trials
+    assert len(study.directions) == 2 and front
+    assert "Pareto front of 'mo'" in out
+    listed = {int(line.split()[0]) for line in out.splitlines() if line[:1].isdigit()}
+    assert listed == {t.number for t in front}
+    for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)):
+        assert t.values[1] == t.user_attrs["params"]
+    assert export_main(["--storage", storage, "--study", "mo", "--out", str(study_dir / "mo_out"), "--epochs", "1"]) == 2
+    assert "Pareto front" in capsys.readouterr().err
+    pick = front[-1].number
+    assert export_main(["--storage", storage, "--study", "mo", "--trial", str(pick), "--out", str(study_dir / "mo_out"), "--epochs", "1"]) == 0
+    assert json.loads((study_dir / "mo_out" / "model.json").read_text())["trial"] == pick
+
+
+def test_latency_objective_is_measured_per_candidate(study_dir):
+    storage = f"sqlite:///{study_dir}/lat.db"
+    args = ["--config", str(study_dir / "run.yaml"), "--storage", storage, "--study", "lat", "--trials", "2",
+            "--set", "objectives=[cv_loss, latency_ms, macs]", "--set", "evaluation.latency_batch_size=8", "--no-progress"]
+    assert search_main(args) == 0
+    for t in optuna.load_study(study_name="lat", storage=storage).get_trials():
+        assert t.values[1] == t.user_attrs["latency_ms"] > 0 and t.values[2] == t.user_attrs["macs"] > 0
