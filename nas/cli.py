@@ -1,17 +1,18 @@
 """The console scripts: parse arguments, call the rooms, map errors to exit codes in one place.
 
 0 success, 1 unexpected error or a failed self-check (one line), 2 bad usage or bad input
-(one line, no traceback), 130 interrupted by SIGINT.
+(one line, no traceback), 130 interrupted by SIGINT, 143 by SIGTERM (study left resumable).
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from importlib.metadata import PackageNotFoundError, version
 
 from nas.config import SHORTCUTS, load_run_config, parse_override
-from nas.errors import NasError, VerificationError
+from nas.errors import NasError, Terminated, VerificationError
 
 DEFAULT_STORAGE = "sqlite:///runs/nas.db"
 
@@ -41,6 +42,8 @@ def search_parser() -> argparse.ArgumentParser:
     for flag, key in SHORTCUTS.items():
         extra = {"choices": ["auto", "cpu", "cuda"]} if flag == "device" else {}
         shortcuts.add_argument(f"--{flag}", type=types.get(flag, str), help=f"sets {key}", **extra)
+    p.add_argument("--workers", type=int, default=1, help="worker processes on this study (default %(default)s); across machines, run nas-search on each against one PostgreSQL --storage")
+    p.add_argument("--force", action="store_true", help="continue a study with a search space that differs from its stored one")
     bars = p.add_mutually_exclusive_group()
     bars.add_argument("--progress", dest="progress", action="store_true", default=None, help="show progress bars even when stderr is not a terminal")
     bars.add_argument("--no-progress", dest="progress", action="store_false", help="never show progress bars")
@@ -55,10 +58,17 @@ def search_main(argv: list[str] | None = None) -> int:
         parser.error("--resume needs --study NAME")
     if not args.resume and not args.config:
         parser.error("give --config FILE, or --resume --study NAME")
-    return _run(lambda: _search(args))
+    if args.workers < 1:
+        parser.error("--workers must be >= 1")
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    return _run(lambda: _search(args, argv))
 
 
-def _search(args: argparse.Namespace) -> None:
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+def _search(args: argparse.Namespace, argv: list[str] | None) -> None:
     from nas.study import run_search, stored_config
 
     overrides = [parse_override(text) for text in args.overrides]
@@ -68,7 +78,23 @@ def _search(args: argparse.Namespace) -> None:
         cfg = load_run_config(None, overrides, stored=stored_config(args.study, storage))
     else:
         cfg = load_run_config(args.config, overrides)
-    run_search(cfg, progress=args.progress)
+    worker = None
+    if args.workers > 1:  # the other workers: this command again, one worker each, quiet
+        argv = sys.argv[1:] if argv is None else argv
+        worker = [sys.executable, "-m", "nas.cli", *_without_workers(argv), "--no-progress"]
+    run_search(cfg, progress=args.progress, force=args.force, worker_command=worker, workers=args.workers)
+
+
+def _without_workers(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--workers":
+            skip = True
+        elif not arg.startswith("--workers=") and arg not in ("--progress", "--no-progress"):
+            out.append(arg)
+    return out
 
 
 def report_parser() -> argparse.ArgumentParser:
@@ -170,6 +196,9 @@ def _run(action) -> int:
     except VerificationError as exc:
         print(str(exc), file=sys.stderr)
         return 1
+    except Terminated:
+        print("terminated (SIGTERM); rerun the same command to resume", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

@@ -8,6 +8,7 @@ defaults the one place each default lives, and `metadata` holds bounds and regis
 from __future__ import annotations
 
 import copy
+import math
 import dataclasses
 import difflib
 import types
@@ -51,6 +52,8 @@ class StudyConfig:
     seed: int = 0
     timeout: float | None = field(default=None, metadata={"min": 0})
     max_consecutive_failures: int = field(default=5, metadata={"min": 1})
+    heartbeat_seconds: float = field(default=30.0, metadata={"min": 1})  # RDB storage: a trial silent for 2x this is stale
+    retries: int = field(default=1, metadata={"min": 0})  # times a stale (crashed) trial is rerun with its parameters
 
 
 @dataclass
@@ -151,6 +154,8 @@ def check_scalar(value: Any, kind: type, file: str, path: str) -> Any:
     )
     if not ok:
         raise ConfigError(file, path, f"expected {type_name(kind())}, got {type_name(value)} {value!r}")
+    if kind is float and not math.isfinite(value):
+        raise ConfigError(file, path, f"expected a finite number, got {value}")
     return float(value) if kind is float else value
 
 

@@ -29,3 +29,7 @@ class TrialError(Exception):
 class VerificationError(Exception):
     """An output failed its own check (folding not exact, a saved model that does not reproduce,
     a file whose hash changed): exit code 1, one line."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so the running trial is marked failed and the study stays resumable."""

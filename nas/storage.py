@@ -21,14 +21,34 @@ def sqlite_path(url: str) -> Path | None:
 
 
 @contextmanager
-def quiet_optuna():
+def quiet_optuna(level: int = optuna.logging.WARNING):
     """Optuna's INFO lines (study created, trial finished) would interleave with our own output."""
-    level = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    before = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(level)
     try:
         yield
     finally:
-        optuna.logging.set_verbosity(level)
+        optuna.logging.set_verbosity(before)
+
+
+def make_storage(url: str, heartbeat_seconds: float, retries: int) -> optuna.storages.BaseStorage | str:
+    """RDB storage (SQLite, PostgreSQL, MySQL) with heartbeats, a busy timeout and crash retries.
+
+    A trial whose process died stops beating; after twice the interval Optuna fails it and
+    RetryHeartbeatStaleTrialCallback enqueues its parameters again. SQLite waits up to a minute for a
+    lock instead of failing with "database is locked" when several workers write.
+    """
+    if not url.startswith(("sqlite", "postgresql", "mysql")):
+        return url  # journal files and the like: Optuna resolves them
+    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    with quiet_optuna():
+        return optuna.storages.RDBStorage(
+            url,
+            engine_kwargs=engine,
+            heartbeat_interval=max(1, round(heartbeat_seconds)),
+            grace_period=max(2, round(2 * heartbeat_seconds)),
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=retries),
+        )
 
 
 def one_line(exc: BaseException) -> str:

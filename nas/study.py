@@ -7,18 +7,22 @@ space inline) is stored on the study, so a study can be resumed without its YAML
 
 from __future__ import annotations
 
+import signal
+import subprocess
 import sys
+from contextlib import contextmanager
 import warnings
 from typing import Callable
 
 import optuna
+from sqlalchemy.exc import SQLAlchemyError
 from optuna.trial import TrialState
 
 from nas.config import RunConfig
-from nas.errors import StudyError, TrialError
+from nas.errors import StudyError, Terminated, TrialError
 from nas.archspec import describe_norms
 from nas.space import Space
-from nas.storage import load_existing_study, quiet_optuna, sqlite_path
+from nas.storage import load_existing_study, make_storage, one_line, quiet_optuna, sqlite_path
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 SCORE_ATTRS = ("fold_losses", "fold_accuracies", "cv_accuracy", "cv_loss_std", "params", "train_seconds",
@@ -62,20 +66,30 @@ def _prepare_storage(url: str) -> str:
     return url
 
 
-def open_study(cfg: RunConfig) -> optuna.Study:
-    """Create the study or load it if it exists; store the run config on it."""
+def open_study(cfg: RunConfig, force: bool = False) -> optuna.Study:
+    """Create the study or load it if it exists; store the run config on it.
+
+    An existing study searched a space; continuing it with another space mixes two questions,
+    so that needs `force`.
+    """
     try:
-        with quiet_optuna():
+        with quiet_optuna(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            storage = make_storage(_prepare_storage(cfg.study.storage), cfg.study.heartbeat_seconds, cfg.study.retries)
             study = optuna.create_study(
-                storage=_prepare_storage(cfg.study.storage),
+                storage=storage,
                 study_name=cfg.study.name,
                 sampler=make_sampler(cfg.study.sampler, cfg.study.seed),
                 pruner=make_pruner(cfg.evaluation.pruner, cfg.evaluation.epochs),
                 directions=["minimize"] * len(cfg.objectives),
                 load_if_exists=True,
             )
-    except (ImportError, ValueError) as exc:
-        raise StudyError(f"study.storage: cannot open {cfg.study.storage}: {exc}") from None
+    except (ImportError, ValueError, SQLAlchemyError) as exc:
+        raise StudyError(f"study.storage: cannot open {cfg.study.storage}: {one_line(exc)}") from None
+    stored = study.user_attrs.get("run_config")
+    if stored is not None and stored.get("space") != cfg.space and not force:
+        raise StudyError(f"search_space: study '{cfg.study.name}' was searched with another space than {cfg.search_space}; "
+                         "use another --study, or --force to continue it with this one")
     if len(study.directions) != len(cfg.objectives):
         raise StudyError(f"objectives: study '{cfg.study.name}' has {len(study.directions)} objective(s), the config asks for {len(cfg.objectives)}; use another --study")
     study.set_user_attr("run_config", cfg.to_dict())
@@ -103,6 +117,9 @@ def make_objective(cfg: RunConfig, data, folds, device, epoch_bar: Callable | No
     epochs = cfg.evaluation.epochs
 
     def objective(trial: optuna.Trial) -> float:
+        if over_budget(trial.study, trial.number, cfg.study.trials):
+            trial.set_user_attr("fail_reason", OVER_BUDGET)
+            raise TrialError(OVER_BUDGET)
         spec = space.sample(trial)
         trial.set_user_attr("arch", spec)
         fold_losses: list[float] = []
@@ -125,6 +142,9 @@ def make_objective(cfg: RunConfig, data, folds, device, epoch_bar: Callable | No
         except TrialError as exc:
             trial.set_user_attr("fail_reason", str(exc))
             raise
+        except KeyboardInterrupt:  # SIGINT, and SIGTERM (see cli): Optuna marks the trial FAIL
+            trial.set_user_attr("fail_reason", "interrupted")
+            raise
         finally:
             if bar is not None:
                 bar.close()
@@ -142,6 +162,19 @@ def make_objective(cfg: RunConfig, data, folds, device, epoch_bar: Callable | No
     return objective
 
 
+OVER_BUDGET = "budget already reached by other workers"
+
+
+def over_budget(study: optuna.Study, number: int, budget: int) -> bool:
+    """With several workers, trial `number` runs only if fewer than `budget` live trials precede it.
+
+    Trial numbers are unique and ordered, so every worker reaches the same verdict: the study
+    ends with exactly its budget of finished trials however many workers race for the last ones.
+    """
+    live = study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING, TrialState.WAITING))
+    return sum(t.number < number for t in live) >= budget
+
+
 def _report(trial: optuna.Trial, step: int, value: float, fold_losses: list[float]) -> None:
     trial.report(value, step)
     if trial.should_prune():
@@ -156,14 +189,22 @@ class StopAfterFailures:
         self.limit, self.streak, self.tripped = limit, 0, False
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if trial.user_attrs.get("fail_reason") == OVER_BUDGET:
+            study.stop()  # the other workers finish the budget
+            return
         self.streak = self.streak + 1 if trial.state == TrialState.FAIL else 0
         if self.streak >= self.limit:
             self.tripped = True
             study.stop()
 
 
-def run_search(cfg: RunConfig, progress: bool | None = None, out=print) -> optuna.Study:
-    """Run the study to its budget of finished trials; prints what it did and the top candidates."""
+def run_search(cfg: RunConfig, progress: bool | None = None, out=print, force: bool = False,
+               worker_command: list[str] | None = None, workers: int = 1) -> optuna.Study:
+    """Run the study to its budget of finished trials; prints what it did and the top candidates.
+
+    With `workers` > 1 this process is the first worker and starts `worker_command` as the
+    others, once the study exists; they share it through the storage.
+    """
     from tqdm.auto import tqdm
 
     from nas.data import load_dataset, stratified_folds
@@ -172,7 +213,7 @@ def run_search(cfg: RunConfig, progress: bool | None = None, out=print) -> optun
     device = resolve_device(cfg.device)
     data = load_dataset(cfg.dataset, device)  # bad data is found before the storage is touched
     folds = stratified_folds(data.y_train, cfg.evaluation.folds, cfg.study.seed)
-    study = open_study(cfg)
+    study = open_study(cfg, force)
     budget, done = cfg.study.trials, finished_trials(study)
     if done >= budget:
         out(f"Study '{cfg.study.name}' already has {done} finished trials (budget {budget}): nothing to run. Raise --trials to search more.")
@@ -189,14 +230,17 @@ def run_search(cfg: RunConfig, progress: bool | None = None, out=print) -> optun
 
     def advance(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         if trial.state in FINISHED:
-            trials_bar.update(1)
+            trials_bar.update(finished_trials(study) - trials_bar.n)  # other workers' trials too
+        elif trial.state == TrialState.FAIL and trial.user_attrs.get("fail_reason") != OVER_BUDGET:
+            trials_bar.write(f"trial {trial.number} failed: {trial.user_attrs.get('fail_reason', 'see its user attributes')}", file=sys.stderr)
         best = _best_value(study)
         if best is not None:
             trials_bar.set_postfix(best_cv_loss=f"{best:.4f}")
 
     failures = StopAfterFailures(cfg.study.max_consecutive_failures)
     objective = make_objective(cfg, data, folds, device, epoch_bar if show else None)
-    with quiet_optuna():
+    helpers = [subprocess.Popen(worker_command, stdout=subprocess.DEVNULL) for _ in range(workers - 1)] if worker_command else []
+    with quiet_optuna(optuna.logging.ERROR), _stopping(helpers):  # a failed trial is one line of ours, not Optuna's traceback
         try:
             study.optimize(
                 objective,
@@ -206,11 +250,27 @@ def run_search(cfg: RunConfig, progress: bool | None = None, out=print) -> optun
             )
         finally:
             trials_bar.close()
+    codes = [p.wait() for p in helpers]
+    if any(codes):
+        raise StudyError(f"--workers: {sum(map(bool, codes))} of {len(helpers)} extra workers exited with an error (exit codes {codes})")
     if failures.tripped:
         last = study.trials[-1].user_attrs.get("fail_reason", "see the trial's user attributes")
         raise StudyError(f"stopped after {failures.limit} failed trials in a row; last reason: {last}")
     out(summary_table(study))
     return study
+
+
+@contextmanager
+def _stopping(helpers: list[subprocess.Popen]):
+    """On Ctrl-C / SIGTERM here, pass the signal on so every worker leaves its trial resumable."""
+    try:
+        yield
+    except KeyboardInterrupt as exc:
+        for p in helpers:
+            p.send_signal(signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
+        for p in helpers:
+            p.wait()
+        raise
 
 
 def _best_value(study: optuna.Study) -> float | None:

@@ -1,0 +1,124 @@
+"""Searches survive kill -9 and signals with real processes; bad storage is refused cleanly."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from nas.cli import search_main
+
+SPACE = {"stages": 1, "width": 8, "block": {"norm": {"type": {"choice": ["batch", "none"]}}}, "training": {"lr": {"float": [0.01, 0.1], "log": True}}}
+
+
+@pytest.fixture
+def run_dir(tmp_path, monkeypatch):
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(SPACE))
+    config = {
+        "dataset": {"name": "digits"},
+        "search_space": "space.yaml",
+        "study": {"name": "s", "storage": f"sqlite:///{tmp_path}/nas.db", "sampler": "random", "trials": 3, "seed": 0, "heartbeat_seconds": 1},
+        "evaluation": {"folds": 2, "epochs": 25},  # a few seconds per trial: time to catch one running
+        "device": "cpu",
+    }
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def storage_url(run_dir) -> str:
+    return f"sqlite:///{run_dir}/nas.db"
+
+
+def load(run_dir) -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(study_name="s", storage=storage_url(run_dir)).get_trials()
+
+
+def start_search(run_dir) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "nas.cli", "--config", "run.yaml"], cwd=run_dir,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(condition, proc: subprocess.Popen, timeout: float = 120.0):
+    """Poll the study until `condition()` holds (the process must still be alive)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        try:
+            result = condition()
+        except (KeyError, ValueError):  # the study does not exist yet
+            result = None
+        if result:
+            return result
+        time.sleep(0.05)
+    raise AssertionError("condition not reached")
+
+
+def running_after_one_complete(run_dir):
+    trials = load(run_dir)
+    states = [t.state for t in trials]
+    if TrialState.COMPLETE in states and states[-1] == TrialState.RUNNING:
+        return trials[-1]
+    return None
+
+
+def test_kill_9_mid_trial_then_rerun_retries_its_parameters_and_reaches_the_budget(run_dir):
+    proc = start_search(run_dir)
+    killed = wait_for(lambda: running_after_one_complete(run_dir), proc)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    complete_before = {t.number: (t.params, t.value) for t in load(run_dir) if t.state == TrialState.COMPLETE}
+    storage = optuna.storages.RDBStorage(storage_url(run_dir), heartbeat_interval=1, grace_period=2)
+    study_id = storage.get_study_id_from_name("s")
+    deadline = time.monotonic() + 30
+    while not storage._get_stale_trial_ids(study_id):  # the dead process's heartbeat goes stale
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+    rerun = subprocess.run([sys.executable, "-m", "nas.cli", "--config", "run.yaml"], cwd=run_dir, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    trials = load(run_dir)
+    by_number = {t.number: t for t in trials}
+    assert by_number[killed.number].state == TrialState.FAIL
+    retried = [t for t in trials if t.system_attrs.get("failed_trial") == killed.number]
+    assert len(retried) == 1 and retried[0].params == killed.params and retried[0].state == TrialState.COMPLETE
+    assert all((by_number[n].params, by_number[n].value) == before for n, before in complete_before.items())
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == 3
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_fails_the_running_trial_as_interrupted_and_a_rerun_resumes(run_dir, signum, code):
+    proc = start_search(run_dir)
+    running = wait_for(lambda: running_after_one_complete(run_dir), proc)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code
+    assert "Traceback" not in err and "rerun the same command to resume" in err
+    trials = load(run_dir)
+    stopped = {t.number: t for t in trials}[running.number]
+    assert stopped.state == TrialState.FAIL and stopped.user_attrs["fail_reason"] == "interrupted"
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    assert search_main(["--config", "run.yaml", "--no-progress"]) == 0
+    assert sum(t.state == TrialState.COMPLETE for t in load(run_dir)) == 3
+
+
+def test_a_storage_file_that_is_not_sqlite_is_refused_and_left_alone(run_dir, capsys):
+    (run_dir / "notes.db").write_text("not a database\n" * 100)
+    before = (run_dir / "notes.db").read_bytes()
+    assert search_main(["--config", "run.yaml", "--storage", f"sqlite:///{run_dir}/notes.db"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "study.storage: cannot open" in err
+    assert (run_dir / "notes.db").read_bytes() == before
+
+
+def test_an_unwritable_storage_path_is_one_line(run_dir, capsys):
+    (run_dir / "file").write_text("x")
+    assert search_main(["--config", "run.yaml", "--storage", f"sqlite:///{run_dir}/file/sub/nas.db"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "study.storage" in err

@@ -1,0 +1,69 @@
+"""Parallel workers on one local study; stopping after repeated failures; a changed space is refused."""
+
+import subprocess
+import sys
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from nas.cli import search_main
+
+SPACE = {"stages": 1, "width": 8, "block": {"norm": {"type": {"choice": ["batch", "none"]}}}, "training": {"lr": {"float": [0.01, 0.1], "log": True}}}
+
+
+@pytest.fixture
+def run_dir(tmp_path, monkeypatch):
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(SPACE))
+    config = {
+        "dataset": {"name": "digits"},
+        "search_space": "space.yaml",
+        "study": {"name": "w", "storage": f"sqlite:///{tmp_path}/nas.db", "sampler": "tpe", "trials": 6, "seed": 0},
+        "evaluation": {"folds": 2, "epochs": 2},
+        "device": "cpu",
+    }
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def trials(run_dir, name="w"):
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{run_dir}/nas.db").get_trials()
+
+
+def test_three_local_workers_end_with_exactly_the_budget(run_dir):
+    proc = subprocess.run([sys.executable, "-m", "nas.cli", "--config", "run.yaml", "--workers", "3"],
+                          capture_output=True, text=True, timeout=600, cwd=run_dir)
+    assert proc.returncode == 0, proc.stderr
+    assert "database is locked" not in proc.stderr
+    done = trials(run_dir)
+    finished = [t for t in done if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(finished) == 6
+    assert len({t.number for t in done}) == len(done)
+    assert not [t for t in done if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    assert all(t.user_attrs.get("fail_reason") == "budget already reached by other workers" for t in done if t.state == TrialState.FAIL)
+    assert "Top 5 of 6 finished trials" in proc.stdout
+
+
+def test_search_stops_after_consecutive_failures_with_the_reason(run_dir, capsys):
+    # lr 1e3 diverges at once: every trial fails with a non-finite loss
+    (run_dir / "space.yaml").write_text(yaml.safe_dump({**SPACE, "block": {"norm": {"type": "none"}}, "training": {"lr": 1000.0}}))
+    assert search_main(["--config", "run.yaml", "--set", "study.max_consecutive_failures=2", "--study", "bad"]) == 2
+    err = capsys.readouterr().err
+    assert "stopped after 2 failed trials in a row" in err and "loss is nan" in err
+    failed = trials(run_dir, "bad")
+    assert [t.state for t in failed] == [TrialState.FAIL] * 2
+    assert all("loss is nan" in t.user_attrs["fail_reason"] for t in failed)
+
+
+def test_resuming_with_another_search_space_needs_force(run_dir, capsys):
+    assert search_main(["--config", "run.yaml", "--trials", "1"]) == 0
+    (run_dir / "space.yaml").write_text(yaml.safe_dump({**SPACE, "width": 16}))
+    capsys.readouterr()
+    assert search_main(["--config", "run.yaml", "--trials", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--force" in err
+    assert len(trials(run_dir)) == 1
+    assert search_main(["--config", "run.yaml", "--trials", "2", "--force"]) == 0
+    assert trials(run_dir)[1].user_attrs["arch"]["stages"][0]["width"] == 16
