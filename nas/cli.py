@@ -97,14 +97,18 @@ def _without_workers(argv: list[str]) -> list[str]:
     return out
 
 
+def _study_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--storage", default=DEFAULT_STORAGE, help="Optuna storage URL (default %(default)s)")
+    p.add_argument("--study", required=True, help="study name")
+
+
 def report_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="nas-report",
         description="Write report.md and PNGs about a study: what the normalization choices did. "
         "Works on a study that a search is still writing.",
     )
-    p.add_argument("--storage", default=DEFAULT_STORAGE, help="Optuna storage URL (default %(default)s)")
-    p.add_argument("--study", required=True, help="study name")
+    _study_arguments(p)
     p.add_argument("--out", required=True, help="folder for report.md and the PNGs (created)")
     p.add_argument("--top", type=int, default=10, help="rows in the top-k table (default %(default)s)")
     p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
@@ -130,8 +134,7 @@ def export_parser() -> argparse.ArgumentParser:
         "the convs and write model.ts (TorchScript), model.pt2 (torch.export), weights.pt and model.json; "
         "then verify both model files in a fresh process.",
     )
-    p.add_argument("--storage", default=DEFAULT_STORAGE, help="Optuna storage URL (default %(default)s)")
-    p.add_argument("--study", required=True, help="study name")
+    _study_arguments(p)
     p.add_argument("--trial", type=int, help="trial number (default: the best; required for multi-objective studies)")
     p.add_argument("--out", default="exported", help="output folder (default %(default)s)")
     p.add_argument("--epochs", type=int, help="training epochs (default: the study's evaluation.epochs)")

@@ -52,7 +52,13 @@ def cross_validate(
         model = prepare_model(model, device)
         per_epoch = None if on_epoch is None else (lambda e, loss, acc, k=k: on_epoch(k, e, loss, acc))
         hp = spec["training"]
-        result = fit(model, data, train_idx, val_idx, hp, epochs, device, seed, per_epoch)
+        try:
+            result = fit(model, data, train_idx, val_idx, hp, epochs, device, seed, per_epoch)
+        except torch.cuda.OutOfMemoryError as exc:
+            del model  # release this candidate's memory before the next trial
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            raise TrialError(f"CUDA out of memory (batch size {hp['batch_size']}, {params:,} parameters): {str(exc).splitlines()[0]}") from None
         loss, accuracy = result.val_loss, result.val_accuracy
         x_val, y_val = data.x_train[val_idx], data.y_train[val_idx]
         eval_mode.append(loss)

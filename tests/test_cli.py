@@ -7,8 +7,8 @@ from pathlib import Path
 
 import optuna
 import pytest
-import yaml
 
+from conftest import write_digits_run
 from nas.cli import search_main
 
 TINY_SPACE = {
@@ -22,15 +22,8 @@ TINY_SPACE = {
 @pytest.fixture
 def run_dir(tmp_path, monkeypatch):
     """A config for digits with a tiny space and budget, and the cwd set to its folder."""
-    (tmp_path / "space.yaml").write_text(yaml.safe_dump(TINY_SPACE))
-    config = {
-        "dataset": {"name": "digits"},
-        "search_space": "space.yaml",
-        "study": {"name": "tiny", "storage": f"sqlite:///{tmp_path}/runs/nas.db", "sampler": "tpe", "trials": 2, "seed": 0},
-        "evaluation": {"folds": 2, "epochs": 1},
-        "device": "cpu",
-    }
-    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    write_digits_run(tmp_path, TINY_SPACE, f"sqlite:///{tmp_path}/runs/nas.db",
+                     {"name": "tiny", "sampler": "tpe", "trials": 2}, {"folds": 2, "epochs": 1})
     monkeypatch.chdir(tmp_path)
     return tmp_path
 

@@ -8,9 +8,9 @@ import time
 
 import optuna
 import pytest
-import yaml
 from optuna.trial import TrialState
 
+from conftest import write_digits_run
 from nas.cli import search_main
 
 SPACE = {"stages": 1, "width": 8, "block": {"norm": {"type": {"choice": ["batch", "none"]}}}, "training": {"lr": {"float": [0.01, 0.1], "log": True}}}
@@ -18,15 +18,9 @@ SPACE = {"stages": 1, "width": 8, "block": {"norm": {"type": {"choice": ["batch"
 
 @pytest.fixture
 def run_dir(tmp_path, monkeypatch):
-    (tmp_path / "space.yaml").write_text(yaml.safe_dump(SPACE))
-    config = {
-        "dataset": {"name": "digits"},
-        "search_space": "space.yaml",
-        "study": {"name": "s", "storage": f"sqlite:///{tmp_path}/nas.db", "sampler": "random", "trials": 3, "seed": 0, "heartbeat_seconds": 1},
-        "evaluation": {"folds": 2, "epochs": 25},  # a few seconds per trial: time to catch one running
-        "device": "cpu",
-    }
-    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    # a few seconds per trial (25 epochs): time to catch one running
+    write_digits_run(tmp_path, SPACE, f"sqlite:///{tmp_path}/nas.db",
+                     {"name": "s", "sampler": "random", "trials": 3, "heartbeat_seconds": 1}, {"folds": 2, "epochs": 25})
     monkeypatch.chdir(tmp_path)
     return tmp_path
 

@@ -5,9 +5,11 @@ import sys
 
 import optuna
 import pytest
+import torch
 import yaml
 from optuna.trial import TrialState
 
+from conftest import write_digits_run
 from nas.cli import search_main
 
 SPACE = {"stages": 1, "width": 8, "block": {"norm": {"type": {"choice": ["batch", "none"]}}}, "training": {"lr": {"float": [0.01, 0.1], "log": True}}}
@@ -15,15 +17,7 @@ SPACE = {"stages": 1, "width": 8, "block": {"norm": {"type": {"choice": ["batch"
 
 @pytest.fixture
 def run_dir(tmp_path, monkeypatch):
-    (tmp_path / "space.yaml").write_text(yaml.safe_dump(SPACE))
-    config = {
-        "dataset": {"name": "digits"},
-        "search_space": "space.yaml",
-        "study": {"name": "w", "storage": f"sqlite:///{tmp_path}/nas.db", "sampler": "tpe", "trials": 6, "seed": 0},
-        "evaluation": {"folds": 2, "epochs": 2},
-        "device": "cpu",
-    }
-    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    write_digits_run(tmp_path, SPACE, f"sqlite:///{tmp_path}/nas.db", {"name": "w", "sampler": "tpe", "trials": 6}, {"folds": 2, "epochs": 2})
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
@@ -67,3 +61,21 @@ def test_resuming_with_another_search_space_needs_force(run_dir, capsys):
     assert len(trials(run_dir)) == 1
     assert search_main(["--config", "run.yaml", "--trials", "2", "--force"]) == 0
     assert trials(run_dir)[1].user_attrs["arch"]["stages"][0]["width"] == 16
+
+
+def test_out_of_memory_fails_the_trial_with_its_reason_and_the_search_goes_on(run_dir, monkeypatch):
+    import nas.evaluate
+
+    real_fit, calls = nas.evaluate.fit, []
+
+    def fit_that_runs_out_of_memory_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(nas.evaluate, "fit", fit_that_runs_out_of_memory_once)
+    assert search_main(["--config", "run.yaml", "--trials", "2", "--study", "oom"]) == 0
+    states = [(t.state, t.user_attrs.get("fail_reason", "")) for t in trials(run_dir, "oom")]
+    assert states[0][0] == TrialState.FAIL and states[0][1].startswith("CUDA out of memory")
+    assert [s for s, _ in states[1:]] == [TrialState.COMPLETE] * 2
