@@ -79,3 +79,21 @@ def test_out_of_memory_fails_the_trial_with_its_reason_and_the_search_goes_on(ru
     states = [(t.state, t.user_attrs.get("fail_reason", "")) for t in trials(run_dir, "oom")]
     assert states[0][0] == TrialState.FAIL and states[0][1].startswith("CUDA out of memory")
     assert [s for s, _ in states[1:]] == [TrialState.COMPLETE] * 2
+
+
+def test_a_spec_that_cannot_be_built_fails_its_trial_and_the_search_goes_on(run_dir, monkeypatch):
+    import nas.evaluate
+
+    real_build, calls = nas.evaluate.build, []
+
+    def build_that_rejects_the_first_spec(spec, shape, classes):
+        calls.append(1)
+        if len(calls) == 1:
+            raise ValueError("kernel larger than the input")
+        return real_build(spec, shape, classes)
+
+    monkeypatch.setattr(nas.evaluate, "build", build_that_rejects_the_first_spec)
+    assert search_main(["--config", "run.yaml", "--trials", "1", "--study", "unbuildable"]) == 0
+    first, second = trials(run_dir, "unbuildable")
+    assert first.state == TrialState.FAIL and "cannot build the model for input (1, 8, 8)" in first.user_attrs["fail_reason"]
+    assert second.state == TrialState.COMPLETE
