@@ -2,6 +2,7 @@
 
 import glob
 import os
+import pwd
 import shutil
 import socket
 import subprocess
@@ -40,6 +41,14 @@ def _install_postgres() -> str | None:
     return None
 
 
+def _has_user(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -49,12 +58,15 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def pg_server():
     """A throwaway PostgreSQL server on 127.0.0.1 with an empty database `bnnas`; yields its SQLAlchemy URL."""
+    pytest.importorskip("psycopg2", reason="SQLAlchemy's PostgreSQL driver: pip install psycopg2-binary")
     if _pg_bin() is None:
         reason = _install_postgres()
         if reason is not None or _pg_bin() is None:
             pytest.skip(reason or "apt-get installed postgresql but no /usr/lib/postgresql/*/bin/initdb")
     pg_bin = _pg_bin()
     as_root = os.geteuid() == 0
+    if as_root and not _has_user("postgres"):
+        pytest.skip("running as root, and no `postgres` system user to run the server as (PostgreSQL refuses root)")
     # PostgreSQL refuses to run as root: run it as the `postgres` user the package created, in a folder it owns
     # (under /tmp directly: pytest's own tmp folders are private to root).
     prefix = ["runuser", "-u", "postgres", "--"] if as_root else []
@@ -89,7 +101,6 @@ def pg_server():
 @pytest.fixture(scope="module")
 def three_workers(pg_server, tmp_path_factory):
     """Three independent `nas-search` processes (as on three machines) on one PostgreSQL study of 6 trials."""
-    pytest.importorskip("psycopg2", reason="SQLAlchemy's PostgreSQL driver: pip install psycopg2-binary")
     run_dir = tmp_path_factory.mktemp("pg_workers")
     (run_dir / "space.yaml").write_text(yaml.safe_dump(SPACE))
     config = {
@@ -106,7 +117,8 @@ def three_workers(pg_server, tmp_path_factory):
     # test is about, all three creating/loading the study and claiming the last trials of the budget, remains.
     optuna.storages.RDBStorage(pg_server)
     cmd = [sys.executable, "-m", "nas.cli", "--config", "run.yaml", "--no-progress"]
-    procs = [subprocess.Popen(cmd, cwd=run_dir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # three workers share this machine's cores
+    procs = [subprocess.Popen(cmd, cwd=run_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
     results = []
     try:
         for p in procs:
