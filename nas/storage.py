@@ -6,6 +6,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import optuna
+from sqlalchemy.exc import IntegrityError, ProgrammingError
 
 from nas.errors import StudyError
 
@@ -41,14 +42,21 @@ def make_storage(url: str, heartbeat_seconds: float, retries: int) -> optuna.sto
     if not url.startswith(("sqlite", "postgresql", "mysql")):
         return url  # journal files and the like: Optuna resolves them
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-    with quiet_optuna():
-        return optuna.storages.RDBStorage(
-            url,
-            engine_kwargs=engine,
-            heartbeat_interval=max(1, round(heartbeat_seconds)),
-            grace_period=max(2, round(2 * heartbeat_seconds)),
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=retries),
-        )
+    for attempt in range(5):
+        try:
+            with quiet_optuna():
+                return optuna.storages.RDBStorage(
+                    url,
+                    engine_kwargs=engine,
+                    heartbeat_interval=max(1, round(heartbeat_seconds)),
+                    grace_period=max(2, round(2 * heartbeat_seconds)),
+                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=retries),
+                )
+        except (IntegrityError, ProgrammingError):
+            # A fresh PostgreSQL / MySQL database: workers starting together race to create
+            # Optuna's tables; the loser sees the winner's committed schema on the next try.
+            if attempt == 4:
+                raise
 
 
 def one_line(exc: BaseException) -> str:

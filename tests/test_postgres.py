@@ -111,11 +111,7 @@ def three_workers(pg_server, tmp_path_factory):
         "device": "cpu",
     }
     (run_dir / "run.yaml").write_text(yaml.safe_dump(config))
-    # Optuna's schema is made once up front, as on a shared server set up before the workers start: three processes
-    # opening a fresh database at once race in CREATE TYPE/TABLE (UniqueViolation on pg_type_typname_nsp_index, or
-    # DuplicateTable) inside RDBStorage() in nas.storage.make_storage, which needs a retry there first. The race this
-    # test is about, all three creating/loading the study and claiming the last trials of the budget, remains.
-    optuna.storages.RDBStorage(pg_server)
+    # A fresh database: the three workers also race to create Optuna's tables (nas.storage retries that).
     cmd = [sys.executable, "-m", "nas.cli", "--config", "run.yaml", "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # three workers share this machine's cores
     procs = [subprocess.Popen(cmd, cwd=run_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
