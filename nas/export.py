@@ -54,7 +54,7 @@ def sha256(path: Path) -> str:
 
 def _atomic(path: Path, write) -> None:
     """Write through `write(tmp_path)` to a temporary name in the same folder, then rename."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
