@@ -29,11 +29,14 @@ def _norms_in_train_mode(model: nn.Module) -> list[nn.Module]:
 
 
 @torch.no_grad()
-def train_mode_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.device) -> float:
-    """Validation loss with batch statistics in batches of the training batch size; state restored."""
+def train_mode_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.device) -> float | None:
+    """Validation loss with batch statistics in batches of the training batch size; state restored.
+
+    None when no layer keeps running statistics: the eval-mode loss is then the same number.
+    """
     layers = running_stat_layers(model)
     if not layers:
-        return evaluate(model, x, y, device)[0]
+        return None
     saved = [{k: v.clone() for k, v in m.state_dict().items()} for m in layers]
     try:
         _norms_in_train_mode(model)

@@ -62,7 +62,8 @@ def cross_validate(
         loss, accuracy = result.val_loss, result.val_accuracy
         x_val, y_val = data.x_train[val_idx], data.y_train[val_idx]
         eval_mode.append(loss)
-        train_mode.append(train_mode_loss(model, x_val, y_val, hp["batch_size"], device))
+        batch_stats_loss = train_mode_loss(model, x_val, y_val, hp["batch_size"], device)
+        train_mode.append(loss if batch_stats_loss is None else batch_stats_loss)
         if recalibrate_bn:
             recalibrate(model, data.x_train[train_idx], hp["batch_size"], device)
             loss, accuracy = evaluate(model, x_val, y_val, device)

@@ -138,7 +138,8 @@ def make_objective(cfg: RunConfig, data, folds, device, epoch_bar: Callable | No
                 _report(trial, fold, loss, fold_losses)
 
         try:
-            score = cross_validate(spec, data, folds, epochs, device, cfg.study.seed, trial.number, on_epoch, on_fold, cfg.evaluation.recalibrate_bn)
+            per_epoch = on_epoch if bar is not None or cfg.evaluation.pruner == "median" else None  # else no per-epoch validation pass
+            score = cross_validate(spec, data, folds, epochs, device, cfg.study.seed, trial.number, per_epoch, on_fold, cfg.evaluation.recalibrate_bn)
         except TrialError as exc:
             trial.set_user_attr("fail_reason", str(exc))
             raise

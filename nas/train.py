@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nas.data import Dataset, augment_batch
-from nas.errors import TrialError
+from nas.errors import NasError, TrialError
 
 
 @dataclass
@@ -34,8 +34,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        from nas.errors import NasError
-
         raise NasError("device: cuda was asked for, but torch sees no CUDA device (use --device auto or cpu)")
     return torch.device(name)
 
