@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 from importlib.metadata import PackageNotFoundError, version
 
@@ -60,12 +59,8 @@ def search_main(argv: list[str] | None = None) -> int:
         parser.error("give --config FILE, or --resume --study NAME")
     if args.workers < 1:
         parser.error("--workers must be >= 1")
-    signal.signal(signal.SIGTERM, _raise_terminated)
     return _run(lambda: _search(args, argv))
 
-
-def _raise_terminated(signum, frame) -> None:
-    raise Terminated()
 
 
 def _search(args: argparse.Namespace, argv: list[str] | None) -> None:

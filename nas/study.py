@@ -139,7 +139,8 @@ def make_objective(cfg: RunConfig, data, folds, device, epoch_bar: Callable | No
 
         try:
             per_epoch = on_epoch if bar is not None or cfg.evaluation.pruner == "median" else None  # else no per-epoch validation pass
-            score = cross_validate(spec, data, folds, epochs, device, cfg.study.seed, trial.number, per_epoch, on_fold, cfg.evaluation.recalibrate_bn)
+            with SIGNALS.interruptible():
+                score = cross_validate(spec, data, folds, epochs, device, cfg.study.seed, trial.number, per_epoch, on_fold, cfg.evaluation.recalibrate_bn)
         except TrialError as exc:
             trial.set_user_attr("fail_reason", str(exc))
             raise
@@ -181,6 +182,54 @@ def _report(trial: optuna.Trial, step: int, value: float, fold_losses: list[floa
     if trial.should_prune():
         trial.set_user_attr("fold_losses", list(fold_losses))
         raise optuna.TrialPruned(f"pruned at step {step}")
+
+
+class Signals:
+    """SIGINT / SIGTERM stop the search, but interrupt only training, never a storage write.
+
+    An exception raised at an arbitrary point could land inside SQLAlchemy or Optuna's own
+    bookkeeping; so a signal during training raises at once (Optuna then marks the trial FAIL),
+    and one between trials is kept until the trial boundary, where the search stops.
+    """
+
+    def __init__(self):
+        self.pending: int | None = None
+        self.training = False
+
+    def handle(self, signum, frame) -> None:
+        self.pending = signum
+        if self.training:
+            self.raise_pending()
+
+    def raise_pending(self) -> None:
+        if self.pending is not None:
+            signum, self.pending = self.pending, None
+            raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+    @contextmanager
+    def interruptible(self):
+        self.raise_pending()
+        self.training = True
+        try:
+            yield
+        finally:
+            self.training = False
+
+    @contextmanager
+    def installed(self):
+        previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def stop_at_boundary(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if self.pending is not None:
+            study.stop()
+
+
+SIGNALS = Signals()
 
 
 class StopAfterFailures:
@@ -241,14 +290,15 @@ def run_search(cfg: RunConfig, progress: bool | None = None, out=print, force: b
     failures = StopAfterFailures(cfg.study.max_consecutive_failures)
     objective = make_objective(cfg, data, folds, device, epoch_bar if show else None)
     helpers = [subprocess.Popen(worker_command, stdout=subprocess.DEVNULL) for _ in range(workers - 1)] if worker_command else []
-    with quiet_optuna(optuna.logging.ERROR), _stopping(helpers):  # a failed trial is one line of ours, not Optuna's traceback
+    with quiet_optuna(optuna.logging.ERROR), _stopping(helpers), SIGNALS.installed():  # failures: one line of ours
         try:
             study.optimize(
                 objective,
                 timeout=cfg.study.timeout,
                 catch=(TrialError,),
-                callbacks=[optuna.study.MaxTrialsCallback(budget, states=FINISHED), failures, advance],
+                callbacks=[optuna.study.MaxTrialsCallback(budget, states=FINISHED), failures, advance, SIGNALS.stop_at_boundary],
             )
+            SIGNALS.raise_pending()  # a signal between trials: stop with its exit code
         finally:
             trials_bar.close()
     codes = [p.wait() for p in helpers]
