@@ -184,6 +184,64 @@ def bench_main(argv: list[str] | None = None) -> int:
     return _run(bench)
 
 
+def finetune_parser() -> argparse.ArgumentParser:
+    from nas.transfer import MODES
+
+    p = argparse.ArgumentParser(
+        prog="nas-finetune",
+        description="Fine-tune an export folder (from nas-export) on the dataset of a run config with a BatchNorm "
+        "strategy; write an export folder like nas-export's (BN folded, verified) plus metrics.json.",
+        epilog="modes: freeze (norm layers fixed, the rest trained), adabn (running statistics re-estimated on the "
+        "target inputs; with K > 0 then the head trained), bn-only (norm affine parameters and head), full (everything)\n"
+        "example:\n  nas-finetune --model exported/ --config configs/digits_shifted.yaml --bn-mode adabn",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", required=True, help="an export folder written by nas-export (or nas-finetune)")
+    p.add_argument("--config", required=True, help="run config YAML whose dataset (and dataset.transforms) is the target")
+    p.add_argument("--bn-mode", required=True, choices=MODES, help="how the norm layers adapt")
+    p.add_argument("--labels-per-class", type=_per_class, metavar="K|all", default=argparse.SUPPRESS,
+                   help="labelled target training samples per class, stratified and seeded (default: 0 for adabn, all otherwise)")
+    p.add_argument("--epochs", type=int, help="training epochs (default: the config's evaluation.epochs)")
+    p.add_argument("--lr", type=float, help="learning rate (default: the model's searched training.lr)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the labelled subset, a new head and the batch order (default %(default)s)")
+    p.add_argument("--out", default="finetuned", help="output folder (default %(default)s)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE", help="override any config key (repeatable)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: the config's device")
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    return p
+
+
+def _per_class(text: str) -> int | None:
+    if text == "all":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a count >= 0 or 'all', got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a count >= 0 or 'all', got {text!r}")
+    return value
+
+
+def finetune_main(argv: list[str] | None = None) -> int:
+    parser = finetune_parser()
+    args = parser.parse_args(argv)
+    if args.epochs is not None and args.epochs < 1:
+        parser.error("--epochs must be >= 1")
+    if args.lr is not None and not args.lr > 0:
+        parser.error("--lr must be > 0")
+    default = 0 if args.bn_mode == "adabn" else None  # adabn alone needs no labels; None is all
+    per_class = getattr(args, "labels_per_class", default)
+
+    def finetune() -> None:
+        from nas.transfer import finetune
+
+        cfg = load_run_config(args.config, [parse_override(text) for text in args.overrides])
+        finetune(args.model, cfg, args.bn_mode, per_class, args.epochs, args.seed, args.out, args.lr, args.device)
+
+    return _run(finetune)
+
+
 def _run(action) -> int:
     """Run a command body; the one place errors become exit codes."""
     try:

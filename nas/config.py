@@ -28,6 +28,12 @@ PRUNER_NAMES = ("none", "median", "wilcoxon")
 AUGMENT_NAMES = ("auto", "none", "crop", "crop_flip")
 
 
+def _check_transforms(value, file: str, path: str) -> list:
+    from nas.transforms import check_transforms  # late: keeps `import nas.config` free of torch
+
+    return check_transforms(value, file, path)
+
+
 def _dataset_names() -> tuple[str, ...]:
     from nas.data import LOADERS  # late: keeps `import nas.config` free of torch
 
@@ -41,6 +47,9 @@ class DatasetConfig:
     download: bool = False
     augment: str = field(default="auto", metadata={"choices": AUGMENT_NAMES})
     image_size: int | None = field(default=None, metadata={"min": 1})  # imagefolder: resize to this
+    # Shifted variants (nas.transforms): [{contrast: 0.5}, {noise: 0.1}, ...] applied to both splits.
+    transforms: list = field(default_factory=list, metadata={"check": _check_transforms})
+    transform_seed: int = 0  # seeds the `noise` transform
 
 
 @dataclass
@@ -194,6 +203,9 @@ def _from_dict(cls, data: Any, file: str, path: str):
                 raise ConfigError(file, key_path, "missing (required)")
             continue
         hint, value = hints[name], data[name]
+        if "check" in f.metadata:  # a field with a structure of its own validates itself
+            values[name] = f.metadata["check"](value, file, key_path)
+            continue
         if dataclasses.is_dataclass(hint):
             values[name] = _from_dict(hint, value, file, key_path)
             continue

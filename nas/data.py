@@ -161,13 +161,27 @@ LOADERS = {
 }
 
 
-def load_dataset(cfg, device: torch.device | str = "cpu") -> Dataset:
-    """Load the dataset a `DatasetConfig` names, normalize it and put it on `device`."""
+def load_dataset(cfg, device: torch.device | str = "cpu", normalization: dict | None = None) -> Dataset:
+    """Load the dataset a `DatasetConfig` names, apply its transforms, normalize it and put it on `device`.
+
+    `normalization` ({"mean": [...], "std": [...]}, per channel) replaces the training split's
+    statistics: a fine-tuned model must see inputs normalized as its source data was, or the
+    input normalization would quietly undo a brightness or contrast shift.
+    """
+    from nas.transforms import apply_transforms
+
     arrays = LOADERS[cfg.name](cfg)
-    x_train, x_test = arrays.x_train.astype(np.float32), arrays.x_test.astype(np.float32)
+    x_train, x_test = apply_transforms(arrays.x_train.astype(np.float32), arrays.x_test.astype(np.float32),
+                                       cfg.transforms, cfg.transform_seed)
     axes = (0, 1) if x_train.ndim == 2 else (0, *range(2, x_train.ndim))  # all but the channel axis; (N, L) is one channel
     mean = x_train.mean(axis=axes, keepdims=True)
     std = x_train.std(axis=axes, keepdims=True) + 1e-8
+    if normalization is not None:
+        shape = mean.shape
+        mean, std = (np.asarray(normalization[k], dtype=np.float32) for k in ("mean", "std"))
+        if mean.size != int(np.prod(shape)):
+            raise DataError(f"dataset: {cfg.name} has {int(np.prod(shape))} input channel(s); the model was trained on {mean.size}")
+        mean, std = mean.reshape(shape), std.reshape(shape)
     augment = arrays.augment if cfg.augment == "auto" else cfg.augment
     if augment != "none" and x_train.ndim != 4:
         raise DataError(f"dataset.augment: '{augment}' needs images (N,C,H,W); {cfg.name} has samples of shape {x_train.shape[1:]}")

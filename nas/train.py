@@ -102,8 +102,13 @@ def fit(
     device: torch.device,
     seed: int,
     on_epoch: Callable[[int, float, float], None] | None = None,
+    train_mode: Callable[[nn.Module], None] | None = None,
 ) -> FitResult:
-    """Train `model` on `train_idx` for `epochs` with a cosine learning rate, validate on `val_idx` (None: no validation)."""
+    """Train `model` on `train_idx` for `epochs` with a cosine learning rate, validate on `val_idx` (None: no validation).
+
+    Only parameters with requires_grad are trained; `train_mode(model)`, when given, runs after
+    `model.train()` every epoch (fine-tuning keeps some norm layers in eval mode there).
+    """
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(seed)
     aug_generator = torch.Generator(device=device).manual_seed(seed)
@@ -118,6 +123,8 @@ def fit(
     val_loss = val_acc = float("nan")
     for epoch in range(epochs):
         model.train()
+        if train_mode is not None:
+            train_mode(model)
         for idx in batches(train_idx, hp["batch_size"], generator):
             xb = augment_batch(data.x_train[idx], data.augment, aug_generator)
             with autocast(device):

@@ -1,0 +1,196 @@
+"""Fine-tune an exported model on new data with a BatchNorm strategy.
+
+When the input distribution shifts, a norm layer's running statistics are what breaks first.
+The four modes differ in what may adapt ("norm layers" = every module the norm registry
+makes: BatchNorm, batch renorm, GroupNorm for group / layer / instance):
+
+  freeze   norm layers kept in eval mode while training (running statistics do not move), their
+           affine parameters frozen; every other parameter, the head included, is trained.
+  adabn    running statistics reset and re-estimated on all target training inputs (no labels,
+           no gradient step); with labels (K > 0) the head alone is then trained, the rest of
+           the model in eval mode so the re-estimated statistics stay.
+  bn-only  only the norm layers' affine parameters and the head are trained; norm layers train
+           as usual, so their running statistics follow the target batches.
+  full     every parameter trained, running statistics follow the target batches.
+
+Norms without running statistics (group, layer, instance, BN with track_running_stats off)
+have nothing for adabn to re-estimate: adabn leaves them as they are. Batch renorm keeps
+running statistics and is treated like BatchNorm; adabn keeps its step counter (its r/d warm-up).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from nas.errors import DataError, NasError
+
+MODES = ("freeze", "adabn", "bn-only", "full")
+TRAINS_WITHOUT_LABELS = ("adabn",)  # the modes that may run with --labels-per-class 0
+
+
+def norm_classes() -> tuple[type, ...]:
+    """The module classes the norm registry makes, asked of the registry itself (one place)."""
+    from nas.norms import NORM_PARAMS, NORMS
+
+    classes = set()
+    for norm in NORMS.values():
+        if norm.factory is not None:
+            settings = {key: NORM_PARAMS[key].default for key in norm.params}
+            classes.update(type(norm.factory(4, dims, **settings)) for dims in (1, 2))
+    return tuple(classes)
+
+
+def norm_layers(model: nn.Module) -> list[nn.Module]:
+    kinds = norm_classes()
+    return [m for m in model.modules() if isinstance(m, kinds)]
+
+
+def replace_head(model: nn.Module, num_classes: int) -> bool:
+    """A new, freshly initialized linear head when the class count differs; True if replaced."""
+    head = model.head
+    if head.out_features == num_classes:
+        return False
+    model.head = nn.Linear(head.in_features, num_classes).to(head.weight.device)
+    return True
+
+
+def labelled_subset(y: torch.Tensor, per_class: int | None, seed: int) -> torch.Tensor:
+    """Indices of `per_class` training samples of every class (None: all), stratified and seeded."""
+    if per_class is None:
+        return torch.arange(len(y), device=y.device)
+    generator = torch.Generator().manual_seed(seed)
+    y_cpu = y.cpu()
+    picked = []
+    for label in torch.unique(y_cpu).tolist():
+        members = (y_cpu == label).nonzero().flatten()
+        if len(members) < per_class:
+            raise DataError(f"--labels-per-class: {per_class} asked, but class {label} has only {len(members)} training samples (use a smaller K or 'all')")
+        picked.append(members[torch.randperm(len(members), generator=generator)[:per_class]])
+    return torch.cat(picked).sort().values.to(y.device)
+
+
+def _set_trainable(model: nn.Module, mode: str) -> Callable[[nn.Module], None] | None:
+    """requires_grad per mode; returns the hook `fit` runs after model.train() each epoch."""
+    norm_params = {id(p) for m in norm_layers(model) for p in m.parameters(recurse=False)}
+    head_params = {id(p) for p in model.head.parameters()}
+    for p in model.parameters():
+        if mode == "full":
+            p.requires_grad_(True)
+        elif mode == "freeze":
+            p.requires_grad_(id(p) not in norm_params)
+        elif mode == "bn-only":
+            p.requires_grad_(id(p) in norm_params or id(p) in head_params)
+        else:  # adabn: the head alone
+            p.requires_grad_(id(p) in head_params)
+    if mode == "freeze":
+        return lambda m: [layer.eval() for layer in norm_layers(m)]
+    if mode == "adabn":
+        return lambda m: m.eval()  # a fixed feature extractor: statistics and dropout as at inference
+    return None
+
+
+@dataclass
+class Adaptation:
+    """What one fine-tuning run did and how the target test split scored before and after."""
+
+    mode: str
+    labels_per_class: int | None
+    train_samples: int
+    epochs: int
+    seed: int
+    head_replaced: bool
+    before: dict | None  # None when the head was replaced: the source head cannot score new classes
+    after: dict
+    trained_parameters: list[str]
+    changed_tensors: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+def adapt(model: nn.Module, data, mode: str, labels_per_class: int | None, epochs: int, seed: int,
+          device: torch.device, hp: dict) -> Adaptation:
+    """Adapt `model` (already on `device`) to `data` in place; `hp` is the spec's `training` section."""
+    from nas.diagnostics import recalibrate
+    from nas.train import evaluate, fit
+
+    if mode not in MODES:
+        raise NasError(f"--bn-mode: unknown mode '{mode}' (known: {', '.join(MODES)})")
+    if labels_per_class is not None and labels_per_class < 0:
+        raise NasError(f"--labels-per-class: must be >= 0 or 'all', got {labels_per_class}")
+    if labels_per_class == 0 and mode not in TRAINS_WITHOUT_LABELS:
+        raise NasError(f"--labels-per-class: 0 leaves {mode} nothing to train on; only adabn adapts without labels")
+    start = time.perf_counter()
+    torch.manual_seed(seed)  # the new head's initialization
+    head_replaced = replace_head(model, data.num_classes)
+    if head_replaced and labels_per_class == 0:
+        raise NasError(f"--labels-per-class: the target has {data.num_classes} classes, unlike the model's head; a new head needs labels (K > 0)")
+    before = None if head_replaced else _scores(evaluate(model, data.x_test, data.y_test, device))
+    snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if mode == "adabn":
+        recalibrate(model, data.x_train, hp["batch_size"], device)
+    hook = _set_trainable(model, mode)
+    trained = [name for name, p in model.named_parameters() if p.requires_grad] if labels_per_class != 0 else []
+    train_idx = labelled_subset(data.y_train, labels_per_class, seed) if labels_per_class != 0 else data.y_train[:0]
+    if len(train_idx):
+        fit(model, data, train_idx, None, hp, epochs, device, seed, train_mode=hook)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    after = _scores(evaluate(model, data.x_test, data.y_test, device))
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, snapshot[k])]
+    return Adaptation(mode, labels_per_class, len(train_idx), epochs if len(train_idx) else 0, seed, head_replaced,
+                      before, after, trained, changed, time.perf_counter() - start)
+
+
+def _scores(loss_acc: tuple[float, float]) -> dict:
+    return {"loss": loss_acc[0], "accuracy": loss_acc[1]}
+
+
+def finetune(model_dir: str | Path, cfg, mode: str, labels_per_class: int | None, epochs: int | None,
+             seed: int, out: str | Path, lr: float | None = None, device: str | None = None, log=print) -> Path:
+    """Load an export, adapt it to the run config's dataset, write an export plus metrics.json."""
+    from nas.data import load_dataset
+    from nas.export import _atomic, load_exported, write_export
+    from nas.train import prepare_model, resolve_device
+
+    model_dir, out = Path(model_dir), Path(out)
+    if out.resolve() == model_dir.resolve():
+        raise NasError(f"--out: {out} is the source model's folder; write the fine-tuned model elsewhere")
+    source = load_exported(model_dir)
+    dev = resolve_device(device or cfg.device)
+    data = load_dataset(cfg.dataset, dev, normalization=source.meta["normalization"])
+    if list(data.input_shape) != list(source.meta["input_shape"]):
+        raise DataError(f"{cfg.source}: dataset: samples of shape {list(data.input_shape)}; the model in {model_dir} takes {source.meta['input_shape']}")
+    hp = dict(source.meta["arch"]["training"])
+    if lr is not None:
+        hp["lr"] = lr
+    epochs = epochs or cfg.evaluation.epochs
+    model = prepare_model(source.model, dev)
+    log(f"Fine-tuning {model_dir} ({source.meta.get('dataset')}) on {cfg.dataset.name}"
+        f"{' (shifted: ' + ', '.join(f'{k} {v}' for t in cfg.dataset.transforms for k, v in t.items()) + ')' if cfg.dataset.transforms else ''}"
+        f" with --bn-mode {mode} on {dev.type}")
+    result = adapt(model, data, mode, labels_per_class, epochs, seed, dev, hp)
+    before = "n/a (new head)" if result.before is None else f"loss {result.before['loss']:.4f}, accuracy {result.before['accuracy']:.4f}"
+    log(f"Target test split before: {before}; after: loss {result.after['loss']:.4f}, accuracy {result.after['accuracy']:.4f}"
+        f" ({result.train_samples} labelled samples, {result.epochs} epochs)")
+    model = model.to("cpu", memory_format=torch.contiguous_format).eval()
+    keep = {k: v for k, v in source.meta.items() if k not in ("files", "fold_max_abs_diff", "versions")}
+    metrics = {"source": str(model_dir), "target_config": cfg.source, "target_dataset": cfg.dataset.name,
+               "transforms": cfg.dataset.transforms, "lr": hp["lr"], **result.to_dict()}
+    meta = {**keep, "num_classes": data.num_classes, "classes": data.classes, "dataset": cfg.dataset.name,
+            "epochs": result.epochs, "test": {**result.after, "samples": len(data.y_test)},
+            "finetune": {k: metrics[k] for k in ("source", "target_config", "transforms", "mode", "labels_per_class", "seed", "head_replaced")}}
+    write_export(model, data.x_test.cpu(), meta, out)
+    _atomic(out / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2) + "\n"))
+    log(f"Wrote {out}/ (model.ts, model.pt2, weights.pt, model.json, metrics.json); verified in a fresh process")
+    return out
