@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Callable
 
@@ -35,6 +36,7 @@ MODES = ("freeze", "adabn", "bn-only", "full")
 TRAINS_WITHOUT_LABELS = ("adabn",)  # the modes that may run with --labels-per-class 0
 
 
+@cache
 def norm_classes() -> tuple[type, ...]:
     """The module classes the norm registry makes, asked of the registry itself (one place)."""
     from nas.norms import NORM_PARAMS, NORMS
@@ -90,10 +92,15 @@ def _set_trainable(model: nn.Module, mode: str) -> Callable[[nn.Module], None] |
         else:  # adabn: the head alone
             p.requires_grad_(id(p) in head_params)
     if mode == "freeze":
-        return lambda m: [layer.eval() for layer in norm_layers(m)]
+        return _norms_in_eval_mode
     if mode == "adabn":
-        return lambda m: m.eval()  # a fixed feature extractor: statistics and dropout as at inference
+        return nn.Module.eval  # a fixed feature extractor: statistics and dropout as at inference
     return None
+
+
+def _norms_in_eval_mode(model: nn.Module) -> None:
+    for layer in norm_layers(model):
+        layer.eval()
 
 
 @dataclass
@@ -113,8 +120,6 @@ class Adaptation:
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
-        from dataclasses import asdict
-
         return asdict(self)
 
 
@@ -139,16 +144,20 @@ def adapt(model: nn.Module, data, mode: str, labels_per_class: int | None, epoch
     snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if mode == "adabn":
         recalibrate(model, data.x_train, hp["batch_size"], device)
-    hook = _set_trainable(model, mode)
-    trained = [name for name, p in model.named_parameters() if p.requires_grad] if labels_per_class != 0 else []
-    train_idx = labelled_subset(data.y_train, labels_per_class, seed) if labels_per_class != 0 else data.y_train[:0]
-    if len(train_idx):
-        fit(model, data, train_idx, None, hp, epochs, device, seed, train_mode=hook)
-    for p in model.parameters():
-        p.requires_grad_(True)
+    trained, samples = [], 0
+    if labels_per_class != 0:
+        train_idx = labelled_subset(data.y_train, labels_per_class, seed)
+        hook = _set_trainable(model, mode)
+        trained = [name for name, p in model.named_parameters() if p.requires_grad]
+        samples = len(train_idx)
+        try:
+            fit(model, data, train_idx, None, hp, epochs, device, seed, train_mode=hook)
+        finally:
+            for p in model.parameters():
+                p.requires_grad_(True)
     after = _scores(evaluate(model, data.x_test, data.y_test, device))
     changed = [k for k, v in model.state_dict().items() if not torch.equal(v, snapshot[k])]
-    return Adaptation(mode, labels_per_class, len(train_idx), epochs if len(train_idx) else 0, seed, head_replaced,
+    return Adaptation(mode, labels_per_class, samples, epochs if samples else 0, seed, head_replaced,
                       before, after, trained, changed, time.perf_counter() - start)
 
 
@@ -160,6 +169,7 @@ def finetune(model_dir: str | Path, cfg, mode: str, labels_per_class: int | None
              seed: int, out: str | Path, lr: float | None = None, device: str | None = None, log=print) -> Path:
     """Load an export, adapt it to the run config's dataset, write an export plus metrics.json."""
     from nas.data import load_dataset
+    from nas.diagnostics import running_stat_layers
     from nas.export import _atomic, load_exported, write_export
     from nas.train import prepare_model, resolve_device
 
@@ -176,9 +186,11 @@ def finetune(model_dir: str | Path, cfg, mode: str, labels_per_class: int | None
         hp["lr"] = lr
     epochs = epochs or cfg.evaluation.epochs
     model = prepare_model(source.model, dev)
-    log(f"Fine-tuning {model_dir} ({source.meta.get('dataset')}) on {cfg.dataset.name}"
-        f"{' (shifted: ' + ', '.join(f'{k} {v}' for t in cfg.dataset.transforms for k, v in t.items()) + ')' if cfg.dataset.transforms else ''}"
+    shift = ", ".join(f"{name} {value}" for item in cfg.dataset.transforms for name, value in item.items())
+    log(f"Fine-tuning {model_dir} ({source.meta.get('dataset')}) on {cfg.dataset.name}{f' ({shift})' if shift else ''}"
         f" with --bn-mode {mode} on {dev.type}")
+    if mode == "adabn" and not running_stat_layers(model):
+        log("No norm layer of this model keeps running statistics: adabn has nothing to re-estimate")
     result = adapt(model, data, mode, labels_per_class, epochs, seed, dev, hp)
     before = "n/a (new head)" if result.before is None else f"loss {result.before['loss']:.4f}, accuracy {result.before['accuracy']:.4f}"
     log(f"Target test split before: {before}; after: loss {result.after['loss']:.4f}, accuracy {result.after['accuracy']:.4f}"
