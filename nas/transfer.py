@@ -108,7 +108,7 @@ class Adaptation:
     """What one fine-tuning run did and how the target test split scored before and after."""
 
     mode: str
-    labels_per_class: int | None
+    labels_per_class: int | None  # None: every training label
     train_samples: int
     epochs: int
     seed: int
@@ -120,7 +120,8 @@ class Adaptation:
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Plain JSON, `labels_per_class` spelt as on the command line (a count or "all")."""
+        return {**asdict(self), "labels_per_class": "all" if self.labels_per_class is None else self.labels_per_class}
 
 
 def adapt(model: nn.Module, data, mode: str, labels_per_class: int | None, epochs: int, seed: int,
