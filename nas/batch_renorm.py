@@ -51,10 +51,8 @@ class BatchRenorm(nn.Module):
                 r = torch.minimum(torch.maximum(std / running_std, 1.0 / r_max), r_max)
                 d = torch.minimum(torch.maximum((mean - self.running_mean) / running_std, -d_max), d_max)
                 n = xf.numel() / xf.shape[1]
-                # lerp then copy_, not lerp_: the same numbers, and vmap (nas.folds_together) has a
-                # batching rule for these two but only a slow fallback for the in-place lerp_
-                self.running_mean.copy_(torch.lerp(self.running_mean, mean, self.momentum))
-                self.running_var.copy_(torch.lerp(self.running_var, var * n / max(n - 1, 1), self.momentum))
+                self.running_mean.lerp_(mean, self.momentum)
+                self.running_var.lerp_(var * n / max(n - 1, 1), self.momentum)
                 self.num_batches_tracked.add_(1)
             out = (xf - self._shape(mean)) / self._shape(std) * self._shape(r) + self._shape(d)
         else:
