@@ -183,7 +183,7 @@ def run_search(tmp_path, mode: str, pruner: str = "none") -> list[optuna.trial.F
     folder = tmp_path / mode
     folder.mkdir()
     storage = f"sqlite:///{folder}/nas.db"
-    config = write_digits_run(folder, SPACE, storage, {"name": "s", "sampler": "random", "trials": 2},
+    config = write_digits_run(folder, SPACE, storage, {"name": "s", "sampler": "random", "trials": 1},
                               {"folds": 2, "epochs": 2, "fold_mode": mode, "pruner": pruner})
     proc = subprocess.run([sys.executable, "-m", "nas.cli", "--config", str(config), "--no-progress"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -193,7 +193,7 @@ def run_search(tmp_path, mode: str, pruner: str = "none") -> list[optuna.trial.F
 def test_a_search_with_folds_together_stores_the_same_trial_attributes_as_sequential(tmp_path):
     together, sequential = run_search(tmp_path, "together", pruner="median"), run_search(tmp_path, "sequential")
     assert [set(t.user_attrs) for t in together] == [set(t.user_attrs) for t in sequential]
-    assert [t.user_attrs["fold_mode"] for t in together + sequential] == ["together"] * 2 + ["sequential"] * 2
+    assert [t.user_attrs["fold_mode"] for t in together + sequential] == ["together", "sequential"]
     for t in together:  # the median pruner saw one report an epoch: the mean over the folds
         assert sorted(t.intermediate_values) == [0, 1]
         assert t.intermediate_values[1] == pytest.approx(sum(t.user_attrs["fold_losses"]) / 2)
