@@ -56,9 +56,14 @@ class Link:
     """A tensor of the stacked model and the k fold tensors it holds: concatenated on axis 0,
     stacked on a new axis 0, or one shared value (a step counter, equal in every fold)."""
 
-    stacked: torch.Tensor
+    layer: nn.Module  # the stacked layer; its tensor looked up by name, as `.to()` may replace buffers
+    name: str
     folds: list[torch.Tensor]
     how: str  # cat | stack | shared
+
+    @property
+    def stacked(self) -> torch.Tensor:
+        return getattr(self.layer, self.name)
 
     def fold(self, f: int) -> torch.Tensor:
         if self.how == "cat":
@@ -110,7 +115,7 @@ def stack(models: list[Net]) -> Stacked:
         setattr(stacked.get_submodule(parent), attr, replacement)
         for tensor_name, tensor in (*replacement.named_parameters(), *replacement.named_buffers()):
             fold_tensors = [getattr(m, tensor_name) for m in folds]
-            links.append(Link(tensor, fold_tensors, "shared" if tensor.ndim == 0 else how))
+            links.append(Link(replacement, tensor_name, fold_tensors, "shared" if tensor.ndim == 0 else how))
     stacked.add_channel = False
     return Stacked(stacked, links, first.add_channel)
 
