@@ -25,6 +25,7 @@ DEVICES = ("auto", "cpu", "cuda")
 SAMPLER_NAMES = ("random", "tpe", "gp", "nsga2")
 OBJECTIVES = ("cv_loss", "latency_ms", "params", "macs")  # all minimized
 PRUNER_NAMES = ("none", "median", "wilcoxon")
+FOLD_MODES = ("together", "sequential")
 AUGMENT_NAMES = ("auto", "none", "crop", "crop_flip")
 
 
@@ -71,6 +72,7 @@ class EvaluationConfig:
     epochs: int = field(default=15, metadata={"min": 1})
     pruner: str = field(default="none", metadata={"choices": PRUNER_NAMES})
     recalibrate_bn: bool = False  # re-estimate BN running statistics on the training fold before validation
+    fold_mode: str = field(default="together", metadata={"choices": FOLD_MODES})  # train the k folds as one batched computation
     latency_batch_size: int = field(default=64, metadata={"min": 1})  # for the latency_ms objective
 
 

@@ -26,7 +26,7 @@ from nas.storage import load_existing_study, make_storage, one_line, quiet_optun
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 SCORE_ATTRS = ("fold_losses", "fold_accuracies", "cv_accuracy", "cv_loss_std", "params", "train_seconds",
-               "eval_mode_loss", "train_mode_loss", "recalibrated_loss")
+               "eval_mode_loss", "train_mode_loss", "recalibrated_loss", "fold_mode", "fold_mode_fallback")
 
 
 def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
@@ -125,12 +125,13 @@ def make_objective(cfg: RunConfig, data, folds, device, epoch_bar: Callable | No
         fold_losses: list[float] = []
         bar = epoch_bar(trial.number) if epoch_bar else None
 
-        def on_epoch(fold: int, epoch: int, loss: float, acc: float) -> None:
+        def on_epoch(fold: int | None, epoch: int, loss: float, acc: float) -> None:
+            """fold None: the folds train together, `loss` is their mean, reported at step `epoch`."""
             if bar is not None:
-                bar.update(1)
-                bar.set_postfix(fold=fold + 1, val_loss=f"{loss:.4f}")
+                bar.update(len(folds) if fold is None else 1)
+                bar.set_postfix(fold="all" if fold is None else fold + 1, val_loss=f"{loss:.4f}")
             if cfg.evaluation.pruner == "median":
-                _report(trial, fold * epochs + epoch, loss, fold_losses)
+                _report(trial, epoch if fold is None else fold * epochs + epoch, loss, fold_losses)
 
         def on_fold(fold: int, loss: float) -> None:
             fold_losses.append(loss)
@@ -140,7 +141,8 @@ def make_objective(cfg: RunConfig, data, folds, device, epoch_bar: Callable | No
         try:
             per_epoch = on_epoch if bar is not None or cfg.evaluation.pruner == "median" else None  # else no per-epoch validation pass
             with SIGNALS.interruptible():
-                score = cross_validate(spec, data, folds, epochs, device, cfg.study.seed, trial.number, per_epoch, on_fold, cfg.evaluation.recalibrate_bn)
+                score = cross_validate(spec, data, folds, epochs, device, cfg.study.seed, trial.number, per_epoch, on_fold,
+                                       cfg.evaluation.recalibrate_bn, cfg.evaluation.fold_mode)
         except TrialError as exc:
             trial.set_user_attr("fail_reason", str(exc))
             raise

@@ -55,12 +55,21 @@ def autocast(device: torch.device):
 
 def make_optimizer(model: nn.Module, hp: dict) -> torch.optim.Optimizer:
     """SGD with Nesterov or AdamW; norm scales/shifts and biases get no weight decay (as in timm)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    params = [p for p in model.parameters() if p.requires_grad]
+    return optimizer_for([p for p in params if p.ndim > 1], [p for p in params if p.ndim <= 1], hp)
+
+
+def optimizer_for(decay: list[torch.Tensor], no_decay: list[torch.Tensor], hp: dict) -> torch.optim.Optimizer:
+    """The optimizer `hp` names, weight decay on `decay` only."""
     groups = [{"params": decay, "weight_decay": hp["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
     if hp["optimizer"] == "sgd":
         return torch.optim.SGD(groups, lr=hp["lr"], momentum=0.9, nesterov=True)
     return torch.optim.AdamW(groups, lr=hp["lr"])
+
+
+def cosine_schedule(optimizer: torch.optim.Optimizer, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Cosine decay from the base learning rate to zero over `total` steps."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
 
 
 def batches(indices: torch.Tensor, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
@@ -117,7 +126,7 @@ def fit(
     conv_weights = [m.weight for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d))]
     steps_per_epoch = max(1, len(train_idx) // hp["batch_size"])
     total = epochs * steps_per_epoch
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
+    schedule = cosine_schedule(optimizer, total)
     if val_idx is not None:
         x_val, y_val = data.x_train[val_idx], data.y_train[val_idx]
     val_loss = val_acc = float("nan")

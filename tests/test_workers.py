@@ -75,7 +75,8 @@ def test_out_of_memory_fails_the_trial_with_its_reason_and_the_search_goes_on(ru
         return real_fit(*args, **kwargs)
 
     monkeypatch.setattr(nas.evaluate, "fit", fit_that_runs_out_of_memory_once)
-    assert search_main(["--config", "run.yaml", "--trials", "2", "--study", "oom"]) == 0
+    # sequential: one by one is where an out-of-memory fails the trial (together falls back to it)
+    assert search_main(["--config", "run.yaml", "--trials", "2", "--study", "oom", "--set", "evaluation.fold_mode=sequential"]) == 0
     states = [(t.state, t.user_attrs.get("fail_reason", "")) for t in trials(run_dir, "oom")]
     assert states[0][0] == TrialState.FAIL and states[0][1].startswith("CUDA out of memory")
     assert [s for s, _ in states[1:]] == [TrialState.COMPLETE] * 2
