@@ -10,6 +10,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import time
 from contextlib import contextmanager
 import warnings
 from typing import Callable
@@ -231,6 +232,31 @@ class Signals:
 
 SIGNALS = Signals()
 
+STOP_ATTR = "nas:stop_requested_at"  # study system attribute: when a graceful stop was last asked for
+
+
+def request_stop(storage: optuna.storages.BaseStorage | str, study_name: str) -> None:
+    """Ask every worker of a study to stop after its current trial (the dashboard's Stop).
+
+    Kept in the storage, so it reaches workers on any machine and outlives the process that asked;
+    a worker started after the request ignores it, so Resume needs no clearing step.
+    """
+    store = optuna.storages.get_storage(storage)
+    store.set_study_system_attr(store.get_study_id_from_name(study_name), STOP_ATTR, time.time())
+
+
+class StopOnRequest:
+    """Stop at a trial boundary when `request_stop` was called after this worker started."""
+
+    def __init__(self):
+        self.started, self.stopped = time.time(), False
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        asked = study._storage.get_study_system_attrs(study._study_id).get(STOP_ATTR)
+        if asked is not None and asked >= self.started:
+            self.stopped = True
+            study.stop()
+
 
 class StopAfterFailures:
     """Stop the search after N trials in a row failed: something is wrong beyond one candidate."""
@@ -287,7 +313,7 @@ def run_search(cfg: RunConfig, progress: bool | None = None, out=print, force: b
         if best is not None:
             trials_bar.set_postfix(best_cv_loss=f"{best:.4f}")
 
-    failures = StopAfterFailures(cfg.study.max_consecutive_failures)
+    failures, stop_request = StopAfterFailures(cfg.study.max_consecutive_failures), StopOnRequest()
     objective = make_objective(cfg, data, folds, device, epoch_bar if show else None)
     helpers = [subprocess.Popen(worker_command, stdout=subprocess.DEVNULL) for _ in range(workers - 1)] if worker_command else []
     with quiet_optuna(optuna.logging.ERROR), _stopping(helpers), SIGNALS.installed():  # failures: one line of ours
@@ -296,7 +322,7 @@ def run_search(cfg: RunConfig, progress: bool | None = None, out=print, force: b
                 objective,
                 timeout=cfg.study.timeout,
                 catch=(TrialError,),
-                callbacks=[optuna.study.MaxTrialsCallback(budget, states=FINISHED), failures, advance, SIGNALS.stop_at_boundary],
+                callbacks=[optuna.study.MaxTrialsCallback(budget, states=FINISHED), failures, advance, SIGNALS.stop_at_boundary, stop_request],
             )
             SIGNALS.raise_pending()  # a signal between trials: stop with its exit code
         finally:
@@ -307,6 +333,9 @@ def run_search(cfg: RunConfig, progress: bool | None = None, out=print, force: b
     if failures.tripped:
         last = study.trials[-1].user_attrs.get("fail_reason", "see the trial's user attributes")
         raise StudyError(f"stopped after {failures.limit} failed trials in a row; last reason: {last}")
+    if stop_request.stopped:
+        out(f"Stopped on request after the running trial: {finished_trials(study)}/{budget} finished; "
+            f"resume with nas-search --resume --study {cfg.study.name} --storage {cfg.study.storage}")
     out(summary_table(study))
     return study
 
