@@ -65,7 +65,7 @@ class Job:
         return text[-limit:]
 
     def as_dict(self) -> dict:
-        return {"kind": self.kind, "id": self.out.name if self.out else None, "status": self.status,
+        return {"kind": self.kind, "id": self.out.name if self.out else None, "status": self.status, "pid": self.process.pid,
                 "exit_code": self.process.poll(), "files": self.files(), "started": self.started}
 
 
