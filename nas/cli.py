@@ -207,6 +207,9 @@ def dashboard_main(argv: list[str] | None = None) -> int:
         parser.error("--port must be between 0 and 65535")
 
     def dashboard() -> None:
+        from nas.dashboard.security import require_token_beyond_loopback
+
+        require_token_beyond_loopback(args.host, args.token)  # before the slow imports below
         from nas.dashboard.server import serve
 
         serve(args.storage, args.host, args.port, args.token, args.workdir, args.allow_host)

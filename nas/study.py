@@ -23,9 +23,8 @@ from nas.config import RunConfig
 from nas.errors import StudyError, Terminated, TrialError
 from nas.archspec import describe_norms
 from nas.space import Space
-from nas.storage import load_existing_study, make_storage, one_line, quiet_optuna, sqlite_path
+from nas.storage import FINISHED, STOP_ATTR, load_existing_study, make_storage, one_line, quiet_optuna, request_stop, sqlite_path  # noqa: F401 - re-exported
 
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 SCORE_ATTRS = ("fold_losses", "fold_accuracies", "cv_accuracy", "cv_loss_std", "params", "train_seconds",
                "eval_mode_loss", "train_mode_loss", "recalibrated_loss")
 
@@ -231,19 +230,6 @@ class Signals:
 
 
 SIGNALS = Signals()
-
-STOP_ATTR = "nas:stop_requested_at"  # study system attribute: when a graceful stop was last asked for
-
-
-def request_stop(storage: optuna.storages.BaseStorage | str, study_name: str) -> None:
-    """Ask every worker of a study to stop after its current trial (the dashboard's Stop).
-
-    Kept in the storage, so it reaches workers on any machine and outlives the process that asked;
-    a worker started after the request ignores it, so Resume needs no clearing step.
-    """
-    store = optuna.storages.get_storage(storage)
-    store.set_study_system_attr(store.get_study_id_from_name(study_name), STOP_ATTR, time.time())
-
 
 class StopOnRequest:
     """Stop at a trial boundary when `request_stop` was called after this worker started."""

@@ -9,11 +9,8 @@ mount says so (503 with the reason) instead of showing a broken page.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
-
-import optuna_dashboard
-
-ASSETS = Path(optuna_dashboard.__file__).parent
 # literal in the bundle → its replacement, given the prefix (e.g. "/optuna")
 BUNDLE_REWRITES = (
     ("}(void 0),", lambda p: f'}}("{p}"),'),  # the API client's base URL: `new class{…}(undefined)`
@@ -42,22 +39,36 @@ def rewrite_bundle(text: str, prefix: str) -> str:
 
 
 class OptunaMount:
-    """WSGI app serving optuna-dashboard for `storage` under `prefix`."""
+    """WSGI app serving optuna-dashboard for `storage` under `prefix`.
+
+    Loaded on the first request: importing optuna-dashboard takes seconds (it pulls in Optuna's
+    importance evaluators), which the dashboard's own pages need not wait for.
+    """
 
     def __init__(self, storage, prefix: str = "/optuna"):
-        self.prefix = prefix.rstrip("/")
-        self.app = optuna_dashboard.wsgi(storage)
+        self.storage, self.prefix = storage, prefix.rstrip("/")
+        self.app = None
+        self.lock = threading.Lock()
+
+    def _load(self) -> None:
+        import optuna_dashboard
+
+        assets = Path(optuna_dashboard.__file__).parent
+        self.app = optuna_dashboard.wsgi(self.storage)
         try:
-            index = (ASSETS / "index.html").read_text()
+            index = (assets / "index.html").read_text()
             if index.count('src="/static/bundle.js"') != 1:
                 raise PrefixProblem("optuna-dashboard's index.html no longer loads /static/bundle.js")
             self.index = index.replace('src="/static/bundle.js"', f'src="{self.prefix}/static/bundle.js"').encode()
-            self.bundle = rewrite_bundle((ASSETS / "public" / "bundle.js").read_text(), self.prefix).encode()
+            self.bundle = rewrite_bundle((assets / "public" / "bundle.js").read_text(), self.prefix).encode()
             self.problem = None
         except (OSError, PrefixProblem) as exc:
             self.problem = f"optuna-dashboard {getattr(optuna_dashboard, '__version__', '?')} cannot be mounted under {self.prefix}/: {exc}"
 
     def __call__(self, environ, start_response):
+        with self.lock:
+            if self.app is None:
+                self._load()
         path = environ.get("PATH_INFO", "")
         rest = path[len(self.prefix):] if path.startswith(self.prefix) else path
         if self.problem:

@@ -36,6 +36,14 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def require_token_beyond_loopback(host: str, token: str | None) -> None:
+    """Binding anything but loopback exposes Resume / Stop / Export to the network: only with a token."""
+    from nas.errors import NasError
+
+    if not is_loopback(host) and not token:
+        raise NasError(f"--host: binding {host} makes the dashboard reachable from other machines; give --token SECRET as well")
+
+
 def allowed_hosts(bind: str, extra: list[str] = ()) -> set[str]:
     """Host names (without port) that requests may name: loopback, the bound address, this machine, `extra`."""
     names = {*LOOPBACK_NAMES, bind, *extra}

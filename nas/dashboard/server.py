@@ -16,7 +16,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from nas.dashboard.app import create_app
 from nas.dashboard.optuna_mount import OptunaMount
-from nas.dashboard.security import Guard, allowed_hosts, is_loopback
+from nas.dashboard.security import Guard, allowed_hosts, require_token_beyond_loopback
 from nas.dashboard.workers import Workers
 from nas.errors import NasError, StudyError
 from nas.storage import one_line, quiet_optuna, sqlite_path
@@ -55,8 +55,7 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
 
 def build(storage_url: str, host: str, token: str | None, workdir: Path, extra_hosts: list[str] = ()):
     """The WSGI app and the worker registry, for a server or a test."""
-    if not is_loopback(host) and not token:
-        raise NasError(f"--host: binding {host} makes the dashboard reachable from other machines; give --token SECRET as well")
+    require_token_beyond_loopback(host, token)
     storage = open_storage(storage_url)
     workers = Workers(storage_url, workdir)
     guard = Guard(None, allowed_hosts(host, list(extra_hosts)), token)

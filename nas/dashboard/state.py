@@ -20,7 +20,7 @@ from optuna.trial import FrozenTrial, TrialState
 from nas.archspec import describe_norms
 from nas.config import StudyConfig
 from nas.report import MIXED, NO_POSITION, NORM_ORDER, POSITION_ORDER, _order_key, describe_layout, norm_group
-from nas.study import FINISHED, STOP_ATTR
+from nas.storage import FINISHED, STOP_ATTR
 
 HEARTBEAT_DEFAULT = StudyConfig.heartbeat_seconds  # studies stored before the field existed
 

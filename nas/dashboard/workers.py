@@ -66,7 +66,8 @@ class Job:
 
     def as_dict(self) -> dict:
         return {"kind": self.kind, "id": self.out.name if self.out else None, "status": self.status, "pid": self.process.pid,
-                "exit_code": self.process.poll(), "files": self.files(), "started": self.started}
+                "exit_code": self.process.poll(), "files": self.files(), "started": self.started,
+                "started_at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.started))}
 
 
 class Workers:

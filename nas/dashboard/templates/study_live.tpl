@@ -15,7 +15,7 @@
 </section>
 % if s['worker']:
 <section><h2>Worker started here</h2>
-<p>{{s['worker']['status']}} (pid started {{s['worker']['started']}}) — <a href="/studies/{{q(s['name'])}}/log">full log</a></p>
+<p>{{s['worker']['status']}} (pid {{s['worker']['pid']}}, started {{s['worker']['started_at']}}) — <a href="/studies/{{q(s['name'])}}/log">full log</a></p>
 <pre class="log">{{s['worker']['log_tail']}}</pre></section>
 % end
 % if s['exports']:
@@ -40,7 +40,7 @@
 % if not g['types']:
 <p class="muted">No completed trial yet.</p>
 % else:
-<table class="grid"><thead><tr><th>type \\ position</th>
+<table class="grid"><thead><tr><th>norm type ↓ · position →</th>
 % for p in g['positions']:
 <th>{{p}}</th>
 % end
