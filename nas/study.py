@@ -23,7 +23,7 @@ from nas.config import RunConfig
 from nas.errors import StudyError, Terminated, TrialError
 from nas.archspec import describe_norms
 from nas.space import Space
-from nas.storage import FINISHED, STOP_ATTR, load_existing_study, make_storage, one_line, quiet_optuna, request_stop, sqlite_path  # noqa: F401 - re-exported
+from nas.storage import FINISHED, STOP_ATTR, load_existing_study, make_storage, one_line, quiet_optuna, sqlite_path
 
 SCORE_ATTRS = ("fold_losses", "fold_accuracies", "cv_accuracy", "cv_loss_std", "params", "train_seconds",
                "eval_mode_loss", "train_mode_loss", "recalibrated_loss")

@@ -12,7 +12,7 @@ from optuna.trial import TrialState
 
 from dashboard_support import Dashboard, make_study, trials, wait_for
 from nas.archspec import describe_norms
-from nas.study import FINISHED
+from nas.storage import FINISHED
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from optuna.trial import TrialState
 
 from nas.dashboard import state
 from nas.dashboard.charts import history_svg
-from nas.dashboard.workers import EXPORT_FILES, Workers
+from nas.dashboard.workers import Workers
 from nas.storage import request_stop
 
 HERE = Path(__file__).parent

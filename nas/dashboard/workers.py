@@ -7,6 +7,7 @@ through the storage). Logs and exports live under the dashboard's work dir.
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -83,7 +84,7 @@ class Workers:
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "ab") as sink:
             return subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+                                    start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})  # a live log
 
     def search_alive(self, study: str) -> bool:
         with self.lock:
