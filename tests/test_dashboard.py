@@ -157,6 +157,8 @@ def test_optuna_dashboard_is_mounted_under_its_prefix(site):
     assert status == 200 and 'src="/optuna/static/bundle.js"' in page
     status, _, bundle = site.get("/optuna/static/bundle.js")
     assert status == 200 and '}("/optuna"),' in bundle and 'url_prefix:"/optuna/dashboard"' in bundle
+    status, headers, _ = site.request("GET", "/optuna/static/bundle.js", headers={"Accept-Encoding": "gzip"})
+    assert status == 200 and headers["Content-Encoding"] == "gzip"
     names = {s["study_name"] for s in site.api("/optuna/api/studies")["study_summaries"]}
     assert {"seen", "worked"} <= names
     status, headers, _ = site.get("/csv/1")

@@ -46,13 +46,13 @@ def create_app(storage: optuna.storages.BaseStorage, workers: Workers, csrf_toke
         return name
 
     def summary(name: str) -> dict:
-        return state.summarize(storage, name, workers.search_alive(name))
+        return state.summarize(storage, name, workers.live_search_started(name))
 
     def render(template: str, **values) -> str:
         return bottle.template(template, template_lookup=TEMPLATES, csrf=csrf_token, poll_ms=POLL_MS, q=lambda n: quote(n, safe=""), **values)
 
     def detail(name: str) -> dict:
-        data = state.detail(storage, name, workers.search_alive(name))
+        data = state.detail(storage, name, workers.live_search_started(name))
         job = workers.search_job(name)
         data["worker"] = job.as_dict() | {"log_tail": job.log_tail(2000)} if job else None
         data["exports"] = [j.as_dict() for j in workers.export_jobs(name)]

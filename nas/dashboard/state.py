@@ -67,8 +67,11 @@ def _best(trials: list[FrozenTrial]) -> FrozenTrial | None:
     return min(complete, key=lambda t: (t.values[0], t.number)) if complete else None
 
 
-def summarize(storage: optuna.storages.BaseStorage, name: str, own_worker_alive: bool = False) -> dict:
-    """One study's row for the list page: state, finished / budget, best CV loss and accuracy, best layout."""
+def summarize(storage: optuna.storages.BaseStorage, name: str, own_worker_started: float | None = None) -> dict:
+    """One study's row for the list page: state, finished / budget, best CV loss and accuracy, best layout.
+
+    `own_worker_started`: when a worker this dashboard started (and that is still alive) began.
+    """
     study_id = storage.get_study_id_from_name(name)
     trials = storage.get_all_trials(study_id, deepcopy=False)
     attrs = storage.get_study_user_attrs(study_id)
@@ -77,11 +80,12 @@ def summarize(storage: optuna.storages.BaseStorage, name: str, own_worker_alive:
     beat = float(config.get("study", {}).get("heartbeat_seconds", HEARTBEAT_DEFAULT))
     live = heartbeats(storage, study_id, 2 * beat)
     finished = sum(t.state in FINISHED for t in trials)
-    running = live.fresh > 0 or own_worker_alive
+    running = live.fresh > 0 or own_worker_started is not None
     stop_at = storage.get_study_system_attrs(study_id).get(STOP_ATTR)
+    # a stop asked after the latest trial (and our worker) started is still being carried out
     last_start = max((t.datetime_start.timestamp() for t in trials if t.datetime_start), default=0.0)
     if running:
-        state = "stopping" if stop_at is not None and stop_at >= last_start and live.fresh else "running"
+        state = "stopping" if stop_at is not None and stop_at >= max(last_start, own_worker_started or 0.0) else "running"
     else:
         state = "finished" if budget is not None and finished >= budget else "idle"
     best = _best(trials)
@@ -150,11 +154,11 @@ def history(trials: list[FrozenTrial]) -> list[dict]:
     return points
 
 
-def detail(storage: optuna.storages.BaseStorage, name: str, own_worker_alive: bool = False) -> dict:
+def detail(storage: optuna.storages.BaseStorage, name: str, own_worker_started: float | None = None) -> dict:
     """Everything the study page shows."""
     trials = storage.get_all_trials(storage.get_study_id_from_name(name), deepcopy=False)
     return {
-        **summarize(storage, name, own_worker_alive),
+        **summarize(storage, name, own_worker_started),
         "trials": trial_rows(trials),
         "norm_grid": norm_grid(trials),
         "history": history(trials),

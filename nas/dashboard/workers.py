@@ -87,9 +87,13 @@ class Workers:
                                     start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})  # a live log
 
     def search_alive(self, study: str) -> bool:
+        return self.live_search_started(study) is not None
+
+    def live_search_started(self, study: str) -> float | None:
+        """When the worker this dashboard started on the study began, if it is still alive."""
         with self.lock:
             job = self.searches.get(study)
-            return job is not None and job.alive
+            return job.started if job is not None and job.alive else None
 
     def start_search(self, study: str, trials: int | None = None) -> Job:
         """Start `nas-search --resume` on the study (the caller has checked that none runs)."""
