@@ -242,6 +242,39 @@ def finetune_main(argv: list[str] | None = None) -> int:
     return _run(finetune)
 
 
+def dashboard_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="nas-dashboard",
+        description="Web dashboard for the studies in one storage: list and detail pages, Resume / Stop / "
+        "Export best, and optuna-dashboard under /optuna/.",
+    )
+    p.add_argument("--storage", default=DEFAULT_STORAGE, help="Optuna storage URL (default %(default)s)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s; any other needs --token)")
+    p.add_argument("--port", type=int, default=8080, help="default %(default)s; 0 picks a free port")
+    p.add_argument("--token", help="secret every request must carry (open the printed ...?token= address once)")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME", help="another Host name browsers use to reach it (repeatable)")
+    p.add_argument("--workdir", default="runs/dashboard", help="worker logs and exports (default %(default)s)")
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    return p
+
+
+def dashboard_main(argv: list[str] | None = None) -> int:
+    parser = dashboard_parser()
+    args = parser.parse_args(argv)
+    if not 0 <= args.port <= 65535:
+        parser.error("--port must be between 0 and 65535")
+
+    def dashboard() -> None:
+        from nas.dashboard.security import require_token_beyond_loopback
+
+        require_token_beyond_loopback(args.host, args.token)  # before the slow imports below
+        from nas.dashboard.server import serve
+
+        serve(args.storage, args.host, args.port, args.token, args.workdir, args.allow_host)
+
+    return _run(dashboard)
+
+
 def _run(action) -> int:
     """Run a command body; the one place errors become exit codes."""
     try:

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import optuna
+from optuna.trial import TrialState
 from sqlalchemy.exc import IntegrityError, ProgrammingError
 
 from nas.errors import StudyError
 
 SQLITE = "sqlite:///"
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # what counts against a study's budget
+STOP_ATTR = "nas:stop_requested_at"  # study system attribute: when a graceful stop was last asked for
 
 
 def sqlite_path(url: str) -> Path | None:
@@ -82,3 +86,14 @@ def load_existing_study(storage: str, study_name: str) -> optuna.Study:
         known = ", ".join(sorted(names)) or "none"
         raise StudyError(f"--study: no study named '{study_name}' in {storage} (studies there: {known})")
     return optuna.load_study(study_name=study_name, storage=store)
+
+
+def request_stop(storage: optuna.storages.BaseStorage | str, study_name: str) -> None:
+    """Ask every worker of a study to stop after its current trial (the dashboard's Stop).
+
+    Kept in the storage, so it reaches workers on any machine and outlives the process that asked;
+    a worker started after the request ignores it (see `nas.study.StopOnRequest`), so Resume needs
+    no clearing step.
+    """
+    store = optuna.storages.get_storage(storage)
+    store.set_study_system_attr(store.get_study_id_from_name(study_name), STOP_ATTR, time.time())

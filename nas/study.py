@@ -10,6 +10,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import time
 from contextlib import contextmanager
 import warnings
 from typing import Callable
@@ -22,9 +23,8 @@ from nas.config import RunConfig
 from nas.errors import StudyError, Terminated, TrialError
 from nas.archspec import describe_norms
 from nas.space import Space
-from nas.storage import load_existing_study, make_storage, one_line, quiet_optuna, sqlite_path
+from nas.storage import FINISHED, STOP_ATTR, load_existing_study, make_storage, one_line, quiet_optuna, sqlite_path
 
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 SCORE_ATTRS = ("fold_losses", "fold_accuracies", "cv_accuracy", "cv_loss_std", "params", "train_seconds",
                "eval_mode_loss", "train_mode_loss", "recalibrated_loss", "fold_mode", "fold_mode_fallback")
 
@@ -233,6 +233,18 @@ class Signals:
 
 SIGNALS = Signals()
 
+class StopOnRequest:
+    """Stop at a trial boundary when `request_stop` was called after this worker started."""
+
+    def __init__(self):
+        self.started, self.stopped = time.time(), False
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        asked = study._storage.get_study_system_attrs(study._study_id).get(STOP_ATTR)
+        if asked is not None and asked >= self.started:
+            self.stopped = True
+            study.stop()
+
 
 class StopAfterFailures:
     """Stop the search after N trials in a row failed: something is wrong beyond one candidate."""
@@ -289,7 +301,7 @@ def run_search(cfg: RunConfig, progress: bool | None = None, out=print, force: b
         if best is not None:
             trials_bar.set_postfix(best_cv_loss=f"{best:.4f}")
 
-    failures = StopAfterFailures(cfg.study.max_consecutive_failures)
+    failures, stop_request = StopAfterFailures(cfg.study.max_consecutive_failures), StopOnRequest()
     objective = make_objective(cfg, data, folds, device, epoch_bar if show else None)
     helpers = [subprocess.Popen(worker_command, stdout=subprocess.DEVNULL) for _ in range(workers - 1)] if worker_command else []
     with quiet_optuna(optuna.logging.ERROR), _stopping(helpers), SIGNALS.installed():  # failures: one line of ours
@@ -298,7 +310,7 @@ def run_search(cfg: RunConfig, progress: bool | None = None, out=print, force: b
                 objective,
                 timeout=cfg.study.timeout,
                 catch=(TrialError,),
-                callbacks=[optuna.study.MaxTrialsCallback(budget, states=FINISHED), failures, advance, SIGNALS.stop_at_boundary],
+                callbacks=[optuna.study.MaxTrialsCallback(budget, states=FINISHED), failures, advance, SIGNALS.stop_at_boundary, stop_request],
             )
             SIGNALS.raise_pending()  # a signal between trials: stop with its exit code
         finally:
@@ -309,6 +321,9 @@ def run_search(cfg: RunConfig, progress: bool | None = None, out=print, force: b
     if failures.tripped:
         last = study.trials[-1].user_attrs.get("fail_reason", "see the trial's user attributes")
         raise StudyError(f"stopped after {failures.limit} failed trials in a row; last reason: {last}")
+    if stop_request.stopped:
+        out(f"Stopped on request after the running trial: {finished_trials(study)}/{budget} finished; "
+            f"resume with nas-search --resume --study {cfg.study.name} --storage {cfg.study.storage}")
     out(summary_table(study))
     return study
 

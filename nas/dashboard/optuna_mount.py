@@ -1,0 +1,96 @@
+"""optuna-dashboard served under a path prefix (`/optuna/`), which it does not support itself.
+
+Its server routes are relative (so WSGI SCRIPT_NAME / PATH_INFO dispatch is enough for them),
+but its page and bundle hard-code root paths: `/static/bundle.js`, API calls on an empty base
+URL, router paths under `/dashboard`. We serve those two files with exactly those literals rewritten
+to the prefix (its CSV links, `/csv/N`, are redirected by the dashboard app); if a future optuna-dashboard changes them, the
+mount says so (503 with the reason) instead of showing a broken page.
+"""
+
+from __future__ import annotations
+
+import gzip
+import threading
+from pathlib import Path
+# literal in the bundle → its replacement, given the prefix (e.g. "/optuna")
+BUNDLE_REWRITES = (
+    ("}(void 0),", lambda p: f'}}("{p}"),'),  # the API client's base URL: `new class{…}(undefined)`
+    ('url_prefix:"/dashboard"', lambda p: f'url_prefix:"{p}/dashboard"'),
+)
+
+
+class PrefixProblem(Exception):
+    """optuna-dashboard's assets changed so that the prefix rewrite no longer applies."""
+
+
+def rewrite_bundle(text: str, prefix: str) -> str:
+    for old, new in BUNDLE_REWRITES:
+        if old == "}(void 0),":
+            # only the occurrence right after the API client class, found by its base-URL setter
+            anchor = text.find(".baseURL=(e=>")
+            at = text.find(old, anchor) if anchor >= 0 else -1
+            if at < 0:
+                raise PrefixProblem("optuna-dashboard's API client base URL was not found in its bundle")
+            text = text[:at] + new(prefix) + text[at + len(old):]
+            continue
+        if text.count(old) != 1:
+            raise PrefixProblem(f"optuna-dashboard's bundle no longer contains {old[:40]!r} exactly once")
+        text = text.replace(old, new(prefix))
+    return text
+
+
+class OptunaMount:
+    """WSGI app serving optuna-dashboard for `storage` under `prefix`.
+
+    Loaded on the first request: importing optuna-dashboard takes seconds (it pulls in Optuna's
+    importance evaluators), which the dashboard's own pages need not wait for.
+    """
+
+    def __init__(self, storage, prefix: str = "/optuna"):
+        self.storage, self.prefix = storage, prefix.rstrip("/")
+        self.app = None
+        self.lock = threading.Lock()
+
+    def _load(self) -> None:
+        import optuna_dashboard
+
+        assets = Path(optuna_dashboard.__file__).parent
+        self.app = optuna_dashboard.wsgi(self.storage)
+        try:
+            index = (assets / "index.html").read_text()
+            if index.count('src="/static/bundle.js"') != 1:
+                raise PrefixProblem("optuna-dashboard's index.html no longer loads /static/bundle.js")
+            self.index = index.replace('src="/static/bundle.js"', f'src="{self.prefix}/static/bundle.js"').encode()
+            self.bundle = rewrite_bundle((assets / "public" / "bundle.js").read_text(), self.prefix).encode()
+            self.bundle_gz = gzip.compress(self.bundle, 6)  # ~6 MB of JavaScript: what a remote browser waits for
+            self.problem = None
+        except (OSError, PrefixProblem) as exc:
+            self.problem = f"optuna-dashboard {getattr(optuna_dashboard, '__version__', '?')} cannot be mounted under {self.prefix}/: {exc}"
+
+    def __call__(self, environ, start_response):
+        with self.lock:
+            if self.app is None:
+                self._load()
+        path = environ.get("PATH_INFO", "")
+        rest = path[len(self.prefix):] if path.startswith(self.prefix) else path
+        if self.problem:
+            return _reply(start_response, "503 Service Unavailable", "text/plain; charset=utf-8", self.problem.encode())
+        if rest in ("", "/"):
+            return _reply(start_response, "302 Found", "text/plain", b"", [("Location", f"{self.prefix}/dashboard")])
+        if rest == "/static/bundle.js":
+            if "gzip" in environ.get("HTTP_ACCEPT_ENCODING", ""):
+                return _reply(start_response, "200 OK", "application/javascript", self.bundle_gz,
+                              [("Cache-Control", "no-cache"), ("Content-Encoding", "gzip"), ("Vary", "Accept-Encoding")])
+            return _reply(start_response, "200 OK", "application/javascript", self.bundle, [("Cache-Control", "no-cache"), ("Vary", "Accept-Encoding")])
+        if rest == "/dashboard" or rest.startswith("/dashboard/"):
+            # the same Content-Security-Policy optuna-dashboard sends with its page
+            csp = ("default-src 'self';img-src 'self' data: blob:;frame-src 'self';object-src 'none';connect-src 'self';"
+                   "style-src 'self' data: 'unsafe-inline';script-src 'self' 'unsafe-eval'")
+            return _reply(start_response, "200 OK", "text/html; charset=utf-8", self.index, [("Content-Security-Policy", csp)])
+        inner = dict(environ, SCRIPT_NAME=environ.get("SCRIPT_NAME", "") + self.prefix, PATH_INFO=rest)
+        return self.app(inner, start_response)
+
+
+def _reply(start_response, status: str, content_type: str, body: bytes, headers: list | None = None) -> list[bytes]:
+    start_response(status, [("Content-Type", content_type), ("Content-Length", str(len(body))), *(headers or [])])
+    return [body]

@@ -1,0 +1,166 @@
+"""What the dashboard shows about studies, read from the storage only (never a write).
+
+A study is `running` while a worker beats for one of its RUNNING trials (or a worker this
+dashboard started is still alive: between trials no trial is RUNNING), `stopping` while running
+with a stop request newer than its latest trial start, `finished` when its budget of finished
+trials is reached, and `idle` otherwise (resumable).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import optuna
+import sqlalchemy
+from optuna.trial import FrozenTrial, TrialState
+
+from nas.archspec import describe_norms
+from nas.config import StudyConfig
+from nas.report import MIXED, NO_POSITION, NORM_ORDER, POSITION_ORDER, _order_key, describe_layout, norm_group
+from nas.storage import FINISHED, STOP_ATTR
+
+HEARTBEAT_DEFAULT = StudyConfig.heartbeat_seconds  # studies stored before the field existed
+
+
+@dataclass
+class Liveness:
+    """Running trials with a fresh heartbeat, and those whose worker went silent (stale)."""
+
+    fresh: int = 0
+    stale: int = 0
+
+
+def heartbeats(storage: optuna.storages.BaseStorage, study_id: int, grace_seconds: float) -> Liveness:
+    """Count the study's RUNNING trials by heartbeat age, compared with the database's own clock.
+
+    Optuna keeps heartbeats in its `trial_heartbeats` table but exposes no reader; this query
+    reads it directly (Optuna's schema, unchanged since heartbeats were added in v2.5).
+    A RUNNING trial without a heartbeat row (heartbeats off) counts as fresh.
+    """
+    engine = getattr(storage, "engine", None)
+    if engine is None:  # not an RDB storage: no heartbeats to read
+        return Liveness()
+    query = sqlalchemy.text(
+        "SELECT t.trial_id, h.heartbeat, CURRENT_TIMESTAMP AS now FROM trials t "
+        "LEFT JOIN trial_heartbeats h ON h.trial_id = t.trial_id "
+        "WHERE t.study_id = :study AND t.state = 'RUNNING'"
+    ).columns(sqlalchemy.column("trial_id"), sqlalchemy.column("heartbeat", sqlalchemy.DateTime), sqlalchemy.column("now", sqlalchemy.DateTime))
+    live = Liveness()
+    with engine.connect() as conn:
+        for _, beat, now in conn.execute(query, {"study": study_id}):
+            if beat is None or (now.replace(tzinfo=None) - beat.replace(tzinfo=None)).total_seconds() <= grace_seconds:
+                live.fresh += 1
+            else:
+                live.stale += 1
+    return live
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _best(trials: list[FrozenTrial]) -> FrozenTrial | None:
+    complete = [t for t in trials if t.state == TrialState.COMPLETE and t.values and _finite(t.values[0])]
+    return min(complete, key=lambda t: (t.values[0], t.number)) if complete else None
+
+
+def summarize(storage: optuna.storages.BaseStorage, name: str, own_worker_started: float | None = None) -> dict:
+    """One study's row for the list page: state, finished / budget, best CV loss and accuracy, best layout.
+
+    `own_worker_started`: when a worker this dashboard started (and that is still alive) began.
+    """
+    study_id = storage.get_study_id_from_name(name)
+    trials = storage.get_all_trials(study_id, deepcopy=False)
+    attrs = storage.get_study_user_attrs(study_id)
+    config = attrs.get("run_config") or {}
+    budget = config.get("study", {}).get("trials")
+    beat = float(config.get("study", {}).get("heartbeat_seconds", HEARTBEAT_DEFAULT))
+    live = heartbeats(storage, study_id, 2 * beat)
+    finished = sum(t.state in FINISHED for t in trials)
+    running = live.fresh > 0 or own_worker_started is not None
+    stop_at = storage.get_study_system_attrs(study_id).get(STOP_ATTR)
+    # a stop asked after the latest trial (and our worker) started is still being carried out
+    last_start = max((t.datetime_start.timestamp() for t in trials if t.datetime_start), default=0.0)
+    if running:
+        state = "stopping" if stop_at is not None and stop_at >= max(last_start, own_worker_started or 0.0) else "running"
+    else:
+        state = "finished" if budget is not None and finished >= budget else "idle"
+    best = _best(trials)
+    arch = best.user_attrs.get("arch", {}) if best else {}
+    return {
+        "name": name,
+        "state": state,
+        "finished": finished,
+        "budget": budget,
+        "running_trials": live.fresh,
+        "stale_trials": live.stale,
+        "failed": sum(t.state == TrialState.FAIL for t in trials),
+        "best_trial": best.number if best else None,
+        "best_cv_loss": best.values[0] if best else None,
+        "best_cv_accuracy": best.user_attrs.get("cv_accuracy") if best else None,
+        "best_norms": describe_norms(arch) if arch else None,
+        "best_layout": describe_layout(arch) if arch else None,
+        "objectives": config.get("objectives", ["cv_loss"]),
+        "resumable": bool(config),  # made by nas-search: the stored config lets it resume
+    }
+
+
+def trial_rows(trials: list[FrozenTrial]) -> list[dict]:
+    """The trials table: one row per trial with its normalization columns."""
+    rows = []
+    for t in trials:
+        arch = t.user_attrs.get("arch", {})
+        kind, position = norm_group(arch) if arch else ("", "")
+        blocks = [b for stage in arch.get("stages", []) for b in stage.get("blocks", [])]
+        rows.append({
+            "number": t.number,
+            "state": t.state.name,
+            "cv_loss": t.values[0] if t.values else None,
+            "cv_loss_std": t.user_attrs.get("cv_loss_std"),
+            "cv_accuracy": t.user_attrs.get("cv_accuracy"),
+            "norm_type": kind,
+            "norm_position": "" if position == NO_POSITION else position,
+            "layout": describe_layout(arch) if arch else "",
+            "activation": blocks[0].get("activation", "") if blocks else "",
+            "params": t.user_attrs.get("params"),
+            "seconds": t.user_attrs.get("train_seconds"),
+            "fail_reason": t.user_attrs.get("fail_reason", ""),
+        })
+    return rows
+
+
+def norm_grid(trials: list[FrozenTrial]) -> dict:
+    """CV loss of COMPLETE trials grouped by norm type (rows) x position (columns): mean, best, count."""
+    groups: dict[tuple[str, str], list[float]] = {}
+    for t in trials:
+        if t.state == TrialState.COMPLETE and t.values and _finite(t.values[0]):
+            groups.setdefault(norm_group(t.user_attrs.get("arch", {})), []).append(t.values[0])
+    types = sorted({k for k, _ in groups}, key=_order_key(NORM_ORDER))
+    positions = sorted({p for _, p in groups}, key=_order_key((*POSITION_ORDER, MIXED, NO_POSITION)))
+    cells = {f"{k}|{p}": {"mean": statistics.fmean(v), "best": min(v), "count": len(v)} for (k, p), v in groups.items()}
+    return {"types": types, "positions": positions, "cells": cells}
+
+
+def history(trials: list[FrozenTrial]) -> list[dict]:
+    """Optimization history: each COMPLETE trial's CV loss and the best so far, in trial order."""
+    points, best = [], math.inf
+    for t in sorted(trials, key=lambda t: t.number):
+        if t.state == TrialState.COMPLETE and t.values and _finite(t.values[0]):
+            best = min(best, t.values[0])
+            points.append({"number": t.number, "value": t.values[0], "best": best})
+    return points
+
+
+def detail(storage: optuna.storages.BaseStorage, name: str, own_worker_started: float | None = None) -> dict:
+    """Everything the study page shows."""
+    trials = storage.get_all_trials(storage.get_study_id_from_name(name), deepcopy=False)
+    return {
+        **summarize(storage, name, own_worker_started),
+        "trials": trial_rows(trials),
+        "norm_grid": norm_grid(trials),
+        "history": history(trials),
+        "read_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }

@@ -1,0 +1,67 @@
+% def num(v, f='{:.4f}'):
+%   return '' if v is None else f.format(v)
+% end
+<section class="summary" data-study="{{s['name']}}">
+<p>State <span class="state state-{{s['state']}}" data-field="state">{{s['state']}}</span>
+· <span data-field="finished" data-value="{{s['finished']}}">{{s['finished']}} / {{s['budget'] if s['budget'] is not None else '?'}}</span> finished
+· {{s['running_trials']}} running · {{s['failed']}} failed{{' · %d stale (retried on resume)' % s['stale_trials'] if s['stale_trials'] else ''}}
+% if s['best_trial'] is not None:
+· best trial {{s['best_trial']}}: CV loss {{num(s['best_cv_loss'])}}, accuracy {{num(s['best_cv_accuracy'])}}, {{s['best_layout']}}
+% end
+</p>
+<div class="actions">
+% include('actions.tpl', s=s)
+</div>
+</section>
+% if s['worker']:
+<section><h2>Worker started here</h2>
+<p>{{s['worker']['status']}} (pid {{s['worker']['pid']}}, started {{s['worker']['started_at']}}) — <a href="/studies/{{q(s['name'])}}/log">full log</a></p>
+<pre class="log">{{s['worker']['log_tail']}}</pre></section>
+% end
+% if s['exports']:
+<section><h2>Exports</h2><ul class="exports">
+% for e in reversed(s['exports']):
+<li data-export="{{e['id']}}">{{e['id']}}: <span data-field="export-status">{{e['status']}}</span>
+% if e['files']:
+— <a href="/studies/{{q(s['name'])}}/exports/{{e['id']}}/export.zip">all (zip)</a>
+%   for f in e['files']:
+· <a href="/studies/{{q(s['name'])}}/exports/{{e['id']}}/{{f}}">{{f}}</a>
+%   end
+% end
+· <a href="/studies/{{q(s['name'])}}/exports/{{e['id']}}/log">log</a></li>
+% end
+</ul></section>
+% end
+<section><h2>Optimization history</h2>
+{{!history_svg(s['history'])}}
+</section>
+<section><h2>CV loss by norm type × position</h2>
+% g = s['norm_grid']
+% if not g['types']:
+<p class="muted">No completed trial yet.</p>
+% else:
+<table class="grid"><thead><tr><th>norm type ↓ · position →</th>
+% for p in g['positions']:
+<th>{{p}}</th>
+% end
+</tr></thead><tbody>
+% for t in g['types']:
+<tr><th>{{t}}</th>
+%   for p in g['positions']:
+%     c = g['cells'].get(t + '|' + p)
+<td>{{'' if c is None else '%.4f (best %.4f, n=%d)' % (c['mean'], c['best'], c['count'])}}</td>
+%   end
+</tr>
+% end
+</tbody></table>
+<p class="muted">Mean CV loss of the completed trials in each group (best and count in brackets); "mixed" when blocks differ.</p>
+% end
+</section>
+<section><h2>Trials</h2>
+<table class="trials"><thead><tr><th>#</th><th>state</th><th>CV loss</th><th>± std</th><th>CV acc</th><th>norm type</th><th>position</th><th>activation</th><th>params</th><th>layout</th><th>note</th></tr></thead><tbody>
+% for t in reversed(s['trials']):
+<tr class="trial-{{t['state'].lower()}}"><td>{{t['number']}}</td><td>{{t['state']}}</td><td>{{num(t['cv_loss'])}}</td><td>{{num(t['cv_loss_std'])}}</td><td>{{num(t['cv_accuracy'])}}</td>
+<td>{{t['norm_type']}}</td><td>{{t['norm_position']}}</td><td>{{t['activation']}}</td><td>{{num(t['params'], '{:,}')}}</td><td class="layout">{{t['layout']}}</td><td>{{t['fail_reason']}}</td></tr>
+% end
+</tbody></table>
+</section>

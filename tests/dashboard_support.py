@@ -1,0 +1,114 @@
+"""Helpers for the dashboard tests: tiny real digits studies, a real server process, plain HTTP."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import optuna
+
+from conftest import write_digits_run
+from nas.cli import search_main
+
+SPACE = {"stages": 1, "width": 8,
+         "block": {"norm": {"type": {"choice": ["batch", "group", "none"]}, "position": {"choice": ["pre_conv", "post_conv"]}}},
+         "training": {"lr": {"float": [0.01, 0.1], "log": True}}}
+
+
+def make_study(folder: Path, name: str, trials: int, epochs: int = 1) -> str:
+    """A real nas-search on digits (2 folds) into folder/nas.db; returns the storage URL."""
+    url = f"sqlite:///{folder}/nas.db"
+    run = folder / name
+    run.mkdir()
+    config = write_digits_run(run, SPACE, url, {"name": name, "sampler": "random", "trials": trials, "heartbeat_seconds": 1},
+                              {"folds": 2, "epochs": epochs})
+    assert search_main(["--config", str(config), "--no-progress"]) == 0
+    return url
+
+
+def wait_for(condition, timeout: float = 120.0, interval: float = 0.3, what: str = "condition"):
+    """Poll until `condition()` is truthy (returns it) or fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = condition()
+        if result:
+            return result
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+class Dashboard:
+    """A `python -m nas dashboard` process on a free port, and an HTTP client for it."""
+
+    def __init__(self, storage: str, workdir: Path, *extra: str):
+        self.process = subprocess.Popen([sys.executable, "-m", "nas", "dashboard", "--storage", storage, "--port", "0",
+                                         "--workdir", str(workdir), *extra],
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = self._first_line(timeout=90)
+        match = re.search(r"on (http://\S+)", line)
+        assert match, line
+        self.url = match.group(1)
+        parts = urlsplit(self.url)
+        self.host, self.port = parts.hostname, parts.port
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.csrf = re.search(r'name="csrf-token" content="([^"]+)"', self.get("/", **self.auth())[2]).group(1)
+
+    def auth(self) -> dict:
+        return {}
+
+    def _first_line(self, timeout: float) -> str:
+        ready, _, _ = select.select([self.process.stdout], [], [], timeout)
+        assert ready, "nas-dashboard printed nothing"
+        line = self.process.stdout.readline()
+        assert line, self.process.stderr.read()
+        return line
+
+    def request(self, method: str, path: str, body: str | bytes | None = None, headers: dict | None = None):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        try:
+            conn.request(method, path, body=body, headers={"Host": f"127.0.0.1:{self.port}", **(headers or {})})
+            reply = conn.getresponse()
+            return reply.status, dict(reply.getheaders()), reply.read().decode(errors="replace")
+        finally:
+            conn.close()
+
+    def get(self, path: str, **headers):
+        return self.request("GET", path, headers=headers)
+
+    def api(self, path: str) -> dict:
+        status, _, body = self.get(path, **self.auth())
+        assert status == 200, (status, body)
+        return json.loads(body)
+
+    def post(self, path: str, fields: dict | None = None, **headers):
+        """A POST as the dashboard's own page sends it: same Origin, CSRF header, form body."""
+        body = "&".join(f"{k}={v}" for k, v in (fields or {}).items())
+        sent = {"Origin": self.base, "X-CSRF-Token": self.csrf, "Content-Type": "application/x-www-form-urlencoded",
+                **self.auth(), **headers}
+        status, _, text = self.request("POST", path, body, {k: v for k, v in sent.items() if v is not None})
+        return status, (json.loads(text) if text.startswith("{") else text)
+
+    def close(self) -> None:
+        """End the workers this dashboard started (by their pids), then the dashboard."""
+        if self.process.poll() is None:
+            try:
+                for study in self.api("/api/studies")["studies"]:
+                    worker = self.api(f"/api/studies/{study['name']}").get("worker")
+                    if worker and worker["status"] == "running":
+                        os.kill(worker["pid"], signal.SIGTERM)
+            finally:
+                self.process.terminate()
+                self.process.wait(30)
+
+
+def trials(storage: str, name: str) -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(study_name=name, storage=storage).get_trials()
