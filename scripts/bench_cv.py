@@ -17,10 +17,11 @@ import argparse
 import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
-from nas.config import DatasetConfig
+from nas.config import DatasetConfig, load_run_config
 from nas.data import Dataset, load_dataset, stratified_folds
 from nas.evaluate import cross_validate
 from nas.space import default_spec
@@ -28,6 +29,7 @@ from nas.train import resolve_device
 
 # A representative digits CNN: two stages (32, 64 channels), BatchNorm after each conv.
 SPEC = default_spec({"width": 32, "training": {"batch_size": 64}})
+DIGITS_EPOCHS = load_run_config(Path(__file__).parent.parent / "configs" / "digits.yaml").evaluation.epochs
 TARGETS = {"digits": ("cpu", 1.4), "cifar-shaped": ("cuda", 3.0)}
 
 
@@ -65,7 +67,8 @@ def main() -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--dataset", default="digits", choices=list(TARGETS))
     parser.add_argument("--folds", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=2, help="epochs per fold in each timed evaluation")
+    parser.add_argument("--epochs", type=int, default=DIGITS_EPOCHS,
+                        help="epochs per fold in each timed evaluation (default: configs/digits.yaml's, as a trial of the default search)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--cifar-n", type=int, default=10000, help="number of generated CIFAR-shaped images")
     parser.add_argument("--spec", help="an ArchSpec as JSON text or a JSON file (default: a two-stage BatchNorm CNN)")
