@@ -64,6 +64,11 @@ def _atomic(path: Path, write) -> None:
             os.unlink(tmp)
 
 
+def write_json(path: Path, data: dict) -> None:
+    """Indented JSON, written atomically (a reader never sees half a file)."""
+    _atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + "\n"))
+
+
 def pick_trial(study, number: int | None):
     """The trial to export: `number`, or the best (single objective; a multi-objective study needs --trial)."""
     from optuna.trial import TrialState
@@ -164,7 +169,7 @@ def write_export(model: nn.Module, x_check: torch.Tensor, meta: dict, folder: Pa
         "versions": {"torch": torch.__version__, "python": platform.python_version(), "bnnas": _version()},
         "files": {name: sha256(folder / name) for name in FILES},
     }
-    _atomic(folder / "model.json", lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
+    write_json(folder / "model.json", meta)
     verify_in_fresh_process(folder, x_check, expected)
     return folder
 

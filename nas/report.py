@@ -493,17 +493,17 @@ def top_table(rows: list[Row], k: int) -> list[str]:
 def bn_diagnostics(rows: list[Row], plots: Plots) -> list[str]:
     """Running statistics vs batch statistics on the same validation data, per norm type."""
     lines = ["## BN diagnostics", ""]
-    have = [r for r in rows if _finite(r.attrs.get("eval_mode_loss")) and _finite(r.attrs.get("train_mode_loss"))]
+    have = [r for r in rows if finite(r.attrs.get("eval_mode_loss")) and finite(r.attrs.get("train_mode_loss"))]
     if not have:
         return lines + ["The study has no BN diagnostics (no complete trial records `eval_mode_loss` and `train_mode_loss`)."]
-    recal = any(_finite(r.attrs.get("recalibrated_loss")) for r in have)
+    recal = any(finite(r.attrs.get("recalibrated_loss")) for r in have)
     table = []
     for kind in sorted({r.norm_type for r in have}, key=_order_key(NORM_ORDER)):
         of_kind = [r for r in have if r.norm_type == kind]
         gaps = [r.attrs["eval_mode_loss"] - r.attrs["train_mode_loss"] for r in of_kind]
         row = [f"**{kind}**", str(len(of_kind)), f"{statistics.median(gaps):+.4f}"]
         if recal:
-            deltas = [r.attrs["recalibrated_loss"] - r.attrs["eval_mode_loss"] for r in of_kind if _finite(r.attrs.get("recalibrated_loss"))]
+            deltas = [r.attrs["recalibrated_loss"] - r.attrs["eval_mode_loss"] for r in of_kind if finite(r.attrs.get("recalibrated_loss"))]
             row.append(f"{statistics.median(deltas):+.4f} ({len(deltas)})" if deltas else "")
         table.append(row)
     columns = ["norm type", "trials", "median eval - train mode loss"] + (["median recalibrated - eval loss (n)"] if recal else [])
@@ -518,7 +518,8 @@ def bn_diagnostics(rows: list[Row], plots: Plots) -> list[str]:
     return lines + _bn_plot(have, plots)
 
 
-def _finite(value) -> bool:
+def finite(value) -> bool:
+    """A real number (not a bool), neither NaN nor infinite."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and bool(np.isfinite(value))
 
 

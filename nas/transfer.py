@@ -20,7 +20,6 @@ running statistics and is treated like BatchNorm; adabn keeps its step counter (
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from functools import cache
@@ -171,7 +170,7 @@ def finetune(model_dir: str | Path, cfg, mode: str, labels_per_class: int | None
     """Load an export, adapt it to the run config's dataset, write an export plus metrics.json."""
     from nas.data import load_dataset
     from nas.diagnostics import running_stat_layers
-    from nas.export import _atomic, load_exported, write_export
+    from nas.export import load_exported, write_export, write_json
     from nas.train import prepare_model, resolve_device
 
     model_dir, out = Path(model_dir), Path(out)
@@ -204,6 +203,6 @@ def finetune(model_dir: str | Path, cfg, mode: str, labels_per_class: int | None
             "epochs": result.epochs, "test": {**result.after, "samples": len(data.y_test)},
             "finetune": {k: metrics[k] for k in ("source", "target_config", "transforms", "mode", "labels_per_class", "seed", "head_replaced")}}
     write_export(model, data.x_test.cpu(), meta, out)
-    _atomic(out / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2) + "\n"))
+    write_json(out / "metrics.json", metrics)
     log(f"Wrote {out}/ (model.ts, model.pt2, weights.pt, model.json, metrics.json); verified in a fresh process")
     return out

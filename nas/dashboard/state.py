@@ -19,7 +19,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from nas.archspec import describe_norms
 from nas.config import StudyConfig
-from nas.report import MIXED, NO_POSITION, NORM_ORDER, POSITION_ORDER, _order_key, describe_layout, norm_group
+from nas.report import MIXED, NO_POSITION, NORM_ORDER, POSITION_ORDER, _order_key, describe_layout, finite, norm_group
 from nas.storage import FINISHED, STOP_ATTR
 
 HEARTBEAT_DEFAULT = StudyConfig.heartbeat_seconds  # studies stored before the field existed
@@ -58,13 +58,14 @@ def heartbeats(storage: optuna.storages.BaseStorage, study_id: int, grace_second
     return live
 
 
-def _finite(value) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
+def _scored(trials: list[FrozenTrial]) -> list[FrozenTrial]:
+    """COMPLETE trials with a finite CV loss: the ones the best, the grid and the history use."""
+    return [t for t in trials if t.state == TrialState.COMPLETE and t.values and finite(t.values[0])]
 
 
 def _best(trials: list[FrozenTrial]) -> FrozenTrial | None:
-    complete = [t for t in trials if t.state == TrialState.COMPLETE and t.values and _finite(t.values[0])]
-    return min(complete, key=lambda t: (t.values[0], t.number)) if complete else None
+    scored = _scored(trials)
+    return min(scored, key=lambda t: (t.values[0], t.number)) if scored else None
 
 
 def summarize(storage: optuna.storages.BaseStorage, name: str, own_worker_started: float | None = None) -> dict:
@@ -135,9 +136,8 @@ def trial_rows(trials: list[FrozenTrial]) -> list[dict]:
 def norm_grid(trials: list[FrozenTrial]) -> dict:
     """CV loss of COMPLETE trials grouped by norm type (rows) x position (columns): mean, best, count."""
     groups: dict[tuple[str, str], list[float]] = {}
-    for t in trials:
-        if t.state == TrialState.COMPLETE and t.values and _finite(t.values[0]):
-            groups.setdefault(norm_group(t.user_attrs.get("arch", {})), []).append(t.values[0])
+    for t in _scored(trials):
+        groups.setdefault(norm_group(t.user_attrs.get("arch", {})), []).append(t.values[0])
     types = sorted({k for k, _ in groups}, key=_order_key(NORM_ORDER))
     positions = sorted({p for _, p in groups}, key=_order_key((*POSITION_ORDER, MIXED, NO_POSITION)))
     cells = {f"{k}|{p}": {"mean": statistics.fmean(v), "best": min(v), "count": len(v)} for (k, p), v in groups.items()}
@@ -147,10 +147,9 @@ def norm_grid(trials: list[FrozenTrial]) -> dict:
 def history(trials: list[FrozenTrial]) -> list[dict]:
     """Optimization history: each COMPLETE trial's CV loss and the best so far, in trial order."""
     points, best = [], math.inf
-    for t in sorted(trials, key=lambda t: t.number):
-        if t.state == TrialState.COMPLETE and t.values and _finite(t.values[0]):
-            best = min(best, t.values[0])
-            points.append({"number": t.number, "value": t.values[0], "best": best})
+    for t in sorted(_scored(trials), key=lambda t: t.number):
+        best = min(best, t.values[0])
+        points.append({"number": t.number, "value": t.values[0], "best": best})
     return points
 
 
