@@ -74,7 +74,7 @@ def train_together(
                     fold_loss = F.cross_entropy(logits.flatten(0, 1), data.y_train[idx].flatten(), reduction="none",
                                                 label_smoothing=hp["label_smoothing"]).view(k, -1).mean(1)
                     if l1 > 0:
-                        fold_loss = fold_loss + l1 * sum(w.abs().view(k, -1).sum(1) for w in conv_weights)
+                        fold_loss = fold_loss + l1 * sum(w.abs().reshape(k, -1).sum(1) for w in conv_weights)
                 optimizer.zero_grad(set_to_none=True)
                 fold_loss.sum().backward()  # a sum, not a mean: each fold gets exactly its own gradient
             except torch.cuda.OutOfMemoryError as exc:

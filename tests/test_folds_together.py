@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from conftest import write_digits_run
+import nas.train
 from nas.build import build
 from nas.config import DatasetConfig
 from nas.data import Dataset, load_dataset, stratified_folds
@@ -49,7 +50,7 @@ def models_for(spec: dict, data: Dataset, seeds: list[int]) -> list[nn.Module]:
     return out
 
 
-def assert_same_state(spec: dict, data: Dataset, folds: list, epochs: int = 1) -> None:
+def assert_same_state(spec: dict, data: Dataset, folds: list, epochs: int = 1, rtol: float = 1e-5, atol: float = 1e-6) -> None:
     """Every fold's parameters and buffers after `epochs` are the same trained together as alone."""
     seeds = [fold_seed(0, 7, k) for k in range(len(folds))]
     alone = models_for(spec, data, seeds)
@@ -61,7 +62,7 @@ def assert_same_state(spec: dict, data: Dataset, folds: list, epochs: int = 1) -
         expected, actual = a.state_dict(), b.state_dict()
         assert expected.keys() == actual.keys()
         for name in expected:
-            torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-6, msg=lambda m: f"fold {f + 1} {name}: {m}")
+            torch.testing.assert_close(actual[name], expected[name], rtol=rtol, atol=atol, msg=lambda m: f"fold {f + 1} {name}: {m}")
         assert any(not torch.equal(p, q) for p, q in zip(a.state_dict().values(), models_for(spec, data, seeds)[f].state_dict().values()))
 
 
@@ -78,6 +79,17 @@ def test_together_trains_every_norm_and_position_to_the_same_parameters_and_runn
     # cancels gets rounding noise for a gradient, which Adam turns into full steps of either sign.
     adamw = position == "post_act" and norm_type != "instance"
     assert_same_state(spec_for(norm, optimizer="adamw" if adamw else "sgd"), data, folds)
+
+
+@pytest.mark.parametrize("norm_type", ["batch", "group"])
+def test_together_trains_channels_last_models_as_on_cuda(digits, monkeypatch, norm_type):
+    """The CUDA layout, run on the CPU: channels_last weights (L1 on, as in HP) and inputs.
+
+    Grouped and plain convs then take different kernels, so the tolerance is looser than above.
+    """
+    monkeypatch.setattr(nas.train, "uses_channels_last", lambda device: True)
+    data, folds = small(digits)
+    assert_same_state(spec_for({"type": norm_type, "position": "post_conv", "groups": 4}), data, folds, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
