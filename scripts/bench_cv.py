@@ -7,6 +7,7 @@ and `together`, alternating, repeated, in one run; prints median seconds and the
     .venv/bin/python scripts/bench_cv.py --device cpu --dataset digits
     .venv/bin/python scripts/bench_cv.py --device cuda --dataset cifar-shaped
     .venv/bin/python scripts/bench_cv.py --trial 7 --storage sqlite:///runs/nas.db --study digits-bn
+    .venv/bin/python scripts/bench_cv.py --sample 8 --epochs 4     # 8 candidates of configs/digits.yaml's space
 
 Targets: together >= 1.4x faster on CPU digits (k = 3); >= 3x on CUDA with CIFAR-shaped data.
 """
@@ -24,13 +25,15 @@ import torch
 from nas.config import DatasetConfig, load_run_config
 from nas.data import Dataset, load_dataset, stratified_folds
 from nas.evaluate import cross_validate
-from nas.space import default_spec
+from nas.space import Space, default_spec
 from nas.train import resolve_device
 
 # A representative digits CNN: two stages (32, 64 channels), BatchNorm after each conv.
 SPEC = default_spec({"width": 32, "training": {"batch_size": 64}})
-DIGITS_EPOCHS = load_run_config(Path(__file__).parent.parent / "configs" / "digits.yaml").evaluation.epochs
+DIGITS_CONFIG = Path(__file__).parent.parent / "configs" / "digits.yaml"
+DIGITS_EPOCHS = load_run_config(DIGITS_CONFIG).evaluation.epochs
 TARGETS = {"digits": ("cpu", 1.4), "cifar-shaped": ("cuda", 3.0)}
+MODES = ("sequential", "together")
 
 
 def cifar_shaped(n: int, device: torch.device, seed: int = 0) -> Dataset:
@@ -53,13 +56,83 @@ def candidate(args) -> dict:
     return SPEC
 
 
-def run(spec: dict, data: Dataset, folds, epochs: int, device: torch.device, mode: str) -> tuple[float, float, dict]:
+def run(spec: dict, data: Dataset, folds, epochs: int, device: torch.device, mode: str, every_epoch: bool = False) -> tuple[float, float, dict]:
     """(wall seconds, this process's CPU seconds, score) of one k-fold evaluation."""
     start, cpu = time.perf_counter(), time.process_time()
-    score = cross_validate(spec, data, folds, epochs, device, fold_mode=mode)
+    on_epoch = (lambda *report: None) if every_epoch else None  # as nas-search with a progress bar or the median pruner
+    score = cross_validate(spec, data, folds, epochs, device, on_epoch=on_epoch, fold_mode=mode)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - start, time.process_time() - cpu, score
+
+
+def compare(spec: dict, data: Dataset, folds, args, device: torch.device) -> dict[str, dict[str, list[float]]] | None:
+    """Wall and CPU seconds of every repeat in both modes, alternating; None if the spec cannot train together."""
+    for mode in MODES:  # warm-up: allocator, cuDNN autotuning, lazy imports
+        *_, score = run(spec, data, folds, 1, device, mode, args.every_epoch)
+    if score["fold_mode"] != "together":
+        print(f"this spec trains sequentially even when asked for together: {score.get('fold_mode_fallback')}")
+        return None
+    times = {"wall": {m: [] for m in MODES}, "cpu": {m: [] for m in MODES}}
+    for r in range(args.repeats):  # alternate (and swap who goes first) so drift hits both alike
+        for mode in (MODES if r % 2 == 0 else MODES[::-1]):
+            seconds, cpu_seconds, _ = run(spec, data, folds, args.epochs, device, mode, args.every_epoch)
+            times["wall"][mode].append(seconds)
+            times["cpu"][mode].append(cpu_seconds)
+    return times
+
+
+def print_one(times: dict, device: torch.device, dataset: str) -> None:
+    """Median seconds, their ratio, each repeat's own ratio (robust to drift), and the target."""
+    print(f"  {'median':>8} {'sequential s':>13} {'together s':>11} {'speed-up':>9}")
+    for kind, label in (("wall", "wall"), ("cpu", "CPU")):  # CPU: the work alone, without waiting for a core
+        seq, tog = (statistics.median(times[kind][m]) for m in MODES)
+        print(f"  {label:>8} {seq:13.3f} {tog:11.3f} {seq / tog:8.2f}x")
+    wall = times["wall"]
+    pairs = sorted(s / t for s, t in zip(wall["sequential"], wall["together"]))
+    print("  (wall, sequential: " + " ".join(f"{t:.3f}" for t in wall["sequential"])
+          + "; together: " + " ".join(f"{t:.3f}" for t in wall["together"]) + ")")
+    print(f"  speed-up of each repeat's pair: min {pairs[0]:.2f}x, median {statistics.median(pairs):.2f}x, max {pairs[-1]:.2f}x")
+    ratio = statistics.median(wall["sequential"]) / statistics.median(wall["together"])
+    target_device, target = TARGETS[dataset]
+    if device.type == target_device:
+        print(f"  target: together >= {target}x faster on {target_device}: {'met' if ratio >= target else 'NOT met'} ({ratio:.2f}x)")
+    else:
+        print(f"  target: together >= {target}x faster on {target_device}: not measured here (device {device.type})")
+
+
+def sampled_candidates(config: str, n: int) -> list[dict]:
+    """n ArchSpecs drawn at random (seed 0) from `config`'s search space: what a search trains."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    space = Space(load_run_config(config).space)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    return [space.sample(study.ask()) for _ in range(n)]
+
+
+def describe(spec: dict) -> str:
+    block = spec["stages"][0]["blocks"][0]
+    norm = block["norm"]
+    return (f"{len(spec['stages'])}x{len(spec['stages'][0]['blocks'])} w{spec['stages'][0]['width']} k{block['kernel']} "
+            f"{norm['type']}{'@' + norm['position'] if 'position' in norm else ''} {spec['stages'][-1]['downsample']} "
+            f"b{spec['training']['batch_size']}")
+
+
+def print_sample(specs: list[dict], data: Dataset, folds, args, device: torch.device) -> None:
+    """One line per candidate, then the ratio of the summed medians: the speed-up of the whole search."""
+    print(f"  {'candidate':34} {'sequential s':>13} {'together s':>11} {'speed-up':>9}")
+    totals = dict.fromkeys(MODES, 0.0)
+    for spec in specs:
+        times = compare(spec, data, folds, args, device)
+        if times is None:
+            continue
+        seq, tog = (statistics.median(times["wall"][m]) for m in MODES)
+        totals["sequential"] += seq
+        totals["together"] += tog
+        print(f"  {describe(spec):34} {seq:13.3f} {tog:11.3f} {seq / tog:8.2f}x", flush=True)
+    seq, tog = totals["sequential"], totals["together"]
+    print(f"  {'all candidates (sum of medians)':34} {seq:13.3f} {tog:11.3f} {seq / tog:8.2f}x")
 
 
 def main() -> None:
@@ -73,6 +146,10 @@ def main() -> None:
     parser.add_argument("--cifar-n", type=int, default=10000, help="number of generated CIFAR-shaped images")
     parser.add_argument("--spec", help="an ArchSpec as JSON text or a JSON file (default: a two-stage BatchNorm CNN)")
     parser.add_argument("--trial", type=int, help="time this trial's ArchSpec from --study in --storage")
+    parser.add_argument("--sample", type=int, metavar="N", help="time N candidates drawn from --config's search space instead of one")
+    parser.add_argument("--config", default=str(DIGITS_CONFIG), help="the run config whose search space --sample draws from")
+    parser.add_argument("--every-epoch", action="store_true",
+                        help="validate after every epoch, as nas-search does with a progress bar or the median pruner")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--study", default="digits-bn")
     parser.add_argument("--storage", default="sqlite:///runs/nas.db")
@@ -82,34 +159,18 @@ def main() -> None:
     device = resolve_device(args.device)
     data = load_dataset(DatasetConfig(), device) if args.dataset == "digits" else cifar_shaped(args.cifar_n, device)
     folds = stratified_folds(data.y_train, args.folds, 0)
-    spec = candidate(args)
+    specs = sampled_candidates(args.config, args.sample) if args.sample else [candidate(args)]
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads; {args.dataset}: "
           f"{len(data.y_train)} samples of {data.input_shape}, {args.folds} folds x {args.epochs} epochs, "
-          f"batch {spec['training']['batch_size']}; timed: cross_validate end to end")
-    for mode in ("sequential", "together"):  # warm-up: allocator, cuDNN autotuning, lazy imports
-        *_, score = run(spec, data, folds, 1, device, mode)
-    if score["fold_mode"] != "together":
-        print(f"this spec trains sequentially even when asked for together: {score.get('fold_mode_fallback')}")
+          f"{args.repeats} repeats; timed: cross_validate end to end"
+          f"{', validating every epoch' if args.every_epoch else ''}")
+    if args.sample:
+        print_sample(specs, data, folds, args, device)
         return
-    wall, cpu = {"sequential": [], "together": []}, {"sequential": [], "together": []}
-    for r in range(args.repeats):  # alternate (and swap who goes first) so drift hits both alike
-        for mode in (("sequential", "together") if r % 2 == 0 else ("together", "sequential")):
-            seconds, cpu_seconds, _ = run(spec, data, folds, args.epochs, device, mode)
-            wall[mode].append(seconds)
-            cpu[mode].append(cpu_seconds)
-    seq, tog = statistics.median(wall["sequential"]), statistics.median(wall["together"])
-    seq_cpu, tog_cpu = statistics.median(cpu["sequential"]), statistics.median(cpu["together"])
-    print(f"  {'median':>8} {'sequential s':>13} {'together s':>11} {'speed-up':>9}")
-    print(f"  {'wall':>8} {seq:13.3f} {tog:11.3f} {seq / tog:8.2f}x")
-    # On a shared machine waiting for a core inflates wall time; CPU time counts only the work.
-    print(f"  {'CPU':>8} {seq_cpu:13.3f} {tog_cpu:11.3f} {seq_cpu / tog_cpu:8.2f}x")
-    print("  (wall, sequential: " + " ".join(f"{t:.3f}" for t in wall["sequential"])
-          + "; together: " + " ".join(f"{t:.3f}" for t in wall["together"]) + ")")
-    target_device, target = TARGETS[args.dataset]
-    if device.type == target_device:
-        print(f"  target: together >= {target}x faster on {target_device}: {'met' if seq / tog >= target else 'NOT met'} ({seq / tog:.2f}x)")
-    else:
-        print(f"  target: together >= {target}x faster on {target_device}: not measured here (device {device.type})")
+    print(f"candidate: {describe(specs[0])}")
+    times = compare(specs[0], data, folds, args, device)
+    if times is not None:
+        print_one(times, device, args.dataset)
 
 
 if __name__ == "__main__":
