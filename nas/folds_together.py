@@ -19,7 +19,7 @@ from torch import nn
 
 from nas.data import Dataset, augment_batch
 from nas.errors import TrialError
-from nas.stacking import NotStackable, Stacked, stack
+from nas.stacking import NotStackable, stack
 from nas.train import FitResult, autocast, batches, cosine_schedule, evaluate, on_device_layout, optimizer_for, prepare_model
 
 
@@ -89,47 +89,13 @@ def train_together(
             if not math.isfinite(value):
                 raise TrialError(f"fold {fold + 1}: training loss is {value} at epoch {epoch + 1}")
         if on_epoch is not None or epoch == epochs - 1:
-            scores = validate_together(stacked, model, validations, device)
-            if scores is None:  # unequal splits and batch statistics at eval: one fold at a time
-                stacked.write_back()
-                scores = [evaluate(m, x, y, device) for m, (x, y) in zip(models, validations)]
+            stacked.write_back()
+            scores = [evaluate(m, x, y, device) for m, (x, y) in zip(models, validations)]
             losses, accuracies = [s[0] for s in scores], [s[1] for s in scores]
             for fold, value in enumerate(losses):
                 if not math.isfinite(value):
                     raise TrialError(f"fold {fold + 1}: validation loss is {value} at epoch {epoch + 1}")
             if on_epoch is not None:
                 on_epoch(epoch, losses, accuracies)
-    stacked.write_back()
     share = (time.perf_counter() - start) / k  # each fold's share of the one batched run
     return [FitResult(loss, acc, share, epochs) for loss, acc in zip(losses, accuracies)]
-
-
-@torch.no_grad()
-def validate_together(stacked: Stacked, model: nn.Module, validations: list[tuple[torch.Tensor, torch.Tensor]],
-                      device: torch.device, batch_size: int = 1024) -> list[tuple[float, float]] | None:
-    """Every fold's (loss, accuracy) on its own split, as `nas.train.evaluate` gives them, in one pass.
-
-    Shorter splits are padded with zeros: in eval mode each sample is normalized on its own
-    (running statistics, or per-sample group / layer / instance norm), so no real row changes.
-    A BatchNorm without running statistics normalizes with the batch at eval too; there the
-    splits must be of equal size (then the batches are `evaluate`'s), else None.
-    """
-    sizes = [len(y) for _, y in validations]
-    batch_stats = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None for m in model.modules())
-    if batch_stats and len(set(sizes)) > 1:
-        return None
-    model.eval()
-    k, n, (x0, y0) = len(sizes), max(sizes), validations[0]
-    x, y = x0.new_zeros((k, n, *x0.shape[1:])), y0.new_zeros((k, n))
-    real = torch.zeros((k, n), dtype=torch.bool, device=y0.device)
-    for f, (xf, yf) in enumerate(validations):
-        x[f, : len(yf)], y[f, : len(yf)], real[f, : len(yf)] = xf, yf, True
-    loss_sum = correct = torch.zeros(k, device=y0.device)
-    parts = math.ceil(n / batch_size)  # `evaluate`'s near-equal batches
-    for xb, yb, rb in zip(x.tensor_split(parts, 1), y.tensor_split(parts, 1), real.tensor_split(parts, 1)):
-        with autocast(device):
-            logits = model(on_device_layout(stacked.fold_input(xb), device)).float()
-        losses = F.cross_entropy(logits.flatten(0, 1), yb.flatten(), reduction="none").view(yb.shape)
-        loss_sum = loss_sum + torch.where(rb, losses, 0.0).sum(1)
-        correct = correct + ((logits.argmax(2) == yb) & rb).sum(1)
-    return [(loss / size, hits / size) for loss, hits, size in zip(loss_sum.tolist(), correct.tolist(), sizes)]

@@ -121,7 +121,7 @@ def describe(spec: dict) -> str:
 
 def print_sample(specs: list[dict], data: Dataset, folds, args, device: torch.device) -> None:
     """One line per candidate, then the ratio of the summed medians: the speed-up of the whole search."""
-    print(f"  {'candidate':34} {'sequential s':>13} {'together s':>11} {'speed-up':>9}")
+    print(f"  {'candidate':40} {'sequential s':>13} {'together s':>11} {'speed-up':>9}")
     totals = dict.fromkeys(MODES, 0.0)
     for spec in specs:
         times = compare(spec, data, folds, args, device)
@@ -130,9 +130,9 @@ def print_sample(specs: list[dict], data: Dataset, folds, args, device: torch.de
         seq, tog = (statistics.median(times["wall"][m]) for m in MODES)
         totals["sequential"] += seq
         totals["together"] += tog
-        print(f"  {describe(spec):34} {seq:13.3f} {tog:11.3f} {seq / tog:8.2f}x", flush=True)
+        print(f"  {describe(spec):40} {seq:13.3f} {tog:11.3f} {seq / tog:8.2f}x", flush=True)
     seq, tog = totals["sequential"], totals["together"]
-    print(f"  {'all candidates (sum of medians)':34} {seq:13.3f} {tog:11.3f} {seq / tog:8.2f}x")
+    print(f"  {'all candidates (sum of medians)':40} {seq:13.3f} {tog:11.3f} {seq / tog:8.2f}x")
 
 
 def main() -> None:

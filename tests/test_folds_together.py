@@ -17,11 +17,10 @@ from nas.config import DatasetConfig
 from nas.data import Dataset, load_dataset, stratified_folds
 from nas.errors import TrialError
 from nas.evaluate import cross_validate, fold_seed
-from nas.folds_together import train_together, validate_together
+from nas.folds_together import train_together
 from nas.norms import NORMS, NormType
 from nas.space import default_spec
-from nas.stacking import stack
-from nas.train import evaluate, fit
+from nas.train import fit
 
 CPU = torch.device("cpu")
 HP = {"lr": 0.05, "weight_decay": 1e-3, "l1": 1e-4, "label_smoothing": 0.1, "batch_size": 32}
@@ -135,37 +134,6 @@ def test_dropout_draws_its_own_masks_when_folds_train_together(digits):
     with_dropout = trained(0.5)
     assert not torch.equal(with_dropout[0].head.weight, with_dropout[1].head.weight)
     assert all(torch.isfinite(m.head.weight).all() for m in with_dropout)
-
-
-@pytest.mark.parametrize("norm", [{"type": "batch"}, {"type": "batch_renorm"}, {"type": "group", "groups": 4}, {"type": "none"}])
-def test_one_pass_of_the_stack_validates_each_fold_on_its_own_split_of_any_size(digits, norm):
-    data, folds = small(digits)
-    spec = spec_for({**norm, "position": "post_conv"})
-    models = models_for(spec, data, [1, 2, 3])
-    train_together(models, data, folds, spec["training"], 1, CPU, [1, 2, 3])  # running statistics of their own
-    splits = [(data.x_train[i], data.y_train[i]) for i in (torch.arange(50), torch.arange(60, 107), torch.arange(120, 151))]
-    stacked = stack(models)
-    scores = validate_together(stacked, stacked.model, splits, CPU, batch_size=16)  # several batches, padded ones too
-    for f, (model, (x, y)) in enumerate(zip(models, splits)):
-        assert scores[f] == pytest.approx(evaluate(model, x, y, CPU, batch_size=16), rel=1e-5), f"fold {f + 1}"
-    assert len({score for score in scores}) == 3
-
-
-def test_batch_statistics_at_eval_validate_in_one_pass_only_on_splits_of_equal_size(digits):
-    data, folds = small(digits)
-    spec = spec_for({"type": "batch", "track_running_stats": False})
-    models = models_for(spec, data, [1, 2, 3])
-    stacked = stack(models)
-    equal = [(data.x_train[i : i + 40], data.y_train[i : i + 40]) for i in (0, 40, 80)]
-    scores = validate_together(stacked, stacked.model, equal, CPU, batch_size=16)
-    for score, model, (x, y) in zip(scores, models, equal):
-        assert score == pytest.approx(evaluate(model, x, y, CPU, batch_size=16), rel=1e-5)
-    assert validate_together(stacked, stacked.model, [equal[0], equal[1], (equal[2][0][:30], equal[2][1][:30])], CPU) is None
-    subset, unequal = small(digits, 241)  # validation splits of 81, 80, 80: one fold at a time
-    assert len({len(val) for _, val in unequal}) > 1
-    together = cross_validate(spec, subset, unequal, 1, CPU, fold_mode="together")
-    sequential = cross_validate(spec, subset, unequal, 1, CPU, fold_mode="sequential")
-    assert together["fold_losses"] == pytest.approx(sequential["fold_losses"], rel=1e-4)
 
 
 def test_score_has_the_same_keys_and_fold_losses_in_both_modes(digits):
