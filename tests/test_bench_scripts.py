@@ -1,0 +1,43 @@
+"""The benchmarks under scripts/ run end to end and print what their docs promise (not how fast)."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_script(name: str, *args: str) -> str:
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / name), *args], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_bench_cv_times_both_fold_modes_of_one_candidate_and_judges_the_cpu_target():
+    out = run_script("bench_cv.py", "--device", "cpu", "--epochs", "1", "--repeats", "2")
+    assert "candidate: 2x1 w32 k3 batch@post_conv maxpool b64" in out
+    wall = re.search(r"^\s+wall\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)x$", out, re.M)
+    sequential, together, ratio = map(float, wall.groups())
+    assert ratio == pytest.approx(sequential / together, abs=0.01)
+    assert re.search(r"speed-up of each repeat's pair: min [\d.]+x, median [\d.]+x, max [\d.]+x", out)
+    assert re.search(r"target: together >= 1.4x faster on cpu: (met|NOT met) \([\d.]+x\)", out)
+
+
+def test_bench_cv_samples_candidates_from_a_search_space_and_sums_them():
+    out = run_script("bench_cv.py", "--device", "cpu", "--sample", "2", "--epochs", "1", "--repeats", "1", "--every-epoch")
+    assert "validating every epoch" in out
+    rows = re.findall(r"^  (\S.*?)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)x$", out, re.M)
+    assert [re.match(r"\dx\d w\d+ k\d ", name) is not None for name, *_ in rows] == [True, True, False]
+    assert rows[-1][0] == "all candidates (sum of medians)"
+    for column in (1, 2):
+        assert float(rows[-1][column]) == pytest.approx(sum(float(r[column]) for r in rows[:2]), abs=0.002)
+
+
+def test_bench_workers_prints_trials_per_hour_for_each_worker_count():
+    out = run_script("bench_workers.py", "--device", "cpu", "--trials", "2", "--workers", "1,2", "--epochs", "1", "--folds", "2")
+    rows = re.findall(r"^\s+(\d+)\s+([\d.]+)\s+(\d+)\s+([\d.]+)x$", out, re.M)
+    assert [r[0] for r in rows] == ["1", "2"]
+    assert all(float(r[2]) > 0 for r in rows) and rows[0][3] == "1.00"
