@@ -8,6 +8,7 @@ and `together`, alternating, repeated, in one run; prints median seconds and the
     .venv/bin/python scripts/bench_cv.py --device cuda --dataset cifar-shaped
     .venv/bin/python scripts/bench_cv.py --trial 7 --storage sqlite:///runs/nas.db --study digits-bn
     .venv/bin/python scripts/bench_cv.py --sample 8 --epochs 4     # 8 candidates of configs/digits.yaml's space
+    .venv/bin/python scripts/bench_cv.py --step 80 --threads 1     # one training step alone
 
 Targets: together >= 1.4x faster on CPU digits (k = 3); >= 3x on CUDA with CIFAR-shaped data.
 """
@@ -26,7 +27,8 @@ from nas.config import DatasetConfig, load_run_config
 from nas.data import Dataset, load_dataset, stratified_folds
 from nas.evaluate import cross_validate
 from nas.space import Space, default_spec
-from nas.train import resolve_device
+from nas.build import build
+from nas.train import autocast, on_device_layout, resolve_device
 
 # A representative digits CNN: two stages (32, 64 channels), BatchNorm after each conv.
 SPEC = default_spec({"width": 32, "training": {"batch_size": 64}})
@@ -101,6 +103,58 @@ def print_one(times: dict, device: torch.device, dataset: str) -> None:
         print(f"  target: together >= {target}x faster on {target_device}: not measured here (device {device.type})")
 
 
+def time_steps(spec: dict, data: Dataset, k: int, device: torch.device, rounds: int) -> None:
+    """One training step of k fold models: one after another vs the stacked model, interleaved rounds.
+
+    The step alone (forward, summed loss, backward, optimizer), without data indexing or
+    augmentation: it tells the arithmetic apart from the loop's per-step work.
+    """
+    import torch.nn.functional as F
+
+    from nas.stacking import stack
+    from nas.train import make_optimizer, optimizer_for, prepare_model
+
+    hp, bs = spec["training"], spec["training"]["batch_size"]
+    gen = torch.Generator().manual_seed(0)
+    picks = torch.randint(0, len(data.y_train), (k, bs), generator=gen).to(data.y_train.device)
+    xs, ys = data.x_train[picks], data.y_train[picks]
+    models = [prepare_model(build(spec, data.input_shape, data.num_classes), device) for _ in range(k)]
+    optimizers = [make_optimizer(m, hp) for m in models]
+    stacked = stack([build(spec, data.input_shape, data.num_classes) for _ in range(k)])
+    model = prepare_model(stacked.model, device)
+    optimizer = optimizer_for(*stacked.parameters_by_decay(), hp)
+    x_stacked = on_device_layout(stacked.fold_input(xs), device)
+
+    def one_by_one():
+        for m, opt, x, y in zip(models, optimizers, xs, ys):
+            with autocast(device):
+                loss = F.cross_entropy(m(on_device_layout(x, device)).float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+    def together():
+        with autocast(device):
+            loss = F.cross_entropy(model(x_stacked).float().flatten(0, 1), ys.flatten(), reduction="none").view(k, -1).mean(1).sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    steps = {"one by one": one_by_one, "stacked": together}
+    times = {name: [] for name in steps}
+    for r in range(rounds + 3):  # 3 warm-up rounds
+        for name, step in (steps.items() if r % 2 == 0 else reversed(steps.items())):
+            start = time.perf_counter()
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if r >= 3:
+                times[name].append((time.perf_counter() - start) * 1e3)
+    alone, stacked_ms = (statistics.median(times[name]) for name in steps)
+    print(f"  one training step of {k} folds, median of {rounds} interleaved rounds: one by one {alone:.2f} ms, "
+          f"stacked {stacked_ms:.2f} ms, {alone / stacked_ms:.2f}x")
+
+
 def sampled_candidates(config: str, n: int) -> list[dict]:
     """n ArchSpecs drawn at random (seed 0) from `config`'s search space: what a search trains."""
     import optuna
@@ -150,6 +204,8 @@ def main() -> None:
     parser.add_argument("--config", default=str(DIGITS_CONFIG), help="the run config whose search space --sample draws from")
     parser.add_argument("--every-epoch", action="store_true",
                         help="validate after every epoch, as nas-search does with a progress bar or the median pruner")
+    parser.add_argument("--step", type=int, metavar="ROUNDS",
+                        help="instead: time one training step of the folds, one by one vs stacked, over ROUNDS interleaved rounds")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--study", default="digits-bn")
     parser.add_argument("--storage", default="sqlite:///runs/nas.db")
@@ -160,14 +216,18 @@ def main() -> None:
     data = load_dataset(DatasetConfig(), device) if args.dataset == "digits" else cifar_shaped(args.cifar_n, device)
     folds = stratified_folds(data.y_train, args.folds, 0)
     specs = sampled_candidates(args.config, args.sample) if args.sample else [candidate(args)]
+    timed = (f"{args.epochs} epochs, {args.repeats} repeats; timed: cross_validate end to end"
+             f"{', validating every epoch' if args.every_epoch else ''}")
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads; {args.dataset}: "
-          f"{len(data.y_train)} samples of {data.input_shape}, {args.folds} folds x {args.epochs} epochs, "
-          f"{args.repeats} repeats; timed: cross_validate end to end"
-          f"{', validating every epoch' if args.every_epoch else ''}")
+          f"{len(data.y_train)} samples of {data.input_shape}, {args.folds} folds"
+          f"{'; timed: one training step' if args.step else ' x ' + timed}")
     if args.sample:
         print_sample(specs, data, folds, args, device)
         return
     print(f"candidate: {describe(specs[0])}")
+    if args.step:
+        time_steps(specs[0], data, args.folds, device, args.step)
+        return
     times = compare(specs[0], data, folds, args, device)
     if times is not None:
         print_one(times, device, args.dataset)

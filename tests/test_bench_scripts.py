@@ -36,6 +36,14 @@ def test_bench_cv_samples_candidates_from_a_search_space_and_sums_them():
         assert float(rows[-1][column]) == pytest.approx(sum(float(r[column]) for r in rows[:2]), abs=0.002)
 
 
+def test_bench_cv_times_one_training_step_of_the_folds_alone():
+    out = run_script("bench_cv.py", "--device", "cpu", "--step", "3", "--threads", "1")
+    assert "1 CPU threads" in out and "timed: one training step" in out
+    step = re.search(r"one by one ([\d.]+) ms, stacked ([\d.]+) ms, ([\d.]+)x$", out, re.M)
+    alone, stacked, ratio = map(float, step.groups())
+    assert ratio == pytest.approx(alone / stacked, abs=0.01)
+
+
 def test_bench_workers_prints_trials_per_hour_for_each_worker_count():
     out = run_script("bench_workers.py", "--device", "cpu", "--trials", "2", "--workers", "1,2", "--epochs", "1", "--folds", "2")
     rows = re.findall(r"^\s+(\d+)\s+([\d.]+)\s+(\d+)\s+([\d.]+)x$", out, re.M)
