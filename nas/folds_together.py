@@ -27,6 +27,12 @@ class NotBatchable(Exception):
     """The k folds cannot train as one model (the message says why); train them one by one."""
 
 
+def fold_losses(logits: torch.Tensor, y: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """(k,) mean cross-entropy of each fold from the stacked model's (k, B, classes) logits and (k, B) labels."""
+    k = len(logits)
+    return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none", label_smoothing=label_smoothing).view(k, -1).mean(1)
+
+
 def train_together(
     models: list[nn.Module],
     data: Dataset,
@@ -71,8 +77,7 @@ def train_together(
             try:
                 with autocast(device):
                     logits = model(on_device_layout(stacked.fold_input(xb), device)).float()
-                    fold_loss = F.cross_entropy(logits.flatten(0, 1), data.y_train[idx].flatten(), reduction="none",
-                                                label_smoothing=hp["label_smoothing"]).view(k, -1).mean(1)
+                    fold_loss = fold_losses(logits, data.y_train[idx], hp["label_smoothing"])
                     if l1 > 0:
                         fold_loss = fold_loss + l1 * sum(w.abs().reshape(k, -1).sum(1) for w in conv_weights)
                 optimizer.zero_grad(set_to_none=True)

@@ -111,6 +111,7 @@ def time_steps(spec: dict, data: Dataset, k: int, device: torch.device, rounds: 
     """
     import torch.nn.functional as F
 
+    from nas.folds_together import fold_losses
     from nas.stacking import stack
     from nas.train import make_optimizer, optimizer_for, prepare_model
 
@@ -135,7 +136,7 @@ def time_steps(spec: dict, data: Dataset, k: int, device: torch.device, rounds: 
 
     def together():
         with autocast(device):
-            loss = F.cross_entropy(model(x_stacked).float().flatten(0, 1), ys.flatten(), reduction="none").view(k, -1).mean(1).sum()
+            loss = fold_losses(model(x_stacked).float(), ys).sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
