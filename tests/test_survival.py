@@ -53,11 +53,17 @@ def wait_for(condition, proc: subprocess.Popen, timeout: float = 120.0):
     raise AssertionError("condition not reached")
 
 
+SPACE_PARAMS = {"block.norm.type", "training.lr"}
+
+
 def running_after_one_complete(run_dir):
-    """The second trial while it runs: the study's last trial is still ahead, so the process is busy."""
+    """The second trial once it trains: all its parameters are sampled and the study's last trial is still ahead.
+
+    Waiting for the parameters matters: a trial caught between its creation and its sampling has none yet.
+    """
     trials = load(run_dir)
     states = [t.state for t in trials]
-    if states == [TrialState.COMPLETE, TrialState.RUNNING]:
+    if states == [TrialState.COMPLETE, TrialState.RUNNING] and set(trials[-1].params) == SPACE_PARAMS:
         return trials[-1]
     return None
 
@@ -79,7 +85,7 @@ def test_kill_9_mid_trial_then_rerun_retries_its_parameters_and_reaches_the_budg
     assert rerun.returncode == 0, rerun.stderr
     trials = load(run_dir)
     by_number = {t.number: t for t in trials}
-    assert by_number[killed.number].state == TrialState.FAIL
+    assert by_number[killed.number].state == TrialState.FAIL and by_number[killed.number].params == killed.params
     retried = [t for t in trials if t.system_attrs.get("failed_trial") == killed.number]
     assert len(retried) == 1 and retried[0].params == killed.params and retried[0].state == TrialState.COMPLETE
     assert all((by_number[n].params, by_number[n].value) == before for n, before in complete_before.items())
