@@ -20,7 +20,8 @@ from torch import nn
 from nas.data import Dataset, augment_batch
 from nas.errors import TrialError
 from nas.stacking import NotStackable, stack
-from nas.train import FitResult, autocast, batches, cosine_schedule, evaluate, on_device_layout, optimizer_for, prepare_model
+from nas.train import (FitResult, autocast, batches, conv_weights, cosine_schedule, evaluate, on_device_layout, optimizer_for,
+                       prepare_model)
 
 
 class NotBatchable(Exception):
@@ -56,7 +57,7 @@ def train_together(
         raise NotBatchable(str(exc)) from None
     model = prepare_model(stacked.model, device)
     optimizer = optimizer_for(*stacked.parameters_by_decay(), hp)
-    conv_weights = stacked.conv_weights()
+    kernels = conv_weights(model)
     l1, bs = hp.get("l1", 0.0), hp["batch_size"]
     generators = [torch.Generator().manual_seed(s) for s in seeds]
     aug_generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
@@ -79,7 +80,7 @@ def train_together(
                     logits = model(on_device_layout(stacked.fold_input(xb), device)).float()
                     fold_loss = fold_losses(logits, data.y_train[idx], hp["label_smoothing"])
                     if l1 > 0:
-                        fold_loss = fold_loss + l1 * sum(w.abs().reshape(k, -1).sum(1) for w in conv_weights)
+                        fold_loss = fold_loss + l1 * sum(w.abs().reshape(k, -1).sum(1) for w in kernels)
                 optimizer.zero_grad(set_to_none=True)
                 fold_loss.sum().backward()  # a sum, not a mean: each fold gets exactly its own gradient
             except torch.cuda.OutOfMemoryError as exc:

@@ -89,9 +89,6 @@ class Stacked:
         params = [link for link in self.links if isinstance(link.stacked, nn.Parameter) and link.stacked.requires_grad]
         return [p.stacked for p in params if p.folds[0].ndim > 1], [p.stacked for p in params if p.folds[0].ndim <= 1]
 
-    def conv_weights(self) -> list[torch.Tensor]:
-        return [m.weight for m in self.model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d))]
-
     @torch.no_grad()
     def write_back(self) -> None:
         """Copy each fold's part of the stacked state into that fold's model."""

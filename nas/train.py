@@ -78,6 +78,11 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, total: int) -> torch.optim
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
 
 
+def conv_weights(model: nn.Module) -> list[torch.Tensor]:
+    """The conv kernels the L1 penalty acts on."""
+    return [m.weight for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d))]
+
+
 def batches(indices: torch.Tensor, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
     """Shuffled index slices; a last partial batch is dropped (BatchNorm needs > 1 sample) unless it is the only one."""
     order = indices[torch.randperm(len(indices), generator=generator, device="cpu").to(indices.device)]
@@ -129,7 +134,7 @@ def fit(
     aug_generator = torch.Generator(device=device).manual_seed(seed)
     optimizer = make_optimizer(model, hp)
     l1 = hp.get("l1", 0.0)
-    conv_weights = [m.weight for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d))]
+    kernels = conv_weights(model)
     steps_per_epoch = max(1, len(train_idx) // hp["batch_size"])
     total = epochs * steps_per_epoch
     schedule = cosine_schedule(optimizer, total)
@@ -145,7 +150,7 @@ def fit(
             with autocast(device):
                 loss = F.cross_entropy(model(on_device_layout(xb, device)).float(), data.y_train[idx], label_smoothing=hp["label_smoothing"])
                 if l1 > 0:
-                    loss = loss + l1 * sum(w.abs().sum() for w in conv_weights)
+                    loss = loss + l1 * sum(w.abs().sum() for w in kernels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
