@@ -8,9 +8,7 @@ defaults the one place each default lives, and `metadata` holds bounds and regis
 from __future__ import annotations
 
 import copy
-import math
 import dataclasses
-import difflib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +18,7 @@ from typing import Any
 import yaml
 
 from nas.errors import ConfigError
+from nas.validation import check_bounds, check_scalar, read_yaml, type_name, unknown_key
 
 DEVICES = ("auto", "cpu", "cuda")
 SAMPLER_NAMES = ("random", "tpe", "gp", "nsga2")
@@ -93,16 +92,6 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-@dataclass(frozen=True)
-class Param:
-    """One search-space leaf: its type, default and bounds (the keys `check_bounds` reads)."""
-
-    kind: type
-    default: Any
-    bounds: dict = field(default_factory=dict)
-    searchable: bool = True
-
-
 # Shortcut flags of `nas-search` and the key each one overrides.
 SHORTCUTS = {
     "trials": "study.trials",
@@ -115,78 +104,6 @@ SHORTCUTS = {
     "timeout": "study.timeout",
     "device": "device",
 }
-
-
-def did_you_mean(word: str, known) -> str:
-    close = difflib.get_close_matches(str(word), [str(k) for k in known], n=1)
-    return f"; did you mean '{close[0]}'?" if close else ""
-
-
-def unknown_key(file: str, path: str, key: str, known) -> ConfigError:
-    where = f"{path}.{key}" if path else str(key)
-    return ConfigError(file, where, f"unknown key (known: {', '.join(map(str, known))}){did_you_mean(key, known)}")
-
-
-def read_yaml(path: str | Path) -> dict:
-    """Read a YAML mapping; a missing file or malformed YAML is a ConfigError naming the file."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise ConfigError(path, "", "file not found") from None
-    except OSError as exc:
-        raise ConfigError(path, "", f"cannot read: {exc.strerror or exc}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(exc, "problem", None) or "cannot parse"
-        raise ConfigError(path, "", f"malformed YAML: {where}{problem}") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(path, "", f"expected a mapping of keys, got {type_name(data)}")
-    return data
-
-
-def type_name(value: Any) -> str:
-    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
-            list: "a list", dict: "a mapping", type(None): "nothing"}.get(type(value), type(value).__name__)
-
-
-def check_scalar(value: Any, kind: type, file: str, path: str) -> Any:
-    """Check one scalar against int / float / str / bool; ints are accepted as floats."""
-    ok = (
-        (kind is bool and isinstance(value, bool))
-        or (kind is int and isinstance(value, int) and not isinstance(value, bool))
-        or (kind is float and isinstance(value, (int, float)) and not isinstance(value, bool))
-        or (kind is str and isinstance(value, str))
-    )
-    if not ok:
-        raise ConfigError(file, path, f"expected {type_name(kind())}, got {type_name(value)} {value!r}")
-    if kind is float and not math.isfinite(value):
-        raise ConfigError(file, path, f"expected a finite number, got {value}")
-    return float(value) if kind is float else value
-
-
-def check_bounds(value: Any, meta: dict, file: str, path: str) -> None:
-    choices = meta.get("choices")
-    if choices is not None:
-        known = choices() if callable(choices) else choices
-        if value not in known:
-            what = meta.get("what", "value")
-            raise ConfigError(file, path, f"unknown {what} '{value}' (known: {', '.join(known)}){did_you_mean(value, known)}")
-    if "min" in meta and value < meta["min"]:
-        raise ConfigError(file, path, f"must be >= {meta['min']}, got {value}")
-    if "above" in meta and value <= meta["above"]:
-        raise ConfigError(file, path, f"must be > {meta['above']}, got {value}")
-    if "below" in meta and value >= meta["below"]:
-        raise ConfigError(file, path, f"must be < {meta['below']}, got {value}")
-    if "max" in meta and value > meta["max"]:
-        raise ConfigError(file, path, f"must be <= {meta['max']}, got {value}")
-    if meta.get("odd") and value % 2 == 0:
-        raise ConfigError(file, path, f"must be odd (so 'same' padding keeps the size), got {value}")
 
 
 def _from_dict(cls, data: Any, file: str, path: str):
@@ -272,7 +189,7 @@ def load_run_config(path: str | Path | None, overrides: list[tuple[str, Any]] = 
     `stored` is the dict a study keeps (`RunConfig.to_dict()`): resuming starts from it
     instead of a YAML file, and its embedded space is used as it was.
     """
-    from nas.space import load_space, validate_space  # late: space imports this module
+    from nas.space import load_space, validate_space  # late: space pulls in torch (norms)
 
     if stored is not None:
         raw = copy.deepcopy(stored)

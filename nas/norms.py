@@ -14,7 +14,7 @@ from typing import Callable
 from torch import nn
 
 from nas.batch_renorm import BatchRenorm
-from nas.config import Param
+from nas.validation import Param
 
 # Where the norm sits in a conv block: pre_conv = norm -> conv -> act, post_conv = conv -> norm
 # -> act (the usual), post_act = conv -> act -> norm.

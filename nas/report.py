@@ -29,31 +29,14 @@ from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from nas.errors import NasError, StudyError
-from nas.archspec import norm_position
+from nas.archspec import (MIXED, NO_POSITION, NORM_ORDER, POSITION_ORDER, SETTING_ABBREV, UNKNOWN, describe_activations,
+                          describe_block_types, describe_layout, describe_training, norm_group, order_key)
 from nas.storage import load_existing_study, one_line, quiet_optuna
 
 DPI = 110
 MIN_TRIALS = 3  # below this, importances and group comparisons are noise, not data
 IMPORTANCE_SEED = 0
 
-# Catalogue order for rows and columns; names not listed (a newer catalogue) sort after them.
-NORM_ORDER = ("batch", "batch_renorm", "group", "layer", "instance", "none")
-POSITION_ORDER = ("pre_conv", "post_conv", "post_act", "residual:original", "residual:preact")
-NO_POSITION = "n/a"  # a plain block without a norm has no position
-MIXED = "mixed"
-UNKNOWN = "?"
-
-# Short names for the norm settings in the top-k layout column (legend printed under the table).
-SETTING_ABBREV = {
-    "momentum": "m",
-    "eps": "eps",
-    "affine": "aff",
-    "track_running_stats": "trs",
-    "r_max": "rmax",
-    "d_max": "dmax",
-    "warmup": "wu",
-    "groups": "g",
-}
 # `orientation` replaced `vert` in matplotlib 3.10 (and `vert` warns from 3.11); pyproject allows 3.7.
 HORIZONTAL = {"orientation": "horizontal"} if matplotlib.__version_info__ >= (3, 10) else {"vert": False}
 PLOT_NAMES = ("history.png", "importances.png", "norm_type_position.png", "bn_diagnostics.png")
@@ -141,85 +124,6 @@ def complete_rows(trials: Iterable[FrozenTrial], minimize: bool = True) -> list[
     return [Row(t, *norm_group(t.user_attrs.get("arch", {}))) for t in done]
 
 
-# --- reading an ArchSpec ---------------------------------------------------------------------
-
-
-def _blocks(arch: dict) -> list[dict]:
-    return [block for stage in arch.get("stages", []) for block in stage.get("blocks", [])]
-
-
-def block_position(block: dict) -> str:
-    """Where a block normalizes: the norm position, or the residual ordering for residual blocks."""
-    if block.get("type") != "residual" and block.get("norm", {}).get("type") == "none":
-        return NO_POSITION
-    return norm_position(block)
-
-
-def norm_group(arch: dict) -> tuple[str, str]:
-    """The (norm type, position) all blocks share; `mixed` on the axis where they differ."""
-    blocks = _blocks(arch)
-    if not blocks:
-        return UNKNOWN, UNKNOWN
-    types = {block.get("norm", {}).get("type", UNKNOWN) for block in blocks}
-    positions = {block_position(block) for block in blocks}
-    one = lambda values: next(iter(values)) if len(values) == 1 else MIXED  # noqa: E731
-    return one(types), one(positions)
-
-
-def _fmt_setting(value) -> str:
-    if isinstance(value, bool):
-        return "1" if value else "0"
-    if isinstance(value, float):
-        return f"{value:.3g}"
-    return str(value)
-
-
-def describe_block_norm(block: dict) -> str:
-    """`batch@post_conv(m=0.1,eps=1e-05,aff=1,trs=1)`: type, position and the norm's own settings."""
-    norm = block.get("norm", {})
-    kind, where = norm.get("type", UNKNOWN), block_position(block)
-    head = kind if where == NO_POSITION else f"{kind}@{where}"
-    settings = ",".join(f"{SETTING_ABBREV.get(k, k)}={_fmt_setting(v)}" for k, v in norm.items() if k not in ("type", "position"))
-    return f"{head}({settings})" if settings else head
-
-
-def describe_layout(arch: dict) -> str:
-    """Every block's norm, runs of identical consecutive blocks merged: `s1b1..s2b1 batch@post_conv(...)`."""
-    labelled = [
-        (f"s{i + 1}b{j + 1}", describe_block_norm(block))
-        for i, stage in enumerate(arch.get("stages", []))
-        for j, block in enumerate(stage.get("blocks", []))
-    ]
-    runs: list[list] = []
-    for label, text in labelled:
-        if runs and runs[-1][2] == text:
-            runs[-1][1] = label
-        else:
-            runs.append([label, label, text])
-    return "; ".join(f"{a} {text}" if a == b else f"{a}..{b} {text}" for a, b, text in runs) or UNKNOWN
-
-
-def _unique(values: Iterable[str]) -> str:
-    return "/".join(dict.fromkeys(values)) or UNKNOWN
-
-
-def describe_block_types(arch: dict) -> str:
-    def one(block: dict) -> str:
-        if block.get("type") != "residual":
-            return block.get("type", "plain")
-        settings = ",".join(f"{k}={_fmt_setting(v)}" for k, v in block.get("residual", {}).items())
-        return f"residual({settings})"
-
-    return _unique(one(block) for block in _blocks(arch))
-
-
-def describe_training(arch: dict) -> str:
-    training = arch.get("training", {})
-    lr = training.get("lr")
-    parts = [training.get("optimizer", UNKNOWN), f"lr={_fmt_setting(lr) if lr is not None else UNKNOWN}", f"bs={training.get('batch_size', UNKNOWN)}"]
-    return " ".join(parts)
-
-
 # --- writing files -------------------------------------------------------------------------
 
 
@@ -274,12 +178,8 @@ def _spans_decade(values: Iterable[float]) -> bool:
 def _type_colors(types: Iterable[str]) -> dict[str, tuple]:
     """A fixed color per norm type (catalogue order), so the same type has the same color everywhere."""
     cmap = colormaps["tab10"]
-    ordered = sorted(set(types), key=_order_key(NORM_ORDER))
+    ordered = sorted(set(types), key=order_key(NORM_ORDER))
     return {name: cmap(i % 10) for i, name in enumerate(ordered)}
-
-
-def _order_key(order: tuple[str, ...]) -> Callable[[str], tuple]:
-    return lambda name: (order.index(name) if name in order else len(order), name == MIXED, name)
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -425,8 +325,8 @@ def norm_groups(rows: list[Row], minimize: bool, plots: Plots) -> list[str]:
     if not rows:
         return lines + _not_made("norm_type_position.png", "No complete trials yet")
     best = min if minimize else max
-    types = sorted({r.norm_type for r in rows}, key=_order_key(NORM_ORDER))
-    positions = sorted({r.position for r in rows}, key=_order_key(POSITION_ORDER))
+    types = sorted({r.norm_type for r in rows}, key=order_key(NORM_ORDER))
+    positions = sorted({r.position for r in rows}, key=order_key(POSITION_ORDER))
     cells = []
     for kind in types:
         cell_row = [f"**{kind}**"]
@@ -479,7 +379,7 @@ def top_table(rows: list[Row], k: int) -> list[str]:
         loss = _loss(r.loss) + (f" ± {std:.4f}" if std is not None else "")
         table.append([
             str(rank), str(r.number), loss, _loss(acc), f"{params:,}" if isinstance(params, int) else UNKNOWN,
-            describe_layout(arch), _unique(b.get("activation", UNKNOWN) for b in _blocks(arch)),
+            describe_layout(arch), describe_activations(arch),
             describe_block_types(arch), describe_training(arch),
         ])
     legend = ", ".join(f"{short}={name}" for name, short in SETTING_ABBREV.items() if short != name)
@@ -498,7 +398,7 @@ def bn_diagnostics(rows: list[Row], plots: Plots) -> list[str]:
         return lines + ["The study has no BN diagnostics (no complete trial records `eval_mode_loss` and `train_mode_loss`)."]
     recal = any(finite(r.attrs.get("recalibrated_loss")) for r in have)
     table = []
-    for kind in sorted({r.norm_type for r in have}, key=_order_key(NORM_ORDER)):
+    for kind in sorted({r.norm_type for r in have}, key=order_key(NORM_ORDER)):
         of_kind = [r for r in have if r.norm_type == kind]
         gaps = [r.attrs["eval_mode_loss"] - r.attrs["train_mode_loss"] for r in of_kind]
         row = [f"**{kind}**", str(len(of_kind)), f"{statistics.median(gaps):+.4f}"]

@@ -19,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from nas.config import Param, check_bounds, check_scalar, did_you_mean, read_yaml, type_name, unknown_key
+from nas.validation import Param, check_bounds, check_scalar, did_you_mean, read_yaml, type_name, unknown_key
 from nas.errors import ConfigError
 from nas.norms import ACTIVATIONS, NORM_PARAMS, NORMS, POSITIONS
 

@@ -21,7 +21,7 @@ from optuna.trial import TrialState
 
 from nas.config import RunConfig
 from nas.errors import StudyError, Terminated, TrialError
-from nas.archspec import describe_norms
+from nas.archspec import describe_activations, describe_norms
 from nas.space import Space
 from nas.storage import FINISHED, STOP_ATTR, load_existing_study, make_storage, one_line, quiet_optuna, sqlite_path
 
@@ -361,10 +361,9 @@ def summary_table(study: optuna.Study, k: int = 5) -> str:
     rows = [("trial", "cv loss", "cv acc", "params", "norm (type @ position)", "activation")]
     for t in top_trials(study, k):
         arch, attrs = t.user_attrs.get("arch", {}), t.user_attrs
-        act = arch["stages"][0]["blocks"][0]["activation"] if arch.get("stages") else "?"
         std = attrs.get("cv_loss_std")
         loss = f"{t.value:.4f}" + (f" ± {std:.4f}" if std is not None else "")
-        rows.append((str(t.number), loss, f"{attrs.get('cv_accuracy', float('nan')):.4f}", f"{attrs.get('params', 0):,}", describe_norms(arch), act))
+        rows.append((str(t.number), loss, f"{attrs.get('cv_accuracy', float('nan')):.4f}", f"{attrs.get('params', 0):,}", describe_norms(arch), describe_activations(arch)))
     if len(rows) == 1:
         return f"Study '{study.study_name}': no completed trials yet."
     header = f"Top {len(rows) - 1} of {finished_trials(study)} finished trials in '{study.study_name}' (lower cv loss is better):"

@@ -18,6 +18,7 @@ from typing import Any, Callable
 import numpy as np
 
 from nas.errors import ConfigError, DataError
+from nas.validation import check_bounds, check_scalar, did_you_mean, type_name
 
 
 def _contrast(x: np.ndarray, factor: float, rng, lo_hi) -> np.ndarray:
@@ -71,8 +72,6 @@ TRANSFORMS: dict[str, Transform] = {
 
 def check_transforms(value: Any, file: str, path: str) -> list[dict]:
     """Validate `dataset.transforms`: a list of one-key mappings `{name: value}` with known names."""
-    from nas.config import check_bounds, check_scalar, did_you_mean, type_name
-
     if value is None:
         return []
     if not isinstance(value, list):

@@ -8,7 +8,8 @@ import pytest
 
 from nas.cli import report_main
 from nas.errors import StudyError
-from nas.report import describe_layout, norm_group, write_report
+from nas.archspec import describe_layout, norm_group
+from nas.report import write_report
 from nas.space import Space
 
 SPACE = {

@@ -17,9 +17,9 @@ import optuna
 import sqlalchemy
 from optuna.trial import FrozenTrial, TrialState
 
-from nas.archspec import describe_norms
+from nas.archspec import MIXED, NO_POSITION, NORM_ORDER, POSITION_ORDER, blocks, describe_layout, describe_norms, norm_group, order_key
 from nas.config import StudyConfig
-from nas.report import MIXED, NO_POSITION, NORM_ORDER, POSITION_ORDER, _order_key, describe_layout, finite, norm_group
+from nas.report import finite
 from nas.storage import FINISHED, STOP_ATTR
 
 HEARTBEAT_DEFAULT = StudyConfig.heartbeat_seconds  # studies stored before the field existed
@@ -115,7 +115,7 @@ def trial_rows(trials: list[FrozenTrial]) -> list[dict]:
     for t in trials:
         arch = t.user_attrs.get("arch", {})
         kind, position = norm_group(arch) if arch else ("", "")
-        blocks = [b for stage in arch.get("stages", []) for b in stage.get("blocks", [])]
+        spec_blocks = blocks(arch)
         rows.append({
             "number": t.number,
             "state": t.state.name,
@@ -125,7 +125,7 @@ def trial_rows(trials: list[FrozenTrial]) -> list[dict]:
             "norm_type": kind,
             "norm_position": "" if position == NO_POSITION else position,
             "layout": describe_layout(arch) if arch else "",
-            "activation": blocks[0].get("activation", "") if blocks else "",
+            "activation": spec_blocks[0].get("activation", "") if spec_blocks else "",
             "params": t.user_attrs.get("params"),
             "seconds": t.user_attrs.get("train_seconds"),
             "fail_reason": t.user_attrs.get("fail_reason", ""),
@@ -138,8 +138,8 @@ def norm_grid(trials: list[FrozenTrial]) -> dict:
     groups: dict[tuple[str, str], list[float]] = {}
     for t in _scored(trials):
         groups.setdefault(norm_group(t.user_attrs.get("arch", {})), []).append(t.values[0])
-    types = sorted({k for k, _ in groups}, key=_order_key(NORM_ORDER))
-    positions = sorted({p for _, p in groups}, key=_order_key((*POSITION_ORDER, MIXED, NO_POSITION)))
+    types = sorted({k for k, _ in groups}, key=order_key(NORM_ORDER))
+    positions = sorted({p for _, p in groups}, key=order_key((*POSITION_ORDER, MIXED, NO_POSITION)))
     cells = {f"{k}|{p}": {"mean": statistics.fmean(v), "best": min(v), "count": len(v)} for (k, p), v in groups.items()}
     return {"types": types, "positions": positions, "cells": cells}
 
