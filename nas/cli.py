@@ -10,7 +10,7 @@ import argparse
 import sys
 from importlib.metadata import PackageNotFoundError, version
 
-from nas.config import SHORTCUTS, load_run_config, parse_override
+from nas.config import SHORTCUTS, Override, load_run_config, parse_override
 from nas.errors import NasError, Terminated, VerificationError
 
 DEFAULT_STORAGE = "sqlite:///runs/nas.db"
@@ -42,7 +42,9 @@ def search_parser() -> argparse.ArgumentParser:
         extra = {"choices": ["auto", "cpu", "cuda"]} if flag == "device" else {}
         shortcuts.add_argument(f"--{flag}", type=types.get(flag, str), help=f"sets {key}", **extra)
     p.add_argument("--workers", type=int, default=1, help="worker processes on this study (default %(default)s); across machines, run nas-search on each against one PostgreSQL --storage")
-    p.add_argument("--force", action="store_true", help="continue a study with a search space that differs from its stored one")
+    p.add_argument("--force", action="store_true", help="continue a study although its dataset, data, evaluation, objectives, seed or search space "
+                   "differ from the stored ones (the change is recorded in the study's config history); budget, timeout, "
+                   "device, sampler and progress flags may change without it")
     bars = p.add_mutually_exclusive_group()
     bars.add_argument("--progress", dest="progress", action="store_true", default=None, help="show progress bars even when stderr is not a terminal")
     bars.add_argument("--no-progress", dest="progress", action="store_false", help="never show progress bars")
@@ -67,7 +69,7 @@ def _search(args: argparse.Namespace, argv: list[str] | None) -> None:
     from nas.study import run_search, stored_config
 
     overrides = [parse_override(text) for text in args.overrides]
-    overrides += [(key, getattr(args, flag)) for flag, key in SHORTCUTS.items() if getattr(args, flag) is not None]
+    overrides += [Override(key, getattr(args, flag), f"--{flag}") for flag, key in SHORTCUTS.items() if getattr(args, flag) is not None]
     if args.resume:
         storage = args.storage or DEFAULT_STORAGE
         cfg = load_run_config(None, overrides, stored=stored_config(args.study, storage))

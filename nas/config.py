@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import types
 import typing
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from nas.errors import ConfigError
+from nas.errors import ConfigError, DataError
 from nas.validation import check_bounds, check_scalar, read_yaml, type_name, unknown_key
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -86,10 +88,51 @@ class RunConfig:
     # Filled by the loader, not read from YAML:
     source: str = field(default="", metadata={"internal": True})
     space: dict = field(default_factory=dict, metadata={"internal": True})
+    origins: dict = field(default_factory=dict, metadata={"internal": True, "stored": False})  # key path -> flag that set it
 
     def to_dict(self) -> dict:
         """Plain JSON data: stored in the study so `--resume` needs no YAML."""
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        for f in dataclasses.fields(self):
+            if f.metadata.get("stored") is False:
+                del data[f.name]
+        return data
+
+    def where(self, key_path: str) -> str:
+        """Who gave `key_path` its value: the flag or `--set` that overrode it, else the config file."""
+        return origin_of(key_path, self.origins, self.source)
+
+
+class Override(typing.NamedTuple):
+    """One `--set key.path=value` or shortcut flag; `origin` is what errors name (`--trials`, `--set`)."""
+
+    key: str
+    value: Any
+    origin: str = "--set"
+
+
+def origin_of(key_path: str, origins: dict, file: str) -> str:
+    """The override that set `key_path` or a mapping above it (or below it: `--set dataset={...}`), else `file`."""
+    for key, origin in origins.items():
+        if key_path == key or key_path.startswith(f"{key}.") or key_path.startswith(f"{key}[") or key.startswith(f"{key_path}."):
+            return origin
+    return file
+
+
+@contextmanager
+def blamed(cfg: RunConfig):
+    """Prefix a DataError that starts with a key path (`dataset.root: ...`) with who set that key."""
+    try:
+        yield
+    except DataError as exc:
+        text = str(exc)
+        key = text.split(":", 1)[0]
+        if KEY_PATH.fullmatch(key):
+            raise DataError(f"{cfg.where(key)}: {text}") from None
+        raise
+
+
+KEY_PATH = re.compile(r"[a-z_]+(\.[a-z_0-9]+|\[\d+\])*")
 
 
 # Shortcut flags of `nas-search` and the key each one overrides.
@@ -171,7 +214,7 @@ def set_key(data: dict, key_path: str, value: Any) -> None:
     node[last] = value
 
 
-def parse_override(text: str) -> tuple[str, Any]:
+def parse_override(text: str) -> Override:
     """`key.path=value` with the value read as YAML (so `5` is an int, `true` a bool)."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
@@ -180,26 +223,47 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
-    return key.strip(), value
+    return Override(key.strip(), value, "--set")
 
 
-def load_run_config(path: str | Path | None, overrides: list[tuple[str, Any]] = (), stored: dict | None = None) -> RunConfig:
+def load_run_config(path: str | Path | None, overrides: list[tuple] = (), stored: dict | None = None) -> RunConfig:
     """Read, override and validate a run config, then load and validate its search space.
 
     `stored` is the dict a study keeps (`RunConfig.to_dict()`): resuming starts from it
-    instead of a YAML file, and its embedded space is used as it was.
+    instead of a YAML file, and its embedded space is used as it was (unless `search_space`
+    is overridden). An error in a value that a flag gave names the flag, not the file.
+    A relative `dataset.root` is made absolute (it is relative to the working directory), so
+    the stored config means the same data whichever folder the study is resumed from.
     """
+    overrides = [Override(*o) for o in overrides]
+    origins = {o.key: o.origin for o in overrides}
+    try:
+        cfg = _load(path, overrides, stored)
+    except ConfigError as exc:
+        where = origin_of(exc.key_path, origins, exc.file) if exc.key_path else exc.file
+        if where == exc.file:
+            raise
+        raise ConfigError(where, exc.key_path, exc.problem) from None
+    cfg.origins = origins
+    if cfg.dataset.root is not None:
+        cfg.dataset.root = str(Path(cfg.dataset.root).expanduser().absolute())
+    return cfg
+
+
+def _load(path: str | Path | None, overrides: list[Override], stored: dict | None) -> RunConfig:
     from nas.space import load_space, validate_space  # late: space pulls in torch (norms)
 
     if stored is not None:
         raw = copy.deepcopy(stored)
         file = raw.pop("source", "") or "stored config"
         space_dict = raw.pop("space")
+        if any(o.key == "search_space" for o in overrides):
+            space_dict = None  # a new space file asked for: read it (the study contract then compares the two)
     else:
         file = str(path)
         raw = read_yaml(path)
         space_dict = None
-    for key, value in overrides:
+    for key, value, _ in overrides:
         set_key(raw, key, value)
     cfg = _from_dict(RunConfig, raw, file, "")
     cfg.source = file

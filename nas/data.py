@@ -7,6 +7,7 @@ the batch. No per-sample Dataset or DataLoader on the hot path.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,7 @@ class Dataset:
     augment: str = "none"  # none | crop | crop_flip
     mean: list[float] | None = None
     std: list[float] | None = None
+    fingerprint: dict | None = None  # of the loaded source data (see `fingerprint`)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -161,6 +163,25 @@ LOADERS = {
 }
 
 
+def fingerprint(arrays: Arrays) -> dict:
+    """What identifies the loaded data: sample shape, class names, split sizes and a hash of the content.
+
+    The hash covers the raw arrays as the loader gives them (before `dataset.transforms`, which
+    the study compares as config keys), as float32 and int64 bytes, so a replaced or edited file
+    is seen even when its shape and classes stay.
+    """
+    digest = hashlib.sha256()
+    for array, kind in ((arrays.x_train, np.float32), (arrays.y_train, np.int64), (arrays.x_test, np.float32), (arrays.y_test, np.int64)):
+        digest.update(np.ascontiguousarray(array, dtype=kind).data)
+    return {
+        "sample_shape": list(arrays.x_train.shape[1:]),
+        "classes": [str(c) for c in arrays.classes],
+        "train": int(len(arrays.y_train)),
+        "test": int(len(arrays.y_test)),
+        "sha256": digest.hexdigest(),
+    }
+
+
 def load_dataset(cfg, device: torch.device | str = "cpu", normalization: dict | None = None) -> Dataset:
     """Load the dataset a `DatasetConfig` names, apply its transforms, normalize it and put it on `device`.
 
@@ -195,6 +216,7 @@ def load_dataset(cfg, device: torch.device | str = "cpu", normalization: dict | 
         augment=augment,
         mean=mean.reshape(-1).tolist(),
         std=std.reshape(-1).tolist(),
+        fingerprint=fingerprint(arrays),
     ).to(device)
 
 

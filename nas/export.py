@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from nas.errors import NasError, StudyError, VerificationError
+from nas.errors import DataError, NasError, StudyError, VerificationError
 
 FORMAT = 1
 FILES = ("model.ts", "model.pt2", "weights.pt")
@@ -73,18 +73,22 @@ def pick_trial(study, number: int | None):
     """The trial to export: `number`, or the best (single objective; a multi-objective study needs --trial)."""
     from optuna.trial import TrialState
 
+    from nas.storage import DUPLICATE_ATTR, counts_toward_budget, is_duplicate
+
     if number is None:
         if len(study.directions) > 1:
             front = ", ".join(str(t.number) for t in study.best_trials)
             raise StudyError(f"--trial: '{study.study_name}' has several objectives; pick one trial of its Pareto front ({front})")
-        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if counts_toward_budget(t)]
         if not complete:
             raise StudyError(f"--study: '{study.study_name}' has no completed trial to export")
-        return study.best_trial
-    matches = [t for t in study.get_trials(deepcopy=False) if t.number == number]
-    if not matches:
+        return min(complete, key=lambda t: (t.value, t.number))
+    by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
+    if number not in by_number:
         raise StudyError(f"--trial: '{study.study_name}' has no trial {number}")
-    trial = matches[0]
+    trial = by_number[number]
+    if is_duplicate(trial):  # it trained nothing: the trial it repeated is the one to rebuild
+        trial = by_number[trial.user_attrs[DUPLICATE_ATTR]]
     if "arch" not in trial.user_attrs:
         raise StudyError(f"--trial: trial {number} has no stored ArchSpec (state {trial.state.name})")
     return trial
@@ -97,18 +101,19 @@ def export_trial(storage: str, study_name: str, out: str | Path, trial_number: i
     from nas.config import load_run_config
     from nas.data import load_dataset
     from nas.evaluate import fold_seed
-    from nas.storage import load_existing_study
+    from nas.storage import config_of_trial, load_existing_study, read_run_config
     from nas.train import evaluate, fit, prepare_model, resolve_device
 
     study = load_existing_study(storage, study_name)
-    stored = study.user_attrs.get("run_config")
-    if stored is None:
+    if read_run_config(study._storage, study._study_id) is None:
         raise StudyError(f"--study: '{study_name}' has no stored run config (not made by nas-search)")
-    cfg = load_run_config(None, stored=stored)
     trial = pick_trial(study, trial_number)
+    stored, fingerprint = config_of_trial(study, trial)  # the config the trial was scored under
+    cfg = load_run_config(None, stored=stored)
     spec = trial.user_attrs["arch"]
     dev = resolve_device(device or cfg.device)
     data = load_dataset(cfg.dataset, dev)
+    check_same_data(fingerprint, data.fingerprint, f"study '{study_name}' was searched on")
     epochs = epochs or cfg.evaluation.epochs
     seed = fold_seed(cfg.study.seed, trial.number, cfg.evaluation.folds)  # a seed no CV fold used
     torch.manual_seed(seed)
@@ -129,12 +134,26 @@ def export_trial(storage: str, study_name: str, out: str | Path, trial_number: i
         "classes": data.classes,
         "normalization": {"mean": data.mean, "std": data.std},
         "dataset": cfg.dataset.name,
+        "data": data.fingerprint,
         "epochs": epochs,
         "test": {"loss": test_loss, "accuracy": test_acc, "samples": len(data.y_test)},
     }
     folder = write_export(model, x_test, meta, Path(out))
     log(f"Wrote {folder}/ ({', '.join(FILES)}, model.json); verified in a fresh process")
     return folder
+
+
+def check_same_data(expected: dict | None, found: dict | None, what: str) -> None:
+    """Refuse, in one line, to rebuild on data that differs from `expected` (a fingerprint; None: not recorded)."""
+    from nas.contract import differences, show
+
+    if expected is None or found is None:
+        return
+    changes = differences(expected, found)
+    if changes:
+        key, old, new = changes[0]
+        raise DataError(f"dataset: the data loaded now differs from what {what}: {key} {show(old)} there, {show(new)} here "
+                        "(point dataset.root at the original data)")
 
 
 def write_export(model: nn.Module, x_check: torch.Tensor, meta: dict, folder: Path) -> Path:

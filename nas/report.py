@@ -28,10 +28,13 @@ from matplotlib.figure import Figure
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
+from nas.contract import VERSION_ATTR, show
 from nas.errors import NasError, StudyError
+from nas.config import StudyConfig
+from nas.liveness import describe_workers, live_workers
 from nas.archspec import (MIXED, NO_POSITION, NORM_ORDER, POSITION_ORDER, SETTING_ABBREV, UNKNOWN, describe_activations,
                           describe_block_types, describe_layout, describe_training, norm_group, order_key)
-from nas.storage import load_existing_study, one_line, quiet_optuna
+from nas.storage import counts_toward_budget, is_duplicate, load_existing_study, one_line, quiet_optuna, read_config_history, read_run_config
 
 DPI = 110
 MIN_TRIALS = 3  # below this, importances and group comparisons are noise, not data
@@ -80,6 +83,7 @@ def write_report(storage: str, study_name: str, out_dir, top: int = 10) -> Path:
     plots = Plots(out)
     sections = [
         header(study, storage, trials, rows),
+        config_history(study, trials),
         failures(trials),
         history(rows, minimize, plots),
         importances(rows, study.direction, plots),
@@ -119,7 +123,7 @@ def _make_dir(path: Path) -> Path:
 
 def complete_rows(trials: Iterable[FrozenTrial], minimize: bool = True) -> list[Row]:
     """The COMPLETE trials with a finite value, best first (ties by trial number)."""
-    done = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None and np.isfinite(t.value)]
+    done = [t for t in trials if t.state == TrialState.COMPLETE and counts_toward_budget(t) and t.value is not None and np.isfinite(t.value)]
     done.sort(key=lambda t: ((t.value if minimize else -t.value), t.number))
     return [Row(t, *norm_group(t.user_attrs.get("arch", {}))) for t in done]
 
@@ -205,7 +209,12 @@ def header(study: optuna.Study, storage: str, trials: list[FrozenTrial], rows: l
         f"- storage: `{storage}`",
         f"- direction: {study.direction.name.lower()} (objective: cross-validated validation loss)",
         f"- trials: {summary} ({len(trials)} in all; only complete trials are scored below)",
+        f"- workers: {_workers_line(study)}",
     ]
+    duplicates = sum(map(is_duplicate, trials))
+    if duplicates:
+        lines.append(f"- duplicates: {duplicates} proposal(s) repeated a finished trial's parameters; recorded without training, "
+                     "not counted toward the budget and left out below")
     if rows:
         best = rows[0]
         std, acc = best.attrs.get("cv_loss_std"), best.attrs.get("cv_accuracy")
@@ -214,10 +223,32 @@ def header(study: optuna.Study, storage: str, trials: list[FrozenTrial], rows: l
     if len(rows) < MIN_TRIALS:
         what = "no complete trials yet" if not rows else f"only {len(rows)} complete trial{'s' if len(rows) > 1 else ''}"
         lines += ["", f"**Not enough data: {what}.** Importances need at least {MIN_TRIALS}; rerun nas-report as the search goes on."]
-    config = study.user_attrs.get("run_config")
-    if isinstance(config, dict):
+    config = read_run_config(study._storage, study._study_id)
+    if config is not None:
         lines += ["", *run_config_summary(config)]
     return lines
+
+
+def _workers_line(study: optuna.Study) -> str:
+    config = read_run_config(study._storage, study._study_id) or {}
+    beat = float(config.get("study", {}).get("heartbeat_seconds", StudyConfig.heartbeat_seconds))
+    workers = live_workers(study._storage, study._study_id, 2 * beat)
+    return f"{len(workers)} live: {describe_workers(workers)}" if workers else "none live"
+
+
+def config_history(study: optuna.Study, trials: list[FrozenTrial]) -> list[str]:
+    """The forced changes of the study's contract, and how many trials ran under each config version."""
+    history = read_config_history(study._storage, study._study_id)
+    if not history:
+        return ["## Config history", "", "No forced change: every trial ran under the same dataset, data, evaluation, objectives, seed and space."]
+    per_version = Counter(t.user_attrs.get(VERSION_ATTR, 0) for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED))
+    rows = [["0", "(first)", "", "", str(per_version.get(0, 0))]]
+    for version, entry in enumerate(history, start=1):
+        changes = "; ".join(f"`{c['key']}`: {show(c['old'])} → {show(c['new'])}" for c in entry.get("changes", []))
+        rows.append([str(version), str(entry.get("at", "")), str(entry.get("source", "")), changes, str(per_version.get(version, 0))])
+    return ["## Config history", "",
+            "The study was continued with `--force` after its contract changed; trials of different versions were scored differently.", "",
+            *_md_table(["version", "from", "config", "changes", "finished trials"], rows)]
 
 
 def run_config_summary(config: dict) -> list[str]:

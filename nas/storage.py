@@ -1,20 +1,52 @@
-"""Opening Optuna storage: the shared pieces of `nas-search` and `nas-report` (no torch here)."""
+"""Opening Optuna storage and what bnnas keeps in it: the shared pieces of every command (no torch here).
+
+A study holds, besides Optuna's trials:
+  study system attrs  `nas:run_config` (the run config the study was last trained with, space inline),
+                      `nas:data` (the fingerprint of the data it was searched on), `nas:config_history`
+                      (forced changes), `nas:stop_requested_at`, and one `nas:worker:...` record per live worker;
+  study user attr     `bnnas`: one short line, so `optuna studies` stays readable;
+  trial user attrs    the score (`nas.study.SCORE_ATTRS`), `arch`, `worker`, `duplicate_of`, `fail_reason`.
+Studies written before these names kept the run config in the user attr `run_config`; it is still read.
+"""
 
 from __future__ import annotations
 
+import os
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
 import optuna
+import sqlalchemy
 from optuna.trial import TrialState
 from sqlalchemy.exc import IntegrityError, ProgrammingError
 
+from nas.contract import VERSION_ATTR, config_of_version
 from nas.errors import StudyError
 
 SQLITE = "sqlite:///"
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # what counts against a study's budget
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # finished states; see `counts_toward_budget`
 STOP_ATTR = "nas:stop_requested_at"  # study system attribute: when a graceful stop was last asked for
+RUN_CONFIG_ATTR = "nas:run_config"
+DATA_ATTR = "nas:data"
+HISTORY_ATTR = "nas:config_history"
+SUMMARY_ATTR = "bnnas"  # the study user attr `optuna studies` shows
+LEGACY_RUN_CONFIG_ATTR = "run_config"  # user attr of studies written before RUN_CONFIG_ATTR
+DUPLICATE_ATTR = "duplicate_of"  # trial user attr: the proposal repeated this finished trial's parameters
+
+
+def is_duplicate(trial: optuna.trial.FrozenTrial) -> bool:
+    return DUPLICATE_ATTR in trial.user_attrs
+
+
+def counts_toward_budget(trial: optuna.trial.FrozenTrial) -> bool:
+    """A finished (complete or pruned) trial that trained a new candidate: what `--trials N` counts."""
+    return trial.state in FINISHED and not is_duplicate(trial)
+
+
+def budget_count(trials) -> int:
+    return sum(map(counts_toward_budget, trials))
 
 
 def sqlite_path(url: str) -> Path | None:
@@ -48,7 +80,8 @@ def make_storage(url: str, heartbeat_seconds: float, retries: int) -> optuna.sto
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     for attempt in range(5):
         try:
-            with quiet_optuna():
+            with quiet_optuna(), warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats and retries
                 return optuna.storages.RDBStorage(
                     url,
                     engine_kwargs=engine,
@@ -61,6 +94,81 @@ def make_storage(url: str, heartbeat_seconds: float, retries: int) -> optuna.sto
             # Optuna's tables; the loser sees the winner's committed schema on the next try.
             if attempt == 4:
                 raise
+
+
+def check_writable_sqlite(url: str, what: str = "study.storage") -> None:
+    """Refuse a SQLite file (or its folder) that cannot be written before anything is tried on it.
+
+    SQLite itself finds out only at the first write, deep in a transaction, with a misleading
+    message; a file without write permission bits is read-only here even for root.
+    """
+    path = sqlite_path(url)
+    if path is None or not path.exists():
+        return
+    if not path.is_file():
+        raise StudyError(f"{what}: {path} is not a file")
+    if not (path.stat().st_mode & 0o222) or not os.access(path, os.W_OK):
+        raise StudyError(f"{what}: the SQLite file {path} is read-only; make it writable (chmod u+w) or use another --storage")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise StudyError(f"{what}: the folder {path.parent} is not writable (SQLite writes its journal beside {path.name})")
+
+
+def rdb_engine(storage) -> "sqlalchemy.engine.Engine | None":
+    """The SQLAlchemy engine of an RDB storage (also when Optuna wrapped it in its cache), else None."""
+    return getattr(storage, "engine", None) or getattr(getattr(storage, "_backend", None), "engine", None)
+
+
+def delete_study_system_attr(storage, study_id: int, key: str) -> None:
+    """Remove a study system attribute; Optuna has no call for it, so RDB storage gets one DELETE.
+
+    Other storages keep the key with the value None, which every reader here skips.
+    """
+    engine = rdb_engine(storage)
+    if engine is None:
+        storage.set_study_system_attr(study_id, key, None)
+        return
+    with engine.begin() as conn:
+        conn.execute(sqlalchemy.text("DELETE FROM study_system_attributes WHERE study_id = :study AND key = :key"),
+                     {"study": study_id, "key": key})
+
+
+def read_run_config(storage, study_id: int) -> dict | None:
+    """The run config a study was last trained with (None: not made by nas-search)."""
+    config = storage.get_study_system_attrs(study_id).get(RUN_CONFIG_ATTR)
+    if config is None:
+        config = storage.get_study_user_attrs(study_id).get(LEGACY_RUN_CONFIG_ATTR)
+    return config if isinstance(config, dict) else None
+
+
+def read_config_history(storage, study_id: int) -> list[dict]:
+    history = storage.get_study_system_attrs(study_id).get(HISTORY_ATTR)
+    return history if isinstance(history, list) else []
+
+
+def read_data_fingerprint(storage, study_id: int) -> dict | None:
+    return storage.get_study_system_attrs(study_id).get(DATA_ATTR)
+
+
+def config_of_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> tuple[dict | None, dict | None]:
+    """The run config and data fingerprint `trial` was scored under (a forced change may have come since)."""
+    storage, study_id = study._storage, study._study_id
+    current = read_run_config(storage, study_id)
+    version = trial.user_attrs.get(VERSION_ATTR, 0)
+    return config_of_version(version, current, read_data_fingerprint(storage, study_id), read_config_history(storage, study_id))
+
+
+def write_run_config(storage, study_id: int, config: dict, fingerprint: dict | None, summary: str) -> None:
+    """Store the run config (and data fingerprint) as system attrs, and the one-line summary as the user attr."""
+    storage.set_study_system_attr(study_id, RUN_CONFIG_ATTR, config)
+    if fingerprint is not None:
+        storage.set_study_system_attr(study_id, DATA_ATTR, fingerprint)
+    storage.set_study_user_attr(study_id, SUMMARY_ATTR, summary)
+    if LEGACY_RUN_CONFIG_ATTR in storage.get_study_user_attrs(study_id):
+        engine = rdb_engine(storage)
+        if engine is not None:  # an older study: its ~2,000-character user attr moves to the system attr
+            with engine.begin() as conn:
+                conn.execute(sqlalchemy.text("DELETE FROM study_user_attributes WHERE study_id = :study AND key = :key"),
+                             {"study": study_id, "key": LEGACY_RUN_CONFIG_ATTR})
 
 
 def one_line(exc: BaseException) -> str:

@@ -1,29 +1,41 @@
 """The Optuna study: storage, samplers, pruners, the objective, the trial budget and resume.
 
-`--trials N` is the study's total budget of finished (complete + pruned) trials, so the same
-command rerun after an interruption runs only the remainder. The run config (with its search
-space inline) is stored on the study, so a study can be resumed without its YAML.
+`--trials N` is the study's total budget of finished (complete + pruned) trials that trained a
+new candidate, so the same command rerun after an interruption runs only the remainder. The run
+config (with its search space inline) is stored on the study, so a study can be resumed without
+its YAML; it is also the study's contract (`nas.contract`): a continuation that would score
+trials differently is refused unless forced. Every process seeds its sampler from the study seed
+and what the study already holds, so no process replays another's draws (`process_seed`), and a
+proposal that repeats a finished trial costs no training (`nas.novelty`).
 """
 
 from __future__ import annotations
 
+import os
 import signal
+import socket
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 import warnings
+from contextlib import contextmanager
 from typing import Callable
 
+import numpy as np
 import optuna
-from sqlalchemy.exc import SQLAlchemyError
 from optuna.trial import TrialState
+from sqlalchemy.exc import SQLAlchemyError
 
-from nas.config import RunConfig
-from nas.errors import StudyError, Terminated, TrialError
 from nas.archspec import describe_activations, describe_norms
+from nas.config import RunConfig, blamed
+from nas.contract import VERSION_ATTR, contract, differences, history_entry, show, summary
+from nas.errors import ConfigError, StudyError, Terminated, TrialError
+from nas.liveness import WorkerRecord, live_workers, mark_trial, reclaim_dead_trials
+from nas.novelty import Novelty, record_duplicate
 from nas.space import Space
-from nas.storage import FINISHED, STOP_ATTR, load_existing_study, make_storage, one_line, quiet_optuna, sqlite_path
+from nas.storage import (FINISHED, HISTORY_ATTR, STOP_ATTR, budget_count, check_writable_sqlite, counts_toward_budget,
+                         load_existing_study, make_storage, one_line, quiet_optuna, read_config_history, read_data_fingerprint,
+                         read_run_config, sqlite_path, write_run_config)
 
 SCORE_ATTRS = ("fold_losses", "fold_accuracies", "cv_accuracy", "cv_loss_std", "params", "train_seconds",
                "eval_mode_loss", "train_mode_loss", "recalibrated_loss", "fold_mode", "fold_mode_fallback")
@@ -66,50 +78,117 @@ def _prepare_storage(url: str) -> str:
     return url
 
 
-def open_study(cfg: RunConfig, force: bool = False) -> optuna.Study:
-    """Create the study or load it if it exists; store the run config on it.
+def open_storage(cfg: RunConfig):
+    """The study's storage, refused in one line when it cannot be opened or written."""
+    check_writable_sqlite(cfg.study.storage)
+    try:
+        with quiet_optuna():
+            return make_storage(_prepare_storage(cfg.study.storage), cfg.study.heartbeat_seconds, cfg.study.retries)
+    except (ImportError, ValueError, SQLAlchemyError) as exc:
+        raise StudyError(f"study.storage: cannot open {cfg.study.storage}: {one_line(exc)}") from None
 
-    An existing study searched a space; continuing it with another space mixes two questions,
-    so that needs `force`.
+
+def existing_study_id(storage, name: str) -> int | None:
+    try:
+        return storage.get_study_id_from_name(name)
+    except KeyError:
+        return None
+
+
+def open_study(cfg: RunConfig, storage, fingerprint: dict | None = None, force: bool = False) -> tuple[optuna.Study, list]:
+    """Create the study or load it; refuse a continuation that breaks its contract unless `force`.
+
+    Returns the study and the contract's differences (empty unless forced). Nothing is written
+    to an existing study here: the run config is stored only when a run trains (`store_config`).
     """
+    study_id = existing_study_id(storage, cfg.study.name)
+    changes = []
+    if study_id is not None:
+        stored = read_run_config(storage, study_id)
+        directions = storage.get_study_directions(study_id)
+        if len(directions) != len(cfg.objectives):
+            raise ConfigError(cfg.where("objectives"), "objectives", f"study '{cfg.study.name}' has {len(directions)} objective(s), "
+                              f"this run asks for {len(cfg.objectives)}; use another --study")
+        if stored is not None:
+            old = contract(stored, read_data_fingerprint(storage, study_id))
+            new = contract(cfg.to_dict(), fingerprint if "data" in old else None)
+            changes = differences(old, new)
+        if changes and not force:
+            key, before, after = changes[0]
+            more = f" (and {len(changes) - 1} more)" if len(changes) > 1 else ""
+            raise ConfigError(cfg.where(_config_key(key)), key, f"study '{cfg.study.name}' was run with {show(before)}; this run has "
+                              f"{show(after)}{more}. Use another --study, or --force to continue it and record the change")
     try:
         with quiet_optuna(), warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            storage = make_storage(_prepare_storage(cfg.study.storage), cfg.study.heartbeat_seconds, cfg.study.retries)
             study = optuna.create_study(
                 storage=storage,
                 study_name=cfg.study.name,
-                sampler=make_sampler(cfg.study.sampler, cfg.study.seed),
+                sampler=optuna.samplers.RandomSampler(),  # replaced by `make_sampler(.., process_seed(..))` once this worker is recorded
                 pruner=make_pruner(cfg.evaluation.pruner, cfg.evaluation.epochs),
                 directions=["minimize"] * len(cfg.objectives),
                 load_if_exists=True,
             )
     except (ImportError, ValueError, SQLAlchemyError) as exc:
         raise StudyError(f"study.storage: cannot open {cfg.study.storage}: {one_line(exc)}") from None
-    stored = study.user_attrs.get("run_config")
-    if stored is not None and stored.get("space") != cfg.space and not force:
-        raise StudyError(f"search_space: study '{cfg.study.name}' was searched with another space than {cfg.search_space}; "
-                         "use another --study, or --force to continue it with this one")
-    if len(study.directions) != len(cfg.objectives):
-        raise StudyError(f"objectives: study '{cfg.study.name}' has {len(study.directions)} objective(s), the config asks for {len(cfg.objectives)}; use another --study")
-    study.set_user_attr("run_config", cfg.to_dict())
-    return study
+    return study, changes
+
+
+def _config_key(contract_key: str) -> str:
+    """The config key a contract key comes from (the data fingerprint belongs to `dataset`)."""
+    if contract_key.startswith("data."):
+        return "dataset"
+    if contract_key.startswith("space."):
+        return "search_space"
+    return contract_key
+
+
+def store_config(study: optuna.Study, cfg: RunConfig, fingerprint: dict | None, changes: list) -> int:
+    """Store the run config a run trains with (a forced change appended to the history); returns its version."""
+    storage, study_id = study._storage, study._study_id
+    history = read_config_history(storage, study_id)
+    if changes:
+        previous = read_run_config(storage, study_id)
+        history.append(history_entry(changes, previous, read_data_fingerprint(storage, study_id), cfg.source))
+        storage.set_study_system_attr(study_id, HISTORY_ATTR, history)
+    config = cfg.to_dict()
+    write_run_config(storage, study_id, config, fingerprint, summary(config))
+    return len(history)
 
 
 def stored_config(study_name: str, storage: str) -> dict:
     """The run config a study was last run with, for `--resume`."""
-    config = load_existing_study(storage, study_name).user_attrs.get("run_config")
+    study = load_existing_study(storage, study_name)
+    config = read_run_config(study._storage, study._study_id)
     if config is None:
         raise StudyError(f"--study: '{study_name}' has no stored run config (not made by nas-search); run with --config")
     return config
 
 
+def process_seed(study_seed: int, trials_in_study: int, others: list) -> int:
+    """This process's sampler seed: the study seed itself for a fresh study searched by one process, so
+    that run reproduces exactly; otherwise derived from the seed, the trials the study already holds,
+    and, while other workers are live, this process's identity, so that no process replays another's draws.
+    """
+    if trials_in_study == 0 and not others:
+        return study_seed
+    entropy = [study_seed, trials_in_study]
+    if others:
+        entropy += [os.getpid(), int(time.time() * 1e6) % 2**32, *socket.gethostname().encode()]
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
+
+
 def finished_trials(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=FINISHED))
+    """Trials that count toward the budget (finished, and not a duplicate of another)."""
+    return budget_count(study.get_trials(deepcopy=False, states=FINISHED))
 
 
-def make_objective(cfg: RunConfig, data, folds, device, epoch_bar: Callable | None = None) -> Callable:
-    """The objective: sample an ArchSpec, cross-validate it, store the score on the trial."""
+def make_objective(cfg: RunConfig, data, folds, device, epoch_bar: Callable | None = None, novelty: Novelty | None = None,
+                   version: int = 0) -> Callable:
+    """The objective: sample an ArchSpec, cross-validate it, store the score on the trial.
+
+    A proposal that repeats a finished trial is recorded as its duplicate without training (`novelty`).
+    """
     from nas.bench import candidate_costs
     from nas.evaluate import cross_validate  # late: keeps torch out of `import nas.study` users that only read
 
@@ -117,11 +196,17 @@ def make_objective(cfg: RunConfig, data, folds, device, epoch_bar: Callable | No
     epochs = cfg.evaluation.epochs
 
     def objective(trial: optuna.Trial) -> float:
+        mark_trial(trial)
+        trial.set_user_attr(VERSION_ATTR, version)
+        reclaim_dead_trials(trial.study)
         if over_budget(trial.study, trial.number, cfg.study.trials):
             trial.set_user_attr("fail_reason", OVER_BUDGET)
             raise TrialError(OVER_BUDGET)
         spec = space.sample(trial)
         trial.set_user_attr("arch", spec)
+        original = novelty.original_of(trial.study, trial.params) if novelty is not None else None
+        if original is not None:
+            return record_duplicate(trial, original)
         fold_losses: list[float] = []
         bar = epoch_bar(trial.number) if epoch_bar else None
 
@@ -176,7 +261,18 @@ def over_budget(study: optuna.Study, number: int, budget: int) -> bool:
     ends with exactly its budget of finished trials however many workers race for the last ones.
     """
     live = study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING, TrialState.WAITING))
-    return sum(t.number < number for t in live) >= budget
+    return sum(t.number < number and (t.state not in FINISHED or counts_toward_budget(t)) for t in live) >= budget
+
+
+class BudgetReached:
+    """Stop once the study holds its budget of counted trials (Optuna's MaxTrialsCallback would count duplicates)."""
+
+    def __init__(self, budget: int):
+        self.budget = budget
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if finished_trials(study) >= self.budget:
+            study.stop()
 
 
 def _report(trial: optuna.Trial, step: int, value: float, fold_losses: list[float]) -> None:
@@ -234,10 +330,14 @@ class Signals:
 SIGNALS = Signals()
 
 class StopOnRequest:
-    """Stop at a trial boundary when `request_stop` was called after this worker started."""
+    """Stop at a trial boundary when `request_stop` was called after this worker started.
 
-    def __init__(self):
-        self.started, self.stopped = time.time(), False
+    `started` is this process's start (not the moment the search loop begins), so a Stop that
+    comes while the worker still imports torch or loads data is not missed.
+    """
+
+    def __init__(self, started: float):
+        self.started, self.stopped = started, False
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         asked = study._storage.get_study_system_attrs(study._study_id).get(STOP_ATTR)
@@ -266,31 +366,58 @@ def run_search(cfg: RunConfig, progress: bool | None = None, out=print, force: b
                worker_command: list[str] | None = None, workers: int = 1) -> optuna.Study:
     """Run the study to its budget of finished trials; prints what it did and the top candidates.
 
-    With `workers` > 1 this process is the first worker and starts `worker_command` as the
-    others, once the study exists; they share it through the storage.
+    This process is recorded as a worker of the study from the moment the study exists (while it
+    loads data, too). With `workers` > 1 it is the first worker and starts `worker_command` as
+    the others, once the study exists; they share it through the storage.
     """
-    from tqdm.auto import tqdm
-
-    from nas.data import load_dataset, stratified_folds
+    from nas.liveness import current
     from nas.train import resolve_device
 
     device = resolve_device(cfg.device)
-    data = load_dataset(cfg.dataset, device)  # bad data is found before the storage is touched
-    folds = stratified_folds(data.y_train, cfg.evaluation.folds, cfg.study.seed)
-    study = open_study(cfg, force)
+    check_writable_sqlite(cfg.study.storage)
+    path = sqlite_path(cfg.study.storage)
+    storage = open_storage(cfg) if path is None or path.exists() else None  # a new SQLite file waits for good data
+    with WorkerRecord(cfg.study.heartbeat_seconds) as record:
+        study_id = existing_study_id(storage, cfg.study.name) if storage is not None else None
+        if study_id is not None:
+            record.attach(storage, study_id)  # visible to the dashboard and other workers from now on
+        return _search(cfg, storage, record, device, progress, out, force, worker_command, workers, current().started)
+
+
+def _search(cfg: RunConfig, storage, record: WorkerRecord, device, progress, out, force, worker_command, workers, started) -> optuna.Study:
+    from tqdm.auto import tqdm
+
+    from nas.data import load_dataset, stratified_folds
+
+    with blamed(cfg):
+        data = load_dataset(cfg.dataset, device)  # bad data is found before a new study is made
+        folds = stratified_folds(data.y_train, cfg.evaluation.folds, cfg.study.seed)
+    study, changes = open_study(cfg, storage or open_storage(cfg), data.fingerprint, force)
+    record.attach(study._storage, study._study_id)
+    reclaimed = reclaim_dead_trials(study)
+    if reclaimed:
+        out(f"Reclaimed trial(s) {', '.join(map(str, reclaimed))}: their worker process on this host is gone (retried per study.retries)")
     budget, done = cfg.study.trials, finished_trials(study)
     if done >= budget:
         out(f"Study '{cfg.study.name}' already has {done} finished trials (budget {budget}): nothing to run. Raise --trials to search more.")
         out(summary_table(study))
         return study
-    show = sys.stderr.isatty() if progress is None else progress
+    version = store_config(study, cfg, data.fingerprint, changes)
+    if changes:
+        out(f"Continuing '{cfg.study.name}' with a changed config (--force), recorded as config version {version}: "
+            + "; ".join(f"{key}: {show(a)} -> {show(b)}" for key, a, b in changes))
+    others = [w for w in live_workers(study._storage, study._study_id, 2 * cfg.study.heartbeat_seconds) if w.identity != record.identity]
+    seed = process_seed(cfg.study.seed, len(study.get_trials(deepcopy=False)), others)
+    study.sampler = make_sampler(cfg.study.sampler, seed)
+    novelty = Novelty(cfg.space, seed)
+    show_bars = sys.stderr.isatty() if progress is None else progress
     out(f"Study '{cfg.study.name}' in {cfg.study.storage}: {done}/{budget} finished, running {budget - done} more "
         f"on {device.type} ({data.name}: {len(data.y_train)} training samples, {cfg.evaluation.folds} folds x {cfg.evaluation.epochs} epochs)")
-    trials_bar = tqdm(total=budget, initial=done, desc="trials", unit="trial", disable=not show, dynamic_ncols=True)
+    trials_bar = tqdm(total=budget, initial=done, desc="trials", unit="trial", disable=not show_bars, dynamic_ncols=True)
     per_trial = cfg.evaluation.folds * cfg.evaluation.epochs
 
     def epoch_bar(number: int):
-        return tqdm(total=per_trial, desc=f"trial {number}", unit="epoch", leave=False, position=1, disable=not show, dynamic_ncols=True)
+        return tqdm(total=per_trial, desc=f"trial {number}", unit="epoch", leave=False, position=1, disable=not show_bars, dynamic_ncols=True)
 
     def advance(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         if trial.state in FINISHED:
@@ -301,8 +428,12 @@ def run_search(cfg: RunConfig, progress: bool | None = None, out=print, force: b
         if best is not None:
             trials_bar.set_postfix(best_cv_loss=f"{best:.4f}")
 
-    failures, stop_request = StopAfterFailures(cfg.study.max_consecutive_failures), StopOnRequest()
-    objective = make_objective(cfg, data, folds, device, epoch_bar if show else None)
+    def stop_when_used_up(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if novelty.stop_reason is not None:
+            study.stop()
+
+    failures, stop_request = StopAfterFailures(cfg.study.max_consecutive_failures), StopOnRequest(started)
+    objective = make_objective(cfg, data, folds, device, epoch_bar if show_bars else None, novelty, version)
     helpers = [subprocess.Popen(worker_command, stdout=subprocess.DEVNULL) for _ in range(workers - 1)] if worker_command else []
     with quiet_optuna(optuna.logging.ERROR), _stopping(helpers), SIGNALS.installed():  # failures: one line of ours
         try:
@@ -310,7 +441,7 @@ def run_search(cfg: RunConfig, progress: bool | None = None, out=print, force: b
                 objective,
                 timeout=cfg.study.timeout,
                 catch=(TrialError,),
-                callbacks=[optuna.study.MaxTrialsCallback(budget, states=FINISHED), failures, advance, SIGNALS.stop_at_boundary, stop_request],
+                callbacks=[BudgetReached(budget), failures, advance, SIGNALS.stop_at_boundary, stop_request, stop_when_used_up],
             )
             SIGNALS.raise_pending()  # a signal between trials: stop with its exit code
         finally:
@@ -324,6 +455,8 @@ def run_search(cfg: RunConfig, progress: bool | None = None, out=print, force: b
     if stop_request.stopped:
         out(f"Stopped on request after the running trial: {finished_trials(study)}/{budget} finished; "
             f"resume with nas-search --resume --study {cfg.study.name} --storage {cfg.study.storage}")
+    if novelty.stop_reason is not None:
+        out(f"Stopped: {novelty.stop_reason} ({finished_trials(study)}/{budget} of the budget used).")
     out(summary_table(study))
     return study
 
@@ -344,18 +477,22 @@ def _stopping(helpers: list[subprocess.Popen]):
 def _best_value(study: optuna.Study) -> float | None:
     if len(study.directions) > 1:
         return None
-    values = [t.value for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+    values = [t.value for t in scored_trials(study)]
     return min(values) if values else None
 
 
+def scored_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """COMPLETE trials that trained their own candidate (duplicates repeat another's score)."""
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if counts_toward_budget(t)]
+
+
 def top_trials(study: optuna.Study, k: int = 5) -> list[optuna.trial.FrozenTrial]:
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    return sorted(complete, key=lambda t: t.value)[:k]
+    return sorted(scored_trials(study), key=lambda t: (t.value, t.number))[:k]
 
 
 def summary_table(study: optuna.Study, k: int = 5) -> str:
     """The top-k trials (or a multi-objective study's Pareto front) with their normalization choices."""
-    objectives = study.user_attrs.get("run_config", {}).get("objectives", ["cv_loss"])
+    objectives = (read_run_config(study._storage, study._study_id) or {}).get("objectives", ["cv_loss"])
     if len(study.directions) > 1:
         return pareto_table(study, objectives)
     rows = [("trial", "cv loss", "cv acc", "params", "norm (type @ position)", "activation")]
@@ -372,7 +509,7 @@ def summary_table(study: optuna.Study, k: int = 5) -> str:
 
 def pareto_table(study: optuna.Study, objectives: list[str]) -> str:
     """The Pareto front of a multi-objective study, sorted by its first objective."""
-    front = sorted(study.best_trials, key=lambda t: t.values)
+    front = sorted((t for t in study.best_trials if counts_toward_budget(t)), key=lambda t: t.values)
     if not front:
         return f"Study '{study.study_name}': no completed trials yet."
     rows = [("trial", *objectives, "cv acc", "norm (type @ position)")]

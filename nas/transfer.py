@@ -168,6 +168,7 @@ def _scores(loss_acc: tuple[float, float]) -> dict:
 def finetune(model_dir: str | Path, cfg, mode: str, labels_per_class: int | None, epochs: int | None,
              seed: int, out: str | Path, lr: float | None = None, device: str | None = None, log=print) -> Path:
     """Load an export, adapt it to the run config's dataset, write an export plus metrics.json."""
+    from nas.config import blamed
     from nas.data import load_dataset
     from nas.diagnostics import running_stat_layers
     from nas.export import load_exported, write_export, write_json
@@ -178,7 +179,8 @@ def finetune(model_dir: str | Path, cfg, mode: str, labels_per_class: int | None
         raise NasError(f"--out: {out} is the source model's folder; write the fine-tuned model elsewhere")
     source = load_exported(model_dir)
     dev = resolve_device(device or cfg.device)
-    data = load_dataset(cfg.dataset, dev, normalization=source.meta["normalization"])
+    with blamed(cfg):
+        data = load_dataset(cfg.dataset, dev, normalization=source.meta["normalization"])
     if list(data.input_shape) != list(source.meta["input_shape"]):
         raise DataError(f"{cfg.source}: dataset: samples of shape {list(data.input_shape)}; the model in {model_dir} takes {source.meta['input_shape']}")
     hp = dict(source.meta["arch"]["training"])
@@ -197,11 +199,12 @@ def finetune(model_dir: str | Path, cfg, mode: str, labels_per_class: int | None
         f" ({result.train_samples} labelled samples, {result.epochs} epochs)")
     model = model.to("cpu", memory_format=torch.contiguous_format).eval()
     keep = {k: v for k, v in source.meta.items() if k not in ("files", "fold_max_abs_diff", "versions")}
-    metrics = {"source": str(model_dir), "target_config": cfg.source, "target_dataset": cfg.dataset.name,
+    metrics = {"source": str(model_dir), "target_config": cfg.source, "target_dataset": cfg.dataset.name, "target_data": data.fingerprint,
                "transforms": cfg.dataset.transforms, "lr": hp["lr"], **result.to_dict()}
-    meta = {**keep, "num_classes": data.num_classes, "classes": data.classes, "dataset": cfg.dataset.name,
+    meta = {**keep, "num_classes": data.num_classes, "classes": data.classes, "dataset": cfg.dataset.name, "data": data.fingerprint,
             "epochs": result.epochs, "test": {**result.after, "samples": len(data.y_test)},
-            "finetune": {k: metrics[k] for k in ("source", "target_config", "transforms", "mode", "labels_per_class", "seed", "head_replaced")}}
+            "finetune": {**{k: metrics[k] for k in ("source", "target_config", "transforms", "mode", "labels_per_class", "seed", "head_replaced")},
+                         "source_data": source.meta.get("data")}}
     write_export(model, data.x_test.cpu(), meta, out)
     write_json(out / "metrics.json", metrics)
     log(f"Wrote {out}/ (model.ts, model.pt2, weights.pt, model.json, metrics.json); verified in a fresh process")

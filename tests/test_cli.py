@@ -10,6 +10,7 @@ import pytest
 
 from conftest import write_digits_run
 from nas.cli import search_main
+from nas.storage import read_run_config
 
 TINY_SPACE = {
     "stages": 1,
@@ -72,7 +73,8 @@ def test_resume_needs_no_yaml_and_keeps_the_stored_space(run_dir):
     done = trials(run_dir)
     assert len(done) == 2 and all(t.state == optuna.trial.TrialState.COMPLETE for t in done)
     assert done[1].user_attrs["arch"]["stages"][0]["width"] == 8
-    stored = optuna.load_study(study_name="tiny", storage=storage).user_attrs["run_config"]
+    study = optuna.load_study(study_name="tiny", storage=storage)
+    stored = read_run_config(study._storage, study._study_id)
     assert stored["study"]["trials"] == 2 and stored["space"] == TINY_SPACE
     json.dumps(stored)
 

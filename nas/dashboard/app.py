@@ -17,6 +17,7 @@ import bottle
 import optuna
 from optuna.trial import TrialState
 
+from nas.contract import show
 from nas.dashboard import state
 from nas.dashboard.charts import history_svg
 from nas.dashboard.workers import Workers
@@ -49,7 +50,8 @@ def create_app(storage: optuna.storages.BaseStorage, workers: Workers, csrf_toke
         return state.summarize(storage, name, workers.live_search_started(name))
 
     def render(template: str, **values) -> str:
-        return bottle.template(template, template_lookup=TEMPLATES, csrf=csrf_token, poll_ms=POLL_MS, q=lambda n: quote(n, safe=""), **values)
+        return bottle.template(template, template_lookup=TEMPLATES, csrf=csrf_token, poll_ms=POLL_MS, q=lambda n: quote(n, safe=""),
+                               show=show, **values)
 
     def detail(name: str) -> dict:
         data = state.detail(storage, name, workers.live_search_started(name))
@@ -109,6 +111,9 @@ def create_app(storage: optuna.storages.BaseStorage, workers: Workers, csrf_toke
         trials = _int_field("trials")
         with action_lock:
             s = summary(name)
+            if s["live_workers"]:
+                return _json(409, error=f"study '{name}' already has a live worker ({s['live_workers_text']}): "
+                                        "it runs the budget; Stop it first to resume with another")
             if s["state"] in ("running", "stopping"):
                 return _json(409, error=f"study '{name}' is already running ({s['running_trials']} trial(s) with a live heartbeat)")
             if not s["resumable"]:

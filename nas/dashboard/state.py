@@ -1,9 +1,10 @@
 """What the dashboard shows about studies, read from the storage only (never a write).
 
-A study is `running` while a worker beats for one of its RUNNING trials (or a worker this
-dashboard started is still alive: between trials no trial is RUNNING), `stopping` while running
-with a stop request newer than its latest trial start, `finished` when its budget of finished
-trials is reached, and `idle` otherwise (resumable).
+A study is `running` while a worker is recorded live in it (`nas.liveness`: from its start,
+while it loads data, between trials), a worker beats for one of its RUNNING trials, or a
+worker this dashboard started is still alive; `stopping` while running with a stop request
+newer than its latest trial start; `finished` when its budget of finished trials is reached;
+`idle` otherwise (resumable).
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from optuna.trial import FrozenTrial, TrialState
 
 from nas.archspec import MIXED, NO_POSITION, NORM_ORDER, POSITION_ORDER, blocks, describe_layout, describe_norms, norm_group, order_key
 from nas.config import StudyConfig
+from nas.liveness import describe_workers, live_workers
 from nas.report import finite
-from nas.storage import FINISHED, STOP_ATTR
+from nas.storage import STOP_ATTR, budget_count, counts_toward_budget, is_duplicate, read_config_history, read_run_config
 
 HEARTBEAT_DEFAULT = StudyConfig.heartbeat_seconds  # studies stored before the field existed
 
@@ -60,7 +62,7 @@ def heartbeats(storage: optuna.storages.BaseStorage, study_id: int, grace_second
 
 def _scored(trials: list[FrozenTrial]) -> list[FrozenTrial]:
     """COMPLETE trials with a finite CV loss: the ones the best, the grid and the history use."""
-    return [t for t in trials if t.state == TrialState.COMPLETE and t.values and finite(t.values[0])]
+    return [t for t in trials if t.state == TrialState.COMPLETE and counts_toward_budget(t) and t.values and finite(t.values[0])]
 
 
 def _best(trials: list[FrozenTrial]) -> FrozenTrial | None:
@@ -75,13 +77,13 @@ def summarize(storage: optuna.storages.BaseStorage, name: str, own_worker_starte
     """
     study_id = storage.get_study_id_from_name(name)
     trials = storage.get_all_trials(study_id, deepcopy=False)
-    attrs = storage.get_study_user_attrs(study_id)
-    config = attrs.get("run_config") or {}
+    config = read_run_config(storage, study_id) or {}
     budget = config.get("study", {}).get("trials")
     beat = float(config.get("study", {}).get("heartbeat_seconds", HEARTBEAT_DEFAULT))
     live = heartbeats(storage, study_id, 2 * beat)
-    finished = sum(t.state in FINISHED for t in trials)
-    running = live.fresh > 0 or own_worker_started is not None
+    workers = live_workers(storage, study_id, 2 * beat)
+    finished = budget_count(trials)
+    running = live.fresh > 0 or bool(workers) or own_worker_started is not None
     stop_at = storage.get_study_system_attrs(study_id).get(STOP_ATTR)
     # a stop asked after the latest trial (and our worker) started is still being carried out
     last_start = max((t.datetime_start.timestamp() for t in trials if t.datetime_start), default=0.0)
@@ -98,6 +100,9 @@ def summarize(storage: optuna.storages.BaseStorage, name: str, own_worker_starte
         "budget": budget,
         "running_trials": live.fresh,
         "stale_trials": live.stale,
+        "live_workers": [{"host": w.identity.host, "pid": w.identity.pid, "started": w.identity.started, "beat": w.beat} for w in workers],
+        "live_workers_text": describe_workers(workers),
+        "duplicates": sum(map(is_duplicate, trials)),
         "failed": sum(t.state == TrialState.FAIL for t in trials),
         "best_trial": best.number if best else None,
         "best_cv_loss": best.values[0] if best else None,
@@ -129,6 +134,8 @@ def trial_rows(trials: list[FrozenTrial]) -> list[dict]:
             "params": t.user_attrs.get("params"),
             "seconds": t.user_attrs.get("train_seconds"),
             "fail_reason": t.user_attrs.get("fail_reason", ""),
+            "duplicate_of": t.user_attrs.get("duplicate_of"),
+            "config_version": t.user_attrs.get("config_version", 0),
         })
     return rows
 
@@ -155,9 +162,11 @@ def history(trials: list[FrozenTrial]) -> list[dict]:
 
 def detail(storage: optuna.storages.BaseStorage, name: str, own_worker_started: float | None = None) -> dict:
     """Everything the study page shows."""
-    trials = storage.get_all_trials(storage.get_study_id_from_name(name), deepcopy=False)
+    study_id = storage.get_study_id_from_name(name)
+    trials = storage.get_all_trials(study_id, deepcopy=False)
     return {
         **summarize(storage, name, own_worker_started),
+        "config_history": [{k: entry.get(k) for k in ("at", "by", "source", "changes")} for entry in read_config_history(storage, study_id)],
         "trials": trial_rows(trials),
         "norm_grid": norm_grid(trials),
         "history": history(trials),

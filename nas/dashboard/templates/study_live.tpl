@@ -4,7 +4,7 @@
 <section class="summary" data-study="{{s['name']}}">
 <p>State <span class="state state-{{s['state']}}" data-field="state">{{s['state']}}</span>
 · <span data-field="finished" data-value="{{s['finished']}}">{{s['finished']}} / {{s['budget'] if s['budget'] is not None else '?'}}</span> finished
-· {{s['running_trials']}} running · {{s['failed']}} failed{{' · %d stale (retried on resume)' % s['stale_trials'] if s['stale_trials'] else ''}}
+· {{s['running_trials']}} running · {{s['failed']}} failed{{' · %d stale (retried on resume)' % s['stale_trials'] if s['stale_trials'] else ''}}{{' · %d duplicate proposal(s), not trained' % s['duplicates'] if s['duplicates'] else ''}}
 % if s['best_trial'] is not None:
 · best trial {{s['best_trial']}}: CV loss {{num(s['best_cv_loss'])}}, accuracy {{num(s['best_cv_accuracy'])}}, {{s['best_layout']}}
 % end
@@ -13,6 +13,18 @@
 % include('actions.tpl', s=s)
 </div>
 </section>
+% if s['live_workers']:
+<p class="workers" data-field="workers">Live workers: {{s['live_workers_text']}}</p>
+% end
+% if s['config_history']:
+<section><h2>Config history</h2>
+<p class="muted">Forced changes of the study's contract (nas-search --force); each trial records the config version it ran under (0 = the first).</p>
+<ol class="history" start="1">
+%   for version, h in enumerate(s['config_history'], start=1):
+<li>version {{version}} from {{h['at']}} ({{h['by']}}, {{h['source']}}): {{'; '.join('%s: %s -> %s' % (c['key'], show(c['old']), show(c['new'])) for c in h['changes'])}}</li>
+%   end
+</ol></section>
+% end
 % if s['worker']:
 <section><h2>Worker started here</h2>
 <p>{{s['worker']['status']}} (pid {{s['worker']['pid']}}, started {{s['worker']['started_at']}}) — <a href="/studies/{{q(s['name'])}}/log">full log</a></p>
@@ -61,7 +73,7 @@
 <table class="trials"><thead><tr><th>#</th><th>state</th><th>CV loss</th><th>± std</th><th>CV acc</th><th>norm type</th><th>position</th><th>activation</th><th>params</th><th>layout</th><th>note</th></tr></thead><tbody>
 % for t in reversed(s['trials']):
 <tr class="trial-{{t['state'].lower()}}"><td>{{t['number']}}</td><td>{{t['state']}}</td><td>{{num(t['cv_loss'])}}</td><td>{{num(t['cv_loss_std'])}}</td><td>{{num(t['cv_accuracy'])}}</td>
-<td>{{t['norm_type']}}</td><td>{{t['norm_position']}}</td><td>{{t['activation']}}</td><td>{{num(t['params'], '{:,}')}}</td><td class="layout">{{t['layout']}}</td><td>{{t['fail_reason']}}</td></tr>
+<td>{{t['norm_type']}}</td><td>{{t['norm_position']}}</td><td>{{t['activation']}}</td><td>{{num(t['params'], '{:,}')}}</td><td class="layout">{{t['layout']}}</td><td>{{t['fail_reason'] or ('duplicate of trial %d (not trained)' % t['duplicate_of'] if t['duplicate_of'] is not None else '')}}</td></tr>
 % end
 </tbody></table>
 </section>
