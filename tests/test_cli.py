@@ -7,6 +7,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import yaml
 
 from conftest import write_digits_run
 from nas.cli import search_main
@@ -101,16 +102,26 @@ def test_bad_config_exits_2_with_one_line_and_writes_nothing(run_dir):
 @pytest.mark.parametrize(
     "args, words",
     [
-        (["--trials", "0"], "study.trials: must be >= 1"),
-        (["--sampler", "cmaes"], "study.sampler: unknown sampler 'cmaes'"),
-        (["--set", "dataset.name=cifar"], "dataset.name: unknown name 'cifar'"),
-        (["--set", "evaluation.epochs=many"], "evaluation.epochs: expected an integer"),
+        (["--trials", "0"], "--trials: study.trials: must be >= 1"),
+        (["--sampler", "cmaes"], "--sampler: study.sampler: unknown sampler 'cmaes'"),
+        (["--set", "dataset.name=cifar"], "--set: dataset.name: unknown name 'cifar'"),
+        (["--set", "evaluation.epochs=many"], "--set: evaluation.epochs: expected an integer"),
+        (["--set", "dataset={name: npz, root: nowhere.npz}"], "--set: dataset.root: file not found: "),
     ],
 )
-def test_bad_overrides_exit_2_naming_the_key(run_dir, capsys, args, words):
+def test_bad_overrides_exit_2_naming_the_flag_and_the_key(run_dir, capsys, args, words):
     assert search_main(["--config", "run.yaml", *args]) == 2
     err = capsys.readouterr().err
-    assert words in err and err.count("\n") == 1
+    assert err.startswith(words) and err.count("\n") == 1
+
+
+def test_a_dataset_error_names_the_config_file(run_dir, capsys):
+    config = yaml.safe_load((run_dir / "run.yaml").read_text())
+    (run_dir / "npz.yaml").write_text(yaml.safe_dump({**config, "dataset": {"name": "npz", "root": "nowhere.npz"}}))
+    assert search_main(["--config", "npz.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"npz.yaml: dataset.root: file not found: {run_dir / 'nowhere.npz'}") and err.count("\n") == 1
+    assert not (run_dir / "runs").exists()
 
 
 def test_pruners_from_the_config_prune_or_complete_every_trial(run_dir):
