@@ -332,8 +332,8 @@ SIGNALS = Signals()
 class StopOnRequest:
     """Stop at a trial boundary when `request_stop` was called after this worker started.
 
-    `started` is this process's start (not the moment the search loop begins), so a Stop that
-    comes while the worker still imports torch or loads data is not missed.
+    `started` is when the run began (before its data loads), so a Stop that comes while the
+    worker loads data or opens the study is not missed.
     """
 
     def __init__(self, started: float):
@@ -370,9 +370,9 @@ def run_search(cfg: RunConfig, progress: bool | None = None, out=print, force: b
     loads data, too). With `workers` > 1 it is the first worker and starts `worker_command` as
     the others, once the study exists; they share it through the storage.
     """
-    from nas.liveness import current
     from nas.train import resolve_device
 
+    started = time.time()  # a stop requested from now on is for this run (loading data included)
     device = resolve_device(cfg.device)
     check_writable_sqlite(cfg.study.storage)
     path = sqlite_path(cfg.study.storage)
@@ -381,7 +381,7 @@ def run_search(cfg: RunConfig, progress: bool | None = None, out=print, force: b
         study_id = existing_study_id(storage, cfg.study.name) if storage is not None else None
         if study_id is not None:
             record.attach(storage, study_id)  # visible to the dashboard and other workers from now on
-        return _search(cfg, storage, record, device, progress, out, force, worker_command, workers, current().started)
+        return _search(cfg, storage, record, device, progress, out, force, worker_command, workers, started)
 
 
 def _search(cfg: RunConfig, storage, record: WorkerRecord, device, progress, out, force, worker_command, workers, started) -> optuna.Study:
