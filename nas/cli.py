@@ -1,12 +1,16 @@
 """The console scripts: parse arguments, call the rooms, map errors to exit codes in one place.
 
 0 success, 1 unexpected error or a failed self-check (one line), 2 bad usage or bad input
-(one line, no traceback), 130 interrupted by SIGINT, 143 by SIGTERM (study left resumable).
+(one line, no traceback), 130 interrupted by SIGINT, 143 by SIGTERM (study left resumable),
+141 stdout closed by its reader (`nas-search | head -1`; 128 + SIGPIPE, as a shell reports a
+process killed by it), quietly.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import os
 import sys
 from importlib.metadata import PackageNotFoundError, version
 
@@ -14,6 +18,24 @@ from nas.config import SHORTCUTS, Override, load_run_config, parse_override
 from nas.errors import NasError, Terminated, VerificationError
 
 DEFAULT_STORAGE = "sqlite:///runs/nas.db"
+EXIT_CLOSED_STDOUT = 141  # 128 + SIGPIPE
+
+
+def _console_script(main):
+    """A reader that stops early (`| head -1`) ends the command quietly, not with a BrokenPipeError traceback."""
+
+    @functools.wraps(main)
+    def wrapper(argv: list[str] | None = None) -> int:
+        try:
+            try:
+                return main(argv)
+            finally:
+                sys.stdout.flush()  # now, while a closed pipe can still be caught, not at interpreter exit
+        except BrokenPipeError:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit-time flush then goes nowhere
+            return EXIT_CLOSED_STDOUT
+
+    return wrapper
 
 
 def _version() -> str:
@@ -52,6 +74,7 @@ def search_parser() -> argparse.ArgumentParser:
     return p
 
 
+@_console_script
 def search_main(argv: list[str] | None = None) -> int:
     parser = search_parser()
     args = parser.parse_args(argv)
@@ -112,6 +135,7 @@ def report_parser() -> argparse.ArgumentParser:
     return p
 
 
+@_console_script
 def report_main(argv: list[str] | None = None) -> int:
     args = report_parser().parse_args(argv)
 
@@ -140,6 +164,7 @@ def export_parser() -> argparse.ArgumentParser:
     return p
 
 
+@_console_script
 def export_main(argv: list[str] | None = None) -> int:
     args = export_parser().parse_args(argv)
     if args.epochs is not None and args.epochs < 1:
@@ -168,6 +193,7 @@ def bench_parser() -> argparse.ArgumentParser:
     return p
 
 
+@_console_script
 def bench_main(argv: list[str] | None = None) -> int:
     parser = bench_parser()
     args = parser.parse_args(argv)
@@ -225,6 +251,7 @@ def _per_class(text: str) -> int | None:
     return value
 
 
+@_console_script
 def finetune_main(argv: list[str] | None = None) -> int:
     parser = finetune_parser()
     args = parser.parse_args(argv)
@@ -260,6 +287,7 @@ def dashboard_parser() -> argparse.ArgumentParser:
     return p
 
 
+@_console_script
 def dashboard_main(argv: list[str] | None = None) -> int:
     parser = dashboard_parser()
     args = parser.parse_args(argv)
