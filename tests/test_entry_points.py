@@ -4,8 +4,14 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import write_digits_run
-from nas.cli import EXIT_CLOSED_STDOUT, search_main
+from nas.cli import EXIT_CLOSED_STDOUT, EXIT_CODES, SUMMARIES, search_main
+from nas.config import FOLD_MODES, PRUNER_NAMES, SAMPLER_NAMES
+from nas.data import LOADERS
+
+COMMANDS = ("search", "report", "export", "bench", "finetune", "dashboard")
 
 
 def run_with_closed_stdout(args: list[str], cwd=None) -> subprocess.CompletedProcess:
@@ -33,3 +39,53 @@ def test_search_table_into_a_closed_pipe_exits_quietly(tmp_path):
     assert proc.returncode == EXIT_CLOSED_STDOUT
     assert "Traceback" not in proc.stderr and "BrokenPipeError" not in proc.stderr
     assert proc.stderr == ""
+
+
+
+def test_the_command_list_into_a_closed_pipe_exits_quietly():
+    proc = run_with_closed_stdout(["--help"])
+
+    assert proc.returncode == EXIT_CLOSED_STDOUT
+    assert proc.stderr == ""
+
+
+def python_m_nas(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "nas", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_python_m_nas_help_lists_every_command_with_one_line_and_the_exit_codes():
+    proc = python_m_nas("--help")
+
+    assert proc.returncode == 0, proc.stderr
+    for command in COMMANDS:
+        assert f"  {command:<10} {SUMMARIES[command]}\n" in proc.stdout
+    assert EXIT_CODES in proc.stdout
+
+
+@pytest.mark.parametrize("args, words", [((), "give a command"), (("serach",), "unknown command 'serach'")])
+def test_python_m_nas_without_a_known_command_is_one_line_and_exit_2(args, words):
+    proc = python_m_nas(*args)
+
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and words in proc.stderr and ", ".join(COMMANDS) in proc.stderr
+    assert proc.stdout == ""
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_runs_through_python_m_nas_and_its_help_states_the_exit_codes(command):
+    proc = python_m_nas(command, "--help")
+
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"usage: nas-{command} ")
+    assert SUMMARIES[command] in " ".join(proc.stdout.split())  # the description is wrapped
+    assert EXIT_CODES in proc.stdout
+
+
+def test_search_help_names_the_datasets_samplers_pruners_and_fold_modes():
+    proc = python_m_nas("search", "--help")
+
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    for label, names in [("datasets (dataset.name)", LOADERS), ("samplers (--sampler, study.sampler)", SAMPLER_NAMES),
+                         ("pruners (evaluation.pruner)", PRUNER_NAMES), ("fold modes (evaluation.fold_mode)", FOLD_MODES)]:
+        assert any(line.startswith(f"  {label} ") and line.endswith(f" {', '.join(names)}") for line in lines), label
