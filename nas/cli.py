@@ -14,6 +14,7 @@ import os
 import sys
 import textwrap
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 from nas.config import FOLD_MODES, OBJECTIVES, PRUNER_NAMES, SAMPLER_NAMES  # named in nas-search --help
 from nas.config import SHORTCUTS, Override, load_run_config, parse_override
@@ -21,6 +22,9 @@ from nas.errors import NasError, Terminated, VerificationError
 from nas.validation import did_you_mean
 
 DEFAULT_STORAGE = "sqlite:///runs/nas.db"
+# The embedded default run config: package data, so an installed bnnas has it; the repository's
+# configs/digits.yaml and search_spaces/bn_placement.yaml are links to these files.
+DEFAULT_CONFIG = Path(__file__).parent / "default" / "configs" / "digits.yaml"
 EXIT_CLOSED_STDOUT = 141  # 128 + SIGPIPE
 EXIT_CODES = f"""exit codes:
   0    success
@@ -94,11 +98,13 @@ def search_parser() -> argparse.ArgumentParser:
   objectives (objectives)              {_names(OBJECTIVES)}
 
 examples:
+  nas-search --trials 5 --epochs 3       # the embedded default (configs/digits.yaml), smaller
   nas-search --config configs/digits.yaml
   nas-search --config configs/cifar.yaml --set dataset.root=~/data/cifar10 --trials 100
   nas-search --resume --study digits-bn --storage sqlite:///runs/nas.db --trials 60""",
     )
-    p.add_argument("--config", help="run config YAML (dataset, search space, study, evaluation)")
+    p.add_argument("--config", help="run config YAML (dataset, search space, study, evaluation); "
+                   "default: the embedded configs/digits.yaml (digits, offline)")
     p.add_argument("--resume", action="store_true", help="continue a stored study without its YAML (needs --study; --storage defaults to %(default)s)".replace("%(default)s", DEFAULT_STORAGE))
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE", help="override any config key (repeatable), e.g. --set dataset.root=~/data")
     shortcuts = p.add_argument_group("shortcuts (each overrides one config key)")
@@ -122,12 +128,9 @@ def search_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.resume and not args.study:
         parser.error("--resume needs --study NAME")
-    if not args.resume and not args.config:
-        parser.error("give --config FILE, or --resume --study NAME")
     if args.workers < 1:
         parser.error("--workers must be >= 1")
     return _run(lambda: _search(args, argv))
-
 
 
 def _search(args: argparse.Namespace, argv: list[str] | None) -> None:
@@ -139,7 +142,11 @@ def _search(args: argparse.Namespace, argv: list[str] | None) -> None:
         storage = args.storage or DEFAULT_STORAGE
         cfg = load_run_config(None, overrides, stored=stored_config(args.study, storage))
     else:
-        cfg = load_run_config(args.config, overrides)
+        cfg = load_run_config(args.config or DEFAULT_CONFIG, overrides)
+    if not args.resume and not args.config:
+        print(f"No --config given: running the embedded default (configs/digits.yaml: {cfg.dataset.name}, "
+              f"--trials {cfg.study.trials} --folds {cfg.evaluation.folds} --epochs {cfg.evaluation.epochs}, "
+              f"study '{cfg.study.name}' in {cfg.study.storage})", flush=True)
     worker = None
     if args.workers > 1:  # the other workers: this command again, one worker each, quiet
         argv = sys.argv[1:] if argv is None else argv

@@ -1,9 +1,13 @@
 """The console scripts as a user meets them: real processes, their help, their exit codes, a closed pipe."""
 
 import os
+import shutil
 import subprocess
 import sys
+import zipfile
+from pathlib import Path
 
+import optuna
 import pytest
 
 from conftest import write_digits_run
@@ -12,6 +16,8 @@ from nas.config import FOLD_MODES, PRUNER_NAMES, SAMPLER_NAMES
 from nas.data import LOADERS
 
 COMMANDS = ("search", "report", "export", "bench", "finetune", "dashboard")
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--trials", "1", "--epochs", "1", "--folds", "2", "--no-progress"]
 
 
 def run_with_closed_stdout(args: list[str], cwd=None) -> subprocess.CompletedProcess:
@@ -89,3 +95,48 @@ def test_search_help_names_the_datasets_samplers_pruners_and_fold_modes():
     for label, names in [("datasets (dataset.name)", LOADERS), ("samplers (--sampler, study.sampler)", SAMPLER_NAMES),
                          ("pruners (evaluation.pruner)", PRUNER_NAMES), ("fold modes (evaluation.fold_mode)", FOLD_MODES)]:
         assert any(line.startswith(f"  {label} ") and line.endswith(f" {', '.join(names)}") for line in lines), label
+
+
+def run_the_default(cwd: Path, env: dict | None = None) -> tuple[subprocess.CompletedProcess, str]:
+    """`python -m nas search` with no --config, a tiny budget and a storage in `cwd`."""
+    storage = f"sqlite:///{cwd}/x.db"
+    proc = subprocess.run([sys.executable, "-m", "nas", "search", *TINY, "--storage", storage],
+                          capture_output=True, text=True, timeout=300, cwd=cwd, env=env)
+    return proc, storage
+
+
+def assert_ran_the_default(proc: subprocess.CompletedProcess, storage: str) -> None:
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[0] == ("No --config given: running the embedded default (configs/digits.yaml: digits, "
+                                           f"--trials 1 --folds 2 --epochs 1, study 'digits-bn' in {storage})")
+    trials = optuna.load_study(study_name="digits-bn", storage=storage).get_trials()
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE]
+    assert {"block.activation", "training.label_smoothing"} <= set(trials[0].params)  # sampled from bn_placement.yaml
+
+
+def test_search_without_a_config_runs_the_embedded_default_and_says_so_first(tmp_path):
+    proc, storage = run_the_default(tmp_path)
+
+    assert_ran_the_default(proc, storage)
+    assert [p.name for p in tmp_path.iterdir()] == ["x.db"]  # the shortcut flags applied: no runs/nas.db
+
+
+def test_an_installed_wheel_runs_the_embedded_default(tmp_path):
+    pytest.importorskip("setuptools")  # the wheel is built offline, in this environment
+    source = tmp_path / "source"
+    shutil.copytree(REPO / "nas", source / "nas", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
+                    "-w", str(tmp_path / "wheel"), str(source)], check=True, capture_output=True, timeout=300)
+    site, cwd = tmp_path / "site", tmp_path / "cwd"
+    zipfile.ZipFile(next((tmp_path / "wheel").glob("bnnas-*.whl"))).extractall(site)  # what pip install puts in site-packages
+    cwd.mkdir()
+
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    imported = subprocess.run([sys.executable, "-c", "import nas; print(nas.__file__)"], capture_output=True, text=True, env=env, cwd=cwd)
+    assert Path(imported.stdout.strip()).is_relative_to(site)  # not the source tree
+
+    proc, storage = run_the_default(cwd, env)
+
+    assert_ran_the_default(proc, storage)
