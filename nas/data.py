@@ -186,7 +186,11 @@ def _npz(cfg) -> Arrays:
 
 
 def _imagefolder(cfg) -> Arrays:
-    """`root/train/<class>/*.png` and `root/test/<class>/*.png`, via torchvision's ImageFolder."""
+    """`root/train/<class>/*.png` and `root/test/<class>/*.png`, via torchvision's ImageFolder.
+
+    ImageFolder numbers each split's own class folders, so both splits are renumbered onto the
+    classes of either: a test split without some class still lines up with training.
+    """
     import torchvision
     from torchvision.transforms import v2
 
@@ -208,9 +212,8 @@ def _imagefolder(cfg) -> Arrays:
         except RuntimeError:
             raise DataError(f"dataset.root: images in {root / split} differ in size; set dataset.image_size") from None
         splits.append((x, np.asarray(folder.targets), folder.classes))
-    (x_train, y_train, classes), (x_test, y_test, test_classes) = splits
-    if classes != test_classes:
-        raise DataError(f"dataset.root: {root}: train/ and test/ hold different classes")
+    classes = sorted({name for _, _, names in splits for name in names})
+    (x_train, y_train), (x_test, y_test) = ((x, np.array([classes.index(n) for n in names])[y]) for x, y, names in splits)
     return Arrays(x_train, y_train, x_test, y_test, classes)
 
 
@@ -254,6 +257,7 @@ def load_dataset(cfg, device: torch.device | str = "cpu", normalization: dict | 
     from nas.transforms import apply_transforms
 
     arrays = LOADERS[cfg.name](cfg)
+    _refuse_untrained_classes(arrays, cfg)
     x_train, x_test = apply_transforms(arrays.x_train.astype(np.float32), arrays.x_test.astype(np.float32),
                                        cfg.transforms, cfg.transform_seed)
     axes = (0, 1) if x_train.ndim == 2 else (0, *range(2, x_train.ndim))  # all but the channel axis; (N, L) is one channel
@@ -280,6 +284,15 @@ def load_dataset(cfg, device: torch.device | str = "cpu", normalization: dict | 
         std=std.reshape(-1).tolist(),
         fingerprint=fingerprint(arrays),
     ).to(device)
+
+
+def _refuse_untrained_classes(arrays: Arrays, cfg) -> None:
+    """A class in the test split but not in training would get an output that never trains."""
+    untrained = np.setdiff1d(np.unique(arrays.y_test), np.unique(arrays.y_train))
+    if untrained.size:
+        where = f"dataset.root: {cfg.root}" if cfg.root else f"dataset.name: {cfg.name}"
+        names = ", ".join(arrays.classes[i] for i in untrained)
+        raise DataError(f"{where}: the test split has class(es) {names} that the training split lacks; a model cannot learn them")
 
 
 def augment_batch(x: torch.Tensor, mode: str, generator: torch.Generator | None = None) -> torch.Tensor:

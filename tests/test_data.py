@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import math
 import pickle
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -497,15 +498,42 @@ def test_imagefolder_with_image_size_resizes_every_image(tmp_path):
     assert data.x_train.shape == (7, 3, 6, 6) and data.x_test.shape == (6, 3, 6, 6)
 
 
-def test_imagefolder_without_test_split_or_with_other_classes_is_a_data_error(tmp_path):
-    write_imagefolder(tmp_path / "a", classes=("cat", "dog"))
-    write_png(tmp_path / "a" / "test" / "eel" / "0.png", np.zeros((8, 8, 3), np.uint8))
-    with pytest.raises(DataError, match="different classes"):
-        load_dataset(DatasetConfig(name="imagefolder", root=str(tmp_path / "a")))
+def test_imagefolder_without_test_split_is_a_data_error(tmp_path):
+    write_png(tmp_path / "train" / "cat" / "0.png", np.zeros((8, 8, 3), np.uint8))
 
-    write_png(tmp_path / "b" / "train" / "cat" / "0.png", np.zeros((8, 8, 3), np.uint8))
     with pytest.raises(DataError, match=r"dataset\.root"):
-        load_dataset(DatasetConfig(name="imagefolder", root=str(tmp_path / "b")))
+        load_dataset(DatasetConfig(name="imagefolder", root=str(tmp_path)))
+
+
+def test_imagefolder_test_class_that_train_lacks_is_refused_naming_it(tmp_path):
+    write_imagefolder(tmp_path, classes=("cat", "dog"))
+    write_png(tmp_path / "test" / "eel" / "0.png", np.zeros((8, 8, 3), np.uint8))
+
+    message = data_error("imagefolder", tmp_path)
+
+    assert message == (f"dataset.root: {tmp_path}: the test split has class(es) eel that the training split lacks; "
+                       "a model cannot learn them")
+
+
+def test_imagefolder_test_split_without_some_class_keeps_the_training_labels(tmp_path):
+    write_imagefolder(tmp_path, classes=("cat", "dog", "eel"), per_class=2)
+    shutil.rmtree(tmp_path / "test" / "dog")  # ImageFolder alone would number eel 1 in test/, 2 in train/
+
+    data = load_dataset(DatasetConfig(name="imagefolder", root=str(tmp_path)))
+
+    assert data.classes == ["cat", "dog", "eel"]
+    assert data.y_train.tolist() == [0, 0, 1, 1, 2, 2]
+    assert [data.classes[i] for i in data.y_test] == ["cat", "cat", "eel", "eel"]
+
+
+def test_npz_test_label_absent_from_training_is_refused_naming_it(tmp_path):
+    path = write_npz(tmp_path / "s.npz", x_train=np.zeros((4, 8), np.float32), y_train=np.array([3, 7, 3, 7]),
+                     x_test=np.zeros((3, 8), np.float32), y_test=np.array([3, 9, 42]))
+
+    message = _npz_error(path)
+
+    assert message == (f"dataset.root: {path}: the test split has class(es) 9, 42 that the training split lacks; "
+                       "a model cannot learn them")
 
 
 # --------------------------------------------------------------------------- digits
