@@ -69,9 +69,10 @@ def write_json(path: Path, data: dict) -> None:
     _atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + "\n"))
 
 
-def writable_folder(folder: Path) -> Path:
-    """Create `folder` and write a scratch file in it: an --out that cannot take the files is found
-    before minutes of training, not after."""
+def check_writable(folder: Path) -> None:
+    """Create `folder` and a scratch file in it, then remove what was made: an --out that cannot take
+    the files is found before minutes of training, and input found bad later still leaves nothing."""
+    made = [path for path in (folder, *folder.parents) if not path.exists()]  # deepest first
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd, scratch = tempfile.mkstemp(prefix=".write-check.", dir=folder)
@@ -79,7 +80,10 @@ def writable_folder(folder: Path) -> Path:
         os.unlink(scratch)
     except OSError as exc:
         raise NasError(f"--out: cannot write to {folder}: {exc.strerror or exc}") from None
-    return folder
+    finally:
+        for path in made:
+            if path.is_dir():
+                path.rmdir()
 
 
 def pick_trial(study, number: int | None):
@@ -123,7 +127,7 @@ def export_trial(storage: str, study_name: str, out: str | Path, trial_number: i
     trial = pick_trial(study, trial_number)
     stored, fingerprint = config_of_trial(study, trial)  # the config the trial was scored under
     cfg = load_run_config(None, stored=stored)
-    out = writable_folder(Path(out))
+    check_writable(Path(out))
     spec = trial.user_attrs["arch"]
     dev = resolve_device(device or cfg.device)
     data = load_dataset(cfg.dataset, dev)
@@ -152,7 +156,7 @@ def export_trial(storage: str, study_name: str, out: str | Path, trial_number: i
         "epochs": epochs,
         "test": {"loss": test_loss, "accuracy": test_acc, "samples": len(data.y_test)},
     }
-    folder = write_export(model, x_test, meta, out)
+    folder = write_export(model, x_test, meta, Path(out))
     log(f"Wrote {folder}/ ({', '.join(FILES)}, model.json); verified in a fresh process")
     return folder
 
@@ -174,7 +178,10 @@ def write_export(model: nn.Module, x_check: torch.Tensor, meta: dict, folder: Pa
     """Fold, check folding exactness, write the four files atomically, verify in a fresh process."""
     from nas.fold import fold_norms
 
-    writable_folder(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise NasError(f"--out: cannot create {folder}: {exc.strerror or exc}") from None
     model = model.eval()
     folded = fold_norms(model)
     with torch.no_grad():
