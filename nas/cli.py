@@ -1,19 +1,64 @@
 """The console scripts: parse arguments, call the rooms, map errors to exit codes in one place.
 
 0 success, 1 unexpected error or a failed self-check (one line), 2 bad usage or bad input
-(one line, no traceback), 130 interrupted by SIGINT, 143 by SIGTERM (study left resumable).
+(one line, no traceback), 130 interrupted by SIGINT, 143 by SIGTERM (study left resumable),
+141 stdout closed by its reader (`nas-search | head -1`; 128 + SIGPIPE, as a shell reports a
+process killed by it), quietly. `main` is `python -m nas COMMAND`: every script in one.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import os
 import sys
+import textwrap
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
+from nas.config import FOLD_MODES, OBJECTIVES, PRUNER_NAMES, SAMPLER_NAMES  # named in nas-search --help
 from nas.config import SHORTCUTS, Override, load_run_config, parse_override
 from nas.errors import NasError, Terminated, VerificationError
+from nas.validation import did_you_mean
 
 DEFAULT_STORAGE = "sqlite:///runs/nas.db"
+# The embedded default run config: package data, so an installed bnnas has it; the repository's
+# configs/digits.yaml and search_spaces/bn_placement.yaml are links to these files.
+DEFAULT_CONFIG = Path(__file__).parent / "default" / "configs" / "digits.yaml"
+EXIT_CLOSED_STDOUT = 141  # 128 + SIGPIPE
+EXIT_CODES = f"""exit codes:
+  0    success
+  1    unexpected error, or an output that failed its own check (one line)
+  2    bad usage or bad input (one line, no traceback, nothing written)
+  130  interrupted by SIGINT; 143 terminated by SIGTERM (a study stays resumable)
+  {EXIT_CLOSED_STDOUT}  stdout closed by its reader (nas-search | head -1): stops quietly"""
+
+# One line per command: the start of its --help, and its line in `python -m nas --help`.
+SUMMARIES = {
+    "search": "Search a normalization-aware CNN space with Optuna, scoring each trial by k-fold cross-validation",
+    "report": "Write report.md and PNGs about a study: what the normalization choices did",
+    "export": "Retrain a trial on the full training split, fold BN, write TorchScript and torch.export files",
+    "bench": "Time an exported model unfolded, folded, TorchScript and torch.export: what BN costs at inference",
+    "finetune": "Fine-tune an exported model on a run config's dataset with a BatchNorm strategy",
+    "dashboard": "Web dashboard for the studies in one storage: browse, resume, stop, export",
+}
+
+
+def _console_script(main):
+    """A reader that stops early (`| head -1`) ends the command quietly, not with a BrokenPipeError traceback."""
+
+    @functools.wraps(main)
+    def wrapper(argv: list[str] | None = None) -> int:
+        try:
+            try:
+                return main(argv)
+            finally:
+                sys.stdout.flush()  # now, while a closed pipe can still be caught, not at interpreter exit
+        except BrokenPipeError:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit-time flush then goes nowhere
+            return EXIT_CLOSED_STDOUT
+
+    return wrapper
 
 
 def _version() -> str:
@@ -23,17 +68,43 @@ def _version() -> str:
         return "unknown"
 
 
-def search_parser() -> argparse.ArgumentParser:
+def _parser(command: str, details: str, epilog: str = "") -> argparse.ArgumentParser:
+    """A command's parser: its summary and details, its epilog, the exit codes and --version."""
     p = argparse.ArgumentParser(
-        prog="nas-search",
-        description="Search a normalization-aware CNN space with Optuna; every trial is scored by "
-        "k-fold cross-validated validation loss and stored in an Optuna study.",
-        epilog="examples:\n  nas-search --config configs/digits.yaml\n"
-        "  nas-search --config configs/cifar.yaml --set dataset.root=~/data/cifar10 --trials 100\n"
-        "  nas-search --resume --study digits-bn --storage sqlite:///runs/nas.db --trials 60",
+        prog=f"nas-{command}",
+        description=textwrap.fill(f"{SUMMARIES[command]}. {details}", 88, break_on_hyphens=False),
+        epilog=f"{epilog}\n\n{EXIT_CODES}" if epilog else EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--config", help="run config YAML (dataset, search space, study, evaluation)")
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    return p
+
+
+def _names(values) -> str:
+    return ", ".join(values)
+
+
+def search_parser() -> argparse.ArgumentParser:
+    from nas.data import LOADERS
+
+    p = _parser(
+        "search",
+        "A trial's score is its mean validation loss over the folds; every trial is stored in an Optuna study.",
+        f"""names the config takes:
+  datasets (dataset.name)              {_names(LOADERS)}
+  samplers (--sampler, study.sampler)  {_names(SAMPLER_NAMES)}
+  pruners (evaluation.pruner)          {_names(PRUNER_NAMES)}
+  fold modes (evaluation.fold_mode)    {_names(FOLD_MODES)}
+  objectives (objectives)              {_names(OBJECTIVES)}
+
+examples:
+  nas-search --trials 5 --epochs 3       # the embedded default (configs/digits.yaml), smaller
+  nas-search --config configs/digits.yaml
+  nas-search --config configs/cifar.yaml --set dataset.root=~/data/cifar10 --trials 100
+  nas-search --resume --study digits-bn --storage sqlite:///runs/nas.db --trials 60""",
+    )
+    p.add_argument("--config", help="run config YAML (dataset, search space, study, evaluation); "
+                   "default: the embedded configs/digits.yaml (digits, offline)")
     p.add_argument("--resume", action="store_true", help="continue a stored study without its YAML (needs --study; --storage defaults to %(default)s)".replace("%(default)s", DEFAULT_STORAGE))
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE", help="override any config key (repeatable), e.g. --set dataset.root=~/data")
     shortcuts = p.add_argument_group("shortcuts (each overrides one config key)")
@@ -48,21 +119,18 @@ def search_parser() -> argparse.ArgumentParser:
     bars = p.add_mutually_exclusive_group()
     bars.add_argument("--progress", dest="progress", action="store_true", default=None, help="show progress bars even when stderr is not a terminal")
     bars.add_argument("--no-progress", dest="progress", action="store_false", help="never show progress bars")
-    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     return p
 
 
+@_console_script
 def search_main(argv: list[str] | None = None) -> int:
     parser = search_parser()
     args = parser.parse_args(argv)
     if args.resume and not args.study:
         parser.error("--resume needs --study NAME")
-    if not args.resume and not args.config:
-        parser.error("give --config FILE, or --resume --study NAME")
     if args.workers < 1:
         parser.error("--workers must be >= 1")
     return _run(lambda: _search(args, argv))
-
 
 
 def _search(args: argparse.Namespace, argv: list[str] | None) -> None:
@@ -74,7 +142,11 @@ def _search(args: argparse.Namespace, argv: list[str] | None) -> None:
         storage = args.storage or DEFAULT_STORAGE
         cfg = load_run_config(None, overrides, stored=stored_config(args.study, storage))
     else:
-        cfg = load_run_config(args.config, overrides)
+        cfg = load_run_config(args.config or DEFAULT_CONFIG, overrides)
+    if not args.resume and not args.config:
+        print(f"No --config given: running the embedded default (configs/digits.yaml: {cfg.dataset.name}, "
+              f"--trials {cfg.study.trials} --folds {cfg.evaluation.folds} --epochs {cfg.evaluation.epochs}, "
+              f"study '{cfg.study.name}' in {cfg.study.storage})", flush=True)
     worker = None
     if args.workers > 1:  # the other workers: this command again, one worker each, quiet
         argv = sys.argv[1:] if argv is None else argv
@@ -100,18 +172,14 @@ def _study_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def report_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="nas-report",
-        description="Write report.md and PNGs about a study: what the normalization choices did. "
-        "Works on a study that a search is still writing.",
-    )
+    p = _parser("report", "It only reads the study, so it works on one that a search is still writing.")
     _study_arguments(p)
     p.add_argument("--out", required=True, help="folder for report.md and the PNGs (created)")
     p.add_argument("--top", type=int, default=10, help="rows in the top-k table (default %(default)s)")
-    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     return p
 
 
+@_console_script
 def report_main(argv: list[str] | None = None) -> int:
     args = report_parser().parse_args(argv)
 
@@ -125,21 +193,18 @@ def report_main(argv: list[str] | None = None) -> int:
 
 
 def export_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="nas-export",
-        description="Retrain a trial (default: the best) on the full training split, test it, fold BN into "
-        "the convs and write model.ts (TorchScript), model.pt2 (torch.export), weights.pt and model.json; "
-        "then verify both model files in a fresh process.",
-    )
+    p = _parser("export", "The trial (default: the best) is tested on the held-out test split; model.ts (TorchScript), "
+                "model.pt2 (torch.export), weights.pt and model.json are written, then both model files are "
+                "verified in a fresh process.")
     _study_arguments(p)
     p.add_argument("--trial", type=int, help="trial number (default: the best; required for multi-objective studies)")
     p.add_argument("--out", default="exported", help="output folder (default %(default)s)")
     p.add_argument("--epochs", type=int, help="training epochs (default: the study's evaluation.epochs)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: the study's device")
-    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     return p
 
 
+@_console_script
 def export_main(argv: list[str] | None = None) -> int:
     args = export_parser().parse_args(argv)
     if args.epochs is not None and args.epochs < 1:
@@ -154,20 +219,16 @@ def export_main(argv: list[str] | None = None) -> int:
 
 
 def bench_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="nas-bench",
-        description="What BN costs at inference: median latency and throughput of the exported model as eager "
-        "unfolded, eager folded, TorchScript folded and torch.export folded, measured side by side in one run.",
-    )
+    p = _parser("bench", "Median latency and throughput of each variant, measured side by side in one run.")
     p.add_argument("--model", required=True, help="an export folder written by nas-export")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu", help="default %(default)s")
     p.add_argument("--batch-sizes", default="1,64,256", help="comma-separated (default %(default)s)")
     p.add_argument("--repeats", type=int, default=50, help="timed calls per variant and batch size (default %(default)s)")
     p.add_argument("--warmup", type=int, default=10, help="untimed calls first (default %(default)s)")
-    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     return p
 
 
+@_console_script
 def bench_main(argv: list[str] | None = None) -> int:
     parser = bench_parser()
     args = parser.parse_args(argv)
@@ -189,14 +250,12 @@ def bench_main(argv: list[str] | None = None) -> int:
 def finetune_parser() -> argparse.ArgumentParser:
     from nas.transfer import MODES
 
-    p = argparse.ArgumentParser(
-        prog="nas-finetune",
-        description="Fine-tune an export folder (from nas-export) on the dataset of a run config with a BatchNorm "
-        "strategy; write an export folder like nas-export's (BN folded, verified) plus metrics.json.",
-        epilog="modes: freeze (norm layers fixed, the rest trained), adabn (running statistics re-estimated on the "
+    p = _parser(
+        "finetune",
+        "It writes an export folder like nas-export's (BN folded, verified) plus metrics.json.",
+        "modes: freeze (norm layers fixed, the rest trained), adabn (running statistics re-estimated on the "
         "target inputs; with K > 0 then the head trained), bn-only (norm affine parameters and head), full (everything)\n"
         "example:\n  nas-finetune --model exported/ --config configs/digits_shifted.yaml --bn-mode adabn",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model", required=True, help="an export folder written by nas-export (or nas-finetune)")
     p.add_argument("--config", required=True, help="run config YAML whose dataset (and dataset.transforms) is the target")
@@ -209,7 +268,6 @@ def finetune_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="finetuned", help="output folder (default %(default)s)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE", help="override any config key (repeatable)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: the config's device")
-    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     return p
 
 
@@ -225,6 +283,7 @@ def _per_class(text: str) -> int | None:
     return value
 
 
+@_console_script
 def finetune_main(argv: list[str] | None = None) -> int:
     parser = finetune_parser()
     args = parser.parse_args(argv)
@@ -245,21 +304,17 @@ def finetune_main(argv: list[str] | None = None) -> int:
 
 
 def dashboard_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="nas-dashboard",
-        description="Web dashboard for the studies in one storage: list and detail pages, Resume / Stop / "
-        "Export best, and optuna-dashboard under /optuna/.",
-    )
+    p = _parser("dashboard", "List and detail pages, Resume / Stop / Export best, and optuna-dashboard under /optuna/.")
     p.add_argument("--storage", default=DEFAULT_STORAGE, help="Optuna storage URL (default %(default)s)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s; any other needs --token)")
     p.add_argument("--port", type=int, default=8080, help="default %(default)s; 0 picks a free port")
     p.add_argument("--token", help="secret every request must carry (open the printed ...?token= address once)")
     p.add_argument("--allow-host", action="append", default=[], metavar="NAME", help="another Host name browsers use to reach it (repeatable)")
     p.add_argument("--workdir", default="runs/dashboard", help="worker logs and exports (default %(default)s)")
-    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     return p
 
 
+@_console_script
 def dashboard_main(argv: list[str] | None = None) -> int:
     parser = dashboard_parser()
     args = parser.parse_args(argv)
@@ -294,6 +349,31 @@ def _run(action) -> int:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
     return 0
+
+
+COMMANDS = {"search": search_main, "report": report_main, "export": export_main,
+            "bench": bench_main, "finetune": finetune_main, "dashboard": dashboard_main}
+
+
+def commands_help() -> str:
+    lines = "\n".join(f"  {name:<10} {SUMMARIES[name]}" for name in COMMANDS)
+    return (f"usage: python -m nas COMMAND [ARGS...]\n\nEvery console script of bnnas (nas-COMMAND), run with this "
+            f"interpreter; python -m nas COMMAND --help for one.\n\ncommands:\n{lines}\n\n{EXIT_CODES}")
+
+
+@_console_script
+def main(argv: list[str] | None = None) -> int:
+    """`python -m nas COMMAND ARGS...`: the console scripts without relying on installed scripts."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["-h"], ["--help"]):
+        print(commands_help())
+        return 0
+    if not argv or argv[0] not in COMMANDS:
+        what = f"unknown command '{argv[0]}'" if argv else "give a command"
+        hint = did_you_mean(argv[0], COMMANDS) if argv else "; python -m nas --help lists them"
+        print(f"python -m nas: {what} (known: {_names(COMMANDS)}){hint}", file=sys.stderr)
+        return 2
+    return COMMANDS[argv[0]](argv[1:])
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -79,11 +79,11 @@ def _torchvision(cls_name: str, augment: str):
         cls = getattr(torchvision.datasets, cls_name)
         try:
             train, test = (cls(str(root), train=flag, download=cfg.download) for flag in (True, False))
-        except RuntimeError as exc:
-            hint = "set dataset.download: true to fetch it" if not cfg.download else "the download did not complete"
-            raise DataError(f"dataset.root: {cls_name} not found in {root} ({hint}): {exc}") from None
         except OSError as exc:  # a download without network, an unreadable folder
             raise DataError(f"dataset.root: cannot load {cls_name} into {root} (dataset.download={cfg.download}): {exc}") from None
+        except (RuntimeError, AssertionError, ValueError, TypeError, KeyError) as exc:
+            # torchvision's "not found or corrupted", or its idx reader failing on a damaged MNIST file
+            raise DataError(_not_loaded(cls, root, cfg.download, exc)) from None
 
         def images(split) -> np.ndarray:
             data = np.asarray(split.data, dtype=np.float32) / 255.0
@@ -92,6 +92,68 @@ def _torchvision(cls_name: str, augment: str):
         return Arrays(images(train), np.asarray(train.targets), images(test), np.asarray(test.targets), list(train.classes), augment)
 
     return load
+
+
+def _torchvision_layout(cls) -> tuple[Path, dict[str, str | None]]:
+    """The folder below dataset.root torchvision reads `cls` from, and its files with their md5 (None: not checked)."""
+    if hasattr(cls, "base_folder"):  # CIFAR10, CIFAR100: torchvision checks every file's md5 on load
+        files = [*cls.train_list, *cls.test_list, (cls.meta["filename"], cls.meta["md5"])]
+        return Path(cls.base_folder), {name: md5 for name, md5 in files}
+    # MNIST, FashionMNIST: the unpacked idx files (torchvision's md5s are those of the .gz downloads)
+    return Path(cls.__name__, "raw"), {Path(name).stem: None for name, _ in cls.resources}
+
+
+def _not_loaded(cls, root: Path, download: bool, exc: Exception) -> str:
+    """Why torchvision could not load `cls`: a damaged file, a dataset.root one level off, or no data at all."""
+    folder, files = _torchvision_layout(cls)
+    here = root / folder
+    if any((here / name).is_file() for name in files):
+        for name, md5 in files.items():
+            problem = _file_problem(here / name, md5)
+            if problem:
+                return f"dataset.root: {here / name} {problem}"
+    else:
+        for near in _near(root, len(folder.parts)):
+            if any((near / folder / name).is_file() for name in files):
+                return f"dataset.root: {root} does not hold {folder}/, {near} does: set dataset.root to {near}"
+    hint = "set dataset.download: true to fetch it" if not download else "the download did not complete"
+    return f"dataset.root: {cls.__name__} not found in {root} ({hint}): {exc}"
+
+
+def _near(root: Path, depth: int) -> list[Path]:
+    """Where a dataset.root set one level off meant: the folders above it (it pointed into the dataset's own
+    folders, up to their `depth`) and the folders in it (the dataset sits one level deeper)."""
+    root = root.absolute()
+    try:
+        below = sorted(path for path in root.iterdir() if path.is_dir())
+    except OSError:  # absent or unreadable
+        below = []
+    return list(root.parents)[:depth] + below
+
+
+def _file_problem(path: Path, md5: str | None) -> str | None:
+    """What is wrong with one file of a torchvision dataset, in words; None if nothing is."""
+    from torchvision.datasets.utils import check_integrity
+
+    if not path.is_file():
+        return "is missing (the dataset's other files are there): restore it, or set dataset.download: true"
+    if md5 is not None:
+        failed = None if check_integrity(str(path), md5) else f"the md5 check (torchvision expects {md5})"
+    else:
+        problem = _idx_problem(path.read_bytes())
+        failed = problem and f"the idx integrity check ({problem})"
+    return f"fails {failed}: corrupt or incomplete; replace it (or delete it and set dataset.download: true)" if failed else None
+
+
+def _idx_problem(data: bytes) -> str | None:
+    """An idx file (MNIST's format: magic 0 0 8 ndim, big-endian sizes, bytes) must be as long as its header says."""
+    if len(data) < 4 or data[:3] != b"\0\0\x08" or not 1 <= data[3] <= 3:
+        return "no idx header of unsigned bytes"
+    dims = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(data[3])]
+    expected = 4 + 4 * len(dims) + int(np.prod(dims))
+    if len(data) != expected:
+        return f"its header says {'x'.join(map(str, dims))}, {expected} bytes, the file has {len(data)}"
+    return None
 
 
 def _npz(cfg) -> Arrays:
@@ -124,7 +186,11 @@ def _npz(cfg) -> Arrays:
 
 
 def _imagefolder(cfg) -> Arrays:
-    """`root/train/<class>/*.png` and `root/test/<class>/*.png`, via torchvision's ImageFolder."""
+    """`root/train/<class>/*.png` and `root/test/<class>/*.png`, via torchvision's ImageFolder.
+
+    ImageFolder numbers each split's own class folders, so both splits are renumbered onto the
+    classes of either: a test split without some class still lines up with training.
+    """
     import torchvision
     from torchvision.transforms import v2
 
@@ -146,9 +212,8 @@ def _imagefolder(cfg) -> Arrays:
         except RuntimeError:
             raise DataError(f"dataset.root: images in {root / split} differ in size; set dataset.image_size") from None
         splits.append((x, np.asarray(folder.targets), folder.classes))
-    (x_train, y_train, classes), (x_test, y_test, test_classes) = splits
-    if classes != test_classes:
-        raise DataError(f"dataset.root: {root}: train/ and test/ hold different classes")
+    classes = sorted({name for _, _, names in splits for name in names})
+    (x_train, y_train), (x_test, y_test) = ((x, np.array([classes.index(n) for n in names])[y]) for x, y, names in splits)
     return Arrays(x_train, y_train, x_test, y_test, classes)
 
 
@@ -192,6 +257,7 @@ def load_dataset(cfg, device: torch.device | str = "cpu", normalization: dict | 
     from nas.transforms import apply_transforms
 
     arrays = LOADERS[cfg.name](cfg)
+    _refuse_untrained_classes(arrays, cfg)
     x_train, x_test = apply_transforms(arrays.x_train.astype(np.float32), arrays.x_test.astype(np.float32),
                                        cfg.transforms, cfg.transform_seed)
     axes = (0, 1) if x_train.ndim == 2 else (0, *range(2, x_train.ndim))  # all but the channel axis; (N, L) is one channel
@@ -218,6 +284,15 @@ def load_dataset(cfg, device: torch.device | str = "cpu", normalization: dict | 
         std=std.reshape(-1).tolist(),
         fingerprint=fingerprint(arrays),
     ).to(device)
+
+
+def _refuse_untrained_classes(arrays: Arrays, cfg) -> None:
+    """A class in the test split but not in training would get an output that never trains."""
+    untrained = np.setdiff1d(np.unique(arrays.y_test), np.unique(arrays.y_train))
+    if untrained.size:
+        where = f"dataset.root: {cfg.root}" if cfg.root else f"dataset.name: {cfg.name}"
+        names = ", ".join(arrays.classes[i] for i in untrained)
+        raise DataError(f"{where}: the test split has class(es) {names} that the training split lacks; a model cannot learn them")
 
 
 def augment_batch(x: torch.Tensor, mode: str, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -69,6 +69,23 @@ def write_json(path: Path, data: dict) -> None:
     _atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + "\n"))
 
 
+def check_writable(folder: Path) -> None:
+    """Create `folder` and a scratch file in it, then remove what was made: an --out that cannot take
+    the files is found before minutes of training, and input found bad later still leaves nothing."""
+    made = [path for path in (folder, *folder.parents) if not path.exists()]  # deepest first
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, scratch = tempfile.mkstemp(prefix=".write-check.", dir=folder)
+        os.close(fd)
+        os.unlink(scratch)
+    except OSError as exc:
+        raise NasError(f"--out: cannot write to {folder}: {exc.strerror or exc}") from None
+    finally:
+        for path in made:
+            if path.is_dir():
+                path.rmdir()
+
+
 def pick_trial(study, number: int | None):
     """The trial to export: `number`, or the best (single objective; a multi-objective study needs --trial)."""
     from optuna.trial import TrialState
@@ -110,6 +127,7 @@ def export_trial(storage: str, study_name: str, out: str | Path, trial_number: i
     trial = pick_trial(study, trial_number)
     stored, fingerprint = config_of_trial(study, trial)  # the config the trial was scored under
     cfg = load_run_config(None, stored=stored)
+    check_writable(Path(out))
     spec = trial.user_attrs["arch"]
     dev = resolve_device(device or cfg.device)
     data = load_dataset(cfg.dataset, dev)

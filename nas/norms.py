@@ -40,6 +40,7 @@ class NormType:
     factory: Callable[..., nn.Module] | None
     params: tuple[str, ...] = ()
     centers_per_channel: bool = False  # subtracts a per-channel mean: a preceding conv bias is dead
+    aliases: tuple[str, ...] = ()  # what users type for it (BatchNorm2d, bn): suggested, never accepted
 
     def absorbs_conv_bias(self, settings: dict) -> bool:
         """True when this norm directly after a conv makes the conv's bias redundant."""
@@ -60,16 +61,22 @@ def _instance(num_features: int, dims: int, eps: float, affine: bool) -> nn.Modu
     return _group(num_features, dims, num_features, eps, affine)
 
 
+# Aliases are compared ignoring case, separators and a 1d/2d/3d suffix (nas.validation.spelling),
+# so "batchnorm" also covers BatchNorm2d, batch_norm and Batch-Norm.
 NORMS: dict[str, NormType] = {
-    "batch": NormType(_batch, ("momentum", "eps", "affine", "track_running_stats"), centers_per_channel=True),
-    "batch_renorm": NormType(BatchRenorm, ("momentum", "eps", "affine", "r_max", "d_max", "warmup"), centers_per_channel=True),
-    "group": NormType(_group, ("groups", "eps", "affine")),
-    "layer": NormType(partial(_group, groups=1), ("eps", "affine")),
+    "batch": NormType(_batch, ("momentum", "eps", "affine", "track_running_stats"), centers_per_channel=True,
+                      aliases=("batchnorm", "bn")),
+    "batch_renorm": NormType(BatchRenorm, ("momentum", "eps", "affine", "r_max", "d_max", "warmup"), centers_per_channel=True,
+                             aliases=("renorm", "brn")),
+    "group": NormType(_group, ("groups", "eps", "affine"), aliases=("groupnorm", "gn")),
+    "layer": NormType(partial(_group, groups=1), ("eps", "affine"), aliases=("layernorm", "ln")),
     # Instance norm is GroupNorm with a group per channel: no running statistics, and a 1-pixel
     # map gives zeros instead of an error.
-    "instance": NormType(_instance, ("eps", "affine"), centers_per_channel=True),
-    "none": NormType(None),
+    "instance": NormType(_instance, ("eps", "affine"), centers_per_channel=True, aliases=("instancenorm", "in")),
+    "none": NormType(None, aliases=("identity", "nonorm")),
 }
+# Every spelling of a norm that did-you-mean maps to its registry key, the keys themselves included.
+NORM_ALIASES = {alias: name for name, norm in NORMS.items() for alias in (name, *norm.aliases)}
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "relu": nn.ReLU,

@@ -21,7 +21,7 @@ from typing import Any
 
 from nas.validation import Param, check_bounds, check_scalar, did_you_mean, read_yaml, type_name, unknown_key
 from nas.errors import ConfigError
-from nas.norms import ACTIVATIONS, NORM_PARAMS, NORMS, POSITIONS
+from nas.norms import ACTIVATIONS, NORM_ALIASES, NORM_PARAMS, NORMS, POSITIONS
 
 SHARE_MODES = ("global", "per_stage", "per_block")
 DOWNSAMPLE = ("maxpool", "avgpool", "stride")
@@ -45,7 +45,7 @@ SCHEMA: dict = {
         "activation": Param(str, "relu", {"choices": tuple(ACTIVATIONS), "what": "activation"}),
         "dropout": Param(float, 0.0, {"min": 0.0, "below": 1.0}),
         "norm": {
-            "type": Param(str, "batch", {"choices": tuple(NORMS), "what": "norm"}),
+            "type": Param(str, "batch", {"choices": tuple(NORMS), "what": "norm", "aliases": NORM_ALIASES}),
             "position": Param(str, "post_conv", {"choices": POSITIONS, "what": "norm position"}),
             "share": Param(str, "global", {"choices": SHARE_MODES, "what": "share mode"}, searchable=False),
             **NORM_PARAMS,

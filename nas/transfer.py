@@ -171,13 +171,14 @@ def finetune(model_dir: str | Path, cfg, mode: str, labels_per_class: int | None
     from nas.config import blamed
     from nas.data import load_dataset
     from nas.diagnostics import running_stat_layers
-    from nas.export import load_exported, write_export, write_json
+    from nas.export import check_writable, load_exported, write_export, write_json
     from nas.train import prepare_model, resolve_device
 
     model_dir, out = Path(model_dir), Path(out)
     if out.resolve() == model_dir.resolve():
         raise NasError(f"--out: {out} is the source model's folder; write the fine-tuned model elsewhere")
     source = load_exported(model_dir)
+    check_writable(out)
     dev = resolve_device(device or cfg.device)
     with blamed(cfg):
         data = load_dataset(cfg.dataset, dev, normalization=source.meta["normalization"])

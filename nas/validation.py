@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,9 +28,17 @@ class Param:
     searchable: bool = True
 
 
-def did_you_mean(word: str, known) -> str:
+def did_you_mean(word: str, known, aliases: dict | None = None) -> str:
+    """The known name `word` stands for: an alias first (other spellings users type), else the closest name."""
+    folded = {spelling(alias): name for alias, name in (aliases or {}).items()}
     close = difflib.get_close_matches(str(word), [str(k) for k in known], n=1)
-    return f"; did you mean '{close[0]}'?" if close else ""
+    guess = folded.get(spelling(word)) or (close[0] if close else None)
+    return f"; did you mean '{guess}'?" if guess else ""
+
+
+def spelling(word) -> str:
+    """A name with case, separators and a 1d/2d/3d suffix ignored: BatchNorm2d, batch_norm and batchnorm are one."""
+    return re.sub(r"[123]d$", "", re.sub(r"[\s_\-]", "", str(word).lower()))
 
 
 def unknown_key(file: str, path: str, key: str, known) -> ConfigError:
@@ -86,7 +95,7 @@ def check_bounds(value: Any, meta: dict, file: str, path: str) -> None:
         known = choices() if callable(choices) else choices
         if value not in known:
             what = meta.get("what", "value")
-            raise ConfigError(file, path, f"unknown {what} '{value}' (known: {', '.join(known)}){did_you_mean(value, known)}")
+            raise ConfigError(file, path, f"unknown {what} '{value}' (known: {', '.join(known)}){did_you_mean(value, known, meta.get('aliases'))}")
     if "min" in meta and value < meta["min"]:
         raise ConfigError(file, path, f"must be >= {meta['min']}, got {value}")
     if "above" in meta and value <= meta["above"]:

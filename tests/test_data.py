@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import math
 import pickle
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -73,6 +74,28 @@ def write_cifar(root: Path, name: str, monkeypatch, n_train_per_file: int = 4, n
         np.concatenate([d for d, _ in test]), sum((l for _, l in test), []),
         class_names,
     )
+
+
+MNIST_FOLDERS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}  # root/<folder>/raw/, as torchvision reads them
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """An idx file of unsigned bytes: magic 0 0 8 ndim, each size as a big-endian int32, then the bytes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def write_mnist(root: Path, name: str, n_train: int = 20, n_test: int = 10, seed: int = 0) -> dict:
+    """The four unpacked MNIST idx files under root/MNIST/raw/ (FashionMNIST/raw/); returns the arrays written."""
+    rng = np.random.default_rng(seed)
+    written = {}
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        images, labels = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8), np.arange(n) % 10
+        write_idx(root / MNIST_FOLDERS[name] / "raw" / f"{prefix}-images-idx3-ubyte", images)
+        write_idx(root / MNIST_FOLDERS[name] / "raw" / f"{prefix}-labels-idx1-ubyte", labels)
+        written[prefix] = (images, labels)
+    return written
 
 
 def sine_signals(n: int, length: int = 32, channels: int | None = None, seed: int = 0):
@@ -148,13 +171,78 @@ def test_cifar10_auto_augment_resolves_to_crop_flip_and_explicit_choice_wins(tmp
     assert load_dataset(DatasetConfig(name="cifar10", root=str(tmp_path), augment="none")).augment == "none"
 
 
-def test_cifar_file_that_fails_its_checksum_is_a_data_error(tmp_path, monkeypatch):
-    write_cifar(tmp_path, "cifar10", monkeypatch)
-    batch = tmp_path / "cifar-10-batches-py" / "data_batch_3"
-    batch.write_bytes(batch.read_bytes()[:-10])  # truncated download
+def data_error(name: str, root: Path) -> str:
+    """The one-line DataError that loading `name` from `root` raises."""
+    with pytest.raises(DataError) as info:
+        load_dataset(DatasetConfig(name=name, root=str(root)))
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("dataset.root: ")
+    return message
 
-    with pytest.raises(DataError, match="dataset.root"):
-        load_dataset(DatasetConfig(name="cifar10", root=str(tmp_path)))
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_a_cifar_file_that_fails_its_md5_is_named_with_the_check(tmp_path, monkeypatch, name):
+    write_cifar(tmp_path, name, monkeypatch)
+    _, folder, train_files, *_ = CIFAR_LAYOUTS[name]
+    damaged = tmp_path / folder / train_files[-1]
+    damaged.write_bytes(damaged.read_bytes()[:-10])  # a truncated download
+
+    message = data_error(name, tmp_path)
+
+    assert f"{damaged} fails the md5 check" in message
+    assert "not found" not in message
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_cifar_one_level_below_dataset_root_names_the_root_to_set(tmp_path, monkeypatch, name):
+    write_cifar(tmp_path / name, name, monkeypatch)  # root/cifar10/cifar-10-batches-py, root was set
+
+    message = data_error(name, tmp_path)
+
+    assert message.endswith(f"set dataset.root to {tmp_path / name}")
+    assert load_dataset(DatasetConfig(name=name, root=str(tmp_path / name))).num_classes == 3  # the advice works
+
+
+def test_dataset_root_pointing_into_the_cifar_folder_names_the_root_to_set(tmp_path, monkeypatch):
+    write_cifar(tmp_path, "cifar10", monkeypatch)
+
+    message = data_error("cifar10", tmp_path / "cifar-10-batches-py")
+
+    assert message.endswith(f"set dataset.root to {tmp_path}")
+
+
+@pytest.mark.parametrize("name", ["mnist", "fashion_mnist"])
+def test_mnist_idx_files_load_as_nchw_with_labels(tmp_path, name):
+    written = write_mnist(tmp_path, name)
+
+    data = load_dataset(DatasetConfig(name=name, root=str(tmp_path)))
+
+    assert data.x_train.shape == (20, 1, 28, 28) and data.x_test.shape == (10, 1, 28, 28)
+    assert data.y_train.tolist() == written["train"][1].tolist() and data.y_test.tolist() == written["t10k"][1].tolist()
+    assert data.num_classes == 10
+
+
+@pytest.mark.parametrize("name", ["mnist", "fashion_mnist"])
+@pytest.mark.parametrize("damage", [lambda b: b[:-100], lambda b: b"\x00\x00\x0d" + b[3:]], ids=["truncated", "bad-magic"])
+def test_a_damaged_mnist_idx_file_is_named_with_the_integrity_check(tmp_path, name, damage):
+    write_mnist(tmp_path, name)
+    damaged = tmp_path / MNIST_FOLDERS[name] / "raw" / "t10k-images-idx3-ubyte"
+    damaged.write_bytes(damage(damaged.read_bytes()))
+
+    message = data_error(name, tmp_path)
+
+    assert f"{damaged} fails the idx integrity check" in message
+
+
+@pytest.mark.parametrize("name", ["mnist", "fashion_mnist"])
+def test_mnist_one_level_off_names_the_root_to_set(tmp_path, name):
+    write_mnist(tmp_path / "data", name)
+    folder = tmp_path / "data" / MNIST_FOLDERS[name]
+
+    too_high, too_deep = data_error(name, tmp_path), data_error(name, folder / "raw")
+
+    assert too_high.endswith(f"set dataset.root to {tmp_path / 'data'}")
+    assert too_deep.endswith(f"set dataset.root to {tmp_path / 'data'}")
 
 
 def test_missing_cifar_without_download_names_the_root_and_the_download_flag(tmp_path):
@@ -410,15 +498,42 @@ def test_imagefolder_with_image_size_resizes_every_image(tmp_path):
     assert data.x_train.shape == (7, 3, 6, 6) and data.x_test.shape == (6, 3, 6, 6)
 
 
-def test_imagefolder_without_test_split_or_with_other_classes_is_a_data_error(tmp_path):
-    write_imagefolder(tmp_path / "a", classes=("cat", "dog"))
-    write_png(tmp_path / "a" / "test" / "eel" / "0.png", np.zeros((8, 8, 3), np.uint8))
-    with pytest.raises(DataError, match="different classes"):
-        load_dataset(DatasetConfig(name="imagefolder", root=str(tmp_path / "a")))
+def test_imagefolder_without_test_split_is_a_data_error(tmp_path):
+    write_png(tmp_path / "train" / "cat" / "0.png", np.zeros((8, 8, 3), np.uint8))
 
-    write_png(tmp_path / "b" / "train" / "cat" / "0.png", np.zeros((8, 8, 3), np.uint8))
     with pytest.raises(DataError, match=r"dataset\.root"):
-        load_dataset(DatasetConfig(name="imagefolder", root=str(tmp_path / "b")))
+        load_dataset(DatasetConfig(name="imagefolder", root=str(tmp_path)))
+
+
+def test_imagefolder_test_class_that_train_lacks_is_refused_naming_it(tmp_path):
+    write_imagefolder(tmp_path, classes=("cat", "dog"))
+    write_png(tmp_path / "test" / "eel" / "0.png", np.zeros((8, 8, 3), np.uint8))
+
+    message = data_error("imagefolder", tmp_path)
+
+    assert message == (f"dataset.root: {tmp_path}: the test split has class(es) eel that the training split lacks; "
+                       "a model cannot learn them")
+
+
+def test_imagefolder_test_split_without_some_class_keeps_the_training_labels(tmp_path):
+    write_imagefolder(tmp_path, classes=("cat", "dog", "eel"), per_class=2)
+    shutil.rmtree(tmp_path / "test" / "dog")  # ImageFolder alone would number eel 1 in test/, 2 in train/
+
+    data = load_dataset(DatasetConfig(name="imagefolder", root=str(tmp_path)))
+
+    assert data.classes == ["cat", "dog", "eel"]
+    assert data.y_train.tolist() == [0, 0, 1, 1, 2, 2]
+    assert [data.classes[i] for i in data.y_test] == ["cat", "cat", "eel", "eel"]
+
+
+def test_npz_test_label_absent_from_training_is_refused_naming_it(tmp_path):
+    path = write_npz(tmp_path / "s.npz", x_train=np.zeros((4, 8), np.float32), y_train=np.array([3, 7, 3, 7]),
+                     x_test=np.zeros((3, 8), np.float32), y_test=np.array([3, 9, 42]))
+
+    message = _npz_error(path)
+
+    assert message == (f"dataset.root: {path}: the test split has class(es) 9, 42 that the training split lacks; "
+                       "a model cannot learn them")
 
 
 # --------------------------------------------------------------------------- digits

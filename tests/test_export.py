@@ -100,6 +100,25 @@ def test_export_of_a_missing_trial_or_study_is_one_line(study_dir, capsys):
     assert len(err) == 2 and "no trial 99" in err[0] and "no study named 'nope'" in err[1]
 
 
+def refuse_to_train(*args, **kwargs):
+    raise AssertionError("training started before --out was checked")
+
+
+def test_an_out_that_cannot_be_written_fails_before_training(study_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("nas.train.fit", refuse_to_train)
+    blocker = tmp_path / "file"
+    blocker.write_text("a regular file")
+    out = blocker / "sub"  # below a regular file: not writable, even for root
+
+    code = export_main(["--storage", f"sqlite:///{study_dir}/nas.db", "--study", "tiny", "--out", str(out)])
+
+    captured = capsys.readouterr()
+    assert code == 2
+    assert captured.err.startswith(f"--out: cannot write to {out}: ") and captured.err.count("\n") == 1
+    assert captured.out == ""  # not even "Training trial ..."
+    assert blocker.read_text() == "a regular file"
+
+
 def test_bench_prints_every_variant_with_ratios(exported, capsys):
     assert bench_main(["--model", str(exported), "--batch-sizes", "1,8", "--repeats", "3", "--warmup", "1"]) == 0
     out = capsys.readouterr().out

@@ -2,13 +2,16 @@
 
 import pytest
 import torch
+import yaml
 from torch import nn
 
 from nas.batch_renorm import BatchRenorm
 from nas.build import build
+from nas.config import load_run_config
 from nas.diagnostics import recalibrate, running_stat_layers, train_mode_loss
-from nas.norms import make_norm
-from nas.space import default_spec
+from nas.errors import ConfigError
+from nas.norms import NORMS, make_norm
+from nas.space import default_spec, load_space
 
 
 @pytest.mark.parametrize("dims, shape", [(2, (8, 6, 5, 5)), (1, (8, 6, 7))])
@@ -111,3 +114,36 @@ def test_recalibration_sets_running_statistics_to_the_data_average():
     torch.testing.assert_close(first.running_mean, expected_mean, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(first.running_var, batch_vars.mean(0), atol=1e-4, rtol=1e-4)
     assert first.momentum == 0.5 and not model.training
+
+
+# --------------------------------------------------------------------------- names users type
+
+
+@pytest.mark.parametrize("typed, key", [
+    ("batchnorm", "batch"), ("bn", "batch"), ("batch_norm", "batch"), ("BatchNorm2d", "batch"), ("BatchNorm1d", "batch"),
+    ("renorm", "batch_renorm"), ("brn", "batch_renorm"), ("BatchRenorm", "batch_renorm"),
+    ("groupnorm", "group"), ("gn", "group"), ("GroupNorm", "group"),
+    ("layernorm", "layer"), ("ln", "layer"), ("LayerNorm", "layer"),
+    ("instancenorm", "instance"), ("in", "instance"), ("InstanceNorm2d", "instance"),
+    ("identity", "none"),
+])
+def test_a_common_norm_name_suggests_its_registry_key(tmp_path, typed, key):
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"block": {"norm": {"type": {"choice": [typed, "none" if key != "none" else "batch"]}}}}))
+
+    with pytest.raises(ConfigError) as info:
+        load_space(space)
+
+    assert info.value.key_path == "block.norm.type.choice[0]"
+    assert str(info.value).endswith(f"did you mean '{key}'?")
+
+
+def test_a_run_config_with_batchnorm_in_its_space_suggests_batch(tmp_path):
+    (tmp_path / "space.yaml").write_text("block:\n  norm:\n    type: {choice: [batchnorm, none]}\n")
+    (tmp_path / "run.yaml").write_text("search_space: space.yaml\n")
+
+    with pytest.raises(ConfigError) as info:
+        load_run_config(tmp_path / "run.yaml")
+
+    assert str(info.value) == (f"{tmp_path / 'space.yaml'}: block.norm.type.choice[0]: unknown norm 'batchnorm' "
+                               f"(known: {', '.join(NORMS)}); did you mean 'batch'?")

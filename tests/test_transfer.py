@@ -189,6 +189,22 @@ def test_missing_model_folder_exits_2_with_one_line(target_config, tmp_path):
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "nowhere/model.json: not found" in proc.stderr
 
 
+def test_an_out_that_cannot_be_written_fails_before_adapting(exported, target_config, tmp_path, capsys, monkeypatch):
+    def refuse_to_adapt(*args, **kwargs):
+        raise AssertionError("adaptation started before --out was checked")
+
+    monkeypatch.setattr("nas.transfer.adapt", refuse_to_adapt)
+    (tmp_path / "file").write_text("a regular file")
+    out = tmp_path / "file" / "sub"
+
+    code = finetune_main(["--model", str(exported), "--config", str(target_config), "--bn-mode", "full", "--out", str(out)])
+
+    captured = capsys.readouterr()
+    assert code == 2
+    assert captured.err.startswith(f"--out: cannot write to {out}: ") and captured.err.count("\n") == 1
+    assert captured.out == ""
+
+
 @pytest.mark.parametrize(("args", "words"), [
     (["--bn-mode", "thaw"], "invalid choice: 'thaw'"),
     (["--bn-mode", "full", "--labels-per-class", "-3"], "expected a count >= 0 or 'all'"),
