@@ -14,7 +14,7 @@ from nas.data import Dataset
 from nas.errors import TrialError
 from nas.diagnostics import recalibrate, train_mode_loss
 from nas.folds_together import NotBatchable, train_together
-from nas.train import evaluate, fit, prepare_model
+from nas.train import evaluate, fit, prepare_model, scoring_batch_size
 
 
 def fold_seed(study_seed: int, trial_number: int, fold: int) -> int:
@@ -81,12 +81,12 @@ def cross_validate(
         train_mode.append(loss if batch_stats_loss is None else batch_stats_loss)
         if recalibrate_bn:
             recalibrate(model, data.x_train[train_idx], hp["batch_size"], device)
-            loss, accuracy = evaluate(model, x_val, y_val, device)
+            loss, accuracy = evaluate(model, x_val, y_val, device, scoring_batch_size(model, hp))
         losses.append(loss)
         accuracies.append(accuracy)
         seconds += result.seconds
         if on_fold is not None:
-            on_fold(k, result.val_loss)
+            on_fold(k, loss)  # the fold's score: the recalibrated loss when re-estimating
     return {
         "cv_loss": statistics.fmean(losses),
         "cv_loss_std": statistics.pstdev(losses),

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from nas.errors import DataError, NasError, StudyError, VerificationError
+from nas.storage import one_line
 
 FORMAT = 1
 FILES = ("model.ts", "model.pt2", "weights.pt")
@@ -119,7 +120,7 @@ def export_trial(storage: str, study_name: str, out: str | Path, trial_number: i
     from nas.data import load_dataset
     from nas.evaluate import fold_seed
     from nas.storage import config_of_trial, load_existing_study, read_run_config
-    from nas.train import evaluate, fit, prepare_model, resolve_device
+    from nas.train import batch_dependent, evaluate, fit, prepare_model, resolve_device, scoring_batch_size
 
     study = load_existing_study(storage, study_name)
     if read_run_config(study._storage, study._study_id) is None:
@@ -138,8 +139,12 @@ def export_trial(storage: str, study_name: str, out: str | Path, trial_number: i
     model = prepare_model(build(spec, data.input_shape, data.num_classes), dev)
     log(f"Training trial {trial.number} of '{study_name}' on all {len(data.y_train)} training samples for {epochs} epochs on {dev.type}")
     fit(model, data, torch.arange(len(data.y_train), device=dev), None, spec["training"], epochs, dev, seed)
-    test_loss, test_acc = evaluate(model, data.x_test, data.y_test, dev)
+    scored_in = scoring_batch_size(model, spec["training"])
+    test_loss, test_acc = evaluate(model, data.x_test, data.y_test, dev, scored_in)
     log(f"Test split: loss {test_loss:.4f}, accuracy {test_acc:.4f} ({len(data.y_test)} samples)")
+    dependence = batch_dependence(model, data, dev, scored_in, test_acc) if batch_dependent(model) else None
+    if dependence is not None:
+        log(dependence["message"])
     model = model.to("cpu", memory_format=torch.contiguous_format).eval()
     x_test = data.x_test.cpu()
     meta = {
@@ -154,11 +159,36 @@ def export_trial(storage: str, study_name: str, out: str | Path, trial_number: i
         "dataset": cfg.dataset.name,
         "data": data.fingerprint,
         "epochs": epochs,
-        "test": {"loss": test_loss, "accuracy": test_acc, "samples": len(data.y_test)},
+        "test": {"loss": test_loss, "accuracy": test_acc, "samples": len(data.y_test), "batch_size": scored_in},
+        **({"batch_dependent": dependence} if dependence is not None else {}),
     }
     folder = write_export(model, x_test, meta, Path(out))
     log(f"Wrote {folder}/ ({', '.join(FILES)}, model.json); verified in a fresh process")
     return folder
+
+
+BATCH_ONE_SAMPLES = 1000  # test samples classified one at a time to show what batch 1 does
+
+
+def batch_dependence(model: nn.Module, data, device: torch.device, scored_in: int, accuracy: float) -> dict:
+    """What a batch-dependent model (BatchNorm without running statistics) does at batch 1, measured.
+
+    Such a model normalizes with the statistics of the inputs it is given together: one input
+    alone is normalized over its own positions only, which can change its predictions or fail
+    (a 1-pixel map has a single value per channel).
+    """
+    from nas.train import evaluate
+
+    x, y = data.x_test[:BATCH_ONE_SAMPLES], data.y_test[:BATCH_ONE_SAMPLES]
+    try:
+        alone = evaluate(model, x, y, device, batch_size=1)[1]
+        at_one = f"at batch 1 its accuracy is {alone:.4f} (first {len(y)} test samples)"
+    except (ValueError, RuntimeError) as exc:
+        alone, at_one = None, f"at batch 1 it fails ({one_line(exc)})"
+    message = (f"Note: this model normalizes with each batch's own statistics (BatchNorm with track_running_stats: false), "
+               f"so a prediction depends on the inputs batched with it: test accuracy {accuracy:.4f} in batches of {scored_in} "
+               f"(as it was trained and scored); {at_one}. Deploy it with batches of about {scored_in} inputs.")
+    return {"scored_batch_size": scored_in, "accuracy_at_batch_1": alone, "samples_at_batch_1": len(y), "message": message}
 
 
 def check_same_data(expected: dict | None, found: dict | None, what: str) -> None:

@@ -21,7 +21,7 @@ from nas.data import Dataset, augment_batch
 from nas.errors import TrialError
 from nas.stacking import NotStackable, stack
 from nas.train import (FitResult, autocast, batches, conv_weights, cosine_schedule, evaluate, on_device_layout, optimizer_for,
-                       prepare_model)
+                       prepare_model, scoring_batch_size)
 
 
 class NotBatchable(Exception):
@@ -96,7 +96,7 @@ def train_together(
                 raise TrialError(f"fold {fold + 1}: training loss is {value} at epoch {epoch + 1}")
         if on_epoch is not None or epoch == epochs - 1:
             stacked.write_back()
-            scores = [evaluate(m, x, y, device) for m, (x, y) in zip(models, validations)]
+            scores = [evaluate(m, x, y, device, scoring_batch_size(m, hp)) for m, (x, y) in zip(models, validations)]
             losses, accuracies = [s[0] for s in scores], [s[1] for s in scores]
             for fold, value in enumerate(losses):
                 if not math.isfinite(value):

@@ -43,8 +43,13 @@ class NormType:
     aliases: tuple[str, ...] = ()  # what users type for it (BatchNorm2d, bn): suggested, never accepted
 
     def absorbs_conv_bias(self, settings: dict) -> bool:
-        """True when this norm directly after a conv makes the conv's bias redundant."""
-        return self.factory is not None and (self.centers_per_channel or settings.get("affine", False))
+        """True when this norm directly after a conv makes the conv's bias redundant.
+
+        Only a norm that subtracts a per-channel mean removes a per-channel constant: group and
+        layer norm subtract a mean over several channels, so GN(x + b) - GN(x) varies with the
+        sample (b moves the group's mean and variance), and their affine shift cannot undo it.
+        """
+        return self.factory is not None and self.centers_per_channel
 
 
 def _batch(num_features: int, dims: int, momentum: float, eps: float, affine: bool, track_running_stats: bool) -> nn.Module:

@@ -127,7 +127,7 @@ def _stack_layer(folds: list[nn.Module], head: bool) -> tuple[nn.Module, str]:
     elif type(m) in (nn.BatchNorm1d, nn.BatchNorm2d):
         new = type(m)(k * m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats, **factory)
     elif isinstance(m, BatchRenorm):
-        new = BatchRenorm(k * m.num_features, m.dims, m.momentum, m.eps, m.affine, m.r_max, m.d_max, m.warmup).to(factory["device"])
+        new = BatchRenorm(k * m.num_features, m.dims, m.momentum, m.eps, m.affine, m.r_max, m.d_max, m.warmup, m.delay).to(factory["device"])
     elif isinstance(m, nn.GroupNorm):
         new = nn.GroupNorm(k * m.num_groups, k * m.num_channels, m.eps, m.affine, **factory)
     elif isinstance(m, nn.Linear) and head:

@@ -92,8 +92,23 @@ def batches(indices: torch.Tensor, batch_size: int, generator: torch.Generator) 
     return list(order[: full * batch_size].split(batch_size))
 
 
+EVAL_BATCH = 1024  # evaluation batch of models whose eval outputs do not depend on the batch
+
+
+def batch_dependent(model: nn.Module) -> bool:
+    """True when some BatchNorm keeps no running statistics: in eval mode it normalizes with each
+    batch's own statistics, so a sample's output depends on the samples batched with it."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.track_running_stats for m in model.modules())
+
+
+def scoring_batch_size(model: nn.Module, hp: dict) -> int:
+    """The batch to evaluate in: the training batch size for a batch-dependent model (it is what
+    the model was trained with, and scoring it on 1,024 samples at once would be transductive)."""
+    return hp["batch_size"] if batch_dependent(model) else EVAL_BATCH
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device, batch_size: int = 1024, keep_mode: bool = False) -> tuple[float, float]:
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device, batch_size: int = EVAL_BATCH, keep_mode: bool = False) -> tuple[float, float]:
     """Mean cross-entropy (no label smoothing) and accuracy; the model in eval mode unless `keep_mode`."""
     if not keep_mode:
         model.eval()
@@ -123,11 +138,14 @@ def fit(
     seed: int,
     on_epoch: Callable[[int, float, float], None] | None = None,
     train_mode: Callable[[nn.Module], None] | None = None,
+    max_steps: int | None = None,
 ) -> FitResult:
     """Train `model` on `train_idx` for `epochs` with a cosine learning rate, validate on `val_idx` (None: no validation).
 
     Only parameters with requires_grad are trained; `train_mode(model)`, when given, runs after
     `model.train()` every epoch (fine-tuning keeps some norm layers in eval mode there).
+    `max_steps` ends training after that many optimizer steps (the schedule then spans them), so
+    runs on labelled sets of different sizes can get exactly the same number of steps.
     """
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(seed)
@@ -136,8 +154,9 @@ def fit(
     l1 = hp.get("l1", 0.0)
     kernels = conv_weights(model)
     steps_per_epoch = max(1, len(train_idx) // hp["batch_size"])
-    total = epochs * steps_per_epoch
+    total = epochs * steps_per_epoch if max_steps is None else min(epochs * steps_per_epoch, max_steps)
     schedule = cosine_schedule(optimizer, total)
+    done = 0
     if val_idx is not None:
         x_val, y_val = data.x_train[val_idx], data.y_train[val_idx]
     val_loss = val_acc = float("nan")
@@ -145,7 +164,8 @@ def fit(
         model.train()
         if train_mode is not None:
             train_mode(model)
-        for idx in batches(train_idx, hp["batch_size"], generator):
+        for idx in batches(train_idx, hp["batch_size"], generator)[: total - done]:
+            done += 1
             xb = augment_batch(data.x_train[idx], data.augment, aug_generator)
             with autocast(device):
                 loss = F.cross_entropy(model(on_device_layout(xb, device)).float(), data.y_train[idx], label_smoothing=hp["label_smoothing"])
@@ -158,7 +178,7 @@ def fit(
         if not math.isfinite(loss.item()):
             raise TrialError(f"training loss is {loss.item()} at epoch {epoch + 1}")
         if val_idx is not None and (on_epoch is not None or epoch == epochs - 1):
-            val_loss, val_acc = evaluate(model, x_val, y_val, device)
+            val_loss, val_acc = evaluate(model, x_val, y_val, device, scoring_batch_size(model, hp))
             if not math.isfinite(val_loss):
                 raise TrialError(f"validation loss is {val_loss} at epoch {epoch + 1}")
             if on_epoch is not None:

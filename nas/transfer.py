@@ -124,10 +124,13 @@ class Adaptation:
 
 
 def adapt(model: nn.Module, data, mode: str, labels_per_class: int | None, epochs: int, seed: int,
-          device: torch.device, hp: dict) -> Adaptation:
-    """Adapt `model` (already on `device`) to `data` in place; `hp` is the spec's `training` section."""
+          device: torch.device, hp: dict, max_steps: int | None = None) -> Adaptation:
+    """Adapt `model` (already on `device`) to `data` in place; `hp` is the spec's `training` section.
+
+    `max_steps` caps the optimizer steps (see `nas.train.fit`).
+    """
     from nas.diagnostics import recalibrate
-    from nas.train import evaluate, fit
+    from nas.train import evaluate, fit, scoring_batch_size
 
     if mode not in MODES:
         raise NasError(f"--bn-mode: unknown mode '{mode}' (known: {', '.join(MODES)})")
@@ -140,7 +143,7 @@ def adapt(model: nn.Module, data, mode: str, labels_per_class: int | None, epoch
     head_replaced = replace_head(model, data.num_classes)
     if head_replaced and labels_per_class == 0:
         raise NasError(f"--labels-per-class: the target has {data.num_classes} classes, unlike the model's head; a new head needs labels (K > 0)")
-    before = None if head_replaced else _scores(evaluate(model, data.x_test, data.y_test, device))
+    before = None if head_replaced else _scores(evaluate(model, data.x_test, data.y_test, device, scoring_batch_size(model, hp)))
     snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if mode == "adabn":
         recalibrate(model, data.x_train, hp["batch_size"], device)
@@ -151,11 +154,11 @@ def adapt(model: nn.Module, data, mode: str, labels_per_class: int | None, epoch
         trained = [name for name, p in model.named_parameters() if p.requires_grad]
         samples = len(train_idx)
         try:
-            fit(model, data, train_idx, None, hp, epochs, device, seed, train_mode=hook)
+            fit(model, data, train_idx, None, hp, epochs, device, seed, train_mode=hook, max_steps=max_steps)
         finally:
             for p in model.parameters():
                 p.requires_grad_(True)
-    after = _scores(evaluate(model, data.x_test, data.y_test, device))
+    after = _scores(evaluate(model, data.x_test, data.y_test, device, scoring_batch_size(model, hp)))
     changed = [k for k, v in model.state_dict().items() if not torch.equal(v, snapshot[k])]
     return Adaptation(mode, labels_per_class, samples, epochs if samples else 0, seed, head_replaced,
                       before, after, trained, changed, time.perf_counter() - start)

@@ -8,7 +8,7 @@ from torch import nn
 
 from nas.build import build
 from nas.batch_renorm import BatchRenorm
-from nas.norms import ACTIVATIONS, NORMS, POSITIONS
+from nas.norms import ACTIVATIONS, NORMS, POSITIONS, make_norm
 from nas.space import RESIDUAL_ORDERS, SHARE_MODES, default_spec
 
 SHAPES = {"2d": (3, 12, 12), "1d_channels": (2, 20), "1d_signal": (20,)}
@@ -75,7 +75,8 @@ def test_position_sets_the_order_and_bias_follows_the_norm():
     bias = lambda p, t="batch": build(spec_with(t, p), (1, 8, 8), 3).features.stage1_block1.conv.bias is not None  # noqa: E731
     assert not bias("post_conv")  # BatchNorm right after the conv makes its bias redundant
     assert bias("post_act") and bias("pre_conv") and bias("post_conv", "none")
-    assert not bias("post_conv", "batch_renorm") and not bias("post_conv", "group")  # group: affine shift
+    assert not bias("post_conv", "batch_renorm") and not bias("post_conv", "instance")  # they center every channel
+    assert bias("post_conv", "group") and bias("post_conv", "layer")  # they center groups of channels: a bias is not absorbed
     assert block_order(build(spec_with("none", "post_conv"), (1, 8, 8), 3)) == ["conv", "act"]
 
 
@@ -118,3 +119,12 @@ def test_zero_init_residual_block_starts_as_the_identity_path():
     spec["stages"][0]["blocks"][0]["residual"]["zero_init"] = False
     block = build(spec, (4, 6, 6), 3).features.stage1_block1
     assert not torch.allclose(block(x), torch.relu(x))
+
+
+@pytest.mark.parametrize("norm_type, absorbed", [("batch", True), ("instance", True), ("group", False), ("layer", False)])
+def test_a_per_channel_bias_is_absorbed_only_by_a_norm_that_centers_each_channel(norm_type, absorbed):
+    torch.manual_seed(0)
+    norm = make_norm({"type": norm_type, "momentum": 0.1, "eps": 1e-5, "affine": True, "track_running_stats": True, "groups": 2}, 4, 2)
+    x, b = torch.randn(6, 4, 5, 5), torch.randn(1, 4, 1, 1)
+    change = norm(x + b) - norm(x)
+    assert (change.abs().max().item() < 1e-5) == absorbed

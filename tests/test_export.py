@@ -157,3 +157,20 @@ def test_latency_objective_is_measured_per_candidate(study_dir):
     assert search_main(args) == 0
     for t in optuna.load_study(study_name="lat", storage=storage).get_trials():
         assert t.values[1] == t.user_attrs["latency_ms"] > 0 and t.values[2] == t.user_attrs["macs"] > 0
+
+
+def test_exporting_a_batch_dependent_model_says_what_it_does_at_batch_1(tmp_path, capsys):
+    space = {"stages": 2, "width": 8, "block": {"norm": {"type": "batch", "track_running_stats": False}}, "training": {"batch_size": 32}}
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
+    config = {"dataset": {"name": "digits"}, "search_space": "space.yaml", "device": "cpu", "evaluation": {"folds": 2, "epochs": 1},
+              "study": {"name": "bd", "storage": f"sqlite:///{tmp_path}/nas.db", "sampler": "random", "trials": 1}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    assert search_main(["--config", str(tmp_path / "run.yaml"), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert export_main(["--storage", f"sqlite:///{tmp_path}/nas.db", "--study", "bd", "--out", str(tmp_path / "out"), "--epochs", "2"]) == 0
+    out = capsys.readouterr().out
+    meta = json.loads((tmp_path / "out" / "model.json").read_text())
+    note = meta["batch_dependent"]
+    assert meta["test"]["batch_size"] == note["scored_batch_size"] == 32
+    assert 0.0 <= note["accuracy_at_batch_1"] <= 1.0 and note["samples_at_batch_1"] == 360
+    assert "depends on the inputs batched with it" in out and f"at batch 1 its accuracy is {note['accuracy_at_batch_1']:.4f}" in out

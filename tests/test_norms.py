@@ -1,5 +1,7 @@
 """The normalization catalogue: batch renorm against its equations, group counts, BN diagnostics."""
 
+import math
+
 import pytest
 import torch
 import yaml
@@ -7,8 +9,10 @@ from torch import nn
 
 from nas.batch_renorm import BatchRenorm
 from nas.build import build
-from nas.config import load_run_config
+from nas.config import DatasetConfig, load_run_config
+from nas.data import load_dataset, stratified_folds
 from nas.diagnostics import recalibrate, running_stat_layers, train_mode_loss
+from nas.evaluate import cross_validate
 from nas.errors import ConfigError
 from nas.norms import NORMS, make_norm
 from nas.space import default_spec, load_space
@@ -40,7 +44,7 @@ def test_batch_renorm_with_unit_limits_is_batchnorm_in_training_mode(dims, shape
 
 def test_batch_renorm_clips_r_and_d_as_the_paper_says():
     torch.manual_seed(1)
-    layer = BatchRenorm(3, 2, momentum=0.1, eps=1e-5, affine=False, r_max=1.5, d_max=0.5, warmup=0)
+    layer = BatchRenorm(3, 2, momentum=0.1, eps=1e-5, affine=False, r_max=1.5, d_max=0.5, warmup=0, delay=0)
     with torch.no_grad():
         layer.running_mean.copy_(torch.tensor([0.0, 5.0, -0.1]))
         layer.running_var.copy_(torch.tensor([1.0, 1.0, 100.0]))
@@ -55,15 +59,22 @@ def test_batch_renorm_clips_r_and_d_as_the_paper_says():
     torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_batch_renorm_relaxes_its_limits_over_the_warmup():
-    layer = BatchRenorm(2, 2, r_max=3.0, d_max=4.0, warmup=10)
-    assert [float(v) for v in layer.limits()] == [1.0, 0.0]
-    for _ in range(5):
+def test_batch_renorm_keeps_plain_batch_statistics_until_its_running_statistics_converge_then_relaxes():
+    layer = BatchRenorm(2, 2, momentum=0.5, r_max=3.0, d_max=4.0, warmup=10)
+    assert layer.delay == 6  # 3 / momentum steps
+    seen = []
+    for _ in range(17):
+        seen.append([round(float(v), 6) for v in layer.limits()])
         layer(torch.randn(4, 2, 3, 3))
-    assert [float(v) for v in layer.limits()] == pytest.approx([2.0, 2.0])
-    for _ in range(10):
-        layer(torch.randn(4, 2, 3, 3))
-    assert [float(v) for v in layer.limits()] == pytest.approx([3.0, 4.0])
+    assert seen[:7] == [[1.0, 0.0]] * 7  # steps 0..6: nothing to correct toward yet
+    assert seen[11] == [2.0, 2.0] and seen[16] == [3.0, 4.0]
+
+
+@pytest.mark.parametrize("momentum", [0.01, 0.1, 0.5])
+def test_the_delay_lets_the_running_statistics_reach_95_percent(momentum):
+    """An exponential average started at 0 (mean) weighs its start by (1 - m)^steps: <= 5 % after the delay."""
+    delay = BatchRenorm(1, 2, momentum=momentum).delay
+    assert delay == math.ceil(3 / momentum) and (1 - momentum) ** delay <= math.exp(-3) < 0.05
 
 
 @pytest.mark.parametrize("asked, channels, used", [(8, 12, 4), (3, 16, 1), (16, 16, 16), (32, 8, 8), (6, 1, 1)])
@@ -114,6 +125,65 @@ def test_recalibration_sets_running_statistics_to_the_data_average():
     torch.testing.assert_close(first.running_mean, expected_mean, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(first.running_var, batch_vars.mean(0), atol=1e-4, rtol=1e-4)
     assert first.momentum == 0.5 and not model.training
+
+
+def renorm_and_batchnorm_twins(stages: int = 2):
+    """A trained batch renorm model (r and d active) and a BatchNorm model with the same weights and statistics."""
+    torch.manual_seed(0)
+    norm = {"type": "batch_renorm", "momentum": 0.5, "r_max": 3.0, "d_max": 5.0, "warmup": 1}
+    spec = default_spec({"stages": stages, "width": 8, "block": {"norm": norm}})
+    renorm = build(spec, (1, 8, 8), 4)
+    renorm.train()
+    for _ in range(12):  # past the 6-step delay and the 1-step relaxation
+        renorm(torch.randn(16, 1, 8, 8) * 2 + 1)
+    twin_spec = default_spec({"stages": stages, "width": 8, "block": {"norm": {"type": "batch", "momentum": 0.5}}})
+    twin = build(twin_spec, (1, 8, 8), 4)
+    twin.load_state_dict(renorm.state_dict())
+    return renorm, twin
+
+
+def test_recalibrating_batch_renorm_estimates_what_batchnorm_estimates_from_the_same_weights():
+    renorm, twin = renorm_and_batchnorm_twins()
+    x = torch.randn(64, 1, 8, 8) * 3 - 2  # other data than it trained on: r and d would correct toward stale statistics
+    for model in (renorm, twin):
+        recalibrate(model, x, 16, torch.device("cpu"))
+    for name, value in twin.state_dict().items():
+        if "running" in name:
+            torch.testing.assert_close(renorm.state_dict()[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    assert [m.r_max for m in running_stat_layers(renorm)] == [3.0, 3.0]  # the limits are back
+
+
+def test_train_mode_loss_of_batch_renorm_is_the_loss_with_batch_statistics():
+    renorm, twin = renorm_and_batchnorm_twins()
+    x, y = torch.randn(40, 1, 8, 8) * 3 - 2, torch.randint(0, 4, (40,))
+    cpu = torch.device("cpu")
+    assert train_mode_loss(renorm, x, y, 8, cpu) == pytest.approx(train_mode_loss(twin, x, y, 8, cpu), rel=1e-5)
+    assert train_mode_loss(renorm, x, y, 8, cpu) != pytest.approx(nn.functional.cross_entropy(renorm.eval()(x), y).item(), rel=1e-3)
+
+
+def test_recalibration_splits_into_near_equal_batches_weighted_by_size():
+    torch.manual_seed(0)
+    spec = default_spec({"stages": 4, "width": 4, "block": {"norm": {"type": "batch"}}})  # 8x8 -> 1x1 at stage 4
+    model = build(spec, (1, 8, 8), 4)
+    x = torch.randn(65, 1, 8, 8)
+    recalibrate(model, x, 64, torch.device("cpu"))  # 64 + 1 would leave one value per channel at 1x1
+    first = running_stat_layers(model)[0]
+    with torch.no_grad():
+        h = model.features.stage1_block1.conv(x)
+    torch.testing.assert_close(first.running_mean, h.mean((0, 2, 3)), rtol=1e-5, atol=1e-6)  # 33 and 32, weighted: the mean of all 65
+    halves = h[:33].var((0, 2, 3), unbiased=True) * 33 / 65 + h[33:].var((0, 2, 3), unbiased=True) * 32 / 65
+    torch.testing.assert_close(first.running_var, halves, rtol=1e-5, atol=1e-6)
+
+
+def test_the_wilcoxon_pruner_is_told_the_scored_fold_loss():
+    data = load_dataset(DatasetConfig())
+    data.x_train, data.y_train = data.x_train[:240], data.y_train[:240]
+    folds = stratified_folds(data.y_train, 3, 0)
+    told = []
+    spec = default_spec({"stages": 1, "width": 8, "block": {"norm": {"type": "batch", "momentum": 0.9}}})
+    score = cross_validate(spec, data, folds, 2, torch.device("cpu"), on_fold=lambda k, loss: told.append(loss), recalibrate_bn=True)
+    assert told == score["fold_losses"] and score["cv_loss"] == score["recalibrated_loss"]
+    assert score["recalibrated_loss"] != pytest.approx(score["eval_mode_loss"], rel=1e-6)
 
 
 # --------------------------------------------------------------------------- names users type

@@ -6,8 +6,9 @@ Run from the repository root (CPU, a few minutes):
 
 Sources: the best plain-BatchNorm trial (35) and the best batch-renorm trial (59) of the committed
 study experiments/bn_placement_digits/study.db, exported with nas-export into source_*/ (reused
-when present). Target: configs/digits_shifted.yaml. Every run gets the same number of optimizer
-steps (STEPS), so a small labelled set is not also a shorter training. Writes results.csv (one
+when present). Target: configs/digits_shifted.yaml. Every run gets exactly the same number of
+optimizer steps (STEPS: the epochs that reach it, cut at STEPS), so a small labelled set is not
+also a shorter training. Writes results.csv (one
 row per run), table.md (mean +- std over SEEDS) and table.png next to this file;
 `run.py --table-only` rewrites table.md and table.png from results.csv.
 """
@@ -60,7 +61,7 @@ def run() -> list[dict]:
             for seed in SEEDS:
                 samples = len(data.y_train) if k is None else k * data.num_classes
                 epochs = epochs_for(samples, hp["batch_size"])
-                result = adapt(load_exported(source).model, data, mode, k, epochs, seed, device, hp)
+                result = adapt(load_exported(source).model, data, mode, k, epochs, seed, device, hp, max_steps=STEPS)
                 rows.append({"source": label, "mode": mode, "labels_per_class": "all" if k is None else k, "seed": seed,
                              "train_samples": result.train_samples, "epochs": result.epochs,
                              "before_accuracy": result.before["accuracy"], "before_loss": result.before["loss"],
