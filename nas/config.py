@@ -25,7 +25,7 @@ from nas.validation import check_bounds, check_scalar, read_yaml, type_name, unk
 DEVICES = ("auto", "cpu", "cuda")
 SAMPLER_NAMES = ("random", "tpe", "gp", "nsga2")
 OBJECTIVES = ("cv_loss", "latency_ms", "params", "macs")  # all minimized
-PRUNER_NAMES = ("none", "median", "wilcoxon")
+PRUNER_NAMES = ("none", "median", "wilcoxon", "successive_halving", "hyperband")
 FOLD_MODES = ("together", "sequential")
 AUGMENT_NAMES = ("auto", "none", "crop", "crop_flip")
 

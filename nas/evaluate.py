@@ -30,7 +30,7 @@ def cross_validate(
     device: torch.device,
     study_seed: int = 0,
     trial_number: int = 0,
-    on_epoch: Callable[[int | None, int, float, float], None] | None = None,
+    on_epoch: Callable[..., None] | None = None,
     on_fold: Callable[[int, float], None] | None = None,
     recalibrate_bn: bool = False,
     fold_mode: str = EvaluationConfig.fold_mode,
@@ -39,8 +39,8 @@ def cross_validate(
 
     `on_epoch(fold, epoch, val_loss, val_acc)` and `on_fold(fold, val_loss)` let the caller
     report to a pruner (and stop by raising). With `fold_mode` `together` the folds train as one
-    batched computation (nas.folds_together) and `on_epoch` gets fold None and the mean over the
-    folds; a spec that cannot train batched trains one fold after another, and the Score says
+    batched computation (nas.folds_together) and `on_epoch` gets fold None, the mean over the
+    folds, and a fifth argument: each fold's validation loss; a spec that cannot train batched trains one fold after another, and the Score says
     why in `fold_mode_fallback`. Each fold also records the BN diagnostics: the
     validation loss with batch statistics, and with `recalibrate_bn` the loss after the running
     statistics are re-estimated on the training fold (which then is the fold's score).
@@ -51,7 +51,7 @@ def cross_validate(
     if fold_mode == "together":
         models = [_model(spec, data, device, seed) for seed in seeds]
         per_epoch = None if on_epoch is None else (
-            lambda e, losses, accs: on_epoch(None, e, statistics.fmean(losses), statistics.fmean(accs)))
+            lambda e, losses, accs: on_epoch(None, e, statistics.fmean(losses), statistics.fmean(accs), losses))
         try:
             together = list(zip(models, train_together(models, data, folds, hp, epochs, device, seeds, per_epoch)))
         except NotBatchable as exc:

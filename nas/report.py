@@ -32,6 +32,7 @@ from nas.contract import VERSION_ATTR, show
 from nas.errors import NasError, StudyError
 from nas.config import StudyConfig
 from nas.liveness import describe_workers, live_workers
+from nas.anytime import clock, improvements
 from nas.archspec import (MIXED, NO_POSITION, NORM_ORDER, POSITION_ORDER, SETTING_ABBREV, UNKNOWN, describe_activations,
                           describe_block_types, describe_layout, describe_training, norm_group, order_key)
 from nas.storage import counts_toward_budget, is_duplicate, load_existing_study, one_line, quiet_optuna, read_config_history, read_run_config
@@ -42,7 +43,7 @@ IMPORTANCE_SEED = 0
 
 # `orientation` replaced `vert` in matplotlib 3.10 (and `vert` warns from 3.11); pyproject allows 3.7.
 HORIZONTAL = {"orientation": "horizontal"} if matplotlib.__version_info__ >= (3, 10) else {"vert": False}
-PLOT_NAMES = ("history.png", "importances.png", "norm_type_position.png", "bn_diagnostics.png")
+PLOT_NAMES = ("history.png", "anytime.png", "importances.png", "norm_type_position.png", "bn_diagnostics.png")
 STATE_ORDER = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING, TrialState.PRUNED, TrialState.FAIL)
 
 
@@ -86,6 +87,7 @@ def write_report(storage: str, study_name: str, out_dir, top: int = 10) -> Path:
         config_history(study, trials),
         failures(trials),
         history(rows, minimize, plots),
+        anytime(trials, minimize, plots),
         importances(rows, study.direction, plots),
         norm_groups(rows, minimize, plots),
         top_table(rows, top),
@@ -302,6 +304,34 @@ def history(rows: list[Row], minimize: bool, plots: Plots) -> list[str]:
     ax.grid(alpha=0.3)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2, frameon=False)  # below: never over the points
     return lines + plots.save(fig, "history.png", "optimization history", "CV loss of each complete trial by trial number; the red line is the best so far.")
+
+
+def anytime(trials: list[FrozenTrial], minimize: bool, plots: Plots) -> list[str]:
+    """Best CV loss so far against wall time since the study's first trial started."""
+    lines = ["## Best CV loss against wall time", ""]
+    points = improvements(trials) if minimize else []
+    if not points:
+        return lines + _not_made("anytime.png", "No complete trials yet" if minimize else "Not a minimized CV loss")
+    ends = [t.datetime_complete for t in trials if t.datetime_complete]
+    first = min(t.datetime_start for t in trials if t.datetime_start)
+    total = (max(ends) - first).total_seconds() / 60
+    minutes = [at / 60 for at, _, _ in points] + [total]
+    values = [value for _, value, _ in points]
+    fig, ax = _figure()
+    ax.step(minutes, values + values[-1:], where="post", color="tab:red")
+    ax.scatter(minutes[:-1], values, s=18, color="tab:red", zorder=3)
+    for (at, value, number) in points:
+        ax.annotate(str(number), (at / 60, value), textcoords="offset points", xytext=(3, 3), fontsize=7)
+    if _spans_decade(values):
+        ax.set_yscale("log")
+    ax.set(title="Best CV loss against wall time", xlabel="minutes since the first trial started (pauses between runs included)",
+           ylabel="best CV loss so far")
+    ax.grid(alpha=0.3)
+    lines.append(f"{len(points)} improvements in {clock(total * 60)} (m:ss); the last, trial {points[-1][2]} "
+                 f"({points[-1][1]:.4f}), came at {clock(points[-1][0])}.")
+    lines.append("")
+    return lines + plots.save(fig, "anytime.png", "best CV loss against wall time",
+                              "Best CV loss found by each moment of the search; each point is an improvement, labelled with its trial number.")
 
 
 def importances(rows: list[Row], direction: StudyDirection, plots: Plots) -> list[str]:

@@ -19,6 +19,7 @@ import sys
 import time
 import warnings
 from contextlib import contextmanager
+from datetime import datetime
 from typing import Callable
 
 import numpy as np
@@ -26,12 +27,14 @@ import optuna
 from optuna.trial import TrialState
 from sqlalchemy.exc import SQLAlchemyError
 
+from nas.anytime import anytime_line, improvements
 from nas.archspec import describe_activations, describe_norms
 from nas.config import RunConfig, blamed
 from nas.contract import VERSION_ATTR, contract, differences, history_entry, show, summary
 from nas.errors import ConfigError, StudyError, Terminated, TrialError
 from nas.liveness import WorkerRecord, live_workers, mark_trial, reclaim_dead_trials
 from nas.novelty import Novelty, record_duplicate
+from nas.pruning import Reporter, make_pruner, reports_every_epoch
 from nas.space import Space
 from nas.storage import (FINISHED, HISTORY_ATTR, STOP_ATTR, budget_count, check_writable_sqlite, counts_toward_budget,
                          load_existing_study, make_storage, one_line, quiet_optuna, read_config_history, read_data_fingerprint,
@@ -54,17 +57,6 @@ def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
         if name == "nsga2":
             return optuna.samplers.NSGAIISampler(seed=seed, population_size=20)
     raise ValueError(f"unknown sampler {name!r}")
-
-
-def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
-    """`median` compares per-epoch validation losses; `wilcoxon` compares fold losses (made for k-fold)."""
-    if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=max(1, epochs // 3))
-    if name == "wilcoxon":
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.pruners.WilcoxonPruner(p_threshold=0.1)
-    return optuna.pruners.NopPruner()
 
 
 def _prepare_storage(url: str) -> str:
@@ -125,7 +117,7 @@ def open_study(cfg: RunConfig, storage, fingerprint: dict | None = None, force: 
                 storage=storage,
                 study_name=cfg.study.name,
                 sampler=optuna.samplers.RandomSampler(),  # replaced by `make_sampler(.., process_seed(..))` once this worker is recorded
-                pruner=make_pruner(cfg.evaluation.pruner, cfg.evaluation.epochs),
+                pruner=make_pruner(cfg.evaluation.pruner, cfg.evaluation.epochs, cfg.evaluation.folds, cfg.evaluation.fold_mode),
                 directions=["minimize"] * len(cfg.objectives),
                 load_if_exists=True,
             )
@@ -207,27 +199,21 @@ def make_objective(cfg: RunConfig, data, folds, device, epoch_bar: Callable | No
         original = novelty.original_of(trial.study, trial.params) if novelty is not None else None
         if original is not None:
             return record_duplicate(trial, original)
-        fold_losses: list[float] = []
+        reporter = Reporter(trial, cfg.evaluation.pruner, epochs, len(folds))
         bar = epoch_bar(trial.number) if epoch_bar else None
 
-        def on_epoch(fold: int | None, epoch: int, loss: float, acc: float) -> None:
-            """fold None: the folds train together, `loss` is their mean, reported at step `epoch`."""
+        def on_epoch(fold: int | None, epoch: int, loss: float, acc: float, per_fold: list[float] | None = None) -> None:
+            """fold None: the folds train together, `loss` is their mean and `per_fold` each fold's."""
             if bar is not None:
                 bar.update(len(folds) if fold is None else 1)
                 bar.set_postfix(fold="all" if fold is None else fold + 1, val_loss=f"{loss:.4f}")
-            if cfg.evaluation.pruner == "median":
-                _report(trial, epoch if fold is None else fold * epochs + epoch, loss, fold_losses)
-
-        def on_fold(fold: int, loss: float) -> None:
-            fold_losses.append(loss)
-            if cfg.evaluation.pruner == "wilcoxon":
-                _report(trial, fold, loss, fold_losses)
+            reporter.epoch(fold, epoch, loss, per_fold)
 
         try:
-            per_epoch = on_epoch if bar is not None or cfg.evaluation.pruner == "median" else None  # else no per-epoch validation pass
+            every_epoch = bar is not None or reports_every_epoch(cfg.evaluation.pruner)  # else no per-epoch validation pass
             with SIGNALS.interruptible():
-                score = cross_validate(spec, data, folds, epochs, device, cfg.study.seed, trial.number, per_epoch, on_fold,
-                                       cfg.evaluation.recalibrate_bn, cfg.evaluation.fold_mode)
+                score = cross_validate(spec, data, folds, epochs, device, cfg.study.seed, trial.number, on_epoch if every_epoch else None,
+                                       reporter.fold, cfg.evaluation.recalibrate_bn, cfg.evaluation.fold_mode)
         except TrialError as exc:
             trial.set_user_attr("fail_reason", str(exc))
             raise
@@ -273,13 +259,6 @@ class BudgetReached:
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         if finished_trials(study) >= self.budget:
             study.stop()
-
-
-def _report(trial: optuna.Trial, step: int, value: float, fold_losses: list[float]) -> None:
-    trial.report(value, step)
-    if trial.should_prune():
-        trial.set_user_attr("fold_losses", list(fold_losses))
-        raise optuna.TrialPruned(f"pruned at step {step}")
 
 
 class Signals:
@@ -373,6 +352,7 @@ def run_search(cfg: RunConfig, progress: bool | None = None, out=print, force: b
     from nas.train import resolve_device
 
     started = time.time()  # a stop requested from now on is for this run (loading data included)
+    run_start = datetime.now()  # Optuna's trial times are naive local datetimes
     device = resolve_device(cfg.device)
     check_writable_sqlite(cfg.study.storage)
     path = sqlite_path(cfg.study.storage)
@@ -381,10 +361,11 @@ def run_search(cfg: RunConfig, progress: bool | None = None, out=print, force: b
         study_id = existing_study_id(storage, cfg.study.name) if storage is not None else None
         if study_id is not None:
             record.attach(storage, study_id)  # visible to the dashboard and other workers from now on
-        return _search(cfg, storage, record, device, progress, out, force, worker_command, workers, started)
+        return _search(cfg, storage, record, device, progress, out, force, worker_command, workers, started, run_start)
 
 
-def _search(cfg: RunConfig, storage, record: WorkerRecord, device, progress, out, force, worker_command, workers, started) -> optuna.Study:
+def _search(cfg: RunConfig, storage, record: WorkerRecord, device, progress, out, force, worker_command, workers, started,
+            run_start: datetime) -> optuna.Study:
     from tqdm.auto import tqdm
 
     from nas.data import load_dataset, stratified_folds
@@ -457,6 +438,8 @@ def _search(cfg: RunConfig, storage, record: WorkerRecord, device, progress, out
             f"resume with nas-search --resume --study {cfg.study.name} --storage {cfg.study.storage}")
     if novelty.stop_reason is not None:
         out(f"Stopped: {novelty.stop_reason} ({finished_trials(study)}/{budget} of the budget used).")
+    if len(study.directions) == 1:
+        out(anytime_line(improvements(study.get_trials(deepcopy=False), run_start), time.time() - started))
     out(summary_table(study))
     return study
 

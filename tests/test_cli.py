@@ -48,6 +48,7 @@ def test_digits_search_in_a_real_process_stores_scored_trials_and_prints_the_tab
         assert ("block.norm.position" in t.params) == (t.params["block.norm.type"] != "none")
     assert "Top 2 of 2 finished trials" in proc.stdout
     best = min(done, key=lambda t: t.value)
+    assert f"{best.value:.4f} (trial {best.number}, " in next(line for line in proc.stdout.splitlines() if line.startswith("Best CV loss over this run"))
     table_rows = [line.split()[0] for line in proc.stdout.splitlines() if line[:1].isdigit()]
     assert table_rows[0] == str(best.number)
     assert "\r" not in proc.stderr  # no progress bar when stderr is not a terminal

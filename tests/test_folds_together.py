@@ -294,8 +294,9 @@ def test_epoch_reports_are_the_mean_over_folds(digits):
     data, folds = small(digits)
     reports = []
     score = cross_validate(spec_for({"type": "batch"}), data, folds, 2, CPU, on_epoch=lambda *a: reports.append(a), fold_mode="together")
-    assert [(fold, epoch) for fold, epoch, _, _ in reports] == [(None, 0), (None, 1)]
+    assert [(fold, epoch) for fold, epoch, *_ in reports] == [(None, 0), (None, 1)]
     assert reports[-1][2] == pytest.approx(score["cv_loss"]) and reports[-1][3] == pytest.approx(score["cv_accuracy"])
+    assert reports[-1][4] == pytest.approx(score["fold_losses"])  # and each fold's own
 
 
 def test_nan_in_one_fold_fails_the_trial_naming_that_fold(digits):
@@ -350,5 +351,5 @@ def test_a_search_with_folds_together_stores_the_same_trial_attributes_as_sequen
     assert [set(t.user_attrs) for t in together] == [set(t.user_attrs) for t in sequential]
     assert [t.user_attrs["fold_mode"] for t in together + sequential] == ["together", "sequential"]
     for t in together:  # the median pruner saw one report an epoch: the mean over the folds
-        assert sorted(t.intermediate_values) == [0, 1]
-        assert t.intermediate_values[1] == pytest.approx(sum(t.user_attrs["fold_losses"]) / 2)
+        assert sorted(t.intermediate_values) == [1, 2]  # epochs trained
+        assert t.intermediate_values[2] == pytest.approx(sum(t.user_attrs["fold_losses"]) / 2)

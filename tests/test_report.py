@@ -9,6 +9,7 @@ import pytest
 from nas.cli import report_main
 from nas.errors import StudyError
 from nas.archspec import describe_layout, norm_group
+from nas.anytime import improvements
 from nas.report import write_report
 from nas.space import Space
 
@@ -96,11 +97,20 @@ def test_summary_counts_trials_by_state_and_lists_fail_reasons(report):
 def test_every_png_the_report_shows_exists_and_is_a_png(report):
     path, text = report
     shown = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
-    assert set(shown) == {"history.png", "importances.png", "norm_type_position.png", "bn_diagnostics.png"}
+    assert set(shown) == {"history.png", "anytime.png", "importances.png", "norm_type_position.png", "bn_diagnostics.png"}
     for name in shown:
         data = (path.parent / name).read_bytes()
         assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 1000
     assert not list(path.parent.glob("*.tmp")) and not list(path.parent.glob(".*.tmp"))
+
+
+def test_best_so_far_is_plotted_against_wall_time_and_trial_number(live_study, report):
+    _, study = live_study
+    _, text = report
+    points = improvements(study.get_trials())
+    assert f"## Best CV loss against wall time\n\n{len(points)} improvements in " in text
+    assert f"the last, trial {points[-1][2]} ({points[-1][1]:.4f})" in text and points[-1][1] == study.best_value
+    assert "## Optimization history" in text  # against trial number
 
 
 def test_importances_rate_the_parameters_every_trial_has(report):
