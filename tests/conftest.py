@@ -1,7 +1,9 @@
-"""Shared test helpers: a digits run folder with a tiny search space and budget."""
+"""Shared test helpers: a digits run folder with a tiny search space and budget; the cuda marker."""
 
+import os
 from pathlib import Path
 
+import pytest
 import yaml
 
 
@@ -17,3 +19,19 @@ def write_digits_run(folder: Path, space: dict, storage: str, study: dict, evalu
     }
     (folder / "run.yaml").write_text(yaml.safe_dump(config))
     return folder / "run.yaml"
+
+
+# --- tests that need CUDA ------------------------------------------------------------------------
+# `@pytest.mark.cuda` tests run on CUDA_TEST_DEVICE (default "cuda") and are skipped where it is
+# not there. BNNAS_CUDA_TEST_DEVICE=cpu runs their code paths on the CPU, to prepare them there.
+CUDA_TEST_DEVICE = os.environ.get("BNNAS_CUDA_TEST_DEVICE", "cuda")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if CUDA_TEST_DEVICE == "cuda" and not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA device (scripts/gpu_check.sh runs these on one)")
+        for item in items:
+            if "cuda" in item.keywords:
+                item.add_marker(skip)
