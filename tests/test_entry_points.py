@@ -111,7 +111,7 @@ def assert_ran_the_default(proc: subprocess.CompletedProcess, storage: str) -> N
                                            f"--trials 1 --folds 2 --epochs 1, study 'digits-bn' in {storage})")
     trials = optuna.load_study(study_name="digits-bn", storage=storage).get_trials()
     assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE]
-    assert {"block.activation", "training.label_smoothing"} <= set(trials[0].params)  # sampled from bn_placement.yaml
+    assert {"block.activation", "block.norm.type", "training.lr"} <= set(trials[0].params)  # sampled from bn_placement.yaml
 
 
 def test_search_without_a_config_runs_the_embedded_default_and_says_so_first(tmp_path):
