@@ -78,6 +78,17 @@ def _identity(pid: int) -> Identity:
     return Identity(socket.gethostname(), pid, psutil.Process(pid).create_time(), _pid_space())
 
 
+def process_identity(pid: int) -> Identity:
+    """Another process of this machine (not cached: its pid may be reused later)."""
+    return Identity(socket.gethostname(), pid, psutil.Process(pid).create_time(), _pid_space())
+
+
+def running_here(other: Identity) -> bool:
+    """True only when `other` shares this pid space and its process still runs (same pid, same start)."""
+    me = current()
+    return (other.host, other.pid_space) == (me.host, me.pid_space) and not known_dead(other)
+
+
 def known_dead(other: Identity) -> bool:
     """True only when `other` shares this pid space and its process is gone (or the pid was reused)."""
     me = current()

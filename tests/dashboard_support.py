@@ -8,11 +8,13 @@ import os
 import re
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
+from html.parser import HTMLParser
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 import optuna
 
@@ -46,13 +48,37 @@ def wait_for(condition, timeout: float = 120.0, interval: float = 0.3, what: str
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
+class Row(HTMLParser):
+    """The links and form actions of each study row of the list page, by study name (as a browser reads them)."""
+
+    def __init__(self, page: str):
+        super().__init__()
+        self.rows: dict[str, dict] = {}
+        self.current = None
+        self.feed(page)
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "tr" and "data-study" in attrs:
+            self.current = self.rows.setdefault(attrs["data-study"], {"actions": {}})
+        elif self.current is not None and tag == "a" and "page" not in self.current:
+            self.current["page"] = attrs["href"]
+        elif self.current is not None and tag == "form":
+            self.current["actions"][attrs["action"].rsplit("/", 1)[1]] = attrs["action"]
+
+    def handle_endtag(self, tag):
+        if tag == "tr":
+            self.current = None
+
+
 class Dashboard:
     """A `python -m nas dashboard` process on a free port, and an HTTP client for it."""
 
-    def __init__(self, storage: str, workdir: Path, *extra: str):
+    def __init__(self, storage: str, workdir: Path, *extra: str, env: dict | None = None):
         self.process = subprocess.Popen([sys.executable, "-m", "nas", "dashboard", "--storage", storage, "--port", "0",
                                          "--workdir", str(workdir), *extra],
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                        env=None if env is None else {**os.environ, **env})
         line = self._first_line(timeout=90)
         match = re.search(r"on (http://\S+)", line)
         assert match, line
@@ -81,6 +107,31 @@ class Dashboard:
         finally:
             conn.close()
 
+    def upload(self, path: str, headers: dict, size: int, chunk: bytes = b"x" * (1 << 16)) -> tuple[int | None, int]:
+        """POST a body of `size` bytes while watching for an early answer, as curl does: (status or None, bytes sent)."""
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=60)
+        head = "".join(f"{k}: {v}\r\n" for k, v in {"Host": f"127.0.0.1:{self.port}", "Content-Length": size, **headers}.items())
+        sock.sendall(f"POST {path} HTTP/1.1\r\n{head}\r\n".encode())
+        sent, answer = 0, b""
+        try:
+            while b"\r\n" not in answer:
+                readable, writable, _ = select.select([sock], [sock] if sent < size else [], [], 60)
+                if readable:
+                    data = sock.recv(65536)
+                    if not data:
+                        break
+                    answer += data
+                elif writable:
+                    sent += sock.send(chunk[:size - sent])
+                else:
+                    break
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        finally:
+            sock.close()
+        match = re.match(rb"HTTP/1\.[01] (\d{3})", answer)
+        return (int(match.group(1)) if match else None), sent
+
     def get(self, path: str, **headers):
         return self.request("GET", path, headers=headers)
 
@@ -90,19 +141,35 @@ class Dashboard:
         return json.loads(body)
 
     def post(self, path: str, fields: dict | None = None, **headers):
-        """A POST as the dashboard's own page sends it: same Origin, CSRF header, form body."""
-        body = "&".join(f"{k}={v}" for k, v in (fields or {}).items())
+        """A POST as the dashboard's own page sends it: same Origin, CSRF header, form body, JSON answer."""
+        body = urlencode(fields or {})
         sent = {"Origin": self.base, "X-CSRF-Token": self.csrf, "Content-Type": "application/x-www-form-urlencoded",
-                **self.auth(), **headers}
+                "Accept": "application/json", **self.auth(), **headers}
         status, _, text = self.request("POST", path, body, {k: v for k, v in sent.items() if v is not None})
         return status, (json.loads(text) if text.startswith("{") else text)
+
+    def links(self, name: str) -> dict:
+        """The study's row on the list page: `page` (its link), `api` (its JSON) and `actions` (form targets by name)."""
+        status, _, page = self.get("/", **self.auth())
+        assert status == 200, (status, page)
+        row = Row(page).rows[name]
+        return row | {"api": "/api" + row["page"], "fragment": "/fragments" + row["page"]}
+
+    def study(self, name: str) -> dict:
+        return self.api(self.links(name)["api"])
+
+    def act(self, name: str, action: str, fields: dict | None = None, **headers):
+        """Press a button of the study's row (its form's action), as the page's script does."""
+        return self.post(self.links(name)["actions"][action], fields, **headers)
 
     def close(self) -> None:
         """End the workers this dashboard started (by their pids), then the dashboard."""
         if self.process.poll() is None:
             try:
                 for study in self.api("/api/studies")["studies"]:
-                    worker = self.api(f"/api/studies/{study['name']}").get("worker")
+                    if study.get("state") == "unreadable":
+                        continue
+                    worker = self.study(study["name"]).get("worker")
                     if worker and worker["status"] == "running":
                         os.kill(worker["pid"], signal.SIGTERM)
             finally:
