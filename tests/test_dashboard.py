@@ -27,7 +27,11 @@ def site(tmp_path_factory):
     make_study(folder, "worked", trials=1, epochs=2)  # resumed, then resumed again and stopped
     make_study(folder, "quick", trials=1)  # stopped right after Resume
     make_study(folder, "broken", trials=1)  # its stored config made invalid: its worker dies at once
+    make_study(folder, "spare", trials=1)  # idle with budget left: what an oversized form would resume
     store = optuna.storages.get_storage(storage)
+    spare = store.get_study_id_from_name("spare")
+    config = store.get_study_system_attrs(spare)[RUN_CONFIG_ATTR]
+    store.set_study_system_attr(spare, RUN_CONFIG_ATTR, config | {"study": config["study"] | {"trials": 5}})
     broken = store.get_study_id_from_name("broken")
     config = store.get_study_system_attrs(broken)[RUN_CONFIG_ATTR]
     store.set_study_system_attr(broken, RUN_CONFIG_ATTR, config | {"evaluation": config["evaluation"] | {"folds": 1}})
@@ -167,11 +171,11 @@ def test_a_worker_that_dies_at_once_shows_its_failure_and_log_line_on_its_row(si
     ended = worker_ended(site, "broken")
     line = site.get(body["log"])[2].strip().splitlines()[-1]
     assert "folds" in line and ended["worker"]["exit_code"] == 2
-    row = {s["name"]: s for s in site.api("/api/studies")["studies"]}["broken"]
-    assert row["worker"]["failed"] and row["worker"]["last_line"] == line
     for path in ("/", "/fragments/studies", site.links("broken")["page"]):
         page = site.get(path)[2]
         assert "exited with code 2" in page and html_escape(line) in page
+    row = {s["name"]: s for s in site.api("/api/studies")["studies"]}["broken"]
+    assert row["worker"]["failed"] and row["worker"]["last_line"] == line
 
 
 def test_export_best_runs_the_export_and_offers_its_files(site):
@@ -266,16 +270,15 @@ def test_a_forwarded_host_does_not_steer_a_redirect(site):
 
 def test_a_form_over_the_body_limit_is_refused_not_cut_short(site):
     """Issue 15.7: a 50 MB form was cut at 64 KiB and became a Resume with the stored budget."""
-    quick = site.study("quick")
-    assert quick["state"] == "idle"
-    resume = site.links("quick")["actions"]["resume"]
+    assert site.study("spare")["state"] == "idle"
+    resume = site.links("spare")["actions"]["resume"]
     form = {"Origin": site.base, "Content-Type": "application/x-www-form-urlencoded", "Accept": "application/json"}
-    status, sent = site.upload(resume, form, 50 << 20, f"csrf={site.csrf}&pad=".encode() + b"x" * (50 << 20))
+    status, sent = site.upload(resume, form, 50 << 20, f"csrf={site.csrf}&pad=".encode(), b"&trials=1")
     assert status == 413 and sent < 50 << 20  # answered before the body was read
     status, _, text = site.request("POST", resume, f"csrf={site.csrf}&pad={'x' * (200 << 10)}&trials=1", form)
     assert status == 413, text  # over what the app reads of a form, under the server's cap: refused as well
-    after = site.study("quick")
-    assert after["state"] == "idle" and after["worker"]["id"] == quick["worker"]["id"]  # no worker started
+    after = site.study("spare")
+    assert after["state"] == "idle" and after["worker"] is None  # no worker started
 
 
 def test_a_huge_multipart_body_is_refused_unread(site):
@@ -283,7 +286,8 @@ def test_a_huge_multipart_body_is_refused_unread(site):
     server = psutil.Process(site.process.pid)
     before = server.memory_info().rss
     headers = {"Origin": site.base, "X-CSRF-Token": site.csrf, "Content-Type": "multipart/form-data; boundary=b"}
-    status, sent = site.upload(site.links("seen")["actions"]["export"], headers, 200 << 20)
+    field = b'--b\r\nContent-Disposition: form-data; name="pad"\r\n\r\n'
+    status, sent = site.upload(site.links("seen")["actions"]["export"], headers, 200 << 20, field, b"\r\n--b--\r\n")
     assert status == 413 and sent < 200 << 20
     assert server.memory_info().rss - before < 50 << 20
     assert not [e for e in site.study("seen")["exports"] if e["status"] == "running"]  # no export started

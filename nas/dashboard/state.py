@@ -24,7 +24,7 @@ from nas.archspec import MIXED, NO_POSITION, NORM_ORDER, POSITION_ORDER, blocks,
 from nas.config import StudyConfig
 from nas.liveness import describe_workers, live_workers
 from nas.report import finite
-from nas.storage import STOP_ATTR, one_line, budget_count, counts_toward_budget, is_duplicate, read_config_history, read_run_config
+from nas.storage import STOP_ATTR, budget_count, counts_toward_budget, is_duplicate, one_line, read_config_history, read_run_config
 
 HEARTBEAT_DEFAULT = StudyConfig.heartbeat_seconds  # studies stored before the field existed
 
@@ -138,7 +138,7 @@ def unreadable(storage: optuna.storages.BaseStorage, name: str, exc: Exception) 
         study_id = storage.get_study_id_from_name(name)
     except KeyError:  # deleted meanwhile
         study_id = None
-    return {"id": study_id, "name": name, "state": "unreadable", "error": f"cannot read this study: {one_line(exc)}"}
+    return {"id": study_id, "name": name, "state": "unreadable", "error": f"cannot read this study: {type(exc).__name__}: {one_line(exc)}"}
 
 
 def readable(read, storage: optuna.storages.BaseStorage, name: str, *args) -> dict:
