@@ -85,7 +85,7 @@ def build(storage_url: str, host: str, token: str | None, workdir: Path, extra_h
     """The WSGI app and the worker registry, for a server or a test."""
     require_token_beyond_loopback(host, token)
     storage = open_storage(storage_url)
-    workers = Workers(storage_url, workdir, storage)
+    workers = Workers(storage_url, workdir)
     guard = Guard(None, allowed_hosts(host, list(extra_hosts)), token)
     ours = create_app(storage, workers, guard.csrf_token)
     mounted = OptunaMount(storage, OPTUNA_PREFIX)
@@ -124,9 +124,8 @@ def serve(storage_url: str, host: str, port: int, token: str | None, workdir: Pa
     if ready is not None:
         ready.set()
     try:
-        server.run()
-    except KeyboardInterrupt:  # the usual way to quit a server: exit 0
-        running = workers.running_searches()
-        print("dashboard stopped" + (f"; searches still running: {', '.join(running)}" if running else ""), file=sys.stderr)
+        server.run()  # until Ctrl-C, the usual way to quit a server (waitress returns: exit 0)
     finally:
         server.close()
+    running = workers.running_searches()
+    print("dashboard stopped" + (f"; searches still running: {', '.join(running)}" if running else ""), file=sys.stderr)

@@ -135,7 +135,7 @@ class Job:
 class Workers:
     """The processes this dashboard (and earlier ones on its work dir) started; thread-safe (requests run in threads)."""
 
-    def __init__(self, storage_url: str, workdir: Path, storage=None):
+    def __init__(self, storage_url: str, workdir: Path):
         self.storage_url, self.workdir = storage_url, Path(workdir)
         self.lock = threading.Lock()
         self.jobs: list[Job] = [job for folder in ("logs", "exports") for record in sorted((self.workdir / folder).glob("*.json"))
