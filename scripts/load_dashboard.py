@@ -5,10 +5,10 @@ synthetic studies (architectures sampled from the default search space, no train
 
   crowd  N clients at once, each R requests, a new connection each, to what a browser polls
          (/, /fragments/studies, /api/studies, a study page and its fragment)
-  held   H connections opened and left silent and S slow senders writing a request a byte a
-         second, then the same crowd while they are held; afterwards, how many held
-         connections the server closed (it should: they are idle) and how many slow senders
-         were answered once their request was complete
+  held   H connections opened and left silent and S slow senders writing requests a byte a
+         second (--slow-interval), then the same crowd while they are held; afterwards, how many held
+         connections the server closed (it should: they are idle) and how many of the slow
+         senders' requests were answered
 
 and prints one table: requests served, p50 / p99 latency, the server's peak memory, threads and
 open files. It stops by itself (fixed sizes, a timeout on every socket) and ends the server.
@@ -167,40 +167,37 @@ def closed_by_server(sock: socket.socket) -> bool:
 
 
 class SlowSenders:
-    """`count` connections, each writing a GET one byte a second from a thread of its own; answers read at the end."""
+    """`count` clients that each write their GET a byte every `interval` seconds, read the answer, and start again until stopped."""
 
-    def __init__(self, port: int, count: int):
+    def __init__(self, port: int, count: int, interval: float):
+        self.port, self.interval, self.answered, self.failed = port, interval, 0, 0
         self.request = f"GET /api/studies HTTP/1.1\r\nHost: {HOST}:{port}\r\nConnection: close\r\n\r\n".encode()
-        self.socks = open_held(port, count)
-        self.sent = [0] * len(self.socks)
-        self._stop = threading.Event()
-        self.thread = threading.Thread(target=self._trickle, daemon=True)
-        self.thread.start()
+        self._stop, self.lock = threading.Event(), threading.Lock()
+        self.threads = [threading.Thread(target=self._client, daemon=True) for _ in range(count)]
+        for t in self.threads:
+            t.start()
 
-    def _trickle(self) -> None:
-        while not self._stop.wait(1.0):
-            for i, sock in enumerate(self.socks):
-                if self.sent[i] < len(self.request) - 1:  # the last byte waits for finish()
-                    try:
-                        sock.send(self.request[self.sent[i]:self.sent[i] + 1])
-                        self.sent[i] += 1
-                    except OSError:
-                        self.sent[i] = len(self.request)
-
-    def finish(self) -> int:
-        """Send what is left of each request; the number of them the server answered with 200."""
-        self._stop.set()
-        self.thread.join()
-        answered = 0
-        for i, sock in enumerate(self.socks):
+    def _client(self) -> None:
+        while not self._stop.is_set():
             try:
-                sock.settimeout(TIMEOUT)
-                sock.sendall(self.request[self.sent[i]:])
-                answered += sock.recv(64).startswith(b"HTTP/1.1 200") or 0
+                with socket.create_connection((HOST, self.port), timeout=TIMEOUT) as sock:
+                    for i in range(len(self.request)):
+                        if self._stop.wait(self.interval):
+                            return  # the phase ended mid-request: neither answered nor failed
+                        sock.send(self.request[i:i + 1])
+                    ok = sock.recv(64).startswith(b"HTTP/1.1 200")
             except OSError:
-                pass
-            sock.close()
-        return answered
+                ok = False
+            with self.lock:
+                self.answered += ok
+                self.failed += not ok
+
+    def finish(self) -> tuple[int, int]:
+        """Stop them; how many of their requests were answered (200) and how many failed."""
+        self._stop.set()
+        for t in self.threads:
+            t.join()
+        return self.answered, self.failed
 
 
 def row(name: str, result: dict, server: Server, extra: str = "") -> str:
@@ -214,13 +211,14 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=100, help="concurrent clients (default %(default)s)")
     parser.add_argument("--requests", type=int, default=20, help="requests per client (default %(default)s)")
     parser.add_argument("--held", type=int, default=500, help="silent connections held open (default %(default)s)")
-    parser.add_argument("--slow", type=int, default=50, help="slow senders, a byte a second (default %(default)s)")
+    parser.add_argument("--slow", type=int, default=50, help="slow senders (default %(default)s)")
+    parser.add_argument("--slow-interval", type=float, default=1.0, help="seconds between a slow sender's bytes (default %(default)s)")
     parser.add_argument("--studies", type=int, default=3, help="synthetic studies (default %(default)s)")
     parser.add_argument("--trials", type=int, default=60, help="trials per study (default %(default)s)")
     parser.add_argument("--idle-timeout", type=int, help="passed to nas-dashboard (default: its own)")
     args = parser.parse_args()
-    if min(args.clients, args.requests) < 1 or min(args.held, args.slow, args.studies, args.trials) < 0:
-        parser.error("--clients and --requests must be >= 1, the others >= 0")
+    if min(args.clients, args.requests) < 1 or min(args.held, args.slow, args.studies, args.trials) < 0 or not args.slow_interval > 0:
+        parser.error("--clients and --requests must be >= 1, --slow-interval > 0, the others >= 0")
 
     with tempfile.TemporaryDirectory(prefix="nas-load-") as tmp:
         storage = make_storage(Path(tmp), args.studies, args.trials)
@@ -237,19 +235,19 @@ def main() -> None:
             print(row(f"{args.clients} clients x {args.requests}", crowd(server.port, args.clients, args.requests, paths), server, "-"), flush=True)
             server.reset_peaks()
             held = open_held(server.port, args.held)
-            slow = SlowSenders(server.port, args.slow)
+            slow = SlowSenders(server.port, args.slow, args.slow_interval)
             result = crowd(server.port, args.clients, args.requests, paths)
             idle = (args.idle_timeout or 30) * 1.5 + 5  # the server looks for idle connections every quarter of the timeout
             deadline = time.monotonic() + idle
             while time.monotonic() < deadline and not all(closed_by_server(s) for s in held):
                 time.sleep(0.5)
             closed = sum(closed_by_server(s) for s in held)
-            answered = slow.finish()
+            answered, failed = slow.finish()
             for sock in held:
                 sock.close()
             print(row(f"{args.clients} clients x {args.requests} while held", result, server,
-                      f"{len(held)} silent: {closed} closed by the server within {idle:.0f} s; "
-                      f"{len(slow.socks)} slow senders: {answered} answered"), flush=True)
+                      f"{len(held)} silent: {closed} closed by the server within {idle:.0f} s; {args.slow} slow senders "
+                      f"(a byte every {args.slow_interval:g} s): {answered} requests answered, {failed} failed"), flush=True)
         finally:
             server.close()
 

@@ -24,7 +24,8 @@ from nas.archspec import MIXED, NO_POSITION, NORM_ORDER, POSITION_ORDER, blocks,
 from nas.config import StudyConfig
 from nas.liveness import describe_workers, live_workers
 from nas.report import finite
-from nas.storage import STOP_ATTR, budget_count, counts_toward_budget, is_duplicate, one_line, read_config_history, read_run_config
+from nas.storage import (STOP_ATTR, budget_count, counts_toward_budget, is_duplicate, one_line, rdb_engine, read_config_history,
+                         read_run_config)
 
 HEARTBEAT_DEFAULT = StudyConfig.heartbeat_seconds  # studies stored before the field existed
 
@@ -44,7 +45,7 @@ def heartbeats(storage: optuna.storages.BaseStorage, study_id: int, grace_second
     reads it directly (Optuna's schema, unchanged since heartbeats were added in v2.5).
     A RUNNING trial without a heartbeat row (heartbeats off) counts as fresh.
     """
-    engine = getattr(storage, "engine", None)
+    engine = rdb_engine(storage)
     if engine is None:  # not an RDB storage: no heartbeats to read
         return Liveness()
     query = sqlalchemy.text(
