@@ -312,7 +312,7 @@ def finetune_main(argv: list[str] | None = None) -> int:
 def dashboard_parser() -> argparse.ArgumentParser:
     p = _parser("dashboard", "List and detail pages, Resume / Stop / Export best, and optuna-dashboard under /optuna/.")
     p.add_argument("--storage", default=DEFAULT_STORAGE, help="Optuna storage URL (default %(default)s)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s; any other needs --token)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s, or ::1; any other needs a token)")
     p.add_argument("--port", type=int, default=8080, help="default %(default)s; 0 picks a free port")
     p.add_argument("--token-file", metavar="PATH", help="file holding the secret every request must carry (open the printed "
                    "...?token= address once); or set NAS_DASHBOARD_TOKEN. Needed for any --host but loopback")

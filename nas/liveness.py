@@ -75,11 +75,11 @@ def current() -> Identity:
 
 @cache
 def _identity(pid: int) -> Identity:
-    return Identity(socket.gethostname(), pid, psutil.Process(pid).create_time(), _pid_space())
+    return process_identity(pid)
 
 
 def process_identity(pid: int) -> Identity:
-    """Another process of this machine (not cached: its pid may be reused later)."""
+    """A process of this machine (not cached: another process's pid may be reused later)."""
     return Identity(socket.gethostname(), pid, psutil.Process(pid).create_time(), _pid_space())
 
 

@@ -5,8 +5,8 @@ synthetic studies (architectures sampled from the default search space, no train
 
   crowd  N clients at once, each R requests, a new connection each, to what a browser polls
          (/, /fragments/studies, /api/studies, a study page and its fragment)
-  held   H connections opened and left silent and S slow senders writing requests a byte a
-         second (--slow-interval), then the same crowd while they are held; afterwards, how many held
+  held   H connections opened and left silent and S slow senders writing requests a byte every
+         0.2 s (--slow-interval), then the same crowd while they are held; afterwards, how many held
          connections the server closed (it should: they are idle) and how many of the slow
          senders' requests were answered
 
@@ -185,7 +185,7 @@ class SlowSenders:
                         if self._stop.wait(self.interval):
                             return  # the phase ended mid-request: neither answered nor failed
                         sock.send(self.request[i:i + 1])
-                    ok = sock.recv(64).startswith(b"HTTP/1.1 200")
+                    ok = re.match(rb"HTTP/1\.[01] 200 ", sock.recv(64)) is not None
             except OSError:
                 ok = False
             with self.lock:
@@ -212,7 +212,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=20, help="requests per client (default %(default)s)")
     parser.add_argument("--held", type=int, default=500, help="silent connections held open (default %(default)s)")
     parser.add_argument("--slow", type=int, default=50, help="slow senders (default %(default)s)")
-    parser.add_argument("--slow-interval", type=float, default=1.0, help="seconds between a slow sender's bytes (default %(default)s)")
+    parser.add_argument("--slow-interval", type=float, default=0.2, help="seconds between a slow sender's bytes (default %(default)s: "
+                        "a request in about 15 s)")
     parser.add_argument("--studies", type=int, default=3, help="synthetic studies (default %(default)s)")
     parser.add_argument("--trials", type=int, default=60, help="trials per study (default %(default)s)")
     parser.add_argument("--idle-timeout", type=int, help="passed to nas-dashboard (default: its own)")

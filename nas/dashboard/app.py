@@ -9,6 +9,7 @@ a small HTML page to a browser without JavaScript.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import re
@@ -85,6 +86,7 @@ def create_app(storage: optuna.storages.BaseStorage, workers: Workers, csrf_toke
     def action(route):
         """A POST route whose bad input becomes a 400 answer naming the field."""
 
+        @functools.wraps(route)
         def wrapped(*args, **kwargs):
             try:
                 return route(*args, **kwargs)
