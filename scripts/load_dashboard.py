@@ -239,15 +239,15 @@ def main() -> None:
             slow = SlowSenders(server.port, args.slow, args.slow_interval)
             result = crowd(server.port, args.clients, args.requests, paths)
             idle = (args.idle_timeout or 30) * 1.5 + 5  # the server looks for idle connections every quarter of the timeout
-            deadline = time.monotonic() + idle
-            while time.monotonic() < deadline and not all(closed_by_server(s) for s in held):
+            waited = time.monotonic()
+            while time.monotonic() - waited < idle and not all(closed_by_server(s) for s in held):
                 time.sleep(0.5)
-            closed = sum(closed_by_server(s) for s in held)
+            waited, closed = time.monotonic() - waited, sum(closed_by_server(s) for s in held)
             answered, failed = slow.finish()
             for sock in held:
                 sock.close()
             print(row(f"{args.clients} clients x {args.requests} while held", result, server,
-                      f"{len(held)} silent: {closed} closed by the server within {idle:.0f} s; {args.slow} slow senders "
+                      f"{len(held)} silent: {closed} closed by the server, {waited:.0f} s after the crowd; {args.slow} slow senders "
                       f"(a byte every {args.slow_interval:g} s): {answered} requests answered, {failed} failed"), flush=True)
         finally:
             server.close()
