@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import os
 import sys
 import textwrap
@@ -116,6 +117,9 @@ examples:
     p.add_argument("--force", action="store_true", help="continue a study although its dataset, data, evaluation, objectives, seed or search space "
                    "differ from the stored ones (the change is recorded in the study's config history); budget, timeout, "
                    "device, sampler and progress flags may change without it")
+    p.add_argument("--launched-at", type=float, metavar="EPOCH", help="when this run was launched, in seconds since the epoch "
+                   "(default: when it starts); a stop request from then on stops it. nas-dashboard passes its Resume time, so "
+                   "a Stop right after Resume is not missed while the worker imports torch and loads data")
     bars = p.add_mutually_exclusive_group()
     bars.add_argument("--progress", dest="progress", action="store_true", default=None, help="show progress bars even when stderr is not a terminal")
     bars.add_argument("--no-progress", dest="progress", action="store_false", help="never show progress bars")
@@ -130,6 +134,8 @@ def search_main(argv: list[str] | None = None) -> int:
         parser.error("--resume needs --study NAME")
     if args.workers < 1:
         parser.error("--workers must be >= 1")
+    if args.launched_at is not None and not math.isfinite(args.launched_at):
+        parser.error("--launched-at must be a finite number of seconds since the epoch")
     return _run(lambda: _search(args, argv))
 
 
@@ -151,7 +157,7 @@ def _search(args: argparse.Namespace, argv: list[str] | None) -> None:
     if args.workers > 1:  # the other workers: this command again, one worker each, quiet
         argv = sys.argv[1:] if argv is None else argv
         worker = [sys.executable, "-m", "nas.cli", *_without_workers(argv), "--no-progress"]
-    run_search(cfg, progress=args.progress, force=args.force, worker_command=worker, workers=args.workers)
+    run_search(cfg, progress=args.progress, force=args.force, worker_command=worker, workers=args.workers, started=args.launched_at)
 
 
 def _without_workers(argv: list[str]) -> list[str]:
@@ -306,11 +312,15 @@ def finetune_main(argv: list[str] | None = None) -> int:
 def dashboard_parser() -> argparse.ArgumentParser:
     p = _parser("dashboard", "List and detail pages, Resume / Stop / Export best, and optuna-dashboard under /optuna/.")
     p.add_argument("--storage", default=DEFAULT_STORAGE, help="Optuna storage URL (default %(default)s)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s; any other needs --token)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s, or ::1; any other needs a token)")
     p.add_argument("--port", type=int, default=8080, help="default %(default)s; 0 picks a free port")
-    p.add_argument("--token", help="secret every request must carry (open the printed ...?token= address once)")
+    p.add_argument("--token-file", metavar="PATH", help="file holding the secret every request must carry (open the printed "
+                   "...?token= address once); or set NAS_DASHBOARD_TOKEN. Needed for any --host but loopback")
+    p.add_argument("--token", help="the secret itself (visible to every user in ps: prefer --token-file or NAS_DASHBOARD_TOKEN)")
     p.add_argument("--allow-host", action="append", default=[], metavar="NAME", help="another Host name browsers use to reach it (repeatable)")
     p.add_argument("--workdir", default="runs/dashboard", help="worker logs and exports (default %(default)s)")
+    p.add_argument("--idle-timeout", type=int, default=30, metavar="SECONDS",
+                   help="close a connection that sent or received nothing for this long (default %(default)s)")
     return p
 
 
@@ -320,14 +330,20 @@ def dashboard_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 0 <= args.port <= 65535:
         parser.error("--port must be between 0 and 65535")
+    if args.idle_timeout < 1:
+        parser.error("--idle-timeout must be >= 1")
 
     def dashboard() -> None:
-        from nas.dashboard.security import require_token_beyond_loopback
+        from nas.dashboard.security import read_token, require_token_beyond_loopback
 
-        require_token_beyond_loopback(args.host, args.token)  # before the slow imports below
+        token = read_token(args.token, args.token_file)
+        require_token_beyond_loopback(args.host, token)  # before the slow imports below
+        if args.token is not None:
+            print("nas-dashboard: --token shows the secret to every user of this machine (ps); "
+                  "prefer --token-file PATH or NAS_DASHBOARD_TOKEN", file=sys.stderr)
         from nas.dashboard.server import serve
 
-        serve(args.storage, args.host, args.port, args.token, args.workdir, args.allow_host)
+        serve(args.storage, args.host, args.port, token, args.workdir, args.allow_host, args.idle_timeout)
 
     return _run(dashboard)
 

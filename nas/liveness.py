@@ -75,7 +75,18 @@ def current() -> Identity:
 
 @cache
 def _identity(pid: int) -> Identity:
+    return process_identity(pid)
+
+
+def process_identity(pid: int) -> Identity:
+    """A process of this machine (not cached: another process's pid may be reused later)."""
     return Identity(socket.gethostname(), pid, psutil.Process(pid).create_time(), _pid_space())
+
+
+def running_here(other: Identity) -> bool:
+    """True only when `other` shares this pid space and its process still runs (same pid, same start)."""
+    me = current()
+    return (other.host, other.pid_space) == (me.host, me.pid_space) and not known_dead(other)
 
 
 def known_dead(other: Identity) -> bool:

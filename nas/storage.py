@@ -68,16 +68,21 @@ def quiet_optuna(level: int = optuna.logging.WARNING):
         optuna.logging.set_verbosity(before)
 
 
+def engine_options(url: str) -> dict:
+    """SQLAlchemy options for an RDB storage: SQLite waits up to a minute for a lock instead of failing
+    with "database is locked"; a server connection is checked before use."""
+    return {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+
+
 def make_storage(url: str, heartbeat_seconds: float, retries: int) -> optuna.storages.BaseStorage | str:
     """RDB storage (SQLite, PostgreSQL, MySQL) with heartbeats, a busy timeout and crash retries.
 
     A trial whose process died stops beating; after twice the interval Optuna fails it and
-    RetryHeartbeatStaleTrialCallback enqueues its parameters again. SQLite waits up to a minute for a
-    lock instead of failing with "database is locked" when several workers write.
+    RetryHeartbeatStaleTrialCallback enqueues its parameters again.
     """
     if not url.startswith(("sqlite", "postgresql", "mysql")):
         return url  # journal files and the like: Optuna resolves them
-    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    engine = engine_options(url)
     for attempt in range(5):
         try:
             with quiet_optuna(), warnings.catch_warnings():

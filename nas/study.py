@@ -318,9 +318,12 @@ class StopOnRequest:
     def __init__(self, started: float):
         self.started, self.stopped = started, False
 
-    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    def asked(self, study: optuna.Study) -> bool:
         asked = study._storage.get_study_system_attrs(study._study_id).get(STOP_ATTR)
-        if asked is not None and asked >= self.started:
+        return asked is not None and asked >= self.started
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if self.asked(study):
             self.stopped = True
             study.stop()
 
@@ -342,16 +345,17 @@ class StopAfterFailures:
 
 
 def run_search(cfg: RunConfig, progress: bool | None = None, out=print, force: bool = False,
-               worker_command: list[str] | None = None, workers: int = 1) -> optuna.Study:
+               worker_command: list[str] | None = None, workers: int = 1, started: float | None = None) -> optuna.Study:
     """Run the study to its budget of finished trials; prints what it did and the top candidates.
 
     This process is recorded as a worker of the study from the moment the study exists (while it
     loads data, too). With `workers` > 1 it is the first worker and starts `worker_command` as
-    the others, once the study exists; they share it through the storage.
+    the others, once the study exists; they share it through the storage. `started`: when the
+    run was launched (the dashboard's Resume), if earlier than this call.
     """
     from nas.train import resolve_device
 
-    started = time.time()  # a stop requested from now on is for this run (loading data included)
+    started = time.time() if started is None else started  # a stop requested from then on is for this run (loading data included)
     run_start = datetime.now()  # Optuna's trial times are naive local datetimes
     device = resolve_device(cfg.device)
     check_writable_sqlite(cfg.study.storage)
@@ -414,6 +418,10 @@ def _search(cfg: RunConfig, storage, record: WorkerRecord, device, progress, out
             study.stop()
 
     failures, stop_request = StopAfterFailures(cfg.study.max_consecutive_failures), StopOnRequest(started)
+    if stop_request.asked(study):  # asked while this worker started: not even one trial
+        trials_bar.close()
+        out(f"Stopped on request before the first trial: {done}/{budget} finished")
+        return study
     objective = make_objective(cfg, data, folds, device, epoch_bar if show_bars else None, novelty, version)
     helpers = [subprocess.Popen(worker_command, stdout=subprocess.DEVNULL) for _ in range(workers - 1)] if worker_command else []
     with quiet_optuna(optuna.logging.ERROR), _stopping(helpers), SIGNALS.installed():  # failures: one line of ours

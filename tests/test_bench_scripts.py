@@ -49,3 +49,14 @@ def test_bench_workers_prints_trials_per_hour_for_each_worker_count():
     rows = re.findall(r"^\s+(\d+)\s+([\d.]+)\s+(\d+)\s+([\d.]+)x$", out, re.M)
     assert [r[0] for r in rows] == ["1", "2"]
     assert all(float(r[2]) > 0 for r in rows) and rows[0][3] == "1.00"
+
+
+def test_load_dashboard_serves_a_crowd_beside_held_and_slow_connections_and_prints_its_table():
+    out = run_script("load_dashboard.py", "--clients", "4", "--requests", "2", "--held", "6", "--slow", "2", "--studies", "1",
+                     "--trials", "3", "--idle-timeout", "2", "--slow-interval", "0.02")
+    rows = re.findall(r"^\| (4 clients x 2(?: while held)?) \| (\d+)/(\d+) \| (\w+) \| (\d+) \| (\d+) \|", out, re.M)
+    assert [r[0] for r in rows] == ["4 clients x 2", "4 clients x 2 while held"]
+    assert all(r[1] == r[2] == "8" and r[3] == "none" and int(r[4]) <= int(r[5]) for r in rows)
+    assert "6 silent: 6 closed by the server" in out
+    answered, failed = map(int, re.search(r"2 slow senders \(a byte every 0.02 s\): (\d+) requests answered, (\d+) failed", out).groups())
+    assert answered >= 2 and failed == 0

@@ -72,9 +72,9 @@ def test_a_starting_search_is_a_live_worker_for_report_and_dashboard_before_its_
             assert trials_now == 1, "a trial of the new run started before its worker was recorded"
             time.sleep(0.05)
         assert [w.identity.pid for w in live] == [search.pid]
-        status, body = dashboard.post("/studies/w/resume", {"trials": 5})
+        status, body = dashboard.act("w", "resume", {"trials": 5})
         assert status == 409 and "live worker" in body["error"] and f"pid {search.pid}" in body["error"]
-        assert dashboard.api("/api/studies/w")["state"] == "running"
+        assert dashboard.study("w")["state"] == "running"
         report = write_report(url, "w", tmp_path / "report").read_text()
         assert f"- workers: 1 live: {live[0].identity.host} pid {search.pid}" in report
         search.send_signal(signal.SIGINT)

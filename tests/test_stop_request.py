@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+import time
 
 import optuna
 from optuna.trial import TrialState
@@ -43,3 +44,22 @@ def test_a_stop_request_older_than_the_search_is_ignored(tmp_path, monkeypatch):
     request_stop(url, "s")
     assert search_main(["--resume", "--study", "s", "--storage", url, "--trials", "3", "--no-progress"]) == 0
     assert [t.state for t in optuna.load_study(study_name="s", storage=url).get_trials()] == [TrialState.COMPLETE] * 3
+
+
+def test_a_stop_asked_after_the_launch_time_stops_the_search_before_its_first_trial(tmp_path, monkeypatch, capsys):
+    """The dashboard passes its Resume time: a Stop while the worker still starts up must not be missed."""
+    url = f"sqlite:///{tmp_path}/nas.db"
+    write_digits_run(tmp_path, SPACE, url, {"name": "s", "sampler": "random", "trials": 1}, {"folds": 2, "epochs": 1})
+    monkeypatch.chdir(tmp_path)
+    assert search_main(["--config", "run.yaml", "--no-progress"]) == 0
+    launched = time.time()
+    request_stop(url, "s")  # after the launch, before this process has even parsed its arguments
+    capsys.readouterr()
+    assert search_main(["--resume", "--study=s", f"--storage={url}", "--trials=5", f"--launched-at={launched!r}", "--no-progress"]) == 0
+    assert "Stopped on request before the first trial: 1/5 finished" in capsys.readouterr().out
+    assert len(optuna.load_study(study_name="s", storage=url).get_trials()) == 1
+
+
+def test_launched_at_must_be_a_finite_time():
+    proc = subprocess.run([sys.executable, "-m", "nas", "search", "--resume", "--study=s", "--launched-at=nan"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "--launched-at must be a finite number" in proc.stderr

@@ -1,30 +1,45 @@
-"""Who may talk to the dashboard: Host allowlist, access token, CSRF and Origin checks.
+"""Who may talk to the dashboard and what every answer carries: Host allowlist, access token,
+CSRF and Origin checks, and headers that forbid framing.
 
 A WSGI middleware in front of every route, `/optuna/` included:
 
-- Host: only names this server is reached by (loopback names, the bound address, `--allow-host`);
-  a foreign Host is refused, which defeats DNS rebinding (a page on evil.example whose name
-  resolves to 127.0.0.1 still sends `Host: evil.example`).
+- Host: only names this server is reached by (loopback names, the bound address, this machine's
+  names and interface addresses when bound to all of them, `--allow-host`); a foreign Host is
+  refused, which defeats DNS rebinding (a page on evil.example whose name resolves to 127.0.0.1
+  still sends `Host: evil.example`).
 - Token (required when binding beyond loopback): every request carries it as a cookie set once
-  from `?token=…`, or as `Authorization: Bearer …`.
+  from `?token=…`, or as `Authorization: Bearer …`. The cookie is named after the port (cookies
+  are not kept apart by port) and holds an HMAC of the token, never the token itself.
 - State changes: only POST / PUT / PATCH / DELETE, and those need an Origin (or Referer) equal to
   the request's own host, plus, on our own routes, the per-server CSRF token the pages embed
   (header `X-CSRF-Token` or form field `csrf`). A cross-site page can send neither.
+- Every answer, refusals and optuna-dashboard's included, says `X-Frame-Options: DENY` and CSP
+  `frame-ancestors 'none'`: no other site can frame a page and borrow a click (clickjacking).
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
+import io
 import ipaddress
+import os
 import secrets
 import socket
 from http.cookies import SimpleCookie
-from urllib.parse import parse_qs, urlencode, urlsplit
+from pathlib import Path
+from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
-TOKEN_COOKIE = "nas_dashboard_token"
+import psutil
+
+TOKEN_ENV = "NAS_DASHBOARD_TOKEN"
 CSRF_HEADER = "HTTP_X_CSRF_TOKEN"
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+WILDCARDS = ("0.0.0.0", "::", "")
+NO_FRAMING = "frame-ancestors 'none'"
+DEFAULT_CSP = f"default-src 'self'; img-src 'self' data:; {NO_FRAMING}"
+ALWAYS = (("X-Frame-Options", "DENY"), ("X-Content-Type-Options", "nosniff"), ("Referrer-Policy", "same-origin"))
 
 
 def is_loopback(host: str) -> bool:
@@ -36,12 +51,45 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def is_wildcard(host: str) -> bool:
+    return host in WILDCARDS
+
+
 def require_token_beyond_loopback(host: str, token: str | None) -> None:
     """Binding anything but loopback exposes Resume / Stop / Export to the network: only with a token."""
     from nas.errors import NasError
 
     if not is_loopback(host) and not token:
-        raise NasError(f"--host: binding {host} makes the dashboard reachable from other machines; give --token SECRET as well")
+        raise NasError(f"--host: binding {host} makes the dashboard reachable from other machines; "
+                       f"give a token as well ({TOKEN_ENV}=SECRET in the environment, or --token-file PATH)")
+
+
+def read_token(flag: str | None, file: str | None, environ=os.environ) -> str | None:
+    """The access token from `--token-file`, `--token` or $NAS_DASHBOARD_TOKEN (a flag shows in `ps`; the others do not)."""
+    from nas.errors import NasError
+
+    if flag is not None and file is not None:
+        raise NasError("--token-file: give the token one way, not with --token as well")
+    if file is not None:
+        try:
+            token = Path(file).read_text().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise NasError(f"--token-file: cannot read {file}: {getattr(exc, 'strerror', None) or exc}") from None
+        if not token:
+            raise NasError(f"--token-file: {file} is empty")
+        return token
+    token = flag if flag is not None else environ.get(TOKEN_ENV)
+    if token is not None and not token.strip():
+        raise NasError(f"{'--token' if flag is not None else TOKEN_ENV}: the token is empty")
+    return token.strip() if token else None
+
+
+def interface_addresses() -> list[str]:
+    """This machine's IP addresses, every interface (link-local ones without their `%zone`)."""
+    found = []
+    for addresses in psutil.net_if_addrs().values():
+        found += [a.address.split("%")[0] for a in addresses if a.family in (socket.AF_INET, socket.AF_INET6)]
+    return found
 
 
 def allowed_hosts(bind: str, extra: list[str] = ()) -> set[str]:
@@ -53,9 +101,10 @@ def allowed_hosts(bind: str, extra: list[str] = ()) -> set[str]:
             names |= {info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None)}
         except OSError:
             pass
-    names.discard("0.0.0.0")
-    names.discard("::")
-    return {n.lower() for n in names if n}
+    if is_wildcard(bind):  # bound to every interface: each address reaches it (an IP literal cannot be rebound)
+        names |= set(interface_addresses())
+    names.discard("")
+    return {n.lower() for n in names}
 
 
 def split_host(header: str) -> str:
@@ -64,6 +113,36 @@ def split_host(header: str) -> str:
     if header.startswith("["):
         return header[1:header.find("]")] if "]" in header else ""
     return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+def cookie_name(environ) -> str:
+    """One cookie per dashboard port: browsers send a host's cookies to all its ports, so a fixed name would collide."""
+    return f"nas_dashboard_{environ.get('SERVER_PORT', '')}"
+
+
+def cookie_value(token: str, environ) -> str:
+    """An HMAC of the token, so that other services of the host that see the cookie never learn the token."""
+    return hmac.new(token.encode(), f"nas-dashboard cookie {environ.get('SERVER_PORT', '')}".encode(), hashlib.sha256).hexdigest()
+
+
+def same_site_location(path: str, query: str) -> str:
+    """A Location on this site for a decoded path: percent-encoded (no CR/LF, no backslash) and never `//host`."""
+    return "/" + quote(path.lstrip("/\\"), safe="/:@!$&'()*+,;=-._~") + (f"?{query}" if query else "")
+
+
+def _with_headers(start_response):
+    """start_response that adds the headers every answer carries; an existing CSP gains `frame-ancestors 'none'`."""
+
+    def start(status, headers, exc_info=None):
+        names = {name.lower() for name, _ in headers}
+        headers = [(name, f"{value.rstrip('; ')}; {NO_FRAMING}" if name.lower() == "content-security-policy" and "frame-ancestors" not in value
+                    else value) for name, value in headers]
+        if "content-security-policy" not in names:
+            headers.append(("Content-Security-Policy", DEFAULT_CSP))
+        headers += [(name, value) for name, value in ALWAYS if name.lower() not in names]
+        return start_response(status, headers, exc_info) if exc_info else start_response(status, headers)
+
+    return start
 
 
 def _respond(start_response, status: str, text: str, headers: list | None = None) -> list[bytes]:
@@ -81,6 +160,7 @@ class Guard:
         self.unchecked_csrf_prefix = unchecked_csrf_prefix  # optuna-dashboard's own JS cannot send our token
 
     def __call__(self, environ, start_response):
+        start_response = _with_headers(start_response)
         host = environ.get("HTTP_HOST", "")
         if split_host(host) not in self.hosts:
             return _respond(start_response, "403 Forbidden", f"Host {host!r} is not allowed (start nas-dashboard with --allow-host NAME to add it)")
@@ -90,9 +170,10 @@ class Guard:
             if given is not None and hmac.compare_digest(given.encode(), self.token.encode()):
                 # once: set the cookie and drop the token from the address bar and history
                 rest = urlencode([(k, v) for k, vs in query.items() if k != "token" for v in vs], doseq=True)
-                path = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "/") + (f"?{rest}" if rest else "")
-                cookie = f"{TOKEN_COOKIE}={self.token}; Path=/; HttpOnly; SameSite=Strict"
-                return _respond(start_response, "303 See Other", "token accepted", [("Location", path), ("Set-Cookie", cookie)])
+                location = same_site_location(environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "/"), rest)
+                # Lax, not Strict: the link may be opened from another site (a chat, a mail); writes still need Origin + CSRF
+                cookie = f"{cookie_name(environ)}={cookie_value(self.token, environ)}; Path=/; HttpOnly; SameSite=Lax"
+                return _respond(start_response, "303 See Other", "token accepted", [("Location", location), ("Set-Cookie", cookie)])
             if not self._has_token(environ):
                 return _respond(start_response, "401 Unauthorized", "this dashboard needs its token: open the address nas-dashboard printed (…?token=…)")
         method = environ.get("REQUEST_METHOD", "GET").upper()
@@ -104,15 +185,15 @@ class Guard:
 
     def _has_token(self, environ) -> bool:
         auth = environ.get("HTTP_AUTHORIZATION", "")
-        candidates = [auth[7:].strip()] if auth.lower().startswith("bearer ") else []
+        if auth.lower().startswith("bearer ") and hmac.compare_digest(auth[7:].strip().encode(), self.token.encode()):
+            return True
         cookie = SimpleCookie()
         try:
             cookie.load(environ.get("HTTP_COOKIE", ""))
         except Exception:  # noqa: BLE001 - a malformed cookie header is just no token
-            pass
-        if TOKEN_COOKIE in cookie:
-            candidates.append(cookie[TOKEN_COOKIE].value)
-        return any(hmac.compare_digest(c.encode(), self.token.encode()) for c in candidates)
+            return False
+        name = cookie_name(environ)
+        return name in cookie and hmac.compare_digest(cookie[name].value.encode(), cookie_value(self.token, environ).encode())
 
     def _cross_site(self, environ, host: str) -> str | None:
         """Why a state-changing request is refused, or None."""
@@ -130,16 +211,17 @@ class Guard:
 
 
 def _form_field(environ, name: str) -> str | None:
-    """A field of an urlencoded POST body, leaving the body readable for the app."""
-    import io
+    """A field of an urlencoded POST body, leaving the body readable for the app.
 
+    The whole body is read: the server refuses bodies over its limit before they reach us,
+    and a body cut short here would reach the app as a different request.
+    """
     if not environ.get("CONTENT_TYPE", "").startswith("application/x-www-form-urlencoded"):
         return None
     try:
-        length = min(int(environ.get("CONTENT_LENGTH") or 0), 1 << 16)
+        length = int(environ.get("CONTENT_LENGTH") or 0)
     except ValueError:
         return None
     body = environ["wsgi.input"].read(length)
     environ["wsgi.input"] = io.BytesIO(body)
-    environ["CONTENT_LENGTH"] = str(len(body))
     return parse_qs(body.decode("latin-1")).get(name, [None])[0]

@@ -4,13 +4,15 @@ A study is `running` while a worker is recorded live in it (`nas.liveness`: from
 while it loads data, between trials), a worker beats for one of its RUNNING trials, or a
 worker this dashboard started is still alive; `stopping` while running with a stop request
 newer than its latest trial start; `finished` when its budget of finished trials is reached;
-`idle` otherwise (resumable).
+`idle` otherwise (resumable); `unreadable` when something stored in it cannot be read (the row
+says why; the other studies are shown as usual).
 """
 
 from __future__ import annotations
 
 import math
 import statistics
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -22,7 +24,8 @@ from nas.archspec import MIXED, NO_POSITION, NORM_ORDER, POSITION_ORDER, blocks,
 from nas.config import StudyConfig
 from nas.liveness import describe_workers, live_workers
 from nas.report import finite
-from nas.storage import STOP_ATTR, budget_count, counts_toward_budget, is_duplicate, read_config_history, read_run_config
+from nas.storage import (STOP_ATTR, budget_count, counts_toward_budget, is_duplicate, one_line, rdb_engine, read_config_history,
+                         read_run_config)
 
 HEARTBEAT_DEFAULT = StudyConfig.heartbeat_seconds  # studies stored before the field existed
 
@@ -42,7 +45,7 @@ def heartbeats(storage: optuna.storages.BaseStorage, study_id: int, grace_second
     reads it directly (Optuna's schema, unchanged since heartbeats were added in v2.5).
     A RUNNING trial without a heartbeat row (heartbeats off) counts as fresh.
     """
-    engine = getattr(storage, "engine", None)
+    engine = rdb_engine(storage)
     if engine is None:  # not an RDB storage: no heartbeats to read
         return Liveness()
     query = sqlalchemy.text(
@@ -70,32 +73,35 @@ def _best(trials: list[FrozenTrial]) -> FrozenTrial | None:
     return min(scored, key=lambda t: (t.values[0], t.number)) if scored else None
 
 
-def summarize(storage: optuna.storages.BaseStorage, name: str, own_worker_started: float | None = None) -> dict:
+def summarize(storage: optuna.storages.BaseStorage, name: str, own=None) -> dict:
     """One study's row for the list page: state, finished / budget, best CV loss and accuracy, best layout.
 
-    `own_worker_started`: when a worker this dashboard started (and that is still alive) began.
+    `own`: the worker this dashboard started on the study while it is alive (its `pid`, launch
+    time `started` and the `budget` it was given, which it stores only once its data is loaded).
     """
     study_id = storage.get_study_id_from_name(name)
     trials = storage.get_all_trials(study_id, deepcopy=False)
     config = read_run_config(storage, study_id) or {}
-    budget = config.get("study", {}).get("trials")
+    budget = own.budget if own is not None and own.budget is not None else config.get("study", {}).get("trials")
     beat = float(config.get("study", {}).get("heartbeat_seconds", HEARTBEAT_DEFAULT))
     live = heartbeats(storage, study_id, 2 * beat)
     workers = live_workers(storage, study_id, 2 * beat)
     finished = budget_count(trials)
-    running = live.fresh > 0 or bool(workers) or own_worker_started is not None
+    running = live.fresh > 0 or bool(workers) or own is not None
     stop_at = storage.get_study_system_attrs(study_id).get(STOP_ATTR)
     # a stop asked after the latest trial (and our worker) started is still being carried out
     last_start = max((t.datetime_start.timestamp() for t in trials if t.datetime_start), default=0.0)
     if running:
-        state = "stopping" if stop_at is not None and stop_at >= max(last_start, own_worker_started or 0.0) else "running"
+        state = "stopping" if stop_at is not None and stop_at >= max(last_start, own.started if own else 0.0) else "running"
     else:
         state = "finished" if budget is not None and finished >= budget else "idle"
     best = _best(trials)
     arch = best.user_attrs.get("arch", {}) if best else {}
     return {
+        "id": study_id,
         "name": name,
         "state": state,
+        "running_text": running_text(live, describe_workers(workers), own),
         "finished": finished,
         "budget": budget,
         "running_trials": live.fresh,
@@ -111,7 +117,37 @@ def summarize(storage: optuna.storages.BaseStorage, name: str, own_worker_starte
         "best_layout": describe_layout(arch) if arch else None,
         "objectives": config.get("objectives", ["cv_loss"]),
         "resumable": bool(config),  # made by nas-search: the stored config lets it resume
+        "error": None,
     }
+
+
+def running_text(live: Liveness, workers_text: str, own) -> str:
+    """Why the study counts as running, in words (empty when it does not)."""
+    reasons = []
+    if own is not None:
+        reasons.append(f"the worker started here (pid {own.pid}, launched {time.strftime('%H:%M:%S UTC', time.gmtime(own.started))}) is alive")
+    if workers_text:
+        reasons.append(f"live worker(s): {workers_text}")
+    if live.fresh:
+        reasons.append(f"{live.fresh} running trial(s) beat")
+    return "; ".join(reasons)
+
+
+def unreadable(storage: optuna.storages.BaseStorage, name: str, exc: Exception) -> dict:
+    """The row of a study whose stored data cannot be read: its name and why, nothing else."""
+    try:
+        study_id = storage.get_study_id_from_name(name)
+    except KeyError:  # deleted meanwhile
+        study_id = None
+    return {"id": study_id, "name": name, "state": "unreadable", "error": f"cannot read this study: {type(exc).__name__}: {one_line(exc)}"}
+
+
+def readable(read, storage: optuna.storages.BaseStorage, name: str, *args) -> dict:
+    """`read(storage, name, *args)`, or the study's unreadable row: one bad study never takes the page down."""
+    try:
+        return read(storage, name, *args)
+    except Exception as exc:  # noqa: BLE001 - any stored value may be malformed (an arch that is no ArchSpec, a config of the wrong type)
+        return unreadable(storage, name, exc)
 
 
 def trial_rows(trials: list[FrozenTrial]) -> list[dict]:
@@ -160,12 +196,12 @@ def history(trials: list[FrozenTrial]) -> list[dict]:
     return points
 
 
-def detail(storage: optuna.storages.BaseStorage, name: str, own_worker_started: float | None = None) -> dict:
+def detail(storage: optuna.storages.BaseStorage, name: str, own=None) -> dict:
     """Everything the study page shows."""
     study_id = storage.get_study_id_from_name(name)
     trials = storage.get_all_trials(study_id, deepcopy=False)
     return {
-        **summarize(storage, name, own_worker_started),
+        **summarize(storage, name, own),
         "config_history": [{k: entry.get(k) for k in ("at", "by", "source", "changes")} for entry in read_config_history(storage, study_id)],
         "trials": trial_rows(trials),
         "norm_grid": norm_grid(trials),

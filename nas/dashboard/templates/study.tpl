@@ -1,7 +1,7 @@
 % rebase('base.tpl', title=s['name'])
-<h1>{{s['name']}}</h1>
-<p><a href="/optuna/dashboard">optuna-dashboard views of this storage</a> · <a href="/api/studies/{{q(s['name'])}}">JSON</a> · <a href="/studies/{{q(s['name'])}}/log">worker log</a></p>
+<h1 class="name">{{s['name']}}</h1>
+<p><a href="/optuna/dashboard">optuna-dashboard views of this storage</a> · <a href="/api/studies/{{s['id']}}">JSON</a> · <a href="/studies/{{s['id']}}/log">worker log</a></p>
 <div id="flash" role="status"></div>
-<div data-live="/fragments/studies/{{q(s['name'])}}">
+<div data-live="/fragments/studies/{{s['id']}}">
 % include('study_live.tpl', s=s)
 </div>

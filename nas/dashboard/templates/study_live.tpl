@@ -1,14 +1,20 @@
 % def num(v, f='{:.4f}'):
 %   return '' if v is None else f.format(v)
 % end
+% if s['state'] == 'unreadable':
+<section class="summary" data-study="{{s['name']}}">
+<p>State <span class="state state-unreadable" data-field="state">unreadable</span> · <span class="error" data-field="error">{{s['error']}}</span></p>
+</section>
+% else:
 <section class="summary" data-study="{{s['name']}}">
 <p>State <span class="state state-{{s['state']}}" data-field="state">{{s['state']}}</span>
-· <span data-field="finished" data-value="{{s['finished']}}">{{s['finished']}} / {{s['budget'] if s['budget'] is not None else '?'}}</span> finished
+· <span data-field="finished" data-value="{{s['finished']}}" data-budget="{{s['budget'] if s['budget'] is not None else ''}}">{{s['finished']}} / {{s['budget'] if s['budget'] is not None else '?'}}</span> finished
 · {{s['running_trials']}} running · {{s['failed']}} failed{{' · %d stale (retried on resume)' % s['stale_trials'] if s['stale_trials'] else ''}}{{' · %d duplicate proposal(s), not trained' % s['duplicates'] if s['duplicates'] else ''}}
 % if s['best_trial'] is not None:
 · best trial {{s['best_trial']}}: CV loss {{num(s['best_cv_loss'])}}, accuracy {{num(s['best_cv_accuracy'])}}, {{s['best_layout']}}
 % end
 </p>
+% include('worker_note.tpl', s=s)
 <div class="actions">
 % include('actions.tpl', s=s)
 </div>
@@ -25,25 +31,35 @@
 %   end
 </ol></section>
 % end
+% end
 % if s['worker']:
 <section><h2>Worker started here</h2>
-<p>{{s['worker']['status']}} (pid {{s['worker']['pid']}}, started {{s['worker']['started_at']}}) — <a href="/studies/{{q(s['name'])}}/log">full log</a></p>
-<pre class="log">{{s['worker']['log_tail']}}</pre></section>
+<p>{{s['worker']['status']}} (pid {{s['worker']['pid']}}, started {{s['worker']['started_at']}}) — <a href="/studies/{{s['id']}}/log">full log</a></p>
+<pre class="log">{{s['worker']['log_tail']}}</pre>
+% if s['earlier_workers']:
+<p>Earlier workers started from this dashboard's work dir:
+%   for w in reversed(s['earlier_workers']):
+<a href="/studies/{{s['id']}}/logs/{{w['id']}}" data-log="{{w['id']}}">{{w['started_at']}} ({{w['status']}})</a>
+%   end
+</p>
+% end
+</section>
 % end
 % if s['exports']:
 <section><h2>Exports</h2><ul class="exports">
 % for e in reversed(s['exports']):
 <li data-export="{{e['id']}}">{{e['id']}}: <span data-field="export-status">{{e['status']}}</span>
 % if e['files']:
-— <a href="/studies/{{q(s['name'])}}/exports/{{e['id']}}/export.zip">all (zip)</a>
+— <a href="/studies/{{s['id']}}/exports/{{e['id']}}/export.zip">all (zip)</a>
 %   for f in e['files']:
-· <a href="/studies/{{q(s['name'])}}/exports/{{e['id']}}/{{f}}">{{f}}</a>
+· <a href="/studies/{{s['id']}}/exports/{{e['id']}}/{{f}}">{{f}}</a>
 %   end
 % end
-· <a href="/studies/{{q(s['name'])}}/exports/{{e['id']}}/log">log</a></li>
+· <a href="/studies/{{s['id']}}/exports/{{e['id']}}/log">log</a></li>
 % end
 </ul></section>
 % end
+% if s['state'] != 'unreadable':
 <section><h2>Optimization history</h2>
 {{!history_svg(s['history'])}}
 </section>
@@ -77,3 +93,4 @@
 % end
 </tbody></table>
 </section>
+% end
