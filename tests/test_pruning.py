@@ -7,6 +7,7 @@ from optuna.trial import TrialState
 
 from conftest import write_digits_run
 from nas.cli import search_main
+from nas.dashboard.state import trial_rows
 from nas.pruning import make_pruner, max_resource
 from nas.report import write_report
 
@@ -48,6 +49,10 @@ def test_a_multi_fidelity_search_prunes_some_trials_and_keeps_their_partial_fold
     text = write_report(f"sqlite:///{tmp_path}/nas.db", "p", tmp_path / "report").read_text()
     pruned = sum(s == TrialState.PRUNED for s in states)
     assert f"{pruned} pruned" in text and "## Failed trials\n\nNone." in text
+    rows = {row["number"]: row for row in trial_rows(trials)}  # the dashboard's trials table
+    for t in trials:
+        if t.state == TrialState.PRUNED:
+            assert rows[t.number]["state"] == "PRUNED" and rows[t.number]["note"].startswith(f"pruned at step {t.user_attrs['pruned_at_step']} ")
 
 
 @pytest.mark.parametrize("fold_mode, top", [("together", 12), ("sequential", 36)])

@@ -150,6 +150,18 @@ def readable(read, storage: optuna.storages.BaseStorage, name: str, *args) -> di
         return unreadable(storage, name, exc)
 
 
+def trial_note(t: FrozenTrial) -> str:
+    """Why a trial has no (or no own) score: its failure, the trial it repeated, or where it was pruned."""
+    if t.user_attrs.get("fail_reason"):
+        return str(t.user_attrs["fail_reason"])
+    if t.user_attrs.get("duplicate_of") is not None:
+        return f"duplicate of trial {t.user_attrs['duplicate_of']} (not trained)"
+    if t.state == TrialState.PRUNED:
+        step = t.user_attrs.get("pruned_at_step", t.last_step)
+        return f"pruned at step {step} (epochs trained; partial fold losses kept)" if step is not None else "pruned"
+    return ""
+
+
 def trial_rows(trials: list[FrozenTrial]) -> list[dict]:
     """The trials table: one row per trial with its normalization columns."""
     rows = []
@@ -171,6 +183,7 @@ def trial_rows(trials: list[FrozenTrial]) -> list[dict]:
             "seconds": t.user_attrs.get("train_seconds"),
             "fail_reason": t.user_attrs.get("fail_reason", ""),
             "duplicate_of": t.user_attrs.get("duplicate_of"),
+            "note": trial_note(t),
             "config_version": t.user_attrs.get("config_version", 0),
         })
     return rows

@@ -89,7 +89,7 @@
 <table class="trials"><thead><tr><th>#</th><th>state</th><th>CV loss</th><th>± std</th><th>CV acc</th><th>norm type</th><th>position</th><th>activation</th><th>params</th><th>layout</th><th>note</th></tr></thead><tbody>
 % for t in reversed(s['trials']):
 <tr class="trial-{{t['state'].lower()}}"><td>{{t['number']}}</td><td>{{t['state']}}</td><td>{{num(t['cv_loss'])}}</td><td>{{num(t['cv_loss_std'])}}</td><td>{{num(t['cv_accuracy'])}}</td>
-<td>{{t['norm_type']}}</td><td>{{t['norm_position']}}</td><td>{{t['activation']}}</td><td>{{num(t['params'], '{:,}')}}</td><td class="layout">{{t['layout']}}</td><td>{{t['fail_reason'] or ('duplicate of trial %d (not trained)' % t['duplicate_of'] if t['duplicate_of'] is not None else '')}}</td></tr>
+<td>{{t['norm_type']}}</td><td>{{t['norm_position']}}</td><td>{{t['activation']}}</td><td>{{num(t['params'], '{:,}')}}</td><td class="layout">{{t['layout']}}</td><td>{{t['note']}}</td></tr>
 % end
 </tbody></table>
 </section>
