@@ -42,6 +42,7 @@ SUMMARIES = {
     "bench": "Time an exported model unfolded, folded, TorchScript and torch.export: what BN costs at inference",
     "finetune": "Fine-tune an exported model on a run config's dataset with a BatchNorm strategy",
     "dashboard": "Web dashboard for the studies in one storage: browse, resume, stop, export",
+    "compare": "Compare normalization choices fairly: one equal-budget study per cell, re-evaluated over fresh seeds",
 }
 
 
@@ -348,6 +349,77 @@ def dashboard_main(argv: list[str] | None = None) -> int:
     return _run(dashboard)
 
 
+COMPARE_SHORTCUTS = {flag: key for flag, key in SHORTCUTS.items() if flag not in ("trials", "timeout")}  # budgets: --trials-per-cell
+
+
+def compare_parser() -> argparse.ArgumentParser:
+    p = _parser(
+        "compare",
+        "Every combination of the factors' levels (a cell) is its own study in the storage, searching the rest of the space "
+        "with the config's sampler for exactly --trials-per-cell trials; each cell's best spec is then cross-validated under "
+        "--seeds fresh seeds (the same for every cell: paired), and each cell is tested against the best one (paired t-test, "
+        "Holm-corrected). The same command resumes an interrupted comparison.",
+        """a factor is
+  KEY                    a search-space key: its levels are the key's choices (or --levels KEY=A,B)
+  FILE.yaml | NAME=FILE.yaml   named variants: each name maps to a small override of the space
+
+examples:
+  nas-compare --factor block.norm.type --factor block.norm.position --trials-per-cell 10 --seeds 5
+  nas-compare --config configs/digits_shifted.yaml --factor training.batch_size --levels training.batch_size=4,8,32 \\
+              --factor block.norm.type --out runs/compare
+  nas-compare --factor regularizer=experiments/bn_vs_regularizers/variants.yaml --out runs/regularizers""",
+    )
+    p.add_argument("--config", help="run config YAML (default: the embedded configs/digits.yaml)")
+    p.add_argument("--factor", action="append", default=[], required=True, metavar="KEY|FILE.yaml|NAME=FILE.yaml", help="a factor (repeatable)")
+    p.add_argument("--levels", action="append", default=[], metavar="FACTOR=A,B", help="the levels of a factor to compare (repeatable)")
+    p.add_argument("--trials-per-cell", type=int, default=20, help="search budget of every cell (default %(default)s)")
+    p.add_argument("--seeds", type=int, default=5, help="fresh seeds each cell's best is re-evaluated with (default %(default)s; at least 2)")
+    p.add_argument("--out", help="folder for compare.md, compare.json and compare.png")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE", help="override any config key (repeatable)")
+    shortcuts = p.add_argument_group("shortcuts (each overrides one config key; --study names the cells' studies: STUDY[levels])")
+    types = {"epochs": int, "folds": int, "seed": int}
+    for flag, key in COMPARE_SHORTCUTS.items():
+        extra = {"choices": ["auto", "cpu", "cuda"]} if flag == "device" else {}
+        shortcuts.add_argument(f"--{flag}", type=types.get(flag, str), help=f"sets {key}", **extra)
+    bars = p.add_mutually_exclusive_group()
+    bars.add_argument("--progress", dest="progress", action="store_true", default=None, help="show progress bars even when stderr is not a terminal")
+    bars.add_argument("--no-progress", dest="progress", action="store_false", help="never show progress bars (a line per trial instead)")
+    return p
+
+
+@_console_script
+def compare_main(argv: list[str] | None = None) -> int:
+    parser = compare_parser()
+    args = parser.parse_args(argv)
+    if args.trials_per_cell < 1:
+        parser.error("--trials-per-cell must be >= 1")
+    if args.seeds < 2:
+        parser.error("--seeds must be >= 2 (an interval and a test need two re-evaluations at least)")
+
+    def compare() -> None:
+        import shlex
+
+        from nas.compare import parse_factors, run_comparison
+        from nas.compare_report import text_table, write
+
+        overrides = [parse_override(text) for text in args.overrides]
+        overrides += [Override(key, getattr(args, flag), f"--{flag}") for flag, key in COMPARE_SHORTCUTS.items() if getattr(args, flag) is not None]
+        cfg = load_run_config(args.config or DEFAULT_CONFIG, overrides)
+        factors = parse_factors(cfg, args.factor, args.levels)
+        if args.out:
+            from nas.export import check_writable
+
+            check_writable(Path(args.out))
+        result = run_comparison(cfg, factors, args.trials_per_cell, args.seeds, args.progress)
+        print(text_table(result))
+        if args.out:
+            command = shlex.join(["nas-compare", *(sys.argv[1:] if argv is None else argv)])
+            for path in write(result, args.out, command):
+                print(f"wrote {path}")
+
+    return _run(compare)
+
+
 def _run(action) -> int:
     """Run a command body; the one place errors become exit codes."""
     try:
@@ -368,7 +440,7 @@ def _run(action) -> int:
 
 
 COMMANDS = {"search": search_main, "report": report_main, "export": export_main,
-            "bench": bench_main, "finetune": finetune_main, "dashboard": dashboard_main}
+            "bench": bench_main, "finetune": finetune_main, "dashboard": dashboard_main, "compare": compare_main}
 
 
 def commands_help() -> str:

@@ -346,7 +346,10 @@ def importances(rows: list[Row], direction: StudyDirection, plots: Plots) -> lis
     lines += [
         f"fANOVA (optuna `FanovaImportanceEvaluator(seed={IMPORTANCE_SEED})`) over {len(rows)} complete trials. "
         "It covers only parameters present in every complete trial: conditional ones "
-        "(e.g. `block.norm.position`, absent when `block.norm.type` is `none`) are left out.",
+        "(e.g. `block.norm.position`, absent when `block.norm.type` is `none`) are left out. "
+        "They rate the trials this sampler chose to run, which a sampler such as TPE spends unequally: for a fair, "
+        "equal-budget answer to \"does this choice matter?\" run `nas-compare --factor KEY` (one study per level, "
+        "re-evaluated over fresh seeds, with intervals and tests).",
         "",
         *_md_table(["rank", "parameter", "importance"], [[str(i + 1), f"`{name}`", f"{v:.3f}"] for i, (name, v) in enumerate(rated)]),
     ]

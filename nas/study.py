@@ -345,13 +345,15 @@ class StopAfterFailures:
 
 
 def run_search(cfg: RunConfig, progress: bool | None = None, out=print, force: bool = False,
-               worker_command: list[str] | None = None, workers: int = 1, started: float | None = None) -> optuna.Study:
+               worker_command: list[str] | None = None, workers: int = 1, started: float | None = None,
+               on_trial: Callable[[int, int, float | None], None] | None = None) -> optuna.Study:
     """Run the study to its budget of finished trials; prints what it did and the top candidates.
 
     This process is recorded as a worker of the study from the moment the study exists (while it
     loads data, too). With `workers` > 1 it is the first worker and starts `worker_command` as
     the others, once the study exists; they share it through the storage. `started`: when the
-    run was launched (the dashboard's Resume), if earlier than this call.
+    run was launched (the dashboard's Resume), if earlier than this call. `on_trial(finished,
+    budget, best)` is called after each trial this process ends (nas-compare's progress lines).
     """
     from nas.train import resolve_device
 
@@ -365,11 +367,11 @@ def run_search(cfg: RunConfig, progress: bool | None = None, out=print, force: b
         study_id = existing_study_id(storage, cfg.study.name) if storage is not None else None
         if study_id is not None:
             record.attach(storage, study_id)  # visible to the dashboard and other workers from now on
-        return _search(cfg, storage, record, device, progress, out, force, worker_command, workers, started, run_start)
+        return _search(cfg, storage, record, device, progress, out, force, worker_command, workers, started, run_start, on_trial)
 
 
 def _search(cfg: RunConfig, storage, record: WorkerRecord, device, progress, out, force, worker_command, workers, started,
-            run_start: datetime) -> optuna.Study:
+            run_start: datetime, on_trial: Callable | None) -> optuna.Study:
     from tqdm.auto import tqdm
 
     from nas.data import load_dataset, stratified_folds
@@ -412,6 +414,8 @@ def _search(cfg: RunConfig, storage, record: WorkerRecord, device, progress, out
         best = _best_value(study)
         if best is not None:
             trials_bar.set_postfix(best_cv_loss=f"{best:.4f}")
+        if on_trial is not None:
+            on_trial(finished_trials(study), budget, best)
 
     def stop_when_used_up(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         if novelty.stop_reason is not None:

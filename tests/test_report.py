@@ -119,6 +119,7 @@ def test_importances_rate_the_parameters_every_trial_has(report):
     assert set(ranked) == {"`stages`", "`block.norm.type`", "`training.lr`"}
     assert ranked[0] == "`block.norm.type`"  # it drives the synthetic loss most
     assert "`block.norm.position`" in section(text, "Parameter importances").split("Not rated", 1)[1]
+    assert "`nas-compare --factor KEY`" in section(text, "Parameter importances")  # where the fair answer is
 
 
 def test_type_position_table_has_a_cell_for_each_group_present(live_study, report):

@@ -1,0 +1,401 @@
+"""Equal-budget factor comparisons (`nas-compare`): does this normalization choice matter here?
+
+A single TPE study spends its trials unequally, so its ranking of a choice is not a comparison.
+Here every combination of the factors' levels (a *cell*) gets its own study in the same storage,
+searching the rest of the space with the config's sampler and exactly the same trial budget.
+The best spec of each cell is then cross-validated again under fresh seeds (new folds, new
+initial weights; seed i is the same for every cell, so cells are paired by seed), and the cells
+are compared with the best one (`nas.compare_stats`).
+
+A factor is a key of the search space (its levels: the key's choices, or those `--levels` picks)
+or a set of named variants: a YAML file mapping each name to a small override of the space
+(`bn_only: {block.norm.type: batch, block.dropout: 0.0}`). A key that a cell never uses (the
+position when the norm is `none`) makes no cells of its own: such a cell is listed once, the
+factor's level shown as `n/a`. Every cell is a study named `BASE[level,level]`; the same command
+resumes an interrupted comparison: finished trials and re-evaluations are kept in the studies.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+import json
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from nas.config import RunConfig
+from nas.errors import ConfigError, NasError, TrialError
+from nas.space import SCHEMA, FirstChoiceTrial, Space, validate_space
+from nas.validation import did_you_mean, read_yaml
+
+NOT_APPLICABLE = "n/a"
+REEVAL_ATTR = "nas:compare:reeval"  # study system attr: {"trial": n, "seeds": {seed: score}}
+CELL_ATTR = "nas:compare:cell"  # study system attr: the cell's factors and levels (for reports and the dashboard)
+REEVAL_STREAM = 7  # keeps re-evaluation seeds apart from the seeds a study draws its folds and weights with
+ACTIVITY_DRAWS = 64  # random draws that find which keys a cell's space ever uses
+
+
+@dataclass(frozen=True)
+class Factor:
+    """What varies between cells: a name, its level labels, and each level's override of the space."""
+
+    name: str
+    levels: tuple[str, ...]
+    overrides: dict  # level label -> {space key path: value}
+    key: str | None = None  # the space key of a key factor; None for named variants
+
+
+@dataclass
+class Cell:
+    levels: dict  # factor name -> level label (NOT_APPLICABLE where the cell never uses the factor's key)
+    space: dict
+
+    def label(self, factors: list[Factor]) -> str:
+        return ",".join(self.levels[f.name] for f in factors)
+
+
+def leaf_keys(schema: dict = SCHEMA, prefix: str = "") -> list[str]:
+    """Every leaf key path of the search-space schema."""
+    keys = []
+    for name, node in schema.items():
+        path = f"{prefix}.{name}" if prefix else name
+        keys += leaf_keys(node, path) if isinstance(node, dict) else [path]
+    return keys
+
+
+def param_at(key: str, where: str):
+    """The schema's Param at `key`; an unknown key or a section is a one-line error naming `where`."""
+    node = SCHEMA
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise ConfigError(where, key, f"not a key of the search space{did_you_mean(key, leaf_keys())}")
+        node = node[part]
+    if isinstance(node, dict):
+        raise ConfigError(where, key, f"is a section, not a key (its keys: {', '.join(node)})")
+    return node
+
+
+def _level_text(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def key_factor(space: dict, space_file: str, key: str, levels: list | None = None) -> Factor:
+    """A factor over one space key: the key's choices, or `levels` (each one the space allows)."""
+    param = param_at(key, "--factor")
+    leaf = Space(space).leaf(key)
+    given = levels is not None
+    if not given:
+        if not (isinstance(leaf, dict) and "choice" in leaf):
+            what = f"a {'int' if 'int' in leaf else 'float'} range" if isinstance(leaf, dict) else f"the constant {leaf!r}"
+            raise ConfigError("--factor", key, f"is not a choice in {space_file} (it is {what}): pick levels with --levels {key}=A,B")
+        levels = list(leaf["choice"])
+    for value in levels:
+        _check_level(key, value, param, leaf, space_file, key in _given_keys(space))
+    if len({_level_text(v) for v in levels}) != len(levels):
+        raise ConfigError("--levels", key, "levels repeat")
+    labels = tuple(_level_text(v) for v in levels)
+    return Factor(key, labels, {label: {key: value} for label, value in zip(labels, levels)}, key)
+
+
+def _given_keys(space: dict, prefix: str = "") -> set:
+    keys = set()
+    for name, node in space.items():
+        path = f"{prefix}.{name}" if prefix else name
+        distribution = isinstance(node, dict) and any(k in node for k in ("choice", "int", "float"))
+        keys |= _given_keys(node, path) if isinstance(node, dict) and not distribution else {path}
+    return keys
+
+
+def _check_level(key: str, value: Any, param, leaf: Any, space_file: str, given: bool) -> None:
+    """A level must be a value the space allows: one of its choices, inside its range, its constant."""
+    validate_space(_nested({key: value}), "--levels")  # type and schema bounds (a level is a constant)
+    if isinstance(leaf, dict) and "choice" in leaf:
+        allowed = value in leaf["choice"]
+    elif isinstance(leaf, dict):
+        low, high = leaf["int" if "int" in leaf else "float"]
+        allowed = low <= value <= high
+    else:
+        allowed = not given or value == leaf  # a key the space leaves out takes any valid value
+    if not allowed:
+        shown = leaf["choice"] if isinstance(leaf, dict) and "choice" in leaf else leaf
+        raise ConfigError("--levels", key, f"{_level_text(value)} is not allowed by {space_file} ({key}: {shown})")
+
+
+def _nested(flat: dict) -> dict:
+    from nas.config import set_key
+
+    out: dict = {}
+    for key, value in flat.items():
+        set_key(out, key, value)
+    return out
+
+
+def variant_factor(path: str | Path, name: str | None = None) -> Factor:
+    """Named variants from a YAML file: each name maps to an override of the space (dotted or nested keys)."""
+    raw = read_yaml(path)
+    if not isinstance(raw, dict) or len(raw) < 2:
+        raise ConfigError(path, "", "expected a mapping of at least two variant names to overrides of the search space")
+    overrides = {}
+    for variant, override in raw.items():
+        if override is None:
+            override = {}
+        if not isinstance(override, dict):
+            raise ConfigError(path, str(variant), "expected a mapping of search-space keys to values or distributions")
+        flat = _flatten(override)
+        for key, value in flat.items():
+            param_at(key, f"{path}: {variant}")
+            validate_space(_nested({key: value}), f"{path}: {variant}")
+        overrides[str(variant)] = flat
+    return Factor(name or Path(path).stem, tuple(overrides), overrides)
+
+
+def _flatten(node: dict, prefix: str = "") -> dict:
+    """Dotted keys of a nested override; a distribution (`{choice: [...]}`) is a leaf."""
+    flat = {}
+    for name, value in node.items():
+        path = f"{prefix}.{name}" if prefix else str(name)
+        if isinstance(value, dict) and not any(k in value for k in ("choice", "int", "float")):
+            flat.update(_flatten(value, path))
+        else:
+            flat[path] = value
+    return flat
+
+
+def pick_levels(factor: Factor, wanted: list[str]) -> Factor:
+    """Keep only the `--levels` named (for named variants: their names)."""
+    unknown = [w for w in wanted if w not in factor.levels]
+    if unknown:
+        raise ConfigError("--levels", factor.name, f"unknown level '{unknown[0]}' (known: {', '.join(factor.levels)}){did_you_mean(unknown[0], factor.levels)}")
+    return dataclasses.replace(factor, levels=tuple(wanted), overrides={w: factor.overrides[w] for w in wanted})
+
+
+def make_cells(space: dict, factors: list[Factor]) -> list[Cell]:
+    """Every valid combination of levels, once: a factor key the cell never uses reads `n/a`."""
+    names = [f.name for f in factors]
+    if len(set(names)) != len(names):
+        raise ConfigError("--factor", names[0], "a factor is given twice")
+    cells, seen = [], set()
+    for combination in itertools.product(*(f.levels for f in factors)):
+        cell_space = copy.deepcopy(space)
+        for factor, level in zip(factors, combination):
+            for key, value in factor.overrides[level].items():
+                _set(cell_space, key, value)
+        used = used_keys(cell_space)
+        levels = {f.name: level if f.key is None or f.key in used else NOT_APPLICABLE for f, level in zip(factors, combination)}
+        identity = tuple(levels.values())
+        if identity not in seen:
+            seen.add(identity)
+            cells.append(Cell(levels, cell_space))
+    if len(cells) < 2:
+        raise ConfigError("--factor", ", ".join(names), f"makes {len(cells)} cell: a comparison needs at least two")
+    return cells
+
+
+def _set(space: dict, key: str, value: Any) -> None:
+    node = space
+    *parents, last = key.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[last] = value
+
+
+class _RandomTrial:
+    """A stand-in trial drawing uniformly: enough to find which keys a space ever asks for."""
+
+    def __init__(self, seed: int):
+        self.rng = random.Random(seed)
+
+    def suggest_categorical(self, name, choices):
+        return self.rng.choice(choices)
+
+    def suggest_int(self, name, low, high, step=1, log=False):
+        return self.rng.randrange(low, high + 1, step)
+
+    def suggest_float(self, name, low, high, step=None, log=False):
+        return self.rng.uniform(low, high)
+
+
+class _KeyRecorder(Space):
+    def __init__(self, space: dict):
+        super().__init__(space)
+        self.used: set = set()
+
+    def suggest(self, trial, name: str, key_path: str) -> Any:
+        self.used.add(key_path)
+        return super().suggest(trial, name, key_path)
+
+
+def used_keys(space: dict) -> set:
+    """The space keys sampling ever consults (first choices and random draws)."""
+    recorder = _KeyRecorder(space)
+    for trial in [FirstChoiceTrial(), *(_RandomTrial(i) for i in range(ACTIVITY_DRAWS))]:
+        recorder.sample(trial)
+    return recorder.used
+
+
+def short_names(factors: list[Factor]) -> dict:
+    """A factor's column name: the key's last part unless two factors share it."""
+    last = [f.name.rsplit(".", 1)[-1] for f in factors]
+    return {f.name: (short if last.count(short) == 1 else f.name) for f, short in zip(factors, last)}
+
+
+def cell_study_name(base: str, cell: Cell, factors: list[Factor]) -> str:
+    return f"{base}[{cell.label(factors)}]"
+
+
+def reeval_seeds(study_seed: int, count: int) -> list[int]:
+    """Fresh seeds, the same for every cell: seed i draws its folds and its initial weights."""
+    return [int(np.random.SeedSequence([study_seed, REEVAL_STREAM, i]).generate_state(1)[0]) for i in range(count)]
+
+
+def cost_line(cells: int, trials_per_cell: int, seeds: int, cfg: RunConfig, done: int) -> str:
+    total = cells * (trials_per_cell + seeds)
+    return (f"Comparison: {cells} cells x {trials_per_cell} trials + {cells} cells x {seeds} seeds = {total} trainings "
+            f"(each {cfg.evaluation.folds} folds x {cfg.evaluation.epochs} epochs); {done} done already")
+
+
+def run_comparison(cfg: RunConfig, factors: list[Factor], trials_per_cell: int, seeds: int, progress: bool | None = None,
+                   out: Callable[[str], None] = print) -> dict:
+    """Search every cell to its budget, re-evaluate each cell's best under `seeds` fresh seeds, rank the cells."""
+    import optuna
+
+    from nas.compare_stats import TEST, rank_cells
+    from nas.study import run_search
+
+    cells = make_cells(cfg.space, factors)
+    names = [cell_study_name(cfg.study.name, c, factors) for c in cells]
+    seed_list = reeval_seeds(cfg.study.seed, seeds)
+    out(cost_line(len(cells), trials_per_cell, seeds, cfg, _done(cfg.study.storage, names, trials_per_cell)))
+    bars = sys.stderr.isatty() if progress is None else progress  # a trials bar per cell, else a line per trial
+    rows = []
+    for i, (cell, name) in enumerate(zip(cells, names)):
+        label = cell.label(factors)
+        cell_cfg = dataclasses.replace(cfg, space=cell.space, study=dataclasses.replace(cfg.study, name=name, trials=trials_per_cell, timeout=None))
+        out(f"cell {i + 1}/{len(cells)} [{label}]: searching (study '{name}')")
+        lines = None if bars else (lambda done, budget, best, i=i: out(f"  cell {i + 1}/{len(cells)}: trial {done}/{budget}, best CV loss {_show(best)}"))
+        study = run_search(cell_cfg, progress=bars, out=_notable(out), on_trial=lines)
+        study._storage.set_study_system_attr(study._study_id, CELL_ATTR, {"factors": [f.name for f in factors], "levels": cell.levels})
+        rows.append(_reevaluate(cell_cfg, study, seed_list, f"cell {i + 1}/{len(cells)}", out) | {"label": label, "study": name, "levels": cell.levels})
+        out(f"cell {i + 1}/{len(cells)} [{label}]: {rows[-1]['summary']}")
+    ranking = rank_cells({r["label"]: r["losses"] for r in rows}, {r["label"]: r["accuracies"] for r in rows})
+    for row in rows:
+        row["stats"] = ranking.get(row["label"])
+    return {"factors": [{"name": f.name, "key": f.key, "levels": list(f.levels), "overrides": f.overrides} for f in factors],
+            "columns": short_names(factors), "trials_per_cell": trials_per_cell, "seeds": seed_list, "test": TEST,
+            "dataset": cfg.dataset.name, "folds": cfg.evaluation.folds, "epochs": cfg.evaluation.epochs,
+            "sampler": cfg.study.sampler, "storage": cfg.study.storage, "base_study": cfg.study.name,
+            "optuna": optuna.__version__, "cells": rows}
+
+
+def _notable(out: Callable[[str], None]) -> Callable[[str], None]:
+    """Of a cell search's own output, only what changes its reading: stops, reclaims, forced changes."""
+    return lambda line: out(f"  {line}") if line.startswith(("Stopped", "Reclaimed", "Continuing")) else None
+
+
+def _show(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _done(storage: str, names: list[str], trials_per_cell: int) -> int:
+    """Trainings already done by an interrupted run of the same comparison: cell trials and re-evaluations."""
+    import optuna
+
+    from nas.storage import budget_count, quiet_optuna, sqlite_path
+
+    path = sqlite_path(storage)
+    if path is not None and not path.exists():
+        return 0
+    with quiet_optuna():
+        known = {s.study_name for s in optuna.get_all_study_summaries(storage)}
+        done = 0
+        for name in set(names) & known:
+            study = optuna.load_study(study_name=name, storage=storage)
+            done += min(trials_per_cell, budget_count(study.get_trials(deepcopy=False)))
+            done += len(study._storage.get_study_system_attrs(study._study_id).get(REEVAL_ATTR, {}).get("seeds", {}))
+    return done
+
+
+def _reevaluate(cfg: RunConfig, study, seeds: list[int], where: str, out) -> dict:
+    """Cross-validate the cell's best spec under each seed; each result is stored at once (resumable)."""
+    from nas.data import load_dataset, stratified_folds
+    from nas.evaluate import cross_validate
+    from nas.study import top_trials
+    from nas.train import resolve_device
+
+    ranked = top_trials(study, 1)
+    if not ranked:
+        return {"best_trial": None, "losses": {}, "accuracies": {}, "failures": {}, "summary": "no complete trial to re-evaluate"}
+    best = ranked[0]
+    stored = study._storage.get_study_system_attrs(study._study_id).get(REEVAL_ATTR, {})
+    results = dict(stored.get("seeds", {})) if stored.get("trial") == best.number else {}
+    missing = [s for s in seeds if str(s) not in results]
+    if missing:
+        device = resolve_device(cfg.device)
+        data = load_dataset(cfg.dataset, device)
+    spec = best.user_attrs["arch"]
+    for k, seed in enumerate(missing):
+        out(f"  {where}: re-evaluating trial {best.number} with seed {len(seeds) - len(missing) + k + 1}/{len(seeds)}")
+        folds = stratified_folds(data.y_train, cfg.evaluation.folds, seed)
+        try:
+            score = cross_validate(spec, data, folds, cfg.evaluation.epochs, device, seed, 0, None, None,
+                                   cfg.evaluation.recalibrate_bn, cfg.evaluation.fold_mode)
+            results[str(seed)] = {"cv_loss": score["cv_loss"], "cv_accuracy": score["cv_accuracy"]}
+        except TrialError as exc:
+            results[str(seed)] = {"failed": str(exc)}
+        study._storage.set_study_system_attr(study._study_id, REEVAL_ATTR, {"trial": best.number, "seeds": results})
+    chosen = [str(s) for s in seeds]
+    losses = {s: results[s]["cv_loss"] for s in chosen if "cv_loss" in results[s]}
+    failures = {s: results[s]["failed"] for s in chosen if "failed" in results[s]}
+    summary = f"best trial {best.number} (CV loss {best.value:.4f} in the search), re-evaluated with {len(losses)}/{len(seeds)} seeds"
+    if failures:
+        summary += f"; {len(failures)} failed: {next(iter(failures.values()))}"
+    return {"best_trial": best.number, "search_cv_loss": best.value, "spec": spec, "losses": losses, "failures": failures,
+            "accuracies": {s: results[s]["cv_accuracy"] for s in losses}, "trials": len(study.get_trials(deepcopy=False)),
+            "summary": summary}
+
+
+def _scalar(text: str) -> Any:
+    """A level as YAML reads it, and `1e-5` as the float it means (YAML 1.1 wants `1.0e-5`)."""
+    import yaml
+
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
+def parse_factors(cfg: RunConfig, factor_args: list[str], level_args: list[str]) -> list[Factor]:
+    """`--factor KEY | FILE.yaml | NAME=FILE.yaml` and `--levels NAME=A,B` into Factors; bad ones are one-line errors."""
+    levels: dict[str, list] = {}
+    for text in level_args:
+        name, sep, values = text.partition("=")
+        if not sep or not values.strip():
+            raise ConfigError("--levels", text, "expected FACTOR=A,B,...")
+        levels[name.strip()] = [v.strip() for v in values.split(",")]
+    factors = []
+    for text in factor_args:
+        name, sep, path = text.partition("=")
+        if not sep and text.endswith((".yaml", ".yml")):
+            name, path = None, text
+        if path:
+            factor = variant_factor(path, name or None)
+            if factor.name in levels:
+                factor = pick_levels(factor, levels.pop(factor.name))
+        else:
+            wanted = levels.pop(text, None)
+            factor = key_factor(cfg.space, cfg.search_space, text, None if wanted is None else [_scalar(v) for v in wanted])
+        factors.append(factor)
+    if levels:
+        raise ConfigError("--levels", next(iter(levels)), f"names no --factor (factors: {', '.join(f.name for f in factors)})")
+    if not factors:
+        raise NasError("nas-compare: give at least one --factor")
+    return factors
