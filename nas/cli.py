@@ -109,11 +109,7 @@ examples:
                    "default: the embedded configs/digits.yaml (digits, offline)")
     p.add_argument("--resume", action="store_true", help="continue a stored study without its YAML (needs --study; --storage defaults to %(default)s)".replace("%(default)s", DEFAULT_STORAGE))
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE", help="override any config key (repeatable), e.g. --set dataset.root=~/data")
-    shortcuts = p.add_argument_group("shortcuts (each overrides one config key)")
-    types = {"trials": int, "epochs": int, "folds": int, "seed": int, "timeout": float}
-    for flag, key in SHORTCUTS.items():
-        extra = {"choices": ["auto", "cpu", "cuda"]} if flag == "device" else {}
-        shortcuts.add_argument(f"--{flag}", type=types.get(flag, str), help=f"sets {key}", **extra)
+    _shortcut_arguments(p, SHORTCUTS, "shortcuts (each overrides one config key)")
     p.add_argument("--workers", type=int, default=1, help="worker processes on this study (default %(default)s); across machines, run nas-search on each against one PostgreSQL --storage")
     p.add_argument("--force", action="store_true", help="continue a study although its dataset, data, evaluation, objectives, seed or search space "
                    "differ from the stored ones (the change is recorded in the study's config history); budget, timeout, "
@@ -121,10 +117,28 @@ examples:
     p.add_argument("--launched-at", type=float, metavar="EPOCH", help="when this run was launched, in seconds since the epoch "
                    "(default: when it starts); a stop request from then on stops it. nas-dashboard passes its Resume time, so "
                    "a Stop right after Resume is not missed while the worker imports torch and loads data")
+    _progress_arguments(p, "never show progress bars")
+    return p
+
+
+def _shortcut_arguments(p: argparse.ArgumentParser, shortcuts: dict, title: str) -> None:
+    group = p.add_argument_group(title)
+    types = {"trials": int, "epochs": int, "folds": int, "seed": int, "timeout": float}
+    for flag, key in shortcuts.items():
+        extra = {"choices": ["auto", "cpu", "cuda"]} if flag == "device" else {}
+        group.add_argument(f"--{flag}", type=types.get(flag, str), help=f"sets {key}", **extra)
+
+
+def _progress_arguments(p: argparse.ArgumentParser, without: str) -> None:
     bars = p.add_mutually_exclusive_group()
     bars.add_argument("--progress", dest="progress", action="store_true", default=None, help="show progress bars even when stderr is not a terminal")
-    bars.add_argument("--no-progress", dest="progress", action="store_false", help="never show progress bars")
-    return p
+    bars.add_argument("--no-progress", dest="progress", action="store_false", help=without)
+
+
+def _overrides(args: argparse.Namespace, shortcuts: dict) -> list[Override]:
+    """`--set` values and the shortcut flags given, each remembering its flag for error messages."""
+    overrides = [parse_override(text) for text in args.overrides]
+    return overrides + [Override(key, getattr(args, flag), f"--{flag}") for flag, key in shortcuts.items() if getattr(args, flag) is not None]
 
 
 @_console_script
@@ -143,8 +157,7 @@ def search_main(argv: list[str] | None = None) -> int:
 def _search(args: argparse.Namespace, argv: list[str] | None) -> None:
     from nas.study import run_search, stored_config
 
-    overrides = [parse_override(text) for text in args.overrides]
-    overrides += [Override(key, getattr(args, flag), f"--{flag}") for flag, key in SHORTCUTS.items() if getattr(args, flag) is not None]
+    overrides = _overrides(args, SHORTCUTS)
     if args.resume:
         storage = args.storage or DEFAULT_STORAGE
         cfg = load_run_config(None, overrides, stored=stored_config(args.study, storage))
@@ -376,14 +389,8 @@ examples:
     p.add_argument("--seeds", type=int, default=5, help="fresh seeds each cell's best is re-evaluated with (default %(default)s; at least 2)")
     p.add_argument("--out", help="folder for compare.md, compare.json and compare.png")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE", help="override any config key (repeatable)")
-    shortcuts = p.add_argument_group("shortcuts (each overrides one config key; --study names the cells' studies: STUDY[levels])")
-    types = {"epochs": int, "folds": int, "seed": int}
-    for flag, key in COMPARE_SHORTCUTS.items():
-        extra = {"choices": ["auto", "cpu", "cuda"]} if flag == "device" else {}
-        shortcuts.add_argument(f"--{flag}", type=types.get(flag, str), help=f"sets {key}", **extra)
-    bars = p.add_mutually_exclusive_group()
-    bars.add_argument("--progress", dest="progress", action="store_true", default=None, help="show progress bars even when stderr is not a terminal")
-    bars.add_argument("--no-progress", dest="progress", action="store_false", help="never show progress bars (a line per trial instead)")
+    _shortcut_arguments(p, COMPARE_SHORTCUTS, "shortcuts (each overrides one config key; --study names the cells' studies: STUDY[levels])")
+    _progress_arguments(p, "never show progress bars (a line per trial instead)")
     return p
 
 
@@ -402,9 +409,7 @@ def compare_main(argv: list[str] | None = None) -> int:
         from nas.compare import parse_factors, run_comparison
         from nas.compare_report import text_table, write
 
-        overrides = [parse_override(text) for text in args.overrides]
-        overrides += [Override(key, getattr(args, flag), f"--{flag}") for flag, key in COMPARE_SHORTCUTS.items() if getattr(args, flag) is not None]
-        cfg = load_run_config(args.config or DEFAULT_CONFIG, overrides)
+        cfg = load_run_config(args.config or DEFAULT_CONFIG, _overrides(args, COMPARE_SHORTCUTS))
         factors = parse_factors(cfg, args.factor, args.levels)
         if args.out:
             from nas.export import check_writable

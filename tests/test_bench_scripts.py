@@ -60,3 +60,29 @@ def test_load_dashboard_serves_a_crowd_beside_held_and_slow_connections_and_prin
     assert "6 silent: 6 closed by the server" in out
     answered, failed = map(int, re.search(r"2 slow senders \(a byte every 0.02 s\): (\d+) requests answered, (\d+) failed", out).groups())
     assert answered >= 2 and failed == 0
+
+
+def test_bench_search_rows_agree_with_each_other_and_with_the_studies(tmp_path):
+    import json
+
+    from conftest import write_digits_run
+
+    space = {"stages": 1, "width": 8, "training": {"lr": {"float": [0.01, 0.1], "log": True}}}
+    config = write_digits_run(tmp_path, space, f"sqlite:///{tmp_path}/unused.db", {"name": "b"}, {"folds": 2, "epochs": 2})
+    out = run_script("bench_search.py", "--config", str(config), "--budget-seconds", "12", "--seeds", "1",
+                     "--strategies", "random,tpe+hyperband", "--out", str(tmp_path / "out"))
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [r["strategy"] for r in results["runs"]] == ["random", "tpe+hyperband"]
+    for run in results["runs"]:
+        curve = run["curve"]
+        assert curve and all(a[0] <= b[0] and a[1] > b[1] for a, b in zip(curve, curve[1:]))  # improvements only, in time
+        assert all(t <= 12 for t, _, _ in curve)  # nothing after the budget counts
+        best = run["best"]
+        assert best["1"] == curve[-1][1] == run["best_trial"]["cv_loss"] and run["best_trial"]["number"] == curve[-1][2]
+        known = [best[f] for f in ("0.25", "0.5", "1") if best[f] is not None]
+        assert known == sorted(known, reverse=True)  # best-so-far never rises
+        assert 0 <= run["pruned"] < run["trials"] and 0 < run["best_trial"]["test_accuracy"] <= 1
+    assert results["baseline"][0]["cv_loss"] > 0
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert table.count("\n| ") == 4 and "| baseline: hand-designed 2-stage CNN + BatchNorm" in table and table in out + "\n"
+    assert (tmp_path / "out" / "curves.png").read_bytes()[:4] == b"\x89PNG"
