@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from nas.config import RunConfig
+from nas.config import RunConfig, set_key
 from nas.errors import ConfigError, NasError, TrialError
 from nas.space import SCHEMA, FirstChoiceTrial, Space, validate_space
 from nas.validation import did_you_mean, read_yaml
@@ -96,20 +96,11 @@ def key_factor(space: dict, space_file: str, key: str, levels: list | None = Non
             raise ConfigError("--factor", key, f"is not a choice in {space_file} (it is {what}): pick levels with --levels {key}=A,B")
         levels = list(leaf["choice"])
     for value in levels:
-        _check_level(key, value, param, leaf, space_file, key in _given_keys(space))
+        _check_level(key, value, param, leaf, space_file, key in _flatten(space))
     if len({_level_text(v) for v in levels}) != len(levels):
         raise ConfigError("--levels", key, "levels repeat")
     labels = tuple(_level_text(v) for v in levels)
     return Factor(key, labels, {label: {key: value} for label, value in zip(labels, levels)}, key)
-
-
-def _given_keys(space: dict, prefix: str = "") -> set:
-    keys = set()
-    for name, node in space.items():
-        path = f"{prefix}.{name}" if prefix else name
-        distribution = isinstance(node, dict) and any(k in node for k in ("choice", "int", "float"))
-        keys |= _given_keys(node, path) if isinstance(node, dict) and not distribution else {path}
-    return keys
 
 
 def _check_level(key: str, value: Any, param, leaf: Any, space_file: str, given: bool) -> None:
@@ -128,8 +119,6 @@ def _check_level(key: str, value: Any, param, leaf: Any, space_file: str, given:
 
 
 def _nested(flat: dict) -> dict:
-    from nas.config import set_key
-
     out: dict = {}
     for key, value in flat.items():
         set_key(out, key, value)
@@ -185,7 +174,7 @@ def make_cells(space: dict, factors: list[Factor]) -> list[Cell]:
         cell_space = copy.deepcopy(space)
         for factor, level in zip(factors, combination):
             for key, value in factor.overrides[level].items():
-                _set(cell_space, key, value)
+                set_key(cell_space, key, value)
         used = used_keys(cell_space)
         levels = {f.name: level if f.key is None or f.key in used else NOT_APPLICABLE for f, level in zip(factors, combination)}
         identity = tuple(levels.values())
@@ -195,14 +184,6 @@ def make_cells(space: dict, factors: list[Factor]) -> list[Cell]:
     if len(cells) < 2:
         raise ConfigError("--factor", ", ".join(names), f"makes {len(cells)} cell: a comparison needs at least two")
     return cells
-
-
-def _set(space: dict, key: str, value: Any) -> None:
-    node = space
-    *parents, last = key.split(".")
-    for part in parents:
-        node = node.setdefault(part, {})
-    node[last] = value
 
 
 class _RandomTrial:
