@@ -8,6 +8,10 @@ so it is measured, not assumed: `compare` times every variant ("eager unfolded",
 folded", "torchscript", "torch.export") in one run and reports each one's ratio to the first.
 Multi-objective search calls `measure_latency` on each candidate at a fixed batch size.
 
+CPU latency depends on how many threads run it and on what else the machine does: the thread
+count is pinned (`pinned_threads`, printed), and a spread (p90 / p10) above `SPREAD_LIMIT` is
+reported as a warning that the figure cannot be trusted rather than printed as if it could.
+
 MACs come from PyTorch's own `FlopCounterMode` (convolutions, linear layers, matmuls); norms,
 activations and pooling are memory-bound, add no MACs, and show up only in the latency.
 """
@@ -25,6 +29,22 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 Variant = Callable[[torch.Tensor], object]
+DEFAULT_THREADS = 1  # CPU inference threads of nas-bench and the latency_ms objective: the same on every machine
+SPREAD_LIMIT = 1.5  # p90 / p10 of the timed calls above this: the machine was busy, the median is not a figure
+
+
+@contextmanager
+def pinned_threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op CPU threads set to `threads` (None: left as they are), then given back."""
+    if threads is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def count_params(model: nn.Module) -> int:
@@ -93,7 +113,8 @@ def _time_call(fn: Variant, x: torch.Tensor, sync: Callable[[], None]) -> float:
 def _summary(seconds: list[float], batch_size: int) -> dict:
     ms = np.asarray(seconds) * 1e3
     p10, median, p90 = np.percentile(ms, [10, 50, 90])
-    return {"median_ms": float(median), "p10_ms": float(p10), "p90_ms": float(p90), "throughput": batch_size / (float(median) / 1e3)}
+    return {"median_ms": float(median), "p10_ms": float(p10), "p90_ms": float(p90), "spread": float(p90 / p10),
+            "throughput": batch_size / (float(median) / 1e3)}
 
 
 def _check_counts(warmup: int, repeats: int) -> None:
@@ -175,13 +196,14 @@ def compare(
 def format_table(rows: list[dict], extra: dict | None = None) -> str:
     """`compare`'s rows as a plain-text table, with `extra` facts (params, MACs) as lines above."""
     lines = [f"{key}: {value}" for key, value in (extra or {}).items()]
-    table = [("variant", "batch", "median ms", "p10-p90 ms", "samples/s", "ratio")]
+    table = [("variant", "batch", "median ms", "p10-p90 ms", "p90/p10", "samples/s", "ratio")]
     for r in rows:
         table.append((
             r["variant"],
             str(r["batch_size"]),
             f"{r['median_ms']:.3f}",
             f"{r['p10_ms']:.3f}-{r['p90_ms']:.3f}",
+            f"{r['spread']:.2f}" + (" !" if r["spread"] > SPREAD_LIMIT else ""),
             f"{r['throughput']:,.0f}",
             f"{r['ratio_to_baseline']:.2f}",
         ))
@@ -190,13 +212,27 @@ def format_table(rows: list[dict], extra: dict | None = None) -> str:
     body.insert(1, "  ".join("-" * w for w in widths))
     if rows:
         body.append(f"ratio = median ms / {rows[0]['variant']}'s median ms at the same batch size (below 1 is faster)")
+    body.extend(spread_warnings(rows))
     return "\n".join(lines + body)
 
 
+def spread_warnings(rows: list[dict]) -> list[str]:
+    """One warning line when any row's timings spread too far to stand for the model (marked ! above)."""
+    wide = [r for r in rows if r["spread"] > SPREAD_LIMIT]
+    if not wide:
+        return []
+    worst = max(wide, key=lambda r: r["spread"])
+    return [f"warning: {len(wide)} of {len(rows)} rows (marked !) spread more than p90/p10 = {SPREAD_LIMIT} "
+            f"(worst {worst['spread']:.1f}, {worst['variant']} at batch {worst['batch_size']}): the machine was busy or "
+            "throttling, so those medians cannot be trusted; rerun with nothing else running, or with fewer --threads"]
+
+
 def candidate_costs(spec: dict, input_shape: tuple[int, ...], num_classes: int, device: torch.device,
-                    batch_size: int, wanted: list[str]) -> dict:
+                    batch_size: int, wanted: list[str], threads: int = DEFAULT_THREADS) -> dict:
     """The inference costs a multi-objective search asks for, of the candidate as it would deploy:
-    folded, eval mode, on `device`, at a fixed batch size (weights do not change the cost)."""
+    folded, eval mode, on `device`, at a fixed batch size (weights do not change the cost), with
+    `threads` CPU threads as nas-bench uses by default (the training's thread count would make
+    the latency depend on the machine and on other workers)."""
     from nas.build import build
     from nas.fold import fold_norms
 
@@ -208,13 +244,16 @@ def candidate_costs(spec: dict, input_shape: tuple[int, ...], num_classes: int, 
         costs["macs"] = count_macs(model, input_shape)
     if "latency_ms" in wanted:
         example = torch.randn(batch_size, *input_shape, device=device)
-        costs["latency_ms"] = measure_latency(model, example, device, warmup=5, repeats=20)["median_ms"]
+        with pinned_threads(threads if device.type == "cpu" else None):
+            costs["latency_ms"] = measure_latency(model, example, device, warmup=5, repeats=20)["median_ms"]
     return costs
 
 
-def bench_export(folder: str, device_name: str, batch_sizes: list[int], warmup: int, repeats: int) -> str:
-    """`nas-bench`: the four ways to run an exported model, side by side, as a table."""
-    from nas.export import load_exported
+def bench_export(folder: str, device_name: str, batch_sizes: list[int], warmup: int, repeats: int,
+                 threads: int = DEFAULT_THREADS, log=print) -> str:
+    """`nas-bench`: the ways to run an exported model, side by side, as a table (onnxruntime on CPU when
+    the export has model.onnx)."""
+    from nas.export import ONNX_FILE, load_exported, onnx_session
     from nas.fold import fold_norms
     from nas.train import resolve_device
 
@@ -232,10 +271,20 @@ def bench_export(folder: str, device_name: str, batch_sizes: list[int], warmup: 
         "TorchScript folded": scripted,
         "torch.export folded": torch.export.load(str(exported.folder / "model.pt2")).module().to(device),
     }
-    rows = compare(variants, shape, batch_sizes, device, warmup, repeats)
+    if ONNX_FILE not in exported.meta["files"]:
+        log(f"onnxruntime not timed: {exported.meta.get('onnx', {}).get('reason', 'the export has no model.onnx')}")
+    elif device.type != "cpu":
+        log("onnxruntime not timed: it runs on the CPU here (CPUExecutionProvider), the other variants on " + device.type)
+    else:
+        session = onnx_session(exported.folder / ONNX_FILE, threads)
+        name = session.get_inputs()[0].name
+        variants["onnxruntime folded"] = lambda x: session.run(None, {name: x.numpy()})
+    with pinned_threads(threads if device.type == "cpu" else None):
+        rows = compare(variants, shape, batch_sizes, device, warmup, repeats)
+        used = torch.get_num_threads()
     extra = {
         "model": f"{folder} (study {exported.meta.get('study')}, trial {exported.meta.get('trial')}, input {list(shape)})",
-        "device": f"{device.type}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads",
+        "device": f"{device.type}, torch {torch.__version__}, {used} CPU thread(s) (--threads)",
         "params": f"{count_params(unfolded):,} unfolded, {count_params(folded):,} folded",
         "MACs per sample": f"{count_macs(unfolded, shape):,} unfolded, {count_macs(folded, shape):,} folded",
     }

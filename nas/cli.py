@@ -38,11 +38,12 @@ EXIT_CODES = f"""exit codes:
 SUMMARIES = {
     "search": "Search a normalization-aware CNN space with Optuna, scoring each trial by k-fold cross-validation",
     "report": "Write report.md and PNGs about a study: what the normalization choices did",
-    "export": "Retrain a trial on the full training split, fold BN, write TorchScript and torch.export files",
-    "bench": "Time an exported model unfolded, folded, TorchScript and torch.export: what BN costs at inference",
+    "export": "Retrain a trial on the full training split, fold BN, write TorchScript, torch.export and ONNX files",
+    "bench": "Time an exported model unfolded, folded, TorchScript, torch.export and onnxruntime: what BN costs at inference",
     "finetune": "Fine-tune an exported model on a run config's dataset with a BatchNorm strategy",
     "dashboard": "Web dashboard for the studies in one storage: browse, resume, stop, export",
     "compare": "Compare normalization choices fairly: one equal-budget study per cell, re-evaluated over fresh seeds",
+    "predict": "Classify raw inputs (PNG / JPEG images, .npy / .npz arrays) with an exported model, preprocessed as model.json says",
 }
 
 
@@ -214,11 +215,12 @@ def report_main(argv: list[str] | None = None) -> int:
 
 def export_parser() -> argparse.ArgumentParser:
     p = _parser("export", "The trial (default: the best) is tested on the held-out test split; model.ts (TorchScript), "
-                "model.pt2 (torch.export), weights.pt and model.json are written, then both model files are "
-                "verified in a fresh process.")
+                "model.pt2 (torch.export), model.onnx (with the onnx extra), weights.pt and model.json (with the "
+                "preprocessing from a raw input) are written, then every model file is verified in a fresh process.")
     _study_arguments(p)
     p.add_argument("--trial", type=int, help="trial number (default: the best; required for multi-objective studies)")
     p.add_argument("--out", default="exported", help="output folder (default %(default)s)")
+    p.add_argument("--force", action="store_true", help="overwrite an export already in --out")
     p.add_argument("--epochs", type=int, help="training epochs (default: the study's evaluation.epochs)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: the study's device")
     return p
@@ -233,14 +235,19 @@ def export_main(argv: list[str] | None = None) -> int:
     def export() -> None:
         from nas.export import export_trial
 
-        export_trial(args.storage, args.study, args.out, args.trial, args.epochs, args.device)
+        export_trial(args.storage, args.study, args.out, args.trial, args.epochs, args.device, force=args.force)
 
     return _run(export)
 
 
 def bench_parser() -> argparse.ArgumentParser:
-    p = _parser("bench", "Median latency and throughput of each variant, measured side by side in one run.")
+    from nas.bench import DEFAULT_THREADS, SPREAD_LIMIT
+
+    p = _parser("bench", "Median latency and throughput of each variant, measured side by side in one run, with a "
+                f"pinned CPU thread count; rows whose p90/p10 exceeds {SPREAD_LIMIT} are marked and warned about.")
     p.add_argument("--model", required=True, help="an export folder written by nas-export")
+    p.add_argument("--threads", type=int, default=DEFAULT_THREADS,
+                   help="CPU threads for every variant (default %(default)s, as the latency_ms objective)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu", help="default %(default)s")
     p.add_argument("--batch-sizes", default="1,64,256", help="comma-separated (default %(default)s)")
     p.add_argument("--repeats", type=int, default=50, help="timed calls per variant and batch size (default %(default)s)")
@@ -256,13 +263,13 @@ def bench_main(argv: list[str] | None = None) -> int:
         sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
     except ValueError:
         parser.error(f"--batch-sizes: expected integers like 1,64,256, got {args.batch_sizes!r}")
-    if not sizes or min(sizes) < 1 or args.repeats < 1 or args.warmup < 0:
-        parser.error("--batch-sizes must be positive integers, --repeats >= 1, --warmup >= 0")
+    if not sizes or min(sizes) < 1 or args.repeats < 1 or args.warmup < 0 or args.threads < 1:
+        parser.error("--batch-sizes must be positive integers, --repeats >= 1, --warmup >= 0, --threads >= 1")
 
     def bench() -> None:
         from nas.bench import bench_export
 
-        print(bench_export(args.model, args.device, sizes, args.warmup, args.repeats))
+        print(bench_export(args.model, args.device, sizes, args.warmup, args.repeats, args.threads))
 
     return _run(bench)
 
@@ -286,6 +293,7 @@ def finetune_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, help="learning rate (default: the model's searched training.lr)")
     p.add_argument("--seed", type=int, default=0, help="seeds the labelled subset, a new head and the batch order (default %(default)s)")
     p.add_argument("--out", default="finetuned", help="output folder (default %(default)s)")
+    p.add_argument("--force", action="store_true", help="overwrite an export already in --out")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE", help="override any config key (repeatable)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: the config's device")
     return p
@@ -318,7 +326,7 @@ def finetune_main(argv: list[str] | None = None) -> int:
         from nas.transfer import finetune
 
         cfg = load_run_config(args.config, [parse_override(text) for text in args.overrides])
-        finetune(args.model, cfg, args.bn_mode, per_class, args.epochs, args.seed, args.out, args.lr, args.device)
+        finetune(args.model, cfg, args.bn_mode, per_class, args.epochs, args.seed, args.out, args.lr, args.device, force=args.force)
 
     return _run(finetune)
 
@@ -425,6 +433,38 @@ def compare_main(argv: list[str] | None = None) -> int:
     return _run(compare)
 
 
+def predict_parser() -> argparse.ArgumentParser:
+    from nas.predict import RUNTIMES
+
+    p = _parser("predict", "Every input is preprocessed from its raw form by model.json's recipe (scale, mean / std, "
+                "layout); the model file's sha256 is checked before it loads. A shape or channel count the model "
+                "does not take is refused.", "example:\n  nas-predict --model exported/ digit.png samples.npy")
+    p.add_argument("--model", required=True, help="an export folder written by nas-export (or nas-finetune)")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files (.png, .jpg) or .npy / .npz arrays of raw samples")
+    p.add_argument("--runtime", choices=list(RUNTIMES), default="ts", help="which model file runs (default %(default)s)")
+    p.add_argument("--top", type=int, default=1, help="classes shown per input (default %(default)s)")
+    p.add_argument("--json", action="store_true", help="print a JSON list instead of a line per input")
+    return p
+
+
+@_console_script
+def predict_main(argv: list[str] | None = None) -> int:
+    parser = predict_parser()
+    args = parser.parse_args(argv)
+    if args.top < 1:
+        parser.error("--top must be >= 1")
+
+    def predict() -> None:
+        from nas.predict import format_predictions, predict
+
+        predictions, meta = predict(args.model, args.inputs, args.runtime, args.top)
+        if "batch_dependent" in meta:
+            print(meta["batch_dependent"]["message"], file=sys.stderr)
+        print(format_predictions(predictions, args.json))
+
+    return _run(predict)
+
+
 def _run(action) -> int:
     """Run a command body; the one place errors become exit codes."""
     try:
@@ -445,7 +485,8 @@ def _run(action) -> int:
 
 
 COMMANDS = {"search": search_main, "report": report_main, "export": export_main,
-            "bench": bench_main, "finetune": finetune_main, "dashboard": dashboard_main, "compare": compare_main}
+            "bench": bench_main, "finetune": finetune_main, "dashboard": dashboard_main, "compare": compare_main,
+            "predict": predict_main}
 
 
 def commands_help() -> str:

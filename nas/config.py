@@ -75,6 +75,7 @@ class EvaluationConfig:
     recalibrate_bn: bool = False  # re-estimate BN running statistics on the training fold before validation
     fold_mode: str = field(default="together", metadata={"choices": FOLD_MODES})  # train the k folds as one batched computation
     latency_batch_size: int = field(default=64, metadata={"min": 1})  # for the latency_ms objective
+    latency_threads: int = field(default=1, metadata={"min": 1})  # CPU threads the latency_ms objective is measured with (as nas-bench)
 
 
 @dataclass

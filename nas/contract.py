@@ -34,6 +34,7 @@ def contract(config: dict, data: dict | None) -> dict:
     }
     if "latency_ms" in objectives:
         terms["evaluation"]["latency_batch_size"] = evaluation.get("latency_batch_size")
+        terms["evaluation"]["latency_threads"] = evaluation.get("latency_threads")
     if data is not None:
         terms["data"] = data
     return terms

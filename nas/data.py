@@ -31,6 +31,7 @@ class Dataset:
     mean: list[float] | None = None
     std: list[float] | None = None
     fingerprint: dict | None = None  # of the loaded source data (see `fingerprint`)
+    raw: RawInput | None = None  # what a raw sample is, for deployment (see `RawInput`)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -46,6 +47,26 @@ class Dataset:
         return self
 
 
+@dataclass(frozen=True)
+class RawInput:
+    """One raw sample as the dataset's source gives it, and the loader's step from there to [0, 1].
+
+    A deployed model is fed raw samples, not loaded datasets: its user must divide by `scale`
+    (16 for digits, 255 for 8-bit images) before the normalization, or every prediction is quietly
+    wrong. `image_files` says whether 8-bit image files can stand for a raw sample ("grey" or "rgb",
+    divided by 255), `converted` whether training converted every image file to that colour, and
+    `resize` to which square size training resized them.
+    """
+
+    description: str
+    layout: str  # axes of one raw sample: HW, HWC (channels last), CHW, L or CL
+    dtype: str
+    scale: float
+    image_files: str | None = None  # grey | rgb | None (not images)
+    converted: bool = False
+    resize: int | None = None
+
+
 @dataclass
 class Arrays:
     """What a loader returns: raw arrays (images N,C,H,W or signals N,L / N,C,L) and class names."""
@@ -56,6 +77,7 @@ class Arrays:
     y_test: np.ndarray
     classes: list[str]
     augment: str = "none"  # what the data wants when the config says `auto`
+    raw: RawInput | None = None
 
 
 def _digits(cfg) -> Arrays:
@@ -66,7 +88,8 @@ def _digits(cfg) -> Arrays:
     digits = load_digits()
     x = digits.images.astype(np.float32)[:, None] / 16.0
     x_train, x_test, y_train, y_test = train_test_split(x, digits.target, test_size=0.2, stratify=digits.target, random_state=0)
-    return Arrays(x_train, y_train, x_test, y_test, [str(c) for c in digits.target_names])
+    raw = RawInput("scikit-learn's load_digits().images: 8x8 grey, values 0..16", "HW", "float64", 16.0, "grey")
+    return Arrays(x_train, y_train, x_test, y_test, [str(c) for c in digits.target_names], raw=raw)
 
 
 def _torchvision(cls_name: str, augment: str):
@@ -89,7 +112,11 @@ def _torchvision(cls_name: str, augment: str):
             data = np.asarray(split.data, dtype=np.float32) / 255.0
             return data[:, None] if data.ndim == 3 else data.transpose(0, 3, 1, 2)  # -> N,C,H,W
 
-        return Arrays(images(train), np.asarray(train.targets), images(test), np.asarray(test.targets), list(train.classes), augment)
+        grey = np.asarray(train.data).ndim == 3
+        size = "x".join(map(str, np.asarray(train.data).shape[1:3]))
+        raw = RawInput(f"torchvision {cls_name}'s .data: {size} {'grey' if grey else 'RGB, height x width x channel'}, uint8 0..255",
+                       "HW" if grey else "HWC", "uint8", 255.0, "grey" if grey else "rgb")
+        return Arrays(images(train), np.asarray(train.targets), images(test), np.asarray(test.targets), list(train.classes), augment, raw)
 
     return load
 
@@ -182,7 +209,9 @@ def _npz(cfg) -> Arrays:
     n = len(arrays["y_train"])
     if len(x_train) != n or len(x_test) != len(arrays["y_test"]):
         raise DataError(f"dataset.root: {path}: x and y arrays differ in length")
-    return Arrays(x_train, encoded[:n], x_test, encoded[n:], [str(c) for c in classes])
+    layout = {2: "L", 3: "CL", 4: "CHW"}[x_train.ndim]
+    raw = RawInput(f"one sample of x_train in {path.name}, as stored ({layout}, no scaling)", layout, str(arrays["x_train"].dtype), 1.0)
+    return Arrays(x_train, encoded[:n], x_test, encoded[n:], [str(c) for c in classes], raw=raw)
 
 
 def _imagefolder(cfg) -> Arrays:
@@ -214,7 +243,10 @@ def _imagefolder(cfg) -> Arrays:
         splits.append((x, np.asarray(folder.targets), folder.classes))
     classes = sorted({name for _, _, names in splits for name in names})
     (x_train, y_train), (x_test, y_test) = ((x, np.array([classes.index(n) for n in names])[y]) for x, y, names in splits)
-    return Arrays(x_train, y_train, x_test, y_test, classes)
+    size = f"resized to {cfg.image_size}x{cfg.image_size}" if cfg.image_size else "as stored"
+    raw = RawInput(f"an image file decoded as RGB, {size}: height x width x channel, uint8 0..255", "HWC", "uint8", 255.0,
+                   "rgb", converted=True, resize=cfg.image_size)
+    return Arrays(x_train, y_train, x_test, y_test, classes, raw=raw)
 
 
 LOADERS = {
@@ -283,6 +315,7 @@ def load_dataset(cfg, device: torch.device | str = "cpu", normalization: dict | 
         mean=mean.reshape(-1).tolist(),
         std=std.reshape(-1).tolist(),
         fingerprint=fingerprint(arrays),
+        raw=arrays.raw,
     ).to(device)
 
 

@@ -3,13 +3,15 @@
 The output folder holds
   model.ts     TorchScript of the folded eval model
   model.pt2    the same as a torch.export program (batch dimension dynamic)
+  model.onnx   the same as ONNX (dynamic batch), when the onnx extra is installed
   weights.pt   the unfolded state_dict (load with weights_only=True; for fine-tuning)
-  model.json   ArchSpec, input shape, input normalization, class names, test metrics,
-               library versions and the sha256 of every file above.
-Both model files take inputs normalized with model.json's mean / std. Every file is written
-under a temporary name and renamed, so a reader never sees half a file. A fresh Python
-process that imports only torch then loads model.ts and model.pt2 and must reproduce the eval
-model's test predictions, or the export fails.
+  model.json   ArchSpec, the preprocessing from a raw sample to the model's input
+               (`nas.preprocessing`), class names, test metrics, library versions, the ONNX
+               opset and the sha256 of every file above.
+Every file is written under a temporary name and renamed, so a reader never sees half a file,
+with the umask's usual mode. A fresh Python process that imports only torch (and onnxruntime)
+then loads every model file and must reproduce the eval model's test predictions, or the
+export fails.
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ from nas.errors import DataError, NasError, StudyError, VerificationError
 from nas.storage import one_line
 
 FORMAT = 1
-FILES = ("model.ts", "model.pt2", "weights.pt")
+FILES = ("model.ts", "model.pt2", "weights.pt")  # always written; model.onnx when the onnx extra is there
+ONNX_FILE = "model.onnx"
+ONNX_MISSING = "install the onnx extra (pip install 'bnnas[onnx]': onnx, onnxscript, onnxruntime)"
 FOLD_TOLERANCE = 1e-4  # max abs logit difference between folded and unfolded eval models
 
 
@@ -59,10 +63,17 @@ def _atomic(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would keep the files from whoever deploys them
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -70,9 +81,13 @@ def write_json(path: Path, data: dict) -> None:
     _atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + "\n"))
 
 
-def check_writable(folder: Path) -> None:
+def check_writable(folder: Path, force: bool = False) -> None:
     """Create `folder` and a scratch file in it, then remove what was made: an --out that cannot take
-    the files is found before minutes of training, and input found bad later still leaves nothing."""
+    the files is found before minutes of training, and input found bad later still leaves nothing.
+    A folder that already holds an export is refused unless `force`: it would be overwritten."""
+    existing = [name for name in ("model.json", *FILES, ONNX_FILE) if (folder / name).exists()]
+    if existing and not force:
+        raise NasError(f"--out: {folder} already holds an export ({', '.join(existing)}); choose another folder or pass --force to overwrite it")
     made = [path for path in (folder, *folder.parents) if not path.exists()]  # deepest first
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -113,12 +128,13 @@ def pick_trial(study, number: int | None):
 
 
 def export_trial(storage: str, study_name: str, out: str | Path, trial_number: int | None = None,
-                 epochs: int | None = None, device: str | None = None, log=print) -> Path:
+                 epochs: int | None = None, device: str | None = None, log=print, force: bool = False) -> Path:
     """Retrain the trial's ArchSpec on the full training split, test it, fold, save and verify."""
     from nas.build import build
     from nas.config import load_run_config
     from nas.data import load_dataset
     from nas.evaluate import fold_seed
+    from nas.preprocessing import recipe
     from nas.storage import config_of_trial, load_existing_study, read_run_config
     from nas.train import batch_dependent, evaluate, fit, prepare_model, resolve_device, scoring_batch_size
 
@@ -128,7 +144,7 @@ def export_trial(storage: str, study_name: str, out: str | Path, trial_number: i
     trial = pick_trial(study, trial_number)
     stored, fingerprint = config_of_trial(study, trial)  # the config the trial was scored under
     cfg = load_run_config(None, stored=stored)
-    check_writable(Path(out))
+    check_writable(Path(out), force)
     spec = trial.user_attrs["arch"]
     dev = resolve_device(device or cfg.device)
     data = load_dataset(cfg.dataset, dev)
@@ -156,14 +172,14 @@ def export_trial(storage: str, study_name: str, out: str | Path, trial_number: i
         "num_classes": data.num_classes,
         "classes": data.classes,
         "normalization": {"mean": data.mean, "std": data.std},
+        "preprocessing": recipe(data),
         "dataset": cfg.dataset.name,
         "data": data.fingerprint,
         "epochs": epochs,
         "test": {"loss": test_loss, "accuracy": test_acc, "samples": len(data.y_test), "batch_size": scored_in},
         **({"batch_dependent": dependence} if dependence is not None else {}),
     }
-    folder = write_export(model, x_test, meta, Path(out))
-    log(f"Wrote {folder}/ ({', '.join(FILES)}, model.json); verified in a fresh process")
+    folder = write_export(model, x_test, meta, Path(out), log)
     return folder
 
 
@@ -204,8 +220,8 @@ def check_same_data(expected: dict | None, found: dict | None, what: str) -> Non
                         "(point dataset.root at the original data)")
 
 
-def write_export(model: nn.Module, x_check: torch.Tensor, meta: dict, folder: Path) -> Path:
-    """Fold, check folding exactness, write the four files atomically, verify in a fresh process."""
+def write_export(model: nn.Module, x_check: torch.Tensor, meta: dict, folder: Path, log=print) -> Path:
+    """Fold, check folding exactness, write the files atomically, verify in a fresh process."""
     from nas.fold import fold_norms
 
     try:
@@ -230,15 +246,58 @@ def write_export(model: nn.Module, x_check: torch.Tensor, meta: dict, folder: Pa
         _atomic(folder / "model.ts", lambda tmp: torch.jit.save(scripted, tmp))
     _atomic(folder / "model.pt2", lambda tmp: torch.export.save(program, tmp))
     _atomic(folder / "weights.pt", lambda tmp: torch.save(model.state_dict(), tmp))
+    onnx = write_onnx(program, example, folder)
+    files = FILES + ((ONNX_FILE,) if onnx["written"] else ())
     meta = {
         **meta,
         "fold_max_abs_diff": gap,
-        "versions": {"torch": torch.__version__, "python": platform.python_version(), "bnnas": _version()},
-        "files": {name: sha256(folder / name) for name in FILES},
+        "onnx": onnx,
+        "versions": {"torch": torch.__version__, "python": platform.python_version(), "bnnas": _version(),
+                     **({"onnx": onnx["version"]} if onnx["written"] else {})},
+        "files": {name: sha256(folder / name) for name in files},
     }
     write_json(folder / "model.json", meta)
     verify_in_fresh_process(folder, x_check, expected)
+    log(f"Wrote {folder}/ ({', '.join(files)}, model.json); verified in a fresh process")
+    if not onnx["written"]:
+        log(f"model.onnx not written: {onnx['reason']}")
     return folder
+
+
+def write_onnx(program, example: torch.Tensor, folder: Path) -> dict:
+    """model.onnx from the torch.export program (its dynamic batch carries over), or why not.
+
+    ONNX is optional: without onnx / onnxscript (the exporter) and onnxruntime (the check) the
+    other files are still a complete export, and model.json says why model.onnx is missing.
+    """
+    path = folder / ONNX_FILE
+    if path.exists():
+        path.unlink()  # an export --force over an older one must not keep a stale model.onnx
+    try:
+        import onnx
+        import onnxruntime  # noqa: F401  (the fresh-process check needs it)
+        import onnxscript  # noqa: F401
+    except ImportError:
+        return {"written": False, "reason": ONNX_MISSING}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exported = torch.onnx.export(program, (example,), dynamo=True, verbose=False)
+    _atomic(path, lambda tmp: exported.save(tmp))
+    opset = next(entry.version for entry in onnx.load(str(path), load_external_data=False).opset_import if entry.domain in ("", "ai.onnx"))
+    return {"written": True, "opset": int(opset), "version": onnx.__version__, "dynamic_batch": True}
+
+
+def onnx_session(path: Path, threads: int | None = None):
+    """An onnxruntime CPU session for model.onnx (`threads`: intra-op threads; None: its default)."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise NasError(f"{path}: running it needs onnxruntime; {ONNX_MISSING}") from None
+    options = onnxruntime.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def _version() -> str:
@@ -250,20 +309,24 @@ def _version() -> str:
         return "unknown"
 
 
-# Runs in a fresh interpreter that imports only torch: `nas` is blocked, so a file that needed
-# it would fail here rather than on the user's machine.
+# Runs in a fresh interpreter that imports only torch (and onnxruntime for model.onnx): `nas` is
+# blocked, so a file that needed it would fail here rather than on the user's machine.
 VERIFY_SCRIPT = r"""
-import sys, warnings
+import os, sys, warnings
 sys.modules["nas"] = None
 warnings.simplefilter("ignore", FutureWarning)
 import torch
 folder, check = sys.argv[1], sys.argv[2]
 data = torch.load(check, weights_only=True)
 x, expected = data["x"], data["expected"]
+models = {"model.ts": torch.jit.load(f"{folder}/model.ts"), "model.pt2": torch.export.load(f"{folder}/model.pt2").module()}
+if os.path.exists(f"{folder}/model.onnx"):
+    import onnxruntime
+    session = onnxruntime.InferenceSession(f"{folder}/model.onnx", providers=["CPUExecutionProvider"])
+    feed = session.get_inputs()[0].name
+    models["model.onnx"] = lambda x: torch.from_numpy(session.run(None, {feed: x.numpy()})[0])
 with torch.no_grad():
-    ts = torch.jit.load(f"{folder}/model.ts")
-    ep = torch.export.load(f"{folder}/model.pt2").module()
-    for name, model in (("model.ts", ts), ("model.pt2", ep)):
+    for name, model in models.items():
         out = model(x)
         gap = (out - expected).abs().max().item()
         agree = (out.argmax(1) == expected.argmax(1)).float().mean().item()
@@ -275,7 +338,7 @@ print("ok")
 
 
 def verify_in_fresh_process(folder: Path, x: torch.Tensor, expected: torch.Tensor) -> None:
-    """Load model.ts and model.pt2 in a new interpreter (torch only) and compare with `expected`."""
+    """Load every model file in a new interpreter (torch, onnxruntime) and compare with `expected`."""
     with tempfile.TemporaryDirectory() as tmp:
         check = Path(tmp) / "check.pt"
         torch.save({"x": x.contiguous(), "expected": expected.contiguous()}, check)
@@ -287,24 +350,39 @@ def verify_in_fresh_process(folder: Path, x: torch.Tensor, expected: torch.Tenso
         raise VerificationError(f"verification failed in a fresh process for {folder}: {detail}")
 
 
+def load_meta(folder: Path) -> dict:
+    """An export folder's model.json."""
+    meta_path = folder / "model.json"
+    try:
+        return json.loads(meta_path.read_text())
+    except FileNotFoundError:
+        raise NasError(f"{meta_path}: not found (is {folder} an export folder made by nas-export?)") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise NasError(f"{meta_path}: unreadable: {exc}") from None
+
+
+def verified_file(folder: Path, meta: dict, name: str) -> Path:
+    """`folder/name`, once its sha256 matches model.json; refused in one line otherwise."""
+    path = folder / name
+    digest = meta.get("files", {}).get(name)
+    if digest is None:
+        why = f" ({meta['onnx']['reason']})" if name == ONNX_FILE and "onnx" in meta else ""
+        raise NasError(f"{path}: not part of this export{why}")
+    if not path.is_file():
+        raise NasError(f"{path}: missing (listed in model.json)")
+    if sha256(path) != digest:
+        raise VerificationError(f"{path}: sha256 differs from model.json (file changed or corrupted); refusing to load it")
+    return path
+
+
 def load_exported(folder: str | Path) -> Exported:
     """Read an export folder back; every file's sha256 must match model.json."""
     from nas.build import build
 
     folder = Path(folder)
-    meta_path = folder / "model.json"
-    try:
-        meta = json.loads(meta_path.read_text())
-    except FileNotFoundError:
-        raise NasError(f"{meta_path}: not found (is {folder} an export folder made by nas-export?)") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise NasError(f"{meta_path}: unreadable: {exc}") from None
-    for name, digest in meta.get("files", {}).items():
-        path = folder / name
-        if not path.is_file():
-            raise NasError(f"{path}: missing (listed in model.json)")
-        if sha256(path) != digest:
-            raise VerificationError(f"{path}: sha256 differs from model.json (file changed or corrupted); refusing to load it")
+    meta = load_meta(folder)
+    for name in meta.get("files", {}):
+        verified_file(folder, meta, name)
     model = build(meta["arch"], meta["input_shape"], meta["num_classes"])
     model.load_state_dict(torch.load(folder / "weights.pt", map_location="cpu", weights_only=True))
     return Exported(folder, meta, model.eval())

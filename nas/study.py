@@ -228,7 +228,8 @@ def make_objective(cfg: RunConfig, data, folds, device, epoch_bar: Callable | No
                 trial.set_user_attr(key, score[key])
         if cfg.objectives == ["cv_loss"]:
             return score["cv_loss"]
-        costs = candidate_costs(spec, data.input_shape, data.num_classes, device, cfg.evaluation.latency_batch_size, cfg.objectives)
+        costs = candidate_costs(spec, data.input_shape, data.num_classes, device, cfg.evaluation.latency_batch_size, cfg.objectives,
+                                cfg.evaluation.latency_threads)
         for key, value in costs.items():
             trial.set_user_attr(key, value)
         values = {**score, **costs}

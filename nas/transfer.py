@@ -169,19 +169,20 @@ def _scores(loss_acc: tuple[float, float]) -> dict:
 
 
 def finetune(model_dir: str | Path, cfg, mode: str, labels_per_class: int | None, epochs: int | None,
-             seed: int, out: str | Path, lr: float | None = None, device: str | None = None, log=print) -> Path:
+             seed: int, out: str | Path, lr: float | None = None, device: str | None = None, log=print,
+             force: bool = False) -> Path:
     """Load an export, adapt it to the run config's dataset, write an export plus metrics.json."""
     from nas.config import blamed
     from nas.data import load_dataset
-    from nas.diagnostics import running_stat_layers
     from nas.export import check_writable, load_exported, write_export, write_json
+    from nas.preprocessing import recipe
     from nas.train import prepare_model, resolve_device
 
     model_dir, out = Path(model_dir), Path(out)
     if out.resolve() == model_dir.resolve():
         raise NasError(f"--out: {out} is the source model's folder; write the fine-tuned model elsewhere")
     source = load_exported(model_dir)
-    check_writable(out)
+    check_writable(out, force)
     dev = resolve_device(device or cfg.device)
     with blamed(cfg):
         data = load_dataset(cfg.dataset, dev, normalization=source.meta["normalization"])
@@ -190,13 +191,14 @@ def finetune(model_dir: str | Path, cfg, mode: str, labels_per_class: int | None
     hp = dict(source.meta["arch"]["training"])
     if lr is not None:
         hp["lr"] = lr
+    epochs_given = epochs is not None
     epochs = epochs or cfg.evaluation.epochs
     model = prepare_model(source.model, dev)
     shift = ", ".join(f"{name} {value}" for item in cfg.dataset.transforms for name, value in item.items())
     log(f"Fine-tuning {model_dir} ({source.meta.get('dataset')}) on {cfg.dataset.name}{f' ({shift})' if shift else ''}"
         f" with --bn-mode {mode} on {dev.type}")
-    if mode == "adabn" and not running_stat_layers(model):
-        log("No norm layer of this model keeps running statistics: adabn has nothing to re-estimate")
+    for note in mode_notes(model, mode, labels_per_class, epochs, epochs_given):
+        log(note)
     result = adapt(model, data, mode, labels_per_class, epochs, seed, dev, hp)
     before = "n/a (new head)" if result.before is None else f"loss {result.before['loss']:.4f}, accuracy {result.before['accuracy']:.4f}"
     log(f"Target test split before: {before}; after: loss {result.after['loss']:.4f}, accuracy {result.after['accuracy']:.4f}"
@@ -206,10 +208,26 @@ def finetune(model_dir: str | Path, cfg, mode: str, labels_per_class: int | None
     metrics = {"source": str(model_dir), "target_config": cfg.source, "target_dataset": cfg.dataset.name, "target_data": data.fingerprint,
                "transforms": cfg.dataset.transforms, "lr": hp["lr"], **result.to_dict()}
     meta = {**keep, "num_classes": data.num_classes, "classes": data.classes, "dataset": cfg.dataset.name, "data": data.fingerprint,
-            "epochs": result.epochs, "test": {**result.after, "samples": len(data.y_test)},
+            "preprocessing": recipe(data), "epochs": result.epochs, "test": {**result.after, "samples": len(data.y_test)},
             "finetune": {**{k: metrics[k] for k in ("source", "target_config", "transforms", "mode", "labels_per_class", "seed", "head_replaced")},
                          "source_data": source.meta.get("data")}}
-    write_export(model, data.x_test.cpu(), meta, out)
+    write_export(model, data.x_test.cpu(), meta, out, log)
     write_json(out / "metrics.json", metrics)
-    log(f"Wrote {out}/ (model.ts, model.pt2, weights.pt, model.json, metrics.json); verified in a fresh process")
+    log(f"Wrote {out / 'metrics.json'}")
     return out
+
+
+def mode_notes(model: nn.Module, mode: str, labels_per_class: int | None, epochs: int, epochs_given: bool) -> list[str]:
+    """What a mode will not do with this model and these flags, said before it runs rather than left to be found."""
+    from nas.diagnostics import running_stat_layers
+
+    notes = []
+    if mode == "adabn" and not running_stat_layers(model):
+        notes.append("No norm layer of this model keeps running statistics: adabn has nothing to re-estimate")
+    if mode == "adabn" and labels_per_class == 0 and epochs_given:
+        notes.append(f"--epochs {epochs} is ignored: adabn without labels (--labels-per-class 0, its default) only re-estimates the "
+                     "norm statistics, with no training epoch; give --labels-per-class K to also train the head for --epochs")
+    if mode == "bn-only" and not any(p.numel() for m in norm_layers(model) for p in m.parameters(recurse=False)):
+        notes.append("This model's norm layers have no affine parameters (affine: false, or no norm): bn-only trains the head alone "
+                     "(their running statistics still follow the target batches)")
+    return notes

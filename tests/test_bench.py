@@ -139,17 +139,20 @@ def test_eval_mode_with_the_same_module_twice_restores_the_original_flags():
 
 def test_format_table_shows_every_variant_ratio_and_extra_line():
     rows = [
-        {"variant": "eager unfolded", "batch_size": 1, "median_ms": 2.0, "p10_ms": 1.5, "p90_ms": 2.5, "throughput": 500.0, "ratio_to_baseline": 1.0},
-        {"variant": "torch.export", "batch_size": 1, "median_ms": 1.0, "p10_ms": 0.9, "p90_ms": 1.2, "throughput": 1000.0, "ratio_to_baseline": 0.5},
+        {"variant": "eager unfolded", "batch_size": 1, "median_ms": 2.0, "p10_ms": 1.5, "p90_ms": 2.5, "spread": 2.5 / 1.5,
+         "throughput": 500.0, "ratio_to_baseline": 1.0},
+        {"variant": "torch.export", "batch_size": 1, "median_ms": 1.0, "p10_ms": 0.9, "p90_ms": 1.2, "spread": 1.2 / 0.9,
+         "throughput": 1000.0, "ratio_to_baseline": 0.5},
     ]
     text = format_table(rows, extra={"params": "1,234", "MACs": "56,789"})
     lines = text.splitlines()
     assert lines[:2] == ["params: 1,234", "MACs: 56,789"]
-    assert lines[2].split() == ["variant", "batch", "median", "ms", "p10-p90", "ms", "samples/s", "ratio"]
+    assert lines[2].split() == ["variant", "batch", "median", "ms", "p10-p90", "ms", "p90/p10", "samples/s", "ratio"]
     assert set(lines[3]) == {"-", " "}
     assert "eager unfolded" in lines[4] and lines[4].rstrip().endswith("1.00")
     assert "torch.export" in lines[5] and lines[5].rstrip().endswith("0.50")
     assert "1.500-2.500" in lines[4] and "1,000" in lines[5]
+    assert "1.67 !" in lines[4] and "1.33 " in lines[5] and lines[-1].startswith("warning: 1 of 2 rows (marked !)")
 
 
 @pytest.mark.parametrize("bad", [{"warmup": -1}, {"repeats": 0}])

@@ -55,7 +55,7 @@ def test_export_writes_hashed_files_for_the_best_trial(study_dir, exported):
     assert meta["input_shape"] == [1, 8, 8] and meta["classes"] == [str(i) for i in range(10)]
     assert len(meta["normalization"]["mean"]) == 1 and 0.5 < meta["test"]["accuracy"] <= 1.0
     assert meta["fold_max_abs_diff"] <= 1e-4
-    assert {name: sha256(exported / name) for name in FILES} == meta["files"]
+    assert {name: sha256(exported / name) for name in (*FILES, "model.onnx")} == meta["files"]
     assert not [p for p in exported.iterdir() if p.name.startswith(".")]  # no temporary files left
 
 

@@ -23,7 +23,7 @@ import psutil
 from nas import liveness
 from nas.dashboard.security import TOKEN_ENV
 
-EXPORT_FILES = ("model.ts", "model.pt2", "weights.pt", "model.json")
+EXPORT_FILES = ("model.ts", "model.pt2", "model.onnx", "weights.pt", "model.json")
 RECORD_FIELDS = ("id", "kind", "study", "study_id", "pid", "started", "budget", "exit_code", "process")
 
 
