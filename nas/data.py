@@ -8,6 +8,7 @@ the batch. No per-sample Dataset or DataLoader on the hot path.
 from __future__ import annotations
 
 import hashlib
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -215,34 +216,22 @@ def _npz(cfg) -> Arrays:
 
 
 def _imagefolder(cfg) -> Arrays:
-    """`root/train/<class>/*.png` and `root/test/<class>/*.png`, via torchvision's ImageFolder.
+    """`root/train/<class>/*.png` and `root/test/<class>/*.png`, read as torchvision's ImageFolder reads them,
+    decoded once in parallel and cached (`nas.image_cache`, `dataset.cache`).
 
     ImageFolder numbers each split's own class folders, so both splits are renumbered onto the
     classes of either: a test split without some class still lines up with training.
     """
-    import torchvision
-    from torchvision.transforms import v2
+    from nas.image_cache import load_image_folder
 
     if not cfg.root:
         raise DataError("dataset.root: the imagefolder dataset needs dataset.root (a folder with train/ and test/)")
     root = Path(cfg.root).expanduser()
-    steps = [v2.PILToTensor()]
-    if cfg.image_size:
-        steps.append(v2.Resize((cfg.image_size, cfg.image_size), antialias=True))
-    transform = v2.Compose(steps)
-    splits = []
-    for split in ("train", "test"):
-        try:
-            folder = torchvision.datasets.ImageFolder(str(root / split), transform=transform)
-        except (FileNotFoundError, OSError) as exc:
-            raise DataError(f"dataset.root: {root / split}: {exc}") from None
-        try:
-            x = torch.stack([image for image, _ in folder]).float().numpy() / 255.0
-        except RuntimeError:
-            raise DataError(f"dataset.root: images in {root / split} differ in size; set dataset.image_size") from None
-        splits.append((x, np.asarray(folder.targets), folder.classes))
-    classes = sorted({name for _, _, names in splits for name in names})
-    (x_train, y_train), (x_test, y_test) = ((x, np.array([classes.index(n) for n in names])[y]) for x, y, names in splits)
+    splits = load_image_folder(root, cfg.image_size, cfg.cache, log=lambda message: print(message, file=sys.stderr))
+    classes = sorted({name for split in splits.values() for name in split.classes})
+    (x_train, y_train), (x_test, y_test) = (
+        (np.asarray(split.images, dtype=np.float32) / 255.0, np.array([classes.index(n) for n in split.classes], dtype=np.int64)[split.labels])
+        for split in (splits["train"], splits["test"]))
     size = f"resized to {cfg.image_size}x{cfg.image_size}" if cfg.image_size else "as stored"
     raw = RawInput(f"an image file decoded as RGB, {size}: height x width x channel, uint8 0..255", "HWC", "uint8", 255.0,
                    "rgb", converted=True, resize=cfg.image_size)

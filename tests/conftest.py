@@ -1,6 +1,7 @@
 """Shared test helpers: a digits run folder with a tiny search space and budget; the cuda marker."""
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,12 @@ def write_digits_run(folder: Path, space: dict, storage: str, study: dict, evalu
     }
     (folder / "run.yaml").write_text(yaml.safe_dump(config))
     return folder / "run.yaml"
+
+
+def pytest_configure(config):
+    """The tests' image-folder caches go to a folder of their own (their subprocesses inherit it),
+    not to the user's ~/.cache/bnnas."""
+    os.environ["BNNAS_CACHE"] = tempfile.mkdtemp(prefix="bnnas-test-cache-")
 
 
 # --- tests that need CUDA ------------------------------------------------------------------------

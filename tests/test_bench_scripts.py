@@ -86,3 +86,13 @@ def test_bench_search_rows_agree_with_each_other_and_with_the_studies(tmp_path):
     table = (tmp_path / "out" / "table.md").read_text()
     assert table.count("\n| ") == 4 and "| baseline: hand-designed 2-stage CNN + BatchNorm" in table and table in out + "\n"
     assert (tmp_path / "out" / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_data_times_first_and_cached_loads_against_image_folder_and_judges_the_target():
+    out = run_script("bench_data.py", "--images", "200", "--size", "16", "--repeats", "1")
+    medians = dict(re.findall(r"^  (first load \(decode \+ cache\)|cached load|ImageFolder \+ DataLoader\(2\), one epoch)\s+([\d.]+) s", out, re.M))
+    assert len(medians) == 3
+    speedup = float(re.search(r"cached load: ([\d.]+)x faster than the first decode", out).group(1))
+    assert speedup == pytest.approx(float(medians["first load (decode + cache)"]) / float(medians["cached load"]), rel=0.1, abs=0.1)
+    assert "bytes per sample in memory: 768 as uint8, 3,072 as float32" in out
+    assert re.search(r"target: cached load >= 10x faster than a first decode: (met|NOT met)", out)

@@ -19,6 +19,7 @@ import yaml
 from PIL import Image
 from sklearn.datasets import load_digits
 
+from conftest import write_digits_run
 from nas.bench import SPREAD_LIMIT, candidate_costs, format_table, pinned_threads, spread_warnings
 from nas.build import build
 from nas.cli import bench_main, export_main, finetune_main, predict_main, search_main
@@ -35,11 +36,7 @@ SPACE = {"stages": 2, "width": 8, "block": {"norm": {"type": "batch", "position"
 @pytest.fixture(scope="module")
 def study_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("deploy")
-    (root / "space.yaml").write_text(yaml.safe_dump(SPACE))
-    config = {"dataset": {"name": "digits"}, "search_space": str(root / "space.yaml"), "device": "cpu",
-              "study": {"name": "d", "storage": f"sqlite:///{root}/nas.db", "sampler": "random", "trials": 1, "seed": 0},
-              "evaluation": {"folds": 2, "epochs": 1}}
-    (root / "run.yaml").write_text(yaml.safe_dump(config))
+    write_digits_run(root, SPACE, f"sqlite:///{root}/nas.db", {"name": "d", "sampler": "random", "trials": 1}, {"folds": 2, "epochs": 1})
     assert search_main(["--config", str(root / "run.yaml"), "--no-progress"]) == 0
     return root
 
@@ -214,7 +211,8 @@ def test_export_files_get_the_umasks_mode_and_an_existing_export_is_refused_unle
 
 
 def test_adabn_says_it_ignores_epochs_and_bn_only_says_it_trains_the_head_alone(study_dir, exported, tmp_path, capsys):
-    config = {**yaml.safe_load((study_dir / "run.yaml").read_text()), "dataset": {"name": "digits", "transforms": [{"brightness": 0.3}]}}
+    config = {**yaml.safe_load((study_dir / "run.yaml").read_text()), "search_space": str(study_dir / "space.yaml"),
+              "dataset": {"name": "digits", "transforms": [{"brightness": 0.3}]}}
     (tmp_path / "target.yaml").write_text(yaml.safe_dump(config))
     assert finetune_main(["--model", str(exported), "--config", str(tmp_path / "target.yaml"), "--bn-mode", "adabn",
                           "--epochs", "5", "--out", str(tmp_path / "ft")]) == 0
