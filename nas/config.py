@@ -50,6 +50,7 @@ class DatasetConfig:
     augment: str = field(default="auto", metadata={"choices": AUGMENT_NAMES})
     image_size: int | None = field(default=None, metadata={"min": 1})  # imagefolder: resize to this
     cache: str = "auto"  # imagefolder: decoded images cached in auto (~/.cache/bnnas), off, or a folder
+    device_memory: float | None = field(default=None, metadata={"min": 0})  # GB 8-bit images may take on the device (None: half its free memory); beyond: streamed
     # Shifted variants (nas.transforms): [{contrast: 0.5}, {noise: 0.1}, ...] applied to both splits.
     transforms: list = field(default_factory=list, metadata={"check": _check_transforms})
     transform_seed: int = 0  # seeds the `noise` transform

@@ -33,6 +33,7 @@ class Dataset:
     std: list[float] | None = None
     fingerprint: dict | None = None  # of the loaded source data (see `fingerprint`)
     raw: RawInput | None = None  # what a raw sample is, for deployment (see `RawInput`)
+    budget: int | None = None  # bytes the samples were allowed on the device (dataset.device_memory)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -46,6 +47,26 @@ class Dataset:
         for key in ("x_train", "y_train", "x_test", "y_test"):
             setattr(self, key, getattr(self, key).to(device))
         return self
+
+    def memory(self) -> str:
+        """How the samples are held, in a few words: their bytes, their type and where (printed at search start)."""
+        from nas.samples import CompactImages, StreamedImages
+
+        x = self.x_train
+        if isinstance(x, StreamedImages):
+            return (f"streamed from host memory: {_size(x.nbytes + self.x_test.nbytes)} uint8, over the "
+                    f"{_size(self.budget)} dataset.device_memory budget of {x.device.type}")
+        held = x.nbytes + self.x_test.nbytes
+        if isinstance(x, CompactImages):
+            return f"{_size(held)} uint8 on {x.device.type} (float32 would be {_size(4 * held)})"
+        return f"{_size(held)} float32 on {x.device.type}"
+
+
+def _size(nbytes: int) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= size:
+            return f"{nbytes / size:.1f} {unit}"
+    return f"{nbytes} bytes"
 
 
 @dataclass(frozen=True)
@@ -70,7 +91,10 @@ class RawInput:
 
 @dataclass
 class Arrays:
-    """What a loader returns: raw arrays (images N,C,H,W or signals N,L / N,C,L) and class names."""
+    """What a loader returns: arrays (images N,C,H,W or signals N,L / N,C,L) and class names.
+
+    8-bit images stay uint8 (`raw.scale` divides them into [0, 1]); everything else is float32 in [0, 1]
+    or as stored."""
 
     x_train: np.ndarray
     y_train: np.ndarray
@@ -109,9 +133,9 @@ def _torchvision(cls_name: str, augment: str):
             # torchvision's "not found or corrupted", or its idx reader failing on a damaged MNIST file
             raise DataError(_not_loaded(cls, root, cfg.download, exc)) from None
 
-        def images(split) -> np.ndarray:
-            data = np.asarray(split.data, dtype=np.float32) / 255.0
-            return data[:, None] if data.ndim == 3 else data.transpose(0, 3, 1, 2)  # -> N,C,H,W
+        def images(split) -> np.ndarray:  # uint8 N,C,H,W; divided by raw.scale when normalized
+            data = np.asarray(split.data, dtype=np.uint8)
+            return data[:, None] if data.ndim == 3 else np.ascontiguousarray(data.transpose(0, 3, 1, 2))
 
         grey = np.asarray(train.data).ndim == 3
         size = "x".join(map(str, np.asarray(train.data).shape[1:3]))
@@ -229,8 +253,8 @@ def _imagefolder(cfg) -> Arrays:
     root = Path(cfg.root).expanduser()
     splits = load_image_folder(root, cfg.image_size, cfg.cache, log=lambda message: print(message, file=sys.stderr))
     classes = sorted({name for split in splits.values() for name in split.classes})
-    (x_train, y_train), (x_test, y_test) = (
-        (np.asarray(split.images, dtype=np.float32) / 255.0, np.array([classes.index(n) for n in split.classes], dtype=np.int64)[split.labels])
+    (x_train, y_train), (x_test, y_test) = (  # uint8, memory-mapped from the cache when it holds them
+        (split.images, np.array([classes.index(n) for n in split.classes], dtype=np.int64)[split.labels])
         for split in (splits["train"], splits["test"]))
     size = f"resized to {cfg.image_size}x{cfg.image_size}" if cfg.image_size else "as stored"
     raw = RawInput(f"an image file decoded as RGB, {size}: height x width x channel, uint8 0..255", "HWC", "uint8", 255.0,
@@ -249,6 +273,14 @@ LOADERS = {
 }
 
 
+CHUNK = 4096  # samples converted at a time, so a large uint8 split is never whole as floats
+
+
+def as_float(x: np.ndarray, arrays: Arrays) -> np.ndarray:
+    """float32, 8-bit images divided into [0, 1] (bit for bit what their loaders gave before they kept uint8)."""
+    return x.astype(np.float32) / arrays.raw.scale if x.dtype == np.uint8 else x.astype(np.float32, copy=False)
+
+
 def fingerprint(arrays: Arrays) -> dict:
     """What identifies the loaded data: sample shape, class names, split sizes and a hash of the content.
 
@@ -257,8 +289,10 @@ def fingerprint(arrays: Arrays) -> dict:
     is seen even when its shape and classes stay.
     """
     digest = hashlib.sha256()
-    for array, kind in ((arrays.x_train, np.float32), (arrays.y_train, np.int64), (arrays.x_test, np.float32), (arrays.y_test, np.int64)):
-        digest.update(np.ascontiguousarray(array, dtype=kind).data)
+    for x, y in ((arrays.x_train, arrays.y_train), (arrays.x_test, arrays.y_test)):
+        for chunk in range(0, len(x), CHUNK):  # as float32 in [0, 1], as uint8 images were hashed when held as floats
+            digest.update(np.ascontiguousarray(as_float(x[chunk:chunk + CHUNK], arrays)).data)
+        digest.update(np.ascontiguousarray(y, dtype=np.int64).data)
     return {
         "sample_shape": list(arrays.x_train.shape[1:]),
         "classes": [str(c) for c in arrays.classes],
@@ -273,39 +307,87 @@ def load_dataset(cfg, device: torch.device | str = "cpu", normalization: dict | 
 
     `normalization` ({"mean": [...], "std": [...]}, per channel) replaces the training split's
     statistics: a fine-tuned model must see inputs normalized as its source data was, or the
-    input normalization would quietly undo a brightness or contrast shift.
+    input normalization would quietly undo a brightness or contrast shift. 8-bit images without
+    transforms stay uint8 and are normalized per batch (`nas.samples`), streamed from host memory
+    when they exceed `dataset.device_memory`.
     """
     from nas.transforms import apply_transforms
 
     arrays = LOADERS[cfg.name](cfg)
     _refuse_untrained_classes(arrays, cfg)
-    x_train, x_test = apply_transforms(arrays.x_train.astype(np.float32), arrays.x_test.astype(np.float32),
-                                       cfg.transforms, cfg.transform_seed)
-    axes = (0, 1) if x_train.ndim == 2 else (0, *range(2, x_train.ndim))  # all but the channel axis; (N, L) is one channel
-    mean = x_train.mean(axis=axes, keepdims=True)
-    std = x_train.std(axis=axes, keepdims=True) + 1e-8
-    if normalization is not None:
-        shape = mean.shape
-        mean, std = (np.asarray(normalization[k], dtype=np.float32) for k in ("mean", "std"))
-        if mean.size != int(np.prod(shape)):
-            raise DataError(f"dataset: {cfg.name} has {int(np.prod(shape))} input channel(s); the model was trained on {mean.size}")
-        mean, std = mean.reshape(shape), std.reshape(shape)
     augment = arrays.augment if cfg.augment == "auto" else cfg.augment
+    common = dict(name=cfg.name, y_train=torch.as_tensor(arrays.y_train, dtype=torch.long), y_test=torch.as_tensor(arrays.y_test, dtype=torch.long),
+                  classes=arrays.classes, augment=augment, fingerprint=fingerprint(arrays), raw=arrays.raw)
+    if arrays.x_train.dtype == np.uint8 and not cfg.transforms:
+        mean, std = _override(cfg, *pixel_statistics(arrays.x_train, arrays.raw.scale), normalization)
+        return _compact(arrays, mean, std, device, memory_budget(cfg, device), common)
+    x_train, x_test = apply_transforms(as_float(arrays.x_train, arrays), as_float(arrays.x_test, arrays), cfg.transforms, cfg.transform_seed)
+    axes = (0, 1) if x_train.ndim == 2 else (0, *range(2, x_train.ndim))  # all but the channel axis; (N, L) is one channel
+    mean, std = _override(cfg, x_train.mean(axis=axes, keepdims=True), x_train.std(axis=axes, keepdims=True) + 1e-8, normalization)
     if augment != "none" and x_train.ndim != 4:
         raise DataError(f"dataset.augment: '{augment}' needs images (N,C,H,W); {cfg.name} has samples of shape {x_train.shape[1:]}")
-    return Dataset(
-        name=cfg.name,
-        x_train=torch.from_numpy((x_train - mean) / std),
-        y_train=torch.as_tensor(arrays.y_train, dtype=torch.long),
-        x_test=torch.from_numpy((x_test - mean) / std),
-        y_test=torch.as_tensor(arrays.y_test, dtype=torch.long),
-        classes=arrays.classes,
-        augment=augment,
-        mean=mean.reshape(-1).tolist(),
-        std=std.reshape(-1).tolist(),
-        fingerprint=fingerprint(arrays),
-        raw=arrays.raw,
-    ).to(device)
+    return Dataset(x_train=torch.from_numpy((x_train - mean) / std), x_test=torch.from_numpy((x_test - mean) / std),
+                   mean=mean.reshape(-1).tolist(), std=std.reshape(-1).tolist(), **common).to(device)
+
+
+def _override(cfg, mean: np.ndarray, std: np.ndarray, normalization: dict | None) -> tuple[np.ndarray, np.ndarray]:
+    """The training split's statistics, or the given `normalization` in their shape (a channel count that differs refused)."""
+    if normalization is None:
+        return mean, std
+    shape = mean.shape
+    mean, std = (np.asarray(normalization[k], dtype=np.float32) for k in ("mean", "std"))
+    if mean.size != int(np.prod(shape)):
+        raise DataError(f"dataset: {cfg.name} has {int(np.prod(shape))} input channel(s); the model was trained on {mean.size}")
+    return mean.reshape(shape), std.reshape(shape)
+
+
+def pixel_statistics(pixels: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std (+1e-8) of uint8 images (N, C, H, W) divided by `scale`, shaped (1, C, 1, 1).
+
+    Counted exactly from each channel's histogram, chunk by chunk: a memory-mapped split is read
+    once and never held as floats."""
+    channels = pixels.shape[1]
+    counts = np.zeros((channels, 256), np.int64)
+    for start in range(0, len(pixels), CHUNK):
+        chunk = np.asarray(pixels[start:start + CHUNK])
+        for c in range(channels):
+            counts[c] += np.bincount(chunk[:, c].ravel(), minlength=256)
+    values = np.arange(256, dtype=np.float64) / scale
+    n = counts.sum(1)
+    mean = (counts * values).sum(1) / n
+    var = (counts * (values - mean[:, None]) ** 2).sum(1) / n
+    shape = (1, channels, 1, 1)
+    return mean.astype(np.float32).reshape(shape), (np.sqrt(var) + 1e-8).astype(np.float32).reshape(shape)
+
+
+DEVICE_MEMORY_SHARE = 0.5  # dataset.device_memory's default: this share of the device's free memory
+
+
+def memory_budget(cfg, device: torch.device | str) -> int:
+    """Bytes the samples may take on `device`: dataset.device_memory (GB), or half its free memory now."""
+    if cfg.device_memory is not None:
+        return int(cfg.device_memory * 1e9)
+    device = torch.device(device)
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        import psutil
+
+        free = psutil.virtual_memory().available
+    return int(DEVICE_MEMORY_SHARE * free)
+
+
+def _compact(arrays: Arrays, mean: np.ndarray, std: np.ndarray, device, budget: int, common: dict) -> Dataset:
+    """uint8 samples normalized per batch: on the device when both splits fit `budget`, else streamed."""
+    from nas.samples import CompactImages, StreamedImages
+
+    scale, stats = arrays.raw.scale, (torch.from_numpy(mean.reshape(-1)), torch.from_numpy(std.reshape(-1)))
+    if arrays.x_train.nbytes + arrays.x_test.nbytes > budget:
+        x_train, x_test = (StreamedImages(x, scale, *stats, device) for x in (arrays.x_train, arrays.x_test))
+    else:
+        x_train, x_test = (CompactImages(torch.from_numpy(np.array(x)), scale, *stats).to(device)  # read into memory
+                           for x in (arrays.x_train, arrays.x_test))
+    return Dataset(x_train=x_train, x_test=x_test, mean=mean.reshape(-1).tolist(), std=std.reshape(-1).tolist(), budget=budget, **common)
 
 
 def _refuse_untrained_classes(arrays: Arrays, cfg) -> None:

@@ -12,6 +12,7 @@ from nas.build import build, count_parameters
 from nas.config import EvaluationConfig
 from nas.data import Dataset
 from nas.errors import TrialError
+from nas.samples import rows
 from nas.diagnostics import recalibrate, train_mode_loss
 from nas.folds_together import NotBatchable, train_together
 from nas.train import evaluate, fit, prepare_model, scoring_batch_size
@@ -75,12 +76,12 @@ def cross_validate(
                 raise TrialError(f"CUDA out of memory (batch size {hp['batch_size']}, {params:,} parameters): {str(exc).splitlines()[0]}") from None
         params = count_parameters(model)
         loss, accuracy = result.val_loss, result.val_accuracy
-        x_val, y_val = data.x_train[val_idx], data.y_train[val_idx]
+        x_val, y_val = rows(data.x_train, val_idx), data.y_train[val_idx]
         eval_mode.append(loss)
         batch_stats_loss = train_mode_loss(model, x_val, y_val, hp["batch_size"], device)
         train_mode.append(loss if batch_stats_loss is None else batch_stats_loss)
         if recalibrate_bn:
-            recalibrate(model, data.x_train[train_idx], hp["batch_size"], device)
+            recalibrate(model, rows(data.x_train, train_idx), hp["batch_size"], device)
             loss, accuracy = evaluate(model, x_val, y_val, device, scoring_batch_size(model, hp))
         losses.append(loss)
         accuracies.append(accuracy)

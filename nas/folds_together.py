@@ -19,6 +19,7 @@ from torch import nn
 
 from nas.data import Dataset, augment_batch
 from nas.errors import TrialError
+from nas.samples import loaded, rows
 from nas.stacking import NotStackable, stack
 from nas.train import (FitResult, autocast, batches, conv_weights, cosine_schedule, evaluate, on_device_layout, optimizer_for,
                        prepare_model, scoring_batch_size)
@@ -63,18 +64,16 @@ def train_together(
     aug_generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
     steps_per_epoch = min(max(1, len(train) // bs) for train, _ in folds)  # = fit's count when the folds agree
     schedule = cosine_schedule(optimizer, epochs * steps_per_epoch)
-    validations = [(data.x_train[val], data.y_train[val]) for _, val in folds]
+    validations = [(rows(data.x_train, val), data.y_train[val]) for _, val in folds]
     losses = accuracies = [float("nan")] * k
     for epoch in range(epochs):
         model.train()
         per_fold_batches = [batches(train, bs, g) for (train, _), g in zip(folds, generators)]
         size = min(len(b[0]) for b in per_fold_batches)  # differs only when a fold is smaller than one batch
-        for step in range(steps_per_epoch):
-            idx = torch.stack([b[step][:size] for b in per_fold_batches])
-            if data.augment == "none":
-                xb = data.x_train[idx]
-            else:
-                xb = torch.stack([augment_batch(data.x_train[i], data.augment, g) for i, g in zip(idx, aug_generators)])
+        steps = (torch.stack([b[step][:size] for b in per_fold_batches]) for step in range(steps_per_epoch))
+        for idx, xb in loaded(data.x_train, steps):
+            if data.augment != "none":
+                xb = torch.stack([augment_batch(x, data.augment, g) for x, g in zip(xb, aug_generators)])
             try:
                 with autocast(device):
                     logits = model(on_device_layout(stacked.fold_input(xb), device)).float()

@@ -401,6 +401,7 @@ def _search(cfg: RunConfig, storage, record: WorkerRecord, device, progress, out
     show_bars = sys.stderr.isatty() if progress is None else progress
     out(f"Study '{cfg.study.name}' in {cfg.study.storage}: {done}/{budget} finished, running {budget - done} more "
         f"on {device.type} ({data.name}: {len(data.y_train)} training samples, {cfg.evaluation.folds} folds x {cfg.evaluation.epochs} epochs)")
+    out(f"Dataset in memory: {data.memory()}")
     trials_bar = tqdm(total=budget, initial=done, desc="trials", unit="trial", disable=not show_bars, dynamic_ncols=True)
     per_trial = cfg.evaluation.folds * cfg.evaluation.epochs
 

@@ -19,6 +19,7 @@ from torch import nn
 
 from nas.data import Dataset, augment_batch
 from nas.errors import NasError, TrialError
+from nas.samples import loaded, rows
 
 
 @dataclass
@@ -158,15 +159,15 @@ def fit(
     schedule = cosine_schedule(optimizer, total)
     done = 0
     if val_idx is not None:
-        x_val, y_val = data.x_train[val_idx], data.y_train[val_idx]
+        x_val, y_val = rows(data.x_train, val_idx), data.y_train[val_idx]
     val_loss = val_acc = float("nan")
     for epoch in range(epochs):
         model.train()
         if train_mode is not None:
             train_mode(model)
-        for idx in batches(train_idx, hp["batch_size"], generator)[: total - done]:
+        for idx, xb in loaded(data.x_train, batches(train_idx, hp["batch_size"], generator)[: total - done]):
             done += 1
-            xb = augment_batch(data.x_train[idx], data.augment, aug_generator)
+            xb = augment_batch(xb, data.augment, aug_generator)
             with autocast(device):
                 loss = F.cross_entropy(model(on_device_layout(xb, device)).float(), data.y_train[idx], label_smoothing=hp["label_smoothing"])
                 if l1 > 0:

@@ -143,16 +143,16 @@ def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.parametrize("name", ["cifar10", "cifar100"])
-def test_cifar_folder_loads_as_normalized_nchw_float32_with_labels_and_class_names(tmp_path, monkeypatch, name):
+def test_cifar_folder_loads_as_uint8_nchw_read_as_normalized_float32_with_labels_and_class_names(tmp_path, monkeypatch, name):
     x_train_raw, y_train_raw, x_test_raw, y_test_raw, class_names = write_cifar(tmp_path, name, monkeypatch)
 
     data = load_dataset(DatasetConfig(name=name, root=str(tmp_path)))
 
     assert data.x_train.shape == (len(y_train_raw), 3, 32, 32)
     assert data.x_test.shape == (len(y_test_raw), 3, 32, 32)
-    assert data.x_train.dtype == torch.float32 and data.x_test.dtype == torch.float32
+    assert data.x_train.pixels.dtype == torch.uint8 and data.x_train[:2].dtype == torch.float32
     assert data.input_shape == (3, 32, 32)
-    mean, std = channel_stats(data.x_train)
+    mean, std = channel_stats(data.x_train.float())
     assert torch.allclose(mean, torch.zeros(3), atol=1e-5)
     assert torch.allclose(std, torch.ones(3), atol=1e-4)
     assert data.y_train.tolist() == y_train_raw
@@ -161,7 +161,7 @@ def test_cifar_folder_loads_as_normalized_nchw_float32_with_labels_and_class_nam
     # The pixels themselves round-trip: CIFAR rows are channel-major 3x32x32.
     m, s = torch.tensor(data.mean)[:, None, None], torch.tensor(data.std)[:, None, None]
     expected = torch.from_numpy(x_test_raw.reshape(-1, 3, 32, 32).astype(np.float32) / 255.0)
-    assert torch.allclose(data.x_test * s + m, expected, atol=1e-5)
+    assert torch.allclose(data.x_test.float() * s + m, expected, atol=1e-5)
 
 
 def test_cifar10_auto_augment_resolves_to_crop_flip_and_explicit_choice_wins(tmp_path, monkeypatch):

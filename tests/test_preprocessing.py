@@ -38,7 +38,7 @@ def test_raw_cifar_arrays_channels_last_follow_the_recipe(tmp_path, monkeypatch)
 
     assert pre["raw_layout"] == "HWC" and pre["raw_shape"] == [32, 32, 3] and pre["scale"] == 255
     assert pre["image_files"]["color"] == "rgb" and not pre["image_files"]["converted"]
-    assert torch.allclose(to_model_input(raw, pre), data.x_test, atol=1e-6)
+    assert torch.allclose(to_model_input(raw, pre), data.x_test.float(), atol=1e-6)
     assert torch.allclose(to_model_input(raw[2], pre), data.x_test[2:3], atol=1e-6)  # one sample alone
 
 
@@ -49,7 +49,7 @@ def test_raw_mnist_and_a_png_of_one_digit_follow_the_recipe(tmp_path):
     images = written["t10k"][0]
     write_png(tmp_path / "one.png", images[4])
 
-    assert torch.allclose(to_model_input(images, pre), data.x_test, atol=1e-6)
+    assert torch.allclose(to_model_input(images, pre), data.x_test.float(), atol=1e-6)
     image = decode_image(tmp_path / "one.png", pre)
     assert torch.allclose(image_to_model_input(image, pre, "one.png"), data.x_test[4:5], atol=1e-6)
 
@@ -75,7 +75,7 @@ def test_image_files_of_an_image_folder_follow_the_recipe_resized_as_in_training
     inputs = torch.cat([image_to_model_input(decode_image(f, pre), pre, str(f)) for f in files])
 
     assert pre["image_files"]["converted"] and pre["image_files"]["resize"] == (image_size is not None)
-    assert torch.allclose(inputs, data.x_test, atol=1e-6)
+    assert torch.allclose(inputs, data.x_test.float(), atol=1e-6)
 
 
 def test_a_sample_of_another_shape_is_refused_naming_the_input():
