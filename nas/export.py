@@ -38,6 +38,7 @@ FILES = ("model.ts", "model.pt2", "weights.pt")  # always written; model.onnx wh
 ONNX_FILE = "model.onnx"
 ONNX_MISSING = "install the onnx extra (pip install 'bnnas[onnx]': onnx, onnxscript, onnxruntime)"
 FOLD_TOLERANCE = 1e-4  # max abs logit difference between folded and unfolded eval models
+VERIFY_SAMPLES = 4096  # test samples the folded and exported models are checked on (all of a smaller split)
 
 
 @dataclass
@@ -162,7 +163,7 @@ def export_trial(storage: str, study_name: str, out: str | Path, trial_number: i
     if dependence is not None:
         log(dependence["message"])
     model = model.to("cpu", memory_format=torch.contiguous_format).eval()
-    x_test = data.x_test.cpu()
+    x_test = data.x_test[:VERIFY_SAMPLES].cpu()
     meta = {
         "format": FORMAT,
         "study": study_name,

@@ -174,7 +174,7 @@ def finetune(model_dir: str | Path, cfg, mode: str, labels_per_class: int | None
     """Load an export, adapt it to the run config's dataset, write an export plus metrics.json."""
     from nas.config import blamed
     from nas.data import load_dataset
-    from nas.export import check_writable, load_exported, write_export, write_json
+    from nas.export import VERIFY_SAMPLES, check_writable, load_exported, write_export, write_json
     from nas.preprocessing import recipe
     from nas.train import prepare_model, resolve_device
 
@@ -211,7 +211,7 @@ def finetune(model_dir: str | Path, cfg, mode: str, labels_per_class: int | None
             "preprocessing": recipe(data), "epochs": result.epochs, "test": {**result.after, "samples": len(data.y_test)},
             "finetune": {**{k: metrics[k] for k in ("source", "target_config", "transforms", "mode", "labels_per_class", "seed", "head_replaced")},
                          "source_data": source.meta.get("data")}}
-    write_export(model, data.x_test.cpu(), meta, out, log)
+    write_export(model, data.x_test[:VERIFY_SAMPLES].cpu(), meta, out, log)
     write_json(out / "metrics.json", metrics)
     log(f"Wrote {out / 'metrics.json'}")
     return out

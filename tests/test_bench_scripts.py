@@ -96,3 +96,9 @@ def test_bench_data_times_first_and_cached_loads_against_image_folder_and_judges
     assert speedup == pytest.approx(float(medians["first load (decode + cache)"]) / float(medians["cached load"]), rel=0.1, abs=0.1)
     assert "bytes per sample in memory: 768 as uint8, 3,072 as float32" in out
     assert re.search(r"target: cached load >= 10x faster than a first decode: (met|NOT met)", out)
+    epochs = dict(re.findall(r"^  (float32 in memory \(before\)|uint8 in memory|uint8 streamed from the cache|ImageFolder \+ DataLoader\(2\))\s+([\d.]+) s", out, re.M))
+    assert len(epochs) == 4 and "one training epoch of 180 images" in out
+    stream = float(re.search(r"streamed / in-memory uint8 ([\d.]+)x", out).group(1))
+    assert stream == pytest.approx(float(epochs["uint8 streamed from the cache"]) / float(epochs["uint8 in memory"]), rel=0.1, abs=0.02)
+    assert re.search(r"target: streamed epoch within 1.3x of in-memory: (met|NOT met)", out)
+    assert re.search(r"target: uint8 epoch no slower than float32: (met|NOT met)", out)

@@ -110,3 +110,21 @@ def test_a_model_searched_and_exported_on_the_device_is_verified_on_the_cpu(tmp_
     assert export_main(["--storage", url, "--study", "ex", "--out", str(tmp_path / "out"), "--device", CUDA_TEST_DEVICE]) == 0
     meta = json.loads((tmp_path / "out" / "model.json").read_text())
     assert meta["test"]["accuracy"] > 0.2 and meta["fold_max_abs_diff"] <= 1e-4  # trained (chance: 0.1), folded exactly
+
+
+def test_uint8_images_in_memory_and_streamed_to_the_device_give_the_same_fold_losses(tmp_path, device):
+    from nas.samples import CompactImages, StreamedImages
+    from tests.test_data import write_imagefolder
+
+    write_imagefolder(tmp_path / "data", per_class=16, size=(16, 16))
+    cfg = DatasetConfig(name="imagefolder", root=str(tmp_path / "data"), augment="crop_flip")
+    held = load_dataset(cfg, device)
+    streamed = load_dataset(DatasetConfig(**{**cfg.__dict__, "device_memory": 0.0}), device)
+    assert isinstance(held.x_train, CompactImages) and held.x_train.pixels.device.type == device.type
+    assert isinstance(streamed.x_train, StreamedImages) and streamed.x_train[:4].device.type == device.type
+    folds = stratified_folds(held.y_train, 2, 0)
+    spec = default_spec({"stages": 2, "width": 8, "training": {"batch_size": 8}})
+    for fold_mode in ("together", "sequential"):
+        a = cross_validate(spec, held, folds, 2, device, fold_mode=fold_mode)["fold_losses"]
+        b = cross_validate(spec, streamed, folds, 2, device, fold_mode=fold_mode)["fold_losses"]
+        assert a == pytest.approx(b, abs=1e-5 if device.type == "cpu" else 1e-3)  # cuDNN's bf16 kernels need not repeat bit for bit

@@ -191,7 +191,7 @@ def test_export_best_runs_the_export_and_offers_its_files(site):
 
     export = wait_for(done, timeout=240, what="the export")
     assert export["status"] == "done", site.get(f"{page}/exports/{job}/log")[2]
-    assert set(export["files"]) == {"model.ts", "model.pt2", "weights.pt", "model.json"}
+    assert set(export["files"]) == {"model.ts", "model.pt2", "model.onnx", "weights.pt", "model.json"}
     status, headers, text = site.get(f"{page}/exports/{job}/model.json")
     best = min((t for t in trials(site.storage, "seen") if t.state == TrialState.COMPLETE), key=lambda t: t.value)
     assert status == 200 and "attachment" in headers["Content-Disposition"] and json.loads(text)["trial"] == best.number
