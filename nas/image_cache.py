@@ -2,8 +2,9 @@
 
 `torchvision.datasets.ImageFolder` decodes every image one by one on every load; a search, an
 export and a fine-tune each paid that again. Here the files are listed as ImageFolder lists them
-(same classes, same order), decoded by a thread pool (PIL releases the GIL while it decodes)
-exactly as ImageFolder's loader does (RGB, then torchvision's PILToTensor and Resize), and
+(same classes, same order), decoded by DataLoader worker processes (one per core; threads do not
+help: most of a small image's decode time holds the GIL) exactly as ImageFolder's loader does
+(RGB, then torchvision's PILToTensor and Resize), and
 written as uint8 (N, 3, H, W) `.npy` arrays with the labels and class names. The cache key is
 the folder's file list with each file's size and mtime, and `image_size`: a changed, added or
 removed image, or another size, makes a new entry; later loads memory-map the arrays.
@@ -16,7 +17,6 @@ import json
 import os
 import shutil
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,35 +85,55 @@ def decode(path: str, image_size: int | None) -> np.ndarray:
     return tensor.numpy()
 
 
-def decode_split(files: list[tuple[str, int]], image_size: int | None, folder: Path, threads: int) -> np.ndarray:
-    """Every file of a split decoded in parallel into one uint8 array; differing sizes refused naming a file."""
+class _Decoded:
+    """The files of a split as a map-style dataset: (position, image or None, error or None), so that a bad
+    file comes back as its one-line message rather than as a worker's traceback."""
+
+    def __init__(self, files: list[tuple[str, int]], image_size: int | None):
+        self.files, self.image_size = files, image_size
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        try:
+            return i, decode(self.files[i][0], self.image_size), None
+        except DataError as exc:
+            return i, None, str(exc)
+
+
+IN_PROCESS = 256  # fewer files than this are decoded without starting worker processes
+
+
+def decode_split(files: list[tuple[str, int]], image_size: int | None, folder: Path, workers: int) -> np.ndarray:
+    """Every file of a split decoded by `workers` processes into one uint8 array; differing sizes refused naming a file."""
+    from torch.utils.data import DataLoader
+
     if not files:
         return np.zeros((0, 3, image_size or 1, image_size or 1), np.uint8)
     first = decode(files[0][0], image_size)
     images = np.empty((len(files), *first.shape), np.uint8)
-    images[0] = first
-
-    def place(i: int) -> None:
-        image = decode(files[i][0], image_size)
-        if image.shape != first.shape:
-            raise DataError(f"dataset.root: images in {folder} differ in size ({files[i][0]} is {image.shape[2]}x{image.shape[1]}, "
-                            f"{files[0][0]} {first.shape[2]}x{first.shape[1]}); set dataset.image_size")
-        images[i] = image
-
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        list(pool.map(place, range(1, len(files))))  # list(): the first error is raised here
+    workers = workers if len(files) >= IN_PROCESS else 0
+    for batch in DataLoader(_Decoded(files, image_size), batch_size=64, num_workers=workers, collate_fn=list):
+        for i, image, error in batch:
+            if error is not None:
+                raise DataError(error)
+            if image.shape != first.shape:
+                raise DataError(f"dataset.root: images in {folder} differ in size ({files[i][0]} is {image.shape[2]}x{image.shape[1]}, "
+                                f"{files[0][0]} {first.shape[2]}x{first.shape[1]}); set dataset.image_size")
+            images[i] = image
     return images
 
 
 def available_cores() -> int:
-    """Cores this process may run on: more decoding threads than that only contend for them (measured)."""
+    """Cores this process may run on: a decoding worker each."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
 
 
-def load_image_folder(root: Path, image_size: int | None, cache: str, threads: int | None = None, log=None) -> dict[str, Split]:
+def load_image_folder(root: Path, image_size: int | None, cache: str, workers: int | None = None, log=None) -> dict[str, Split]:
     """Both splits of `root/{train,test}/<class>/*`, from the cache when it holds them, else decoded (and cached)."""
     listings = {split: list_split(root / split) for split in SPLITS}
     base = cache_root(cache)
@@ -121,8 +141,8 @@ def load_image_folder(root: Path, image_size: int | None, cache: str, threads: i
     entry = base / f"imagefolder-{key[:24]}" if base is not None else None
     if entry is not None and (entry / "meta.json").is_file():
         return read_entry(entry)
-    threads = threads or available_cores()
-    splits = {split: Split(decode_split(files, image_size, root / split, threads), np.array([label for _, label in files], np.int64), classes)
+    workers = workers or available_cores()
+    splits = {split: Split(decode_split(files, image_size, root / split, workers), np.array([label for _, label in files], np.int64), classes)
               for split, (classes, files) in listings.items()}
     if entry is not None:
         write_entry(entry, splits, {"format": FORMAT, "root": str(root.absolute()), "image_size": image_size, "key": key}, log)

@@ -33,13 +33,19 @@ class CompactImages:
     dtype = torch.float32  # what indexing gives
 
     def __init__(self, pixels: torch.Tensor, scale: float, mean: torch.Tensor, std: torch.Tensor):
-        self.pixels, self.scale = pixels, float(scale)
-        view = (1, -1) + (1,) * (pixels.dim() - 2)
-        self.mean = mean.reshape(view).to(torch.float32).to(pixels.device)
-        self.std = std.reshape(view).to(torch.float32).to(pixels.device)
+        self.pixels = pixels
+        self._statistics(scale, mean, std, pixels.dim(), pixels.device)
+
+    def _statistics(self, scale: float, mean: torch.Tensor, std: torch.Tensor, dims: int, device) -> None:
+        view = (1, -1) + (1,) * (dims - 2)
+        self.scale = float(scale)
+        self.mean = mean.reshape(view).to(torch.float32).to(device)
+        self.std = std.reshape(view).to(torch.float32).to(device)
+        self.multiplier = 1.0 / (self.scale * self.std)
+        self.shift = self.mean / self.std
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
-        return (pixels.to(self.mean.device, torch.float32) / self.scale - self.mean) / self.std
+        return pixels.to(self.mean.device, torch.float32).mul_(self.multiplier).sub_(self.shift)
 
     def __getitem__(self, index) -> torch.Tensor:
         return self.normalize(self.pixels[index])
@@ -83,11 +89,8 @@ class StreamedImages(CompactImages):
     device when taken: pinned and non-blocking on CUDA."""
 
     def __init__(self, pixels: np.ndarray, scale: float, mean: torch.Tensor, std: torch.Tensor, device: torch.device | str):
-        self.host, self.scale = pixels, float(scale)
-        self.target = torch.device(device)
-        view = (1, -1) + (1,) * (pixels.ndim - 2)
-        self.mean = mean.reshape(view).to(torch.float32).to(self.target)
-        self.std = std.reshape(view).to(torch.float32).to(self.target)
+        self.host, self.target = pixels, torch.device(device)
+        self._statistics(scale, mean, std, pixels.ndim, self.target)
 
     @property
     def pixels(self) -> torch.Tensor:  # only for what needs the whole split (cpu(), float()): read all of it

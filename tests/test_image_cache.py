@@ -31,8 +31,10 @@ def entries(cache: Path) -> list[str]:
     return sorted(p.name for p in cache.iterdir()) if cache.exists() else []
 
 
-@pytest.mark.parametrize("image_size", [None, 6])
-def test_the_first_load_decodes_as_image_folder_did_and_the_next_reads_the_cache(tmp_path, monkeypatch, image_size):
+@pytest.mark.parametrize("image_size, worker_processes", [(None, False), (6, False), (None, True)])
+def test_the_first_load_decodes_as_image_folder_did_and_the_next_reads_the_cache(tmp_path, monkeypatch, image_size, worker_processes):
+    if worker_processes:
+        monkeypatch.setattr("nas.image_cache.IN_PROCESS", 1)  # decode in DataLoader worker processes even a small folder
     write_imagefolder(tmp_path / "data", per_class=3, size=(8, 8))
     Image.fromarray(np.random.default_rng(1).integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "data" / "train" / "cat" / "j.jpg")
     cache = tmp_path / "cache"
@@ -86,7 +88,10 @@ def test_an_unwritable_cache_is_said_and_the_data_still_loads(tmp_path, capsys):
     assert f"dataset.cache: cannot write to {tmp_path / 'file' / 'cache'}" in capsys.readouterr().err
 
 
-def test_a_corrupt_image_is_named_in_one_line(tmp_path):
+@pytest.mark.parametrize("worker_processes", [False, True])
+def test_a_corrupt_image_is_named_in_one_line(tmp_path, monkeypatch, worker_processes):
+    if worker_processes:
+        monkeypatch.setattr("nas.image_cache.IN_PROCESS", 1)
     write_imagefolder(tmp_path / "data", per_class=2)
     bad = tmp_path / "data" / "test" / "dog" / "1.png"
     bad.write_bytes(bad.read_bytes()[:40])  # truncated
@@ -103,3 +108,18 @@ def test_images_of_another_size_name_the_file(tmp_path):
 
     with pytest.raises(DataError, match=rf"{odd} is 10x12, .* 8x8\); set dataset.image_size"):
         load_dataset(DatasetConfig(name="imagefolder", root=str(tmp_path / "data")))
+
+
+def test_nas_search_on_a_folder_with_a_corrupt_image_exits_2_naming_it(tmp_path, capsys):
+    from nas.cli import search_main
+
+    write_imagefolder(tmp_path / "data", per_class=2)
+    bad = tmp_path / "data" / "train" / "cat" / "1.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    argv = ["--set", "dataset.name=imagefolder", "--set", f"dataset.root={tmp_path / 'data'}", "--device", "cpu",
+            "--storage", f"sqlite:///{tmp_path}/nas.db", "--trials", "1", "--no-progress"]
+
+    assert search_main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and f"{bad}: cannot decode the image" in err
+    assert not (tmp_path / "nas.db").exists() or "imagefolder" not in (tmp_path / "nas.db").read_bytes().decode("latin-1")
