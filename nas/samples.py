@@ -37,7 +37,7 @@ class CompactImages:
         self._statistics(scale, mean, std, pixels.dim(), pixels.device)
 
     def _statistics(self, scale: float, mean: torch.Tensor, std: torch.Tensor, dims: int, device) -> None:
-        view = (1, -1) + (1,) * (dims - 2)
+        view = (-1,) + (1,) * (dims - 2)  # (C, 1, 1): broadcasts over a sample, a batch, or folds of batches
         self.scale = float(scale)
         self.mean = mean.reshape(view).to(torch.float32).to(device)
         self.std = std.reshape(view).to(torch.float32).to(device)

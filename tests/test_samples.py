@@ -96,3 +96,10 @@ def test_prefetching_hands_on_a_read_error_and_stops_when_the_consumer_does():
     early = loaded(images, iter([torch.tensor([i]) for i in range(10)]))
     next(early)
     early.close()  # the reader thread ends: close() returns
+
+
+def test_stored_images_index_like_the_tensor_they_stand_for(cifar):
+    compact = load_dataset(cifar)
+    whole = compact.x_train.float()
+    for index in (3, slice(2, 5), torch.tensor([4, 0]), torch.tensor([[1, 2], [3, 0]])):
+        assert torch.allclose(compact.x_train[index], whole[index], atol=1e-6) and compact.x_train[index].shape == whole[index].shape
