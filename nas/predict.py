@@ -1,8 +1,8 @@
 """`nas-predict`: classify raw inputs with an export folder, following its model.json.
 
-Inputs are image files (PNG / JPEG, decoded as training decodes image folders) or `.npy` / `.npz` arrays of raw
-samples; each goes through `nas.preprocessing`, the one implementation of the recipe in
-model.json. The model file is checked against its sha256 before it is loaded.
+Inputs are image files (PNG / JPEG, decoded as training decodes image folders) or `.npy` /
+`.npz` arrays of raw samples; each goes through `nas.preprocessing`, the one implementation of
+the recipe in model.json. The model file is checked against its sha256 before it is loaded.
 """
 
 from __future__ import annotations

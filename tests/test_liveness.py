@@ -55,7 +55,8 @@ def test_a_starting_search_is_a_live_worker_for_report_and_dashboard_before_its_
     url = f"sqlite:///{tmp_path}/nas.db"
     config = write_digits_run(tmp_path, SPACE, url, {"name": "w", "sampler": "random", "trials": 1}, {"folds": 2, "epochs": 1})
     assert search_main(["--config", str(config), "--no-progress"]) == 0
-    (tmp_path / "run.yaml").write_text((tmp_path / "run.yaml").read_text().replace("epochs: 1", "epochs: 40"))
+    # 2,000 epochs: the new run cannot finish its trials before the SIGINT below, however slow the checks are
+    (tmp_path / "run.yaml").write_text((tmp_path / "run.yaml").read_text().replace("epochs: 1", "epochs: 2000"))
     dashboard = Dashboard(url, tmp_path / "work")
     search = subprocess.Popen([sys.executable, "-m", "nas.cli", "--config", str(config), "--trials", "3", "--force", "--no-progress"],
                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
