@@ -20,6 +20,7 @@ a streamed epoch within 1.3x of an in-memory one; an in-memory uint8 epoch no sl
 
     .venv/bin/python scripts/bench_data.py
     .venv/bin/python scripts/bench_data.py --images 2000 --size 32 --repeats 2   # a quick run
+    python scripts/bench_data.py --device cuda   # the epochs on a GPU: uint8 on the device vs streamed (pinned, non-blocking)
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from nas.config import DatasetConfig
 from nas.data import Dataset, load_dataset
 from nas.image_cache import load_image_folder
 from nas.space import default_spec
-from nas.train import fit, make_optimizer, prepare_model
+from nas.train import autocast, fit, make_optimizer, on_device_layout, prepare_model, resolve_device
 
 TARGET = 10.0  # cached load at least this many times faster than the first decode
 STREAM_TARGET = 1.3  # a streamed epoch at most this many times an in-memory one
@@ -84,30 +85,41 @@ def image_folder_epoch(root: Path) -> float:
     return time.perf_counter() - start
 
 
-def epoch_ours(data: Dataset, seed: int = 0) -> float:
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def epoch_ours(data: Dataset, device: torch.device, seed: int = 0) -> float:
     """One epoch of fit() over the whole training split (the model built untimed)."""
     torch.manual_seed(seed)
-    model = prepare_model(build(SPEC, data.input_shape, data.num_classes), torch.device("cpu"))
+    model = prepare_model(build(SPEC, data.input_shape, data.num_classes), device)
+    _sync(device)
     start = time.perf_counter()
-    fit(model, data, torch.arange(len(data.y_train)), None, SPEC["training"], 1, torch.device("cpu"), seed)
+    fit(model, data, torch.arange(len(data.y_train), device=data.y_train.device), None, SPEC["training"], 1, device, seed)
+    _sync(device)
     return time.perf_counter() - start
 
 
-def epoch_dataloader(root: Path, data: Dataset, seed: int = 0) -> float:
+def epoch_dataloader(root: Path, data: Dataset, device: torch.device, seed: int = 0) -> float:
     """One epoch of the same model and loss through ImageFolder, per-sample transforms and DataLoader(num_workers=2)."""
     torch.manual_seed(seed)
-    model = prepare_model(build(SPEC, data.input_shape, data.num_classes), torch.device("cpu"))
+    model = prepare_model(build(SPEC, data.input_shape, data.num_classes), device)
     optimizer = make_optimizer(model, SPEC["training"])
+    cuda = device.type == "cuda"
     transform = v2.Compose([v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(data.mean, data.std)])
     start = time.perf_counter()
     loader = DataLoader(torchvision.datasets.ImageFolder(str(root / "train"), transform=transform), batch_size=SPEC["training"]["batch_size"],
-                        shuffle=True, drop_last=True, num_workers=2, generator=torch.Generator().manual_seed(seed))
+                        shuffle=True, drop_last=True, num_workers=2, pin_memory=cuda, generator=torch.Generator().manual_seed(seed))
     model.train()
     for x, y in loader:
-        loss = torch.nn.functional.cross_entropy(model(x), y)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast(device):
+            loss = torch.nn.functional.cross_entropy(model(on_device_layout(x, device)).float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+    _sync(device)
     return time.perf_counter() - start
 
 
@@ -122,7 +134,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workdir", help="where the folder and caches go (default: a temporary folder)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the epochs train (default %(default)s)")
     args = parser.parse_args()
+    device = resolve_device(args.device)
     torch.set_num_threads(torch.get_num_threads())
     scratch = Path(args.workdir or tempfile.mkdtemp(prefix="bench-data-"))
     root, cache = scratch / "folder", scratch / "cache"
@@ -131,26 +145,27 @@ def main() -> None:
     print(f"image folder: {args.images} PNGs, {args.size}x{args.size} RGB, written in {time.perf_counter() - start:.1f} s ({root})")
     load_image_folder(root, None, str(cache))  # the entry the cached loads read
     config = DatasetConfig(name="imagefolder", root=str(root), cache=str(cache), augment="none")
-    held = load_dataset(config)
-    streamed = load_dataset(DatasetConfig(**{**config.__dict__, "device_memory": 0.0}))
+    held = load_dataset(config, device)
+    streamed = load_dataset(DatasetConfig(**{**config.__dict__, "device_memory": 0.0}), device)
     floats = Dataset(held.name, held.x_train.float(), held.y_train, held.x_test.float(), held.y_test, held.classes, "none", held.mean, held.std)
     loads = {"first load (decode + cache)": lambda: first_load(root, scratch), "cached load": lambda: cached_load(root, cache),
              "ImageFolder + DataLoader(2), one epoch": lambda: image_folder_epoch(root)}
-    epochs = {"float32 in memory (before)": lambda: epoch_ours(floats), "uint8 in memory": lambda: epoch_ours(held),
-              "uint8 streamed from the cache": lambda: epoch_ours(streamed), "ImageFolder + DataLoader(2)": lambda: epoch_dataloader(root, held)}
+    epochs = {"float32 in memory (before)": lambda: epoch_ours(floats, device), "uint8 in memory": lambda: epoch_ours(held, device),
+              "uint8 streamed from the cache": lambda: epoch_ours(streamed, device),
+              "ImageFolder + DataLoader(2)": lambda: epoch_dataloader(root, held, device)}
     times = {name: [] for name in (*loads, *epochs)}
-    epoch_ours(held)  # untimed: the first epoch of a process pays for thread pools and allocator warm-up
+    epoch_ours(held, device)  # untimed: the first epoch of a process pays for thread pools and allocator warm-up
     for _ in range(args.repeats):  # round-robin: drift spreads over every variant alike
         for name, run in {**loads, **epochs}.items():
             times[name].append(run())
-    print(f"{args.repeats} repeats, medians (p10-p90), {torch.get_num_threads()} torch threads")
+    print(f"{args.repeats} repeats, medians (p10-p90), epochs on {device.type}, {torch.get_num_threads()} torch threads")
     medians = {}
     for name, seconds in times.items():
         if name == next(iter(epochs)):
             print(f"one training epoch of {len(held.y_train)} images (2-stage CNN, width 16, batch 128):")
         median, p10, p90 = summary(seconds)
         medians[name] = median
-        print(f"  {name:<40} {median:8.3f} s  ({p10:.3f}-{p90:.3f})")
+        print(f"  {name:<40} {median:9.4f} s  ({p10:.4f}-{p90:.4f})")
     per_sample = 3 * args.size * args.size
     print(f"bytes per sample in memory: {per_sample:,} as uint8, {4 * per_sample:,} as float32")
     speedup = medians["first load (decode + cache)"] / medians["cached load"]

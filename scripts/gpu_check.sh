@@ -45,6 +45,9 @@ grep -E "target:" "$log/bench-cv.log" | sed 's/^ */== bench_cv (folds together v
 step bench-workers 90 $PY scripts/bench_workers.py --device $DEVICE --dataset cifar-shaped --trials 8 --epochs 1 --workers 1,2,4
 grep -E "^ +[124] " "$log/bench-workers.log" | awk '{print "== bench_workers: " $1 " worker(s): " $3 " trials/hour, " $4 " vs 1 worker"}'
 
+step bench-data 150 $PY scripts/bench_data.py --device $DEVICE --images 20000 --size 64 --repeats 2
+grep -E "target:|epoch ratios" "$log/bench-data.log" | sed 's/^ */== bench_data (uint8 on the device vs streamed, 20k PNGs): /'
+
 slice=$(mktemp -d)
 $PY - "$slice" "$DEVICE" <<'EOF'
 import sys, numpy as np, yaml, pathlib

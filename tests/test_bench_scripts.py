@@ -93,7 +93,7 @@ def test_bench_data_times_first_and_cached_loads_against_image_folder_and_judges
     medians = dict(re.findall(r"^  (first load \(decode \+ cache\)|cached load|ImageFolder \+ DataLoader\(2\), one epoch)\s+([\d.]+) s", out, re.M))
     assert len(medians) == 3
     speedup = float(re.search(r"cached load: ([\d.]+)x faster than the first decode", out).group(1))
-    assert speedup == pytest.approx(float(medians["first load (decode + cache)"]) / float(medians["cached load"]), rel=0.1, abs=0.1)
+    assert speedup == pytest.approx(float(medians["first load (decode + cache)"]) / float(medians["cached load"]), rel=0.15)  # printed medians are rounded
     assert "bytes per sample in memory: 768 as uint8, 3,072 as float32" in out
     assert re.search(r"target: cached load >= 10x faster than a first decode: (met|NOT met)", out)
     epochs = dict(re.findall(r"^  (float32 in memory \(before\)|uint8 in memory|uint8 streamed from the cache|ImageFolder \+ DataLoader\(2\))\s+([\d.]+) s", out, re.M))
