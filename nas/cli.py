@@ -112,6 +112,12 @@ examples:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE", help="override any config key (repeatable), e.g. --set dataset.root=~/data")
     _shortcut_arguments(p, SHORTCUTS, "shortcuts (each overrides one config key)")
     p.add_argument("--workers", type=int, default=1, help="worker processes on this study (default %(default)s); across machines, run nas-search on each against one PostgreSQL --storage")
+    ray = p.add_argument_group("a Ray cluster (pip install 'bnnas[ray]')")
+    ray.add_argument("--ray", nargs="?", const="", metavar="ADDRESS", help="run the workers as Ray tasks: no ADDRESS starts a "
+                     "local Ray, 'auto' joins the cluster this machine belongs to, or give the head's address")
+    ray.add_argument("--ray-workers", type=int, default=1, metavar="N", help="workers to start on the cluster (default %(default)s)")
+    ray.add_argument("--gpus-per-trial", type=float, default=0.0, metavar="F", help="GPUs each worker reserves; 0.25 puts four on one GPU (default %(default)s)")
+    ray.add_argument("--cpus-per-trial", type=float, default=1.0, metavar="C", help="CPUs each worker reserves (default %(default)s)")
     p.add_argument("--force", action="store_true", help="continue a study although its dataset, data, evaluation, objectives, seed or search space "
                    "differ from the stored ones (the change is recorded in the study's config history); budget, timeout, "
                    "device, sampler and progress flags may change without it")
@@ -152,6 +158,8 @@ def search_main(argv: list[str] | None = None) -> int:
         parser.error("--workers must be >= 1")
     if args.launched_at is not None and not math.isfinite(args.launched_at):
         parser.error("--launched-at must be a finite number of seconds since the epoch")
+    if args.ray is not None and (args.ray_workers < 1 or args.gpus_per_trial < 0 or args.cpus_per_trial <= 0 or args.workers > 1):
+        parser.error("--ray needs --ray-workers >= 1, --gpus-per-trial >= 0, --cpus-per-trial > 0, and no --workers")
     return _run(lambda: _search(args, argv))
 
 
@@ -168,6 +176,15 @@ def _search(args: argparse.Namespace, argv: list[str] | None) -> None:
         print(f"No --config given: running the embedded default (configs/digits.yaml: {cfg.dataset.name}, "
               f"--trials {cfg.study.trials} --folds {cfg.evaluation.folds} --epochs {cfg.evaluation.epochs}, "
               f"study '{cfg.study.name}' in {cfg.study.storage})", flush=True)
+    if args.ray is not None:
+        from nas.ray_launch import run_on_ray, worker_command
+        from nas.study import summary_table
+        from nas.storage import load_existing_study
+
+        argv = sys.argv[1:] if argv is None else argv
+        run_on_ray(cfg, worker_command(argv), args.ray or None, args.ray_workers, args.gpus_per_trial, args.cpus_per_trial)
+        print(summary_table(load_existing_study(cfg.study.storage, cfg.study.name)))
+        return
     worker = None
     if args.workers > 1:  # the other workers: this command again, one worker each, quiet
         argv = sys.argv[1:] if argv is None else argv

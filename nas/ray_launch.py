@@ -1,0 +1,127 @@
+"""`nas-search --ray`: the same worker loop as `--workers`, started as Ray tasks on a cluster.
+
+A worker is `nas-search` itself, run by a Ray task on whichever node Ray places it, against the
+study's shared storage: budget, heartbeats, retries, the stop request, the worker record and the
+study contract behave exactly as with `--workers` on one machine, because it is the same code.
+Ray only places the workers and gives each its share of a node (`num_cpus`, `num_gpus`:
+fractional GPUs put several workers on one GPU, with CUDA_VISIBLE_DEVICES set by Ray). Each
+worker runs in the driver's working directory with the driver's interpreter path: the nodes are
+expected to share the project's file system (or image), as a Slurm or Kubernetes job would.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+
+from nas.errors import NasError, StudyError
+from nas.storage import sqlite_path
+
+INSTALL = "pip install 'bnnas[ray]'"
+
+
+@dataclass
+class WorkerResult:
+    node: str
+    exit_code: int
+    last_line: str  # of its stderr (why it failed)
+
+
+def import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise NasError(f"--ray: Ray is not installed; install it with {INSTALL}") from None
+    return ray
+
+
+def run_worker(command: list[str], cwd: str) -> WorkerResult:
+    """Body of one Ray task: run the worker command on this node; Ctrl-C (ray.cancel) is passed on as SIGINT,
+    so the worker stops at its trial boundary and the study stays resumable."""
+    import socket
+
+    try:
+        process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    except OSError as exc:  # the interpreter or the folder is not on this node
+        return WorkerResult(socket.gethostname(), 127, f"cannot start {command[0]} in {cwd}: {exc.strerror or exc}")
+    try:
+        _, err = process.communicate()
+    except KeyboardInterrupt:
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate()
+    lines = [line for line in (err or "").splitlines() if line.strip()]
+    return WorkerResult(socket.gethostname(), process.returncode, lines[-1] if lines else "")
+
+
+def study_ready(storage, study_name: str) -> bool:
+    """Whether the first worker has made the study and stored its run config (the others then only join it)."""
+    from nas.storage import read_run_config
+
+    try:
+        return read_run_config(storage, storage.get_study_id_from_name(study_name)) is not None
+    except KeyError:
+        return False
+
+
+def run_on_ray(cfg, command: list[str], address: str | None, workers: int, gpus_per_trial: float,
+               cpus_per_trial: float, log=print) -> list[WorkerResult]:
+    """Start `workers` Ray tasks, each running `command` (a nas-search worker), and wait for them all.
+
+    SQLite is a file on one machine: with nodes other than this one it is refused before any starts.
+    The storage's tables are made here and the first worker makes (or checks) the study before the
+    others start, as `--workers` does: workers racing to create one schema or study collide.
+    """
+    from nas.study import open_storage
+
+    storage_url = cfg.study.storage
+    ray = import_ray()
+    ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        nodes = [node for node in ray.nodes() if node.get("Alive")]
+        if sqlite_path(storage_url) is not None and len(nodes) > 1:
+            raise StudyError(f"--ray: the Ray cluster has {len(nodes)} nodes and the storage is SQLite ({storage_url}), a file on one "
+                             "machine; use PostgreSQL (or Optuna's gRPC storage proxy) for workers on several nodes")
+        storage = open_storage(cfg)
+        task = ray.remote(num_cpus=cpus_per_trial, num_gpus=gpus_per_trial, max_retries=0)(run_worker)
+        log(f"Ray: {workers} worker(s) on {len(nodes)} node(s), {cpus_per_trial:g} CPU and {gpus_per_trial:g} GPU each")
+        pending = [task.remote(command, os.getcwd())]
+        try:
+            while not study_ready(storage, cfg.study.name) and not ray.wait(pending, timeout=0.5)[0]:
+                pass  # ray.wait is the pause: until the first worker has the study, or has ended
+            pending += [task.remote(command, os.getcwd()) for _ in range(workers - 1)]
+            results = ray.get(pending)
+        except KeyboardInterrupt:
+            for ref in pending:
+                ray.cancel(ref)  # KeyboardInterrupt in each task: its worker gets SIGINT
+            ray.get(pending)
+            raise
+    finally:
+        ray.shutdown()
+    failed = [r for r in results if r.exit_code != 0]
+    if failed:
+        first = failed[0]
+        raise StudyError(f"--ray: {len(failed)} of {workers} workers failed; on node {first.node}: exit {first.exit_code}: {first.last_line}")
+    return results
+
+
+def worker_command(argv: list[str]) -> list[str]:
+    """This nas-search command without the Ray flags, as a quiet worker, with this interpreter."""
+    skip_value = {"--ray-workers", "--gpus-per-trial", "--cpus-per-trial", "--workers"}
+    out, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        name = arg.split("=", 1)[0]
+        if name in skip_value and "=" not in arg:
+            skip = True
+        elif name == "--ray":
+            skip = "=" not in arg and i + 1 < len(argv) and not argv[i + 1].startswith("-")  # its optional ADDRESS
+        elif name in skip_value or arg in ("--progress", "--no-progress"):
+            continue
+        else:
+            out.append(arg)
+    return [sys.executable, "-m", "nas.cli", *out, "--no-progress"]
