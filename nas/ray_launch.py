@@ -38,22 +38,35 @@ def import_ray():
     return ray
 
 
-def run_worker(command: list[str], cwd: str) -> WorkerResult:
-    """Body of one Ray task: run the worker command on this node; Ctrl-C (ray.cancel) is passed on as SIGINT,
-    so the worker stops at its trial boundary and the study stays resumable."""
+RESTARTS = 2  # times a worker process killed by a signal (OOM killer, kill -9) is started again on its node
+
+
+def run_worker(command: list[str], cwd: str, restarts: int = RESTARTS) -> WorkerResult:
+    """Body of one Ray task: run the worker command on this node.
+
+    Ctrl-C (ray.cancel) is passed on as SIGINT, so the worker marks its trial interrupted and the
+    study stays resumable. A worker killed by a signal is started again (up to `restarts` times):
+    on the same host the new one reclaims the killed one's trial at once and retries it. (A node
+    that dies takes the task with it; Ray retries the task elsewhere.)
+    """
     import socket
 
-    try:
-        process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    except OSError as exc:  # the interpreter or the folder is not on this node
-        return WorkerResult(socket.gethostname(), 127, f"cannot start {command[0]} in {cwd}: {exc.strerror or exc}")
-    try:
-        _, err = process.communicate()
-    except KeyboardInterrupt:
-        process.send_signal(signal.SIGINT)
-        _, err = process.communicate()
-    lines = [line for line in (err or "").splitlines() if line.strip()]
-    return WorkerResult(socket.gethostname(), process.returncode, lines[-1] if lines else "")
+    host = socket.gethostname()
+    while True:
+        try:
+            process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        except OSError as exc:  # the interpreter or the folder is not on this node
+            return WorkerResult(host, 127, f"cannot start {command[0]} in {cwd}: {exc.strerror or exc}")
+        try:
+            _, err = process.communicate()
+        except KeyboardInterrupt:
+            process.send_signal(signal.SIGINT)
+            _, err = process.communicate()
+            restarts = 0
+        lines = [line for line in (err or "").splitlines() if line.strip()]
+        if process.returncode >= 0 or restarts <= 0:
+            return WorkerResult(host, process.returncode, lines[-1] if lines else f"killed by signal {-process.returncode}")
+        restarts -= 1
 
 
 def study_ready(storage, study_name: str) -> bool:
@@ -85,18 +98,18 @@ def run_on_ray(cfg, command: list[str], address: str | None, workers: int, gpus_
             raise StudyError(f"--ray: the Ray cluster has {len(nodes)} nodes and the storage is SQLite ({storage_url}), a file on one "
                              "machine; use PostgreSQL (or Optuna's gRPC storage proxy) for workers on several nodes")
         storage = open_storage(cfg)
-        task = ray.remote(num_cpus=cpus_per_trial, num_gpus=gpus_per_trial, max_retries=0)(run_worker)
+        task = ray.remote(num_cpus=cpus_per_trial, num_gpus=gpus_per_trial, max_retries=RESTARTS)(run_worker)
         log(f"Ray: {workers} worker(s) on {len(nodes)} node(s), {cpus_per_trial:g} CPU and {gpus_per_trial:g} GPU each")
         pending = [task.remote(command, os.getcwd())]
         try:
             while not study_ready(storage, cfg.study.name) and not ray.wait(pending, timeout=0.5)[0]:
                 pass  # ray.wait is the pause: until the first worker has the study, or has ended
             pending += [task.remote(command, os.getcwd()) for _ in range(workers - 1)]
+            while len(ray.wait(pending, num_returns=len(pending), timeout=1.0)[0]) < len(pending):
+                pass  # waits a second at a time: a blocking ray.get would hold Ctrl-C until every worker ended
             results = ray.get(pending)
         except KeyboardInterrupt:
-            for ref in pending:
-                ray.cancel(ref)  # KeyboardInterrupt in each task: its worker gets SIGINT
-            ray.get(pending)
+            stop_workers(ray, pending, storage, cfg.study.name, log)
             raise
     finally:
         ray.shutdown()
@@ -105,6 +118,22 @@ def run_on_ray(cfg, command: list[str], address: str | None, workers: int, gpus_
         first = failed[0]
         raise StudyError(f"--ray: {len(failed)} of {workers} workers failed; on node {first.node}: exit {first.exit_code}: {first.last_line}")
     return results
+
+
+def stop_workers(ray, pending: list, storage, study_name: str, log) -> None:
+    """Ctrl-C: ask every worker to stop after its current trial (the stored stop request, as the dashboard's
+    Stop) and wait for them; a second Ctrl-C interrupts them now (SIGINT: their trials are marked interrupted)."""
+    from nas.storage import request_stop
+
+    request_stop(storage, study_name)
+    log("Stopping: every worker finishes its current trial (Ctrl-C again to interrupt them now); the same command resumes")
+    try:
+        while len(ray.wait(pending, num_returns=len(pending), timeout=1.0)[0]) < len(pending):
+            pass
+    except KeyboardInterrupt:
+        for ref in pending:
+            ray.cancel(ref)  # KeyboardInterrupt in each task: its worker gets SIGINT
+        ray.wait(pending, num_returns=len(pending), timeout=120)
 
 
 def worker_command(argv: list[str]) -> list[str]:
