@@ -20,6 +20,7 @@ from torch import nn
 from nas.data import Dataset, augment_batch
 from nas.errors import TrialError
 from nas.samples import loaded, rows
+from nas.signals import SIGNALS
 from nas.stacking import NotStackable, stack
 from nas.train import (FitResult, autocast, batches, conv_weights, cosine_schedule, evaluate, on_device_layout, optimizer_for,
                        prepare_model, scoring_batch_size)
@@ -67,6 +68,7 @@ def train_together(
     validations = [(rows(data.x_train, val), data.y_train[val]) for _, val in folds]
     losses = accuracies = [float("nan")] * k
     for epoch in range(epochs):
+        SIGNALS.check()  # a Ctrl-C whose raise Python dropped (see nas.signals)
         model.train()
         per_fold_batches = [batches(train, bs, g) for (train, _), g in zip(folds, generators)]
         size = min(len(b[0]) for b in per_fold_batches)  # differs only when a fold is smaller than one batch

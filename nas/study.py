@@ -35,6 +35,7 @@ from nas.errors import ConfigError, StudyError, Terminated, TrialError
 from nas.liveness import WorkerRecord, live_workers, mark_trial, reclaim_dead_trials
 from nas.novelty import Novelty, record_duplicate
 from nas.pruning import Reporter, make_pruner, reports_every_epoch
+from nas.signals import SIGNALS
 from nas.space import Space
 from nas.storage import (FINISHED, HISTORY_ATTR, STOP_ATTR, budget_count, check_writable_sqlite, counts_toward_budget,
                          load_existing_study, make_storage, one_line, quiet_optuna, read_config_history, read_data_fingerprint,
@@ -262,52 +263,6 @@ class BudgetReached:
             study.stop()
 
 
-class Signals:
-    """SIGINT / SIGTERM stop the search, but interrupt only training, never a storage write.
-
-    An exception raised at an arbitrary point could land inside SQLAlchemy or Optuna's own
-    bookkeeping; so a signal during training raises at once (Optuna then marks the trial FAIL),
-    and one between trials is kept until the trial boundary, where the search stops.
-    """
-
-    def __init__(self):
-        self.pending: int | None = None
-        self.training = False
-
-    def handle(self, signum, frame) -> None:
-        self.pending = signum
-        if self.training:
-            self.raise_pending()
-
-    def raise_pending(self) -> None:
-        if self.pending is not None:
-            signum, self.pending = self.pending, None
-            raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
-
-    @contextmanager
-    def interruptible(self):
-        self.raise_pending()
-        self.training = True
-        try:
-            yield
-        finally:
-            self.training = False
-
-    @contextmanager
-    def installed(self):
-        previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-
-    def stop_at_boundary(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        if self.pending is not None:
-            study.stop()
-
-
-SIGNALS = Signals()
 
 class StopOnRequest:
     """Stop at a trial boundary when `request_stop` was called after this worker started.
@@ -364,7 +319,7 @@ def run_search(cfg: RunConfig, progress: bool | None = None, out=print, force: b
     check_writable_sqlite(cfg.study.storage)
     path = sqlite_path(cfg.study.storage)
     storage = open_storage(cfg) if path is None or path.exists() else None  # a new SQLite file waits for good data
-    with WorkerRecord(cfg.study.heartbeat_seconds) as record:
+    with SIGNALS.installed(), WorkerRecord(cfg.study.heartbeat_seconds) as record:
         study_id = existing_study_id(storage, cfg.study.name) if storage is not None else None
         if study_id is not None:
             record.attach(storage, study_id)  # visible to the dashboard and other workers from now on
@@ -377,7 +332,7 @@ def _search(cfg: RunConfig, storage, record: WorkerRecord, device, progress, out
 
     from nas.data import load_dataset, stratified_folds
 
-    with blamed(cfg):
+    with blamed(cfg), SIGNALS.interruptible():  # loading writes nothing: a signal stops it at once
         data = load_dataset(cfg.dataset, device)  # bad data is found before a new study is made
         folds = stratified_folds(data.y_train, cfg.evaluation.folds, cfg.study.seed)
     study, changes = open_study(cfg, storage or open_storage(cfg), data.fingerprint, force)
@@ -423,6 +378,7 @@ def _search(cfg: RunConfig, storage, record: WorkerRecord, device, progress, out
         if novelty.stop_reason is not None:
             study.stop()
 
+    SIGNALS.raise_pending()  # a signal while the study opened: stop before the first trial
     failures, stop_request = StopAfterFailures(cfg.study.max_consecutive_failures), StopOnRequest(started)
     if stop_request.asked(study):  # asked while this worker started: not even one trial
         trials_bar.close()
@@ -430,7 +386,7 @@ def _search(cfg: RunConfig, storage, record: WorkerRecord, device, progress, out
         return study
     objective = make_objective(cfg, data, folds, device, epoch_bar if show_bars else None, novelty, version)
     helpers = [subprocess.Popen(worker_command, stdout=subprocess.DEVNULL) for _ in range(workers - 1)] if worker_command else []
-    with quiet_optuna(optuna.logging.ERROR), _stopping(helpers), SIGNALS.installed():  # failures: one line of ours
+    with quiet_optuna(optuna.logging.ERROR), _stopping(helpers):  # failures: one line of ours
         try:
             study.optimize(
                 objective,

@@ -20,6 +20,7 @@ from torch import nn
 from nas.data import Dataset, augment_batch
 from nas.errors import NasError, TrialError
 from nas.samples import loaded, rows
+from nas.signals import SIGNALS
 
 
 @dataclass
@@ -163,6 +164,7 @@ def fit(
     val_loss = val_acc = float("nan")
     for epoch in range(epochs):
         model.train()
+        SIGNALS.check()  # a Ctrl-C whose raise Python dropped (see nas.signals)
         if train_mode is not None:
             train_mode(model)
         for idx, xb in loaded(data.x_train, batches(train_idx, hp["batch_size"], generator)[: total - done]):

@@ -79,7 +79,10 @@ def test_a_starting_search_is_a_live_worker_for_report_and_dashboard_before_its_
         report = write_report(url, "w", tmp_path / "report").read_text()
         assert f"- workers: 1 live: {live[0].identity.host} pid {search.pid}" in report
         search.send_signal(signal.SIGINT)
-        assert search.wait(120) == 130, search.stderr.read()
+        # 130, or death by SIGINT (-2) when the signal lands while an extension module imports: CPython then
+        # re-raises SIGINT at exit after our message; shells show 130 for both
+        assert search.wait(120) in (130, -signal.SIGINT), search.stderr.read()
+        assert "rerun the same command to resume" in search.stderr.read()
         assert liveness.live_workers(store, study_id, 60) == [] and worker_keys(store, study_id) == []
     finally:
         if search.poll() is None:

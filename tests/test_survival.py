@@ -156,3 +156,66 @@ def test_a_read_only_sqlite_file_is_one_line_and_left_alone(run_dir, capsys, res
     err = capsys.readouterr().err
     assert err == f"study.storage: the SQLite file {db} is read-only; make it writable (chmod u+w) or use another --storage\n"
     assert db.read_bytes() == before
+
+
+@pytest.mark.parametrize("stage", ["loading data", "opening the study"])
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_before_the_first_trial_stops_the_search_even_when_inherited_as_ignored(run_dir, monkeypatch, stage, signum, code):
+    # a background job of a non-interactive shell starts with SIGINT ignored; Python then installs no handler of its own
+    import nas.data
+    import nas.study
+
+    module, name = (nas.data, "load_dataset") if stage == "loading data" else (nas.study, "open_study")
+    real = getattr(module, name)
+
+    def signalled(*args, **kwargs):
+        os.kill(os.getpid(), signum)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, signalled)
+    previous = signal.signal(signum, signal.SIG_IGN)
+    try:
+        assert search_main(["--config", "run.yaml", "--no-progress"]) == code
+    finally:
+        signal.signal(signum, previous)
+    assert signal.getsignal(signum) == previous  # handed back
+    if stage == "loading data":
+        assert not (run_dir / "nas.db").exists()  # a new SQLite file waits for the data
+    else:
+        assert load(run_dir) == []
+
+
+def test_a_signal_whose_raise_python_drops_still_interrupts_the_trial(run_dir, monkeypatch):
+    # a signal landing in a weakref callback (SQLAlchemy registers some): Python prints "Exception ignored" and drops the raise
+    import weakref
+
+    import nas.folds_together
+    import nas.train
+
+    class Collected:
+        pass
+
+    def signal_inside_a_weakref_callback(ref):
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(1000):  # the handler runs here, inside the callback
+            pass
+
+    sent = []
+    for module in (nas.train, nas.folds_together):  # whichever fold mode trains
+        real = module.loaded
+
+        def loaded(*args, real=real):
+            for batch in real(*args):
+                if not sent:
+                    obj = Collected()
+                    sent.append(weakref.ref(obj, signal_inside_a_weakref_callback))
+                    del obj
+                yield batch
+
+        monkeypatch.setattr(module, "loaded", loaded)
+    dropped = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: dropped.append(u.exc_type))
+    assert search_main(["--config", "run.yaml", "--no-progress"]) == 130
+    assert dropped == [KeyboardInterrupt]  # the raise was dropped where it landed
+    (trial,) = load(run_dir)
+    assert trial.state == TrialState.FAIL and trial.user_attrs["fail_reason"] == "interrupted"
