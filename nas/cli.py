@@ -177,31 +177,38 @@ def _search(args: argparse.Namespace, argv: list[str] | None) -> None:
               f"--trials {cfg.study.trials} --folds {cfg.evaluation.folds} --epochs {cfg.evaluation.epochs}, "
               f"study '{cfg.study.name}' in {cfg.study.storage})", flush=True)
     if args.ray is not None:
-        from nas.ray_launch import run_on_ray, worker_command
+        from nas.ray_launch import run_on_ray
         from nas.study import summary_table
         from nas.storage import load_existing_study
 
         argv = sys.argv[1:] if argv is None else argv
-        run_on_ray(cfg, worker_command(argv), args.ray or None, args.ray_workers, args.gpus_per_trial, args.cpus_per_trial)
+        run_on_ray(cfg, _worker_command(argv), args.ray or None, args.ray_workers, args.gpus_per_trial, args.cpus_per_trial)
         print(summary_table(load_existing_study(cfg.study.storage, cfg.study.name)))
         return
     worker = None
     if args.workers > 1:  # the other workers: this command again, one worker each, quiet
         argv = sys.argv[1:] if argv is None else argv
-        worker = [sys.executable, "-m", "nas.cli", *_without_workers(argv), "--no-progress"]
+        worker = _worker_command(argv)
     run_search(cfg, progress=args.progress, force=args.force, worker_command=worker, workers=args.workers, started=args.launched_at)
 
 
-def _without_workers(argv: list[str]) -> list[str]:
+LAUNCH_FLAGS = {"--workers", "--ray-workers", "--gpus-per-trial", "--cpus-per-trial"}  # each takes a value
+
+
+def _worker_command(argv: list[str]) -> list[str]:
+    """This nas-search command as one quiet worker, with this interpreter: without the flags that launch workers."""
     out, skip = [], False
-    for arg in argv:
+    for i, arg in enumerate(argv):
+        name, has_value = arg.split("=", 1)[0], "=" in arg
         if skip:
             skip = False
-        elif arg == "--workers":
-            skip = True
-        elif not arg.startswith("--workers=") and arg not in ("--progress", "--no-progress"):
+        elif name in LAUNCH_FLAGS:
+            skip = not has_value
+        elif name == "--ray":  # its ADDRESS is optional
+            skip = not has_value and i + 1 < len(argv) and not argv[i + 1].startswith("-")
+        elif arg not in ("--progress", "--no-progress"):
             out.append(arg)
-    return out
+    return [sys.executable, "-m", "nas.cli", *out, "--no-progress"]
 
 
 def _study_arguments(p: argparse.ArgumentParser) -> None:

@@ -38,6 +38,20 @@ def import_ray():
     return ray
 
 
+def die_with_parent() -> None:
+    """In the worker's child process (Linux): SIGKILL it when the Ray worker that started it dies.
+
+    When a node dies, Ray's worker processes on it die, but their children would live on,
+    orphaned, holding their trials; killed with their parent they leave their trials to be
+    reclaimed and retried, as a dead node's must be. (Defensive: in the node-kill test the
+    orphan also dies without it, on its broken pipes, but only once it next writes.)
+    """
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 RESTARTS = 2  # times a worker process killed by a signal (OOM killer, kill -9) is started again on its node
 
 
@@ -46,15 +60,17 @@ def run_worker(command: list[str], cwd: str, restarts: int = RESTARTS) -> Worker
 
     Ctrl-C (ray.cancel) is passed on as SIGINT, so the worker marks its trial interrupted and the
     study stays resumable. A worker killed by a signal is started again (up to `restarts` times):
-    on the same host the new one reclaims the killed one's trial at once and retries it. (A node
-    that dies takes the task with it; Ray retries the task elsewhere.)
+    on the same host the new one reclaims the killed one's trial at once and retries it. A node
+    that dies takes the task and its worker with it (`die_with_parent`); Ray retries the task
+    elsewhere, and the trial is reclaimed by its heartbeat (or at once, by a worker on its host).
     """
     import socket
 
     host = socket.gethostname()
     while True:
         try:
-            process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                       preexec_fn=die_with_parent if sys.platform == "linux" else None)
         except OSError as exc:  # the interpreter or the folder is not on this node
             return WorkerResult(host, 127, f"cannot start {command[0]} in {cwd}: {exc.strerror or exc}")
         try:
@@ -134,23 +150,3 @@ def stop_workers(ray, pending: list, storage, study_name: str, log) -> None:
         for ref in pending:
             ray.cancel(ref)  # KeyboardInterrupt in each task: its worker gets SIGINT
         ray.wait(pending, num_returns=len(pending), timeout=120)
-
-
-def worker_command(argv: list[str]) -> list[str]:
-    """This nas-search command without the Ray flags, as a quiet worker, with this interpreter."""
-    skip_value = {"--ray-workers", "--gpus-per-trial", "--cpus-per-trial", "--workers"}
-    out, skip = [], False
-    for i, arg in enumerate(argv):
-        if skip:
-            skip = False
-            continue
-        name = arg.split("=", 1)[0]
-        if name in skip_value and "=" not in arg:
-            skip = True
-        elif name == "--ray":
-            skip = "=" not in arg and i + 1 < len(argv) and not argv[i + 1].startswith("-")  # its optional ADDRESS
-        elif name in skip_value or arg in ("--progress", "--no-progress"):
-            continue
-        else:
-            out.append(arg)
-    return [sys.executable, "-m", "nas.cli", *out, "--no-progress"]

@@ -4,7 +4,11 @@ a worker killed mid-trial."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import sys
+import time
 
 import optuna
 import pytest
@@ -69,57 +73,83 @@ def test_a_worker_that_cannot_start_or_fails_is_reported_with_its_node_and_last_
 
 
 @pytest.fixture
-def two_nodes():
+def cluster():
+    """Ray's test cluster: a head and a second node on this machine, one CPU each (one worker per node)."""
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     cluster.add_node(num_cpus=1)
-    yield cluster.address
+    yield cluster
     cluster.shutdown()
 
 
-def ray_search(tmp_path, url: str, study: str, trials: int, address: str, epochs: int) -> list[str]:
-    """The driver command of a digits search on PostgreSQL with two Ray workers (a 1 s heartbeat)."""
+def ray_search(tmp_path, url: str, study: str, trials: int, address: str, epochs: int) -> subprocess.Popen:
+    """A driver running a digits search on PostgreSQL with two Ray workers (a 1 s heartbeat)."""
     config = write_digits_run(tmp_path, SPACE, url, {"name": study, "sampler": "random", "trials": trials, "heartbeat_seconds": 1},
                               {"folds": 2, "epochs": epochs})
-    return [sys.executable, "-m", "nas.cli", "--config", str(config), "--ray", address, "--ray-workers", "2", "--no-progress"]
+    return subprocess.Popen([sys.executable, "-m", "nas.cli", "--config", str(config), "--ray", address, "--ray-workers", "2", "--no-progress"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def running_trial(url: str, study: str, driver, deadline: float):
-    """Poll the storage until a trial of `study` runs with its worker recorded; its FrozenTrial."""
-    import time
-
+def running_trial(url: str, study: str, driver, where=lambda pid: True, timeout: float = 240):
+    """Poll the storage until a trial of `study` trains (worker recorded, params drawn, `where` its pid); its FrozenTrial."""
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and driver.poll() is None:
         try:
             trials = optuna.load_study(study_name=study, storage=url).get_trials(states=(TrialState.RUNNING,))
         except KeyError:  # the first worker has not made the study yet
             trials = []
-        recorded = [t for t in trials if isinstance(t.user_attrs.get("worker"), dict)]
+        recorded = [t for t in trials if isinstance(t.user_attrs.get("worker"), dict) and t.params and where(t.user_attrs["worker"]["pid"])]
         if recorded:
             return recorded[0]
         time.sleep(0.2)
     raise AssertionError(f"no running trial (driver exit code {driver.poll()})")
 
 
-def test_a_worker_killed_mid_trial_is_restarted_and_its_trial_retried(pg_server, two_nodes, tmp_path):
-    import os
-    import signal
-    import subprocess
-    import time
-
-    driver = subprocess.Popen(ray_search(tmp_path, pg_server, "kill", 4, two_nodes, epochs=60), cwd=tmp_path, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
+def finished(driver, timeout: float = 600) -> tuple[str, str]:
     try:
-        victim = running_trial(pg_server, "kill", driver, time.monotonic() + 240)
-        os.kill(victim.user_attrs["worker"]["pid"], signal.SIGKILL)
-        out, err = driver.communicate(timeout=600)
+        return driver.communicate(timeout=timeout)
     finally:
         if driver.poll() is None:
             driver.kill()
+
+
+def assert_budget_finished_with_the_trial_retried(url: str, study: str, trials: int, victim) -> None:
+    ended = optuna.load_study(study_name=study, storage=url).get_trials()
+    assert sum(t.state == TrialState.COMPLETE and counts_toward_budget(t) for t in ended) == trials
+    assert not [t for t in ended if t.state == TrialState.RUNNING]
+    assert next(t for t in ended if t.number == victim.number).state == TrialState.FAIL  # reclaimed: by its host, or by its heartbeat
+    retries = [t for t in ended if t.system_attrs.get("failed_trial") == victim.number]
+    assert [(t.state, t.params) for t in retries] == [(TrialState.COMPLETE, victim.params)], [
+        (t.number, t.state.name, t.params, t.user_attrs.get("fail_reason"), t.system_attrs) for t in ended]
+
+
+def test_a_worker_killed_mid_trial_is_restarted_and_its_trial_retried(pg_server, cluster, tmp_path):
+    driver = ray_search(tmp_path, pg_server, "kill", 4, cluster.address, epochs=60)
+    try:
+        victim = running_trial(pg_server, "kill", driver)
+        os.kill(victim.user_attrs["worker"]["pid"], signal.SIGKILL)
+    finally:
+        out, err = finished(driver)
     assert driver.returncode == 0, err
-    trials = optuna.load_study(study_name="kill", storage=pg_server).get_trials()
-    assert sum(t.state == TrialState.COMPLETE and counts_toward_budget(t) for t in trials) == 4
-    assert not [t for t in trials if t.state == TrialState.RUNNING]
-    killed = next(t for t in trials if t.number == victim.number)
-    assert killed.state == TrialState.FAIL and "worker process gone" in killed.user_attrs.get("fail_reason", "")
-    assert [t for t in trials if t.number > victim.number and t.params == victim.params and t.state == TrialState.COMPLETE]
+    assert_budget_finished_with_the_trial_retried(pg_server, "kill", 4, victim)
+
+
+def test_a_node_killed_mid_trial_takes_its_worker_and_the_trial_is_retried_on_the_other(pg_server, cluster, tmp_path):
+    import psutil
+
+    node = cluster.worker_nodes.copy().pop()
+    raylet = node.all_processes["raylet"][0].process.pid
+
+    def on_the_node(pid: int) -> bool:
+        return raylet in [p.pid for p in psutil.Process(pid).parents()]
+
+    driver = ray_search(tmp_path, pg_server, "node", 4, cluster.address, epochs=150)  # time for both workers to start
+    try:
+        victim = running_trial(pg_server, "node", driver, on_the_node)
+        cluster.remove_node(node, allow_graceful=False)  # its raylet and Ray workers killed, as when a machine dies
+    finally:
+        out, err = finished(driver)
+    assert driver.returncode == 0, err
+    assert not psutil.pid_exists(victim.user_attrs["worker"]["pid"])  # not left running, orphaned, with its trial
+    assert_budget_finished_with_the_trial_retried(pg_server, "node", 4, victim)

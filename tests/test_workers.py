@@ -98,3 +98,12 @@ def test_a_spec_that_cannot_be_built_fails_its_trial_and_the_search_goes_on(run_
     first, second = trials(run_dir, "unbuildable")
     assert first.state == TrialState.FAIL and "cannot build the model for input (1, 8, 8)" in first.user_attrs["fail_reason"]
     assert second.state == TrialState.COMPLETE
+
+
+def test_a_worker_runs_the_same_command_without_the_flags_that_launch_workers():
+    from nas.cli import _worker_command
+
+    argv = ["--config", "c.yaml", "--ray", "auto", "--ray-workers", "2", "--gpus-per-trial=0.5", "--workers", "3",
+            "--progress", "--cpus-per-trial", "2", "--trials", "4", "--ray", "--set", "study.seed=1"]
+    assert _worker_command(argv) == [sys.executable, "-m", "nas.cli", "--config", "c.yaml", "--trials", "4", "--set", "study.seed=1",
+                                     "--no-progress"]
