@@ -14,6 +14,7 @@ import math
 import os
 import sys
 import textwrap
+import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -166,6 +167,7 @@ def search_main(argv: list[str] | None = None) -> int:
 def _search(args: argparse.Namespace, argv: list[str] | None) -> None:
     from nas.study import run_search, stored_config
 
+    launched = time.time() if args.launched_at is None else args.launched_at  # a stop request from now on is for this run
     overrides = _overrides(args, SHORTCUTS)
     if args.resume:
         storage = args.storage or DEFAULT_STORAGE
@@ -182,21 +184,22 @@ def _search(args: argparse.Namespace, argv: list[str] | None) -> None:
         from nas.storage import load_existing_study
 
         argv = sys.argv[1:] if argv is None else argv
-        run_on_ray(cfg, _worker_command(argv), args.ray or None, args.ray_workers, args.gpus_per_trial, args.cpus_per_trial)
+        run_on_ray(cfg, _worker_command(argv, launched), args.ray or None, args.ray_workers, args.gpus_per_trial, args.cpus_per_trial)
         print(summary_table(load_existing_study(cfg.study.storage, cfg.study.name)))
         return
     worker = None
     if args.workers > 1:  # the other workers: this command again, one worker each, quiet
         argv = sys.argv[1:] if argv is None else argv
-        worker = _worker_command(argv)
-    run_search(cfg, progress=args.progress, force=args.force, worker_command=worker, workers=args.workers, started=args.launched_at)
+        worker = _worker_command(argv, launched)
+    run_search(cfg, progress=args.progress, force=args.force, worker_command=worker, workers=args.workers, started=launched)
 
 
-LAUNCH_FLAGS = {"--workers", "--ray-workers", "--gpus-per-trial", "--cpus-per-trial"}  # each takes a value
+LAUNCH_FLAGS = {"--workers", "--ray-workers", "--gpus-per-trial", "--cpus-per-trial", "--launched-at"}  # each takes a value
 
 
-def _worker_command(argv: list[str]) -> list[str]:
-    """This nas-search command as one quiet worker, with this interpreter: without the flags that launch workers."""
+def _worker_command(argv: list[str], launched_at: float) -> list[str]:
+    """This nas-search command as one quiet worker, with this interpreter: without the flags that launch workers,
+    and launched when its launcher was, so a stop requested while the worker starts up (on a busy node) stops it."""
     out, skip = [], False
     for i, arg in enumerate(argv):
         name, has_value = arg.split("=", 1)[0], "=" in arg
@@ -208,7 +211,7 @@ def _worker_command(argv: list[str]) -> list[str]:
             skip = not has_value and i + 1 < len(argv) and not argv[i + 1].startswith("-")
         elif arg not in ("--progress", "--no-progress"):
             out.append(arg)
-    return [sys.executable, "-m", "nas.cli", *out, "--no-progress"]
+    return [sys.executable, "-m", "nas.cli", *out, "--no-progress", "--launched-at", repr(launched_at)]
 
 
 def _study_arguments(p: argparse.ArgumentParser) -> None:

@@ -153,3 +153,23 @@ def test_a_node_killed_mid_trial_takes_its_worker_and_the_trial_is_retried_on_th
     assert driver.returncode == 0, err
     assert not psutil.pid_exists(victim.user_attrs["worker"]["pid"])  # not left running, orphaned, with its trial
     assert_budget_finished_with_the_trial_retried(pg_server, "node", 4, victim)
+
+
+def test_an_interrupted_driver_lets_workers_finish_their_trials_and_the_same_command_resumes(pg_server, cluster, tmp_path):
+    driver = ray_search(tmp_path, pg_server, "stop", 4, cluster.address, epochs=30)
+    try:
+        running_trial(pg_server, "stop", driver)
+        driver.send_signal(signal.SIGINT)  # Ctrl-C: the stop request; each worker ends at its trial boundary
+    finally:
+        out, err = finished(driver)
+    assert driver.returncode == 130, err
+    stopped = optuna.load_study(study_name="stop", storage=pg_server).get_trials()
+    assert [t.state for t in stopped] == [TrialState.COMPLETE] * len(stopped) and 1 <= len(stopped) < 4  # finished, not cut off
+
+    again = ray_search(tmp_path, pg_server, "stop", 4, cluster.address, epochs=30)
+    out, err = finished(again)
+    assert again.returncode == 0, err
+    resumed = optuna.load_study(study_name="stop", storage=pg_server).get_trials()
+    assert sum(t.state == TrialState.COMPLETE and counts_toward_budget(t) for t in resumed) == 4
+    assert {t.user_attrs.get("fail_reason") for t in resumed if t.state != TrialState.COMPLETE} <= {"budget already reached by other workers"}
+    assert [t.number for t in resumed[:len(stopped)]] == [t.number for t in stopped]  # the finished ones kept, not redone

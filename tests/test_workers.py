@@ -100,10 +100,10 @@ def test_a_spec_that_cannot_be_built_fails_its_trial_and_the_search_goes_on(run_
     assert second.state == TrialState.COMPLETE
 
 
-def test_a_worker_runs_the_same_command_without_the_flags_that_launch_workers():
+def test_a_worker_runs_the_same_command_without_the_flags_that_launch_workers_launched_when_its_launcher_was():
     from nas.cli import _worker_command
 
-    argv = ["--config", "c.yaml", "--ray", "auto", "--ray-workers", "2", "--gpus-per-trial=0.5", "--workers", "3",
+    argv = ["--config", "c.yaml", "--ray", "auto", "--ray-workers", "2", "--gpus-per-trial=0.5", "--workers", "3", "--launched-at", "5",
             "--progress", "--cpus-per-trial", "2", "--trials", "4", "--ray", "--set", "study.seed=1"]
-    assert _worker_command(argv) == [sys.executable, "-m", "nas.cli", "--config", "c.yaml", "--trials", "4", "--set", "study.seed=1",
-                                     "--no-progress"]
+    assert _worker_command(argv, 1796184833.25) == [sys.executable, "-m", "nas.cli", "--config", "c.yaml", "--trials", "4",
+                                                    "--set", "study.seed=1", "--no-progress", "--launched-at", "1796184833.25"]
