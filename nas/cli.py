@@ -117,7 +117,8 @@ examples:
     ray.add_argument("--ray", nargs="?", const="", metavar="ADDRESS", help="run the workers as Ray tasks: no ADDRESS starts a "
                      "local Ray, 'auto' joins the cluster this machine belongs to, or give the head's address")
     ray.add_argument("--ray-workers", type=int, default=1, metavar="N", help="workers to start on the cluster (default %(default)s)")
-    ray.add_argument("--gpus-per-trial", type=float, default=0.0, metavar="F", help="GPUs each worker reserves; 0.25 puts four on one GPU (default %(default)s)")
+    ray.add_argument("--gpus-per-trial", type=float, metavar="F", help="GPUs each worker reserves; 0.25 puts four on one GPU "
+                     "(default: 1 where the cluster has GPUs and the device is not cpu, else 0)")
     ray.add_argument("--cpus-per-trial", type=float, default=1.0, metavar="C", help="CPUs each worker reserves (default %(default)s)")
     p.add_argument("--force", action="store_true", help="continue a study although its dataset, data, evaluation, objectives, seed or search space "
                    "differ from the stored ones (the change is recorded in the study's config history); budget, timeout, "
@@ -159,7 +160,7 @@ def search_main(argv: list[str] | None = None) -> int:
         parser.error("--workers must be >= 1")
     if args.launched_at is not None and not math.isfinite(args.launched_at):
         parser.error("--launched-at must be a finite number of seconds since the epoch")
-    if args.ray is not None and (args.ray_workers < 1 or args.gpus_per_trial < 0 or args.cpus_per_trial <= 0 or args.workers > 1):
+    if args.ray is not None and (args.ray_workers < 1 or (args.gpus_per_trial or 0) < 0 or args.cpus_per_trial <= 0 or args.workers > 1):
         parser.error("--ray needs --ray-workers >= 1, --gpus-per-trial >= 0, --cpus-per-trial > 0, and no --workers")
     return _run(lambda: _search(args, argv))
 

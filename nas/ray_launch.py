@@ -95,7 +95,25 @@ def study_ready(storage, study_name: str) -> bool:
         return False
 
 
-def run_on_ray(cfg, command: list[str], address: str | None, workers: int, gpus_per_trial: float,
+def gpus_per_worker(requested: float | None, device: str, cluster_gpus: float) -> float:
+    """The GPUs each worker reserves: by default one where the cluster has GPUs and the device is not the CPU.
+
+    Ray hides every GPU from a task that reserves none (CUDA_VISIBLE_DEVICES=""), so 0 on a GPU
+    cluster would train on the CPU (device auto) or fail (device cuda); and a reservation the
+    cluster cannot meet would wait forever. Both are refused. One trial per GPU is the default
+    until a GPU measurement (scripts/bench_workers.py --ray) shows that sharing one pays.
+    """
+    if requested is None:
+        return 1.0 if cluster_gpus > 0 and device != "cpu" else 0.0
+    if requested > 0 and cluster_gpus == 0:
+        raise StudyError(f"--gpus-per-trial {requested:g}: the Ray cluster has no GPUs; leave it out (or 0) to train on CPUs")
+    if requested == 0 and device == "cuda":
+        raise StudyError("--gpus-per-trial 0 with device cuda: Ray hides the GPUs from a worker that reserves none; "
+                         "give --gpus-per-trial (1, or 0.25 for four trials per GPU)")
+    return requested
+
+
+def run_on_ray(cfg, command: list[str], address: str | None, workers: int, gpus_per_trial: float | None,
                cpus_per_trial: float, log=print) -> list[WorkerResult]:
     """Start `workers` Ray tasks, each running `command` (a nas-search worker), and wait for them all.
 
@@ -113,6 +131,7 @@ def run_on_ray(cfg, command: list[str], address: str | None, workers: int, gpus_
         if sqlite_path(storage_url) is not None and len(nodes) > 1:
             raise StudyError(f"--ray: the Ray cluster has {len(nodes)} nodes and the storage is SQLite ({storage_url}), a file on one "
                              "machine; use PostgreSQL (or Optuna's gRPC storage proxy) for workers on several nodes")
+        gpus_per_trial = gpus_per_worker(gpus_per_trial, cfg.device, ray.cluster_resources().get("GPU", 0))
         storage = open_storage(cfg)
         task = ray.remote(num_cpus=cpus_per_trial, num_gpus=gpus_per_trial, max_retries=RESTARTS)(run_worker)
         log(f"Ray: {workers} worker(s) on {len(nodes)} node(s), {cpus_per_trial:g} CPU and {gpus_per_trial:g} GPU each")

@@ -44,11 +44,18 @@ def test_bench_cv_times_one_training_step_of_the_folds_alone():
     assert ratio == pytest.approx(alone / stacked, abs=0.01)
 
 
-def test_bench_workers_prints_trials_per_hour_for_each_worker_count():
-    out = run_script("bench_workers.py", "--device", "cpu", "--trials", "2", "--workers", "1,2", "--epochs", "1", "--folds", "2")
-    rows = re.findall(r"^\s+(\d+)\s+([\d.]+)\s+(\d+)\s+([\d.]+)x$", out, re.M)
+@pytest.mark.parametrize("launcher", [[], ["--ray"]], ids=["workers", "ray"])
+def test_bench_workers_prints_the_median_trials_per_hour_for_each_worker_count(launcher):
+    if launcher:
+        pytest.importorskip("ray")
+    out = run_script("bench_workers.py", *launcher, "--device", "cpu", "--trials", "2", "--workers", "1,2", "--epochs", "1", "--folds", "2",
+                     "--repeats", "2")
+    assert ("Ray workers" in out) == bool(launcher) and "2 interleaved runs per count" in out
+    rows = re.findall(r"^\s+(\d+)\s+([\d.]+)\s+\(([\d.]+)-([\d.]+)\)\s+(\d+)\s+([\d.]+)x$", out, re.M)
     assert [r[0] for r in rows] == ["1", "2"]
-    assert all(float(r[2]) > 0 for r in rows) and rows[0][3] == "1.00"
+    for n, median, low, high, rate, _ in rows:
+        assert float(low) <= float(median) <= float(high) and int(rate) == pytest.approx(2 / float(median) * 3600, rel=0.03)  # both printed rounded
+    assert rows[0][5] == "1.00"
 
 
 def test_load_dashboard_serves_a_crowd_beside_held_and_slow_connections_and_prints_its_table():

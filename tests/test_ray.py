@@ -16,7 +16,8 @@ from optuna.trial import TrialState
 
 from conftest import write_digits_run
 from nas.cli import search_main
-from nas.ray_launch import run_worker
+from nas.errors import StudyError
+from nas.ray_launch import gpus_per_worker, run_worker
 from nas.storage import counts_toward_budget
 from tests.test_postgres import pg_server  # noqa: F401  (the throwaway PostgreSQL server fixture)
 
@@ -51,6 +52,26 @@ def test_sqlite_with_workers_on_other_nodes_is_refused_before_any_starts(tmp_pat
     err = capsys.readouterr().err
     assert err.startswith("--ray: the Ray cluster has 2 nodes and the storage is SQLite") and err.count("\n") == 1
     assert not (tmp_path / "nas.db").exists()
+
+
+def test_a_gpu_reservation_the_cluster_cannot_meet_is_refused_before_any_worker_starts(tmp_path, capsys):
+    config = write_digits_run(tmp_path, SPACE, f"sqlite:///{tmp_path}/nas.db", {"name": "g", "sampler": "random", "trials": 2},
+                              {"folds": 2, "epochs": 1})
+    assert search_main(["--config", str(config), "--ray", "--ray-workers", "2", "--gpus-per-trial", "0.5"]) == 2
+    assert capsys.readouterr().err == "--gpus-per-trial 0.5: the Ray cluster has no GPUs; leave it out (or 0) to train on CPUs\n"
+    assert not (tmp_path / "nas.db").exists()
+
+
+@pytest.mark.parametrize("requested, device, cluster_gpus, reserved", [
+    (None, "auto", 2, 1.0), (None, "cuda", 1, 1.0), (None, "cpu", 2, 0.0), (None, "auto", 0, 0.0),
+    (0.25, "auto", 1, 0.25), (0.0, "auto", 1, 0.0), (0.0, "cpu", 0, 0.0)])
+def test_each_worker_reserves_one_gpu_by_default_where_the_cluster_has_them(requested, device, cluster_gpus, reserved):
+    assert gpus_per_worker(requested, device, cluster_gpus) == reserved
+
+
+def test_no_gpu_for_a_worker_that_must_train_on_cuda_is_refused():
+    with pytest.raises(StudyError, match="Ray hides the GPUs from a worker that reserves none"):
+        gpus_per_worker(0.0, "cuda", 4)
 
 
 def test_without_ray_installed_the_flag_says_how_to_install_it(tmp_path, monkeypatch, capsys):
