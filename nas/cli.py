@@ -45,6 +45,7 @@ SUMMARIES = {
     "dashboard": "Web dashboard for the studies in one storage: browse, resume, stop, export",
     "compare": "Compare normalization choices fairly: one equal-budget study per cell, re-evaluated over fresh seeds",
     "predict": "Classify raw inputs (PNG / JPEG images, .npy / .npz arrays) with an exported model, preprocessed as model.json says",
+    "storage-proxy": "Serve one study storage to workers through Optuna's gRPC storage proxy: only this machine holds the database URL",
 }
 
 
@@ -493,6 +494,31 @@ def predict_main(argv: list[str] | None = None) -> int:
     return _run(predict)
 
 
+def storage_proxy_parser() -> argparse.ArgumentParser:
+    p = _parser("storage-proxy", "Workers, the dashboard and reports then take --storage grpc://HOST:PORT. The proxy has no "
+                "authentication: keep its port on the cluster's private network.",
+                "example:\n  nas-storage-proxy --storage postgresql+psycopg2://nas:PASSWORD@db/nas --host 0.0.0.0 --port 13000")
+    p.add_argument("--storage", required=True, help="the storage URL the proxy serves (SQLite, PostgreSQL, MySQL)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s; 0.0.0.0 for the cluster's nodes)")
+    p.add_argument("--port", type=int, default=13000, help="default %(default)s")
+    return p
+
+
+@_console_script
+def storage_proxy_main(argv: list[str] | None = None) -> int:
+    parser = storage_proxy_parser()
+    args = parser.parse_args(argv)
+    if not 1 <= args.port <= 65535:
+        parser.error("--port must be between 1 and 65535")
+
+    def serve() -> None:
+        from nas.storage import serve_storage_proxy
+
+        serve_storage_proxy(args.storage, args.host, args.port)
+
+    return _run(serve)
+
+
 def _run(action) -> int:
     """Run a command body; the one place errors become exit codes."""
     try:
@@ -514,7 +540,7 @@ def _run(action) -> int:
 
 COMMANDS = {"search": search_main, "report": report_main, "export": export_main,
             "bench": bench_main, "finetune": finetune_main, "dashboard": dashboard_main, "compare": compare_main,
-            "predict": predict_main}
+            "predict": predict_main, "storage-proxy": storage_proxy_main}
 
 
 def commands_help() -> str:

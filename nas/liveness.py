@@ -17,6 +17,7 @@ import os
 import socket
 import threading
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from functools import cache
 from pathlib import Path
@@ -110,29 +111,54 @@ def mark_trial(trial: optuna.Trial) -> None:
     trial.set_user_attr(TRIAL_WORKER_ATTR, current().as_dict())
 
 
-def reclaim_dead_trials(study: optuna.Study) -> list[int]:
-    """Fail, at once, the RUNNING trials whose process on this host is gone; retry them as the heartbeat would.
+def reclaim_dead_trials(study: optuna.Study, grace_seconds: float | None = None, retries: int = 1) -> list[int]:
+    """Fail, at once, the RUNNING trials whose process is known dead; retry them as the heartbeat would.
 
+    Known dead: on this host, its process is gone. On a storage without Optuna's heartbeat (the
+    gRPC proxy) and with `grace_seconds`, also a process on another host whose worker record has
+    not beaten for that long, or is gone: the record is the only beat such a storage carries.
     Returns the numbers of the trials failed here. The retry is Optuna's own
     (`RetryHeartbeatStaleTrialCallback`, `study.retries`), so a retried trial looks the same
     whichever way its worker's death was found.
     """
     storage, reclaimed = study._storage, []
+    beats = heartbeat_less(storage) and grace_seconds is not None
+    records = storage.get_study_system_attrs(study._study_id) if beats else {}
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         owner = Identity.from_dict(trial.user_attrs.get(TRIAL_WORKER_ATTR))
-        if owner is None or not known_dead(owner):
+        if owner is None:
+            continue
+        if known_dead(owner):
+            reason = f"worker process gone ({owner.describe()}); reclaimed on its host"
+        elif beats and not running_here(owner) and silent(records.get(owner.key), grace_seconds):
+            reason = f"worker silent for over {grace_seconds:g} s ({owner.describe()}); its worker record stopped beating"
+        else:
             continue
         try:
-            storage.set_trial_user_attr(trial._trial_id, "fail_reason", f"worker process gone ({owner.describe()}); reclaimed on its host")
+            storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
             if not storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
                 continue
         except optuna.exceptions.UpdateFinishedTrialError:
             continue  # another worker reclaimed it first
         reclaimed.append(trial.number)
         retry = getattr(storage, "get_heartbeat_stale_trial_callback", lambda: None)()
-        if retry is not None:
-            retry(study, storage.get_trial(trial._trial_id))
+        if retry is None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=retries)
+        retry(study, storage.get_trial(trial._trial_id))
     return reclaimed
+
+
+def heartbeat_less(storage) -> bool:
+    """Whether Optuna's heartbeat cannot find this storage's dead trials (the gRPC proxy has none)."""
+    return getattr(storage, "get_heartbeat_interval", lambda: None)() is None
+
+
+def silent(record, grace_seconds: float, now: float | None = None) -> bool:
+    """A worker record that is gone, or whose last beat is older than `grace_seconds`."""
+    beat = record.get("beat") if isinstance(record, dict) else None
+    return not isinstance(beat, (int, float)) or (time.time() if now is None else now) - beat > grace_seconds
 
 
 # --- worker records ------------------------------------------------------------------------

@@ -74,12 +74,69 @@ def engine_options(url: str) -> dict:
     return {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
 
 
+GRPC_SCHEME = "grpc://"  # Optuna's gRPC storage proxy (nas-storage-proxy), which alone holds the database URL
+
+
+def grpc_proxy(url: str, what: str = "study.storage") -> optuna.storages.BaseStorage:
+    """A client of the storage proxy at `grpc://HOST:PORT`, refused in one line when it is not reachable.
+
+    The proxy carries no Optuna heartbeat: a dead worker's trial on another host is found by its
+    stale worker record instead (`nas.liveness.reclaim_dead_trials`).
+    """
+    host, _, port = url[len(GRPC_SCHEME):].rstrip("/").rpartition(":")
+    if not host or not port.isdigit():
+        raise StudyError(f"{what}: {url}: give the proxy as grpc://HOST:PORT")
+    try:
+        import grpc  # noqa: F401  (Optuna imports it lazily; fail here with the install line)
+    except ImportError:
+        raise StudyError(f"{what}: {url} needs grpcio; install it with pip install 'bnnas[grpc]'") from None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        proxy = optuna.storages.GrpcStorageProxy(host=host, port=int(port))
+    try:
+        proxy.wait_server_ready(timeout=10)
+    except ConnectionError:
+        raise StudyError(f"{what}: no storage proxy answers at {url} (start one with nas-storage-proxy)") from None
+    return proxy
+
+
+def storage_of(url: str) -> optuna.storages.BaseStorage:
+    """Any storage URL Optuna takes, or a grpc:// proxy."""
+    return grpc_proxy(url, "--storage") if url.startswith(GRPC_SCHEME) else optuna.storages.get_storage(url)
+
+
+def serve_storage_proxy(url: str, host: str, port: int) -> None:
+    """Serve `url` at grpc://host:port until interrupted (nas-storage-proxy); the tables are made first."""
+    if url.startswith(GRPC_SCHEME) or not url.startswith(("sqlite", "postgresql", "mysql")):
+        raise StudyError(f"--storage: {url}: the proxy serves an RDB storage (sqlite, postgresql, mysql URL)")
+    try:
+        import grpc  # noqa: F401
+    except ImportError:
+        raise StudyError("nas-storage-proxy needs grpcio; install it with pip install 'bnnas[grpc]'") from None
+    try:
+        storage = optuna.storages.get_storage(make_storage(url, heartbeat_seconds=30, retries=1))  # with Optuna's trial cache
+    except (ValueError, sqlalchemy.exc.SQLAlchemyError) as exc:
+        raise StudyError(f"--storage: cannot open {url}: {one_line(exc)}") from None
+    from optuna.storages._grpc.server import make_server  # run_grpc_proxy_server, but told when it is listening
+
+    server = make_server(storage, host, port, None)
+    server.start()
+    shown = sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    print(f"nas-storage-proxy: serving {shown} at grpc://{host}:{port}", flush=True)
+    try:
+        server.wait_for_termination()
+    finally:
+        server.stop(grace=5)
+
+
 def make_storage(url: str, heartbeat_seconds: float, retries: int) -> optuna.storages.BaseStorage | str:
     """RDB storage (SQLite, PostgreSQL, MySQL) with heartbeats, a busy timeout and crash retries.
 
     A trial whose process died stops beating; after twice the interval Optuna fails it and
     RetryHeartbeatStaleTrialCallback enqueues its parameters again.
     """
+    if url.startswith(GRPC_SCHEME):
+        return grpc_proxy(url)
     if not url.startswith(("sqlite", "postgresql", "mysql")):
         return url  # journal files and the like: Optuna resolves them
     engine = engine_options(url)
@@ -191,8 +248,10 @@ def load_existing_study(storage: str, study_name: str) -> optuna.Study:
         raise StudyError(f"--study: no study named '{study_name}' in {storage} (the file {path} does not exist)")
     try:
         with quiet_optuna():
-            store = optuna.storages.get_storage(storage)
+            store = storage_of(storage)
             names = optuna.get_all_study_names(store)
+    except StudyError:
+        raise
     except Exception as exc:  # noqa: BLE001 - any storage failure is the user's URL or file
         raise StudyError(f"--storage: cannot read study '{study_name}' from {storage}: {one_line(exc)}") from None
     if study_name not in names:
@@ -208,5 +267,5 @@ def request_stop(storage: optuna.storages.BaseStorage | str, study_name: str) ->
     a worker started after the request ignores it (see `nas.study.StopOnRequest`), so Resume needs
     no clearing step.
     """
-    store = optuna.storages.get_storage(storage)
+    store = storage_of(storage) if isinstance(storage, str) else storage
     store.set_study_system_attr(store.get_study_id_from_name(study_name), STOP_ATTR, time.time())

@@ -191,7 +191,7 @@ def make_objective(cfg: RunConfig, data, folds, device, epoch_bar: Callable | No
     def objective(trial: optuna.Trial) -> float:
         mark_trial(trial)
         trial.set_user_attr(VERSION_ATTR, version)
-        reclaim_dead_trials(trial.study)
+        reclaim_dead_trials(trial.study, 2 * cfg.study.heartbeat_seconds, cfg.study.retries)
         if over_budget(trial.study, trial.number, cfg.study.trials):
             trial.set_user_attr("fail_reason", OVER_BUDGET)
             raise TrialError(OVER_BUDGET)
@@ -337,9 +337,9 @@ def _search(cfg: RunConfig, storage, record: WorkerRecord, device, progress, out
         folds = stratified_folds(data.y_train, cfg.evaluation.folds, cfg.study.seed)
     study, changes = open_study(cfg, storage or open_storage(cfg), data.fingerprint, force)
     record.attach(study._storage, study._study_id)
-    reclaimed = reclaim_dead_trials(study)
+    reclaimed = reclaim_dead_trials(study, 2 * cfg.study.heartbeat_seconds, cfg.study.retries)
     if reclaimed:
-        out(f"Reclaimed trial(s) {', '.join(map(str, reclaimed))}: their worker process on this host is gone (retried per study.retries)")
+        out(f"Reclaimed trial(s) {', '.join(map(str, reclaimed))}: their worker process is gone (retried per study.retries)")
     budget, done = cfg.study.trials, finished_trials(study)
     if done >= budget:
         out(f"Study '{cfg.study.name}' already has {done} finished trials (budget {budget}): nothing to run. Raise --trials to search more.")

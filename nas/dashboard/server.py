@@ -21,7 +21,7 @@ from nas.dashboard.optuna_mount import OptunaMount
 from nas.dashboard.security import Guard, allowed_hosts, interface_addresses, is_wildcard, require_token_beyond_loopback
 from nas.dashboard.workers import Workers
 from nas.errors import NasError, StudyError
-from nas.storage import engine_options, one_line, quiet_optuna, sqlite_path
+from nas.storage import engine_options, one_line, quiet_optuna, sqlite_path, storage_of
 
 OPTUNA_PREFIX = "/optuna"
 THREADS = 8  # requests served at once; more wait in the queue, their connections held by the loop
@@ -79,7 +79,7 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
                 rdb = optuna.storages.RDBStorage(url, engine_kwargs=engine_options(url), skip_table_creation=True)
                 storage = optuna.storages.get_storage(rdb)
             else:
-                storage = optuna.storages.get_storage(url)
+                storage = storage_of(url)
             storage.get_all_studies()
     except (ImportError, ValueError, SQLAlchemyError, RuntimeError) as exc:
         raise StudyError(f"--storage: cannot read {url}: {one_line(exc)}") from None
