@@ -114,16 +114,20 @@ def ray_search(tmp_path, url: str, study: str, trials: int, address: str, epochs
 
 def running_trial(url: str, study: str, driver, where=lambda pid: True, timeout: float = 240):
     """Poll the storage until a trial of `study` trains (worker recorded, params drawn, `where` its pid); its FrozenTrial."""
+    storage = optuna.storages.RDBStorage(url)  # one connection pool: a pool per poll would exhaust the server's connections
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and driver.poll() is None:
-        try:
-            trials = optuna.load_study(study_name=study, storage=url).get_trials(states=(TrialState.RUNNING,))
-        except KeyError:  # the first worker has not made the study yet
-            trials = []
-        recorded = [t for t in trials if isinstance(t.user_attrs.get("worker"), dict) and t.params and where(t.user_attrs["worker"]["pid"])]
-        if recorded:
-            return recorded[0]
-        time.sleep(0.2)
+    try:
+        while time.monotonic() < deadline and driver.poll() is None:
+            try:
+                trials = optuna.load_study(study_name=study, storage=storage).get_trials(states=(TrialState.RUNNING,))
+            except KeyError:  # the first worker has not made the study yet
+                trials = []
+            recorded = [t for t in trials if isinstance(t.user_attrs.get("worker"), dict) and t.params and where(t.user_attrs["worker"]["pid"])]
+            if recorded:
+                return recorded[0]
+            time.sleep(0.2)
+    finally:
+        storage.engine.dispose()
     raise AssertionError(f"no running trial (driver exit code {driver.poll()})")
 
 
