@@ -155,10 +155,10 @@ def heartbeat_less(storage) -> bool:
     return getattr(storage, "get_heartbeat_interval", lambda: None)() is None
 
 
-def silent(record, grace_seconds: float, now: float | None = None) -> bool:
+def silent(record, grace_seconds: float) -> bool:
     """A worker record that is gone, or whose last beat is older than `grace_seconds`."""
     beat = record.get("beat") if isinstance(record, dict) else None
-    return not isinstance(beat, (int, float)) or (time.time() if now is None else now) - beat > grace_seconds
+    return not isinstance(beat, (int, float)) or time.time() - beat > grace_seconds
 
 
 # --- worker records ------------------------------------------------------------------------

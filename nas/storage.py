@@ -74,7 +74,16 @@ def engine_options(url: str) -> dict:
     return {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
 
 
+RDB_SCHEMES = ("sqlite", "postgresql", "mysql")  # URL prefixes of Optuna's RDB storage
 GRPC_SCHEME = "grpc://"  # Optuna's gRPC storage proxy (nas-storage-proxy), which alone holds the database URL
+
+
+def require_grpc(what: str) -> None:
+    """Optuna imports grpcio lazily, deep in a call; fail first, in one line, with the install command."""
+    try:
+        import grpc  # noqa: F401
+    except ImportError:
+        raise StudyError(f"{what} needs grpcio; install it with pip install 'bnnas[grpc]'") from None
 
 
 def grpc_proxy(url: str, what: str = "study.storage") -> optuna.storages.BaseStorage:
@@ -86,10 +95,7 @@ def grpc_proxy(url: str, what: str = "study.storage") -> optuna.storages.BaseSto
     host, _, port = url[len(GRPC_SCHEME):].rstrip("/").rpartition(":")
     if not host or not port.isdigit():
         raise StudyError(f"{what}: {url}: give the proxy as grpc://HOST:PORT")
-    try:
-        import grpc  # noqa: F401  (Optuna imports it lazily; fail here with the install line)
-    except ImportError:
-        raise StudyError(f"{what}: {url} needs grpcio; install it with pip install 'bnnas[grpc]'") from None
+    require_grpc(f"{what}: {url}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         proxy = optuna.storages.GrpcStorageProxy(host=host, port=int(port))
@@ -107,12 +113,9 @@ def storage_of(url: str) -> optuna.storages.BaseStorage:
 
 def serve_storage_proxy(url: str, host: str, port: int) -> None:
     """Serve `url` at grpc://host:port until interrupted (nas-storage-proxy); the tables are made first."""
-    if url.startswith(GRPC_SCHEME) or not url.startswith(("sqlite", "postgresql", "mysql")):
+    if not url.startswith(RDB_SCHEMES):
         raise StudyError(f"--storage: {url}: the proxy serves an RDB storage (sqlite, postgresql, mysql URL)")
-    try:
-        import grpc  # noqa: F401
-    except ImportError:
-        raise StudyError("nas-storage-proxy needs grpcio; install it with pip install 'bnnas[grpc]'") from None
+    require_grpc("nas-storage-proxy")
     try:
         storage = optuna.storages.get_storage(make_storage(url, heartbeat_seconds=30, retries=1))  # with Optuna's trial cache
     except (ValueError, sqlalchemy.exc.SQLAlchemyError) as exc:
@@ -137,7 +140,7 @@ def make_storage(url: str, heartbeat_seconds: float, retries: int) -> optuna.sto
     """
     if url.startswith(GRPC_SCHEME):
         return grpc_proxy(url)
-    if not url.startswith(("sqlite", "postgresql", "mysql")):
+    if not url.startswith(RDB_SCHEMES):
         return url  # journal files and the like: Optuna resolves them
     engine = engine_options(url)
     for attempt in range(5):

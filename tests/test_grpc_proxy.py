@@ -121,3 +121,10 @@ def test_ray_workers_on_two_nodes_share_a_postgresql_study_through_the_proxy(pg_
     trials = optuna.load_study(study_name="rg", storage=pg_server).get_trials()
     assert sum(t.state == TrialState.COMPLETE and counts_toward_budget(t) for t in trials) == 4
     assert not [t for t in trials if t.state == TrialState.RUNNING]
+
+
+def test_without_grpcio_a_grpc_storage_says_how_to_install_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "grpc", None)  # import grpc raises ImportError, as where it is not installed
+    config = write_digits_run(tmp_path, SPACE, "grpc://127.0.0.1:13000", {"name": "g", "trials": 1}, {"folds": 2, "epochs": 1})
+    assert search_main(["--config", str(config), "--no-progress"]) == 2
+    assert capsys.readouterr().err == "study.storage: grpc://127.0.0.1:13000 needs grpcio; install it with pip install 'bnnas[grpc]'\n"

@@ -21,7 +21,7 @@ from nas.dashboard.optuna_mount import OptunaMount
 from nas.dashboard.security import Guard, allowed_hosts, interface_addresses, is_wildcard, require_token_beyond_loopback
 from nas.dashboard.workers import Workers
 from nas.errors import NasError, StudyError
-from nas.storage import engine_options, one_line, quiet_optuna, sqlite_path, storage_of
+from nas.storage import RDB_SCHEMES, engine_options, one_line, quiet_optuna, sqlite_path, storage_of
 
 OPTUNA_PREFIX = "/optuna"
 THREADS = 8  # requests served at once; more wait in the queue, their connections held by the loop
@@ -74,7 +74,7 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         raise StudyError(f"--storage: {path} does not exist (start a search with nas-search first)")
     try:
         with quiet_optuna():
-            if url.startswith(("sqlite", "postgresql", "mysql")):
+            if url.startswith(RDB_SCHEMES):
                 # SQLite: wait for a search's write lock instead of failing a page (or the search)
                 rdb = optuna.storages.RDBStorage(url, engine_kwargs=engine_options(url), skip_table_creation=True)
                 storage = optuna.storages.get_storage(rdb)
