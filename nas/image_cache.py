@@ -6,8 +6,12 @@ export and a fine-tune each paid that again. Here the files are listed as ImageF
 help: most of a small image's decode time holds the GIL) exactly as ImageFolder's loader does
 (RGB, then torchvision's PILToTensor and Resize), and
 written as uint8 (N, 3, H, W) `.npy` arrays with the labels and class names. The cache key is
-the folder's file list with each file's size and mtime, and `image_size`: a changed, added or
-removed image, or another size, makes a new entry; later loads memory-map the arrays.
+the folder's file list with each file's size, mtime, ctime and inode, `image_size`, the Resize
+settings and the Pillow and torchvision versions: a changed, added or removed image, another size
+or another decoder makes a new entry; later loads memory-map the arrays. The mtime alone would not
+do: `cp -p`, rsync and unzip restore it on a rewritten file, and the study's data fingerprint
+hashes what the cache serves; a file's ctime cannot be set back, and a rewrite by rename gets a
+new inode.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from nas.errors import DataError
 
 FORMAT = 1
 SPLITS = ("train", "test")
+RESIZE = {"interpolation": "bilinear", "antialias": True}  # torchvision Resize's defaults, in the cache key
 
 
 @dataclass
@@ -60,19 +65,25 @@ def list_split(folder: Path) -> tuple[list[str], list[tuple[str, int]]]:
 
 
 def cache_key(listings: dict[str, tuple[list[str], list[tuple[str, int]]]], image_size: int | None) -> str:
-    """sha256 of every file's path, size and mtime (and the classes, the image size and the format)."""
-    digest = hashlib.sha256(json.dumps({"format": FORMAT, "image_size": image_size}).encode())
+    """sha256 of every file's path, size, mtime, ctime and inode (and the classes, the image size, the Resize
+    settings, the decoders' versions and the format)."""
+    import PIL
+    import torchvision
+
+    digest = hashlib.sha256(json.dumps({"format": FORMAT, "image_size": image_size, "resize": RESIZE,
+                                        "pillow": PIL.__version__, "torchvision": torchvision.__version__}).encode())
     for split, (classes, files) in listings.items():
         digest.update(json.dumps([split, classes]).encode())
         for path, label in files:
             stat = os.stat(path)
-            digest.update(f"{path}\0{label}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+            digest.update(f"{path}\0{label}\0{stat.st_size}\0{stat.st_mtime_ns}\0{stat.st_ctime_ns}\0{stat.st_ino}\n".encode())
     return digest.hexdigest()
 
 
 def decode(path: str, image_size: int | None) -> np.ndarray:
     """One image as ImageFolder + PILToTensor (+ Resize) give it: uint8 (3, H, W); a bad file named in one line."""
     from PIL import Image, UnidentifiedImageError
+    from torchvision.transforms import InterpolationMode
     from torchvision.transforms.v2 import functional as F
 
     try:
@@ -81,7 +92,8 @@ def decode(path: str, image_size: int | None) -> np.ndarray:
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise DataError(f"dataset.root: {path}: cannot decode the image ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
     if image_size:
-        tensor = F.resize(tensor, [image_size, image_size], antialias=True)
+        tensor = F.resize(tensor, [image_size, image_size], interpolation=InterpolationMode(RESIZE["interpolation"]),
+                          antialias=RESIZE["antialias"])
     return tensor.numpy()
 
 

@@ -123,3 +123,35 @@ def test_nas_search_on_a_folder_with_a_corrupt_image_exits_2_naming_it(tmp_path,
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err and f"{bad}: cannot decode the image" in err
     assert not (tmp_path / "nas.db").exists() or "imagefolder" not in (tmp_path / "nas.db").read_bytes().decode("latin-1")
+
+
+def test_an_image_rewritten_with_its_size_and_mtime_restored_is_decoded_again(tmp_path):
+    """`cp -p`, rsync and unzip restore a rewritten file's mtime; BMP keeps its size: only ctime and inode tell."""
+    folder = tmp_path / "data"
+    write_imagefolder(folder, per_class=2)
+    image = folder / "train" / "cat" / "0.bmp"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
+    cache = tmp_path / "cache"
+    first = load_image_folder(folder, None, str(cache))["train"].images
+    assert (first[0] == 0).all() and len(entries(cache)) == 1
+    before = os.stat(image)
+
+    Image.fromarray(np.full((8, 8, 3), 9, np.uint8)).save(image)  # other pixels, same size
+    os.utime(image, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = os.stat(image)
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+
+    served = load_image_folder(folder, None, str(cache))["train"].images
+    assert (served[0] == 9).all() and np.array_equal(served[1:], first[1:])
+    assert len(entries(cache)) == 2
+
+
+def test_another_decoder_version_makes_a_new_entry(tmp_path, monkeypatch):
+    write_imagefolder(tmp_path / "data", per_class=1)
+    cache = tmp_path / "cache"
+    load_image_folder(tmp_path / "data", None, str(cache))
+    monkeypatch.setattr("PIL.__version__", "0.0.1")
+    load_image_folder(tmp_path / "data", None, str(cache))
+    monkeypatch.setattr("torchvision.__version__", "0.0.1")
+    load_image_folder(tmp_path / "data", None, str(cache))
+    assert len(entries(cache)) == 3
