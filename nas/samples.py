@@ -3,8 +3,10 @@
 Float32 is four bytes a pixel, uint8 one: a folder of 100,000 RGB images at 128x128 is 19.7 GB
 as float32 and 4.9 GB as uint8. So 8-bit images are kept as they were decoded, (N, C, H, W)
 uint8, and a batch is normalized when it is taken, `(pixels / scale - mean[c]) / std[c]` in
-float32: the same operations, in the same order, as normalizing the whole split up front, so
-results do not change. Where even uint8 does not fit the device, `StreamedImages` reads each
+float32: the same operations, in the same order, as the float32 path of `nas.data.load_dataset`
+(divide, subtract, divide, each rounded to float32), so the values are equal bit for bit. Every
+operand is a tensor on the device: CUDA divides by a Python scalar as a multiplication by its
+reciprocal, which rounds differently. Where even uint8 does not fit the device, `StreamedImages` reads each
 batch from the host array (the memory-mapped decode cache) and a background thread reads the
 next batches while the current one trains.
 
@@ -41,11 +43,10 @@ class CompactImages:
         self.scale = float(scale)
         self.mean = mean.reshape(view).to(torch.float32).to(device)
         self.std = std.reshape(view).to(torch.float32).to(device)
-        self.multiplier = 1.0 / (self.scale * self.std)
-        self.shift = self.mean / self.std
+        self.divisor = torch.full_like(self.mean, self.scale)
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
-        return pixels.to(self.mean.device, torch.float32).mul_(self.multiplier).sub_(self.shift)
+        return pixels.to(self.mean.device, torch.float32).div_(self.divisor).sub_(self.mean).div_(self.std)
 
     def __getitem__(self, index) -> torch.Tensor:
         return self.normalize(self.pixels[index])

@@ -103,3 +103,30 @@ def test_stored_images_index_like_the_tensor_they_stand_for(cifar):
     whole = compact.x_train.float()
     for index in (3, slice(2, 5), torch.tensor([4, 0]), torch.tensor([[1, 2], [3, 0]])):
         assert torch.allclose(compact.x_train[index], whole[index], atol=1e-6) and compact.x_train[index].shape == whole[index].shape
+
+
+def float32_path(cfg: DatasetConfig, like: Dataset) -> Dataset:
+    """The same data through load_dataset's float32 path (an identity transform sends it there), normalized with
+    `like`'s statistics."""
+    return load_dataset(DatasetConfig(**{**cfg.__dict__, "transforms": [{"invert": False}]}), normalization={"mean": like.mean, "std": like.std})
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_a_uint8_batch_equals_the_float32_path_bit_for_bit(cifar, streamed):
+    compact = load_dataset(DatasetConfig(**{**cifar.__dict__, "device_memory": 0.0 if streamed else None}))
+    plain = float32_path(cifar, compact)
+
+    assert isinstance(compact.x_train, StreamedImages if streamed else CompactImages) and plain.x_train.dtype == torch.float32
+    index = torch.randperm(len(compact.y_train), generator=torch.Generator().manual_seed(0))[:16]
+    assert torch.equal(compact.x_train[index], plain.x_train[index])
+    assert torch.equal(compact.x_test.cpu(), plain.x_test)
+    assert not torch.equal(compact.x_test.cpu(), plain.x_test.nextafter(torch.tensor(float("inf"))))  # one ulp apart is told apart
+
+
+@pytest.mark.cuda
+def test_a_uint8_batch_on_cuda_equals_the_float32_path_on_the_cpu_bit_for_bit(cifar):
+    from conftest import CUDA_TEST_DEVICE
+
+    compact = load_dataset(cifar, CUDA_TEST_DEVICE)
+    plain = float32_path(cifar, compact)
+    assert torch.equal(compact.x_train[torch.arange(len(compact.y_train), device=compact.x_train.device)].cpu(), plain.x_train)
