@@ -13,6 +13,9 @@ or a set of named variants: a YAML file mapping each name to a small override of
 position when the norm is `none`) makes no cells of its own: such a cell is listed once, the
 factor's level shown as `n/a`. Every cell is a study named `BASE[level,level]`; the same command
 resumes an interrupted comparison: finished trials and re-evaluations are kept in the studies.
+Each cell reports what its study holds (candidates trained, pruned, failed, repeated), and a cell
+whose search stopped short of its budget (space exhausted, failures in a row) is marked, not
+dropped: the budgets are equal only where they are shown to be.
 """
 
 from __future__ import annotations
@@ -241,14 +244,24 @@ def cost_line(cells: int, trials_per_cell: int, seeds: int, cfg: RunConfig, done
             f"(each {cfg.evaluation.folds} folds x {cfg.evaluation.epochs} epochs); {done} done already")
 
 
+def check_objectives(cfg: RunConfig) -> None:
+    """Cells are searched and ranked by CV loss alone: refuse other objectives before anything trains."""
+    if list(cfg.objectives) != ["cv_loss"]:
+        raise ConfigError(cfg.where("objectives"), "objectives", f"nas-compare searches and ranks cells by cv_loss alone; this config "
+                          f"has {', '.join(cfg.objectives)} (use objectives: [cv_loss])")
+
+
 def run_comparison(cfg: RunConfig, factors: list[Factor], trials_per_cell: int, seeds: int, progress: bool | None = None,
                    out: Callable[[str], None] = print) -> dict:
     """Search every cell to its budget, re-evaluate each cell's best under `seeds` fresh seeds, rank the cells."""
     import optuna
 
     from nas.compare_stats import TEST, rank_cells
+    from nas.errors import StudyError
+    from nas.storage import load_existing_study
     from nas.study import run_search
 
+    check_objectives(cfg)
     cells = make_cells(cfg.space, factors)
     names = [cell_study_name(cfg.study.name, c, factors) for c in cells]
     seed_list = reeval_seeds(cfg.study.seed, seeds)
@@ -260,10 +273,24 @@ def run_comparison(cfg: RunConfig, factors: list[Factor], trials_per_cell: int, 
         cell_cfg = dataclasses.replace(cfg, space=cell.space, study=dataclasses.replace(cfg.study, name=name, trials=trials_per_cell, timeout=None))
         out(f"cell {i + 1}/{len(cells)} [{label}]: searching (study '{name}')")
         lines = None if bars else (lambda done, budget, best, i=i: out(f"  cell {i + 1}/{len(cells)}: trial {done}/{budget}, best CV loss {_show(best)}"))
-        study = run_search(cell_cfg, progress=bars, out=_notable(out), on_trial=lines)
+        stops: list[str] = []
+        try:
+            study = run_search(cell_cfg, progress=bars, out=_notable(out, stops), on_trial=lines)
+        except StudyError as exc:
+            if not str(exc).startswith(FAILURE_STOP):
+                raise
+            out(f"  {exc}")  # this cell stopped short; the others still get their budget
+            stops.append(str(exc))
+            study = load_existing_study(cfg.study.storage, name)
         study._storage.set_study_system_attr(study._study_id, CELL_ATTR, {"factors": [f.name for f in factors], "levels": cell.levels})
-        rows.append(_reevaluate(cell_cfg, study, seed_list, f"cell {i + 1}/{len(cells)}", out) | {"label": label, "study": name, "levels": cell.levels})
+        trials = study.get_trials(deepcopy=False)
+        counts = cell_counts(trials)
+        row = _reevaluate(cell_cfg, study, seed_list, f"cell {i + 1}/{len(cells)}", out)
+        rows.append(row | {"label": label, "study": name, "levels": cell.levels, "trials": len(trials), "counts": counts,
+                           "exhausted": _short_of_budget(counts, trials_per_cell, stops)})
         out(f"cell {i + 1}/{len(cells)} [{label}]: {rows[-1]['summary']}")
+        if rows[-1]["exhausted"]:
+            out(f"cell {i + 1}/{len(cells)} [{label}]: short of its budget: {rows[-1]['exhausted']}")
     ranking = rank_cells({r["label"]: r["losses"] for r in rows}, {r["label"]: r["accuracies"] for r in rows})
     for row in rows:
         row["stats"] = ranking.get(row["label"])
@@ -274,9 +301,40 @@ def run_comparison(cfg: RunConfig, factors: list[Factor], trials_per_cell: int, 
             "optuna": optuna.__version__, "cells": rows}
 
 
-def _notable(out: Callable[[str], None]) -> Callable[[str], None]:
-    """Of a cell search's own output, only what changes its reading: stops, reclaims, forced changes."""
-    return lambda line: out(f"  {line}") if line.startswith(("Stopped", "Reclaimed", "Continuing")) else None
+FAILURE_STOP = "stopped after"  # how nas.study.run_search's StudyError begins when failures in a row ended a search
+
+
+def cell_counts(trials) -> dict:
+    """What a cell's study holds: candidates trained (complete), pruned, failed, and proposals that repeated one."""
+    from optuna.trial import TrialState
+
+    from nas.storage import counts_toward_budget, is_duplicate
+    from nas.study import OVER_BUDGET
+
+    own = [t for t in trials if counts_toward_budget(t)]
+    return {"trained": sum(t.state == TrialState.COMPLETE for t in own), "pruned": sum(t.state == TrialState.PRUNED for t in own),
+            "failed": sum(t.state == TrialState.FAIL and t.user_attrs.get("fail_reason") != OVER_BUDGET for t in trials),
+            "repeated": sum(map(is_duplicate, trials))}
+
+
+def _short_of_budget(counts: dict, trials_per_cell: int, stops: list[str]) -> str | None:
+    """Why a cell finished fewer candidates than its budget (None when it has them all)."""
+    finished = counts["trained"] + counts["pruned"]
+    if finished >= trials_per_cell:
+        return None
+    return stops[-1] if stops else f"its search ended with {finished}/{trials_per_cell} candidates finished"
+
+
+def _notable(out: Callable[[str], None], stops: list[str]) -> Callable[[str], None]:
+    """Of a cell search's own output, only what changes its reading: stops (kept in `stops`), reclaims, forced changes."""
+
+    def line(text: str) -> None:
+        if text.startswith("Stopped"):
+            stops.append(text)
+        if text.startswith(("Stopped", "Reclaimed", "Continuing")):
+            out(f"  {text}")
+
+    return line
 
 
 def _show(value: float | None) -> str:
@@ -284,20 +342,28 @@ def _show(value: float | None) -> str:
 
 
 def _done(storage: str, names: list[str], trials_per_cell: int) -> int:
-    """Trainings already done by an interrupted run of the same comparison: cell trials and re-evaluations."""
+    """Trainings already done by an interrupted run of the same comparison: cell trials and re-evaluations.
+
+    A cell that holds more finished candidates than `trials_per_cell` is refused: its search would
+    keep them all, and the budgets would no longer be equal."""
     import optuna
 
-    from nas.storage import budget_count, quiet_optuna, sqlite_path
+    from nas.storage import budget_count, quiet_optuna, sqlite_path, storage_of
 
     path = sqlite_path(storage)
     if path is not None and not path.exists():
         return 0
     with quiet_optuna():
-        known = {s.study_name for s in optuna.get_all_study_summaries(storage)}
+        store = storage_of(storage)  # a URL, or the grpc:// proxy every other command opens
+        known = set(optuna.get_all_study_names(store))
         done = 0
-        for name in set(names) & known:
-            study = optuna.load_study(study_name=name, storage=storage)
-            done += min(trials_per_cell, budget_count(study.get_trials(deepcopy=False)))
+        for name in [n for n in names if n in known]:
+            study = optuna.load_study(study_name=name, storage=store)
+            held = budget_count(study.get_trials(deepcopy=False))
+            if held > trials_per_cell:
+                raise NasError(f"--trials-per-cell {trials_per_cell}: cell study '{name}' already holds {held} finished candidates; "
+                               f"give --trials-per-cell {held} or more to compare equal budgets, or another --study")
+            done += held
             done += len(study._storage.get_study_system_attrs(study._study_id).get(REEVAL_ATTR, {}).get("seeds", {}))
     return done
 
@@ -337,8 +403,7 @@ def _reevaluate(cfg: RunConfig, study, seeds: list[int], where: str, out) -> dic
     if failures:
         summary += f"; {len(failures)} failed: {next(iter(failures.values()))}"
     return {"best_trial": best.number, "search_cv_loss": best.value, "spec": spec, "losses": losses, "failures": failures,
-            "accuracies": {s: results[s]["cv_accuracy"] for s in losses}, "trials": len(study.get_trials(deepcopy=False)),
-            "summary": summary}
+            "accuracies": {s: results[s]["cv_accuracy"] for s in losses}, "summary": summary}
 
 
 def _scalar(text: str) -> Any:
