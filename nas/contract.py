@@ -22,8 +22,13 @@ VERSION_ATTR = "config_version"  # trial user attr
 
 
 def contract(config: dict, data: dict | None) -> dict:
-    """The part of a stored run config (plus its data fingerprint) that every trial must share."""
+    """The part of a stored run config (plus its data fingerprint) that every trial must share.
+
+    `dataset.augment` enters resolved (`auto` is `crop_flip` on CIFAR): what trains, not how it was spelt."""
+    from nas.data import resolve_augment
+
     dataset, evaluation = config.get("dataset", {}), config.get("evaluation", {})
+    dataset = {**dataset, "augment": resolve_augment(dataset.get("name"), dataset.get("augment"))}
     objectives = config.get("objectives", ["cv_loss"])
     terms = {
         "dataset": {key: _root(dataset.get(key)) if key == "root" else dataset.get(key) for key in DATASET_KEYS},

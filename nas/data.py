@@ -101,7 +101,6 @@ class Arrays:
     x_test: np.ndarray
     y_test: np.ndarray
     classes: list[str]
-    augment: str = "none"  # what the data wants when the config says `auto`
     raw: RawInput | None = None
 
 
@@ -117,7 +116,7 @@ def _digits(cfg) -> Arrays:
     return Arrays(x_train, y_train, x_test, y_test, [str(c) for c in digits.target_names], raw=raw)
 
 
-def _torchvision(cls_name: str, augment: str):
+def _torchvision(cls_name: str):
     def load(cfg) -> Arrays:
         import torchvision
 
@@ -141,7 +140,7 @@ def _torchvision(cls_name: str, augment: str):
         size = "x".join(map(str, np.asarray(train.data).shape[1:3]))
         raw = RawInput(f"torchvision {cls_name}'s .data: {size} {'grey' if grey else 'RGB, height x width x channel'}, uint8 0..255",
                        "HW" if grey else "HWC", "uint8", 255.0, "grey" if grey else "rgb")
-        return Arrays(images(train), np.asarray(train.targets), images(test), np.asarray(test.targets), list(train.classes), augment, raw)
+        return Arrays(images(train), np.asarray(train.targets), images(test), np.asarray(test.targets), list(train.classes), raw=raw)
 
     return load
 
@@ -264,13 +263,19 @@ def _imagefolder(cfg) -> Arrays:
 
 LOADERS = {
     "digits": _digits,
-    "mnist": _torchvision("MNIST", "none"),
-    "fashion_mnist": _torchvision("FashionMNIST", "none"),
-    "cifar10": _torchvision("CIFAR10", "crop_flip"),
-    "cifar100": _torchvision("CIFAR100", "crop_flip"),
+    "mnist": _torchvision("MNIST"),
+    "fashion_mnist": _torchvision("FashionMNIST"),
+    "cifar10": _torchvision("CIFAR10"),
+    "cifar100": _torchvision("CIFAR100"),
     "npz": _npz,
     "imagefolder": _imagefolder,
 }
+AUTO_AUGMENT = {"cifar10": "crop_flip", "cifar100": "crop_flip"}  # what `dataset.augment: auto` is; "none" elsewhere
+
+
+def resolve_augment(name: str | None, augment: str | None) -> str | None:
+    """The augmentation `dataset.augment` means on dataset `name` (`auto` resolved): what trains, and what a study compares."""
+    return AUTO_AUGMENT.get(name, "none") if augment == "auto" else augment
 
 
 CHUNK = 4096  # samples converted at a time, so a large uint8 split is never whole as floats
@@ -315,7 +320,7 @@ def load_dataset(cfg, device: torch.device | str = "cpu", normalization: dict | 
 
     arrays = LOADERS[cfg.name](cfg)
     _refuse_untrained_classes(arrays, cfg)
-    augment = arrays.augment if cfg.augment == "auto" else cfg.augment
+    augment = resolve_augment(cfg.name, cfg.augment)
     common = dict(name=cfg.name, y_train=torch.as_tensor(arrays.y_train, dtype=torch.long), y_test=torch.as_tensor(arrays.y_test, dtype=torch.long),
                   classes=arrays.classes, augment=augment, fingerprint=fingerprint(arrays), raw=arrays.raw)
     if arrays.x_train.dtype == np.uint8 and not cfg.transforms:

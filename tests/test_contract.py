@@ -165,3 +165,30 @@ def test_the_data_fingerprint_names_shape_classes_sizes_and_content(tmp_path):
     assert (a["sample_shape"], a["train"], a["test"], len(a["classes"])) == ([1, 8, 8], 1400, 397, 10)
     assert other["sha256"] != a["sha256"] and {k: v for k, v in other.items() if k != "sha256"} == {k: v for k, v in a.items() if k != "sha256"}
     json.dumps(a)
+
+
+def test_augment_compares_as_what_it_resolves_to_on_the_dataset(run_dir, capsys):
+    """digits: `auto` is `none`, so spelling it out continues the study; `crop_flip` is another contract."""
+    assert search_main(["--config", "run.yaml", "--trials", "3", "--set", "dataset.augment=none", "--no-progress"]) == 0
+    s = study(run_dir)
+    assert len(s.trials) == 3 and read_config_history(s._storage, s._study_id) == []
+    before = snapshot(run_dir)
+    err = refused(capsys, ["--config", "run.yaml", "--trials", "4", "--set", "dataset.augment=crop_flip"])
+    assert err.startswith('--set: dataset.augment: study \'c\' was run with "none"; this run has "crop_flip"')
+    assert snapshot(run_dir) == before
+
+
+def test_cifar_auto_augment_continues_as_crop_flip_and_not_as_none(tmp_path, monkeypatch, capsys):
+    from tests.test_data import write_cifar
+
+    write_cifar(tmp_path / "cifar", "cifar10", monkeypatch, n_train_per_file=4, n_test=6, n_classes=2)
+    write_digits_run(tmp_path, SPACE, f"sqlite:///{tmp_path}/nas.db", {"name": "c", "sampler": "random", "trials": 1}, {"folds": 2, "epochs": 1})
+    write_config(tmp_path, "run.yaml", {"name": "cifar10", "root": str(tmp_path / "cifar"), "augment": "auto"})
+    monkeypatch.chdir(tmp_path)
+    assert search_main(["--config", "run.yaml", "--no-progress"]) == 0  # stored: auto
+
+    err = refused(capsys, ["--config", "run.yaml", "--trials", "2", "--set", "dataset.augment=none"])
+    assert err.startswith('--set: dataset.augment: study \'c\' was run with "crop_flip"; this run has "none"')
+    assert search_main(["--config", "run.yaml", "--trials", "2", "--set", "dataset.augment=crop_flip", "--no-progress"]) == 0
+    s = study(tmp_path)
+    assert len(s.trials) == 2 and read_config_history(s._storage, s._study_id) == []
