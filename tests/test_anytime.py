@@ -26,7 +26,18 @@ def test_only_improvements_of_trained_complete_trials_count_in_completion_order(
 
 def test_a_run_starts_from_the_best_of_earlier_trials():
     trials = [trial(0, 0.9, 10), trial(1, 0.3, 20), trial(2, 0.2, 90)]
-    assert improvements(trials, start=T0 + timedelta(seconds=60)) == [(0.0, 0.3, 1), (30.0, 0.2, 2)]
+    points = improvements(trials, start=T0 + timedelta(seconds=60))
+    assert points == [(-40.0, 0.3, 1), (30.0, 0.2, 2)]
+    assert best_at(points, 0) == 0.3  # the run had that best from its start
+
+
+def test_after_a_resume_the_line_covers_this_runs_trials_and_says_where_it_started():
+    trials = [trial(0, 0.9, 10), trial(1, 0.3, 20), trial(2, 0.4, 80), trial(3, 0.2, 90)]
+    run = T0 + timedelta(seconds=60)
+    line = anytime_line(improvements(trials, start=run), 40)
+    assert line == "Best CV loss over this run (0:40): from 0.3000 (trial 1, before this run) -> 0.2000 (trial 3, 0:30)"
+    unimproved = anytime_line(improvements(trials[:3], start=run), 40)
+    assert unimproved == "Best CV loss over this run (0:40): from 0.3000 (trial 1, before this run); no trial of this run improved on it"
 
 
 def test_the_line_shows_the_first_the_last_and_some_between():
