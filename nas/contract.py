@@ -54,7 +54,11 @@ def differences(old: dict, new: dict, prefix: str = "") -> list[tuple[str, objec
     """Every leaf that differs, as (dotted key path, old, new), in the contract's key order.
 
     A side that lacks a whole section (an older study stored no data fingerprint) is not compared there.
+    A fingerprint of the data loaded now (`nas.data.Fingerprint`) is compared in the version of the one
+    stored (no "version" key: version 1), so a study fingerprinted by an older bnnas continues on the same data.
     """
+    if isinstance(old, dict) and hasattr(new, "as_version"):
+        new = new.as_version(old.get("version", 1))
     found = []
     for key in dict.fromkeys([*old, *new]):
         path = f"{prefix}.{key}" if prefix else str(key)

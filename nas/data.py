@@ -7,6 +7,7 @@ the batch. No per-sample Dataset or DataLoader on the hot path.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import sys
 from dataclasses import dataclass
@@ -286,25 +287,66 @@ def as_float(x: np.ndarray, arrays: Arrays) -> np.ndarray:
     return x.astype(np.float32) / arrays.raw.scale if x.dtype == np.uint8 else x.astype(np.float32, copy=False)
 
 
-def fingerprint(arrays: Arrays) -> dict:
+FINGERPRINT_VERSION = 2
+
+
+class Fingerprint(dict):
+    """A data fingerprint (stored as the study's `nas:data`) that can state itself in an older version's terms.
+
+    Version 1 hashed 8-bit images as float32 in [0, 1] (four times the bytes); version 2 hashes what
+    is stored. A study fingerprinted in version 1 still compares with the same data: `as_version(1)`
+    computes the old hash then, and only then (`legacy`: a zero-argument function giving it).
+    """
+
+    def __init__(self, fields: dict, legacy=None):
+        super().__init__(fields)
+        self.legacy = legacy  # None: version 1 hashed the same bytes (float data)
+
+    @functools.cached_property
+    def _version1_sha256(self) -> str:
+        return self.legacy() if self.legacy is not None else self["sha256"]
+
+    def as_version(self, version: int) -> dict:
+        """This fingerprint as version `version` wrote it (version 1 had no "version" key and another hash)."""
+        if version != 1:
+            return self
+        return {**{key: value for key, value in self.items() if key != "version"}, "sha256": self._version1_sha256}
+
+
+def content_sha256(arrays: Arrays, version: int = FINGERPRINT_VERSION) -> str:
+    """sha256 of x_train, y_train, x_test, y_test in that order: each x's bytes as stored (uint8 for 8-bit
+    images, else float32; C order), each y as int64. Version 1 hashed 8-bit images divided into float32."""
+    digest = hashlib.sha256()
+    for x, y in ((arrays.x_train, arrays.y_train), (arrays.x_test, arrays.y_test)):
+        for chunk in range(0, len(x), CHUNK):  # a memory-mapped split is read, never copied whole
+            part = x[chunk:chunk + CHUNK]
+            digest.update(np.ascontiguousarray(as_float(part, arrays) if version == 1 else part).data)
+        digest.update(np.ascontiguousarray(y, dtype=np.int64).data)
+    return digest.hexdigest()
+
+
+def _legacy_sha256(cfg) -> str:
+    """The version-1 hash of the data `cfg` names, loaded again (only a study fingerprinted in version 1 asks)."""
+    return content_sha256(LOADERS[cfg.name](cfg), version=1)
+
+
+def fingerprint(arrays: Arrays, cfg) -> Fingerprint:
     """What identifies the loaded data: sample shape, class names, split sizes and a hash of the content.
 
     The hash covers the raw arrays as the loader gives them (before `dataset.transforms`, which
-    the study compares as config keys), as float32 and int64 bytes, so a replaced or edited file
-    is seen even when its shape and classes stay.
+    the study compares as config keys), so a replaced or edited file is seen even when its shape
+    and classes stay. Float data hashes the same bytes in both versions; only 8-bit images need
+    the version-1 hash recomputed (from `cfg`).
     """
-    digest = hashlib.sha256()
-    for x, y in ((arrays.x_train, arrays.y_train), (arrays.x_test, arrays.y_test)):
-        for chunk in range(0, len(x), CHUNK):  # as float32 in [0, 1], as uint8 images were hashed when held as floats
-            digest.update(np.ascontiguousarray(as_float(x[chunk:chunk + CHUNK], arrays)).data)
-        digest.update(np.ascontiguousarray(y, dtype=np.int64).data)
-    return {
+    fields = {
+        "version": FINGERPRINT_VERSION,
         "sample_shape": list(arrays.x_train.shape[1:]),
         "classes": [str(c) for c in arrays.classes],
         "train": int(len(arrays.y_train)),
         "test": int(len(arrays.y_test)),
-        "sha256": digest.hexdigest(),
+        "sha256": content_sha256(arrays),
     }
+    return Fingerprint(fields, functools.partial(_legacy_sha256, cfg) if arrays.x_train.dtype == np.uint8 else None)
 
 
 def load_dataset(cfg, device: torch.device | str = "cpu", normalization: dict | None = None) -> Dataset:
@@ -322,7 +364,7 @@ def load_dataset(cfg, device: torch.device | str = "cpu", normalization: dict | 
     _refuse_untrained_classes(arrays, cfg)
     augment = resolve_augment(cfg.name, cfg.augment)
     common = dict(name=cfg.name, y_train=torch.as_tensor(arrays.y_train, dtype=torch.long), y_test=torch.as_tensor(arrays.y_test, dtype=torch.long),
-                  classes=arrays.classes, augment=augment, fingerprint=fingerprint(arrays), raw=arrays.raw)
+                  classes=arrays.classes, augment=augment, fingerprint=fingerprint(arrays, cfg), raw=arrays.raw)
     if arrays.x_train.dtype == np.uint8 and not cfg.transforms:
         mean, std = _override(cfg, *pixel_statistics(arrays.x_train, arrays.raw.scale), normalization)
         return _compact(arrays, mean, std, device, memory_budget(cfg, device), common)

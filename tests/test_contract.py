@@ -1,6 +1,7 @@
 """The study is a contract: a continuation that would score trials differently is refused in one line and
 writes nothing, unless forced (then the change is recorded); the budget and the like may change freely."""
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -192,3 +193,44 @@ def test_cifar_auto_augment_continues_as_crop_flip_and_not_as_none(tmp_path, mon
     assert search_main(["--config", "run.yaml", "--trials", "2", "--set", "dataset.augment=crop_flip", "--no-progress"]) == 0
     s = study(tmp_path)
     assert len(s.trials) == 2 and read_config_history(s._storage, s._study_id) == []
+
+
+def version1_fingerprint(x_train, y_train, x_test, y_test, classes) -> dict:
+    """The data fingerprint as bnnas wrote it before version 2: 8-bit images hashed as float32 in [0, 1]."""
+    digest = hashlib.sha256()
+    for x, y in ((x_train, y_train), (x_test, y_test)):
+        digest.update(np.ascontiguousarray(np.asarray(x, np.uint8).astype(np.float32) / 255.0).data)
+        digest.update(np.asarray(y, np.int64).data)
+    return {"sample_shape": [3, 32, 32], "classes": classes, "train": len(y_train), "test": len(y_test), "sha256": digest.hexdigest()}
+
+
+def test_a_study_fingerprinted_in_version_1_continues_on_the_same_data_and_refuses_other_data(tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from nas.storage import DATA_ATTR
+    from tests.test_data import write_cifar
+
+    cifar = dict(name="cifar10", monkeypatch=monkeypatch, n_train_per_file=4, n_test=6, n_classes=2)
+    raw = write_cifar(tmp_path / "cifar", **cifar)
+    write_digits_run(tmp_path, SPACE, f"sqlite:///{tmp_path}/nas.db", {"name": "c", "sampler": "random", "trials": 1}, {"folds": 2, "epochs": 1})
+    write_config(tmp_path, "run.yaml", {"name": "cifar10", "root": str(tmp_path / "cifar")})
+    monkeypatch.chdir(tmp_path)
+    assert search_main(["--config", "run.yaml", "--no-progress"]) == 0
+    s = study(tmp_path)
+    current = s._storage.get_study_system_attrs(s._study_id)[DATA_ATTR]
+    assert current["version"] == 2
+    s._storage.set_study_system_attr(s._study_id, DATA_ATTR, version1_fingerprint(*raw))  # as an older bnnas stored it
+
+    shutil.rmtree(tmp_path / "cifar")
+    write_cifar(tmp_path / "cifar", **cifar, seed=1)  # same shape, classes and sizes; other pixels
+    before = snapshot(tmp_path)
+    err = refused(capsys, ["--config", "run.yaml", "--trials", "2"])
+    assert err.startswith(f"run.yaml: data.sha256: study 'c' was run with \"{version1_fingerprint(*raw)['sha256'][:10]}")
+    assert snapshot(tmp_path) == before
+
+    shutil.rmtree(tmp_path / "cifar")
+    write_cifar(tmp_path / "cifar", **cifar)  # the data it was searched on
+    assert search_main(["--config", "run.yaml", "--trials", "2", "--no-progress"]) == 0
+    s = study(tmp_path)
+    assert len(s.trials) == 2 and read_config_history(s._storage, s._study_id) == []
+    assert s._storage.get_study_system_attrs(s._study_id)[DATA_ATTR] == current  # stored again, in version 2
