@@ -256,7 +256,7 @@ def run_comparison(cfg: RunConfig, factors: list[Factor], trials_per_cell: int, 
     """Search every cell to its budget, re-evaluate each cell's best under `seeds` fresh seeds, rank the cells."""
     import optuna
 
-    from nas.compare_stats import TEST, rank_cells
+    from nas.compare_stats import TEST
     from nas.errors import StudyError
     from nas.storage import load_existing_study
     from nas.study import run_search
@@ -291,9 +291,7 @@ def run_comparison(cfg: RunConfig, factors: list[Factor], trials_per_cell: int, 
         out(f"cell {i + 1}/{len(cells)} [{label}]: {rows[-1]['summary']}")
         if rows[-1]["exhausted"]:
             out(f"cell {i + 1}/{len(cells)} [{label}]: short of its budget: {rows[-1]['exhausted']}")
-    ranking = rank_cells({r["label"]: r["losses"] for r in rows}, {r["label"]: r["accuracies"] for r in rows})
-    for row in rows:
-        row["stats"] = ranking.get(row["label"])
+    rank(rows)
     return {"factors": [{"name": f.name, "key": f.key, "levels": list(f.levels), "overrides": f.overrides} for f in factors],
             "columns": short_names(factors), "trials_per_cell": trials_per_cell, "seeds": seed_list, "test": TEST,
             "dataset": cfg.dataset.name, "folds": cfg.evaluation.folds, "epochs": cfg.evaluation.epochs,
@@ -372,15 +370,11 @@ def _reevaluate(cfg: RunConfig, study, seeds: list[int], where: str, out) -> dic
     """Cross-validate the cell's best spec under each seed; each result is stored at once (resumable)."""
     from nas.data import load_dataset, stratified_folds
     from nas.evaluate import cross_validate
-    from nas.study import top_trials
     from nas.train import resolve_device
 
-    ranked = top_trials(study, 1)
-    if not ranked:
-        return {"best_trial": None, "losses": {}, "accuracies": {}, "failures": {}, "summary": "no complete trial to re-evaluate"}
-    best = ranked[0]
-    stored = study._storage.get_study_system_attrs(study._study_id).get(REEVAL_ATTR, {})
-    results = dict(stored.get("seeds", {})) if stored.get("trial") == best.number else {}
+    best, results = _stored_reevaluation(study)
+    if best is None:
+        return _scores(None, {}, [])
     missing = [s for s in seeds if str(s) not in results]
     if missing:
         device = resolve_device(cfg.device)
@@ -396,14 +390,89 @@ def _reevaluate(cfg: RunConfig, study, seeds: list[int], where: str, out) -> dic
         except TrialError as exc:
             results[str(seed)] = {"failed": str(exc)}
         study._storage.set_study_system_attr(study._study_id, REEVAL_ATTR, {"trial": best.number, "seeds": results})
-    chosen = [str(s) for s in seeds]
+    return _scores(best, results, [str(s) for s in seeds])
+
+
+def _stored_reevaluation(study) -> tuple[Any, dict]:
+    """The cell's best trial (None: no complete one) and the re-evaluations stored for it ({seed: result})."""
+    from nas.study import top_trials
+
+    ranked = top_trials(study, 1)
+    if not ranked:
+        return None, {}
+    stored = study._storage.get_study_system_attrs(study._study_id).get(REEVAL_ATTR, {})
+    return ranked[0], (dict(stored.get("seeds", {})) if stored.get("trial") == ranked[0].number else {})
+
+
+def _scores(best, results: dict, chosen: list[str]) -> dict:
+    """A cell's row from its best trial and the re-evaluations of the `chosen` seeds."""
+    if best is None:
+        return {"best_trial": None, "losses": {}, "accuracies": {}, "failures": {}, "summary": "no complete trial to re-evaluate"}
     losses = {s: results[s]["cv_loss"] for s in chosen if "cv_loss" in results[s]}
     failures = {s: results[s]["failed"] for s in chosen if "failed" in results[s]}
-    summary = f"best trial {best.number} (CV loss {best.value:.4f} in the search), re-evaluated with {len(losses)}/{len(seeds)} seeds"
+    summary = f"best trial {best.number} (CV loss {best.value:.4f} in the search), re-evaluated with {len(losses)}/{len(chosen)} seeds"
     if failures:
         summary += f"; {len(failures)} failed: {next(iter(failures.values()))}"
-    return {"best_trial": best.number, "search_cv_loss": best.value, "spec": spec, "losses": losses, "failures": failures,
-            "accuracies": {s: results[s]["cv_accuracy"] for s in losses}, "summary": summary}
+    return {"best_trial": best.number, "search_cv_loss": best.value, "spec": best.user_attrs["arch"], "losses": losses,
+            "failures": failures, "accuracies": {s: results[s]["cv_accuracy"] for s in losses}, "summary": summary}
+
+
+def rank(rows: list[dict]) -> None:
+    """Each cell row's `stats`, from ranking all of them: what nas-compare and the dashboard's comparison page show."""
+    from nas.compare_stats import rank_cells
+
+    ranking = rank_cells({r["label"]: r["losses"] for r in rows}, {r["label"]: r["accuracies"] for r in rows})
+    for row in rows:
+        row["stats"] = ranking.get(row["label"])
+
+
+def stored_comparisons(storage) -> list[dict]:
+    """The comparisons a storage holds: each its `base` name, `factors` and `cells` (id, name, CELL_ATTR), in study-id order.
+
+    Cells belong together when they share the base name (`BASE` of `BASE[levels]`) and the factors."""
+    groups: dict[tuple, list] = {}
+    for study in sorted(storage.get_all_studies(), key=lambda s: s._study_id):
+        cell = study.system_attrs.get(CELL_ATTR)
+        if not isinstance(cell, dict):
+            continue
+        label = ",".join(str(cell["levels"].get(f, NOT_APPLICABLE)) for f in cell["factors"])
+        base = study.study_name[:-len(label) - 2] if study.study_name.endswith(f"[{label}]") else study.study_name
+        groups.setdefault((base, tuple(cell["factors"])), []).append((study._study_id, study.study_name, cell))
+    return [{"base": base, "factors": list(factors), "cells": cells} for (base, factors), cells in groups.items()]
+
+
+def stored_result(storage, comparison: dict, running: set[int] = frozenset()) -> dict:
+    """A comparison as nas-compare's result reads, from what its cell studies hold (nothing is trained).
+
+    `running`: ids of cells whose search is still going (not marked as stopped short)."""
+    import optuna
+
+    from nas.compare_stats import TEST
+    from nas.storage import read_run_config
+
+    factors = [Factor(name, (), {}) for name in comparison["factors"]]
+    rows, seeds, config = [], [], {}
+    cells = comparison["cells"]
+    for study_id, name, cell in cells:
+        study = optuna.load_study(study_name=name, storage=storage)
+        best, results = _stored_reevaluation(study)
+        seeds += [s for s in results if s not in seeds]
+        trials = study.get_trials(deepcopy=False)
+        counts = cell_counts(trials)
+        config = read_run_config(storage, study_id) or config
+        budget = (read_run_config(storage, study_id) or {}).get("study", {}).get("trials", 0)
+        exhausted = None if study_id in running else _short_of_budget(counts, budget, [])
+        label = ",".join(str(cell["levels"].get(f.name, NOT_APPLICABLE)) for f in factors)
+        rows.append(_scores(best, results, list(results)) | {"label": label, "study": name, "study_id": study_id, "levels": cell["levels"],
+                                                             "trials": len(trials), "counts": counts, "exhausted": exhausted, "budget": budget})
+    rank(rows)
+    study_cfg, evaluation = config.get("study", {}), config.get("evaluation", {})
+    base = comparison["base"]
+    return {"factors": [{"name": f.name} for f in factors], "columns": short_names(factors),
+            "trials_per_cell": max(r["budget"] for r in rows), "seeds": [int(s) for s in seeds], "test": TEST,
+            "dataset": config.get("dataset", {}).get("name"), "folds": evaluation.get("folds"), "epochs": evaluation.get("epochs"),
+            "sampler": study_cfg.get("sampler"), "storage": study_cfg.get("storage"), "base_study": base, "optuna": optuna.__version__,
+            "cells": rows}
 
 
 def _scalar(text: str) -> Any:

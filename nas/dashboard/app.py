@@ -23,7 +23,7 @@ from optuna.trial import TrialState
 
 from nas.contract import show
 from nas.dashboard import state
-from nas.dashboard.charts import history_svg
+from nas.dashboard.charts import history_svg, intervals_svg
 from nas.dashboard.workers import Workers
 from nas.storage import request_stop
 
@@ -103,7 +103,7 @@ def create_app(storage: optuna.storages.BaseStorage, workers: Workers, csrf_toke
 
     @app.get("/")
     def studies_page():
-        return render("studies.tpl", studies=rows())
+        return render("studies.tpl", studies=rows(), comparisons=state.comparisons(storage))
 
     @app.get("/fragments/studies")
     def studies_fragment():
@@ -135,6 +135,22 @@ def create_app(storage: optuna.storages.BaseStorage, workers: Workers, csrf_toke
     @app.get("/api/studies/<study_id:int>")
     def study_api(study_id):
         return detail(study_id)
+
+    def comparison(study_id: int) -> dict:
+        """The comparison holding the cell study `study_id` (any of its cells' ids names it); 404 when there is none."""
+        name = checked(study_id)
+        found = state.comparison(storage, study_id)
+        if found is None:
+            raise bottle.HTTPError(404, f"study '{name}' is no cell of a nas-compare comparison")
+        return found
+
+    @app.get("/comparisons/<study_id:int>")
+    def comparison_page(study_id):
+        return render("comparison.tpl", c=comparison(study_id), intervals_svg=intervals_svg)
+
+    @app.get("/api/comparisons/<study_id:int>")
+    def comparison_api(study_id):
+        return comparison(study_id)
 
     def text(body: str) -> str:
         bottle.response.content_type = "text/plain; charset=utf-8"

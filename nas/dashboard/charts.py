@@ -1,8 +1,11 @@
-"""The optimization history as a small inline SVG: no plotting library in the browser, no CDN."""
+"""Charts as small inline SVGs (a study's optimization history, a comparison's intervals): no plotting library
+in the browser, no CDN."""
 
 from __future__ import annotations
 
 import math
+
+from bottle import html_escape
 
 WIDTH, HEIGHT = 640, 240
 LEFT, RIGHT, TOP, BOTTOM = 64, 16, 28, 44  # room for the tick labels and the axis titles
@@ -68,3 +71,40 @@ def history_svg(points: list[dict]) -> str:
             f'<text x="{LEFT + plot_w / 2}" y="{HEIGHT - 6}" text-anchor="middle" class="title">trial number</text>'
             f'<text x="14" y="{TOP + plot_h / 2}" text-anchor="middle" class="title" transform="rotate(-90 14 {TOP + plot_h / 2})">{label}</text>'
             f'<text x="{LEFT}" y="16" class="title">trials (dots) and the best so far (step line)</text></svg>')
+
+
+def intervals_svg(cells: list[dict], seeds: int) -> str:
+    """Each re-evaluated cell's mean CV loss and its 95 % interval (compare.png's picture), best on top."""
+    from nas.compare_report import ranked
+
+    shown = [c for c in ranked({"cells": cells}) if c["stats"] is not None]
+    if not shown:
+        return '<p class="muted">No cell re-evaluated yet.</p>'
+    loss = [c["stats"]["loss"] for c in shown]
+    ends = [v for v in (x for s in loss for x in (s["low"], s["high"], s["mean"])) if math.isfinite(v)]
+    low, high = min(ends), max(ends)
+    if high == low:
+        low, high = low - (abs(low) or 1) * 0.1, high + (abs(high) or 1) * 0.1
+    row, top = 26, 28
+    height = top + row * len(shown) + BOTTOM
+    left = 12 + 7 * max(len(c["label"]) for c in shown)  # room for the longest cell label
+    span = WIDTH - LEFT - RIGHT
+
+    def x(value: float) -> float:
+        return round(left + (value - low) / (high - low) * span, 1)
+
+    marks = []
+    for k, (cell, s) in enumerate(zip(shown, loss)):
+        y = top + row * k + row / 2
+        verdict = cell["stats"]["verdict"]
+        lo, hi = (s["low"], s["high"]) if math.isfinite(s["low"]) and math.isfinite(s["high"]) else (s["mean"], s["mean"])  # one seed
+        marks.append(f'<text x="{left - 6}" y="{y + 4}" text-anchor="end" class="tick">{html_escape(cell["label"])}</text>'
+                     f'<line x1="{x(lo)}" x2="{x(hi)}" y1="{y}" y2="{y}" class="ci ci-{verdict}"/>'
+                     f'<circle cx="{x(s["mean"])}" cy="{y}" r="4" class="ci-{verdict}"><title>{html_escape(cell["label"])}: '
+                     f'{s["mean"]:.4f} [{s["low"]:.4f}, {s["high"]:.4f}] ({verdict})</title></circle>')
+    ticks = "".join(f'<line x1="{x(t)}" x2="{x(t)}" y1="{top}" y2="{height - BOTTOM}" class="grid"/>'
+                    f'<text x="{x(t)}" y="{height - BOTTOM + 16}" text-anchor="middle" class="tick">{t:.4g}</text>'
+                    for t in nice_ticks(low, high))
+    label = f"CV loss, mean and 95 % CI over {seeds} seeds"
+    return (f'<svg class="intervals" viewBox="0 0 {left + span + RIGHT} {height}" role="img" aria-label="{label}">{ticks}{"".join(marks)}'
+            f'<text x="{left + span / 2}" y="{height - 8}" text-anchor="middle" class="title">{label}</text></svg>')

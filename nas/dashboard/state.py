@@ -5,7 +5,8 @@ while it loads data, between trials), a worker beats for one of its RUNNING tria
 worker this dashboard started is still alive; `stopping` while running with a stop request
 newer than its latest trial start; `finished` when its budget of finished trials is reached;
 `idle` otherwise (resumable); `unreadable` when something stored in it cannot be read (the row
-says why; the other studies are shown as usual).
+says why; the other studies are shown as usual). The cell studies of a `nas-compare` run are
+also shown together, as one comparison, ranked by nas-compare's own functions.
 """
 
 from __future__ import annotations
@@ -221,3 +222,25 @@ def detail(storage: optuna.storages.BaseStorage, name: str, own=None) -> dict:
         "history": history(trials),
         "read_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def comparisons(storage: optuna.storages.BaseStorage) -> list[dict]:
+    """Each comparison in the storage: its id (its first cell study's), base name, factors and cells (id, name)."""
+    from nas.compare import stored_comparisons
+
+    return [{"id": c["cells"][0][0], "name": c["base"], "factors": c["factors"], "cells": [{"id": i, "name": n} for i, n, _ in c["cells"]]}
+            for c in stored_comparisons(storage)]
+
+
+def comparison(storage: optuna.storages.BaseStorage, study_id: int) -> dict | None:
+    """The comparison that holds the cell study `study_id`, as nas-compare's result and its table; None if it is no cell."""
+    from nas.compare import stored_comparisons, stored_result
+    from nas.compare_report import ranked, rows
+
+    found = next((c for c in stored_comparisons(storage) if study_id in {i for i, _, _ in c["cells"]}), None)
+    if found is None:
+        return None
+    running = {i for i, name, _ in found["cells"] if summarize(storage, name)["state"] in ("running", "stopping")}
+    result = stored_result(storage, found, running)
+    header, body = rows(result)
+    return {"id": found["cells"][0][0], "result": result, "header": header, "body": body, "ranked": ranked(result), "running": sorted(running)}

@@ -5,3 +5,12 @@
 <div data-live="/fragments/studies">
 % include('studies_table.tpl')
 </div>
+% if comparisons:
+<section><h2>Comparisons</h2>
+<p class="muted">nas-compare runs: each cell is a study of the list above; a comparison's page ranks them.</p>
+<ul class="comparisons">
+% for c in comparisons:
+<li data-comparison="{{c['name']}}"><a href="/comparisons/{{c['id']}}">{{c['name']}}[…]</a>: {{len(c['cells'])}} cells over {{', '.join(c['factors'])}}</li>
+% end
+</ul></section>
+% end

@@ -1,0 +1,73 @@
+"""The dashboard shows a nas-compare run as one thing: a page that groups its cell studies, ranks them with
+nas-compare's own table, draws their intervals and links each cell's study (a real comparison, a real server)."""
+
+import json
+import re
+
+import pytest
+import yaml
+from bottle import html_escape
+
+from conftest import write_digits_run
+from dashboard_support import Dashboard, make_study
+from nas.cli import compare_main
+from nas.compare_report import rows
+
+SPACE = {"stages": 1, "width": 8, "block": {"norm": {"type": "batch", "position": "post_conv"}},
+         "training": {"lr": {"float": [0.01, 0.1], "log": True}, "batch_size": 32}}
+VARIANTS = {"<i>bn</i>": {"block.norm.type": "batch"}, "none": {"block.norm.type": "none"}}  # a name the page must escape
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("dash-compare")
+    storage = make_study(folder, "plain", trials=1)  # a study that is no cell
+    (folder / "variants.yaml").write_text(yaml.safe_dump(VARIANTS))
+    write_digits_run(folder, SPACE, storage, {"name": "cmp", "sampler": "random"}, {"folds": 2, "epochs": 1})
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
+        assert compare_main(["--config", "run.yaml", "--factor", "norm=variants.yaml", "--trials-per-cell", "2", "--seeds", "2",
+                             "--no-progress", "--out", "out"]) == 0
+    dash = Dashboard(storage, folder / "work")
+    dash.result = json.loads((folder / "out" / "compare.json").read_text())
+    yield dash
+    dash.close()
+
+
+def comparison_link(site) -> str:
+    status, _, page = site.get("/")
+    assert status == 200
+    links = re.findall(r'<a href="(/comparisons/\d+)">cmp\[…\]</a>: 2 cells over norm', page)
+    assert len(links) == 1, page
+    return links[0]
+
+
+def test_the_list_links_one_page_per_comparison_whose_table_is_nas_compares(site):
+    link = comparison_link(site)
+    data = site.api("/api" + link)
+    header, body = rows(site.result)  # what nas-compare printed and wrote, by the same function
+    assert data["header"] == header and data["body"] == body
+    assert [c["study"] for c in data["ranked"]] == [c["study"] for c in sorted(site.result["cells"], key=lambda c: c["stats"]["loss"]["mean"])]
+    assert {c["study"]: c["counts"] for c in data["result"]["cells"]} == {c["study"]: c["counts"] for c in site.result["cells"]}
+
+
+def test_the_page_shows_the_table_the_intervals_and_links_each_cells_study(site):
+    link = comparison_link(site)
+    status, _, page = site.get(link)
+    assert status == 200
+    studies = {s["name"]: s["id"] for s in site.api("/api/studies")["studies"]}
+    for cell in site.result["cells"]:
+        assert f'<a href="/studies/{studies[cell["study"]]}">{html_escape(cell["study"])}</a>' in page
+        assert f"{cell['stats']['loss']['low']:.4f}, {cell['stats']['loss']['high']:.4f}" in page  # its interval in the table
+    assert page.count('<tr data-cell="') == 2 and '<svg class="intervals"' in page and page.count("<circle") == 2
+    assert "<i>bn</i>" not in page and html_escape("<i>bn</i>") in page  # a cell's name is text, never markup
+    # any cell's id names the same comparison
+    other = studies["cmp[none]"] if link.endswith(f"/{studies['cmp[<i>bn</i>]']}") else studies["cmp[<i>bn</i>]"]
+    assert site.api(f"/api/comparisons/{other}")["id"] == int(link.rsplit("/", 1)[1])
+
+
+def test_a_study_that_is_no_cell_and_an_unknown_id_are_404(site):
+    plain = next(s["id"] for s in site.api("/api/studies")["studies"] if s["name"] == "plain")
+    status, _, body = site.get(f"/comparisons/{plain}")
+    assert status == 404 and "is no cell of a nas-compare comparison" in body
+    assert site.get("/comparisons/999999")[0] == 404
