@@ -272,6 +272,12 @@ def _load(path: str | Path | None, overrides: list[Override], stored: dict | Non
     cfg.source = file
     if len(cfg.objectives) > 1 and cfg.evaluation.pruner != "none":
         raise ConfigError(file, "evaluation.pruner", "Optuna prunes single-objective studies only; use none with several objectives")
+    from nas.pruning import pruner_problem  # late: pulls in Optuna
+
+    ev = cfg.evaluation
+    problem = pruner_problem(ev.pruner, ev.folds, ev.fold_mode, ev.recalibrate_bn)
+    if problem is not None:
+        raise ConfigError(file, "evaluation.pruner", problem)
     if len(cfg.objectives) > 1 and cfg.study.sampler == "gp":
         raise ConfigError(file, "study.sampler", "use tpe, nsga2 or random with several objectives")
     if space_dict is None:

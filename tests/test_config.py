@@ -138,3 +138,26 @@ def test_objectives_are_a_list_of_known_names(tmp_path):
     assert "repeat" in str(problem(tmp_path, {"objectives": ["params", "params"]}))
     err = problem(tmp_path, {"objectives": ["cv_loss", "params"], "evaluation": {"pruner": "median"}})
     assert err.key_path == "evaluation.pruner" and "single-objective" in str(err)
+
+
+@pytest.mark.parametrize("evaluation, words", [
+    ({"pruner": "wilcoxon", "folds": 5}, "wilcoxon needs fold_mode: sequential"),
+    ({"pruner": "wilcoxon", "folds": 4, "fold_mode": "sequential"},
+     "wilcoxon cannot prune with 4 folds at p_threshold 0.1: it judges after every fold but the last, "
+     "and the smallest one-sided p after n folds is 1/2^n; use >= 5 folds"),
+    ({"pruner": "median", "recalibrate_bn": True}, "median with recalibrate_bn needs fold_mode: sequential"),
+    ({"pruner": "hyperband", "recalibrate_bn": True}, "hyperband with recalibrate_bn needs fold_mode: sequential"),
+])
+def test_a_pruner_that_could_save_nothing_is_refused_saying_why(tmp_path, evaluation, words):
+    err = problem(tmp_path, {"evaluation": evaluation})
+    assert err.key_path == "evaluation.pruner" and err.file.endswith("run.yaml") and words in str(err)
+
+
+@pytest.mark.parametrize("evaluation", [
+    {"pruner": "wilcoxon", "folds": 5, "fold_mode": "sequential"},
+    {"pruner": "median", "recalibrate_bn": True, "fold_mode": "sequential"},
+    {"pruner": "hyperband"},
+    {"pruner": "none", "recalibrate_bn": True},
+])
+def test_pruners_that_can_save_compute_are_accepted(tmp_path, evaluation):
+    assert load_run_config(write(tmp_path, {"evaluation": evaluation})).evaluation.pruner == evaluation["pruner"]
