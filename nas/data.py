@@ -1,8 +1,9 @@
 """Datasets as tensors on the device, batched augmentation on the device, stratified k-fold.
 
-A small dataset lives whole on the device as normalized float32; a batch is an index slice
-and augmentation (random crop with padding, horizontal flip) is one tensor operation over
-the batch. No per-sample Dataset or DataLoader on the hot path.
+A dataset lives whole on the device, 8-bit images as uint8 normalized per batch (`nas.samples`), the
+rest as normalized float32; a batch is an index slice and augmentation (random crop with padding,
+horizontal flip) is one tensor operation over the batch. No per-sample Dataset or DataLoader on
+the hot path.
 """
 
 from __future__ import annotations
@@ -141,7 +142,8 @@ def _torchvision(cls_name: str):
         size = "x".join(map(str, np.asarray(train.data).shape[1:3]))
         raw = RawInput(f"torchvision {cls_name}'s .data: {size} {'grey' if grey else 'RGB, height x width x channel'}, uint8 0..255",
                        "HW" if grey else "HWC", "uint8", 255.0, "grey" if grey else "rgb")
-        return Arrays(images(train), np.asarray(train.targets), images(test), np.asarray(test.targets), list(train.classes), raw=raw)
+        return Arrays(images(train), np.asarray(train.targets), images(test), np.asarray(test.targets),
+                      list(train.classes), raw=raw)
 
     return load
 
@@ -275,7 +277,7 @@ AUTO_AUGMENT = {"cifar10": "crop_flip", "cifar100": "crop_flip"}  # what `datase
 
 
 def resolve_augment(name: str | None, augment: str | None) -> str | None:
-    """The augmentation `dataset.augment` means on dataset `name` (`auto` resolved): what trains, and what a study compares."""
+    """What `dataset.augment` means on dataset `name` (`auto` resolved): what trains, and what a study compares."""
     return AUTO_AUGMENT.get(name, "none") if augment == "auto" else augment
 
 

@@ -76,7 +76,8 @@ def cache_key(listings: dict[str, tuple[list[str], list[tuple[str, int]]]], imag
         digest.update(json.dumps([split, classes]).encode())
         for path, label in files:
             stat = os.stat(path)
-            digest.update(f"{path}\0{label}\0{stat.st_size}\0{stat.st_mtime_ns}\0{stat.st_ctime_ns}\0{stat.st_ino}\n".encode())
+            fields = (path, label, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
+            digest.update(("\0".join(map(str, fields)) + "\n").encode())
     return digest.hexdigest()
 
 

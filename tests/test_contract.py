@@ -183,14 +183,16 @@ def test_cifar_auto_augment_continues_as_crop_flip_and_not_as_none(tmp_path, mon
     from tests.test_data import write_cifar
 
     write_cifar(tmp_path / "cifar", "cifar10", monkeypatch, n_train_per_file=4, n_test=6, n_classes=2)
-    write_digits_run(tmp_path, SPACE, f"sqlite:///{tmp_path}/nas.db", {"name": "c", "sampler": "random", "trials": 1}, {"folds": 2, "epochs": 1})
+    write_digits_run(tmp_path, SPACE, f"sqlite:///{tmp_path}/nas.db", {"name": "c", "sampler": "random", "trials": 1},
+                     {"folds": 2, "epochs": 1})
     write_config(tmp_path, "run.yaml", {"name": "cifar10", "root": str(tmp_path / "cifar"), "augment": "auto"})
     monkeypatch.chdir(tmp_path)
     assert search_main(["--config", "run.yaml", "--no-progress"]) == 0  # stored: auto
 
     err = refused(capsys, ["--config", "run.yaml", "--trials", "2", "--set", "dataset.augment=none"])
     assert err.startswith('--set: dataset.augment: study \'c\' was run with "crop_flip"; this run has "none"')
-    assert search_main(["--config", "run.yaml", "--trials", "2", "--set", "dataset.augment=crop_flip", "--no-progress"]) == 0
+    assert search_main(["--config", "run.yaml", "--trials", "2", "--set", "dataset.augment=crop_flip",
+                        "--no-progress"]) == 0
     s = study(tmp_path)
     assert len(s.trials) == 2 and read_config_history(s._storage, s._study_id) == []
 
@@ -201,10 +203,12 @@ def version1_fingerprint(x_train, y_train, x_test, y_test, classes) -> dict:
     for x, y in ((x_train, y_train), (x_test, y_test)):
         digest.update(np.ascontiguousarray(np.asarray(x, np.uint8).astype(np.float32) / 255.0).data)
         digest.update(np.asarray(y, np.int64).data)
-    return {"sample_shape": [3, 32, 32], "classes": classes, "train": len(y_train), "test": len(y_test), "sha256": digest.hexdigest()}
+    return {"sample_shape": [3, 32, 32], "classes": classes, "train": len(y_train), "test": len(y_test),
+            "sha256": digest.hexdigest()}
 
 
-def test_a_study_fingerprinted_in_version_1_continues_on_the_same_data_and_refuses_other_data(tmp_path, monkeypatch, capsys):
+def test_a_study_fingerprinted_in_version_1_continues_on_the_same_data_and_refuses_other_data(tmp_path, monkeypatch,
+                                                                                              capsys):
     import shutil
 
     from nas.storage import DATA_ATTR
@@ -212,7 +216,8 @@ def test_a_study_fingerprinted_in_version_1_continues_on_the_same_data_and_refus
 
     cifar = dict(name="cifar10", monkeypatch=monkeypatch, n_train_per_file=4, n_test=6, n_classes=2)
     raw = write_cifar(tmp_path / "cifar", **cifar)
-    write_digits_run(tmp_path, SPACE, f"sqlite:///{tmp_path}/nas.db", {"name": "c", "sampler": "random", "trials": 1}, {"folds": 2, "epochs": 1})
+    write_digits_run(tmp_path, SPACE, f"sqlite:///{tmp_path}/nas.db", {"name": "c", "sampler": "random", "trials": 1},
+                     {"folds": 2, "epochs": 1})
     write_config(tmp_path, "run.yaml", {"name": "cifar10", "root": str(tmp_path / "cifar")})
     monkeypatch.chdir(tmp_path)
     assert search_main(["--config", "run.yaml", "--no-progress"]) == 0
@@ -225,7 +230,8 @@ def test_a_study_fingerprinted_in_version_1_continues_on_the_same_data_and_refus
     write_cifar(tmp_path / "cifar", **cifar, seed=1)  # same shape, classes and sizes; other pixels
     before = snapshot(tmp_path)
     err = refused(capsys, ["--config", "run.yaml", "--trials", "2"])
-    assert err.startswith(f"run.yaml: data.sha256: study 'c' was run with \"{version1_fingerprint(*raw)['sha256'][:10]}")
+    old_sha256 = version1_fingerprint(*raw)["sha256"]
+    assert err.startswith(f"run.yaml: data.sha256: study 'c' was run with \"{old_sha256[:10]}")
     assert snapshot(tmp_path) == before
 
     shutil.rmtree(tmp_path / "cifar")

@@ -702,18 +702,22 @@ def test_the_fingerprint_hashes_8_bit_images_as_their_stored_uint8_bytes(tmp_pat
 
     found = load_dataset(DatasetConfig(name="cifar10", root=str(tmp_path))).fingerprint
 
-    stored = b"".join([x_train.tobytes(), np.asarray(y_train, np.int64).tobytes(), x_test.tobytes(), np.asarray(y_test, np.int64).tobytes()])
+    labels = [np.asarray(y, np.int64).tobytes() for y in (y_train, y_test)]
+    stored = b"".join([x_train.tobytes(), labels[0], x_test.tobytes(), labels[1]])
     assert found["version"] == 2 and found["sha256"] == hashlib.sha256(stored).hexdigest()
-    version1 = b"".join([(x_train.astype(np.float32) / 255.0).tobytes(), np.asarray(y_train, np.int64).tobytes(),
-                         (x_test.astype(np.float32) / 255.0).tobytes(), np.asarray(y_test, np.int64).tobytes()])
+    version1 = b"".join([(x_train.astype(np.float32) / 255.0).tobytes(), labels[0],
+                         (x_test.astype(np.float32) / 255.0).tobytes(), labels[1]])
     old = found.as_version(1)
     assert old["sha256"] == hashlib.sha256(version1).hexdigest() != found["sha256"] and "version" not in old
-    assert {k: v for k, v in old.items() if k != "sha256"} == {k: v for k, v in found.items() if k not in ("sha256", "version")}
+    assert {k: v for k, v in old.items() if k != "sha256"} == {k: v for k, v in found.items()
+                                                               if k not in ("sha256", "version")}
     assert pickle.loads(pickle.dumps(found)).as_version(1) == old  # a worker process can be handed it
 
 
 def test_float_data_hashes_the_same_bytes_in_both_fingerprint_versions(digits):
     arrays = LOADERS["digits"](DatasetConfig(name="digits"))
     stored = b"".join(np.ascontiguousarray(a, dtype).tobytes() for a, dtype in (
-        (arrays.x_train, np.float32), (arrays.y_train, np.int64), (arrays.x_test, np.float32), (arrays.y_test, np.int64)))
-    assert digits.fingerprint["sha256"] == hashlib.sha256(stored).hexdigest() == digits.fingerprint.as_version(1)["sha256"]
+        (arrays.x_train, np.float32), (arrays.y_train, np.int64), (arrays.x_test, np.float32),
+        (arrays.y_test, np.int64)))
+    found = digits.fingerprint
+    assert found["sha256"] == hashlib.sha256(stored).hexdigest() == found.as_version(1)["sha256"]

@@ -108,7 +108,8 @@ def test_stored_images_index_like_the_tensor_they_stand_for(cifar):
 def float32_path(cfg: DatasetConfig, like: Dataset) -> Dataset:
     """The same data through load_dataset's float32 path (an identity transform sends it there), normalized with
     `like`'s statistics."""
-    return load_dataset(DatasetConfig(**{**cfg.__dict__, "transforms": [{"invert": False}]}), normalization={"mean": like.mean, "std": like.std})
+    return load_dataset(DatasetConfig(**{**cfg.__dict__, "transforms": [{"invert": False}]}),
+                        normalization={"mean": like.mean, "std": like.std})
 
 
 @pytest.mark.parametrize("streamed", [False, True])
@@ -116,11 +117,13 @@ def test_a_uint8_batch_equals_the_float32_path_bit_for_bit(cifar, streamed):
     compact = load_dataset(DatasetConfig(**{**cifar.__dict__, "device_memory": 0.0 if streamed else None}))
     plain = float32_path(cifar, compact)
 
-    assert isinstance(compact.x_train, StreamedImages if streamed else CompactImages) and plain.x_train.dtype == torch.float32
+    assert isinstance(compact.x_train, StreamedImages if streamed else CompactImages)
+    assert plain.x_train.dtype == torch.float32
     index = torch.randperm(len(compact.y_train), generator=torch.Generator().manual_seed(0))[:16]
     assert torch.equal(compact.x_train[index], plain.x_train[index])
     assert torch.equal(compact.x_test.cpu(), plain.x_test)
-    assert not torch.equal(compact.x_test.cpu(), plain.x_test.nextafter(torch.tensor(float("inf"))))  # one ulp apart is told apart
+    one_ulp_up = plain.x_test.nextafter(torch.tensor(float("inf")))
+    assert not torch.equal(compact.x_test.cpu(), one_ulp_up)  # the check tells one ulp apart
 
 
 @pytest.mark.cuda
@@ -129,4 +132,6 @@ def test_a_uint8_batch_on_cuda_equals_the_float32_path_on_the_cpu_bit_for_bit(ci
 
     compact = load_dataset(cifar, CUDA_TEST_DEVICE)
     plain = float32_path(cifar, compact)
-    assert torch.equal(compact.x_train[torch.arange(len(compact.y_train), device=compact.x_train.device)].cpu(), plain.x_train)
+    every = torch.arange(len(compact.y_train), device=compact.x_train.device)
+    assert compact.x_train.device.type == torch.device(CUDA_TEST_DEVICE).type
+    assert torch.equal(compact.x_train[every].cpu(), plain.x_train)
