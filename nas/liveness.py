@@ -26,7 +26,7 @@ import optuna
 import psutil
 from optuna.trial import TrialState
 
-from nas.storage import delete_study_system_attr
+from nas.storage import FAIL_REASON_ATTR, delete_study_system_attr
 
 WORKER_PREFIX = "nas:worker:"
 TRIAL_WORKER_ATTR = "worker"
@@ -135,7 +135,7 @@ def reclaim_dead_trials(study: optuna.Study, grace_seconds: float | None = None,
         else:
             continue
         try:
-            storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
+            storage.set_trial_user_attr(trial._trial_id, FAIL_REASON_ATTR, reason)
             if not storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
                 continue
         except optuna.exceptions.UpdateFinishedTrialError:

@@ -5,8 +5,11 @@ A study holds, besides Optuna's trials:
                       `nas:data` (the fingerprint of the data it was searched on), `nas:config_history`
                       (forced changes), `nas:stop_requested_at`, and one `nas:worker:...` record per live worker;
   study user attr     `bnnas`: one short line, so `optuna studies` stays readable;
-  trial user attrs    the score (`nas.study.SCORE_ATTRS`), `arch`, `worker`, `duplicate_of`, `fail_reason`.
+  trial user attrs    the score (`nas.study.SCORE_ATTRS`), `arch`, `worker`, `duplicate_of`, `fail_reason`,
+                      `config_version`.
 Studies written before these names kept the run config in the user attr `run_config`; it is still read.
+A repeated proposal (`duplicate_of`) is a FAIL trial, so that no sampler or pruner counts it (`nas.novelty`);
+studies written before kept repeats COMPLETE or PRUNED, which `counts_toward_budget` still tells apart.
 """
 
 from __future__ import annotations
@@ -33,11 +36,18 @@ DATA_ATTR = "nas:data"
 HISTORY_ATTR = "nas:config_history"
 SUMMARY_ATTR = "bnnas"  # the study user attr `optuna studies` shows
 LEGACY_RUN_CONFIG_ATTR = "run_config"  # user attr of studies written before RUN_CONFIG_ATTR
-DUPLICATE_ATTR = "duplicate_of"  # trial user attr: the proposal repeated this finished trial's parameters
+DUPLICATE_ATTR = "duplicate_of"  # trial user attr: the proposal repeated this tried trial's parameters
+FAIL_REASON_ATTR = "fail_reason"
+INTERRUPTED = "interrupted"  # the fail reason of a trial stopped by SIGINT / SIGTERM: no fault of its candidate
 
 
 def is_duplicate(trial: optuna.trial.FrozenTrial) -> bool:
     return DUPLICATE_ATTR in trial.user_attrs
+
+
+def is_failure(trial: optuna.trial.FrozenTrial) -> bool:
+    """A FAIL trial that tried to train its candidate (a repeat is FAIL only to keep it from samplers and pruners)."""
+    return trial.state == TrialState.FAIL and not is_duplicate(trial)
 
 
 def counts_toward_budget(trial: optuna.trial.FrozenTrial) -> bool:

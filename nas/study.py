@@ -6,7 +6,7 @@ config (with its search space inline) is stored on the study, so a study can be 
 its YAML; it is also the study's contract (`nas.contract`): a continuation that would score
 trials differently is refused unless forced. Every process seeds its sampler from the study seed
 and what the study already holds, so no process replays another's draws (`process_seed`), and a
-proposal that repeats a finished trial costs no training (`nas.novelty`).
+proposal that repeats a tried candidate costs no training and is kept from the sampler (`nas.novelty`).
 """
 
 from __future__ import annotations
@@ -33,13 +33,14 @@ from nas.config import RunConfig, blamed
 from nas.contract import VERSION_ATTR, contract, differences, history_entry, show, summary
 from nas.errors import ConfigError, StudyError, Terminated, TrialError
 from nas.liveness import WorkerRecord, live_workers, mark_trial, reclaim_dead_trials
-from nas.novelty import Novelty, record_duplicate
+from nas.novelty import Novelty, record_repeat
 from nas.pruning import Reporter, make_pruner, reports_every_epoch
 from nas.signals import SIGNALS
 from nas.space import Space
-from nas.storage import (FINISHED, HISTORY_ATTR, STOP_ATTR, budget_count, check_writable_sqlite, counts_toward_budget,
-                         load_existing_study, make_storage, one_line, quiet_optuna, read_config_history, read_data_fingerprint,
-                         read_run_config, sqlite_path, write_run_config)
+from nas.storage import (FAIL_REASON_ATTR, FINISHED, HISTORY_ATTR, INTERRUPTED, STOP_ATTR, budget_count,
+                         check_writable_sqlite, counts_toward_budget, is_duplicate, is_failure, load_existing_study,
+                         make_storage, one_line, quiet_optuna, read_config_history, read_data_fingerprint, read_run_config,
+                         sqlite_path, write_run_config)
 
 SCORE_ATTRS = ("fold_losses", "fold_accuracies", "cv_accuracy", "cv_loss_std", "params", "train_seconds",
                "eval_mode_loss", "train_mode_loss", "recalibrated_loss", "fold_mode", "fold_mode_fallback")
@@ -180,7 +181,7 @@ def make_objective(cfg: RunConfig, data, folds, device, epoch_bar: Callable | No
                    version: int = 0) -> Callable:
     """The objective: sample an ArchSpec, cross-validate it, store the score on the trial.
 
-    A proposal that repeats a finished trial is recorded as its duplicate without training (`novelty`).
+    A proposal that repeats a tried candidate is recorded as a FAIL repeat without training (`novelty`).
     """
     from nas.bench import candidate_costs
     from nas.evaluate import cross_validate  # late: keeps torch out of `import nas.study` users that only read
@@ -193,13 +194,13 @@ def make_objective(cfg: RunConfig, data, folds, device, epoch_bar: Callable | No
         trial.set_user_attr(VERSION_ATTR, version)
         reclaim_dead_trials(trial.study, 2 * cfg.study.heartbeat_seconds, cfg.study.retries)
         if over_budget(trial.study, trial.number, cfg.study.trials):
-            trial.set_user_attr("fail_reason", OVER_BUDGET)
+            trial.set_user_attr(FAIL_REASON_ATTR, OVER_BUDGET)
             raise TrialError(OVER_BUDGET)
         spec = space.sample(trial)
         trial.set_user_attr("arch", spec)
         original = novelty.original_of(trial.study, trial.params) if novelty is not None else None
         if original is not None:
-            return record_duplicate(trial, original)
+            record_repeat(trial, original)  # raises: a FAIL trial, caught by `optimize`
         reporter = Reporter(trial, cfg.evaluation.pruner, epochs, len(folds))
         bar = epoch_bar(trial.number) if epoch_bar else None
 
@@ -216,10 +217,10 @@ def make_objective(cfg: RunConfig, data, folds, device, epoch_bar: Callable | No
                 score = cross_validate(spec, data, folds, epochs, device, cfg.study.seed, trial.number, on_epoch if every_epoch else None,
                                        reporter.fold, cfg.evaluation.recalibrate_bn, cfg.evaluation.fold_mode)
         except TrialError as exc:
-            trial.set_user_attr("fail_reason", str(exc))
+            trial.set_user_attr(FAIL_REASON_ATTR, str(exc))
             raise
         except KeyboardInterrupt:  # SIGINT, and SIGTERM (see cli): Optuna marks the trial FAIL
-            trial.set_user_attr("fail_reason", "interrupted")
+            trial.set_user_attr(FAIL_REASON_ATTR, INTERRUPTED)
             raise
         finally:
             if bar is not None:
@@ -285,14 +286,19 @@ class StopOnRequest:
 
 
 class StopAfterFailures:
-    """Stop the search after N trials in a row failed: something is wrong beyond one candidate."""
+    """Stop the search after N trials in a row failed: something is wrong beyond one candidate.
+
+    A repeat (FAIL only to keep it from the sampler) trained nothing: it neither fails nor breaks the streak.
+    """
 
     def __init__(self, limit: int):
         self.limit, self.streak, self.tripped = limit, 0, False
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        if trial.user_attrs.get("fail_reason") == OVER_BUDGET:
+        if trial.user_attrs.get(FAIL_REASON_ATTR) == OVER_BUDGET:
             study.stop()  # the other workers finish the budget
+            return
+        if is_duplicate(trial):
             return
         self.streak = self.streak + 1 if trial.state == TrialState.FAIL else 0
         if self.streak >= self.limit:
@@ -352,7 +358,7 @@ def _search(cfg: RunConfig, storage, record: WorkerRecord, device, progress, out
     others = [w for w in live_workers(study._storage, study._study_id, 2 * cfg.study.heartbeat_seconds) if w.identity != record.identity]
     seed = process_seed(cfg.study.seed, len(study.get_trials(deepcopy=False)), others)
     study.sampler = make_sampler(cfg.study.sampler, seed)
-    novelty = Novelty(cfg.space, seed)
+    novelty = Novelty(cfg.space, seed, version, cfg.study.retries)
     show_bars = sys.stderr.isatty() if progress is None else progress
     out(f"Study '{cfg.study.name}' in {cfg.study.storage}: {done}/{budget} finished, running {budget - done} more "
         f"on {device.type} ({data.name}: {len(data.y_train)} training samples, {cfg.evaluation.folds} folds x {cfg.evaluation.epochs} epochs)")
@@ -366,8 +372,9 @@ def _search(cfg: RunConfig, storage, record: WorkerRecord, device, progress, out
     def advance(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         if trial.state in FINISHED:
             trials_bar.update(finished_trials(study) - trials_bar.n)  # other workers' trials too
-        elif trial.state == TrialState.FAIL and trial.user_attrs.get("fail_reason") != OVER_BUDGET:
-            trials_bar.write(f"trial {trial.number} failed: {trial.user_attrs.get('fail_reason', 'see its user attributes')}", file=sys.stderr)
+        elif is_failure(trial) and trial.user_attrs.get(FAIL_REASON_ATTR) != OVER_BUDGET:
+            reason = trial.user_attrs.get(FAIL_REASON_ATTR, "see its user attributes")
+            trials_bar.write(f"trial {trial.number} failed: {reason}", file=sys.stderr)
         best = _best_value(study)
         if best is not None:
             trials_bar.set_postfix(best_cv_loss=f"{best:.4f}")
@@ -401,7 +408,7 @@ def _search(cfg: RunConfig, storage, record: WorkerRecord, device, progress, out
     if any(codes):
         raise StudyError(f"--workers: {sum(map(bool, codes))} of {len(helpers)} extra workers exited with an error (exit codes {codes})")
     if failures.tripped:
-        last = study.trials[-1].user_attrs.get("fail_reason", "see the trial's user attributes")
+        last = study.trials[-1].user_attrs.get(FAIL_REASON_ATTR, "see the trial's user attributes")
         raise StudyError(f"stopped after {failures.limit} failed trials in a row; last reason: {last}")
     if stop_request.stopped:
         out(f"Stopped on request after the running trial: {finished_trials(study)}/{budget} finished; "

@@ -93,11 +93,13 @@ def test_a_used_up_finite_space_trains_each_candidate_once_and_stops(tmp_path, c
     trained = [t for t in trials if counts_toward_budget(t)]
     assert len(trained) == 4 and len(param_sets(trained)) == 4
     by_number = {t.number: t for t in trials}
-    for t in trials:
-        if "duplicate_of" in t.user_attrs:  # recorded without training, with the score it repeats
-            original = by_number[t.user_attrs["duplicate_of"]]
-            assert t.params == original.params and t.value == original.value
-            assert "fold_losses" not in t.user_attrs and "duplicate_of" not in original.user_attrs
+    repeats = [t for t in trials if "duplicate_of" in t.user_attrs]
+    assert repeats  # the stop comes with a proposal of a trained candidate
+    for t in repeats:  # recorded without training, as FAIL: no sampler or pruner counts it
+        original = by_number[t.user_attrs["duplicate_of"]]
+        assert t.params == original.params and t.state == TrialState.FAIL and t.value is None
+        assert t.user_attrs["fail_reason"] == f"repeat of trial {original.number} (not trained)"
+        assert "fold_losses" not in t.user_attrs and "duplicate_of" not in original.user_attrs
     # the ranking shows each candidate once
     table = [line.split()[0] for line in out.splitlines() if line[:1].isdigit()]
     assert len(table) == 4 and {int(n) for n in table} == {t.number for t in trained}
