@@ -455,7 +455,8 @@ def summary_table(study: optuna.Study, k: int = 5) -> str:
     objectives = (read_run_config(study._storage, study._study_id) or {}).get("objectives", ["cv_loss"])
     if len(study.directions) > 1:
         return pareto_table(study, objectives)
-    rows = [("trial", "cv loss", "cv acc", "params", "norm (type @ position)", "activation")]
+    # cv_loss_std is the population SD of the fold losses (nas.evaluate), so the column says so
+    rows = [("trial", "cv loss ± SD over folds", "cv acc", "params", "norm (type @ position)", "activation")]
     for t in top_trials(study, k):
         arch, attrs = t.user_attrs.get("arch", {}), t.user_attrs
         std = attrs.get("cv_loss_std")

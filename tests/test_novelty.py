@@ -100,7 +100,8 @@ def test_a_used_up_finite_space_trains_each_candidate_once_and_stops(tmp_path, c
         assert t.params == original.params and t.state == TrialState.FAIL and t.value is None
         assert t.user_attrs["fail_reason"] == f"repeat of trial {original.number} (not trained)"
         assert "fold_losses" not in t.user_attrs and "duplicate_of" not in original.user_attrs
-    # the ranking shows each candidate once
+    # the ranking shows each candidate once, its ± labelled for what it is
+    assert "cv loss ± SD over folds" in out
     table = [line.split()[0] for line in out.splitlines() if line[:1].isdigit()]
     assert len(table) == 4 and {int(n) for n in table} == {t.number for t in trained}
     # a rerun with a larger budget trains nothing new and says so
