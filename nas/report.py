@@ -35,7 +35,7 @@ from nas.liveness import describe_workers, live_workers
 from nas.anytime import clock, improvements
 from nas.archspec import (MIXED, NO_POSITION, NORM_ORDER, POSITION_ORDER, SETTING_ABBREV, UNKNOWN, describe_activations,
                           describe_block_types, describe_layout, describe_training, norm_group, order_key)
-from nas.storage import counts_toward_budget, is_duplicate, load_existing_study, one_line, quiet_optuna, read_config_history, read_run_config
+from nas.storage import counts_toward_budget, is_duplicate, is_failure, load_existing_study, one_line, quiet_optuna, read_config_history, read_run_config
 
 DPI = 110
 MIN_TRIALS = 3  # below this, importances and group comparisons are noise, not data
@@ -202,9 +202,11 @@ def _loss(value: float | None) -> str:
 
 
 def header(study: optuna.Study, storage: str, trials: list[FrozenTrial], rows: list[Row]) -> list[str]:
-    counts = Counter(t.state for t in trials)
+    counts = Counter(t.state for t in trials if not is_duplicate(t))
     states = [s for s in STATE_ORDER if counts[s]] + sorted((s for s in counts if s not in STATE_ORDER), key=lambda s: s.name)
-    summary = ", ".join(f"{counts[s]} {s.name.lower()}" for s in states) or "none yet"
+    repeats = sum(map(is_duplicate, trials))
+    summary = ", ".join([f"{counts[s]} {s.name.lower()}" for s in states] + [f"{repeats} repeated"] * bool(repeats))
+    summary = summary or "none yet"
     lines = [
         f"# Study report: {study.study_name}",
         "",
@@ -271,7 +273,7 @@ def run_config_summary(config: dict) -> list[str]:
 
 def failures(trials: list[FrozenTrial], limit: int = 10) -> list[str]:
     """Failed trials grouped by reason, most frequent first."""
-    failed = [t for t in trials if t.state == TrialState.FAIL]
+    failed = [t for t in trials if is_failure(t)]  # repeats are FAIL only to keep them from the sampler
     if not failed:
         return ["## Failed trials", "", "None."]
     by_reason: dict[str, list[int]] = {}

@@ -212,7 +212,7 @@ def make_objective(cfg: RunConfig, data, folds, device, epoch_bar: Callable | No
             reporter.epoch(fold, epoch, loss, per_fold)
 
         try:
-            every_epoch = bar is not None or reports_every_epoch(cfg.evaluation.pruner)  # else no per-epoch validation pass
+            every_epoch = bar is not None or reports_every_epoch(cfg.evaluation.pruner, cfg.evaluation.fold_mode)  # else none
             with SIGNALS.interruptible():
                 score = cross_validate(spec, data, folds, epochs, device, cfg.study.seed, trial.number, on_epoch if every_epoch else None,
                                        reporter.fold, cfg.evaluation.recalibrate_bn, cfg.evaluation.fold_mode)

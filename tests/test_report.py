@@ -222,3 +222,16 @@ def test_cli_writes_the_report_and_maps_an_unknown_study_to_exit_2(live_study, t
     assert report_main(["--storage", url, "--study", "nope", "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "nope" in err
+
+
+def test_repeats_are_counted_as_repeats_not_as_failures(tmp_path):
+    """nas-search records a repeat as FAIL with `duplicate_of` so samplers ignore it; the report must not call it a failure."""
+    url = make_study(tmp_path / "nas.db", "repeats", 4)
+    study = optuna.load_study(study_name="repeats", storage=url)
+    repeat = study.ask()
+    repeat.set_user_attr("duplicate_of", 0)
+    repeat.set_user_attr("fail_reason", "repeat of trial 0 (not trained)")
+    study.tell(repeat, state=optuna.trial.TrialState.FAIL)
+    text = write_report(url, "repeats", tmp_path / "out").read_text()
+    assert "4 complete, 1 repeated (5 in all" in text
+    assert section(text, "Failed trials").strip() == "None."
