@@ -306,12 +306,12 @@ def cell_counts(trials) -> dict:
     """What a cell's study holds: candidates trained (complete), pruned, failed, and proposals that repeated one."""
     from optuna.trial import TrialState
 
-    from nas.storage import counts_toward_budget, is_duplicate
+    from nas.storage import counts_toward_budget, is_duplicate, is_failure
     from nas.study import OVER_BUDGET
 
     own = [t for t in trials if counts_toward_budget(t)]
     return {"trained": sum(t.state == TrialState.COMPLETE for t in own), "pruned": sum(t.state == TrialState.PRUNED for t in own),
-            "failed": sum(t.state == TrialState.FAIL and t.user_attrs.get("fail_reason") != OVER_BUDGET for t in trials),
+            "failed": sum(is_failure(t) and t.user_attrs.get("fail_reason") != OVER_BUDGET for t in trials),
             "repeated": sum(map(is_duplicate, trials))}
 
 

@@ -61,6 +61,9 @@ def test_the_page_shows_the_table_the_intervals_and_links_each_cells_study(site)
         assert f"{cell['stats']['loss']['low']:.4f}, {cell['stats']['loss']['high']:.4f}" in page  # its interval in the table
     assert page.count('<tr data-cell="') == 2 and '<svg class="intervals"' in page and page.count("<circle") == 2
     assert "<i>bn</i>" not in page and html_escape("<i>bn</i>") in page  # a cell's name is text, never markup
+    for cell in site.result["cells"]:  # and each cell's page leads back
+        assert f'<a href="{link}" data-field="comparison">cmp[…]</a>' in site.get(f"/studies/{studies[cell['study']]}")[2]
+    assert 'data-field="comparison"' not in site.get(f"/studies/{studies['plain']}")[2]
     # any cell's id names the same comparison
     other = studies["cmp[none]"] if link.endswith(f"/{studies['cmp[<i>bn</i>]']}") else studies["cmp[<i>bn</i>]"]
     assert site.api(f"/api/comparisons/{other}")["id"] == int(link.rsplit("/", 1)[1])
@@ -71,3 +74,23 @@ def test_a_study_that_is_no_cell_and_an_unknown_id_are_404(site):
     status, _, body = site.get(f"/comparisons/{plain}")
     assert status == 404 and "is no cell of a nas-compare comparison" in body
     assert site.get("/comparisons/999999")[0] == 404
+
+
+try:  # a real headless Chromium, set up as tests/test_dashboard_browser.py does (Debian's chromium)
+    from test_dashboard_browser import TIMEOUT_MS, browser, chromium, sync_api  # noqa: F401 (fixtures)
+except pytest.skip.Exception:
+    sync_api = None
+
+
+@pytest.mark.skipif(sync_api is None, reason="pip install playwright (dev extra)")
+def test_in_a_browser_the_list_leads_to_the_comparison_and_on_to_each_cell(site, browser):
+    expect = sync_api.expect
+    page = browser.new_page(viewport={"width": 1400, "height": 800})
+    page.goto(site.base + "/")
+    page.get_by_role("link", name="cmp[…]").click()
+    expect(page.locator("h1")).to_have_text("Comparison cmp[…]", timeout=TIMEOUT_MS)
+    expect(page.locator("tr[data-cell]")).to_have_count(2)
+    expect(page.locator("svg.intervals circle")).to_have_count(2)
+    page.locator('tr[data-cell="<i>bn</i>"] td.name a').click()  # the label is text: the selector finds it as written
+    expect(page.locator("h1")).to_have_text("cmp[<i>bn</i>]", timeout=TIMEOUT_MS)
+    assert re.fullmatch(rf"{re.escape(site.base)}/studies/\d+", page.url)

@@ -126,7 +126,9 @@ def create_app(storage: optuna.storages.BaseStorage, workers: Workers, csrf_toke
 
     @app.get("/studies/<study_id:int>")
     def study_page(study_id):
-        return render("study.tpl", s=detail(study_id), history_svg=history_svg)
+        data = detail(study_id)
+        within = next((c for c in state.comparisons(storage) if study_id in {cell["id"] for cell in c["cells"]}), None)
+        return render("study.tpl", s=data, history_svg=history_svg, comparison=within)
 
     @app.get("/fragments/studies/<study_id:int>")
     def study_fragment(study_id):
