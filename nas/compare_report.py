@@ -182,8 +182,9 @@ def plot(result: dict, path: Path) -> None:
     colors = {"best": "tab:green", "indistinguishable": "tab:olive", "worse": "tab:gray", "untested": "tab:gray"}
     for y, cell in enumerate(cells):
         gap = cell["stats"]["gap"]
-        half = 0.0 if math.isnan(gap["high"]) else gap["high"] - gap["estimate"]
-        ax.errorbar(gap["estimate"], y, xerr=half, fmt="o", capsize=3, color=colors[cell["stats"]["verdict"]])
+        ends = (0.0, 0.0) if math.isnan(gap["high"]) else (gap["estimate"] - gap["low"], gap["high"] - gap["estimate"])
+        color = colors[cell["stats"]["verdict"]]
+        ax.errorbar(gap["estimate"], y, xerr=[[ends[0]], [ends[1]]], fmt="o", capsize=3, color=color)
     ax.axvline(0.0, color="black", linewidth=0.8)
     ax.set_yticks(range(len(cells)), [f"{c['label']} ({_verdict(c['stats'])})" for c in cells], fontsize=8)
     comp = comparison(result) or {}
