@@ -407,8 +407,10 @@ def compare_parser() -> argparse.ArgumentParser:
         "compare",
         "Every combination of the factors' levels (a cell) is its own study in the storage, searching the rest of the space "
         "with the config's sampler for exactly --trials-per-cell trials; each cell's best spec is then cross-validated under "
-        "--seeds fresh seeds (the same for every cell: paired), and each cell is tested against the best one (paired t-test, "
-        "Holm-corrected). The same command resumes an interrupted comparison.",
+        "--seeds fresh seeds (the same for every cell: paired), and every pair of cells is tested (paired "
+        "t-test, Bonferroni-corrected over all pairs); a cell is worse when shown worse than some other. A cell "
+        "whose search stops short of its budget is marked. The same command resumes an interrupted comparison "
+        "(never with a smaller --trials-per-cell than a cell holds).",
         """a factor is
   KEY                    a search-space key: its levels are the key's choices (or --levels KEY=A,B)
   FILE.yaml | NAME=FILE.yaml   named variants: each name maps to a small override of the space

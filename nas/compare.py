@@ -4,8 +4,8 @@ A single TPE study spends its trials unequally, so its ranking of a choice is no
 Here every combination of the factors' levels (a *cell*) gets its own study in the same storage,
 searching the rest of the space with the config's sampler and exactly the same trial budget.
 The best spec of each cell is then cross-validated again under fresh seeds (new folds, new
-initial weights; seed i is the same for every cell, so cells are paired by seed), and the cells
-are compared with the best one (`nas.compare_stats`).
+initial weights; seed i is the same for every cell, so cells are paired by seed), and every pair
+of cells is tested, a cell worse when shown worse than some other (`nas.compare_stats`).
 
 A factor is a key of the search space (its levels: the key's choices, or those `--levels` picks)
 or a set of named variants: a YAML file mapping each name to a small override of the space
@@ -15,7 +15,8 @@ factor's level shown as `n/a`. Every cell is a study named `BASE[level,level]`; 
 resumes an interrupted comparison: finished trials and re-evaluations are kept in the studies.
 Each cell reports what its study holds (candidates trained, pruned, failed, repeated), and a cell
 whose search stopped short of its budget (space exhausted, failures in a row) is marked, not
-dropped: the budgets are equal only where they are shown to be.
+dropped: the budgets are equal only where they are shown to be. A rerun with a smaller budget
+than a cell already holds is refused (its search would keep every trial it has).
 """
 
 from __future__ import annotations
