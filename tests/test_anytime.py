@@ -5,7 +5,9 @@ from datetime import datetime, timedelta
 from optuna.distributions import FloatDistribution
 from optuna.trial import FrozenTrial, TrialState
 
+from conftest import write_digits_run
 from nas.anytime import anytime_line, best_at, improvements
+from nas.cli import search_main
 
 T0 = datetime(2026, 12, 1, 12, 0, 0)
 
@@ -46,3 +48,15 @@ def test_the_line_shows_the_first_the_last_and_some_between():
     assert line.startswith("Best CV loss over this run (2:31): 1.0000 (trial 0, 0:00) -> ")
     assert line.endswith("0.4500 (trial 11, 1:50)") and line.count("->") == 5
     assert anytime_line([], 3) == "Best CV loss over this run (0:03): no completed trial."
+
+
+def test_a_resumed_search_says_the_best_it_started_from(tmp_path, capsys):
+    space = {"stages": 1, "width": 8, "training": {"lr": {"float": [0.01, 0.1], "log": True}}}
+    config = write_digits_run(tmp_path, space, f"sqlite:///{tmp_path}/nas.db", {"name": "a", "sampler": "random", "trials": 1},
+                              {"folds": 2, "epochs": 1})
+    assert search_main(["--config", str(config), "--no-progress"]) == 0
+    first = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("Best CV loss over this run"))
+    assert "before this run" not in first and "(trial 0, " in first
+    assert search_main(["--config", str(config), "--trials", "2", "--no-progress"]) == 0
+    again = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("Best CV loss over this run"))
+    assert "): from " in again and "(trial 0, before this run)" in again and "trial 0, 0:00" not in again
