@@ -12,14 +12,23 @@ or another decoder makes a new entry; later loads memory-map the arrays. The mti
 do: `cp -p`, rsync and unzip restore it on a rewritten file, and the study's data fingerprint
 hashes what the cache serves; a file's ctime cannot be set back, and a rewrite by rename gets a
 new inode.
+
+A cache folder may be shared (`$BNNAS_CACHE` on a cluster's scratch disk), so an entry is served only
+when the root, the entry and each file read from it are this user's own, writable by no one else, and
+no symbolic link (each opened with O_NOFOLLOW and checked by fstat, relative to its checked parent, so
+that nothing can be swapped between the check and the read), and when its meta.json holds the key
+computed here. Anything else is said in one line and the images are decoded instead; new folders are
+made 0700 and files 0600 whatever the umask.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,8 +161,18 @@ def load_image_folder(root: Path, image_size: int | None, cache: str, workers: i
     base = cache_root(cache)
     key = cache_key(listings, image_size)
     entry = base / f"imagefolder-{key[:24]}" if base is not None else None
-    if entry is not None and (entry / "meta.json").is_file():
-        return read_entry(entry)
+    cached = None
+    if entry is not None:
+        try:
+            cached = read_entry(entry, key)
+        except Refused as exc:
+            _say(log, f"dataset.cache: {exc}: not used; decoding without the cache")
+            entry = None
+        except OSError as exc:  # the root could not be made
+            _say(log, f"dataset.cache: cannot write to {base} ({exc.strerror or exc}); images not cached")
+            entry = None
+    if cached is not None:
+        return cached
     workers = workers or available_cores()
     splits = {split: Split(decode_split(files, image_size, root / split, workers), np.array([label for _, label in files], np.int64), classes)
               for split, (classes, files) in listings.items()}
@@ -162,32 +181,109 @@ def load_image_folder(root: Path, image_size: int | None, cache: str, workers: i
     return splits
 
 
-def read_entry(entry: Path) -> dict[str, Split]:
-    meta = json.loads((entry / "meta.json").read_text())
-    return {split: Split(np.load(entry / f"{split}_images.npy", mmap_mode="r"), np.load(entry / f"{split}_labels.npy"), meta["classes"][split])
-            for split in SPLITS}
+def _say(log, message: str) -> None:
+    if log:
+        log(message)
+
+
+class Refused(Exception):
+    """A cache folder or file that is not used: another user could have written it, or it is not this key's."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"{path} {reason}")
+
+
+def open_checked(path: Path, folder: bool, dir_fd: int | None = None) -> int:
+    """A descriptor of `path` (its last name looked up in `dir_fd` when given), opened without following a
+    symbolic link and refused unless it is a folder / regular file of this user that no one else can write."""
+    try:
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(path.name if dir_fd is not None else path, flags, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise Refused(path, "is a symbolic link") from None
+        raise
+    info, uid = os.fstat(fd), os.geteuid()
+    mode = info.st_mode
+    problem = ("is not a folder" if folder and not stat.S_ISDIR(mode) else
+               "is not a regular file" if not folder and not stat.S_ISREG(mode) else
+               f"is owned by uid {info.st_uid}, not by this user (uid {uid})" if info.st_uid != uid else
+               f"is writable by group or others (mode {stat.S_IMODE(mode):o})" if mode & 0o022 else None)
+    if problem:
+        os.close(fd)
+        raise Refused(path, problem)
+    return fd
+
+
+def open_root(base: Path) -> int:
+    """The cache root as a checked descriptor; made 0700 (its missing parents as the umask says) if absent."""
+    base.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        base.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    return open_checked(base, folder=True)
+
+
+def read_entry(entry: Path, key: str) -> dict[str, Split] | None:
+    """The splits an entry holds, or None when there is none; refused unless the root, the entry and its files pass
+    `open_checked` and its meta.json holds `key`. The images are memory-mapped from their checked descriptors."""
+    root_fd, entry_fd = open_root(entry.parent), None
+    try:
+        entry_fd = open_checked(entry, folder=True, dir_fd=root_fd)
+        with os.fdopen(open_checked(entry / "meta.json", folder=False, dir_fd=entry_fd)) as file:
+            meta = json.load(file)
+        if not isinstance(meta, dict) or meta.get("key") != key:
+            raise Refused(entry / "meta.json", "holds another key than this folder's")
+        return {split: Split(_load_array(entry / f"{split}_images.npy", entry_fd, mmap=True),
+                             _load_array(entry / f"{split}_labels.npy", entry_fd, mmap=False), meta["classes"][split])
+                for split in SPLITS}
+    except FileNotFoundError:
+        return None  # no entry yet (entries appear whole, by rename)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise Refused(entry, f"cannot be read ({exc})") from None
+    finally:
+        os.close(root_fd)
+        if entry_fd is not None:
+            os.close(entry_fd)
+
+
+NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+
+
+def _load_array(path: Path, entry_fd: int, mmap: bool) -> np.ndarray:
+    """One `.npy` file of an entry through a checked descriptor (`np.load` memory-maps only what it opens by name)."""
+    with os.fdopen(open_checked(path, folder=False, dir_fd=entry_fd), "rb") as file:
+        if not mmap:
+            return np.load(file)
+        shape, fortran, dtype = NPY_HEADERS[np.lib.format.read_magic(file)](file)
+        return np.memmap(file, dtype=dtype, mode="r", offset=file.tell(), shape=shape, order="F" if fortran else "C")
+
+
+def _private(path: str, flags: int) -> int:
+    """`open`'s opener for a new cache file: readable and writable by this user only, whatever the umask."""
+    return os.open(path, flags, 0o600)
 
 
 def write_entry(entry: Path, splits: dict[str, Split], meta: dict, log=None) -> None:
     """Write the arrays into a temporary folder beside `entry`, then rename it: a reader sees a whole entry or none.
     A cache that cannot be written is skipped (the data is loaded all the same)."""
     try:
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))  # 0700
     except OSError as exc:
-        if log:
-            log(f"dataset.cache: cannot write to {entry.parent} ({exc.strerror or exc}); images not cached")
+        _say(log, f"dataset.cache: cannot write to {entry.parent} ({exc.strerror or exc}); images not cached")
         return
     try:
         for split, data in splits.items():
-            np.save(tmp / f"{split}_images.npy", data.images)
-            np.save(tmp / f"{split}_labels.npy", data.labels)
-        (tmp / "meta.json").write_text(json.dumps({**meta, "classes": {s: d.classes for s, d in splits.items()},
-                                                   "samples": {s: len(d.labels) for s, d in splits.items()}}, indent=1))
+            for name, array in ((f"{split}_images.npy", data.images), (f"{split}_labels.npy", data.labels)):
+                with open(tmp / name, "xb", opener=_private) as file:
+                    np.save(file, array)
+        with open(tmp / "meta.json", "x", opener=_private) as file:
+            json.dump({**meta, "classes": {s: d.classes for s, d in splits.items()},
+                       "samples": {s: len(d.labels) for s, d in splits.items()}}, file, indent=1)
         os.replace(tmp, entry)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if entry.is_dir() and (entry / "meta.json").is_file():
             return  # another process cached the same folder first
-        if log:
-            log(f"dataset.cache: cannot write {entry} ({exc.strerror or exc}); images not cached")
+        _say(log, f"dataset.cache: cannot write {entry} ({exc.strerror or exc}); images not cached")
