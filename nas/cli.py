@@ -497,12 +497,26 @@ def predict_main(argv: list[str] | None = None) -> int:
 
 
 def storage_proxy_parser() -> argparse.ArgumentParser:
-    p = _parser("storage-proxy", "Workers, the dashboard and reports then take --storage grpc://HOST:PORT. The proxy has no "
-                "authentication: keep its port on the cluster's private network.",
-                "example:\n  nas-storage-proxy --storage postgresql+psycopg2://nas:PASSWORD@db/nas --host 0.0.0.0 --port 13000")
+    p = _parser("storage-proxy", "Workers, the dashboard and reports then take --storage grpc://HOST:PORT "
+                "(grpcs:// with TLS). Whoever reaches the port could read, rewrite and delete every study, so beyond "
+                "loopback the proxy serves only callers with its token (BNNAS_PROXY_TOKEN or --token-file here, "
+                "BNNAS_PROXY_TOKEN on every client) or a client certificate signed by --tls-client-ca (clients: "
+                "grpcs:// with BNNAS_PROXY_TLS_CA, BNNAS_PROXY_TLS_CERT, BNNAS_PROXY_TLS_KEY). Without TLS the token "
+                "crosses the network in clear.",
+                "example:\n  export BNNAS_PROXY_TOKEN=$(python -c 'import secrets; print(secrets.token_urlsafe(32))')\n"
+                "  nas-storage-proxy --storage postgresql+psycopg2://nas:PASSWORD@db/nas --host 10.0.0.5 \\\n"
+                "      --port 13000 --tls-cert proxy.pem --tls-key proxy.key --tls-client-ca cluster-ca.pem")
     p.add_argument("--storage", required=True, help="the storage URL the proxy serves (SQLite, PostgreSQL, MySQL)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s; 0.0.0.0 for the cluster's nodes)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s); any other than loopback "
+                   "needs a token or client certificates, or --insecure")
     p.add_argument("--port", type=int, default=13000, help="default %(default)s")
+    p.add_argument("--token-file", metavar="PATH", help="a file holding the token every call must carry "
+                   "(default: $BNNAS_PROXY_TOKEN; at least 16 characters; never on the command line)")
+    p.add_argument("--tls-cert", metavar="PEM", help="the proxy's TLS certificate (clients then use grpcs://)")
+    p.add_argument("--tls-key", metavar="PEM", help="the key of --tls-cert")
+    p.add_argument("--tls-client-ca", metavar="PEM", help="accept only clients whose certificate this CA signed")
+    p.add_argument("--insecure", action="store_true", help="INSECURE: serve a non-loopback --host without "
+                   "authentication; anyone who reaches the port can then read, rewrite and delete every study")
     return p
 
 
@@ -514,9 +528,10 @@ def storage_proxy_main(argv: list[str] | None = None) -> int:
         parser.error("--port must be between 1 and 65535")
 
     def serve() -> None:
-        from nas.storage import serve_storage_proxy
+        from nas.storage_proxy import serve_storage_proxy
 
-        serve_storage_proxy(args.storage, args.host, args.port)
+        serve_storage_proxy(args.storage, args.host, args.port, token_file=args.token_file, tls_cert=args.tls_cert,
+                            tls_key=args.tls_key, tls_client_ca=args.tls_client_ca, insecure=args.insecure)
 
     return _run(serve)
 

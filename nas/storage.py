@@ -27,6 +27,7 @@ from sqlalchemy.exc import IntegrityError, ProgrammingError
 
 from nas.contract import VERSION_ATTR, config_of_version
 from nas.errors import StudyError
+from nas.storage_proxy import PROXY_SCHEMES, grpc_proxy
 
 SQLITE = "sqlite:///"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # finished states; see `counts_toward_budget`
@@ -85,61 +86,11 @@ def engine_options(url: str) -> dict:
 
 
 RDB_SCHEMES = ("sqlite", "postgresql", "mysql")  # URL prefixes of Optuna's RDB storage
-GRPC_SCHEME = "grpc://"  # Optuna's gRPC storage proxy (nas-storage-proxy), which alone holds the database URL
-
-
-def require_grpc(what: str) -> None:
-    """Optuna imports grpcio lazily, deep in a call; fail first, in one line, with the install command."""
-    try:
-        import grpc  # noqa: F401
-    except ImportError:
-        raise StudyError(f"{what} needs grpcio; install it with pip install 'bnnas[grpc]'") from None
-
-
-def grpc_proxy(url: str, what: str = "study.storage") -> optuna.storages.BaseStorage:
-    """A client of the storage proxy at `grpc://HOST:PORT`, refused in one line when it is not reachable.
-
-    The proxy carries no Optuna heartbeat: a dead worker's trial on another host is found by its
-    stale worker record instead (`nas.liveness.reclaim_dead_trials`).
-    """
-    host, _, port = url[len(GRPC_SCHEME):].rstrip("/").rpartition(":")
-    if not host or not port.isdigit():
-        raise StudyError(f"{what}: {url}: give the proxy as grpc://HOST:PORT")
-    require_grpc(f"{what}: {url}")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        proxy = optuna.storages.GrpcStorageProxy(host=host, port=int(port))
-    try:
-        proxy.wait_server_ready(timeout=10)
-    except ConnectionError:
-        raise StudyError(f"{what}: no storage proxy answers at {url} (start one with nas-storage-proxy)") from None
-    return proxy
 
 
 def storage_of(url: str) -> optuna.storages.BaseStorage:
-    """Any storage URL Optuna takes, or a grpc:// proxy."""
-    return grpc_proxy(url, "--storage") if url.startswith(GRPC_SCHEME) else optuna.storages.get_storage(url)
-
-
-def serve_storage_proxy(url: str, host: str, port: int) -> None:
-    """Serve `url` at grpc://host:port until interrupted (nas-storage-proxy); the tables are made first."""
-    if not url.startswith(RDB_SCHEMES):
-        raise StudyError(f"--storage: {url}: the proxy serves an RDB storage (sqlite, postgresql, mysql URL)")
-    require_grpc("nas-storage-proxy")
-    try:
-        storage = optuna.storages.get_storage(make_storage(url, heartbeat_seconds=30, retries=1))  # with Optuna's trial cache
-    except (ValueError, sqlalchemy.exc.SQLAlchemyError) as exc:
-        raise StudyError(f"--storage: cannot open {url}: {one_line(exc)}") from None
-    from optuna.storages._grpc.server import make_server  # run_grpc_proxy_server, but told when it is listening
-
-    server = make_server(storage, host, port, None)
-    server.start()
-    shown = sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
-    print(f"nas-storage-proxy: serving {shown} at grpc://{host}:{port}", flush=True)
-    try:
-        server.wait_for_termination()
-    finally:
-        server.stop(grace=5)
+    """Any storage URL Optuna takes, or a grpc:// (grpcs://) proxy."""
+    return grpc_proxy(url, "--storage") if url.startswith(PROXY_SCHEMES) else optuna.storages.get_storage(url)
 
 
 def make_storage(url: str, heartbeat_seconds: float, retries: int) -> optuna.storages.BaseStorage | str:
@@ -148,7 +99,7 @@ def make_storage(url: str, heartbeat_seconds: float, retries: int) -> optuna.sto
     A trial whose process died stops beating; after twice the interval Optuna fails it and
     RetryHeartbeatStaleTrialCallback enqueues its parameters again.
     """
-    if url.startswith(GRPC_SCHEME):
+    if url.startswith(PROXY_SCHEMES):
         return grpc_proxy(url)
     if not url.startswith(RDB_SCHEMES):
         return url  # journal files and the like: Optuna resolves them

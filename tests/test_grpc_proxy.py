@@ -30,13 +30,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_proxy(storage: str) -> tuple[subprocess.Popen, str]:
+def start_proxy(storage: str, *args: str, env: dict | None = None, scheme: str = "grpc") -> tuple[subprocess.Popen, str]:
+    """A `nas-storage-proxy` subprocess on 127.0.0.1 (extra flags `args`, environment `env`) once it listens."""
     port = free_port()
-    proxy = subprocess.Popen([sys.executable, "-m", "nas", "storage-proxy", "--storage", storage, "--port", str(port)],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proxy = subprocess.Popen([sys.executable, "-m", "nas", "storage-proxy", "--storage", storage, "--port", str(port), *args],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     line = proxy.stdout.readline()  # printed once it listens
-    assert line.startswith("nas-storage-proxy: serving ") and line.rstrip().endswith(f"grpc://127.0.0.1:{port}"), proxy.stderr.read()
-    return proxy, f"grpc://127.0.0.1:{port}"
+    url = f"{scheme}://127.0.0.1:{port}"
+    assert line.startswith("nas-storage-proxy: serving ") and line.rstrip().endswith(url), proxy.stderr.read()
+    return proxy, url
 
 
 @pytest.fixture
