@@ -11,7 +11,9 @@ rebuilt on the data and budget it was scored with.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import socket
 import time
 from pathlib import Path
@@ -19,6 +21,7 @@ from pathlib import Path
 DATASET_KEYS = ("name", "root", "transforms", "transform_seed", "augment", "image_size")
 EVALUATION_KEYS = ("folds", "epochs", "fold_mode", "recalibrate_bn", "pruner")
 VERSION_ATTR = "config_version"  # trial user attr
+HOST_KEYS = ("root", "cache", "download")  # dataset keys naming this host's files, which a resume takes from storage
 
 
 def contract(config: dict, data: dict | None) -> dict:
@@ -104,3 +107,33 @@ def summary(config: dict) -> str:
     dataset, evaluation, study = config.get("dataset", {}), config.get("evaluation", {}), config.get("study", {})
     return (f"bnnas: {dataset.get('name', '?')}, {evaluation.get('folds', '?')} folds x {evaluation.get('epochs', '?')} epochs, "
             f"{study.get('sampler', '?')}, budget {study.get('trials', '?')}")
+
+
+def changed_on_this_host(storage_url: str, study_name: str, dataset: dict) -> list[tuple[str, object, object]]:
+    """The dataset's root / cache / download that differ from what this host last ran the study with; records the new.
+
+    Kept in a local file ($XDG_STATE_HOME/bnnas, else ~/.local/state/bnnas), not in the study: whoever can rewrite
+    the stored run config can rewrite any study attribute too. The file names no URL (a password may be in it).
+    """
+    path = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "bnnas" / "last_seen.json"
+    key = hashlib.sha256(f"{storage_url}\n{study_name}".encode()).hexdigest()
+    now = {name: dataset.get(name) for name in HOST_KEYS}
+    try:
+        seen = json.loads(path.read_text())
+    except (OSError, ValueError):
+        seen = {}
+    seen = seen if isinstance(seen, dict) else {}
+    before = seen.get(key)
+    if before == now:
+        return []
+    seen[key] = now
+    try:  # best effort: a host that cannot keep the record only loses the notice
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        partial = path.with_name(f".{path.name}.{os.getpid()}")
+        partial.write_text(json.dumps(seen))
+        os.replace(partial, path)
+    except OSError:
+        pass
+    if not isinstance(before, dict):
+        return []
+    return [(f"dataset.{name}", before.get(name), now[name]) for name in HOST_KEYS if before.get(name) != now[name]]

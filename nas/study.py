@@ -30,7 +30,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from nas.anytime import anytime_line, improvements
 from nas.archspec import describe_activations, describe_norms
 from nas.config import RunConfig, blamed
-from nas.contract import VERSION_ATTR, contract, differences, history_entry, show, summary
+from nas.contract import VERSION_ATTR, changed_on_this_host, contract, differences, history_entry, show, summary
 from nas.errors import ConfigError, StudyError, Terminated, TrialError
 from nas.liveness import WorkerRecord, live_workers, mark_trial, reclaim_dead_trials
 from nas.novelty import Novelty, record_repeat
@@ -338,6 +338,11 @@ def _search(cfg: RunConfig, storage, record: WorkerRecord, device, progress, out
 
     from nas.data import load_dataset, stratified_folds
 
+    moved = changed_on_this_host(cfg.study.storage, cfg.study.name, vars(cfg.dataset))
+    if moved:  # before the data is read from where the storage now says
+        out(f"Study '{cfg.study.name}' changed since this host last ran it: "
+            + "; ".join(f"{key} {show(a, 200)} -> {show(b, 200)}" for key, a, b in moved)
+            + " (a resume takes these from the study, and whoever can write its storage can rewrite them; check them)")
     with blamed(cfg), SIGNALS.interruptible():  # loading writes nothing: a signal stops it at once
         data = load_dataset(cfg.dataset, device)  # bad data is found before a new study is made
         folds = stratified_folds(data.y_train, cfg.evaluation.folds, cfg.study.seed)
