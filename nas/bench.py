@@ -6,6 +6,8 @@ into the preceding conv it costs nothing; TorchScript and torch.export remove th
 overhead around each layer. Which of these matters depends on the model and the batch size,
 so it is measured, not assumed: `compare` times every variant ("eager unfolded", "eager
 folded", "torchscript", "torch.export") in one run and reports each one's ratio to the first.
+An export folder's TorchScript and torch.export files are code, so `bench_export` times them
+only when told the folder is trusted.
 Multi-objective search calls `measure_latency` on each candidate at a fixed batch size.
 
 CPU latency depends on how many threads run it and on what else the machine does: the thread
@@ -19,7 +21,6 @@ activations and pooling are memory-bound, add no MACs, and show up only in the l
 from __future__ import annotations
 
 import time
-import warnings
 from contextlib import ExitStack, contextmanager
 from typing import Callable, Iterator
 
@@ -250,10 +251,11 @@ def candidate_costs(spec: dict, input_shape: tuple[int, ...], num_classes: int, 
 
 
 def bench_export(folder: str, device_name: str, batch_sizes: list[int], warmup: int, repeats: int,
-                 threads: int = DEFAULT_THREADS, log=print) -> str:
+                 threads: int = DEFAULT_THREADS, log=print, trust_code: bool = False) -> str:
     """`nas-bench`: the ways to run an exported model, side by side, as a table (onnxruntime on CPU when
-    the export has model.onnx)."""
-    from nas.export import ONNX_FILE, load_exported, onnx_session
+    the export has model.onnx). model.ts and model.pt2 are code, so they are timed only with `trust_code`;
+    the eager variants are rebuilt from data (`nas.export.rebuild`)."""
+    from nas.export import CODE_FILES, ONNX_FILE, load_code_file, load_exported, onnx_session, verified_bytes
     from nas.fold import fold_norms
     from nas.train import resolve_device
 
@@ -262,21 +264,20 @@ def bench_export(folder: str, device_name: str, batch_sizes: list[int], warmup: 
     shape = tuple(exported.meta["input_shape"])
     unfolded = exported.model.to(device)
     folded = fold_norms(exported.model).to(device)
-    with warnings.catch_warnings():  # TorchScript is deprecated upstream; it is one of the variants measured
-        warnings.simplefilter("ignore", FutureWarning)
-        scripted = torch.jit.load(str(exported.folder / "model.ts"), map_location=device)
-    variants = {
-        "eager unfolded": unfolded,
-        "eager folded": folded,
-        "TorchScript folded": scripted,
-        "torch.export folded": torch.export.load(str(exported.folder / "model.pt2")).module().to(device),
-    }
+    variants = {"eager unfolded": unfolded, "eager folded": folded}
+    if trust_code:
+        variants["TorchScript folded"] = load_code_file(exported.folder, exported.meta, "model.ts", device)
+        variants["torch.export folded"] = load_code_file(exported.folder, exported.meta, "model.pt2", device)
+    else:
+        log(f"TorchScript and torch.export not timed: {' and '.join(CODE_FILES)} are code; --trust-code times them "
+            "for a folder you trust like a script")
     if ONNX_FILE not in exported.meta["files"]:
         log(f"onnxruntime not timed: {exported.meta.get('onnx', {}).get('reason', 'the export has no model.onnx')}")
     elif device.type != "cpu":
         log("onnxruntime not timed: it runs on the CPU here (CPUExecutionProvider), the other variants on " + device.type)
     else:
-        session = onnx_session(exported.folder / ONNX_FILE, threads)
+        path = exported.folder / ONNX_FILE
+        session = onnx_session(path, verified_bytes(exported.folder, exported.meta, ONNX_FILE), threads)
         name = session.get_inputs()[0].name
         variants["onnxruntime folded"] = lambda x: session.run(None, {name: x.numpy()})
     with pinned_threads(threads if device.type == "cpu" else None):

@@ -245,7 +245,10 @@ def report_main(argv: list[str] | None = None) -> int:
 def export_parser() -> argparse.ArgumentParser:
     p = _parser("export", "The trial (default: the best) is tested on the held-out test split; model.ts (TorchScript), "
                 "model.pt2 (torch.export), model.onnx (with the onnx extra), weights.pt and model.json (with the "
-                "preprocessing from a raw input) are written, then every model file is verified in a fresh process.")
+                "preprocessing from a raw input) are written, then every model file is verified in a fresh process. "
+                "model.ts and model.pt2 are code to whoever loads them; model.json says so. With BNNAS_EXPORT_KEY set, "
+                "model.sig signs model.json (HMAC-SHA256), and the commands that read an export then refuse any folder "
+                "not signed with that key.")
     _study_arguments(p)
     p.add_argument("--trial", type=int, help="trial number (default: the best; required for multi-objective studies)")
     p.add_argument("--out", default="exported", help="output folder (default %(default)s)")
@@ -273,8 +276,13 @@ def bench_parser() -> argparse.ArgumentParser:
     from nas.bench import DEFAULT_THREADS, SPREAD_LIMIT
 
     p = _parser("bench", "Median latency and throughput of each variant, measured side by side in one run, with a "
-                f"pinned CPU thread count; rows whose p90/p10 exceeds {SPREAD_LIMIT} are marked and warned about.")
+                f"pinned CPU thread count; rows whose p90/p10 exceeds {SPREAD_LIMIT} are marked and warned about. "
+                "The eager variants are rebuilt from model.json's arch and weights.pt (loaded as data), onnxruntime "
+                "runs model.onnx; TorchScript (model.ts) and torch.export (model.pt2) are code and are timed only with "
+                "--trust-code.")
     p.add_argument("--model", required=True, help="an export folder written by nas-export")
+    p.add_argument("--trust-code", action="store_true", help="also time model.ts and model.pt2: loading them runs code "
+                   "from the folder, so trust it like a script")
     p.add_argument("--threads", type=int, default=DEFAULT_THREADS,
                    help="CPU threads for every variant (default %(default)s, as the latency_ms objective)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu", help="default %(default)s")
@@ -297,8 +305,12 @@ def bench_main(argv: list[str] | None = None) -> int:
 
     def bench() -> None:
         from nas.bench import bench_export
+        from nas.export import CODE_FILES, code_note
 
-        print(bench_export(args.model, args.device, sizes, args.warmup, args.repeats, args.threads))
+        if args.trust_code:
+            print(code_note(args.model, list(CODE_FILES)), file=sys.stderr)
+        print(bench_export(args.model, args.device, sizes, args.warmup, args.repeats, args.threads,
+                           trust_code=args.trust_code))
 
     return _run(bench)
 
@@ -313,7 +325,8 @@ def finetune_parser() -> argparse.ArgumentParser:
         "target inputs; with K > 0 then the head trained), bn-only (norm affine parameters and head), full (everything)\n"
         "example:\n  nas-finetune --model exported/ --config configs/digits_shifted.yaml --bn-mode adabn",
     )
-    p.add_argument("--model", required=True, help="an export folder written by nas-export (or nas-finetune)")
+    p.add_argument("--model", required=True, help="an export folder written by nas-export (or nas-finetune); read "
+                   "as data (model.json's arch and weights.pt), never its code files")
     p.add_argument("--config", required=True, help="run config YAML whose dataset (and dataset.transforms) is the target")
     p.add_argument("--bn-mode", required=True, choices=MODES, help="how the norm layers adapt")
     p.add_argument("--labels-per-class", type=_per_class, metavar="K|all", default=argparse.SUPPRESS,
@@ -469,10 +482,18 @@ def predict_parser() -> argparse.ArgumentParser:
 
     p = _parser("predict", "Every input is preprocessed from its raw form by model.json's recipe (scale, mean / std, "
                 "layout); the model file's sha256 is checked before it loads. A shape or channel count the model "
-                "does not take is refused.", "example:\n  nas-predict --model exported/ digit.png samples.npy")
+                "does not take is refused. By default no code from the folder runs: the model is rebuilt from "
+                "model.json's arch and weights.pt, loaded as data.", "runtimes:\n"
+                "  eager  bnnas builds model.json's arch, loads weights.pt (torch.load weights_only=True), folds BN\n"
+                "  onnx   model.onnx in onnxruntime (a graph, no Python; needs the onnx extra)\n"
+                "  ts     model.ts, TorchScript: code, loaded only from a folder you trust like a script\n"
+                "  pt2    model.pt2, torch.export (its loader unpickles): code, likewise\n"
+                "With BNNAS_EXPORT_KEY set, a folder whose model.sig was not made with that key is refused.\n"
+                "example:\n  nas-predict --model exported/ digit.png samples.npy")
     p.add_argument("--model", required=True, help="an export folder written by nas-export (or nas-finetune)")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files (.png, .jpg) or .npy / .npz arrays of raw samples")
-    p.add_argument("--runtime", choices=list(RUNTIMES), default="ts", help="which model file runs (default %(default)s)")
+    p.add_argument("--runtime", choices=list(RUNTIMES), default="eager",
+                   help="how the model runs (default %(default)s: no code from the folder; see runtimes below)")
     p.add_argument("--top", type=int, default=1, help="classes shown per input (default %(default)s)")
     p.add_argument("--json", action="store_true", help="print a JSON list instead of a line per input")
     return p
@@ -486,8 +507,11 @@ def predict_main(argv: list[str] | None = None) -> int:
         parser.error("--top must be >= 1")
 
     def predict() -> None:
-        from nas.predict import format_predictions, predict
+        from nas.export import code_note
+        from nas.predict import CODE_RUNTIMES, RUNTIMES, format_predictions, predict
 
+        if args.runtime in CODE_RUNTIMES:
+            print(code_note(args.model, [RUNTIMES[args.runtime]]), file=sys.stderr)
         predictions, meta = predict(args.model, args.inputs, args.runtime, args.top)
         if "batch_dependent" in meta:
             print(meta["batch_dependent"]["message"], file=sys.stderr)

@@ -7,19 +7,31 @@ The output folder holds
   weights.pt   the unfolded state_dict (load with weights_only=True; for fine-tuning)
   model.json   ArchSpec, the preprocessing from a raw sample to the model's input
                (`nas.preprocessing`), class names, test metrics, library versions, the ONNX
-               opset and the sha256 of every file above.
+               opset, the sha256 of every file above and which of them are code (`trust`)
+  model.sig    HMAC-SHA256 of model.json under $BNNAS_EXPORT_KEY, when that is set
 Every file is written under a temporary name and renamed, so a reader never sees half a file,
 with the umask's usual mode. A fresh Python process that imports only torch (and onnxruntime)
 then loads every model file and must reproduce the eval model's test predictions, or the
 export fails.
+
+Reading a folder back trusts none of it: model.ts (TorchScript) and model.pt2 (torch.export,
+whose loader unpickles) are code, and the sha256 in model.json, written by whoever wrote the
+folder, proves nothing about who that was. So the default way back is data only: bnnas builds
+the model from `arch` and loads weights.pt with torch.load(weights_only=True) (`rebuild`);
+the code files load only when asked for. Every file loaded is one that model.json lists under
+a name nas-export writes and that matches its sha256; with $BNNAS_EXPORT_KEY set, model.json
+must also carry that key's signature, checked before anything else is read.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
+import io
 import json
 import os
 import platform
+import stat
 import subprocess
 import sys
 import tempfile
@@ -36,6 +48,15 @@ from nas.storage import one_line
 FORMAT = 1
 FILES = ("model.ts", "model.pt2", "weights.pt")  # always written; model.onnx when the onnx extra is there
 ONNX_FILE = "model.onnx"
+MODEL_FILES = (*FILES, ONNX_FILE)  # the only names model.json's `files` may hold
+CODE_FILES = {"model.ts": "TorchScript", "model.pt2": "torch.export, whose loader unpickles"}  # loading runs their code
+SIGNATURE_FILE = "model.sig"
+KEY_ENV = "BNNAS_EXPORT_KEY"  # its value signs model.json on export and is required of every folder loaded
+TRUST_NOTE = ("model.ts (TorchScript) and model.pt2 (torch.export, whose loader unpickles) are code: loading them runs "
+              "whatever the folder's author put there, and these sha256 sums prove nothing about who that was. "
+              "nas-predict, nas-bench and nas-finetune load weights.pt as data (torch.load weights_only=True into the "
+              "model bnnas builds from arch) or model.onnx (onnxruntime) unless asked for the code files "
+              f"(--runtime ts|pt2, --trust-code). Set {KEY_ENV} to sign exports and to refuse unsigned ones.")
 ONNX_MISSING = "install the onnx extra (pip install 'bnnas[onnx]': onnx, onnxscript, onnxruntime)"
 FOLD_TOLERANCE = 1e-4  # max abs logit difference between folded and unfolded eval models
 VERIFY_SAMPLES = 4096  # test samples the folded and exported models are checked on (all of a smaller split)
@@ -86,7 +107,7 @@ def check_writable(folder: Path, force: bool = False) -> None:
     """Create `folder` and a scratch file in it, then remove what was made: an --out that cannot take
     the files is found before minutes of training, and input found bad later still leaves nothing.
     A folder that already holds an export is refused unless `force`: it would be overwritten."""
-    existing = [name for name in ("model.json", *FILES, ONNX_FILE) if (folder / name).exists()]
+    existing = [name for name in ("model.json", *MODEL_FILES) if (folder / name).exists()]
     if existing and not force:
         raise NasError(f"--out: {folder} already holds an export ({', '.join(existing)}); choose another folder or pass --force to overwrite it")
     made = [path for path in (folder, *folder.parents) if not path.exists()]  # deepest first
@@ -256,8 +277,11 @@ def write_export(model: nn.Module, x_check: torch.Tensor, meta: dict, folder: Pa
         "versions": {"torch": torch.__version__, "python": platform.python_version(), "bnnas": _version(),
                      **({"onnx": onnx["version"]} if onnx["written"] else {})},
         "files": {name: sha256(folder / name) for name in files},
+        "trust": {"code": [name for name in files if name in CODE_FILES],
+                  "data": [name for name in files if name not in CODE_FILES], "note": TRUST_NOTE},
     }
     write_json(folder / "model.json", meta)
+    sign(folder)
     verify_in_fresh_process(folder, x_check, expected)
     log(f"Wrote {folder}/ ({', '.join(files)}, model.json); verified in a fresh process")
     if not onnx["written"]:
@@ -288,8 +312,12 @@ def write_onnx(program, example: torch.Tensor, folder: Path) -> dict:
     return {"written": True, "opset": int(opset), "version": onnx.__version__, "dynamic_batch": True}
 
 
-def onnx_session(path: Path, threads: int | None = None):
-    """An onnxruntime CPU session for model.onnx (`threads`: intra-op threads; None: its default)."""
+def onnx_session(path: Path, model: bytes, threads: int | None = None):
+    """An onnxruntime CPU session for the (verified) bytes of model.onnx at `path`; `threads`: intra-op threads
+    (None: its default).
+
+    An export keeps no external data, so a model naming external data files is given an empty folder to read
+    them from: it fails rather than read a file nothing checked."""
     try:
         import onnxruntime
     except ImportError:
@@ -298,7 +326,12 @@ def onnx_session(path: Path, threads: int | None = None):
     if threads is not None:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    with tempfile.TemporaryDirectory() as empty:
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", empty)
+        try:
+            return onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own untyped errors for a model it cannot load
+            raise VerificationError(f"{path}: onnxruntime cannot load it: {one_line(exc)}") from None
 
 
 def _version() -> str:
@@ -351,39 +384,131 @@ def verify_in_fresh_process(folder: Path, x: torch.Tensor, expected: torch.Tenso
         raise VerificationError(f"verification failed in a fresh process for {folder}: {detail}")
 
 
+def signature(text: bytes, key: str) -> str:
+    return hmac.new(key.encode(), text, hashlib.sha256).hexdigest()
+
+
+def sign(folder: Path) -> None:
+    """model.sig: model.json's HMAC under $BNNAS_EXPORT_KEY (it lists every file's sha256, so it covers them);
+    without the key an older model.sig is removed rather than left to vouch for a model.json it did not sign."""
+    key = os.environ.get(KEY_ENV)
+    path = folder / SIGNATURE_FILE
+    if not key:
+        path.unlink(missing_ok=True)
+        return
+    text = signature((folder / "model.json").read_bytes(), key)
+    _atomic(path, lambda tmp: Path(tmp).write_text(text + "\n"))
+
+
+def check_signature(folder: Path, text: bytes) -> None:
+    """With $BNNAS_EXPORT_KEY set, `text` (model.json as read) must carry its signature in model.sig."""
+    key = os.environ.get(KEY_ENV)
+    if not key:
+        return
+    path = folder / SIGNATURE_FILE
+    if not path.exists():
+        raise VerificationError(f"{path}: missing: {KEY_ENV} is set, so only an export signed with it is loaded")
+    found = _read_regular(folder, SIGNATURE_FILE).decode(errors="replace").strip()
+    if not hmac.compare_digest(found, signature(text, key)):
+        raise VerificationError(f"{path}: not model.json's signature under {KEY_ENV} (signed with another key, or "
+                                "model.json changed); refusing to load the folder")
+
+
 def load_meta(folder: Path) -> dict:
-    """An export folder's model.json."""
+    """An export folder's model.json: signed when $BNNAS_EXPORT_KEY is set, listing only files nas-export writes."""
     meta_path = folder / "model.json"
+    if not meta_path.exists():
+        raise NasError(f"{meta_path}: not found (is {folder} an export folder made by nas-export?)")
+    text = _read_regular(folder, "model.json")
+    check_signature(folder, text)  # on the bytes parsed below, so nothing is swapped in between
     try:
-        return json.loads(meta_path.read_text())
-    except FileNotFoundError:
-        raise NasError(f"{meta_path}: not found (is {folder} an export folder made by nas-export?)") from None
-    except (OSError, json.JSONDecodeError) as exc:
+        meta = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise NasError(f"{meta_path}: unreadable: {exc}") from None
+    files = meta.get("files") if isinstance(meta, dict) else None
+    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+        raise NasError(f"{meta_path}: files: expected a mapping of file name to sha256")
+    for name in files:
+        if name not in MODEL_FILES:
+            path_like = "/" in name or "\\" in name or ".." in name
+            what = "a path, not a file of the folder" if path_like else "not a file nas-export writes"
+            raise NasError(f"{meta_path}: files[{json.dumps(name)}]: {what} (known: {', '.join(MODEL_FILES)}); "
+                           "refusing the folder")
+    return meta
 
 
-def verified_file(folder: Path, meta: dict, name: str) -> Path:
-    """`folder/name`, once its sha256 matches model.json; refused in one line otherwise."""
+def _read_regular(folder: Path, name: str) -> bytes:
+    """The bytes of `folder/name`, a regular file inside `folder` (a link out of it, a device or a pipe is refused)."""
     path = folder / name
-    digest = meta.get("files", {}).get(name)
+    try:
+        inside = path.resolve().parent == folder.resolve()
+        if not inside or not stat.S_ISREG(path.stat().st_mode):
+            raise VerificationError(f"{path}: not a regular file inside {folder}; refusing to read it")
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise NasError(f"{path}: missing" + (" (listed in model.json)" if name != "model.json" else "")) from None
+    except OSError as exc:
+        raise NasError(f"{path}: unreadable: {exc.strerror or exc}") from None
+
+
+def verified_bytes(folder: Path, meta: dict, name: str) -> bytes:
+    """The bytes of `folder/name` (meta from `load_meta`), once their sha256 matches model.json; refused in one
+    line otherwise. A file model.json does not list is refused too: nothing could vouch for it. The bytes checked
+    are the bytes loaded, so the file cannot change in between."""
+    path = folder / name
+    digest = meta["files"].get(name)
     if digest is None:
-        why = f" ({meta['onnx']['reason']})" if name == ONNX_FILE and "onnx" in meta else ""
-        raise NasError(f"{path}: not part of this export{why}")
-    if not path.is_file():
-        raise NasError(f"{path}: missing (listed in model.json)")
-    if sha256(path) != digest:
+        onnx = meta.get("onnx")
+        if name == ONNX_FILE and isinstance(onnx, dict) and onnx.get("written") is False:
+            raise NasError(f"{path}: not part of this export ({onnx.get('reason')})")
+        raise VerificationError(f"{path}: not listed in {folder / 'model.json'}'s files, so nothing checks it; "
+                                "refusing to load it")
+    data = _read_regular(folder, name)
+    if hashlib.sha256(data).hexdigest() != digest:
         raise VerificationError(f"{path}: sha256 differs from model.json (file changed or corrupted); refusing to load it")
-    return path
+    return data
+
+
+def rebuild(folder: Path, meta: dict) -> nn.Module:
+    """The unfolded eval model from data alone: bnnas builds `arch`, weights.pt fills it (torch.load weights_only=True,
+    which refuses anything but tensors and containers). No code from the folder runs."""
+    from nas.build import build
+
+    weights = verified_bytes(folder, meta, "weights.pt")
+    model = build(meta["arch"], meta["input_shape"], meta["num_classes"])
+    try:
+        state = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+    except Exception as exc:  # an UnpicklingError of a payload, a wrong key set: the folder is not what it says
+        raise VerificationError(f"{folder / 'weights.pt'}: not weights of model.json's arch: {one_line(exc)}") from None
+    return model.eval()
+
+
+def load_code_file(folder: Path, meta: dict, name: str, map_location: str | torch.device = "cpu"):
+    """model.ts or model.pt2, verified, as a module. Loading runs the file's code: callers load one only when asked
+    for it by name, after `code_note`."""
+    data = io.BytesIO(verified_bytes(folder, meta, name))
+    try:
+        with warnings.catch_warnings():  # TorchScript is deprecated upstream; users still deploy it
+            warnings.simplefilter("ignore", FutureWarning)
+            if name == "model.ts":
+                return torch.jit.load(data, map_location=map_location).eval()
+            return torch.export.load(data).module().to(map_location)
+    except Exception as exc:  # torch raises RuntimeError, pickle errors, ... for a file it cannot read
+        raise VerificationError(f"{folder / name}: cannot load it: {one_line(exc)}") from None
+
+
+def code_note(folder: str | Path, names: list[str]) -> str:
+    """The one line said before a code file of an export folder is loaded."""
+    files = " and ".join(f"{name} ({CODE_FILES[name]})" for name in names)
+    verb = "are" if len(names) > 1 else "is"
+    return f"note: {files} {verb} code: loading runs what its author wrote, so {folder} is trusted like a script"
 
 
 def load_exported(folder: str | Path) -> Exported:
-    """Read an export folder back; every file's sha256 must match model.json."""
-    from nas.build import build
-
+    """Read an export folder back as data (`rebuild`); every listed file's sha256 must match model.json."""
     folder = Path(folder)
     meta = load_meta(folder)
-    for name in meta.get("files", {}):
-        verified_file(folder, meta, name)
-    model = build(meta["arch"], meta["input_shape"], meta["num_classes"])
-    model.load_state_dict(torch.load(folder / "weights.pt", map_location="cpu", weights_only=True))
-    return Exported(folder, meta, model.eval())
+    for name in meta["files"]:
+        verified_bytes(folder, meta, name)
+    return Exported(folder, meta, rebuild(folder, meta))

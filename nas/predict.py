@@ -3,12 +3,15 @@
 Inputs are image files (PNG / JPEG, decoded as training decodes image folders) or `.npy` /
 `.npz` arrays of raw samples; each goes through `nas.preprocessing`, the one implementation of
 the recipe in model.json. The model file is checked against its sha256 before it is loaded.
+
+The default runtime, `eager`, runs no code from the folder: bnnas builds the model from model.json's
+`arch`, loads weights.pt as data (torch.load weights_only=True) and folds it as export did. `onnx`
+is data to onnxruntime too; `ts` and `pt2` load TorchScript / torch.export files, which are code.
 """
 
 from __future__ import annotations
 
 import json
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +22,8 @@ from nas.errors import DataError, NasError, VerificationError
 from nas.preprocessing import image_to_model_input, to_model_input
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-RUNTIMES = {"ts": "model.ts", "pt2": "model.pt2", "onnx": "model.onnx"}
+RUNTIMES = {"eager": "weights.pt", "onnx": "model.onnx", "ts": "model.ts", "pt2": "model.pt2"}  # runtime -> its file
+CODE_RUNTIMES = ("ts", "pt2")  # their files are code: loaded only when asked for by name
 BATCH = 256  # inputs per forward pass
 
 
@@ -47,18 +51,16 @@ def read_meta(folder: Path) -> dict:
 
 def load_model(folder: Path, meta: dict, runtime: str):
     """The verified model file of `runtime` as a callable on a float32 batch."""
-    from nas.export import verified_file
+    from nas.export import load_code_file, onnx_session, rebuild, verified_bytes
 
-    path = verified_file(folder, meta, RUNTIMES[runtime])
-    if runtime == "ts":
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            return torch.jit.load(str(path), map_location="cpu").eval()
-    if runtime == "pt2":
-        return torch.export.load(str(path)).module()
-    from nas.export import onnx_session
+    if runtime == "eager":
+        from nas.fold import fold_norms
 
-    session = onnx_session(path)
+        return fold_norms(rebuild(folder, meta))
+    if runtime in CODE_RUNTIMES:
+        return load_code_file(folder, meta, RUNTIMES[runtime])
+    path = folder / RUNTIMES[runtime]
+    session = onnx_session(path, verified_bytes(folder, meta, path.name))
     name = session.get_inputs()[0].name
     return lambda x: torch.from_numpy(session.run(None, {name: x.numpy()})[0])
 
@@ -126,7 +128,8 @@ def read_array(path: Path) -> np.ndarray:
     raise DataError(f"{path}: holds the arrays {', '.join(keys) or 'none'}; name the samples 'x' (or keep one array)")
 
 
-def predict(folder: str | Path, inputs: list[str], runtime: str = "ts", top: int = 1) -> tuple[list[Prediction], dict]:
+def predict(folder: str | Path, inputs: list[str], runtime: str = "eager",
+            top: int = 1) -> tuple[list[Prediction], dict]:
     """Classify every input; returns the predictions (in input order) and model.json."""
     folder = Path(folder)
     meta = read_meta(folder)

@@ -124,16 +124,18 @@ def test_inputs_the_model_does_not_take_are_refused_in_one_line(exported, tmp_pa
     assert re.search(message, err), err
 
 
-def test_a_changed_model_file_is_refused_before_it_is_loaded(exported, tmp_path, capsys):
+@pytest.mark.parametrize("name, runtime", [("weights.pt", []), ("model.ts", ["--runtime", "ts"])])
+def test_a_changed_model_file_is_refused_before_it_is_loaded(exported, tmp_path, capsys, name, runtime):
     copy = tmp_path / "copy"
     shutil.copytree(exported, copy)
-    with open(copy / "model.ts", "ab") as f:
+    with open(copy / name, "ab") as f:
         f.write(b"\0")
     np.save(tmp_path / "one.npy", load_digits().images[0])
 
-    code, _, err = predict(capsys, "--model", copy, tmp_path / "one.npy")
+    code, _, err = predict(capsys, "--model", copy, tmp_path / "one.npy", *runtime)
 
-    assert code == 1 and err == f"{copy / 'model.ts'}: sha256 differs from model.json (file changed or corrupted); refusing to load it\n"
+    refusal = f"{copy / name}: sha256 differs from model.json (file changed or corrupted); refusing to load it\n"
+    assert code == 1 and err.endswith(refusal) and err.count("\n") == 1 + bool(runtime)  # ts: after the trust note
 
 
 # --------------------------------------------------------------------------- ONNX

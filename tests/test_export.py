@@ -120,7 +120,10 @@ def test_an_out_that_cannot_be_written_fails_before_training(study_dir, tmp_path
 
 
 def test_bench_prints_every_variant_with_ratios(exported, capsys):
-    assert bench_main(["--model", str(exported), "--batch-sizes", "1,8", "--repeats", "3", "--warmup", "1"]) == 0
+    argv = ["--model", str(exported), "--batch-sizes", "1,8", "--repeats", "3", "--warmup", "1"]
+    assert bench_main(argv) == 0
+    assert "TorchScript folded" not in capsys.readouterr().out  # code files: timed only when trusted
+    assert bench_main([*argv, "--trust-code"]) == 0
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.split("  ")[0] in ("eager unfolded", "eager folded", "TorchScript folded", "torch.export folded")]
     assert len(rows) == 8  # every variant at both batch sizes
