@@ -23,9 +23,10 @@ def write_digits_run(folder: Path, space: dict, storage: str, study: dict, evalu
 
 
 def pytest_configure(config):
-    """The tests' image-folder caches go to a folder of their own (their subprocesses inherit it),
-    not to the user's ~/.cache/bnnas."""
+    """The tests' image-folder caches and nas-search's per-host records go to folders of their own
+    (their subprocesses inherit them), not to the user's ~/.cache/bnnas and ~/.local/state/bnnas."""
     os.environ["BNNAS_CACHE"] = tempfile.mkdtemp(prefix="bnnas-test-cache-")
+    os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="bnnas-test-state-")
 
 
 # --- tests that need CUDA ------------------------------------------------------------------------
