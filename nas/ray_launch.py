@@ -55,6 +55,22 @@ def die_with_parent() -> None:
 RESTARTS = 2  # times a worker process killed by a signal (OOM killer, kill -9) is started again on its node
 
 
+FORWARDED_ENV_PREFIX = "BNNAS_PROXY_"  # a grpc:// proxy's token and TLS paths (nas.storage_proxy)
+
+
+def forwarded_env(environ: dict | None = None) -> dict:
+    """What every worker needs from the driver's environment wherever its node's Ray was started:
+    the storage proxy's credentials, so workers on other nodes authenticate as the driver does."""
+    environ = os.environ if environ is None else environ
+    return {name: value for name, value in environ.items() if name.startswith(FORWARDED_ENV_PREFIX)}
+
+
+def worker_task(ray, cpus: float, gpus: float):
+    """`run_worker` as a Ray task with its reservation, carrying `forwarded_env()` to every node."""
+    options = {"runtime_env": {"env_vars": forwarded}} if (forwarded := forwarded_env()) else {}
+    return ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=RESTARTS, **options)(run_worker)
+
+
 def run_worker(command: list[str], cwd: str, restarts: int = RESTARTS) -> WorkerResult:
     """Body of one Ray task: run the worker command on this node.
 
@@ -133,7 +149,7 @@ def run_on_ray(cfg, command: list[str], address: str | None, workers: int, gpus_
                              "machine; use PostgreSQL (or Optuna's gRPC storage proxy) for workers on several nodes")
         gpus_per_trial = gpus_per_worker(gpus_per_trial, cfg.device, ray.cluster_resources().get("GPU", 0))
         storage = open_storage(cfg)
-        task = ray.remote(num_cpus=cpus_per_trial, num_gpus=gpus_per_trial, max_retries=RESTARTS)(run_worker)
+        task = worker_task(ray, cpus_per_trial, gpus_per_trial)
         log(f"Ray: {workers} worker(s) on {len(nodes)} node(s), {cpus_per_trial:g} CPU and {gpus_per_trial:g} GPU each")
         pending = [task.remote(command, os.getcwd())]
         try:

@@ -17,7 +17,7 @@ from optuna.trial import TrialState
 from conftest import write_digits_run
 from nas.cli import search_main
 from nas.errors import StudyError
-from nas.ray_launch import gpus_per_worker, run_worker
+from nas.ray_launch import gpus_per_worker, run_worker, worker_task
 from nas.storage import counts_toward_budget
 from tests.test_postgres import pg_server  # noqa: F401  (the throwaway PostgreSQL server fixture)
 
@@ -198,3 +198,17 @@ def test_an_interrupted_driver_lets_workers_finish_their_trials_and_the_same_com
     assert sum(t.state == TrialState.COMPLETE and counts_toward_budget(t) for t in resumed) == 4
     assert {t.user_attrs.get("fail_reason") for t in resumed if t.state != TrialState.COMPLETE} <= {"budget already reached by other workers"}
     assert [t.number for t in resumed[:len(stopped)]] == [t.number for t in stopped]  # the finished ones kept, not redone
+
+
+def test_workers_on_every_node_get_the_storage_proxys_credentials_from_the_driver(cluster, tmp_path, monkeypatch):
+    """The nodes' Ray was started before the token was set: only what the driver forwards reaches their workers."""
+    monkeypatch.setenv("BNNAS_PROXY_TOKEN", "token-set-after-the-nodes-started")
+    monkeypatch.setenv("UNRELATED_SECRET", "not forwarded")
+    ray.init(address=cluster.address)
+    try:
+        task = worker_task(ray, 1, 0)
+        show = "import os, sys; sys.exit(os.environ.get('BNNAS_PROXY_TOKEN', '-') + ' ' + os.environ.get('UNRELATED_SECRET', '-'))"
+        results = ray.get([task.remote([sys.executable, "-c", show], str(tmp_path)) for _ in range(2)])
+    finally:
+        ray.shutdown()
+    assert [r.last_line for r in results] == ["token-set-after-the-nodes-started -"] * 2
