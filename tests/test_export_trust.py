@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pickle
 import shutil
 import subprocess
@@ -44,13 +43,11 @@ def exported(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     model = build(spec, data.input_shape, data.num_classes).eval()
     meta = {"format": 1, "arch": spec, "input_shape": list(data.input_shape), "num_classes": data.num_classes,
-            "classes": data.classes, "normalization": {"mean": data.mean, "std": data.std}, "preprocessing": recipe(data)}
-    before = os.environ.get(KEY)
-    os.environ[KEY] = "the key of whoever exported it"
-    try:
+            "classes": data.classes, "normalization": {"mean": data.mean, "std": data.std},
+            "preprocessing": recipe(data)}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(KEY, "the key of whoever exported it")
         write_export(model, data.x_test[:64].cpu(), meta, folder, log=lambda line: None)
-    finally:
-        os.environ.pop(KEY) if before is None else os.environ.__setitem__(KEY, before)
     np.save(folder.parent / "raw.npy", load_digits().images[:20])
     return folder
 
@@ -102,7 +99,8 @@ def craft_pt2(path: Path, marker: Path) -> None:
     members[config_entry] = json.dumps(config).encode()
     with zipfile.ZipFile(path, "w") as out:
         for info, data in members.items():
-            out.writestr(info, pickle.dumps(Payload(marker)) if info.filename.endswith(f"/weights/{first['path_name']}") else data)
+            crafted = info.filename.endswith(f"/weights/{first['path_name']}")
+            out.writestr(info, pickle.dumps(Payload(marker)) if crafted else data)
 
 
 def predict(capsys, folder: Path, *argv) -> tuple[int, list[str], list[str]]:
@@ -147,7 +145,7 @@ def test_the_default_never_opens_model_ts(exported, clean, tmp_path, capsys):
 
     assert code == 0 and len(out) == len(clean)
     code, _, err = predict(capsys, copy, "--runtime", "ts")
-    assert code == 1 and err[-1] == f"{copy / 'model.ts'}: sha256 differs from model.json (file changed or corrupted); refusing to load it"
+    assert code == 1 and err[-1].startswith(f"{copy / 'model.ts'}: sha256 differs from model.json")
 
 
 def test_nas_bench_times_code_files_only_with_trust_code(exported, tmp_path, capsys):
@@ -192,9 +190,10 @@ def test_model_json_says_which_files_are_code(exported):
 @pytest.mark.parametrize("name", ["/etc/hostname", "../../../../../../../../etc/hostname", "notes.txt"])
 def test_model_json_naming_a_file_outside_the_fixed_names_is_refused_unread(exported, tmp_path, capsys, name):
     copy = copy_of(exported, tmp_path)
-    edit_meta(copy, lambda meta: meta["files"].update({name: hashlib.sha256(Path("/etc/hostname").read_bytes()).hexdigest()}))
+    outside = hashlib.sha256(Path("/etc/hostname").read_bytes()).hexdigest()
+    edit_meta(copy, lambda meta: meta["files"].update({name: outside}))
 
-    with pytest.raises(NasError) as refused:  # a sha256 match would otherwise tell the folder's author what is in the file
+    with pytest.raises(NasError) as refused:  # a sha256 match would tell the folder's author what the file holds
         load_exported(copy)
     code, out, err = predict(capsys, copy)
 
@@ -213,7 +212,8 @@ def test_a_listed_device_or_a_link_out_of_the_folder_returns_at_once(exported, t
 
     for folder, why in ((copy, 'files["/dev/zero"]: a path'), (linked, "not a regular file inside")):
         try:  # reading /dev/zero never ends: a bound, so that code which reads it fails instead of hanging
-            proc = subprocess.run([sys.executable, "-c", script, str(folder)], capture_output=True, text=True, timeout=120)
+            proc = subprocess.run([sys.executable, "-c", script, str(folder)], capture_output=True, text=True,
+                                  timeout=120)
         except subprocess.TimeoutExpired:
             pytest.fail(f"{folder}: still reading after 120 s")
         assert proc.returncode == 0 and why in proc.stdout, proc.stdout + proc.stderr
@@ -232,7 +232,7 @@ def test_a_file_linked_out_of_the_folder_is_refused_unread(exported, tmp_path, c
 def test_a_loaded_file_left_out_of_model_json_is_refused(exported, tmp_path, capsys):
     copy = copy_of(exported, tmp_path)
     weights = torch.load(copy / "weights.pt", weights_only=True)
-    torch.save({k: torch.zeros_like(v) for k, v in weights.items()}, copy / "weights.pt")  # nothing could vouch for these
+    torch.save({k: torch.zeros_like(v) for k, v in weights.items()}, copy / "weights.pt")  # nothing vouches for these
     edit_meta(copy, lambda meta: meta["files"].pop("weights.pt"))
 
     with pytest.raises(VerificationError, match="weights.pt: not listed in"):
@@ -267,7 +267,8 @@ def test_with_the_key_only_a_folder_signed_with_it_loads(exported, clean, tmp_pa
 
     (copy / "model.sig").unlink()
     code, _, err = predict(capsys, copy)
-    assert code == 1 and err == [f"{copy / 'model.sig'}: missing: {KEY} is set, so only an export signed with it is loaded"]
+    assert code == 1
+    assert err == [f"{copy / 'model.sig'}: missing: {KEY} is set, so only an export signed with it is loaded"]
 
     monkeypatch.setenv(KEY, "another key")
     code, _, err = predict(capsys, exported)
