@@ -40,7 +40,7 @@ SUMMARIES = {
     "search": "Search a normalization-aware CNN space with Optuna, scoring each trial by k-fold cross-validation",
     "report": "Write report.md and PNGs about a study: what the normalization choices did",
     "export": "Retrain a trial on the full training split, fold BN, write TorchScript, torch.export and ONNX files",
-    "bench": "Time an exported model unfolded, folded, TorchScript, torch.export and onnxruntime: what BN costs at inference",
+    "bench": "Time an exported model unfolded, folded, in onnxruntime (and its code files with --trust-code): what BN costs",
     "finetune": "Fine-tune an exported model on a run config's dataset with a BatchNorm strategy",
     "dashboard": "Web dashboard for the studies in one storage: browse, resume, stop, export",
     "compare": "Compare normalization choices fairly: one equal-budget study per cell, re-evaluated over fresh seeds",
@@ -374,6 +374,8 @@ def finetune_main(argv: list[str] | None = None) -> int:
 
 
 def dashboard_parser() -> argparse.ArgumentParser:
+    from nas.dashboard.security import SESSION_IDLE, SESSION_LIFETIME  # light: no web framework imported
+
     p = _parser("dashboard", "List and detail pages, Resume / Stop / Export best, and optuna-dashboard under /optuna/.")
     p.add_argument("--storage", default=DEFAULT_STORAGE, help="Optuna storage URL (default %(default)s)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s, or ::1; any other needs a token)")
@@ -385,6 +387,12 @@ def dashboard_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="runs/dashboard", help="worker logs and exports (default %(default)s)")
     p.add_argument("--idle-timeout", type=int, default=30, metavar="SECONDS",
                    help="close a connection that sent or received nothing for this long (default %(default)s)")
+    p.add_argument("--session-idle", type=int, default=SESSION_IDLE, metavar="SECONDS",
+                   help="token mode: a login unused this long ends (default %(default)s; an open page keeps it in use)")
+    p.add_argument("--session-lifetime", type=int, default=SESSION_LIFETIME, metavar="SECONDS",
+                   help="token mode: a login ends this long after it began, however used (default %(default)s)")
+    p.add_argument("--trusted-proxy", metavar="ADDR", help="the address of the TLS reverse proxy in front: its "
+                   "X-Forwarded-Proto alone is believed (https: the session cookie is Secure). Beyond loopback, serve behind one")
     return p
 
 
@@ -396,9 +404,12 @@ def dashboard_main(argv: list[str] | None = None) -> int:
         parser.error("--port must be between 0 and 65535")
     if args.idle_timeout < 1:
         parser.error("--idle-timeout must be >= 1")
+    for flag in ("session_idle", "session_lifetime"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 1")
 
     def dashboard() -> None:
-        from nas.dashboard.security import read_token, require_token_beyond_loopback
+        from nas.dashboard.security import Sessions, read_token, require_token_beyond_loopback
 
         token = read_token(args.token, args.token_file)
         require_token_beyond_loopback(args.host, token)  # before the slow imports below
@@ -407,7 +418,8 @@ def dashboard_main(argv: list[str] | None = None) -> int:
                   "prefer --token-file PATH or NAS_DASHBOARD_TOKEN", file=sys.stderr)
         from nas.dashboard.server import serve
 
-        serve(args.storage, args.host, args.port, token, args.workdir, args.allow_host, args.idle_timeout)
+        serve(args.storage, args.host, args.port, token, args.workdir, args.allow_host, args.idle_timeout,
+              sessions=Sessions(args.session_idle, args.session_lifetime), trusted_proxy=args.trusted_proxy)
 
     return _run(dashboard)
 
