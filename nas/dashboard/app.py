@@ -38,8 +38,11 @@ class BadInput(Exception):
     """A field of an action that is not what the action takes: a 400 naming the field."""
 
 
-def create_app(storage: optuna.storages.BaseStorage, workers: Workers, csrf_token: str) -> bottle.Bottle:
-    """The Bottle app for one storage (optuna-dashboard is dispatched beside it, see server.py)."""
+def create_app(storage: optuna.storages.BaseStorage, workers: Workers, csrf_token: str,
+               logout: bool = False) -> bottle.Bottle:
+    """The Bottle app for one storage (optuna-dashboard is dispatched beside it, see server.py).
+
+    `logout`: pages show a Logout button (token mode; the Guard serves the route)."""
     app = bottle.Bottle()
     action_lock = threading.Lock()  # check-then-start must not interleave between two clicks
 
@@ -74,7 +77,8 @@ def create_app(storage: optuna.storages.BaseStorage, workers: Workers, csrf_toke
         return data
 
     def render(template: str, **values) -> str:
-        return bottle.template(template, template_lookup=TEMPLATES, csrf=csrf_token, poll_ms=POLL_MS, show=show, **values)
+        return bottle.template(template, template_lookup=TEMPLATES, csrf=csrf_token, logout=logout, poll_ms=POLL_MS,
+                               show=show, **values)
 
     def answer(status: int, study_id: int | None = None, **body) -> bottle.HTTPResponse:
         """An action's answer: JSON for the page's script and API clients, a page for a plain form post."""

@@ -7,9 +7,13 @@ A WSGI middleware in front of every route, `/optuna/` included:
   names and interface addresses when bound to all of them, `--allow-host`); a foreign Host is
   refused, which defeats DNS rebinding (a page on evil.example whose name resolves to 127.0.0.1
   still sends `Host: evil.example`).
-- Token (required when binding beyond loopback): every request carries it as a cookie set once
-  from `?token=…`, or as `Authorization: Bearer …`. The cookie is named after the port (cookies
-  are not kept apart by port) and holds an HMAC of the token, never the token itself.
+- Token (required when binding beyond loopback): every request carries `Authorization: Bearer …`
+  or the cookie of a session, which opening `?token=…` starts. Browsers send a host's cookies to
+  all its ports, so another service on the host may see the cookie: it holds a random session id,
+  nothing derived from the token, and is worthless after Logout, after the session's idle time or
+  lifetime, or once this server restarts (sessions live in its memory). The cookie is named after
+  the port (cookies are not kept apart by port), HttpOnly, SameSite=Lax, and Secure when the page
+  was served over https (only a proxy named by --trusted-proxy can say so).
 - State changes: only POST / PUT / PATCH / DELETE, and those need an Origin (or Referer) equal to
   the request's own host, plus, on our own routes, the per-server CSRF token the pages embed
   (header `X-CSRF-Token` or form field `csrf`). A cross-site page can send neither.
@@ -19,13 +23,14 @@ A WSGI middleware in front of every route, `/optuna/` included:
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import io
 import ipaddress
 import os
 import secrets
 import socket
+import threading
+import time
 from http.cookies import SimpleCookie
 from pathlib import Path
 from urllib.parse import parse_qs, quote, urlencode, urlsplit
@@ -39,6 +44,10 @@ LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 WILDCARDS = ("0.0.0.0", "::", "")
 NO_FRAMING = "frame-ancestors 'none'"
 DEFAULT_CSP = f"default-src 'self'; img-src 'self' data:; {NO_FRAMING}"
+SESSION_IDLE = 3600  # seconds a login may go unused (an open page polls, so only a closed one idles)
+SESSION_LIFETIME = 12 * 3600  # seconds a login lasts however much it is used; then open the printed address again
+MAX_SESSIONS = 1000  # logins kept at once; beyond it the least recently used is ended
+LOGOUT_PATH = "/logout"
 ALWAYS = (("X-Frame-Options", "DENY"), ("X-Content-Type-Options", "nosniff"), ("Referrer-Policy", "same-origin"))
 
 
@@ -120,9 +129,46 @@ def cookie_name(environ) -> str:
     return f"nas_dashboard_{environ.get('SERVER_PORT', '')}"
 
 
-def cookie_value(token: str, environ) -> str:
-    """An HMAC of the token, so that other services of the host that see the cookie never learn the token."""
-    return hmac.new(token.encode(), f"nas-dashboard cookie {environ.get('SERVER_PORT', '')}".encode(), hashlib.sha256).hexdigest()
+class Sessions:
+    """The logins of token mode: a random id per login, valid until Logout, `idle` seconds without use or
+    `lifetime` seconds after the login, whichever comes first. In memory: a restart logs everyone out.
+
+    `clock` is injectable so that tests can move time on instead of waiting.
+    """
+
+    def __init__(self, idle: float = SESSION_IDLE, lifetime: float = SESSION_LIFETIME, clock=time.monotonic):
+        self.idle, self.lifetime, self.clock = idle, lifetime, clock
+        self._started: dict[str, tuple[float, float]] = {}  # id -> (login time, last use); insertion order = use order
+        self._lock = threading.Lock()
+
+    def start(self) -> str:
+        sid = secrets.token_urlsafe(32)
+        now = self.clock()
+        with self._lock:
+            for old in [s for s, times in self._started.items() if not self._alive(times, now)]:
+                del self._started[old]
+            while len(self._started) >= MAX_SESSIONS:
+                del self._started[next(iter(self._started))]
+            self._started[sid] = (now, now)
+        return sid
+
+    def check(self, sid: str) -> bool:
+        """Whether `sid` is a live session; a live one counts as used now."""
+        now = self.clock()
+        with self._lock:
+            times = self._started.pop(sid, None)
+            if times is None or not self._alive(times, now):
+                return False
+            self._started[sid] = (times[0], now)
+            return True
+
+    def end(self, sid: str) -> None:
+        with self._lock:
+            self._started.pop(sid, None)
+
+    def _alive(self, times: tuple[float, float], now: float) -> bool:
+        login, used = times
+        return now - login < self.lifetime and now - used < self.idle
 
 
 def same_site_location(path: str, query: str) -> str:
@@ -154,8 +200,10 @@ def _respond(start_response, status: str, text: str, headers: list | None = None
 class Guard:
     """Wraps the dashboard's WSGI app; see the module docstring for the rules."""
 
-    def __init__(self, app, hosts: set[str], token: str | None, csrf_token: str | None = None, unchecked_csrf_prefix: str = "/optuna/"):
+    def __init__(self, app, hosts: set[str], token: str | None, csrf_token: str | None = None,
+                 unchecked_csrf_prefix: str = "/optuna/", sessions: Sessions | None = None):
         self.app, self.hosts, self.token = app, hosts, token
+        self.sessions = sessions or Sessions()
         self.csrf_token = csrf_token or secrets.token_urlsafe(32)
         self.unchecked_csrf_prefix = unchecked_csrf_prefix  # optuna-dashboard's own JS cannot send our token
 
@@ -171,8 +219,7 @@ class Guard:
                 # once: set the cookie and drop the token from the address bar and history
                 rest = urlencode([(k, v) for k, vs in query.items() if k != "token" for v in vs], doseq=True)
                 location = same_site_location(environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "/"), rest)
-                # Lax, not Strict: the link may be opened from another site (a chat, a mail); writes still need Origin + CSRF
-                cookie = f"{cookie_name(environ)}={cookie_value(self.token, environ)}; Path=/; HttpOnly; SameSite=Lax"
+                cookie = self._cookie(environ, self.sessions.start(), f"Max-Age={round(self.sessions.lifetime)}")
                 return _respond(start_response, "303 See Other", "token accepted", [("Location", location), ("Set-Cookie", cookie)])
             if not self._has_token(environ):
                 return _respond(start_response, "401 Unauthorized", "this dashboard needs its token: open the address nas-dashboard printed (…?token=…)")
@@ -181,19 +228,38 @@ class Guard:
             problem = self._cross_site(environ, host)
             if problem:
                 return _respond(start_response, "403 Forbidden", problem)
+        if self.token is not None and environ.get("PATH_INFO") == LOGOUT_PATH and method == "POST":
+            sid = self._session_id(environ)
+            if sid is not None:
+                self.sessions.end(sid)
+            return _respond(start_response, "200 OK",
+                            "logged out: open the address nas-dashboard printed (…?token=…) to log in again",
+                            [("Set-Cookie", self._cookie(environ, "", "Max-Age=0"))])
         return self.app(environ, start_response)
+
+    @staticmethod
+    def _cookie(environ, value: str, lifetime: str) -> str:
+        """Set-Cookie for the session: Lax, not Strict, because the printed link may be opened from another site (a
+        chat, a mail) and Strict would withhold the cookie from that first page; SameSite ignores ports anyway, so
+        writes rely on the Origin (which names the port) and the CSRF token, not on SameSite. Secure over https."""
+        secure = "; Secure" if environ.get("wsgi.url_scheme") == "https" else ""
+        return f"{cookie_name(environ)}={value}; {lifetime}; Path=/; HttpOnly; SameSite=Lax{secure}"
+
+    def _session_id(self, environ) -> str | None:
+        cookie = SimpleCookie()
+        try:
+            cookie.load(environ.get("HTTP_COOKIE", ""))
+        except Exception:  # noqa: BLE001 - a malformed cookie header is just no session
+            return None
+        name = cookie_name(environ)
+        return cookie[name].value if name in cookie else None
 
     def _has_token(self, environ) -> bool:
         auth = environ.get("HTTP_AUTHORIZATION", "")
         if auth.lower().startswith("bearer ") and hmac.compare_digest(auth[7:].strip().encode(), self.token.encode()):
             return True
-        cookie = SimpleCookie()
-        try:
-            cookie.load(environ.get("HTTP_COOKIE", ""))
-        except Exception:  # noqa: BLE001 - a malformed cookie header is just no token
-            return False
-        name = cookie_name(environ)
-        return name in cookie and hmac.compare_digest(cookie[name].value.encode(), cookie_value(self.token, environ).encode())
+        sid = self._session_id(environ)
+        return sid is not None and self.sessions.check(sid)
 
     def _cross_site(self, environ, host: str) -> str | None:
         """Why a state-changing request is refused, or None."""

@@ -18,7 +18,8 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from nas.dashboard.app import create_app
 from nas.dashboard.optuna_mount import OptunaMount
-from nas.dashboard.security import Guard, allowed_hosts, interface_addresses, is_wildcard, require_token_beyond_loopback
+from nas.dashboard.security import (Guard, Sessions, allowed_hosts, interface_addresses, is_wildcard,
+                                    require_token_beyond_loopback)
 from nas.dashboard.workers import Workers
 from nas.errors import NasError, StudyError
 from nas.storage import RDB_SCHEMES, engine_options, one_line, quiet_optuna, sqlite_path, storage_of
@@ -46,8 +47,13 @@ def connection_limit() -> int:
     return max(1, min(MAX_CONNECTIONS, soft - RESERVED_FILES))
 
 
-def server_settings(idle_timeout: int = IDLE_TIMEOUT) -> dict:
-    """waitress's adjustments for the dashboard."""
+def server_settings(idle_timeout: int = IDLE_TIMEOUT, trusted_proxy: str | None = None) -> dict:
+    """waitress's adjustments for the dashboard.
+
+    `trusted_proxy`: the address of the TLS-terminating reverse proxy in front; from it alone an
+    `X-Forwarded-Proto: https` is believed (the session cookie is then Secure). Nobody else's is.
+    """
+    proxy = {"trusted_proxy": trusted_proxy, "trusted_proxy_headers": {"x-forwarded-proto"}} if trusted_proxy else {}
     return {
         "threads": THREADS,
         "connection_limit": connection_limit(),
@@ -58,7 +64,8 @@ def server_settings(idle_timeout: int = IDLE_TIMEOUT) -> dict:
         "max_request_header_size": MAX_HEADERS,
         "asyncore_use_poll": True,  # select() fails beyond 1024 descriptors
         "ident": "nas-dashboard",
-        "clear_untrusted_proxy_headers": True,  # no proxy is trusted: X-Forwarded-* never reach the app
+        "clear_untrusted_proxy_headers": True,  # X-Forwarded-* from anyone but the trusted proxy never reach the app
+        **proxy,
     }
 
 
@@ -86,13 +93,14 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     return storage
 
 
-def build(storage_url: str, host: str, token: str | None, workdir: Path, extra_hosts: list[str] = ()):
+def build(storage_url: str, host: str, token: str | None, workdir: Path, extra_hosts: list[str] = (),
+          sessions: Sessions | None = None):
     """The WSGI app and the worker registry, for a server or a test."""
     require_token_beyond_loopback(host, token)
     storage = open_storage(storage_url)
     workers = Workers(storage_url, workdir)
-    guard = Guard(None, allowed_hosts(host, list(extra_hosts)), token)
-    ours = create_app(storage, workers, guard.csrf_token)
+    guard = Guard(None, allowed_hosts(host, list(extra_hosts)), token, sessions=sessions)
+    ours = create_app(storage, workers, guard.csrf_token, logout=token is not None)
     mounted = OptunaMount(storage, OPTUNA_PREFIX)
 
     def dispatch(environ, start_response):
@@ -115,13 +123,14 @@ def printed_address(host: str, port: int, token: str | None) -> str:
 
 
 def serve(storage_url: str, host: str, port: int, token: str | None, workdir: Path, extra_hosts: list[str] = (),
-          idle_timeout: int = IDLE_TIMEOUT, ready: threading.Event | None = None) -> None:
+          idle_timeout: int = IDLE_TIMEOUT, ready: threading.Event | None = None, sessions: Sessions | None = None,
+          trusted_proxy: str | None = None) -> None:
     """Serve until Ctrl-C; workers it started keep running (Stop them from a new dashboard)."""
     from waitress.server import create_server
 
-    app, workers = build(storage_url, host, token, Path(workdir), extra_hosts)
+    app, workers = build(storage_url, host, token, Path(workdir), extra_hosts, sessions)
     try:
-        server = create_server(app, host=host, port=port, **server_settings(idle_timeout))
+        server = create_server(app, host=host, port=port, **server_settings(idle_timeout, trusted_proxy))
     except OSError as exc:
         raise NasError(f"--port: cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     print(f"nas-dashboard on {printed_address(host, server.effective_port, token)} "

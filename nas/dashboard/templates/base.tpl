@@ -9,7 +9,13 @@
 <script defer src="/static/dashboard.js"></script>
 </head>
 <body data-poll-ms="{{poll_ms}}">
-<header><a href="/" class="brand">bnnas</a> <nav><a href="/">Studies</a> <a href="/optuna/dashboard">optuna-dashboard</a></nav></header>
+<header><a href="/" class="brand">bnnas</a>
+<nav><a href="/">Studies</a> <a href="/optuna/dashboard">optuna-dashboard</a></nav>
+% if logout:
+<form method="post" action="/logout" class="logout">
+<input type="hidden" name="csrf" value="{{csrf}}"><button>Logout</button></form>
+% end
+</header>
 <main>
 {{!base}}
 </main>
