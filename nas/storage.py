@@ -8,6 +8,8 @@ A study holds, besides Optuna's trials:
   trial user attrs    the score (`nas.study.SCORE_ATTRS`), `arch`, `worker`, `duplicate_of`, `fail_reason`,
                       `config_version`.
 Studies written before these names kept the run config in the user attr `run_config`; it is still read.
+Any process that can write the storage can write any attribute: the readers below check the type of
+what they return, and one of another type is a StoredAttrError naming the attribute and what was expected.
 A repeated proposal (`duplicate_of`) is a FAIL trial, so that no sampler or pruner counts it (`nas.novelty`);
 studies written before kept repeats COMPLETE or PRUNED, which `counts_toward_budget` still tells apart.
 """
@@ -26,7 +28,8 @@ from optuna.trial import TrialState
 from sqlalchemy.exc import IntegrityError, ProgrammingError
 
 from nas.contract import VERSION_ATTR, config_of_version
-from nas.errors import StudyError
+from nas.errors import ConfigError, StudyError
+from nas.validation import check_scalar, type_name
 from nas.storage_proxy import PROXY_SCHEMES, grpc_proxy
 
 SQLITE = "sqlite:///"
@@ -40,6 +43,41 @@ LEGACY_RUN_CONFIG_ATTR = "run_config"  # user attr of studies written before RUN
 DUPLICATE_ATTR = "duplicate_of"  # trial user attr: the proposal repeated this tried trial's parameters
 FAIL_REASON_ATTR = "fail_reason"
 INTERRUPTED = "interrupted"  # the fail reason of a trial stopped by SIGINT / SIGTERM: no fault of its candidate
+
+
+# trial user attrs bnnas writes and reads back, by the type they hold (`float` also takes an int)
+TRIAL_ATTR_KINDS = {"arch": dict, "cv_accuracy": float, "cv_loss_std": float, "params": int, "train_seconds": float,
+                    FAIL_REASON_ATTR: str, DUPLICATE_ATTR: int, VERSION_ATTR: int, "pruned_at_step": int}
+
+
+class StoredAttrError(StudyError):
+    """An attribute in the storage of a type bnnas never writes (another writer's, or damaged)."""
+
+
+def _bad(where: str, expected: str, value) -> StoredAttrError:
+    shown = repr(value)
+    shown = shown if len(shown) <= 60 else shown[:60] + "…"
+    return StoredAttrError(f"{where}: expected {expected}, holds {type_name(value)} {shown}")
+
+
+def _of_kind(value, kind: type, where: str):
+    """`value` if it is of `kind` (a scalar checked as the config loader does, or dict / list), else StoredAttrError."""
+    if kind in (dict, list):
+        if not isinstance(value, kind):
+            raise _bad(where, type_name(kind()), value)
+        return value
+    try:
+        return check_scalar(value, kind, "", "")
+    except ConfigError:  # worded for a file and key path: reworded for a stored value
+        raise _bad(where, type_name(kind()), value) from None
+
+
+def trial_attr(trial: optuna.trial.FrozenTrial, name: str, default=None):
+    """A trial user attr of the type bnnas stores it as (`TRIAL_ATTR_KINDS`); absent or None: `default`."""
+    value = trial.user_attrs.get(name)
+    if value is None:
+        return default
+    return _of_kind(value, TRIAL_ATTR_KINDS[name], f"trial {trial.number}: user attr '{name}'")
 
 
 def is_duplicate(trial: optuna.trial.FrozenTrial) -> bool:
@@ -160,19 +198,55 @@ def delete_study_system_attr(storage, study_id: int, key: str) -> None:
 
 def read_run_config(storage, study_id: int) -> dict | None:
     """The run config a study was last trained with (None: not made by nas-search)."""
+    where = f"study attr '{RUN_CONFIG_ATTR}'"
     config = storage.get_study_system_attrs(study_id).get(RUN_CONFIG_ATTR)
     if config is None:
+        where = f"study user attr '{LEGACY_RUN_CONFIG_ATTR}'"
         config = storage.get_study_user_attrs(study_id).get(LEGACY_RUN_CONFIG_ATTR)
-    return config if isinstance(config, dict) else None
+    return None if config is None else _of_kind(config, dict, where)
+
+
+def config_value(config: dict, key_path: str, kind: type, default=None):
+    """One value of a stored run config (`study.trials`), read without loading the whole config (which needs torch):
+    of `kind` (`list`: a list of strings), `default` when absent, else StoredAttrError naming the key."""
+    where = f"study attr '{RUN_CONFIG_ATTR}' key {key_path}"
+    node = config
+    for part in key_path.split("."):
+        if not isinstance(node, dict):
+            raise _bad(where, "a mapping on the way", node)
+        if node.get(part) is None:
+            return default
+        node = node[part]
+    if kind is list:
+        if not isinstance(node, list) or not all(isinstance(item, str) for item in node):
+            raise _bad(where, "a list of names", node)
+        return node
+    return _of_kind(node, kind, where)
 
 
 def read_config_history(storage, study_id: int) -> list[dict]:
+    """The forced changes of the study's contract, oldest first (`nas.contract.history_entry`)."""
     history = storage.get_study_system_attrs(study_id).get(HISTORY_ATTR)
-    return history if isinstance(history, list) else []
+    if history is None:
+        return []
+    where = f"study attr '{HISTORY_ATTR}'"
+    for i, entry in enumerate(_of_kind(history, list, where)):
+        changes = _of_kind(entry, dict, f"{where}[{i}]").get("changes", [])
+        for j, change in enumerate(_of_kind(changes, list, f"{where}[{i}].changes")):
+            if not isinstance(change, dict) or not {"key", "old", "new"} <= change.keys():
+                raise _bad(f"{where}[{i}].changes[{j}]", "a mapping of key, old and new", change)
+    return history
 
 
 def read_data_fingerprint(storage, study_id: int) -> dict | None:
-    return storage.get_study_system_attrs(study_id).get(DATA_ATTR)
+    found = storage.get_study_system_attrs(study_id).get(DATA_ATTR)
+    return None if found is None else _of_kind(found, dict, f"study attr '{DATA_ATTR}'")
+
+
+def read_stop_request(storage, study_id: int) -> float | None:
+    """When a graceful stop was last asked for (`request_stop`), as a Unix time; None: never."""
+    found = storage.get_study_system_attrs(study_id).get(STOP_ATTR)
+    return None if found is None else _of_kind(found, float, f"study attr '{STOP_ATTR}'")
 
 
 def config_of_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> tuple[dict | None, dict | None]:

@@ -188,7 +188,7 @@ def create_app(storage: optuna.storages.BaseStorage, workers: Workers, csrf_toke
             if s["state"] in ("running", "stopping"):
                 return answer(409, study_id, error=f"study '{name}' is already running: {s['running_text']}")
             if not s["resumable"]:
-                return answer(409, study_id, error=f"study '{name}' has no stored run config (not made by nas-search): it cannot be resumed")
+                return answer(409, study_id, error=f"study '{name}' cannot be resumed: {s['resume_refused']}")
             budget = trials if trials is not None else s["budget"]
             if budget is not None and budget <= s["finished"]:
                 return answer(409, study_id, error=f"study '{name}' already has {s['finished']} finished trials: give a budget above that to run more")
@@ -216,6 +216,8 @@ def create_app(storage: optuna.storages.BaseStorage, workers: Workers, csrf_toke
             return answer(409, study_id, error=f"study '{name}' has no completed trial to export yet")
         if trial is not None and trial not in {t.number for t in complete}:
             return answer(409, study_id, error=f"study '{name}' has no completed trial {trial}")
+        if trial is None and (refused := summary(name, study_id)["export_refused"]):
+            return answer(409, study_id, error=f"study '{name}' cannot export its best trial: {refused}")
         if trial is None and len(storage.get_study_directions(study_id)) > 1:
             return answer(409, study_id, error="a multi-objective study has no single best trial: give a trial number of its Pareto front")
         with action_lock:

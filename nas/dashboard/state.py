@@ -4,7 +4,9 @@ A study is `running` while a worker is recorded live in it (`nas.liveness`: from
 while it loads data, between trials), a worker beats for one of its RUNNING trials, or a
 worker this dashboard started is still alive; `stopping` while running with a stop request
 newer than its latest trial start; `finished` when its budget of finished trials is reached;
-`idle` otherwise (resumable); `unreadable` when something stored in it cannot be read (the row
+`idle` otherwise (resumable). An attribute of the wrong type (any writer of the storage can write
+one) is named in `stored_problems` and left out; the rest of the study is shown, and Resume is
+refused while the stored run config is bad. `unreadable` is left for what fails otherwise (the row
 says why; the other studies are shown as usual). The cell studies of a `nas-compare` run are
 also shown together, as one comparison, ranked by nas-compare's own functions.
 """
@@ -25,10 +27,41 @@ from nas.archspec import MIXED, NO_POSITION, NORM_ORDER, POSITION_ORDER, blocks,
 from nas.config import StudyConfig
 from nas.liveness import describe_workers, live_workers
 from nas.report import finite
-from nas.storage import (STOP_ATTR, budget_count, counts_toward_budget, is_duplicate, one_line, rdb_engine, read_config_history,
-                         read_run_config)
+from nas.storage import (StoredAttrError, budget_count, config_value, counts_toward_budget, is_duplicate, one_line,
+                         rdb_engine, read_config_history, read_run_config, read_stop_request, trial_attr)
 
 HEARTBEAT_DEFAULT = StudyConfig.heartbeat_seconds  # studies stored before the field existed
+
+
+class Problems(list):
+    """The stored attributes a page could not use, one line each (attribute, trial or study, what was expected)."""
+
+    def read(self, reader, *args, default=None):
+        """`reader(*args)`, or `default` with the StoredAttrError's line added."""
+        try:
+            return reader(*args)
+        except StoredAttrError as exc:
+            self.add(str(exc))
+            return default
+
+    def add(self, line: str) -> None:
+        if line not in self:
+            self.append(line)
+
+
+def arch_view(t: FrozenTrial, problems: Problems) -> dict:
+    """What the tables show of a trial's ArchSpec; {} when it has none, or one the describers cannot read (named)."""
+    arch = problems.read(trial_attr, t, "arch", default={})
+    if not arch:
+        return {}
+    try:
+        spec_blocks = blocks(arch)
+        return {"group": norm_group(arch), "norms": describe_norms(arch), "layout": describe_layout(arch),
+                "activation": spec_blocks[0].get("activation", "") if spec_blocks else ""}
+    except Exception as exc:  # noqa: BLE001 - a mapping that is no ArchSpec fails in any of the describers
+        why = f"{type(exc).__name__}: {one_line(exc)}"
+        problems.add(f"trial {t.number}: user attr 'arch': expected an ArchSpec ({why})")
+        return {}
 
 
 @dataclass
@@ -82,14 +115,22 @@ def summarize(storage: optuna.storages.BaseStorage, name: str, own=None) -> dict
     """
     study_id = storage.get_study_id_from_name(name)
     trials = storage.get_all_trials(study_id, deepcopy=False)
-    config = read_run_config(storage, study_id) or {}
-    budget = own.budget if own is not None and own.budget is not None else config.get("study", {}).get("trials")
-    beat = float(config.get("study", {}).get("heartbeat_seconds", HEARTBEAT_DEFAULT))
+    problems = Problems()
+    config = problems.read(read_run_config, storage, study_id) or {}
+    stored_budget = problems.read(config_value, config, "study.trials", int)
+    beat = problems.read(config_value, config, "study.heartbeat_seconds", float, HEARTBEAT_DEFAULT,
+                         default=HEARTBEAT_DEFAULT)
+    objectives = problems.read(config_value, config, "objectives", list, ["cv_loss"], default=["cv_loss"])
+    if problems:  # nas-search --resume would refuse this config: say why here
+        refused = f"its stored run config is bad ({problems[0]})"
+    else:
+        refused = None if config else "it has no stored run config (not made by nas-search)"
+    budget = own.budget if own is not None and own.budget is not None else stored_budget
     live = heartbeats(storage, study_id, 2 * beat)
     workers = live_workers(storage, study_id, 2 * beat)
     finished = budget_count(trials)
     running = live.fresh > 0 or bool(workers) or own is not None
-    stop_at = storage.get_study_system_attrs(study_id).get(STOP_ATTR)
+    stop_at = problems.read(read_stop_request, storage, study_id)
     # a stop asked after the latest trial (and our worker) started is still being carried out
     last_start = max((t.datetime_start.timestamp() for t in trials if t.datetime_start), default=0.0)
     if running:
@@ -97,7 +138,10 @@ def summarize(storage: optuna.storages.BaseStorage, name: str, own=None) -> dict
     else:
         state = "finished" if budget is not None and finished >= budget else "idle"
     best = _best(trials)
-    arch = best.user_attrs.get("arch", {}) if best else {}
+    known = len(problems)
+    view = arch_view(best, problems) if best else {}
+    # nas-export rebuilds the best trial from its arch
+    export_refused = f"its best trial's ArchSpec is bad ({problems[known]})" if len(problems) > known else None
     return {
         "id": study_id,
         "name": name,
@@ -113,11 +157,14 @@ def summarize(storage: optuna.storages.BaseStorage, name: str, own=None) -> dict
         "failed": sum(t.state == TrialState.FAIL for t in trials),
         "best_trial": best.number if best else None,
         "best_cv_loss": best.values[0] if best else None,
-        "best_cv_accuracy": best.user_attrs.get("cv_accuracy") if best else None,
-        "best_norms": describe_norms(arch) if arch else None,
-        "best_layout": describe_layout(arch) if arch else None,
-        "objectives": config.get("objectives", ["cv_loss"]),
-        "resumable": bool(config),  # made by nas-search: the stored config lets it resume
+        "best_cv_accuracy": problems.read(trial_attr, best, "cv_accuracy") if best else None,
+        "best_norms": view.get("norms"),
+        "best_layout": view.get("layout"),
+        "objectives": objectives,
+        "resumable": refused is None,  # made by nas-search, and its stored config is one nas-search reads
+        "resume_refused": refused,
+        "export_refused": export_refused,
+        "stored_problems": problems,
         "error": None,
     }
 
@@ -151,50 +198,54 @@ def readable(read, storage: optuna.storages.BaseStorage, name: str, *args) -> di
         return unreadable(storage, name, exc)
 
 
-def trial_note(t: FrozenTrial) -> str:
+def trial_note(t: FrozenTrial, problems: Problems | None = None) -> str:
     """Why a trial has no (or no own) score: its failure, the trial it repeated, or where it was pruned."""
-    if t.user_attrs.get("fail_reason"):
-        return str(t.user_attrs["fail_reason"])
-    if t.user_attrs.get("duplicate_of") is not None:
-        return f"duplicate of trial {t.user_attrs['duplicate_of']} (not trained)"
+    problems = Problems() if problems is None else problems
+    attr = lambda name, default=None: problems.read(trial_attr, t, name, default=default)  # noqa: E731
+    if attr("fail_reason"):
+        return attr("fail_reason")
+    if attr("duplicate_of") is not None:
+        return f"duplicate of trial {attr('duplicate_of')} (not trained)"
     if t.state == TrialState.PRUNED:
-        step = t.user_attrs.get("pruned_at_step", t.last_step)
+        step = attr("pruned_at_step", t.last_step)
         return f"pruned at step {step} (epochs trained; partial fold losses kept)" if step is not None else "pruned"
     return ""
 
 
-def trial_rows(trials: list[FrozenTrial]) -> list[dict]:
-    """The trials table: one row per trial with its normalization columns."""
+def trial_rows(trials: list[FrozenTrial], problems: Problems | None = None) -> list[dict]:
+    """The trials table: one row per trial with its normalization columns; a bad attribute is left blank (and named)."""
+    problems = Problems() if problems is None else problems
     rows = []
     for t in trials:
-        arch = t.user_attrs.get("arch", {})
-        kind, position = norm_group(arch) if arch else ("", "")
-        spec_blocks = blocks(arch)
+        attr = lambda name, default=None: problems.read(trial_attr, t, name, default=default)  # noqa: E731,B023
+        view = arch_view(t, problems)
+        kind, position = view.get("group", ("", ""))
         rows.append({
             "number": t.number,
             "state": t.state.name,
             "cv_loss": t.values[0] if t.values else None,
-            "cv_loss_std": t.user_attrs.get("cv_loss_std"),
-            "cv_accuracy": t.user_attrs.get("cv_accuracy"),
+            "cv_loss_std": attr("cv_loss_std"),
+            "cv_accuracy": attr("cv_accuracy"),
             "norm_type": kind,
             "norm_position": "" if position == NO_POSITION else position,
-            "layout": describe_layout(arch) if arch else "",
-            "activation": spec_blocks[0].get("activation", "") if spec_blocks else "",
-            "params": t.user_attrs.get("params"),
-            "seconds": t.user_attrs.get("train_seconds"),
-            "fail_reason": t.user_attrs.get("fail_reason", ""),
-            "duplicate_of": t.user_attrs.get("duplicate_of"),
-            "note": trial_note(t),
-            "config_version": t.user_attrs.get("config_version", 0),
+            "layout": view.get("layout", ""),
+            "activation": view.get("activation", ""),
+            "params": attr("params"),
+            "seconds": attr("train_seconds"),
+            "fail_reason": attr("fail_reason", ""),
+            "duplicate_of": attr("duplicate_of"),
+            "note": trial_note(t, problems),
+            "config_version": attr("config_version", 0),
         })
     return rows
 
 
-def norm_grid(trials: list[FrozenTrial]) -> dict:
+def norm_grid(trials: list[FrozenTrial], problems: Problems | None = None) -> dict:
     """CV loss of COMPLETE trials grouped by norm type (rows) x position (columns): mean, best, count."""
+    problems = Problems() if problems is None else problems
     groups: dict[tuple[str, str], list[float]] = {}
     for t in _scored(trials):
-        groups.setdefault(norm_group(t.user_attrs.get("arch", {})), []).append(t.values[0])
+        groups.setdefault(arch_view(t, problems).get("group", norm_group({})), []).append(t.values[0])
     types = sorted({k for k, _ in groups}, key=order_key(NORM_ORDER))
     positions = sorted({p for _, p in groups}, key=order_key((*POSITION_ORDER, MIXED, NO_POSITION)))
     cells = {f"{k}|{p}": {"mean": statistics.fmean(v), "best": min(v), "count": len(v)} for (k, p), v in groups.items()}
@@ -214,22 +265,32 @@ def detail(storage: optuna.storages.BaseStorage, name: str, own=None) -> dict:
     """Everything the study page shows."""
     study_id = storage.get_study_id_from_name(name)
     trials = storage.get_all_trials(study_id, deepcopy=False)
+    row = summarize(storage, name, own)
+    problems = row["stored_problems"]
+    changes = problems.read(read_config_history, storage, study_id, default=[])
     return {
-        **summarize(storage, name, own),
-        "config_history": [{k: entry.get(k) for k in ("at", "by", "source", "changes")} for entry in read_config_history(storage, study_id)],
-        "trials": trial_rows(trials),
-        "norm_grid": norm_grid(trials),
+        **row,
+        "config_history": [{k: entry.get(k) for k in ("at", "by", "source", "changes")} for entry in changes],
+        "trials": trial_rows(trials, problems),
+        "norm_grid": norm_grid(trials, problems),
         "history": history(trials),
         "read_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 
 
 def comparisons(storage: optuna.storages.BaseStorage) -> list[dict]:
-    """Each comparison in the storage: its id (its first cell study's), base name, factors and cells (id, name)."""
-    from nas.compare import stored_comparisons
+    """Each comparison in the storage: its id (its first cell study's), base name, factors and cells (id, name).
 
-    return [{"id": c["cells"][0][0], "name": c["base"], "factors": c["factors"], "cells": [{"id": i, "name": n} for i, n, _ in c["cells"]]}
-            for c in stored_comparisons(storage)]
+    A cell attribute of the wrong shape gives one entry with an `error` instead: the studies stay listed."""
+    from nas.compare import CELL_ATTR, stored_comparisons
+
+    try:
+        return [{"id": c["cells"][0][0], "name": c["base"], "factors": [str(f) for f in c["factors"]],
+                 "cells": [{"id": i, "name": n} for i, n, _ in c["cells"]]} for c in stored_comparisons(storage)]
+    except Exception as exc:  # noqa: BLE001 - nas-compare's reader assumes the shape it writes
+        why = f"{type(exc).__name__}: {one_line(exc)}"
+        return [{"id": None, "name": "", "factors": [], "cells": [],
+                 "error": f"study attr '{CELL_ATTR}' of some study is not what nas-compare writes: {why}"}]
 
 
 def comparison(storage: optuna.storages.BaseStorage, study_id: int) -> dict | None:

@@ -16,6 +16,9 @@
 %   else:
 <td><span class="state state-{{s['state']}}" data-field="state">{{s['state']}}</span>{{' · %d stale' % s['stale_trials'] if s['stale_trials'] else ''}}
 % include('worker_note.tpl', s=s)
+%     if s['stored_problems']:
+<div class="error" data-field="stored-problems">left out, of the wrong type: {{'; '.join(s['stored_problems'])}}</div>
+%     end
 </td>
 <td data-field="finished" data-value="{{s['finished']}}" data-budget="{{s['budget'] if s['budget'] is not None else ''}}">{{s['finished']}} / {{s['budget'] if s['budget'] is not None else '?'}}</td>
 <td>{{num(s['best_cv_loss'])}}{{' (trial %d)' % s['best_trial'] if s['best_trial'] is not None else ''}}</td>

@@ -15,6 +15,18 @@
 % end
 </p>
 % include('worker_note.tpl', s=s)
+% if s['stored_problems']:
+<div class="error" data-field="stored-problems">
+<p>Stored attributes left out (of a type bnnas does not write; the rest is shown):</p>
+<ul>
+%   for line in s['stored_problems']:
+<li>{{line}}</li>
+%   end
+</ul></div>
+% end
+% if s['resume_refused']:
+<p class="muted" data-field="resume-refused">Resume: this study cannot be resumed: {{s['resume_refused']}}</p>
+% end
 <div class="actions">
 % include('actions.tpl', s=s)
 </div>
