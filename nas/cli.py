@@ -392,7 +392,8 @@ def dashboard_parser() -> argparse.ArgumentParser:
     p.add_argument("--session-lifetime", type=int, default=SESSION_LIFETIME, metavar="SECONDS",
                    help="token mode: a login ends this long after it began, however used (default %(default)s)")
     p.add_argument("--trusted-proxy", metavar="ADDR", help="the address of the TLS reverse proxy in front: its "
-                   "X-Forwarded-Proto alone is believed (https: the session cookie is Secure). Beyond loopback, serve behind one")
+                   "X-Forwarded-Proto alone is believed (https: the session cookie is Secure). "
+                   "Beyond loopback, serve behind one")
     return p
 
 

@@ -172,3 +172,12 @@ def test_a_restart_ends_every_session(storage, tmp_path):
         assert study_id(storage, "spare") is not None
     finally:
         second.close()
+
+
+@pytest.mark.parametrize("flag", ["--session-idle", "--session-lifetime"])
+def test_a_session_time_below_one_second_is_refused(flag, capsys):
+    from nas.cli import dashboard_main
+
+    with pytest.raises(SystemExit) as stopped:
+        dashboard_main([flag, "0"])
+    assert stopped.value.code == 2 and f"{flag} must be >= 1" in capsys.readouterr().err
