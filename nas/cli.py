@@ -565,7 +565,7 @@ def storage_proxy_main(argv: list[str] | None = None) -> int:
         parser.error("--port must be between 1 and 65535")
 
     def serve() -> None:
-        from nas.storage_proxy import serve_storage_proxy
+        from nas.proxy_server import serve_storage_proxy
 
         serve_storage_proxy(args.storage, args.host, args.port, token_file=args.token_file, tls_cert=args.tls_cert,
                             tls_key=args.tls_key, tls_client_ca=args.tls_client_ca, insecure=args.insecure)

@@ -9,7 +9,7 @@ import json
 import math
 from pathlib import Path
 
-from nas.compare_stats import ALPHA, TEST, rank_cells
+from nas.compare_stats import TEST, rank_cells
 
 VERDICTS = {"best": "best", "indistinguishable": "= best", "worse": "worse", "untested": "untested"}
 COUNTS = ("trained", "pruned", "failed", "repeated")

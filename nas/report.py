@@ -33,7 +33,7 @@ from nas.errors import NasError, StudyError
 from nas.config import StudyConfig
 from nas.liveness import describe_workers, live_workers
 from nas.anytime import clock, improvements
-from nas.archspec import (MIXED, NO_POSITION, NORM_ORDER, POSITION_ORDER, SETTING_ABBREV, UNKNOWN, describe_activations,
+from nas.archspec import (NO_POSITION, NORM_ORDER, POSITION_ORDER, SETTING_ABBREV, UNKNOWN, describe_activations,
                           describe_block_types, describe_layout, describe_training, norm_group, order_key)
 from nas.storage import counts_toward_budget, is_duplicate, is_failure, load_existing_study, one_line, quiet_optuna, read_config_history, read_run_config
 

@@ -1,6 +1,5 @@
 """Every norm type x position x activation builds and trains in 1-D and 2-D; the data's rank picks the dims."""
 
-import itertools
 
 import pytest
 import torch

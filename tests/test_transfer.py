@@ -1,7 +1,6 @@
 """nas-finetune: each bn-mode changes exactly the tensors it should, head replacement, adabn on a
 constructed shift, and the command end to end on a tiny model exported by the real export code."""
 
-import copy
 import json
 import subprocess
 import sys
