@@ -363,7 +363,7 @@ def _done(storage: str, names: list[str], trials_per_cell: int) -> int:
                 raise NasError(f"--trials-per-cell {trials_per_cell}: cell study '{name}' already holds {held} finished candidates; "
                                f"give --trials-per-cell {held} or more to compare equal budgets, or another --study")
             done += held
-            done += len(study._storage.get_study_system_attrs(study._study_id).get(REEVAL_ATTR, {}).get("seeds", {}))
+            done += len(read_reevaluation(study._storage.get_study_system_attrs(study._study_id), name).get("seeds", {}))
     return done
 
 
@@ -401,7 +401,7 @@ def _stored_reevaluation(study) -> tuple[Any, dict]:
     ranked = top_trials(study, 1)
     if not ranked:
         return None, {}
-    stored = study._storage.get_study_system_attrs(study._study_id).get(REEVAL_ATTR, {})
+    stored = read_reevaluation(study._storage.get_study_system_attrs(study._study_id), study.study_name)
     return ranked[0], (dict(stored.get("seeds", {})) if stored.get("trial") == ranked[0].number else {})
 
 
@@ -427,14 +427,57 @@ def rank(rows: list[dict]) -> None:
         row["stats"] = ranking.get(row["label"])
 
 
-def stored_comparisons(storage) -> list[dict]:
+def read_cell(attrs: dict, study_name: str) -> dict | None:
+    """A study's CELL_ATTR as nas-compare writes it ({factors: [name], levels: {name: label}}); None: no cell.
+
+    Any writer of the storage can write another shape: that is a StoredAttrError naming the study."""
+    from nas.storage import StoredAttrError
+
+    cell = attrs.get(CELL_ATTR)
+    if cell is None:
+        return None
+    factors, levels = (cell.get("factors"), cell.get("levels")) if isinstance(cell, dict) else (None, None)
+    if not (isinstance(factors, list) and all(isinstance(f, str) for f in factors) and isinstance(levels, dict)
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in levels.items())):
+        shown = repr(cell)
+        raise StoredAttrError(f"study '{study_name}': study attr '{CELL_ATTR}': expected {{factors: [name], levels: "
+                              f"{{name: level}}}}, holds {shown if len(shown) <= 60 else shown[:60] + '…'}")
+    return cell
+
+
+def read_reevaluation(attrs: dict, study_name: str) -> dict:
+    """A cell's REEVAL_ATTR ({trial: n, seeds: {seed: {cv_loss, cv_accuracy} | {failed}}}), checked; {} when absent."""
+    from nas.storage import StoredAttrError
+
+    stored = attrs.get(REEVAL_ATTR, {})
+    seeds = stored.get("seeds") if isinstance(stored, dict) else None
+    good = isinstance(seeds, dict) and isinstance(stored.get("trial"), int) and all(
+        isinstance(r, dict) and (isinstance(r.get("failed"), str) or (
+            isinstance(r.get("cv_loss"), (int, float)) and isinstance(r.get("cv_accuracy"), (int, float))))
+        for r in seeds.values())
+    if stored and not good:
+        shown = repr(stored)
+        raise StoredAttrError(f"study '{study_name}': study attr '{REEVAL_ATTR}': expected {{trial: N, seeds: "
+                              f"{{seed: scores}}}}, holds {shown if len(shown) <= 60 else shown[:60] + '…'}")
+    return stored
+
+
+def stored_comparisons(storage, problems: list | None = None) -> list[dict]:
     """The comparisons a storage holds: each its `base` name, `factors` and `cells` (id, name, CELL_ATTR), in study-id order.
 
-    Cells belong together when they share the base name (`BASE` of `BASE[levels]`) and the factors."""
+    Cells belong together when they share the base name (`BASE` of `BASE[levels]`) and the factors. A study
+    whose cell attribute has another shape is left out, its StoredAttrError appended to `problems`."""
+    from nas.storage import StoredAttrError
+
     groups: dict[tuple, list] = {}
     for study in sorted(storage.get_all_studies(), key=lambda s: s._study_id):
-        cell = study.system_attrs.get(CELL_ATTR)
-        if not isinstance(cell, dict):
+        try:
+            cell = read_cell(study.system_attrs, study.study_name)
+        except StoredAttrError as exc:
+            if problems is not None:
+                problems.append(exc)
+            continue
+        if cell is None:
             continue
         label = ",".join(str(cell["levels"].get(f, NOT_APPLICABLE)) for f in cell["factors"])
         base = study.study_name[:-len(label) - 2] if study.study_name.endswith(f"[{label}]") else study.study_name

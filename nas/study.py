@@ -37,9 +37,10 @@ from nas.novelty import Novelty, record_repeat
 from nas.pruning import Reporter, make_pruner, reports_every_epoch
 from nas.signals import SIGNALS
 from nas.space import Space
-from nas.storage import (FAIL_REASON_ATTR, FINISHED, HISTORY_ATTR, INTERRUPTED, STOP_ATTR, budget_count,
+from nas.storage import (FAIL_REASON_ATTR, FINISHED, HISTORY_ATTR, INTERRUPTED, budget_count,
                          check_writable_sqlite, counts_toward_budget, is_duplicate, is_failure, load_existing_study,
                          make_storage, one_line, quiet_optuna, read_config_history, read_data_fingerprint, read_run_config,
+                         read_stop_request,
                          sqlite_path, write_run_config)
 
 SCORE_ATTRS = ("fold_losses", "fold_accuracies", "cv_accuracy", "cv_loss_std", "params", "train_seconds",
@@ -276,7 +277,7 @@ class StopOnRequest:
         self.started, self.stopped = started, False
 
     def asked(self, study: optuna.Study) -> bool:
-        asked = study._storage.get_study_system_attrs(study._study_id).get(STOP_ATTR)
+        asked = read_stop_request(study._storage, study._study_id)
         return asked is not None and asked >= self.started
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:

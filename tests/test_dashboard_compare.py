@@ -29,6 +29,7 @@ def site(tmp_path_factory):
         assert compare_main(["--config", "run.yaml", "--factor", "norm=variants.yaml", "--trials-per-cell", "2", "--seeds", "2",
                              "--no-progress", "--out", "out"]) == 0
     dash = Dashboard(storage, folder / "work")
+    dash.storage = storage
     dash.result = json.loads((folder / "out" / "compare.json").read_text())
     yield dash
     dash.close()
@@ -94,3 +95,22 @@ def test_in_a_browser_the_list_leads_to_the_comparison_and_on_to_each_cell(site,
     page.locator('tr[data-cell="<i>bn</i>"] td.name a').click()  # the label is text: the selector finds it as written
     expect(page.locator("h1")).to_have_text("cmp[<i>bn</i>]", timeout=TIMEOUT_MS)
     assert re.fullmatch(rf"{re.escape(site.base)}/studies/\d+", page.url)
+
+
+def test_a_cell_whose_stored_reevaluation_has_another_shape_is_named_not_a_server_error(site):
+    import optuna
+
+    from nas.compare import REEVAL_ATTR
+
+    link = comparison_link(site)
+    store = optuna.storages.RDBStorage(site.storage)
+    cell = store.get_study_id_from_name(site.result["cells"][0]["study"])
+    kept = store.get_study_system_attrs(cell)[REEVAL_ATTR]
+    store.set_study_system_attr(cell, REEVAL_ATTR, {"trial": kept["trial"], "seeds": {"1": "not scores"}})  # another writer's
+    try:
+        status, _, page = site.get(link)
+        assert status == 409 and html_escape(f"study attr '{REEVAL_ATTR}': expected") in page
+        assert site.get("/")[0] == 200 and comparison_link(site) == link  # the list still shows the comparison
+    finally:
+        store.set_study_system_attr(cell, REEVAL_ATTR, kept)
+        store.engine.dispose()

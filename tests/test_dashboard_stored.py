@@ -96,7 +96,7 @@ def test_the_list_names_each_bad_attribute_and_shows_every_study(site):
             assert html_escape(named(site, name)) in page, name
         else:
             assert row["stored_problems"] == [], name
-    assert "is not what nas-compare writes" in page  # the bad cell attr is named; the list still came
+    assert html_escape(f"study 'cell-bad': study attr '{CELL_ATTR}': expected") in page  # named; the list still came
 
 
 @pytest.mark.parametrize("name", CASES)

@@ -25,7 +25,7 @@ from nas.contract import show
 from nas.dashboard import state
 from nas.dashboard.charts import history_svg, intervals_svg
 from nas.dashboard.workers import Workers
-from nas.storage import request_stop
+from nas.storage import StoredAttrError, one_line, request_stop
 
 HERE = Path(__file__).parent
 TEMPLATES = [str(HERE / "templates")]
@@ -145,7 +145,10 @@ def create_app(storage: optuna.storages.BaseStorage, workers: Workers, csrf_toke
     def comparison(study_id: int) -> dict:
         """The comparison holding the cell study `study_id` (any of its cells' ids names it); 404 when there is none."""
         name = checked(study_id)
-        found = state.comparison(storage, study_id)
+        try:
+            found = state.comparison(storage, study_id)
+        except StoredAttrError as exc:  # a cell's stored re-evaluation of another shape: name it, not a 500
+            raise bottle.HTTPError(409, f"the comparison holding study '{name}' cannot be read: {one_line(exc)}")
         if found is None:
             raise bottle.HTTPError(404, f"study '{name}' is no cell of a nas-compare comparison")
         return found

@@ -281,16 +281,13 @@ def detail(storage: optuna.storages.BaseStorage, name: str, own=None) -> dict:
 def comparisons(storage: optuna.storages.BaseStorage) -> list[dict]:
     """Each comparison in the storage: its id (its first cell study's), base name, factors and cells (id, name).
 
-    A cell attribute of the wrong shape gives one entry with an `error` instead: the studies stay listed."""
-    from nas.compare import CELL_ATTR, stored_comparisons
+    A study whose cell attribute has another shape gives an entry with an `error` naming it; the rest are listed."""
+    from nas.compare import stored_comparisons
 
-    try:
-        return [{"id": c["cells"][0][0], "name": c["base"], "factors": [str(f) for f in c["factors"]],
-                 "cells": [{"id": i, "name": n} for i, n, _ in c["cells"]]} for c in stored_comparisons(storage)]
-    except Exception as exc:  # noqa: BLE001 - nas-compare's reader assumes the shape it writes
-        why = f"{type(exc).__name__}: {one_line(exc)}"
-        return [{"id": None, "name": "", "factors": [], "cells": [],
-                 "error": f"study attr '{CELL_ATTR}' of some study is not what nas-compare writes: {why}"}]
+    problems: list = []
+    found = [{"id": c["cells"][0][0], "name": c["base"], "factors": c["factors"],
+              "cells": [{"id": i, "name": n} for i, n, _ in c["cells"]]} for c in stored_comparisons(storage, problems)]
+    return found + [{"id": None, "name": "", "factors": [], "cells": [], "error": one_line(exc)} for exc in problems]
 
 
 def comparison(storage: optuna.storages.BaseStorage, study_id: int) -> dict | None:
