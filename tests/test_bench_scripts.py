@@ -109,3 +109,11 @@ def test_bench_data_times_first_and_cached_loads_against_image_folder_and_judges
     assert stream == pytest.approx(float(epochs["uint8 streamed from the cache"]) / float(epochs["uint8 in memory"]), rel=0.1, abs=0.02)
     assert re.search(r"target: streamed epoch within 1.3x of in-memory: (met|NOT met)", out)
     assert re.search(r"target: uint8 epoch no slower than float32: (met|NOT met)", out)
+
+
+def test_bench_fingerprint_times_both_versions_interleaved_and_prints_their_ratio():
+    out = run_script("bench_fingerprint.py", "--repeats", "2", "--train", "500")
+    medians = {int(v): float(m) for v, m in re.findall(r"^fingerprint version (\d): median ([\d.]+) s \(range [\d.]+-[\d.]+, "
+                                                          r"2 runs\)$", out, re.M)}
+    assert set(medians) == {1, 2}
+    assert re.search(r"^version 2 / version 1: [\d.]+x$", out, re.M)
