@@ -200,11 +200,12 @@ def test_an_interrupted_driver_lets_workers_finish_their_trials_and_the_same_com
     assert [t.number for t in resumed[:len(stopped)]] == [t.number for t in stopped]  # the finished ones kept, not redone
 
 
-def test_workers_on_every_node_get_the_storage_proxys_credentials_from_the_driver(cluster, tmp_path, monkeypatch):
-    """The nodes' Ray was started before the token was set: only what the driver forwards reaches their workers."""
+def test_workers_on_every_node_get_the_storage_proxys_credentials_from_the_driver(tmp_path, monkeypatch):
+    """The node's Ray was started before the token was set, as on a cluster's other nodes: only what the
+    driver forwards reaches the workers."""
+    ray.init(num_cpus=1, include_dashboard=False)
     monkeypatch.setenv("BNNAS_PROXY_TOKEN", "token-set-after-the-nodes-started")
     monkeypatch.setenv("UNRELATED_SECRET", "not forwarded")
-    ray.init(address=cluster.address)
     try:
         task = worker_task(ray, 1, 0)
         show = "import os, sys; sys.exit(os.environ.get('BNNAS_PROXY_TOKEN', '-') + ' ' + os.environ.get('UNRELATED_SECRET', '-'))"
