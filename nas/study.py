@@ -76,11 +76,15 @@ def _prepare_storage(url: str) -> str:
 def open_storage(cfg: RunConfig):
     """The study's storage, refused in one line when it cannot be opened or written."""
     check_writable_sqlite(cfg.study.storage)
-    try:
-        with quiet_optuna():
-            return make_storage(_prepare_storage(cfg.study.storage), cfg.study.heartbeat_seconds, cfg.study.retries)
-    except (ImportError, ValueError, SQLAlchemyError) as exc:
-        raise StudyError(f"study.storage: cannot open {cfg.study.storage}: {one_line(exc)}") from None
+    url = _prepare_storage(cfg.study.storage)
+    for attempt in range(2):
+        try:
+            with quiet_optuna():
+                return make_storage(url, cfg.study.heartbeat_seconds, cfg.study.retries)
+        except (ImportError, ValueError, SQLAlchemyError) as exc:
+            if attempt == 0 and "already exists" in str(exc):
+                continue  # another worker made the tables of a fresh storage between our check and create: use them
+            raise StudyError(f"study.storage: cannot open {cfg.study.storage}: {one_line(exc)}") from None
 
 
 def existing_study_id(storage, name: str) -> int | None:
