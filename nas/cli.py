@@ -15,14 +15,16 @@ import os
 import sys
 import textwrap
 import time
-from importlib.metadata import PackageNotFoundError, version
+import nas
 from pathlib import Path
 
-from nas.config import FOLD_MODES, OBJECTIVES, PRUNER_NAMES, SAMPLER_NAMES  # named in nas-search --help
-from nas.config import SHORTCUTS, Override, load_run_config, parse_override
+from nas.search.config import FOLD_MODES, OBJECTIVES, PRUNER_NAMES, SAMPLER_NAMES  # named in nas-search --help
+from nas.search.config import SHORTCUTS, Override, load_run_config, parse_override
 from nas.errors import NasError, Terminated, VerificationError
 from nas.validation import did_you_mean
 
+__all__ = ["main", "search_main", "report_main", "export_main", "bench_main", "finetune_main", "dashboard_main",
+           "compare_main", "predict_main", "storage_proxy_main"]  # the console scripts
 DEFAULT_STORAGE = "sqlite:///runs/nas.db"
 # The embedded default run config: package data, so an installed bnnas has it; the repository's
 # configs/digits.yaml and search_spaces/bn_placement.yaml are links to these files.
@@ -66,11 +68,6 @@ def _console_script(main):
     return wrapper
 
 
-def _version() -> str:
-    try:
-        return version("bnnas")
-    except PackageNotFoundError:  # pragma: no cover - running from a source tree
-        return "unknown"
 
 
 def _parser(command: str, details: str, epilog: str = "") -> argparse.ArgumentParser:
@@ -81,7 +78,7 @@ def _parser(command: str, details: str, epilog: str = "") -> argparse.ArgumentPa
         epilog=f"{epilog}\n\n{EXIT_CODES}" if epilog else EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    p.add_argument("--version", action="version", version=f"%(prog)s {nas.__version__}")
     return p
 
 
@@ -90,7 +87,7 @@ def _names(values) -> str:
 
 
 def search_parser() -> argparse.ArgumentParser:
-    from nas.data import LOADERS
+    from nas.data.datasets import LOADERS
 
     p = _parser(
         "search",
@@ -167,7 +164,7 @@ def search_main(argv: list[str] | None = None) -> int:
 
 
 def _search(args: argparse.Namespace, argv: list[str] | None) -> None:
-    from nas.study import run_search, stored_config
+    from nas.study.run import run_search, stored_config
 
     launched = time.time() if args.launched_at is None else args.launched_at  # a stop request from now on is for this run
     overrides = _overrides(args, SHORTCUTS)
@@ -181,9 +178,9 @@ def _search(args: argparse.Namespace, argv: list[str] | None) -> None:
               f"--trials {cfg.study.trials} --folds {cfg.evaluation.folds} --epochs {cfg.evaluation.epochs}, "
               f"study '{cfg.study.name}' in {cfg.study.storage})", flush=True)
     if args.ray is not None:
-        from nas.ray_launch import run_on_ray
-        from nas.study import summary_table
-        from nas.storage import load_existing_study
+        from nas.cluster.ray_workers import run_on_ray
+        from nas.study.run import summary_table
+        from nas.study.storage import load_existing_study
 
         argv = sys.argv[1:] if argv is None else argv
         run_on_ray(cfg, _worker_command(argv, launched), args.ray or None, args.ray_workers, args.gpus_per_trial, args.cpus_per_trial)
@@ -234,7 +231,7 @@ def report_main(argv: list[str] | None = None) -> int:
     args = report_parser().parse_args(argv)
 
     def report() -> None:
-        from nas.report import write_report
+        from nas.study.report import write_report
 
         path = write_report(args.storage, args.study, args.out, top=args.top)
         print(f"wrote {path}")
@@ -265,7 +262,7 @@ def export_main(argv: list[str] | None = None) -> int:
         export_parser().error("--epochs must be >= 1")
 
     def export() -> None:
-        from nas.export import export_trial
+        from nas.deploy.export import export_trial
 
         export_trial(args.storage, args.study, args.out, args.trial, args.epochs, args.device, force=args.force)
 
@@ -273,7 +270,7 @@ def export_main(argv: list[str] | None = None) -> int:
 
 
 def bench_parser() -> argparse.ArgumentParser:
-    from nas.bench import DEFAULT_THREADS, SPREAD_LIMIT
+    from nas.models.costs import DEFAULT_THREADS, SPREAD_LIMIT
 
     p = _parser("bench", "Median latency and throughput of each variant, measured side by side in one run, with a "
                 f"pinned CPU thread count; rows whose p90/p10 exceeds {SPREAD_LIMIT} are marked and warned about. "
@@ -304,8 +301,8 @@ def bench_main(argv: list[str] | None = None) -> int:
         parser.error("--batch-sizes must be positive integers, --repeats >= 1, --warmup >= 0, --threads >= 1")
 
     def bench() -> None:
-        from nas.bench import bench_export
-        from nas.export import CODE_FILES, code_note
+        from nas.deploy.bench import bench_export
+        from nas.deploy.export import CODE_FILES, code_note
 
         if args.trust_code:
             print(code_note(args.model, list(CODE_FILES)), file=sys.stderr)
@@ -316,7 +313,7 @@ def bench_main(argv: list[str] | None = None) -> int:
 
 
 def finetune_parser() -> argparse.ArgumentParser:
-    from nas.transfer import MODES
+    from nas.deploy.finetune import MODES
 
     p = _parser(
         "finetune",
@@ -365,7 +362,7 @@ def finetune_main(argv: list[str] | None = None) -> int:
     per_class = getattr(args, "labels_per_class", default)
 
     def finetune() -> None:
-        from nas.transfer import finetune
+        from nas.deploy.finetune import finetune
 
         cfg = load_run_config(args.config, [parse_override(text) for text in args.overrides])
         finetune(args.model, cfg, args.bn_mode, per_class, args.epochs, args.seed, args.out, args.lr, args.device, force=args.force)
@@ -471,13 +468,13 @@ def compare_main(argv: list[str] | None = None) -> int:
     def compare() -> None:
         import shlex
 
-        from nas.compare import parse_factors, run_comparison
-        from nas.compare_report import text_table, write
+        from nas.compare.run import parse_factors, run_comparison
+        from nas.compare.report import text_table, write
 
         cfg = load_run_config(args.config or DEFAULT_CONFIG, _overrides(args, COMPARE_SHORTCUTS))
         factors = parse_factors(cfg, args.factor, args.levels)
         if args.out:
-            from nas.export import check_writable
+            from nas.deploy.export import check_writable
 
             check_writable(Path(args.out))
         result = run_comparison(cfg, factors, args.trials_per_cell, args.seeds, args.progress)
@@ -491,7 +488,7 @@ def compare_main(argv: list[str] | None = None) -> int:
 
 
 def predict_parser() -> argparse.ArgumentParser:
-    from nas.predict import RUNTIMES
+    from nas.deploy.predict import RUNTIMES
 
     p = _parser("predict", "Every input is preprocessed from its raw form by model.json's recipe (scale, mean / std, "
                 "layout); the model file's sha256 is checked before it loads. A shape or channel count the model "
@@ -520,8 +517,8 @@ def predict_main(argv: list[str] | None = None) -> int:
         parser.error("--top must be >= 1")
 
     def predict() -> None:
-        from nas.export import code_note
-        from nas.predict import CODE_RUNTIMES, RUNTIMES, format_predictions, predict
+        from nas.deploy.export import code_note
+        from nas.deploy.predict import CODE_RUNTIMES, RUNTIMES, format_predictions, predict
 
         if args.runtime in CODE_RUNTIMES:
             print(code_note(args.model, [RUNTIMES[args.runtime]]), file=sys.stderr)
@@ -565,7 +562,7 @@ def storage_proxy_main(argv: list[str] | None = None) -> int:
         parser.error("--port must be between 1 and 65535")
 
     def serve() -> None:
-        from nas.proxy_server import serve_storage_proxy
+        from nas.cluster.proxy_server import serve_storage_proxy
 
         serve_storage_proxy(args.storage, args.host, args.port, token_file=args.token_file, tls_cert=args.tls_cert,
                             tls_key=args.tls_key, tls_client_ca=args.tls_client_ca, insecure=args.insecure)

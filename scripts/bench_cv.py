@@ -1,6 +1,6 @@
 """Benchmark: one candidate's k-fold evaluation with the folds trained one by one vs together.
 
-Times `nas.evaluate.cross_validate` end to end (models built, k folds trained, validated and
+Times `nas.training.cross_validation.cross_validate` end to end (models built, k folds trained, validated and
 their BN diagnostics computed, as a trial of nas-search does) with `fold_mode` `sequential`
 and `together`, alternating, repeated, in one run; prints median seconds and the ratio.
 
@@ -23,12 +23,12 @@ from pathlib import Path
 
 import torch
 
-from nas.config import DatasetConfig, load_run_config
+from nas.search import DatasetConfig, load_run_config
 from nas.data import Dataset, load_dataset, stratified_folds
-from nas.evaluate import cross_validate
-from nas.space import Space, default_spec
-from nas.build import build
-from nas.train import autocast, on_device_layout, resolve_device
+from nas.training import cross_validate
+from nas.search import Space, default_spec
+from nas.models import build
+from nas.training import autocast, on_device_layout, resolve_device
 
 # A representative digits CNN: two stages (32, 64 channels), BatchNorm after each conv.
 SPEC = default_spec({"width": 32, "training": {"batch_size": 64}})
@@ -113,9 +113,9 @@ def time_steps(spec: dict, data: Dataset, k: int, device: torch.device, rounds: 
     """
     import torch.nn.functional as F
 
-    from nas.folds_together import fold_losses
-    from nas.stacking import stack
-    from nas.train import make_optimizer, optimizer_for, prepare_model
+    from nas.training import fold_losses
+    from nas.models import stack
+    from nas.training import make_optimizer, optimizer_for, prepare_model
 
     hp, bs = spec["training"], spec["training"]["batch_size"]
     gen = torch.Generator().manual_seed(0)

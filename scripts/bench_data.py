@@ -3,14 +3,14 @@
 Writes an image folder of random-content PNGs (`--images`, default 20,000 at 64x64, RGB, 10
 classes; 10 % in test/), then times, round-robin over `--repeats`:
 
-  first load     `nas.image_cache.load_image_folder` into an empty cache: list, decode in
+  first load     `nas.data.image_cache.load_image_folder` into an empty cache: list, decode in
                  parallel (threads), write the uint8 cache
   cached load    the same call once the cache holds the folder: memory-map the arrays and
                  read every byte once (np.ascontiguousarray), as training would
   ImageFolder    `torchvision.datasets.ImageFolder` + PILToTensor through a
                  `DataLoader(num_workers=2, batch_size=256)`: one epoch of the training split read
 
-and one training epoch of a fixed candidate (`nas.train.fit` over the whole training split) with
+and one training epoch of a fixed candidate (`nas.training.train.fit` over the whole training split) with
 the samples held four ways: float32 normalized up front (bnnas before uint8 storage), uint8 in
 memory normalized per batch, uint8 streamed from the memory-mapped cache (a prefetching thread),
 and ImageFolder + per-sample transforms through a DataLoader(num_workers=2) with the same loop.
@@ -39,12 +39,12 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
-from nas.build import build
-from nas.config import DatasetConfig
+from nas.models import build
+from nas.search import DatasetConfig
 from nas.data import Dataset, load_dataset
-from nas.image_cache import load_image_folder
-from nas.space import default_spec
-from nas.train import autocast, fit, make_optimizer, on_device_layout, prepare_model, resolve_device
+from nas.data import load_image_folder
+from nas.search import default_spec
+from nas.training import autocast, fit, make_optimizer, on_device_layout, prepare_model, resolve_device
 
 TARGET = 10.0  # cached load at least this many times faster than the first decode
 STREAM_TARGET = 1.3  # a streamed epoch at most this many times an in-memory one

@@ -31,9 +31,9 @@ from pathlib import Path
 
 import optuna
 
-from nas.anytime import best_at, improvements
-from nas.config import PRUNER_NAMES, SAMPLER_NAMES, load_run_config
-from nas.space import default_spec
+from nas.study import best_at, improvements
+from nas.search import PRUNER_NAMES, SAMPLER_NAMES, load_run_config
+from nas.search import default_spec
 
 FRACTIONS = (0.25, 0.5, 1.0)
 BASELINE = default_spec({"stages": 2, "width": 32, "block": {"norm": {"type": "batch", "position": "post_conv"}}})
@@ -84,10 +84,10 @@ def run_baseline(config: Path, seed: int) -> dict:
     """The hand-designed CNN under the same CV (the seed's folds) and the same export-style test."""
     import torch
 
-    from nas.build import build
+    from nas.models import build
     from nas.data import load_dataset, stratified_folds
-    from nas.evaluate import cross_validate, fold_seed
-    from nas.train import evaluate, fit, prepare_model, resolve_device, scoring_batch_size
+    from nas.training import cross_validate, fold_seed
+    from nas.training import evaluate, fit, prepare_model, resolve_device, scoring_batch_size
 
     cfg = load_run_config(config, [("study.seed", seed)])
     device = resolve_device(cfg.device)

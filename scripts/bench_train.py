@@ -1,9 +1,9 @@
-"""Benchmark: `nas.train.fit` against the plain PyTorch training loop, side by side in one run.
+"""Benchmark: `nas.training.train.fit` against the plain PyTorch training loop, side by side in one run.
 
 bnnas keeps small datasets as normalized tensors on the device, takes batches as index
 slices and augments a whole batch at once (DESIGN.md, "Performance design"). This script
 checks that the design pays: it trains the same model on the same data for the same
-epochs (a) with `nas.train.fit` and (b) the way torchvision's examples do it (a
+epochs (a) with `nas.training.train.fit` and (b) the way torchvision's examples do it (a
 `torch.utils.data.Dataset` of raw uint8 images, per-sample PIL transforms, a shuffling
 `DataLoader`), with the same optimizer, cosine schedule, loss and autocast.
 
@@ -27,11 +27,11 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
-from nas.build import build
-from nas.config import DatasetConfig
+from nas.models import build
+from nas.search import DatasetConfig
 from nas.data import Dataset, load_dataset
-from nas.space import default_spec
-from nas.train import autocast, fit, make_optimizer, prepare_model, resolve_device
+from nas.search import default_spec
+from nas.training import autocast, fit, make_optimizer, prepare_model, resolve_device
 
 SPEC = default_spec({"width": 32, "training": {"batch_size": 64}})
 VAL = 256  # both ways end with one pass over the first VAL training samples, as fit does

@@ -42,7 +42,7 @@ TIMEOUT = 60.0  # seconds a client waits for a connection or an answer
 
 def make_storage(folder: Path, studies: int, trials: int) -> str:
     """`studies` studies of `trials` finished trials each, with sampled ArchSpecs and scores, in a SQLite file."""
-    from nas.space import Space, load_space
+    from nas.search import Space, load_space
 
     url = f"sqlite:///{folder}/load.db"
     space = Space(load_space(Path(__file__).resolve().parent.parent / "nas" / "default" / "search_spaces" / "bn_placement.yaml"))

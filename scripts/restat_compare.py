@@ -2,7 +2,7 @@
 
     python scripts/restat_compare.py experiments/compare_*/
 
-Each FOLDER's compare.json is read, its cells re-ranked by the current test (nas.compare_stats),
+Each FOLDER's compare.json is read, its cells re-ranked by the current test (nas.compare.stats),
 and compare.md, compare.json and compare.png rewritten under the command stored in compare.json.
 """
 
@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from nas.compare_report import restat, write
+from nas.compare import restat, write
 
 
 def main(folders: list[str]) -> int:

@@ -6,7 +6,7 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 from conftest import write_digits_run
-from nas.anytime import anytime_line, best_at, improvements
+from nas.study.best_so_far import anytime_line, best_at, improvements
 from nas.cli import search_main
 
 T0 = datetime(2026, 12, 1, 12, 0, 0)

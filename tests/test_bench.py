@@ -6,9 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from nas.bench import compare, count_macs, count_params, eval_mode, format_table, measure_latency
-from nas.build import build
-from nas.space import default_spec
+from nas.deploy.bench import format_table, time_variants
+from nas.models.costs import count_macs, count_params, eval_mode, measure_latency
+from nas.models.build import build
+from nas.search.space import default_spec
 
 SHAPE = (3, 10, 10)
 
@@ -107,7 +108,7 @@ def test_latency_runs_torchscript_and_torch_export_modules():
 def test_compare_gives_one_row_per_variant_and_batch_with_baseline_ratio_one():
     log: list[str] = []
     variants = {name: CountingCall(name, log) for name in ("eager unfolded", "folded", "script")}
-    rows = compare(variants, (3,), [1, 8], "cpu", warmup=2, repeats=5)
+    rows = time_variants(variants, (3,), [1, 8], "cpu", warmup=2, repeats=5)
     assert [(r["variant"], r["batch_size"]) for r in rows] == [(v, b) for b in (1, 8) for v in variants]
     assert all(r["ratio_to_baseline"] == 1.0 for r in rows if r["variant"] == "eager unfolded")
     baseline = {r["batch_size"]: r["median_ms"] for r in rows if r["variant"] == "eager unfolded"}
@@ -119,14 +120,14 @@ def test_compare_gives_one_row_per_variant_and_batch_with_baseline_ratio_one():
 def test_compare_interleaves_variants_round_robin():
     log: list[str] = []
     names = ("a", "b", "c")
-    compare({n: CountingCall(n, log) for n in names}, (3,), [4], "cpu", warmup=2, repeats=6)
+    time_variants({n: CountingCall(n, log) for n in names}, (3,), [4], "cpu", warmup=2, repeats=6)
     # every call, warm-up included, goes a, b, c, a, b, c, ...: never two of one variant in a row
     assert log == list(names) * (2 + 6)
 
 
 def test_compare_restores_each_module_mode():
     model = small_net().train()
-    rows = compare({"eager": model, "doubled": lambda x: 2 * x}, SHAPE, [2], "cpu", warmup=1, repeats=2)
+    rows = time_variants({"eager": model, "doubled": lambda x: 2 * x}, SHAPE, [2], "cpu", warmup=1, repeats=2)
     assert len(rows) == 2 and model.training
 
 

@@ -5,10 +5,10 @@ import pytest
 import torch
 from torch import nn
 
-from nas.build import build
-from nas.batch_renorm import BatchRenorm
-from nas.norms import ACTIVATIONS, NORMS, POSITIONS, make_norm
-from nas.space import RESIDUAL_ORDERS, SHARE_MODES, default_spec
+from nas.models.build import build
+from nas.models.batch_renorm import BatchRenorm
+from nas.models.norms import ACTIVATIONS, NORMS, POSITIONS, make_norm
+from nas.search.space import RESIDUAL_ORDERS, SHARE_MODES, default_spec
 
 SHAPES = {"2d": (3, 12, 12), "1d_channels": (2, 20), "1d_signal": (20,)}
 

@@ -16,11 +16,11 @@ from scipy import stats
 
 from conftest import write_digits_run
 from nas.cli import compare_main, search_main
-from nas.compare import REEVAL_ATTR, key_factor, make_cells, parse_factors, reeval_seeds, used_keys, variant_factor
-from nas.compare_stats import interval, rank_cells
-from nas.config import load_run_config
+from nas.compare.run import REEVAL_ATTR, key_factor, make_cells, parse_factors, reeval_seeds, used_keys, variant_factor
+from nas.compare.stats import interval, rank_cells
+from nas.search.config import load_run_config
 from nas.errors import ConfigError
-from nas.storage import counts_toward_budget
+from nas.study.storage import counts_toward_budget
 
 SPACE = {"stages": 1, "width": 8,
          "block": {"norm": {"type": {"choice": ["batch", "group", "none"]}, "position": {"choice": ["pre_conv", "post_conv"]},

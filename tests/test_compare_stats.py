@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from nas.compare_report import markdown, restat, text_table
-from nas.compare_stats import ALPHA, critical_t, rank_cells, worse_than_best
+from nas.compare.report import markdown, restat, text_table
+from nas.compare.stats import ALPHA, critical_t, rank_cells, worse_than_best
 
 DRAWS = 4000
 SEEDS = 5

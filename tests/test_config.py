@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nas.config import load_run_config, parse_override
+from nas.search.config import load_run_config, parse_override
 from nas.errors import ConfigError
-from nas.space import load_space
+from nas.search.space import load_space
 
 REPO = Path(__file__).resolve().parents[1]
 SPACE = {"stages": 1, "width": 8}

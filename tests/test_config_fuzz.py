@@ -6,7 +6,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nas.config import load_run_config
+from nas.search.config import load_run_config
 from nas.errors import ConfigError
 
 KEYS = ["dataset", "name", "study", "trials", "evaluation", "folds", "epochs", "search_space", "device", "stages", "width",

@@ -12,13 +12,13 @@ import torch
 from optuna.trial import TrialState
 
 from conftest import CUDA_TEST_DEVICE, write_digits_run
-from nas.build import build
+from nas.models.build import build
 from nas.cli import export_main, search_main
-from nas.config import DatasetConfig
-from nas.data import load_dataset, stratified_folds
-from nas.evaluate import cross_validate
-from nas.space import default_spec
-from nas.train import autocast, fit, prepare_model, resolve_device, uses_channels_last
+from nas.search.config import DatasetConfig
+from nas.data.datasets import load_dataset, stratified_folds
+from nas.training.cross_validation import cross_validate
+from nas.search.space import default_spec
+from nas.training.train import autocast, fit, prepare_model, resolve_device, uses_channels_last
 
 pytestmark = pytest.mark.cuda
 SPACE = {"stages": 2, "width": 16, "block": {"norm": {"type": {"choice": ["batch", "batch_renorm", "group"]}}},
@@ -72,9 +72,9 @@ def test_both_fold_modes_train_the_same_candidate_alike(digits, device):
 
 
 def test_out_of_memory_fails_the_trial_releases_memory_and_the_search_goes_on(tmp_path, monkeypatch, device):
-    import nas.evaluate
+    import nas.training.cross_validation
 
-    real_fit, calls, before = nas.evaluate.fit, [], []
+    real_fit, calls, before = nas.training.cross_validation.fit, [], []
 
     def fit_that_runs_out_of_memory_once(*args, **kwargs):
         calls.append(1)
@@ -84,7 +84,7 @@ def test_out_of_memory_fails_the_trial_releases_memory_and_the_search_goes_on(tm
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real_fit(*args, **kwargs)
 
-    monkeypatch.setattr(nas.evaluate, "fit", fit_that_runs_out_of_memory_once)
+    monkeypatch.setattr(nas.training.cross_validation, "fit", fit_that_runs_out_of_memory_once)
     url = on_device(tmp_path, "oom", 2, fold_mode="sequential")
     assert search_main(["--config", str(tmp_path / "run.yaml"), "--no-progress"]) == 0
     trials = optuna.load_study(study_name="oom", storage=url).get_trials()
@@ -113,7 +113,7 @@ def test_a_model_searched_and_exported_on_the_device_is_verified_on_the_cpu(tmp_
 
 
 def test_uint8_images_in_memory_and_streamed_to_the_device_give_the_same_fold_losses(tmp_path, device):
-    from nas.samples import CompactImages, StreamedImages
+    from nas.data.samples import CompactImages, StreamedImages
     from tests.test_data import write_imagefolder
 
     write_imagefolder(tmp_path / "data", per_class=16, size=(16, 16))

@@ -16,8 +16,8 @@ from bottle import html_escape
 from optuna.trial import TrialState
 
 from dashboard_support import Dashboard, make_study, trials, wait_for
-from nas.archspec import describe_norms
-from nas.storage import FINISHED, RUN_CONFIG_ATTR
+from nas.search.archspec import describe_norms
+from nas.study.storage import FINISHED, RUN_CONFIG_ATTR
 
 
 @pytest.fixture(scope="module")

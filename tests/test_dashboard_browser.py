@@ -11,7 +11,7 @@ import pytest
 from optuna.trial import TrialState
 
 from dashboard_support import Dashboard, make_study, trials, wait_for
-from nas.storage import quiet_optuna
+from nas.study.storage import quiet_optuna
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (dev extra)")
 TIMEOUT_MS = 180_000

@@ -11,7 +11,7 @@ from bottle import html_escape
 from conftest import write_digits_run
 from dashboard_support import Dashboard, make_study
 from nas.cli import compare_main
-from nas.compare_report import rows
+from nas.compare.report import rows
 
 SPACE = {"stages": 1, "width": 8, "block": {"norm": {"type": "batch", "position": "post_conv"}},
          "training": {"lr": {"float": [0.01, 0.1], "log": True}, "batch_size": 32}}
@@ -100,7 +100,7 @@ def test_in_a_browser_the_list_leads_to_the_comparison_and_on_to_each_cell(site,
 def test_a_cell_whose_stored_reevaluation_has_another_shape_is_named_not_a_server_error(site):
     import optuna
 
-    from nas.compare import REEVAL_ATTR
+    from nas.compare.run import REEVAL_ATTR
 
     link = comparison_link(site)
     store = optuna.storages.RDBStorage(site.storage)

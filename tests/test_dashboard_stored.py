@@ -8,8 +8,8 @@ import pytest
 from bottle import html_escape
 
 from dashboard_support import Dashboard, make_study
-from nas.compare import CELL_ATTR
-from nas.storage import HISTORY_ATTR, RUN_CONFIG_ATTR, STOP_ATTR, quiet_optuna
+from nas.compare.run import CELL_ATTR
+from nas.study.storage import HISTORY_ATTR, RUN_CONFIG_ATTR, STOP_ATTR, quiet_optuna
 
 STUDY_ATTRS = {  # study name -> (system attr, how the good value becomes bad, what the page must name)
     "budget-str": (RUN_CONFIG_ATTR, lambda c: c | {"study": c["study"] | {"trials": "5"}}, "key study.trials"),

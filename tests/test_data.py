@@ -1,4 +1,4 @@
-"""nas.data: every loader on real small files written here, normalization, k-fold splits, batched augmentation.
+"""nas.data.datasets: every loader on real small files written here, normalization, k-fold splits, batched augmentation.
 
 No network: CIFAR and image folders are written in their real on-disk formats under tmp_path.
 """
@@ -21,8 +21,8 @@ import torchvision
 from PIL import Image
 
 from nas.cli import search_main
-from nas.config import DatasetConfig
-from nas.data import LOADERS, augment_batch, load_dataset, stratified_folds
+from nas.search.config import DatasetConfig
+from nas.data.datasets import LOADERS, augment_batch, load_dataset, stratified_folds
 from nas.errors import DataError, NasError
 
 

@@ -1,5 +1,5 @@
-"""The deployment contract: README's raw-input snippet run as printed, nas-predict on real PNG / npy files,
-ONNX parity in a fresh process, export file modes and refusals, and inference figures that say when they
+"""The deployment contract: docs/deployment.md's raw-input snippet run as printed, nas-predict on real PNG /
+npy files, ONNX parity in a fresh process, export file modes and refusals, and inference figures that say when they
 cannot be trusted."""
 
 from __future__ import annotations
@@ -20,16 +20,17 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from conftest import write_digits_run
-from nas.bench import SPREAD_LIMIT, candidate_costs, format_table, pinned_threads, spread_warnings
-from nas.build import build
+from nas.deploy.bench import format_table, spread_warnings
+from nas.models.costs import SPREAD_LIMIT, candidate_costs, pinned_threads
+from nas.models.build import build
 from nas.cli import bench_main, export_main, finetune_main, predict_main, search_main
-from nas.config import DatasetConfig
-from nas.data import load_dataset
-from nas.export import FILES, ONNX_FILE, export_trial, load_exported, sha256
-from nas.space import default_spec
-from nas.transfer import mode_notes
+from nas.search.config import DatasetConfig
+from nas.data.datasets import load_dataset
+from nas.deploy.export import FILES, ONNX_FILE, export_trial, load_exported, sha256
+from nas.search.space import default_spec
+from nas.deploy.finetune import mode_notes
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+DEPLOYMENT_DOC = Path(__file__).resolve().parents[1] / "docs" / "deployment.md"
 SPACE = {"stages": 2, "width": 8, "block": {"norm": {"type": "batch", "position": "post_conv"}}, "training": {"batch_size": 32, "lr": 0.05}}
 
 
@@ -49,8 +50,8 @@ def exported(study_dir):
 
 
 def readme_snippets() -> list[str]:
-    """The python blocks of README's 'From a raw input to a prediction' section, as printed."""
-    text = README.read_text()
+    """The python blocks of docs/deployment.md's 'From a raw input to a prediction' section, as printed."""
+    text = DEPLOYMENT_DOC.read_text()
     section = text.split("### From a raw input to a prediction", 1)[1].split("\n## ", 1)[0]
     return re.findall(r"```python\n(.*?)```", section, flags=re.S)
 
@@ -256,7 +257,7 @@ def test_a_wide_spread_is_marked_and_warned_about_not_printed_as_a_figure():
 
 def test_the_latency_objective_is_measured_with_the_pinned_threads(monkeypatch):
     seen = []
-    monkeypatch.setattr("nas.bench.measure_latency", lambda *a, **k: seen.append(torch.get_num_threads()) or {"median_ms": 1.0})
+    monkeypatch.setattr("nas.models.costs.measure_latency", lambda *a, **k: seen.append(torch.get_num_threads()) or {"median_ms": 1.0})
     with pinned_threads(2):
         candidate_costs(default_spec({"stages": 1, "width": 4}), (1, 8, 8), 10, torch.device("cpu"), 4, ["latency_ms"], threads=1)
         assert seen == [1] and torch.get_num_threads() == 2

@@ -12,8 +12,8 @@ import pytest
 
 from conftest import write_digits_run
 from nas.cli import EXIT_CLOSED_STDOUT, EXIT_CODES, SUMMARIES, search_main
-from nas.config import FOLD_MODES, PRUNER_NAMES, SAMPLER_NAMES
-from nas.data import LOADERS
+from nas.search.config import FOLD_MODES, PRUNER_NAMES, SAMPLER_NAMES
+from nas.data.datasets import LOADERS
 
 COMMANDS = ("search", "report", "export", "bench", "finetune", "dashboard")
 REPO = Path(__file__).resolve().parents[1]

@@ -10,11 +10,11 @@ import torch
 import yaml
 
 from nas.cli import bench_main, export_main, search_main
-from nas.config import DatasetConfig
-from nas.data import load_dataset
+from nas.search.config import DatasetConfig
+from nas.data.datasets import load_dataset
 from nas.errors import VerificationError
-from nas.export import FILES, load_exported, sha256
-from nas.storage import counts_toward_budget
+from nas.deploy.export import FILES, load_exported, sha256
+from nas.study.storage import counts_toward_budget
 
 SPACE = {
     "stages": 2,
@@ -105,7 +105,7 @@ def refuse_to_train(*args, **kwargs):
 
 
 def test_an_out_that_cannot_be_written_fails_before_training(study_dir, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("nas.train.fit", refuse_to_train)
+    monkeypatch.setattr("nas.training.train.fit", refuse_to_train)
     blocker = tmp_path / "file"
     blocker.write_text("a regular file")
     out = blocker / "sub"  # below a regular file: not writable, even for root

@@ -3,7 +3,7 @@
 A crafted model.pt2 whose loader unpickles a payload, garbage or payloads in model.ts and weights.pt,
 model.json naming files outside the folder, a loaded file left out of model.json, and the HMAC signature
 ($BNNAS_EXPORT_KEY) that lets a user refuse a folder that is not theirs. Only the public commands and
-nas.export's long-standing functions are used, so the same file runs against older code.
+nas.deploy.export's long-standing functions are used, so the same file runs against older code.
 """
 
 from __future__ import annotations
@@ -22,14 +22,14 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
-from nas.build import build
+from nas.models.build import build
 from nas.cli import bench_main, predict_main
-from nas.config import DatasetConfig
-from nas.data import load_dataset
+from nas.search.config import DatasetConfig
+from nas.data.datasets import load_dataset
 from nas.errors import NasError, VerificationError
-from nas.export import load_exported, write_export
-from nas.preprocessing import recipe
-from nas.space import default_spec
+from nas.deploy.export import load_exported, write_export
+from nas.data.preprocessing import recipe
+from nas.search.space import default_spec
 
 KEY = "BNNAS_EXPORT_KEY"
 
@@ -207,7 +207,7 @@ def test_a_listed_device_or_a_link_out_of_the_folder_returns_at_once(exported, t
     linked = copy_of(exported, tmp_path / "linked")
     (linked / "model.ts").unlink()
     (linked / "model.ts").symlink_to("/dev/zero")
-    script = ("import sys\nfrom nas.export import load_exported\nfrom nas.errors import NasError, VerificationError\n"
+    script = ("import sys\nfrom nas.deploy.export import load_exported\nfrom nas.errors import NasError, VerificationError\n"
               "try:\n    load_exported(sys.argv[1])\nexcept (NasError, VerificationError) as exc:\n    print(exc)\n")
 
     for folder, why in ((copy, 'files["/dev/zero"]: a path'), (linked, "not a regular file inside")):
@@ -276,7 +276,7 @@ def test_with_the_key_only_a_folder_signed_with_it_loads(exported, clean, tmp_pa
 
 
 def test_export_without_the_key_leaves_no_signature(exported, tmp_path):
-    from nas.export import sign
+    from nas.deploy.export import sign
 
     copy = copy_of(exported, tmp_path)
     sign(copy)  # what every export ends with; the key is not set here

@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from nas.batch_renorm import BatchRenorm
-from nas.build import build
-from nas.fold import ChannelAffine, count_norms_with_running_stats, fold_norms
-from nas.norms import NORMS, POSITIONS
-from nas.space import RESIDUAL_ORDERS, default_spec
+from nas.models.batch_renorm import BatchRenorm
+from nas.models.build import build
+from nas.models.bn_fold import ChannelAffine, count_norms_with_running_stats, fold_norms
+from nas.models.norms import NORMS, POSITIONS
+from nas.search.space import RESIDUAL_ORDERS, default_spec
 
 SHAPES = {"2d": (3, 12, 12), "1d_channels": (2, 20), "1d_signal": (20,)}
 LAYOUTS = [("plain", p) for p in POSITIONS] + [("residual", o) for o in RESIDUAL_ORDERS]

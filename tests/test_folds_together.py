@@ -12,16 +12,16 @@ import torch
 from torch import nn
 
 from conftest import write_digits_run
-import nas.train
-from nas.build import build
-from nas.config import DatasetConfig
-from nas.data import Dataset, load_dataset, stratified_folds
+import nas.training.train
+from nas.models.build import build
+from nas.search.config import DatasetConfig
+from nas.data.datasets import Dataset, load_dataset, stratified_folds
 from nas.errors import TrialError
-from nas.evaluate import cross_validate, fold_seed
-from nas.folds_together import train_together
-from nas.norms import NORMS, NormType
-from nas.space import default_spec, validate_space
-from nas.train import batches, cosine_schedule, fit, optimizer_for
+from nas.training.cross_validation import cross_validate, fold_seed
+from nas.training.folds_together import train_together
+from nas.models.norms import NORMS, NormType
+from nas.search.space import default_spec, validate_space
+from nas.training.train import batches, cosine_schedule, fit, optimizer_for
 
 CPU = torch.device("cpu")
 HP = {"lr": 0.05, "weight_decay": 1e-3, "l1": 1e-4, "label_smoothing": 0.1, "batch_size": 32}
@@ -63,7 +63,7 @@ def threads(request):
 
 
 def trained_alone(spec: dict, data: Dataset, folds: list, seeds: list[int], epochs: int, dtype: torch.dtype) -> list[nn.Module]:
-    """One fold after another with `nas.train.fit`, in `dtype` (float64: the reference the float32 runs are measured against)."""
+    """One fold after another with `nas.training.train.fit`, in `dtype` (float64: the reference the float32 runs are measured against)."""
     models = [m.to(dtype) for m in models_for(spec, data, seeds)]
     as_dtype = dataclasses.replace(data, x_train=data.x_train.to(dtype), x_test=data.x_test.to(dtype))
     for model, (train_idx, _), seed in zip(models, folds, seeds):
@@ -135,7 +135,7 @@ def test_together_trains_every_norm_and_position_to_the_same_parameters_and_runn
 @pytest.mark.parametrize("norm_type", ["batch", "group"])
 def test_together_trains_channels_last_models_as_on_cuda(digits, threads, monkeypatch, norm_type):
     """The CUDA layout, run on the CPU: channels_last weights (L1 on, as in HP) and inputs."""
-    monkeypatch.setattr(nas.train, "uses_channels_last", lambda device: True)
+    monkeypatch.setattr(nas.training.train, "uses_channels_last", lambda device: True)
     data, folds = small(digits)
     assert_same_state(spec_for({"type": norm_type, "position": "post_conv", "groups": 4}), data, folds)
 
@@ -167,7 +167,7 @@ def test_together_matches_sequential_on_one_dimensional_signals(threads):
 
 
 def reference_training(model: nn.Module, data: Dataset, train_idx: torch.Tensor, hp: dict, epochs: int, seed: int, steps: int) -> nn.Module:
-    """The documented training of one fold, written out with plain PyTorch (no nas.train helper):
+    """The documented training of one fold, written out with plain PyTorch (no nas.training.train helper):
     each epoch a permutation drawn from the fold's generator, its first `steps` full batches,
     SGD-Nesterov with weight decay on weights of rank > 1 only, L1 on the conv kernels, and a
     cosine learning rate from `lr` to 0 over all `epochs * steps` steps."""
@@ -321,12 +321,12 @@ def test_a_layer_with_no_stacked_form_falls_back_to_sequential_and_says_why(digi
 
 
 def test_out_of_memory_with_the_folds_together_falls_back_to_sequential(digits, monkeypatch):
-    import nas.folds_together
+    import nas.training.folds_together
 
     def out_of_memory(device):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(nas.folds_together, "autocast", out_of_memory)
+    monkeypatch.setattr(nas.training.folds_together, "autocast", out_of_memory)
     data, folds = small(digits)
     score = cross_validate(spec_for({"type": "batch"}), data, folds, 1, CPU, fold_mode="together")
     assert score["fold_mode"] == "sequential" and score["fold_mode_fallback"].startswith("CUDA out of memory with 3 folds together")

@@ -16,8 +16,8 @@ from optuna.trial import TrialState
 from conftest import write_digits_run
 from nas.cli import search_main
 from nas.dashboard.server import open_storage as dashboard_storage
-from nas.liveness import TRIAL_WORKER_ATTR, Identity, reclaim_dead_trials
-from nas.storage import counts_toward_budget, make_storage, storage_of
+from nas.study.workers import TRIAL_WORKER_ATTR, Identity, reclaim_dead_trials
+from nas.study.storage import counts_toward_budget, make_storage, storage_of
 from tests.test_postgres import pg_server  # noqa: F401  (the throwaway PostgreSQL server fixture)
 
 pytest.importorskip("grpc")

@@ -1,6 +1,8 @@
-"""The package's rooms import one another in one direction: no import circles, the validation room at the bottom."""
+"""The package's rooms import one another in one direction: no import circles, the validation room at the bottom,
+no subpackage importing one above it, and scripts and experiments using only the public API."""
 
 import ast
+import importlib
 from pathlib import Path
 
 import nas
@@ -55,3 +57,57 @@ def test_no_module_of_the_package_is_in_an_import_circle():
 
 def test_the_circle_finder_finds_circles_and_nothing_else():
     assert circles({"a": {"b"}, "b": {"c", "d"}, "c": {"a"}, "d": {"e"}, "e": {"d"}, "f": {"a"}}) == [["a", "b", "c"], ["d", "e"]]
+
+
+# The subpackages from the bottom up: each may import itself and those before it, never one after it.
+LAYERS = ["errors", "validation", "_lazy", "models", "data", "search", "training", "study", "cluster", "compare", "deploy",
+          "dashboard"]
+FACADES = {"nas", "nas.cli", "nas.__main__", "nas.build", "nas.export", "nas.storage"}  # the public face, above every layer
+ROOT = PACKAGE.parent
+
+
+def layer(module: str) -> int:
+    return LAYERS.index(module.split(".")[1]) if module not in FACADES else len(LAYERS)
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    return sorted((m, i) for m, imports in graph.items() for i in imports if i != "nas" and layer(i) > layer(m))
+
+
+def test_every_module_belongs_to_a_layer_or_the_public_face():
+    for module in import_graph():
+        assert module in FACADES or module.split(".")[1] in LAYERS, module
+
+
+def test_no_subpackage_imports_one_above_it():
+    assert upward_imports(import_graph()) == []
+
+
+def test_the_layer_check_finds_an_upward_import():
+    assert upward_imports({"nas.models.build": {"nas.study.run"}, "nas.study.run": {"nas.models.build"}}) == [
+        ("nas.models.build", "nas.study.run")]
+
+
+def public_names(module: str) -> set[str]:
+    imported = importlib.import_module(module)
+    return set(getattr(imported, "__all__", ()))
+
+
+def test_scripts_and_experiments_import_only_the_public_api():
+    """`from nas.X import name` where X is `nas` itself, a subpackage or a facade, and name is in its `__all__`."""
+    private = []
+    for path in [*ROOT.glob("scripts/*.py"), *ROOT.glob("experiments/*/*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "nas":
+                allowed = public_names(node.module) if node.module.count(".") <= 1 else set()
+                private += [f"{path.relative_to(ROOT)}: {node.module}.{a.name}" for a in node.names if a.name not in allowed]
+            elif isinstance(node, ast.Import):
+                private += [f"{path.relative_to(ROOT)}: import {a.name}" for a in node.names
+                            if a.name.startswith("nas.") and a.name.count(".") > 1]
+    assert private == []
+
+
+def test_every_public_name_can_be_imported():
+    for package in ["nas", *(f"nas.{name}" for name in LAYERS[3:])]:
+        for name in public_names(package):
+            assert getattr(importlib.import_module(package), name) is not None, f"{package}.{name}"

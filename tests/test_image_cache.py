@@ -13,10 +13,10 @@ import torchvision
 from PIL import Image
 from torchvision.transforms import v2
 
-from nas.config import DatasetConfig
-from nas.data import load_dataset
+from nas.search.config import DatasetConfig
+from nas.data.datasets import load_dataset
 from nas.errors import DataError
-from nas.image_cache import load_image_folder
+from nas.data.image_cache import load_image_folder
 from tests.test_data import write_imagefolder, write_png
 
 
@@ -34,7 +34,7 @@ def entries(cache: Path) -> list[str]:
 @pytest.mark.parametrize("image_size, worker_processes", [(None, False), (6, False), (None, True)])
 def test_the_first_load_decodes_as_image_folder_did_and_the_next_reads_the_cache(tmp_path, monkeypatch, image_size, worker_processes):
     if worker_processes:
-        monkeypatch.setattr("nas.image_cache.IN_PROCESS", 1)  # decode in DataLoader worker processes even a small folder
+        monkeypatch.setattr("nas.data.image_cache.IN_PROCESS", 1)  # decode in DataLoader worker processes even a small folder
     write_imagefolder(tmp_path / "data", per_class=3, size=(8, 8))
     Image.fromarray(np.random.default_rng(1).integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "data" / "train" / "cat" / "j.jpg")
     cache = tmp_path / "cache"
@@ -45,7 +45,7 @@ def test_the_first_load_decodes_as_image_folder_did_and_the_next_reads_the_cache
         assert torch.equal(torch.from_numpy(np.asarray(first[split].images)), images) and first[split].labels.tolist() == labels
     assert len(entries(cache)) == 1
 
-    monkeypatch.setattr("nas.image_cache.decode", lambda *a: pytest.fail("decoded again"))
+    monkeypatch.setattr("nas.data.image_cache.decode", lambda *a: pytest.fail("decoded again"))
     again = load_image_folder(tmp_path / "data", image_size, str(cache))
     assert isinstance(again["train"].images, np.memmap)
     assert np.array_equal(again["train"].images, first["train"].images) and again["test"].classes == ["cat", "dog"]
@@ -91,7 +91,7 @@ def test_an_unwritable_cache_is_said_and_the_data_still_loads(tmp_path, capsys):
 @pytest.mark.parametrize("worker_processes", [False, True])
 def test_a_corrupt_image_is_named_in_one_line(tmp_path, monkeypatch, worker_processes):
     if worker_processes:
-        monkeypatch.setattr("nas.image_cache.IN_PROCESS", 1)
+        monkeypatch.setattr("nas.data.image_cache.IN_PROCESS", 1)
     write_imagefolder(tmp_path / "data", per_class=2)
     bad = tmp_path / "data" / "test" / "dog" / "1.png"
     bad.write_bytes(bad.read_bytes()[:40])  # truncated

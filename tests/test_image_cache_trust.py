@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 import torch
 
-from nas.config import DatasetConfig
-from nas.data import load_dataset
-from nas.image_cache import SPLITS, load_image_folder
+from nas.search.config import DatasetConfig
+from nas.data.datasets import load_dataset
+from nas.data.image_cache import SPLITS, load_image_folder
 from tests.test_data import write_imagefolder
 from tests.test_image_cache import entries, reference
 
@@ -47,7 +47,7 @@ def plant(entry: Path) -> None:
 
 
 def load(folder: Path, cache: Path):
-    """The splits as nas-search loads them: cache messages on stderr (`nas.data` passes the same log)."""
+    """The splits as nas-search loads them: cache messages on stderr (`nas.data.datasets` passes the same log)."""
     return load_image_folder(folder, None, str(cache), log=lambda message: print(message, file=sys.stderr))
 
 
@@ -150,7 +150,7 @@ def test_new_cache_folders_and_files_are_private_whatever_the_umask_and_are_serv
     assert (mode_of(cache), mode_of(entry)) == ("700", "700")
     assert {path.name: stat.S_IMODE(path.stat().st_mode) & 0o077 for path in entry.iterdir()} == dict.fromkeys(
         ["meta.json"] + [f"{s}_{kind}.npy" for s in SPLITS for kind in ("images", "labels")], 0)
-    monkeypatch.setattr("nas.image_cache.decode", lambda *a: pytest.fail("decoded again"))
+    monkeypatch.setattr("nas.data.image_cache.decode", lambda *a: pytest.fail("decoded again"))
     assert_decoded(load(folder, cache), folder)
     assert capsys.readouterr().err == ""
 

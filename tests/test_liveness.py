@@ -11,9 +11,9 @@ import pytest
 
 from conftest import write_digits_run
 from dashboard_support import Dashboard
-from nas import liveness
+from nas.study import workers as liveness
 from nas.cli import search_main
-from nas.report import write_report
+from nas.study.report import write_report
 
 SPACE = {"stages": 1, "width": 8, "block": {"norm": {"type": {"choice": ["batch", "none"]}}}, "training": {"lr": {"float": [0.01, 0.1], "log": True}}}
 

@@ -7,15 +7,15 @@ import torch
 import yaml
 from torch import nn
 
-from nas.batch_renorm import BatchRenorm
-from nas.build import build
-from nas.config import DatasetConfig, load_run_config
-from nas.data import load_dataset, stratified_folds
-from nas.diagnostics import recalibrate, running_stat_layers, train_mode_loss
-from nas.evaluate import cross_validate
+from nas.models.batch_renorm import BatchRenorm
+from nas.models.build import build
+from nas.search.config import DatasetConfig, load_run_config
+from nas.data.datasets import load_dataset, stratified_folds
+from nas.training.diagnostics import recalibrate, running_stat_layers, train_mode_loss
+from nas.training.cross_validation import cross_validate
 from nas.errors import ConfigError
-from nas.norms import NORMS, make_norm
-from nas.space import default_spec, load_space
+from nas.models.norms import NORMS, make_norm
+from nas.search.space import default_spec, load_space
 
 
 @pytest.mark.parametrize("dims, shape", [(2, (8, 6, 5, 5)), (1, (8, 6, 7))])

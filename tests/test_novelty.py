@@ -10,9 +10,9 @@ from optuna.trial import TrialState
 
 from conftest import write_digits_run
 from nas.cli import search_main
-from nas.novelty import list_candidates
-from nas.space import Space
-from nas.storage import counts_toward_budget
+from nas.study.duplicates import list_candidates
+from nas.search.space import Space
+from nas.study.storage import counts_toward_budget
 
 # A float range: two draws coincide only when a sampler replays the same random stream.
 CONTINUOUS = {"stages": 1, "width": 8, "block": {"norm": {"type": {"choice": ["batch", "none"]}}},

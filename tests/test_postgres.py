@@ -111,7 +111,7 @@ def three_workers(pg_server, tmp_path_factory):
         "device": "cpu",
     }
     (run_dir / "run.yaml").write_text(yaml.safe_dump(config))
-    # A fresh database: the three workers also race to create Optuna's tables (nas.storage retries that).
+    # A fresh database: the three workers also race to create Optuna's tables (nas.study.storage retries that).
     cmd = [sys.executable, "-m", "nas.cli", "--config", "run.yaml", "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # three workers share this machine's cores
     procs = [subprocess.Popen(cmd, cwd=run_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]

@@ -10,11 +10,11 @@ import torchvision
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from nas.config import DatasetConfig
-from nas.data import load_dataset
+from nas.search.config import DatasetConfig
+from nas.data.datasets import load_dataset
 from nas.errors import NasError
-from nas.predict import decode_image
-from nas.preprocessing import image_to_model_input, recipe, to_model_input
+from nas.deploy.predict import decode_image
+from nas.data.preprocessing import image_to_model_input, recipe, to_model_input
 from tests.test_data import sine_signals, write_cifar, write_imagefolder, write_mnist, write_npz, write_png
 
 

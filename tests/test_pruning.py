@@ -11,8 +11,8 @@ from optuna.trial import TrialState
 from conftest import write_digits_run
 from nas.cli import search_main
 from nas.dashboard.state import trial_rows
-from nas.pruning import Reporter, make_pruner, max_resource
-from nas.report import write_report
+from nas.search.pruning import Reporter, make_pruner, max_resource
+from nas.study.report import write_report
 
 # Learning rates from hopeless to good: the early rungs have something to tell apart.
 SPACE = {"stages": 1, "width": 8, "block": {"norm": {"type": {"choice": ["batch", "none"]}}},
@@ -81,12 +81,12 @@ def test_wilcoxon_on_sequential_folds_prunes_hopeless_trials_before_their_last_f
 
 
 def test_a_together_trial_that_falls_back_to_sequential_reports_on_the_studys_scale(tmp_path, monkeypatch):
-    import nas.folds_together
+    import nas.training.folds_together
 
     def out_of_memory(device):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(nas.folds_together, "autocast", out_of_memory)
+    monkeypatch.setattr(nas.training.folds_together, "autocast", out_of_memory)
     trials = run(tmp_path, "median", "together", trials=2)
     for t in trials:
         assert t.state == TrialState.COMPLETE and t.user_attrs["fold_mode"] == "sequential"

@@ -8,10 +8,10 @@ import pytest
 
 from nas.cli import report_main
 from nas.errors import StudyError
-from nas.archspec import describe_layout, norm_group
-from nas.anytime import improvements
-from nas.report import write_report
-from nas.space import Space
+from nas.search.archspec import describe_layout, norm_group
+from nas.study.best_so_far import improvements
+from nas.study.report import write_report
+from nas.search.space import Space
 
 SPACE = {
     "stages": {"int": [1, 2]},

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from nas.cli import search_main
-from nas.config import DatasetConfig
-from nas.data import Dataset, load_dataset, stratified_folds
-from nas.evaluate import cross_validate
-from nas.samples import CompactImages, StreamedImages, loaded
-from nas.space import default_spec
+from nas.search.config import DatasetConfig
+from nas.data.datasets import Dataset, load_dataset, stratified_folds
+from nas.training.cross_validation import cross_validate
+from nas.data.samples import CompactImages, StreamedImages, loaded
+from nas.search.space import default_spec
 from tests.test_data import write_cifar, write_imagefolder
 
 SPEC = default_spec({"stages": 1, "width": 4, "block": {"norm": {"type": "batch"}}, "training": {"batch_size": 8, "lr": 0.05}})
@@ -22,7 +22,7 @@ SPEC = default_spec({"stages": 1, "width": 4, "block": {"norm": {"type": "batch"
 def as_float32_up_front(data: Dataset, cfg: DatasetConfig) -> Dataset:
     """The dataset as it was held before uint8 storage: whole splits divided, then normalized with numpy's
     float32 statistics of the training split."""
-    from nas.data import LOADERS
+    from nas.data.datasets import LOADERS
 
     arrays = LOADERS[cfg.name](cfg)
     x_train, x_test = (np.asarray(x, dtype=np.float32) / 255.0 for x in (arrays.x_train, arrays.x_test))

@@ -5,7 +5,7 @@ import json
 import optuna
 import pytest
 
-from nas.space import Space, default_spec
+from nas.search.space import Space, default_spec
 
 SPACE = {
     "stages": {"int": [1, 3]},

@@ -87,7 +87,7 @@ def test_with_the_token_commands_work_through_the_proxy(guarded, tmp_path, monke
     assert sum(t.state == TrialState.COMPLETE for t in optuna.load_study(study_name="g", storage=sqlite).trials) == 2
 
     monkeypatch.setenv("BNNAS_PROXY_TOKEN", TOKEN)
-    from nas.storage import storage_of
+    from nas.study.storage import storage_of
 
     store = pickle.loads(pickle.dumps(storage_of(url)))  # as a Ray worker receives it: it reads the token itself
     assert sorted(s.study_name for s in store.get_all_studies()) == ["g", "victim"]
@@ -158,7 +158,7 @@ def certificates(tmp_path):
 
 
 def test_tls_with_client_certificates_lets_in_only_a_client_the_ca_signed(certificates, monkeypatch, capsys):
-    from nas.storage import storage_of
+    from nas.study.storage import storage_of
 
     sqlite = f"sqlite:///{certificates}/behind.db"
     optuna.create_study(study_name="victim", storage=sqlite)

@@ -11,7 +11,7 @@ import pytest
 from optuna.trial import TrialState
 
 from conftest import write_digits_run
-from nas import liveness
+from nas.study import workers as liveness
 from nas.cli import search_main
 
 SPACE = {"stages": 1, "width": 8, "block": {"norm": {"type": {"choice": ["batch", "none"]}}}, "training": {"lr": {"float": [0.01, 0.1], "log": True}}}
@@ -162,10 +162,10 @@ def test_a_read_only_sqlite_file_is_one_line_and_left_alone(run_dir, capsys, res
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_signal_before_the_first_trial_stops_the_search_even_when_inherited_as_ignored(run_dir, monkeypatch, stage, signum, code):
     # a background job of a non-interactive shell starts with SIGINT ignored; Python then installs no handler of its own
-    import nas.data
-    import nas.study
+    import nas.data.datasets
+    import nas.study.run
 
-    module, name = (nas.data, "load_dataset") if stage == "loading data" else (nas.study, "open_study")
+    module, name = (nas.data.datasets, "load_dataset") if stage == "loading data" else (nas.study.run, "open_study")
     real = getattr(module, name)
 
     def signalled(*args, **kwargs):
@@ -189,8 +189,8 @@ def test_a_signal_whose_raise_python_drops_still_interrupts_the_trial(run_dir, m
     # a signal landing in a weakref callback (SQLAlchemy registers some): Python prints "Exception ignored" and drops the raise
     import weakref
 
-    import nas.folds_together
-    import nas.train
+    import nas.training.folds_together
+    import nas.training.train
 
     class Collected:
         pass
@@ -201,7 +201,7 @@ def test_a_signal_whose_raise_python_drops_still_interrupts_the_trial(run_dir, m
             pass
 
     sent = []
-    for module in (nas.train, nas.folds_together):  # whichever fold mode trains
+    for module in (nas.training.train, nas.training.folds_together):  # whichever fold mode trains
         real = module.loaded
 
         def loaded(*args, real=real):

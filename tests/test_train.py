@@ -3,11 +3,11 @@
 import torch
 from torch import nn
 
-from nas.build import build
-from nas.config import DatasetConfig
-from nas.data import load_dataset, stratified_folds
-from nas.space import default_spec
-from nas.train import EVAL_BATCH, batch_dependent, evaluate, fit, scoring_batch_size
+from nas.models.build import build
+from nas.search.config import DatasetConfig
+from nas.data.datasets import load_dataset, stratified_folds
+from nas.search.space import default_spec
+from nas.training.train import EVAL_BATCH, batch_dependent, evaluate, fit, scoring_batch_size
 
 
 def conv_l1_after_training(l1: float) -> float:

@@ -12,13 +12,13 @@ import torch
 import yaml
 
 from conftest import write_digits_run
-from nas.build import build
+from nas.models.build import build
 from nas.cli import export_main, finetune_main, search_main
-from nas.config import DatasetConfig
-from nas.data import load_dataset
+from nas.search.config import DatasetConfig
+from nas.data.datasets import load_dataset
 from nas.errors import DataError, NasError
-from nas.export import load_exported
-from nas.transfer import adapt, labelled_subset
+from nas.deploy.export import load_exported
+from nas.deploy.finetune import adapt, labelled_subset
 
 CPU = torch.device("cpu")
 SPACE = {"stages": 2, "width": 8, "block": {"norm": {"type": "batch", "position": "post_conv"}},
@@ -192,7 +192,7 @@ def test_an_out_that_cannot_be_written_fails_before_adapting(exported, target_co
     def refuse_to_adapt(*args, **kwargs):
         raise AssertionError("adaptation started before --out was checked")
 
-    monkeypatch.setattr("nas.transfer.adapt", refuse_to_adapt)
+    monkeypatch.setattr("nas.deploy.finetune.adapt", refuse_to_adapt)
     (tmp_path / "file").write_text("a regular file")
     out = tmp_path / "file" / "sub"
 

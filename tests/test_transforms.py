@@ -5,10 +5,10 @@ import pytest
 import torch
 import yaml
 
-from nas.config import DatasetConfig, load_run_config
-from nas.data import load_dataset
+from nas.search.config import DatasetConfig, load_run_config
+from nas.data.datasets import load_dataset
 from nas.errors import ConfigError, DataError
-from nas.transforms import apply_transforms
+from nas.data.transforms import apply_transforms
 
 
 def raw(cfg: DatasetConfig) -> tuple[np.ndarray, np.ndarray]:

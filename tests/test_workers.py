@@ -64,9 +64,9 @@ def test_resuming_with_another_search_space_needs_force(run_dir, capsys):
 
 
 def test_out_of_memory_fails_the_trial_with_its_reason_and_the_search_goes_on(run_dir, monkeypatch):
-    import nas.evaluate
+    import nas.training.cross_validation
 
-    real_fit, calls = nas.evaluate.fit, []
+    real_fit, calls = nas.training.cross_validation.fit, []
 
     def fit_that_runs_out_of_memory_once(*args, **kwargs):
         calls.append(1)
@@ -74,7 +74,7 @@ def test_out_of_memory_fails_the_trial_with_its_reason_and_the_search_goes_on(ru
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real_fit(*args, **kwargs)
 
-    monkeypatch.setattr(nas.evaluate, "fit", fit_that_runs_out_of_memory_once)
+    monkeypatch.setattr(nas.training.cross_validation, "fit", fit_that_runs_out_of_memory_once)
     # sequential: one by one is where an out-of-memory fails the trial (together falls back to it)
     assert search_main(["--config", "run.yaml", "--trials", "2", "--study", "oom", "--set", "evaluation.fold_mode=sequential"]) == 0
     states = [(t.state, t.user_attrs.get("fail_reason", "")) for t in trials(run_dir, "oom")]
@@ -83,9 +83,9 @@ def test_out_of_memory_fails_the_trial_with_its_reason_and_the_search_goes_on(ru
 
 
 def test_a_spec_that_cannot_be_built_fails_its_trial_and_the_search_goes_on(run_dir, monkeypatch):
-    import nas.evaluate
+    import nas.training.cross_validation
 
-    real_build, calls = nas.evaluate.build, []
+    real_build, calls = nas.training.cross_validation.build, []
 
     def build_that_rejects_the_first_spec(spec, shape, classes):
         calls.append(1)
@@ -93,7 +93,7 @@ def test_a_spec_that_cannot_be_built_fails_its_trial_and_the_search_goes_on(run_
             raise ValueError("kernel larger than the input")
         return real_build(spec, shape, classes)
 
-    monkeypatch.setattr(nas.evaluate, "build", build_that_rejects_the_first_spec)
+    monkeypatch.setattr(nas.training.cross_validation, "build", build_that_rejects_the_first_spec)
     assert search_main(["--config", "run.yaml", "--trials", "1", "--study", "unbuildable"]) == 0
     first, second = trials(run_dir, "unbuildable")
     assert first.state == TrialState.FAIL and "cannot build the model for input (1, 8, 8)" in first.user_attrs["fail_reason"]

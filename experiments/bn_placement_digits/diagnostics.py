@@ -19,10 +19,10 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from nas.archspec import norm_group
-from nas.config import load_run_config
+from nas.search import norm_group
+from nas.search import load_run_config
 from nas.data import load_dataset, stratified_folds
-from nas.evaluate import cross_validate
+from nas.training import cross_validate
 
 HERE = Path(__file__).resolve().parent
 STUDY = f"sqlite:///{HERE / 'study.db'}"

@@ -39,10 +39,10 @@ def epochs_for(samples: int, batch_size: int) -> int:
 
 def run() -> list[dict]:
     from nas.cli import export_main
-    from nas.config import load_run_config
+    from nas.search import load_run_config
     from nas.data import load_dataset
-    from nas.export import load_exported
-    from nas.transfer import adapt
+    from nas.deploy import load_exported
+    from nas.deploy import adapt
 
     torch.set_num_threads(1)  # tiny models: one thread is as fast, and does not stall on a busy machine
     cfg = load_run_config(TARGET)

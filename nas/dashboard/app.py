@@ -21,11 +21,11 @@ import bottle
 import optuna
 from optuna.trial import TrialState
 
-from nas.contract import show
+from nas.study.contract import show
 from nas.dashboard import state
 from nas.dashboard.charts import history_svg, intervals_svg
 from nas.dashboard.workers import Workers
-from nas.storage import StoredAttrError, one_line, request_stop
+from nas.study.storage import StoredAttrError, one_line, request_stop
 
 HERE = Path(__file__).parent
 TEMPLATES = [str(HERE / "templates")]

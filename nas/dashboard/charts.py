@@ -75,7 +75,7 @@ def history_svg(points: list[dict]) -> str:
 
 def intervals_svg(cells: list[dict], seeds: int) -> str:
     """Each re-evaluated cell's mean CV loss and its 95 % interval (compare.png's picture), best on top."""
-    from nas.compare_report import ranked
+    from nas.compare.report import ranked
 
     shown = [c for c in ranked({"cells": cells}) if c["stats"] is not None]
     if not shown:

@@ -22,7 +22,7 @@ from nas.dashboard.security import (Guard, Sessions, allowed_hosts, interface_ad
                                     require_token_beyond_loopback)
 from nas.dashboard.workers import Workers
 from nas.errors import NasError, StudyError
-from nas.storage import RDB_SCHEMES, engine_options, one_line, quiet_optuna, sqlite_path, storage_of
+from nas.study.storage import RDB_SCHEMES, engine_options, one_line, quiet_optuna, sqlite_path, storage_of
 
 OPTUNA_PREFIX = "/optuna"
 THREADS = 8  # requests served at once; more wait in the queue, their connections held by the loop

@@ -1,6 +1,6 @@
 """What the dashboard shows about studies, read from the storage only (never a write).
 
-A study is `running` while a worker is recorded live in it (`nas.liveness`: from its start,
+A study is `running` while a worker is recorded live in it (`nas.study.workers`: from its start,
 while it loads data, between trials), a worker beats for one of its RUNNING trials, or a
 worker this dashboard started is still alive; `stopping` while running with a stop request
 newer than its latest trial start; `finished` when its budget of finished trials is reached;
@@ -23,11 +23,11 @@ import optuna
 import sqlalchemy
 from optuna.trial import FrozenTrial, TrialState
 
-from nas.archspec import MIXED, NO_POSITION, NORM_ORDER, POSITION_ORDER, blocks, describe_layout, describe_norms, norm_group, order_key
-from nas.config import StudyConfig
-from nas.liveness import describe_workers, live_workers
-from nas.report import finite
-from nas.storage import (StoredAttrError, budget_count, config_value, counts_toward_budget, is_duplicate, one_line,
+from nas.search.archspec import MIXED, NO_POSITION, NORM_ORDER, POSITION_ORDER, blocks, describe_layout, describe_norms, norm_group, order_key
+from nas.search.config import StudyConfig
+from nas.study.workers import describe_workers, live_workers
+from nas.study.report import finite
+from nas.study.storage import (StoredAttrError, budget_count, config_value, counts_toward_budget, is_duplicate, one_line,
                          rdb_engine, read_config_history, read_run_config, read_stop_request, trial_attr)
 
 HEARTBEAT_DEFAULT = StudyConfig.heartbeat_seconds  # studies stored before the field existed
@@ -282,7 +282,7 @@ def comparisons(storage: optuna.storages.BaseStorage) -> list[dict]:
     """Each comparison in the storage: its id (its first cell study's), base name, factors and cells (id, name).
 
     A study whose cell attribute has another shape gives an entry with an `error` naming it; the rest are listed."""
-    from nas.compare import stored_comparisons
+    from nas.compare.run import stored_comparisons
 
     problems: list = []
     found = [{"id": c["cells"][0][0], "name": c["base"], "factors": c["factors"],
@@ -292,8 +292,8 @@ def comparisons(storage: optuna.storages.BaseStorage) -> list[dict]:
 
 def comparison(storage: optuna.storages.BaseStorage, study_id: int) -> dict | None:
     """The comparison that holds the cell study `study_id`, as nas-compare's result and its table; None if it is no cell."""
-    from nas.compare import stored_comparisons, stored_result
-    from nas.compare_report import ranked, rows
+    from nas.compare.run import stored_comparisons, stored_result
+    from nas.compare.report import ranked, rows
 
     found = next((c for c in stored_comparisons(storage) if study_id in {i for i, _, _ in c["cells"]}), None)
     if found is None:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import psutil
 
-from nas import liveness
+from nas.study import workers as liveness
 from nas.dashboard.security import TOKEN_ENV
 
 EXPORT_FILES = ("model.ts", "model.pt2", "model.onnx", "weights.pt", "model.json")

@@ -1,0 +1,94 @@
+"""From a raw sample to the model's input: the recipe an export writes into model.json, and its one implementation.
+
+The recipe is plain data so that a user with only torch can follow it (the README shows how),
+and `nas-predict` follows the same recipe through `to_model_input` / `image_to_model_input`:
+raw sample (its layout, as the dataset's source gives it) -> float32 -> channels first ->
+divided by `scale` -> minus the training split's per-channel mean, over its std.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from nas.errors import NasError
+
+CHANNELS_LAST = "HWC"
+IMAGE_FILE_SCALE = 255.0  # 8-bit image files
+
+
+def recipe(data) -> dict:
+    """model.json's `preprocessing` for a loaded `nas.data.datasets.Dataset` (its raw input, normalization and classes)."""
+    raw = data.raw
+    shape = list(data.input_shape)
+    images = None
+    if raw.image_files is not None:
+        images = {"color": raw.image_files, "size": shape[-2:], "resize": raw.resize is not None,
+                  "converted": raw.converted, "scale": IMAGE_FILE_SCALE}
+    return {
+        "raw_input": raw.description,
+        "raw_layout": raw.layout,
+        "raw_shape": raw_shape(raw.layout, shape),
+        "raw_dtype": raw.dtype,
+        "scale": raw.scale,
+        "mean": list(data.mean),
+        "std": list(data.std),
+        "layout": "N" + ("CHW" if len(shape) == 3 else "CL" if len(shape) == 2 else "L"),
+        "dtype": "float32",
+        "input_shape": shape,
+        "image_files": images,
+        "classes": list(data.classes),
+        "steps": f"x = raw as float32 ({raw.layout}{' -> CHW' if raw.layout == CHANNELS_LAST else ''}), "
+                 f"reshaped to input_shape, / {raw.scale:g}, then (x - mean[c]) / std[c] per channel",
+    }
+
+
+def raw_shape(layout: str, input_shape: list[int]) -> list[int]:
+    """The shape of one raw sample in `layout`, given the model's input shape (channels first)."""
+    if layout == CHANNELS_LAST:
+        channels, *spatial = input_shape
+        return [*spatial, channels]
+    if layout in ("HW", "L") and len(input_shape) > len(layout):
+        return input_shape[1:]  # the single channel axis the loader added
+    return list(input_shape)
+
+
+def normalize(x: torch.Tensor, pre: dict) -> torch.Tensor:
+    """(x - mean[c]) / std[c] over the channel axis (axis 1; a (N, L) signal is one channel)."""
+    view = (1, -1) + (1,) * (x.dim() - 2) if x.dim() > 2 else (1, 1)
+    mean = torch.tensor(pre["mean"], dtype=torch.float32).view(view)
+    std = torch.tensor(pre["std"], dtype=torch.float32).view(view)
+    return (x - mean) / std
+
+
+def to_model_input(raw, pre: dict, what: str = "input") -> torch.Tensor:
+    """Raw samples, one (raw_shape) or a batch (N, *raw_shape), as the model's input batch.
+
+    A shape the recipe does not describe is refused in one line naming `what` (a file).
+    """
+    x = torch.as_tensor(np.asarray(raw)).to(torch.float32)
+    expected = list(pre["raw_shape"])
+    if list(x.shape) == expected:
+        x = x.unsqueeze(0)
+    if list(x.shape[1:]) != expected:
+        raise NasError(f"{what}: samples of shape {list(x.shape)}; the model takes {pre['raw_layout']} samples of shape "
+                       f"{expected} ({pre['raw_input']}), one or a batch (N, {', '.join(map(str, expected))})")
+    if pre["raw_layout"] == CHANNELS_LAST:
+        x = x.movedim(-1, 1)
+    x = x.reshape(len(x), *pre["input_shape"]) / pre["scale"]
+    return normalize(x, pre)
+
+
+def image_to_model_input(image: torch.Tensor, pre: dict, what: str) -> torch.Tensor:
+    """A decoded 8-bit image (C, H, W, uint8, colour already as the recipe says) as a batch of one."""
+    from torchvision.transforms.v2 import functional as F
+
+    files = pre["image_files"]
+    height, width = files["size"]
+    if files["resize"]:
+        image = F.resize(image, [height, width], antialias=True)  # as the imagefolder loader resized for training
+    elif list(image.shape[-2:]) != [height, width]:
+        raise NasError(f"{what}: a {image.shape[-1]}x{image.shape[-2]} (width x height) image; the model takes {width}x{height} images "
+                       "(resize it first; the model was not trained on resized images)")
+    x = image.to(torch.float32).unsqueeze(0) / files["scale"]
+    return normalize(x, pre)

@@ -1,0 +1,15 @@
+"""After the search: export with BN folded, predict from raw input, inference cost, fine-tuning with a BN strategy.
+
+export    nas-export and loading an export folder
+predict   nas-predict
+bench     nas-bench: what BN costs at inference
+finetune  nas-finetune: adapt an export to new data with a BN mode
+"""
+
+from nas._lazy import public
+
+__getattr__, __dir__, __all__ = public(__name__, {
+    'export': ['export_trial', 'load_exported'],
+    'finetune': ['adapt', 'finetune'],
+    'bench': ['bench_export'],
+})

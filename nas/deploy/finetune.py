@@ -1,0 +1,233 @@
+"""Fine-tune an exported model on new data with a BatchNorm strategy.
+
+When the input distribution shifts, a norm layer's running statistics are what breaks first.
+The four modes differ in what may adapt ("norm layers" = every module the norm registry
+makes: BatchNorm, batch renorm, GroupNorm for group / layer / instance):
+
+  freeze   norm layers kept in eval mode while training (running statistics do not move), their
+           affine parameters frozen; every other parameter, the head included, is trained.
+  adabn    running statistics reset and re-estimated on all target training inputs (no labels,
+           no gradient step); with labels (K > 0) the head alone is then trained, the rest of
+           the model in eval mode so the re-estimated statistics stay.
+  bn-only  only the norm layers' affine parameters and the head are trained; norm layers train
+           as usual, so their running statistics follow the target batches.
+  full     every parameter trained, running statistics follow the target batches.
+
+Norms without running statistics (group, layer, instance, BN with track_running_stats off)
+have nothing for adabn to re-estimate: adabn leaves them as they are. Batch renorm keeps
+running statistics and is treated like BatchNorm; adabn keeps its step counter (its r/d warm-up).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from nas.errors import DataError, NasError
+
+MODES = ("freeze", "adabn", "bn-only", "full")
+TRAINS_WITHOUT_LABELS = ("adabn",)  # the modes that may run with --labels-per-class 0
+
+
+@cache
+def norm_classes() -> tuple[type, ...]:
+    """The module classes the norm registry makes, asked of the registry itself (one place)."""
+    from nas.models.norms import NORM_PARAMS, NORMS
+
+    classes = set()
+    for norm in NORMS.values():
+        if norm.factory is not None:
+            settings = {key: NORM_PARAMS[key].default for key in norm.params}
+            classes.update(type(norm.factory(4, dims, **settings)) for dims in (1, 2))
+    return tuple(classes)
+
+
+def norm_layers(model: nn.Module) -> list[nn.Module]:
+    kinds = norm_classes()
+    return [m for m in model.modules() if isinstance(m, kinds)]
+
+
+def replace_head(model: nn.Module, num_classes: int) -> bool:
+    """A new, freshly initialized linear head when the class count differs; True if replaced."""
+    head = model.head
+    if head.out_features == num_classes:
+        return False
+    model.head = nn.Linear(head.in_features, num_classes).to(head.weight.device)
+    return True
+
+
+def labelled_subset(y: torch.Tensor, per_class: int | None, seed: int) -> torch.Tensor:
+    """Indices of `per_class` training samples of every class (None: all), stratified and seeded."""
+    if per_class is None:
+        return torch.arange(len(y), device=y.device)
+    generator = torch.Generator().manual_seed(seed)
+    y_cpu = y.cpu()
+    picked = []
+    for label in torch.unique(y_cpu).tolist():
+        members = (y_cpu == label).nonzero().flatten()
+        if len(members) < per_class:
+            raise DataError(f"--labels-per-class: {per_class} asked, but class {label} has only {len(members)} training samples (use a smaller K or 'all')")
+        picked.append(members[torch.randperm(len(members), generator=generator)[:per_class]])
+    return torch.cat(picked).sort().values.to(y.device)
+
+
+def _set_trainable(model: nn.Module, mode: str) -> Callable[[nn.Module], None] | None:
+    """requires_grad per mode; returns the hook `fit` runs after model.train() each epoch."""
+    norm_params = {id(p) for m in norm_layers(model) for p in m.parameters(recurse=False)}
+    head_params = {id(p) for p in model.head.parameters()}
+    for p in model.parameters():
+        if mode == "full":
+            p.requires_grad_(True)
+        elif mode == "freeze":
+            p.requires_grad_(id(p) not in norm_params)
+        elif mode == "bn-only":
+            p.requires_grad_(id(p) in norm_params or id(p) in head_params)
+        else:  # adabn: the head alone
+            p.requires_grad_(id(p) in head_params)
+    if mode == "freeze":
+        return _norms_in_eval_mode
+    if mode == "adabn":
+        return nn.Module.eval  # a fixed feature extractor: statistics and dropout as at inference
+    return None
+
+
+def _norms_in_eval_mode(model: nn.Module) -> None:
+    for layer in norm_layers(model):
+        layer.eval()
+
+
+@dataclass
+class Adaptation:
+    """What one fine-tuning run did and how the target test split scored before and after."""
+
+    mode: str
+    labels_per_class: int | None  # None: every training label
+    train_samples: int
+    epochs: int
+    seed: int
+    head_replaced: bool
+    before: dict | None  # None when the head was replaced: the source head cannot score new classes
+    after: dict
+    trained_parameters: list[str]
+    changed_tensors: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        """Plain JSON, `labels_per_class` spelt as on the command line (a count or "all")."""
+        return {**asdict(self), "labels_per_class": "all" if self.labels_per_class is None else self.labels_per_class}
+
+
+def adapt(model: nn.Module, data, mode: str, labels_per_class: int | None, epochs: int, seed: int,
+          device: torch.device, hp: dict, max_steps: int | None = None) -> Adaptation:
+    """Adapt `model` (already on `device`) to `data` in place; `hp` is the spec's `training` section.
+
+    `max_steps` caps the optimizer steps (see `nas.training.train.fit`).
+    """
+    from nas.training.diagnostics import recalibrate
+    from nas.training.train import evaluate, fit, scoring_batch_size
+
+    if mode not in MODES:
+        raise NasError(f"--bn-mode: unknown mode '{mode}' (known: {', '.join(MODES)})")
+    if labels_per_class is not None and labels_per_class < 0:
+        raise NasError(f"--labels-per-class: must be >= 0 or 'all', got {labels_per_class}")
+    if labels_per_class == 0 and mode not in TRAINS_WITHOUT_LABELS:
+        raise NasError(f"--labels-per-class: 0 leaves {mode} nothing to train on; only adabn adapts without labels")
+    start = time.perf_counter()
+    torch.manual_seed(seed)  # the new head's initialization
+    head_replaced = replace_head(model, data.num_classes)
+    if head_replaced and labels_per_class == 0:
+        raise NasError(f"--labels-per-class: the target has {data.num_classes} classes, unlike the model's head; a new head needs labels (K > 0)")
+    before = None if head_replaced else _scores(evaluate(model, data.x_test, data.y_test, device, scoring_batch_size(model, hp)))
+    snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if mode == "adabn":
+        recalibrate(model, data.x_train, hp["batch_size"], device)
+    trained, samples = [], 0
+    if labels_per_class != 0:
+        train_idx = labelled_subset(data.y_train, labels_per_class, seed)
+        hook = _set_trainable(model, mode)
+        trained = [name for name, p in model.named_parameters() if p.requires_grad]
+        samples = len(train_idx)
+        try:
+            fit(model, data, train_idx, None, hp, epochs, device, seed, train_mode=hook, max_steps=max_steps)
+        finally:
+            for p in model.parameters():
+                p.requires_grad_(True)
+    after = _scores(evaluate(model, data.x_test, data.y_test, device, scoring_batch_size(model, hp)))
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, snapshot[k])]
+    return Adaptation(mode, labels_per_class, samples, epochs if samples else 0, seed, head_replaced,
+                      before, after, trained, changed, time.perf_counter() - start)
+
+
+def _scores(loss_acc: tuple[float, float]) -> dict:
+    return {"loss": loss_acc[0], "accuracy": loss_acc[1]}
+
+
+def finetune(model_dir: str | Path, cfg, mode: str, labels_per_class: int | None, epochs: int | None,
+             seed: int, out: str | Path, lr: float | None = None, device: str | None = None, log=print,
+             force: bool = False) -> Path:
+    """Load an export, adapt it to the run config's dataset, write an export plus metrics.json."""
+    from nas.search.config import blamed
+    from nas.data.datasets import load_dataset
+    from nas.deploy.export import VERIFY_SAMPLES, check_writable, load_exported, write_export, write_json
+    from nas.data.preprocessing import recipe
+    from nas.training.train import prepare_model, resolve_device
+
+    model_dir, out = Path(model_dir), Path(out)
+    if out.resolve() == model_dir.resolve():
+        raise NasError(f"--out: {out} is the source model's folder; write the fine-tuned model elsewhere")
+    source = load_exported(model_dir)
+    check_writable(out, force)
+    dev = resolve_device(device or cfg.device)
+    with blamed(cfg):
+        data = load_dataset(cfg.dataset, dev, normalization=source.meta["normalization"])
+    if list(data.input_shape) != list(source.meta["input_shape"]):
+        raise DataError(f"{cfg.source}: dataset: samples of shape {list(data.input_shape)}; the model in {model_dir} takes {source.meta['input_shape']}")
+    hp = dict(source.meta["arch"]["training"])
+    if lr is not None:
+        hp["lr"] = lr
+    epochs_given = epochs is not None
+    epochs = epochs or cfg.evaluation.epochs
+    model = prepare_model(source.model, dev)
+    shift = ", ".join(f"{name} {value}" for item in cfg.dataset.transforms for name, value in item.items())
+    log(f"Fine-tuning {model_dir} ({source.meta.get('dataset')}) on {cfg.dataset.name}{f' ({shift})' if shift else ''}"
+        f" with --bn-mode {mode} on {dev.type}")
+    for note in mode_notes(model, mode, labels_per_class, epochs, epochs_given):
+        log(note)
+    result = adapt(model, data, mode, labels_per_class, epochs, seed, dev, hp)
+    before = "n/a (new head)" if result.before is None else f"loss {result.before['loss']:.4f}, accuracy {result.before['accuracy']:.4f}"
+    log(f"Target test split before: {before}; after: loss {result.after['loss']:.4f}, accuracy {result.after['accuracy']:.4f}"
+        f" ({result.train_samples} labelled samples, {result.epochs} epochs)")
+    model = model.to("cpu", memory_format=torch.contiguous_format).eval()
+    keep = {k: v for k, v in source.meta.items() if k not in ("files", "fold_max_abs_diff", "versions")}
+    metrics = {"source": str(model_dir), "target_config": cfg.source, "target_dataset": cfg.dataset.name, "target_data": data.fingerprint,
+               "transforms": cfg.dataset.transforms, "lr": hp["lr"], **result.to_dict()}
+    meta = {**keep, "num_classes": data.num_classes, "classes": data.classes, "dataset": cfg.dataset.name, "data": data.fingerprint,
+            "preprocessing": recipe(data), "epochs": result.epochs, "test": {**result.after, "samples": len(data.y_test)},
+            "finetune": {**{k: metrics[k] for k in ("source", "target_config", "transforms", "mode", "labels_per_class", "seed", "head_replaced")},
+                         "source_data": source.meta.get("data")}}
+    write_export(model, data.x_test[:VERIFY_SAMPLES].cpu(), meta, out, log)
+    write_json(out / "metrics.json", metrics)
+    log(f"Wrote {out / 'metrics.json'}")
+    return out
+
+
+def mode_notes(model: nn.Module, mode: str, labels_per_class: int | None, epochs: int, epochs_given: bool) -> list[str]:
+    """What a mode will not do with this model and these flags, said before it runs rather than left to be found."""
+    from nas.training.diagnostics import running_stat_layers
+
+    notes = []
+    if mode == "adabn" and not running_stat_layers(model):
+        notes.append("No norm layer of this model keeps running statistics: adabn has nothing to re-estimate")
+    if mode == "adabn" and labels_per_class == 0 and epochs_given:
+        notes.append(f"--epochs {epochs} is ignored: adabn without labels (--labels-per-class 0, its default) only re-estimates the "
+                     "norm statistics, with no training epoch; give --labels-per-class K to also train the head for --epochs")
+    if mode == "bn-only" and not any(p.numel() for m in norm_layers(model) for p in m.parameters(recurse=False)):
+        notes.append("This model's norm layers have no affine parameters (affine: false, or no norm): bn-only trains the head alone "
+                     "(their running statistics still follow the target batches)")
+    return notes

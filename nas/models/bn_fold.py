@@ -1,0 +1,137 @@
+"""Fold normalization into convolutions for inference: `fold_norms(model) -> folded copy`.
+
+In eval mode a norm with running statistics (BatchNorm with `track_running_stats`, batch
+renorm) is a fixed per-channel affine map, y = x * scale + shift, with
+
+    scale = weight / sqrt(running_var + eps),   shift = bias - running_mean * scale
+
+(weight 1 and bias 0 without `affine`). Where the norm directly follows a conv whose output
+goes nowhere else, the map folds exactly into that conv (W * scale per output channel,
+b * scale + shift) and the norm disappears:
+
+| block                        | norm                 | becomes                    |
+|------------------------------|----------------------|----------------------------|
+| plain, post_conv             | norm                 | folded into conv           |
+| plain, pre_conv              | norm                 | ChannelAffine              |
+| plain, post_act              | norm                 | ChannelAffine              |
+| residual, original           | norm1, norm2         | folded into conv1, conv2   |
+| residual, preact             | norm2                | folded into conv1          |
+| residual, preact             | norm1                | ChannelAffine              |
+
+A norm before a conv cannot fold into it exactly: the conv zero-pads, and a shifted input
+would pad with the shift instead. A norm after the activation has no conv right before it.
+Both become a `ChannelAffine`, which has no running statistics to update or misuse.
+
+Norms without running statistics (GroupNorm for group / layer / instance, BatchNorm with
+`track_running_stats=False`) normalize with statistics of the input itself, even in eval
+mode: they are data-dependent, cannot be folded, and are left as they are.
+
+The folded model exports (`torch.export.export`) with a dynamic batch axis; in torch 2.14 a
+named Dim with min=1 works, and the program then runs on any batch size up to max, 1 included:
+
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    torch.export.export(folded, (x,), dynamic_shapes={"x": {0: batch}})
+
+It also scripts (`torch.jit.script`), which torch 2.14 still runs but warns is deprecated.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from nas.models.batch_renorm import BatchRenorm
+from nas.models.blocks import ResidualBlock
+
+CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# Norms whose eval-mode output is (x - running_mean) / sqrt(running_var + eps) * weight + bias.
+RUNNING_STATS_NORMS = (nn.modules.batchnorm._NormBase, BatchRenorm)
+
+
+class ChannelAffine(nn.Module):
+    """y = x * scale + shift, per channel (axis 1), for (N, C), (N, C, L) and (N, C, H, W)."""
+
+    def __init__(self, scale: torch.Tensor, shift: torch.Tensor):
+        super().__init__()
+        self.register_buffer("scale", scale.detach().clone())
+        self.register_buffer("shift", shift.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        return x * self.scale.view(shape) + self.shift.view(shape)
+
+    def extra_repr(self) -> str:
+        return f"{self.scale.numel()}"
+
+
+def has_running_stats(module: nn.Module) -> bool:
+    """True for a norm that normalizes with stored statistics in eval mode."""
+    return isinstance(getattr(module, "running_mean", None), torch.Tensor)
+
+
+def count_norms_with_running_stats(model: nn.Module) -> int:
+    """How many modules in `model` still carry running statistics (0 after `fold_norms`)."""
+    return sum(has_running_stats(m) for m in model.modules())
+
+
+def norm_scale_shift(norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) of a running-statistics norm's eval-mode map, computed in float64."""
+    scale = (norm.running_var.double() + norm.eps).rsqrt()
+    shift = -norm.running_mean.double() * scale
+    if norm.weight is not None:
+        scale, shift = scale * norm.weight.double(), shift * norm.weight.double()
+    if norm.bias is not None:
+        shift = shift + norm.bias.double()
+    return scale, shift
+
+
+def _foldable(norm: nn.Module) -> bool:
+    return isinstance(norm, RUNNING_STATS_NORMS) and has_running_stats(norm)
+
+
+def _fold_into_conv(conv: nn.Module, norm: nn.Module) -> None:
+    """Make `conv` compute norm(conv(x)); it gains a bias if it had none."""
+    scale, shift = norm_scale_shift(norm)
+    weight = conv.weight.double() * scale.view(-1, *([1] * (conv.weight.dim() - 1)))
+    bias = shift if conv.bias is None else conv.bias.double() * scale + shift
+    dtype = conv.weight.dtype
+    conv.weight = nn.Parameter(weight.to(dtype))
+    conv.bias = nn.Parameter(bias.to(dtype))
+
+
+def _conv_norm_pairs(module: nn.Module) -> list[tuple[str, str]]:
+    """(conv, norm) attribute names in `module` where the conv's output goes only into the norm."""
+    if isinstance(module, ResidualBlock):
+        return [("conv1", "norm2")] if module.preact else [("conv1", "norm1"), ("conv2", "norm2")]
+    if isinstance(module, nn.Sequential):  # ConvBlock, and any plain chain of layers
+        names = list(module._modules)
+        return list(zip(names, names[1:]))
+    return []
+
+
+@torch.no_grad()
+def fold_norms(model: nn.Module) -> nn.Module:
+    """A copy of `model` in eval mode with every running-statistics norm folded into the conv
+    before it or turned into a ChannelAffine; `model` itself is not touched.
+
+    Norms without running statistics are data-dependent and stay (see the module docstring).
+    """
+    folded = copy.deepcopy(model)
+    for module in list(folded.modules()):
+        for conv_name, norm_name in _conv_norm_pairs(module):
+            conv, norm = getattr(module, conv_name, None), getattr(module, norm_name, None)  # None: dropped
+            if isinstance(conv, CONVS) and _foldable(norm):
+                _fold_into_conv(conv, norm)
+                if isinstance(module, nn.Sequential):
+                    delattr(module, norm_name)
+                else:
+                    setattr(module, norm_name, nn.Identity())
+    for name, module in list(folded.named_modules()):
+        if _foldable(module):
+            parent_name, _, child = name.rpartition(".")
+            scale, shift = norm_scale_shift(module)
+            dtype = module.running_mean.dtype
+            setattr(folded.get_submodule(parent_name), child, ChannelAffine(scale.to(dtype), shift.to(dtype)))
+    return folded.eval()  # after the swaps: new modules start in training mode

@@ -1,0 +1,66 @@
+"""Turn an ArchSpec into an nn.Module: `build(spec, input_shape, num_classes)`.
+
+The data's rank chooses the dimension once: a sample of shape (C, H, W) gets Conv2d /
+BatchNorm2d, a sample of shape (L,) or (C, L) gets Conv1d / BatchNorm1d. Blocks (plain or
+residual, norm in any position) come from `nas.models.blocks`.
+This module knows nothing about Optuna or training.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+from nas.models.blocks import BLOCKS
+
+POOL = {"maxpool": {1: nn.MaxPool1d, 2: nn.MaxPool2d}, "avgpool": {1: nn.AvgPool1d, 2: nn.AvgPool2d}}
+GLOBAL_POOL = {1: nn.AdaptiveAvgPool1d, 2: nn.AdaptiveAvgPool2d}
+
+
+class Net(nn.Module):
+    """Stages of conv blocks, global average pooling and a linear classifier."""
+
+    def __init__(self, features: nn.Sequential, head: nn.Linear, dims: int, add_channel: bool):
+        super().__init__()
+        self.add_channel = add_channel  # (N, L) signals get their channel axis here
+        self.features = features
+        self.pool = GLOBAL_POOL[dims](1)
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.add_channel:
+            x = x.unsqueeze(1)
+        return self.head(torch.flatten(self.pool(self.features(x)), 1))
+
+
+def build(spec: dict, input_shape: tuple[int, ...] | list[int], num_classes: int) -> Net:
+    """The model an ArchSpec describes, for samples of `input_shape` (no batch axis)."""
+    shape = tuple(input_shape)
+    if len(shape) not in (1, 2, 3):
+        raise ValueError(f"input shape {shape}: expected (L,), (C, L) or (C, H, W)")
+    add_channel = len(shape) == 1
+    if add_channel:
+        shape = (1, *shape)
+    dims = len(shape) - 1
+    channels, size = shape[0], min(shape[1:])
+    layers = []
+    for i, stage in enumerate(spec["stages"]):
+        method = stage.get("downsample", "none")
+        stride = 1
+        if method != "none" and size >= 2:  # never shrink a feature map below 1
+            size //= 2
+            if method == "stride":
+                stride = 2
+            else:
+                layers.append((f"stage{i + 1}_pool", POOL[method][dims](2)))
+        for j, block in enumerate(stage["blocks"]):
+            block_cls = BLOCKS[block.get("type", "plain")]
+            layers.append((f"stage{i + 1}_block{j + 1}", block_cls(block, channels, stage["width"], stride if j == 0 else 1, dims)))
+            channels = stage["width"]
+    return Net(nn.Sequential(OrderedDict(layers)), nn.Linear(channels, num_classes), dims, add_channel)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,106 @@
+"""The normalization and activation catalogues: one registry each, YAML names are the keys.
+
+`make_norm(spec, num_features, dims)` is the only way a model gets a norm layer, so adding
+a type is one entry in NORMS (its factory and the settings it takes) plus its test.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable
+
+from torch import nn
+
+from nas.models.batch_renorm import BatchRenorm
+from nas.validation import Param
+
+# Where the norm sits in a conv block: pre_conv = norm -> conv -> act, post_conv = conv -> norm
+# -> act (the usual), post_act = conv -> act -> norm.
+POSITIONS = ("pre_conv", "post_conv", "post_act")
+
+# Every setting any norm type takes, with its searchable bounds; a type lists the ones it uses.
+NORM_PARAMS = {
+    "momentum": Param(float, 0.1, {"above": 0.0, "max": 1.0}),
+    "eps": Param(float, 1e-5, {"above": 0.0}),
+    "affine": Param(bool, True),
+    "track_running_stats": Param(bool, True),
+    "r_max": Param(float, 3.0, {"min": 1.0}),
+    "d_max": Param(float, 5.0, {"min": 0.0}),
+    "warmup": Param(int, 100, {"min": 0}),
+    "groups": Param(int, 8, {"min": 1}),
+}
+
+
+@dataclass(frozen=True)
+class NormType:
+    """A norm: factory(num_features, dims, **settings) -> module, and the settings it takes."""
+
+    factory: Callable[..., nn.Module] | None
+    params: tuple[str, ...] = ()
+    centers_per_channel: bool = False  # subtracts a per-channel mean: a preceding conv bias is dead
+    aliases: tuple[str, ...] = ()  # what users type for it (BatchNorm2d, bn): suggested, never accepted
+
+    def absorbs_conv_bias(self, settings: dict) -> bool:
+        """True when this norm directly after a conv makes the conv's bias redundant.
+
+        Only a norm that subtracts a per-channel mean removes a per-channel constant: group and
+        layer norm subtract a mean over several channels, so GN(x + b) - GN(x) varies with the
+        sample (b moves the group's mean and variance), and their affine shift cannot undo it.
+        """
+        return self.factory is not None and self.centers_per_channel
+
+
+def _batch(num_features: int, dims: int, momentum: float, eps: float, affine: bool, track_running_stats: bool) -> nn.Module:
+    cls = nn.BatchNorm2d if dims == 2 else nn.BatchNorm1d
+    return cls(num_features, eps=eps, momentum=momentum, affine=affine, track_running_stats=track_running_stats)
+
+
+def _group(num_features: int, dims: int, groups: int, eps: float, affine: bool) -> nn.Module:
+    """GroupNorm with the largest group count that divides both the asked count and the channels."""
+    return nn.GroupNorm(math.gcd(groups, num_features), num_features, eps=eps, affine=affine)
+
+
+def _instance(num_features: int, dims: int, eps: float, affine: bool) -> nn.Module:
+    return _group(num_features, dims, num_features, eps, affine)
+
+
+# Aliases are compared ignoring case, separators and a 1d/2d/3d suffix (nas.validation.spelling),
+# so "batchnorm" also covers BatchNorm2d, batch_norm and Batch-Norm.
+NORMS: dict[str, NormType] = {
+    "batch": NormType(_batch, ("momentum", "eps", "affine", "track_running_stats"), centers_per_channel=True,
+                      aliases=("batchnorm", "bn")),
+    "batch_renorm": NormType(BatchRenorm, ("momentum", "eps", "affine", "r_max", "d_max", "warmup"), centers_per_channel=True,
+                             aliases=("renorm", "brn")),
+    "group": NormType(_group, ("groups", "eps", "affine"), aliases=("groupnorm", "gn")),
+    "layer": NormType(partial(_group, groups=1), ("eps", "affine"), aliases=("layernorm", "ln")),
+    # Instance norm is GroupNorm with a group per channel: no running statistics, and a 1-pixel
+    # map gives zeros instead of an error.
+    "instance": NormType(_instance, ("eps", "affine"), centers_per_channel=True, aliases=("instancenorm", "in")),
+    "none": NormType(None, aliases=("identity", "nonorm")),
+}
+# Every spelling of a norm that did-you-mean maps to its registry key, the keys themselves included.
+NORM_ALIASES = {alias: name for name, norm in NORMS.items() for alias in (name, *norm.aliases)}
+
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "relu": nn.ReLU,
+    "gelu": nn.GELU,
+    "silu": nn.SiLU,
+    "leaky_relu": nn.LeakyReLU,
+    "elu": nn.ELU,
+}
+
+
+def conv_bias_needed(norm_spec: dict) -> bool:
+    """A conv keeps its bias unless a norm that makes it redundant directly follows."""
+    norm = NORMS[norm_spec["type"]]
+    return not norm.absorbs_conv_bias(norm_spec)
+
+
+def make_norm(spec: dict, num_features: int, dims: int) -> nn.Module | None:
+    """The norm layer an ArchSpec's `norm` entry asks for, or None for `none`."""
+    norm = NORMS[spec["type"]]
+    if norm.factory is None:
+        return None
+    return norm.factory(num_features, dims, **{key: spec[key] for key in norm.params})

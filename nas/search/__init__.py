@@ -1,0 +1,15 @@
+"""What is searched: the search space, the ArchSpec it samples, the run config, samplers and pruners.
+
+space     the search-space tree and `Space.sample(trial) -> ArchSpec`
+archspec  reading an ArchSpec: norm, position, layout
+config    the run config: load, validate, override (`RunConfig`)
+pruning   pruners by name and what a pruning step is
+"""
+
+from nas._lazy import public
+
+__getattr__, __dir__, __all__ = public(__name__, {
+    'space': ['Space', 'load_space', 'default_spec'],
+    'archspec': ['describe_norms', 'norm_group'],
+    'config': ['RunConfig', 'DatasetConfig', 'load_run_config', 'SAMPLER_NAMES', 'PRUNER_NAMES'],
+})

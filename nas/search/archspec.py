@@ -1,0 +1,137 @@
+"""Reading an ArchSpec (the plain-JSON candidate `nas.search.space` samples and `nas.models.build` builds).
+
+The one place that knows the spec's layout for readers: where each block normalizes, one-line
+descriptions for tables, and the catalogue order rows are sorted in. `nas-search`'s table,
+`nas-report` and the dashboard all read specs through it. No torch here, so reading is cheap.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+# Catalogue order for rows and columns; names not listed (a newer catalogue) sort after them.
+NORM_ORDER = ("batch", "batch_renorm", "group", "layer", "instance", "none")
+POSITION_ORDER = ("pre_conv", "post_conv", "post_act", "residual:original", "residual:preact")
+NO_POSITION = "n/a"  # a plain block without a norm has no position
+MIXED = "mixed"
+UNKNOWN = "?"
+
+# Short names for the norm settings in the layout column (legend printed under the table).
+SETTING_ABBREV = {
+    "momentum": "m",
+    "eps": "eps",
+    "affine": "aff",
+    "track_running_stats": "trs",
+    "r_max": "rmax",
+    "d_max": "dmax",
+    "warmup": "wu",
+    "groups": "g",
+}
+
+
+def order_key(order: tuple[str, ...]) -> Callable[[str], tuple]:
+    """Sort key: names in `order` first, in that order; `mixed` and unknown names after them."""
+    return lambda name: (order.index(name) if name in order else len(order), name == MIXED, name)
+
+
+def blocks(spec: dict) -> list[dict]:
+    """Every block of every stage, in order."""
+    return [block for stage in spec.get("stages", []) for block in stage.get("blocks", [])]
+
+
+def norm_position(block: dict) -> str:
+    """Where a block's norms sit: the plain position, or `residual:original` / `residual:preact`."""
+    if block.get("type") == "residual":
+        return f"residual:{block['residual']['order']}"
+    return block["norm"].get("position", "post_conv")
+
+
+def block_position(block: dict) -> str:
+    """Like `norm_position`, but `n/a` for a plain block without a norm."""
+    if block.get("type") != "residual" and block.get("norm", {}).get("type") == "none":
+        return NO_POSITION
+    return norm_position(block)
+
+
+def norm_group(spec: dict) -> tuple[str, str]:
+    """The (norm type, position) all blocks share; `mixed` on the axis where they differ."""
+    all_blocks = blocks(spec)
+    if not all_blocks:
+        return UNKNOWN, UNKNOWN
+    types = {block.get("norm", {}).get("type", UNKNOWN) for block in all_blocks}
+    positions = {block_position(block) for block in all_blocks}
+    one = lambda values: next(iter(values)) if len(values) == 1 else MIXED  # noqa: E731
+    return one(types), one(positions)
+
+
+def describe_norms(spec: dict) -> str:
+    """One line for an ArchSpec's normalization layout: `batch @ post_conv`, or per stage when mixed."""
+
+    def one(block: dict) -> str:
+        norm = block["norm"]
+        return "none" if norm["type"] == "none" else f"{norm['type']} @ {norm_position(block)}"
+
+    stages = [[one(block) for block in stage["blocks"]] for stage in spec.get("stages", [])]
+    kinds = {k for stage in stages for k in stage}
+    if len(kinds) <= 1:
+        return next(iter(kinds), UNKNOWN)
+    return "  ".join(f"s{i + 1}: {' | '.join(stage)}" for i, stage in enumerate(stages))
+
+
+def _fmt_setting(value) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
+
+
+def describe_block_norm(block: dict) -> str:
+    """`batch@post_conv(m=0.1,eps=1e-05,aff=1,trs=1)`: type, position and the norm's own settings."""
+    norm = block.get("norm", {})
+    kind, where = norm.get("type", UNKNOWN), block_position(block)
+    head = kind if where == NO_POSITION else f"{kind}@{where}"
+    settings = ",".join(f"{SETTING_ABBREV.get(k, k)}={_fmt_setting(v)}" for k, v in norm.items() if k not in ("type", "position"))
+    return f"{head}({settings})" if settings else head
+
+
+def describe_layout(spec: dict) -> str:
+    """Every block's norm, runs of identical consecutive blocks merged: `s1b1..s2b1 batch@post_conv(...)`."""
+    labelled = [
+        (f"s{i + 1}b{j + 1}", describe_block_norm(block))
+        for i, stage in enumerate(spec.get("stages", []))
+        for j, block in enumerate(stage.get("blocks", []))
+    ]
+    runs: list[list] = []
+    for label, text in labelled:
+        if runs and runs[-1][2] == text:
+            runs[-1][1] = label
+        else:
+            runs.append([label, label, text])
+    return "; ".join(f"{a} {text}" if a == b else f"{a}..{b} {text}" for a, b, text in runs) or UNKNOWN
+
+
+def distinct(values: Iterable[str]) -> str:
+    """The distinct values in order of appearance, joined by `/`."""
+    return "/".join(dict.fromkeys(values)) or UNKNOWN
+
+
+def describe_activations(spec: dict) -> str:
+    return distinct(block.get("activation", UNKNOWN) for block in blocks(spec))
+
+
+def describe_block_types(spec: dict) -> str:
+    def one(block: dict) -> str:
+        if block.get("type") != "residual":
+            return block.get("type", "plain")
+        settings = ",".join(f"{k}={_fmt_setting(v)}" for k, v in block.get("residual", {}).items())
+        return f"residual({settings})"
+
+    return distinct(one(block) for block in blocks(spec))
+
+
+def describe_training(spec: dict) -> str:
+    training = spec.get("training", {})
+    lr = training.get("lr")
+    parts = [training.get("optimizer", UNKNOWN), f"lr={_fmt_setting(lr) if lr is not None else UNKNOWN}", f"bs={training.get('batch_size', UNKNOWN)}"]
+    return " ".join(parts)

@@ -1,0 +1,233 @@
+"""The search space: validate the YAML tree and sample it, define-by-run, into an ArchSpec.
+
+Every leaf is a constant or a distribution (`{choice: [...]}`, `{int: [lo, hi]}`,
+`{float: [lo, hi]}`, with optional `log` and `step`). A missing leaf takes its default
+from SCHEMA. Sampling walks the tree and asks the trial only for what is active (no
+momentum when the norm is `none`), naming each Optuna parameter by its dotted key path.
+
+The ArchSpec is plain JSON data; `nas.models.build.build(spec, ...)` alone makes the model:
+
+    {"stages": [{"width": 32, "downsample": "none",
+                 "blocks": [{"kernel": 3, "activation": "relu", "dropout": 0.0,
+                             "norm": {"type": "batch", "position": "post_conv",
+                                      "momentum": 0.1, "eps": 1e-05, "affine": true}}]}],
+     "training": {"optimizer": "sgd", "lr": 0.05, ...}}
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from nas.validation import Param, check_bounds, check_scalar, did_you_mean, read_yaml, type_name, unknown_key
+from nas.errors import ConfigError
+from nas.models.norms import ACTIVATIONS, NORM_ALIASES, NORM_PARAMS, NORMS, POSITIONS
+
+SHARE_MODES = ("global", "per_stage", "per_block")
+DOWNSAMPLE = ("maxpool", "avgpool", "stride")
+OPTIMIZERS = ("sgd", "adamw")
+BLOCK_TYPES = ("plain", "residual")
+RESIDUAL_ORDERS = ("original", "preact")  # post-activation (He 2015) or identity-mapping (He 2016)
+
+
+SCHEMA: dict = {
+    "stages": Param(int, 2, {"min": 1, "max": 8}),
+    "blocks_per_stage": Param(int, 1, {"min": 1, "max": 16}),
+    "width": Param(int, 32, {"min": 1, "max": 1024}),
+    "downsample": Param(str, "maxpool", {"choices": DOWNSAMPLE, "what": "downsampling"}),
+    "block": {
+        "type": Param(str, "plain", {"choices": BLOCK_TYPES, "what": "block type"}),
+        "residual": {  # only sampled for residual blocks
+            "order": Param(str, "original", {"choices": RESIDUAL_ORDERS, "what": "residual ordering"}),
+            "zero_init": Param(bool, False),
+        },
+        "kernel": Param(int, 3, {"min": 1, "max": 15, "odd": True}),
+        "activation": Param(str, "relu", {"choices": tuple(ACTIVATIONS), "what": "activation"}),
+        "dropout": Param(float, 0.0, {"min": 0.0, "below": 1.0}),
+        "norm": {
+            "type": Param(str, "batch", {"choices": tuple(NORMS), "what": "norm", "aliases": NORM_ALIASES}),
+            "position": Param(str, "post_conv", {"choices": POSITIONS, "what": "norm position"}),
+            "share": Param(str, "global", {"choices": SHARE_MODES, "what": "share mode"}, searchable=False),
+            **NORM_PARAMS,
+        },
+    },
+    "training": {
+        "optimizer": Param(str, "sgd", {"choices": OPTIMIZERS, "what": "optimizer"}),
+        "lr": Param(float, 0.05, {"above": 0.0}),
+        "weight_decay": Param(float, 5e-4, {"min": 0.0}),
+        "l1": Param(float, 0.0, {"min": 0.0}),  # L1 penalty on conv weights
+        "label_smoothing": Param(float, 0.0, {"min": 0.0, "below": 1.0}),
+        "batch_size": Param(int, 64, {"min": 2}),
+    },
+}
+
+DISTRIBUTION_KEYS = ("choice", "int", "float", "log", "step")
+
+
+def load_space(path: str | Path) -> dict:
+    """Read and validate a search-space YAML file."""
+    return validate_space(read_yaml(path), str(path))
+
+
+def validate_space(space: dict, file: str) -> dict:
+    """Check every key and leaf against SCHEMA; returns the space unchanged when valid."""
+    _validate_node(space, SCHEMA, file, "")
+    return space
+
+
+def _validate_node(node: Any, schema: dict, file: str, path: str) -> None:
+    if not isinstance(node, dict):
+        raise ConfigError(file, path, f"expected a mapping, got {type_name(node)}")
+    for key, value in node.items():
+        key_path = f"{path}.{key}" if path else str(key)
+        if key not in schema:
+            raise unknown_key(file, path, key, schema)
+        if isinstance(schema[key], dict):
+            _validate_node(value, schema[key], file, key_path)
+        else:
+            _validate_leaf(value, schema[key], file, key_path)
+
+
+def _validate_leaf(leaf: Any, param: Param, file: str, path: str) -> None:
+    if not isinstance(leaf, dict):
+        _check_value(leaf, param, file, path)
+        return
+    if not param.searchable:
+        raise ConfigError(file, path, f"is a setting, not searchable: give one value, not {leaf}")
+    for key in leaf:
+        if key not in DISTRIBUTION_KEYS:
+            raise ConfigError(file, f"{path}.{key}", f"unknown distribution key (known: {', '.join(DISTRIBUTION_KEYS)}){did_you_mean(key, DISTRIBUTION_KEYS)}")
+    kinds = [k for k in ("choice", "int", "float") if k in leaf]
+    if len(kinds) != 1:
+        raise ConfigError(file, path, "a distribution needs exactly one of choice, int, float")
+    kind = kinds[0]
+    if kind == "choice":
+        _validate_choice(leaf, param, file, path)
+        return
+    if param.kind is not (int if kind == "int" else float):
+        raise ConfigError(file, f"{path}.{kind}", f"expected {'choice' if param.kind in (str, bool) else param.kind.__name__} for this key, not a {kind} range")
+    bounds = leaf[kind]
+    if not isinstance(bounds, list) or len(bounds) != 2:
+        raise ConfigError(file, f"{path}.{kind}", f"expected [low, high], got {bounds!r}")
+    low, high = (check_scalar(v, param.kind, file, f"{path}.{kind}[{i}]") for i, v in enumerate(bounds))
+    if low > high:
+        raise ConfigError(file, f"{path}.{kind}", f"low {low} > high {high}")
+    for i, v in enumerate((low, high)):
+        check_bounds(v, param.bounds, file, f"{path}.{kind}[{i}]")
+    if param.bounds.get("odd") and leaf.get("step", 1) % 2:
+        raise ConfigError(file, f"{path}.step", "values must be odd: use an even step (e.g. step: 2)")
+    log = leaf.get("log", False)
+    check_scalar(log, bool, file, f"{path}.log")
+    if log and low <= 0:
+        raise ConfigError(file, f"{path}.log", f"log scale needs low > 0, got {low}")
+    if "step" in leaf:
+        step = check_scalar(leaf["step"], param.kind, file, f"{path}.step")
+        if step <= 0:
+            raise ConfigError(file, f"{path}.step", f"must be > 0, got {step}")
+        if log and not (param.kind is int and step == 1):
+            raise ConfigError(file, f"{path}.step", "step cannot be combined with log")
+
+
+def _validate_choice(leaf: dict, param: Param, file: str, path: str) -> None:
+    extra = [k for k in leaf if k != "choice"]
+    if extra:
+        raise ConfigError(file, f"{path}.{extra[0]}", "only int and float ranges take log or step")
+    choices = leaf["choice"]
+    if not isinstance(choices, list):
+        raise ConfigError(file, f"{path}.choice", f"expected a list, got {type_name(choices)}")
+    if not choices:
+        raise ConfigError(file, f"{path}.choice", "empty: give at least one value")
+    for i, value in enumerate(choices):
+        _check_value(value, param, file, f"{path}.choice[{i}]")
+    if len(set(map(repr, choices))) != len(choices):
+        raise ConfigError(file, f"{path}.choice", "values repeat")
+
+
+def _check_value(value: Any, param: Param, file: str, path: str) -> None:
+    check_bounds(check_scalar(value, param.kind, file, path), param.bounds, file, path)
+
+
+class Space:
+    """A validated search space that samples ArchSpecs from an Optuna trial (or FixedTrial)."""
+
+    def __init__(self, space: dict):
+        self.space = space
+
+    def leaf(self, key_path: str) -> Any:
+        """The space's value at `key_path`, or the schema's default where the space is silent."""
+        node, schema, given = self.space, SCHEMA, True
+        for part in key_path.split("."):
+            schema = schema[part]
+            given = given and isinstance(node, dict) and part in node
+            node = node[part] if given else None
+        return node if given else schema.default
+
+    def suggest(self, trial, name: str, key_path: str) -> Any:
+        """Ask the trial for parameter `name`, distributed as the leaf at `key_path`."""
+        leaf = self.leaf(key_path)
+        if not isinstance(leaf, dict):
+            return leaf
+        if "choice" in leaf:
+            return trial.suggest_categorical(name, leaf["choice"])
+        kind = "int" if "int" in leaf else "float"
+        low, high = leaf[kind]
+        log = leaf.get("log", False)
+        if kind == "int":
+            return trial.suggest_int(name, low, high, step=leaf.get("step", 1), log=log)
+        return trial.suggest_float(name, float(low), float(high), step=leaf.get("step"), log=log)
+
+    def sample(self, trial) -> dict:
+        """Walk the tree, define-by-run, into an ArchSpec."""
+        s = lambda key: self.suggest(trial, key, key)  # noqa: E731 - the name is the key path
+        n_stages, n_blocks, width = s("stages"), s("blocks_per_stage"), s("width")
+        downsample = s("downsample")
+        block_type = s("block.type")
+        template = {"type": block_type, "kernel": s("block.kernel"), "activation": s("block.activation"), "dropout": s("block.dropout")}
+        if block_type == "residual":
+            template["residual"] = {"order": s("block.residual.order"), "zero_init": s("block.residual.zero_init")}
+        share = self.leaf("block.norm.share")
+        sample_norm = lambda prefix: self._sample_norm(trial, prefix, block_type)  # noqa: E731
+        norm = sample_norm("block.norm") if share == "global" else None
+        stages = []
+        for i in range(n_stages):
+            if share == "per_stage":
+                norm = sample_norm(f"stage{i + 1}.block.norm")
+            blocks = []
+            for j in range(n_blocks):
+                if share == "per_block":
+                    norm = sample_norm(f"stage{i + 1}.block{j + 1}.norm")
+                blocks.append({**template, "norm": dict(norm)})
+            stages.append({"width": width * 2**i, "downsample": "none" if i == 0 else downsample, "blocks": blocks})
+        training = {key: s(f"training.{key}") for key in SCHEMA["training"]}
+        return {"stages": stages, "training": training}
+
+    def _sample_norm(self, trial, prefix: str, block_type: str) -> dict:
+        """One normalization decision; only the chosen type's own settings are sampled.
+
+        Residual blocks place their norms by `block.residual.order`, so they take no position.
+        """
+        norm_type = self.suggest(trial, f"{prefix}.type", "block.norm.type")
+        norm = {"type": norm_type}
+        if norm_type != "none" and block_type == "plain":
+            norm["position"] = self.suggest(trial, f"{prefix}.position", "block.norm.position")
+        for key in NORMS[norm_type].params:
+            norm[key] = self.suggest(trial, f"{prefix}.{key}", f"block.norm.{key}")
+        return norm
+
+
+class FirstChoiceTrial:
+    """A stand-in trial that takes every choice's first value and every range's low end."""
+
+    def suggest_categorical(self, name, choices):
+        return choices[0]
+
+    def suggest_int(self, name, low, high, step=1, log=False):
+        return low
+
+    def suggest_float(self, name, low, high, step=None, log=False):
+        return low
+
+
+def default_spec(space: dict | None = None) -> dict:
+    """The ArchSpec of a space's defaults and first choices: a candidate without a study."""
+    return Space(space or {}).sample(FirstChoiceTrial())

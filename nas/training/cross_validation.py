@@ -1,0 +1,114 @@
+"""k-fold cross-validation of one ArchSpec: a fresh model per fold, scored by mean validation loss."""
+
+from __future__ import annotations
+
+import statistics
+from typing import Callable
+
+import numpy as np
+import torch
+
+from nas.models.build import build, count_parameters
+from nas.search.config import EvaluationConfig
+from nas.data.datasets import Dataset
+from nas.errors import TrialError
+from nas.data.samples import rows
+from nas.training.diagnostics import recalibrate, train_mode_loss
+from nas.training.folds_together import NotBatchable, train_together
+from nas.training.train import evaluate, fit, prepare_model, scoring_batch_size
+
+
+def fold_seed(study_seed: int, trial_number: int, fold: int) -> int:
+    """A seed derived from (study seed, trial number, fold), independent across the three."""
+    return int(np.random.SeedSequence([study_seed, trial_number, fold]).generate_state(1)[0])
+
+
+def cross_validate(
+    spec: dict,
+    data: Dataset,
+    folds: list[tuple[torch.Tensor, torch.Tensor]],
+    epochs: int,
+    device: torch.device,
+    study_seed: int = 0,
+    trial_number: int = 0,
+    on_epoch: Callable[..., None] | None = None,
+    on_fold: Callable[[int, float], None] | None = None,
+    recalibrate_bn: bool = False,
+    fold_mode: str = EvaluationConfig.fold_mode,
+) -> dict:
+    """Train and validate `spec` on every fold; returns the Score as plain data.
+
+    `on_epoch(fold, epoch, val_loss, val_acc)` and `on_fold(fold, val_loss)` let the caller
+    report to a pruner (and stop by raising). With `fold_mode` `together` the folds train as one
+    batched computation (nas.training.folds_together) and `on_epoch` gets fold None, the mean over the
+    folds, and a fifth argument: each fold's validation loss; a spec that cannot train batched trains one fold after another, and the Score says
+    why in `fold_mode_fallback`. Each fold also records the BN diagnostics: the
+    validation loss with batch statistics, and with `recalibrate_bn` the loss after the running
+    statistics are re-estimated on the training fold (which then is the fold's score).
+    """
+    hp = spec["training"]
+    seeds = [fold_seed(study_seed, trial_number, k) for k in range(len(folds))]
+    together, fallback = None, None
+    if fold_mode == "together":
+        models = [_model(spec, data, device, seed) for seed in seeds]
+        per_epoch = None if on_epoch is None else (
+            lambda e, losses, accs: on_epoch(None, e, statistics.fmean(losses), statistics.fmean(accs), losses))
+        try:
+            together = list(zip(models, train_together(models, data, folds, hp, epochs, device, seeds, per_epoch)))
+        except NotBatchable as exc:
+            fallback = str(exc)
+        del models
+    losses, accuracies, seconds, params = [], [], 0.0, 0
+    eval_mode, train_mode = [], []
+    for k, (train_idx, val_idx) in enumerate(folds):
+        if together is not None:
+            model, result = together[k]
+        else:
+            model = _model(spec, data, device, seeds[k])
+            per_epoch = None if on_epoch is None else (lambda e, loss, acc, k=k: on_epoch(k, e, loss, acc))
+            try:
+                result = fit(model, data, train_idx, val_idx, hp, epochs, device, seeds[k], per_epoch)
+            except torch.cuda.OutOfMemoryError as exc:
+                params = count_parameters(model)
+                del model  # release this candidate's memory before the next trial
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                raise TrialError(f"CUDA out of memory (batch size {hp['batch_size']}, {params:,} parameters): {str(exc).splitlines()[0]}") from None
+        params = count_parameters(model)
+        loss, accuracy = result.val_loss, result.val_accuracy
+        x_val, y_val = rows(data.x_train, val_idx), data.y_train[val_idx]
+        eval_mode.append(loss)
+        batch_stats_loss = train_mode_loss(model, x_val, y_val, hp["batch_size"], device)
+        train_mode.append(loss if batch_stats_loss is None else batch_stats_loss)
+        if recalibrate_bn:
+            recalibrate(model, rows(data.x_train, train_idx), hp["batch_size"], device)
+            loss, accuracy = evaluate(model, x_val, y_val, device, scoring_batch_size(model, hp))
+        losses.append(loss)
+        accuracies.append(accuracy)
+        seconds += result.seconds
+        if on_fold is not None:
+            on_fold(k, loss)  # the fold's score: the recalibrated loss when re-estimating
+    return {
+        "cv_loss": statistics.fmean(losses),
+        "cv_loss_std": statistics.pstdev(losses),
+        "fold_losses": losses,
+        "fold_accuracies": accuracies,
+        "cv_accuracy": statistics.fmean(accuracies),
+        "params": params,
+        "train_seconds": seconds,
+        "eval_mode_loss": statistics.fmean(eval_mode),
+        "train_mode_loss": statistics.fmean(train_mode),
+        **({"recalibrated_loss": statistics.fmean(losses)} if recalibrate_bn else {}),
+        "fold_mode": "together" if together is not None else "sequential",
+        **({"fold_mode_fallback": fallback} if fallback is not None else {}),
+    }
+
+
+def _model(spec: dict, data: Dataset, device: torch.device, seed: int) -> torch.nn.Module:
+    """The fold's fresh model, its initialization seeded by the fold's seed."""
+    torch.manual_seed(seed)
+    try:
+        model = build(spec, data.input_shape, data.num_classes)
+    except (ValueError, RuntimeError, KeyError) as exc:
+        raise TrialError(f"cannot build the model for input {data.input_shape}: {exc}") from exc
+    return prepare_model(model, device)
