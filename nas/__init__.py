@@ -27,7 +27,8 @@ __getattr__, __dir__, __all__ = public(__name__, {
     "data.datasets": ["load_dataset"],
     "training.cross_validation": ["cross_validate"],
     "study.run": ["run_search"],
-    "study.storage": ["load_existing_study", "request_stop"],
+    "study.storage": ["load_existing_study"],
+    "study.schema": ["request_stop"],
     "deploy.export": ["export_trial", "load_exported"],
 })
 __all__ = ["__version__", *__all__]

@@ -18,7 +18,9 @@ import time
 import nas
 from pathlib import Path
 
-from nas.search.config import FOLD_MODES, OBJECTIVES, PRUNER_NAMES, SAMPLER_NAMES  # named in nas-search --help
+from nas.search.config import FOLD_MODES, OBJECTIVES
+from nas.search.pruners import PRUNER_NAMES
+from nas.search.samplers import SAMPLER_NAMES
 from nas.search.config import SHORTCUTS, Override, load_run_config, parse_override
 from nas.errors import NasError, Terminated, VerificationError
 from nas.validation import did_you_mean
@@ -164,7 +166,8 @@ def search_main(argv: list[str] | None = None) -> int:
 
 
 def _search(args: argparse.Namespace, argv: list[str] | None) -> None:
-    from nas.study.run import run_search, stored_config
+    from nas.study.run import run_search
+    from nas.study.opening import stored_config
 
     launched = time.time() if args.launched_at is None else args.launched_at  # a stop request from now on is for this run
     overrides = _overrides(args, SHORTCUTS)
@@ -179,7 +182,7 @@ def _search(args: argparse.Namespace, argv: list[str] | None) -> None:
               f"study '{cfg.study.name}' in {cfg.study.storage})", flush=True)
     if args.ray is not None:
         from nas.cluster.ray_workers import run_on_ray
-        from nas.study.run import summary_table
+        from nas.study.tables import summary_table
         from nas.study.storage import load_existing_study
 
         argv = sys.argv[1:] if argv is None else argv
@@ -264,7 +267,8 @@ def export_main(argv: list[str] | None = None) -> int:
     def export() -> None:
         from nas.deploy.export import export_trial
 
-        export_trial(args.storage, args.study, args.out, args.trial, args.epochs, args.device, force=args.force)
+        export_trial(args.storage, args.study, args.out, trial_number=args.trial, epochs=args.epochs, device=args.device,
+                     force=args.force)
 
     return _run(export)
 
@@ -365,7 +369,8 @@ def finetune_main(argv: list[str] | None = None) -> int:
         from nas.deploy.finetune import finetune
 
         cfg = load_run_config(args.config, [parse_override(text) for text in args.overrides])
-        finetune(args.model, cfg, args.bn_mode, per_class, args.epochs, args.seed, args.out, args.lr, args.device, force=args.force)
+        finetune(args.model, cfg, mode=args.bn_mode, out=args.out, labels_per_class=per_class, epochs=args.epochs,
+                 seed=args.seed, lr=args.lr, device=args.device, force=args.force)
 
     return _run(finetune)
 

@@ -1,6 +1,12 @@
 """The exceptions bnnas raises on purpose; `cli.py` maps them to exit codes in one place."""
 
 
+def one_line(text: BaseException | str) -> str:
+    """The first non-blank line of a message (an exception's, or any text): what a one-line error shows."""
+    first = next((line.strip() for line in str(text).splitlines() if line.strip()), "")
+    return first or (type(text).__name__ if isinstance(text, BaseException) else "")
+
+
 class NasError(Exception):
     """A problem the user can fix (bad input, missing data, unknown study): exit code 2."""
 

@@ -61,7 +61,7 @@ def candidate(args) -> dict:
 def run(spec: dict, data: Dataset, folds, epochs: int, device: torch.device, mode: str, every_epoch: bool = False) -> tuple[float, float, dict]:
     """(wall seconds, this process's CPU seconds, score) of one k-fold evaluation."""
     start, cpu = time.perf_counter(), time.process_time()
-    on_epoch = (lambda *report: None) if every_epoch else None  # as nas-search with a progress bar or the median pruner
+    on_epoch = (lambda report: None) if every_epoch else None  # as nas-search with a progress bar or the median pruner
     score = cross_validate(spec, data, folds, epochs, device, on_epoch=on_epoch, fold_mode=mode)
     if device.type == "cuda":
         torch.cuda.synchronize()

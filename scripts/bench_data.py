@@ -96,7 +96,7 @@ def epoch_ours(data: Dataset, device: torch.device, seed: int = 0) -> float:
     model = prepare_model(build(SPEC, data.input_shape, data.num_classes), device)
     _sync(device)
     start = time.perf_counter()
-    fit(model, data, torch.arange(len(data.y_train), device=data.y_train.device), None, SPEC["training"], 1, device, seed)
+    fit(model, data, torch.arange(len(data.y_train), device=data.y_train.device), None, SPEC["training"], 1, device, seed=seed)
     _sync(device)
     return time.perf_counter() - start
 

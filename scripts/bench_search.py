@@ -94,12 +94,12 @@ def run_baseline(config: Path, seed: int) -> dict:
     data = load_dataset(cfg.dataset, device)
     folds = stratified_folds(data.y_train, cfg.evaluation.folds, seed)
     start = time.perf_counter()
-    score = cross_validate(BASELINE, data, folds, cfg.evaluation.epochs, device, seed, 0, fold_mode=cfg.evaluation.fold_mode)
+    score = cross_validate(BASELINE, data, folds, cfg.evaluation.epochs, device, study_seed=seed, fold_mode=cfg.evaluation.fold_mode)
     cv_seconds = time.perf_counter() - start
     train_seed = fold_seed(seed, 0, cfg.evaluation.folds)
     torch.manual_seed(train_seed)
     model = prepare_model(build(BASELINE, data.input_shape, data.num_classes), device)
-    fit(model, data, torch.arange(len(data.y_train), device=device), None, BASELINE["training"], cfg.evaluation.epochs, device, train_seed)
+    fit(model, data, torch.arange(len(data.y_train), device=device), None, BASELINE["training"], cfg.evaluation.epochs, device, seed=train_seed)
     _, test_accuracy = evaluate(model, data.x_test, data.y_test, device, scoring_batch_size(model, BASELINE["training"]))
     return {"seed": seed, "cv_loss": score["cv_loss"], "cv_accuracy": score["cv_accuracy"], "test_accuracy": test_accuracy, "cv_seconds": cv_seconds}
 

@@ -85,7 +85,7 @@ def run_ours(data: Dataset, device: torch.device, epochs: int, seed: int) -> flo
     model = fresh_model(data, device, seed)
     train_idx = torch.arange(len(data.y_train), device=device)
     start = time.perf_counter()
-    fit(model, data, train_idx, train_idx[:VAL], SPEC["training"], epochs, device, seed)
+    fit(model, data, train_idx, train_idx[:VAL], SPEC["training"], epochs, device, seed=seed)
     _sync(device)
     return time.perf_counter() - start
 

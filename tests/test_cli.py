@@ -11,7 +11,7 @@ import yaml
 
 from conftest import write_digits_run
 from nas.cli import search_main
-from nas.study.storage import read_run_config
+from nas.study.schema import read_run_config
 
 TINY_SPACE = {
     "stages": 1,

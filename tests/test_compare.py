@@ -16,11 +16,12 @@ from scipy import stats
 
 from conftest import write_digits_run
 from nas.cli import compare_main, search_main
-from nas.compare.run import REEVAL_ATTR, key_factor, make_cells, parse_factors, reeval_seeds, used_keys, variant_factor
+from nas.study.schema import COMPARE_REEVAL_ATTR
+from nas.compare.run import key_factor, make_cells, parse_factors, reeval_seeds, used_keys, variant_factor
 from nas.compare.stats import interval, rank_cells
 from nas.search.config import load_run_config
 from nas.errors import ConfigError
-from nas.study.storage import counts_toward_budget
+from nas.study.schema import counts_toward_budget
 
 SPACE = {"stages": 1, "width": 8,
          "block": {"norm": {"type": {"choice": ["batch", "group", "none"]}, "position": {"choice": ["pre_conv", "post_conv"]},
@@ -210,7 +211,7 @@ def test_an_interrupted_comparison_resumes_where_it_stopped(run_dir):
     assert proc.returncode == 130 and "rerun the same command to resume" in err
     first = cell_trials(run_dir, "c[batch]")
     study = optuna.load_study(study_name="c[batch]", storage=f"sqlite:///{run_dir}/nas.db")
-    stored = study._storage.get_study_system_attrs(study._study_id)[REEVAL_ATTR]
+    stored = study._storage.get_study_system_attrs(study._study_id)[COMPARE_REEVAL_ATTR]
     assert len(stored["seeds"]) == 2  # the first cell was done, re-evaluations included
     proc = subprocess.run(command, cwd=run_dir, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr

@@ -13,7 +13,7 @@ from optuna.trial import TrialState
 
 from conftest import write_digits_run
 from nas.cli import compare_main
-from nas.study.storage import is_duplicate
+from nas.study.schema import is_duplicate
 
 # batch: 2 candidates (lr); group: 4 (lr x groups): a budget of 3 runs the batch cell's space out
 FINITE = {"stages": 1, "width": 8,

@@ -19,7 +19,7 @@ from nas.search.config import DatasetConfig
 from nas.dashboard.state import detail
 from nas.data.datasets import load_dataset
 from nas.study.report import write_report
-from nas.study.storage import HISTORY_ATTR, RUN_CONFIG_ATTR, config_of_trial, read_config_history, read_run_config
+from nas.study.schema import HISTORY_ATTR, RUN_CONFIG_ATTR, config_of_trial, read_config_history, read_run_config
 
 SPACE = {"stages": 1, "width": 8, "block": {"norm": {"type": {"choice": ["batch", "none"]}}}, "training": {"lr": {"float": [0.01, 0.1], "log": True}}}
 
@@ -211,7 +211,7 @@ def test_a_study_fingerprinted_in_version_1_continues_on_the_same_data_and_refus
                                                                                               capsys):
     import shutil
 
-    from nas.study.storage import DATA_ATTR
+    from nas.study.schema import DATA_ATTR
     from tests.test_data import write_cifar
 
     cifar = dict(name="cifar10", monkeypatch=monkeypatch, n_train_per_file=4, n_test=6, n_classes=2)

@@ -17,7 +17,7 @@ from optuna.trial import TrialState
 
 from dashboard_support import Dashboard, make_study, trials, wait_for
 from nas.search.archspec import describe_norms
-from nas.study.storage import FINISHED, RUN_CONFIG_ATTR
+from nas.study.schema import FINISHED, RUN_CONFIG_ATTR
 
 
 @pytest.fixture(scope="module")

@@ -100,17 +100,17 @@ def test_in_a_browser_the_list_leads_to_the_comparison_and_on_to_each_cell(site,
 def test_a_cell_whose_stored_reevaluation_has_another_shape_is_named_not_a_server_error(site):
     import optuna
 
-    from nas.compare.run import REEVAL_ATTR
+    from nas.study.schema import COMPARE_REEVAL_ATTR
 
     link = comparison_link(site)
     store = optuna.storages.RDBStorage(site.storage)
     cell = store.get_study_id_from_name(site.result["cells"][0]["study"])
-    kept = store.get_study_system_attrs(cell)[REEVAL_ATTR]
-    store.set_study_system_attr(cell, REEVAL_ATTR, {"trial": kept["trial"], "seeds": {"1": "not scores"}})  # another writer's
+    kept = store.get_study_system_attrs(cell)[COMPARE_REEVAL_ATTR]
+    store.set_study_system_attr(cell, COMPARE_REEVAL_ATTR, {"trial": kept["trial"], "seeds": {"1": "not scores"}})  # another writer's
     try:
         status, _, page = site.get(link)
-        assert status == 409 and html_escape(f"study attr '{REEVAL_ATTR}': expected") in page
+        assert status == 409 and html_escape(f"study attr '{COMPARE_REEVAL_ATTR}': expected") in page
         assert site.get("/")[0] == 200 and comparison_link(site) == link  # the list still shows the comparison
     finally:
-        store.set_study_system_attr(cell, REEVAL_ATTR, kept)
+        store.set_study_system_attr(cell, COMPARE_REEVAL_ATTR, kept)
         store.engine.dispose()

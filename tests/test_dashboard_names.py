@@ -6,7 +6,8 @@ import pytest
 from bottle import html_escape
 
 from dashboard_support import Dashboard, make_study, trials, wait_for
-from nas.study.storage import FINISHED, quiet_optuna
+from nas.study.schema import FINISHED
+from nas.study.storage import quiet_optuna
 
 ODD = ["a/b", "x</script><script>alert(1)</script>", "..", "-dash"]
 LONG = "n" * 3000

@@ -12,7 +12,7 @@ import pytest
 
 from dashboard_support import Dashboard
 from nas.dashboard.security import Sessions
-from nas.dashboard.server import build, server_settings
+from nas.dashboard.server import app_and_workers, server_settings
 
 TOKEN = "tok-S-93be1c"
 NAMES = ("victim", "spare", "control")
@@ -50,7 +50,7 @@ def timed(storage, tmp_path_factory):
 
     clock = Clock()
     sessions = Sessions(idle=60, lifetime=600, clock=clock)
-    app, _ = build(storage, "127.0.0.1", TOKEN, tmp_path_factory.mktemp("timed"), sessions=sessions)
+    app, _ = app_and_workers(storage, "127.0.0.1", TOKEN, tmp_path_factory.mktemp("timed"), sessions=sessions)
     server = create_server(app, host="127.0.0.1", port=0, **server_settings())
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

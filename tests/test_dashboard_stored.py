@@ -8,8 +8,9 @@ import pytest
 from bottle import html_escape
 
 from dashboard_support import Dashboard, make_study
-from nas.compare.run import CELL_ATTR
-from nas.study.storage import HISTORY_ATTR, RUN_CONFIG_ATTR, STOP_ATTR, quiet_optuna
+from nas.study.schema import COMPARE_CELL_ATTR
+from nas.study.schema import HISTORY_ATTR, RUN_CONFIG_ATTR, STOP_ATTR
+from nas.study.storage import quiet_optuna
 
 STUDY_ATTRS = {  # study name -> (system attr, how the good value becomes bad, what the page must name)
     "budget-str": (RUN_CONFIG_ATTR, lambda c: c | {"study": c["study"] | {"trials": "5"}}, "key study.trials"),
@@ -60,7 +61,7 @@ def site(tmp_path_factory):
             clone(store, "good", name, (key, value))
         clone(store, "good", "cell-bad")  # a comparison cell attr of the wrong shape
         cell = store.get_study_id_from_name("cell-bad")
-        store.set_study_system_attr(cell, CELL_ATTR, {"factors": ["norm"], "levels": []})
+        store.set_study_system_attr(cell, COMPARE_CELL_ATTR, {"factors": ["norm"], "levels": []})
     dash = Dashboard(url, folder / "work")
     dash.best = optuna.load_study(study_name="good", storage=store).best_trial.number
     yield dash
@@ -96,7 +97,7 @@ def test_the_list_names_each_bad_attribute_and_shows_every_study(site):
             assert html_escape(named(site, name)) in page, name
         else:
             assert row["stored_problems"] == [], name
-    assert html_escape(f"study 'cell-bad': study attr '{CELL_ATTR}': expected") in page  # named; the list still came
+    assert html_escape(f"study 'cell-bad': study attr '{COMPARE_CELL_ATTR}': expected") in page  # named; the list still came
 
 
 @pytest.mark.parametrize("name", CASES)

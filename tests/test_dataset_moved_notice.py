@@ -7,7 +7,7 @@ import pytest
 
 from conftest import write_digits_run
 from nas.cli import search_main
-from nas.study.storage import RUN_CONFIG_ATTR
+from nas.study.schema import RUN_CONFIG_ATTR
 
 SPACE = {"stages": 1, "width": 8, "training": {"lr": {"float": [0.01, 0.1], "log": True}}}
 NOTICE = "since this host last ran it"

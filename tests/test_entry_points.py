@@ -12,7 +12,9 @@ import pytest
 
 from conftest import write_digits_run
 from nas.cli import EXIT_CLOSED_STDOUT, EXIT_CODES, SUMMARIES, search_main
-from nas.search.config import FOLD_MODES, PRUNER_NAMES, SAMPLER_NAMES
+from nas.search.config import FOLD_MODES
+from nas.search.pruners import PRUNER_NAMES
+from nas.search.samplers import SAMPLER_NAMES
 from nas.data.datasets import LOADERS
 
 COMMANDS = ("search", "report", "export", "bench", "finetune", "dashboard")

@@ -14,7 +14,7 @@ from nas.search.config import DatasetConfig
 from nas.data.datasets import load_dataset
 from nas.errors import VerificationError
 from nas.deploy.export import FILES, load_exported, sha256
-from nas.study.storage import counts_toward_budget
+from nas.study.schema import counts_toward_budget
 
 SPACE = {
     "stages": 2,

@@ -67,7 +67,7 @@ def trained_alone(spec: dict, data: Dataset, folds: list, seeds: list[int], epoc
     models = [m.to(dtype) for m in models_for(spec, data, seeds)]
     as_dtype = dataclasses.replace(data, x_train=data.x_train.to(dtype), x_test=data.x_test.to(dtype))
     for model, (train_idx, _), seed in zip(models, folds, seeds):
-        fit(model, as_dtype, train_idx, None, spec["training"], epochs, CPU, seed)
+        fit(model, as_dtype, train_idx, None, spec["training"], epochs, CPU, seed=seed)
     return models
 
 
@@ -199,7 +199,7 @@ def test_the_reference_training_is_what_fit_does_on_folds_of_one_size(digits):
     spec = spec_for({"type": "batch", "position": "post_conv"})
     seeds = [fold_seed(0, 3, k) for k in range(3)]
     for model, reference, (train_idx, _), seed in zip(models_for(spec, data, seeds), models_for(spec, data, seeds), folds, seeds):
-        fit(model, data, train_idx, None, spec["training"], 2, CPU, seed)
+        fit(model, data, train_idx, None, spec["training"], 2, CPU, seed=seed)
         reference_training(reference, data, train_idx, spec["training"], 2, seed, steps=5)
         for name, value in reference.state_dict().items():
             torch.testing.assert_close(model.state_dict()[name], value, rtol=0, atol=0)
@@ -293,10 +293,10 @@ def test_score_has_the_same_keys_and_fold_losses_in_both_modes(digits):
 def test_epoch_reports_are_the_mean_over_folds(digits):
     data, folds = small(digits)
     reports = []
-    score = cross_validate(spec_for({"type": "batch"}), data, folds, 2, CPU, on_epoch=lambda *a: reports.append(a), fold_mode="together")
-    assert [(fold, epoch) for fold, epoch, *_ in reports] == [(None, 0), (None, 1)]
-    assert reports[-1][2] == pytest.approx(score["cv_loss"]) and reports[-1][3] == pytest.approx(score["cv_accuracy"])
-    assert reports[-1][4] == pytest.approx(score["fold_losses"])  # and each fold's own
+    score = cross_validate(spec_for({"type": "batch"}), data, folds, 2, CPU, on_epoch=reports.append, fold_mode="together")
+    assert [(r.fold, r.epoch) for r in reports] == [(None, 0), (None, 1)]
+    assert reports[-1].loss == pytest.approx(score["cv_loss"]) and reports[-1].accuracy == pytest.approx(score["cv_accuracy"])
+    assert reports[-1].fold_losses == pytest.approx(score["fold_losses"])  # and each fold's own
 
 
 def test_nan_in_one_fold_fails_the_trial_naming_that_fold(digits):

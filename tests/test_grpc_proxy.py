@@ -15,9 +15,11 @@ from optuna.trial import TrialState
 
 from conftest import write_digits_run
 from nas.cli import search_main
-from nas.dashboard.server import open_storage as dashboard_storage
-from nas.study.workers import TRIAL_WORKER_ATTR, Identity, reclaim_dead_trials
-from nas.study.storage import counts_toward_budget, make_storage, storage_of
+from nas.study.storage import open_to_read as dashboard_storage
+from nas.study.schema import WORKER_ATTR
+from nas.study.workers import Identity, reclaim_dead_trials
+from nas.study.schema import counts_toward_budget
+from nas.study.storage import make_storage, storage_of
 from tests.test_postgres import pg_server  # noqa: F401  (the throwaway PostgreSQL server fixture)
 
 pytest.importorskip("grpc")
@@ -77,7 +79,7 @@ def running_trial_of(study: optuna.Study, host: str) -> optuna.trial.FrozenTrial
     trial = study.ask()
     trial.suggest_float("x", 0, 1)
     owner = Identity(host, 4242, 1_700_000_000.0, "elsewhere")
-    trial.set_user_attr(TRIAL_WORKER_ATTR, owner.as_dict())
+    trial.set_user_attr(WORKER_ATTR, owner.as_dict())
     return study._storage.get_trial(trial._trial_id), owner
 
 

@@ -60,7 +60,7 @@ def test_the_circle_finder_finds_circles_and_nothing_else():
 
 
 # The subpackages from the bottom up: each may import itself and those before it, never one after it.
-LAYERS = ["errors", "validation", "_lazy", "models", "data", "search", "training", "study", "cluster", "compare", "deploy",
+LAYERS = ["errors", "validation", "_lazy", "output", "models", "data", "search", "training", "study", "cluster", "compare", "deploy",
           "dashboard"]
 FACADES = {"nas", "nas.cli", "nas.__main__", "nas.build", "nas.export", "nas.storage"}  # the public face, above every layer
 ROOT = PACKAGE.parent

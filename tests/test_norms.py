@@ -11,7 +11,8 @@ from nas.models.batch_renorm import BatchRenorm
 from nas.models.build import build
 from nas.search.config import DatasetConfig, load_run_config
 from nas.data.datasets import load_dataset, stratified_folds
-from nas.training.diagnostics import recalibrate, running_stat_layers, train_mode_loss
+from nas.models.norms import running_stats_layers
+from nas.training.diagnostics import recalibrate, train_mode_loss
 from nas.training.cross_validation import cross_validate
 from nas.errors import ConfigError
 from nas.models.norms import NORMS, make_norm
@@ -116,7 +117,7 @@ def test_recalibration_sets_running_statistics_to_the_data_average():
     model = trained_bn_model()
     x = torch.randn(64, 1, 8, 8) * 3 - 2
     recalibrate(model, x, 16, torch.device("cpu"))
-    first = running_stat_layers(model)[0]
+    first = running_stats_layers(model)[0]
     conv = model.features.stage1_block1.conv
     with torch.no_grad():
         h = conv(x)
@@ -150,7 +151,7 @@ def test_recalibrating_batch_renorm_estimates_what_batchnorm_estimates_from_the_
     for name, value in twin.state_dict().items():
         if "running" in name:
             torch.testing.assert_close(renorm.state_dict()[name], value, rtol=1e-5, atol=1e-6, msg=name)
-    assert [m.r_max for m in running_stat_layers(renorm)] == [3.0, 3.0]  # the limits are back
+    assert [m.r_max for m in running_stats_layers(renorm)] == [3.0, 3.0]  # the limits are back
 
 
 def test_train_mode_loss_of_batch_renorm_is_the_loss_with_batch_statistics():
@@ -167,7 +168,7 @@ def test_recalibration_splits_into_near_equal_batches_weighted_by_size():
     model = build(spec, (1, 8, 8), 4)
     x = torch.randn(65, 1, 8, 8)
     recalibrate(model, x, 64, torch.device("cpu"))  # 64 + 1 would leave one value per channel at 1x1
-    first = running_stat_layers(model)[0]
+    first = running_stats_layers(model)[0]
     with torch.no_grad():
         h = model.features.stage1_block1.conv(x)
     torch.testing.assert_close(first.running_mean, h.mean((0, 2, 3)), rtol=1e-5, atol=1e-6)  # 33 and 32, weighted: the mean of all 65

@@ -12,7 +12,7 @@ from conftest import write_digits_run
 from nas.cli import search_main
 from nas.study.duplicates import list_candidates
 from nas.search.space import Space
-from nas.study.storage import counts_toward_budget
+from nas.study.schema import counts_toward_budget
 
 # A float range: two draws coincide only when a sampler replays the same random stream.
 CONTINUOUS = {"stages": 1, "width": 8, "block": {"norm": {"type": {"choice": ["batch", "none"]}}},

@@ -11,7 +11,9 @@ from optuna.trial import TrialState
 from conftest import write_digits_run
 from nas.cli import search_main
 from nas.dashboard.state import trial_rows
-from nas.search.pruning import Reporter, make_pruner, max_resource
+from nas.search.pruners import max_resource
+from nas.study.pruning import Reporter, make_pruner
+from nas.training.train import EpochReport
 from nas.study.report import write_report
 
 # Learning rates from hopeless to good: the early rungs have something to tell apart.
@@ -98,7 +100,7 @@ def drive(study: optuna.Study, pruner: str, means: list[float], fail: bool = Fal
     def objective(trial):
         reporter = Reporter(trial, pruner, len(means), 2)
         for epoch, mean in enumerate(means):
-            reporter.epoch(None, epoch, mean, [mean, mean])
+            reporter.epoch(EpochReport(epoch, mean, 0.0, None, [mean, mean]))
         if fail:
             raise RuntimeError("interrupted")
         return means[-1]

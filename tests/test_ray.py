@@ -18,7 +18,7 @@ from conftest import write_digits_run
 from nas.cli import search_main
 from nas.errors import StudyError
 from nas.cluster.ray_workers import gpus_per_worker, run_worker, worker_task
-from nas.study.storage import counts_toward_budget
+from nas.study.schema import counts_toward_budget
 from tests.test_postgres import pg_server  # noqa: F401  (the throwaway PostgreSQL server fixture)
 
 ray = pytest.importorskip("ray")

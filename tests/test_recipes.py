@@ -14,7 +14,7 @@ import yaml
 from optuna.trial import TrialState
 
 from conftest import write_digits_run
-from nas.study.storage import counts_toward_budget
+from nas.study.schema import counts_toward_budget
 from tests.test_postgres import pg_server  # noqa: F401  (the throwaway PostgreSQL server fixture)
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -9,9 +9,9 @@ from optuna.trial import TrialState
 
 from conftest import write_digits_run
 from nas.cli import search_main
-from nas.study.contract import VERSION_ATTR
-from nas.study.storage import counts_toward_budget, is_duplicate, is_failure
-from nas.study.run import make_sampler
+from nas.study.schema import VERSION_ATTR
+from nas.study.schema import counts_toward_budget, is_duplicate, is_failure
+from nas.search.samplers import make_sampler
 
 # 12 candidates, as in the issue: random start-up draws repeat one before 10 are trained
 TWELVE = {"stages": 1, "width": {"choice": [8, 16]}, "block": {"norm": {"type": {"choice": ["batch", "none"]}},

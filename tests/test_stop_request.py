@@ -10,7 +10,7 @@ from optuna.trial import TrialState
 from conftest import write_digits_run
 from dashboard_support import SPACE, wait_for
 from nas.cli import search_main
-from nas.study.storage import request_stop
+from nas.study.schema import request_stop
 
 
 def test_a_stop_request_ends_the_search_after_its_running_trial_which_completes(tmp_path):

@@ -3,7 +3,7 @@
 import optuna
 import sqlalchemy
 
-import nas.study.run
+import nas.study.storage
 from conftest import write_digits_run
 from nas.cli import search_main
 
@@ -13,7 +13,7 @@ SPACE = {"stages": 1, "width": 8, "training": {"lr": 0.05}}
 def test_a_worker_that_loses_the_race_to_create_a_fresh_storages_tables_uses_the_winners(tmp_path, monkeypatch):
     url = f"sqlite:///{tmp_path}/nas.db"
     config = write_digits_run(tmp_path, SPACE, url, {"name": "race", "sampler": "random", "trials": 1}, {"folds": 2, "epochs": 1})
-    real, calls = nas.study.run.make_storage, []
+    real, calls = nas.study.storage.make_storage, []
 
     def the_other_worker_was_first(*args, **kwargs):
         calls.append(args)
@@ -23,7 +23,7 @@ def test_a_worker_that_loses_the_race_to_create_a_fresh_storages_tables_uses_the
                                                   Exception("table trial_intermediate_values already exists"))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(nas.study.run, "make_storage", the_other_worker_was_first)
+    monkeypatch.setattr(nas.study.storage, "make_storage", the_other_worker_was_first)
     monkeypatch.chdir(tmp_path)
     assert search_main(["--config", str(config), "--no-progress"]) == 0
     assert len(calls) >= 2

@@ -39,7 +39,8 @@ def main() -> None:
         kind, position = norm_group(trial.user_attrs["arch"])
         if kind not in ("batch", "batch_renorm"):
             continue
-        score = cross_validate(trial.user_attrs["arch"], data, folds, cfg.evaluation.epochs, torch.device("cpu"), cfg.study.seed, trial.number)
+        score = cross_validate(trial.user_attrs["arch"], data, folds, cfg.evaluation.epochs, torch.device("cpu"),
+                               study_seed=cfg.study.seed, trial_number=trial.number)
         old_gap = trial.user_attrs["eval_mode_loss"] - trial.user_attrs["train_mode_loss"]
         new_gap = score["eval_mode_loss"] - score["train_mode_loss"]
         rows.append((trial.number, kind, position, trial.value, old_gap, score["cv_loss"], new_gap))

@@ -13,7 +13,8 @@ import sys
 import optuna
 
 from nas.errors import StudyError
-from nas.study.storage import RDB_SCHEMES, make_storage, one_line
+from nas.study.storage import RDB_SCHEMES, make_storage
+from nas.errors import one_line
 from nas.study.storage_proxy import (GRPC_SCHEME, GRPCS_SCHEME, TOKEN_ENV, _bearer, address, check_token, env_token,
                                is_loopback, read_file, require_grpc)
 

@@ -103,7 +103,7 @@ def run_worker(command: list[str], cwd: str, restarts: int = RESTARTS) -> Worker
 
 def study_ready(storage, study_name: str) -> bool:
     """Whether the first worker has made the study and stored its run config (the others then only join it)."""
-    from nas.study.storage import read_run_config
+    from nas.study.schema import read_run_config
 
     try:
         return read_run_config(storage, storage.get_study_id_from_name(study_name)) is not None
@@ -137,7 +137,7 @@ def run_on_ray(cfg, command: list[str], address: str | None, workers: int, gpus_
     The storage's tables are made here and the first worker makes (or checks) the study before the
     others start, as `--workers` does: workers racing to create one schema or study collide.
     """
-    from nas.study.run import open_storage
+    from nas.study.storage import open_for_search
 
     storage_url = cfg.study.storage
     ray = import_ray()
@@ -148,7 +148,7 @@ def run_on_ray(cfg, command: list[str], address: str | None, workers: int, gpus_
             raise StudyError(f"--ray: the Ray cluster has {len(nodes)} nodes and the storage is SQLite ({storage_url}), a file on one "
                              "machine; use PostgreSQL (or Optuna's gRPC storage proxy) for workers on several nodes")
         gpus_per_trial = gpus_per_worker(gpus_per_trial, cfg.device, ray.cluster_resources().get("GPU", 0))
-        storage = open_storage(cfg)
+        storage = open_for_search(storage_url, cfg.study.heartbeat_seconds, cfg.study.retries)
         task = worker_task(ray, cpus_per_trial, gpus_per_trial)
         log(f"Ray: {workers} worker(s) on {len(nodes)} node(s), {cpus_per_trial:g} CPU and {gpus_per_trial:g} GPU each")
         pending = [task.remote(command, os.getcwd())]
@@ -174,7 +174,7 @@ def run_on_ray(cfg, command: list[str], address: str | None, workers: int, gpus_
 def stop_workers(ray, pending: list, storage, study_name: str, log) -> None:
     """Ctrl-C: ask every worker to stop after its current trial (the stored stop request, as the dashboard's
     Stop) and wait for them; a second Ctrl-C interrupts them now (SIGINT: their trials are marked interrupted)."""
-    from nas.study.storage import request_stop
+    from nas.study.schema import request_stop
 
     request_stop(storage, study_name)
     log("Stopping: every worker finishes its current trial (Ctrl-C again to interrupt them now); the same command resumes")

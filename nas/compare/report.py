@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 
 from nas.compare.stats import TEST, rank_cells
+from nas import output
 
 VERDICTS = {"best": "best", "indistinguishable": "= best", "worse": "worse", "untested": "untested"}
 COUNTS = ("trained", "pruned", "failed", "repeated")
@@ -130,9 +131,9 @@ def footnotes(result: dict) -> list[str]:
 
 def text_table(result: dict) -> str:
     header, body = rows(result)
-    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
-    table = "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in [header, *body])
-    return "\n".join([table, test_line(result), *footnotes(result)])
+    table = output.text_table([header, *body])
+    del table[1]  # nas-compare's table has no rule under its header
+    return "\n".join([*table, test_line(result), *footnotes(result)])
 
 
 def markdown(result: dict, command: str) -> str:

@@ -33,14 +33,14 @@ from typing import Any, Callable
 
 import numpy as np
 
+from nas.study.schema import ARCH_ATTR, FAIL_REASON_ATTR, StoredAttrError, budget_count, counts_toward_budget, is_duplicate, is_failure, read_cell, read_reevaluation, read_run_config, trial_attr, write_compare_cell, write_reevaluation
 from nas.search.config import RunConfig, set_key
 from nas.errors import ConfigError, NasError, TrialError
-from nas.search.space import SCHEMA, FirstChoiceTrial, Space, validate_space
+from nas.search.space import SCHEMA, Space, validate_space
+from nas.search.stand_in_trials import FirstChoiceTrial, RandomTrial
 from nas.validation import did_you_mean, read_yaml
 
 NOT_APPLICABLE = "n/a"
-REEVAL_ATTR = "nas:compare:reeval"  # study system attr: {"trial": n, "seeds": {seed: score}}
-CELL_ATTR = "nas:compare:cell"  # study system attr: the cell's factors and levels (for reports and the dashboard)
 REEVAL_STREAM = 7  # keeps re-evaluation seeds apart from the seeds a study draws its folds and weights with
 ACTIVITY_DRAWS = 64  # random draws that find which keys a cell's space ever uses
 
@@ -190,22 +190,6 @@ def make_cells(space: dict, factors: list[Factor]) -> list[Cell]:
     return cells
 
 
-class _RandomTrial:
-    """A stand-in trial drawing uniformly: enough to find which keys a space ever asks for."""
-
-    def __init__(self, seed: int):
-        self.rng = random.Random(seed)
-
-    def suggest_categorical(self, name, choices):
-        return self.rng.choice(choices)
-
-    def suggest_int(self, name, low, high, step=1, log=False):
-        return self.rng.randrange(low, high + 1, step)
-
-    def suggest_float(self, name, low, high, step=None, log=False):
-        return self.rng.uniform(low, high)
-
-
 class _KeyRecorder(Space):
     def __init__(self, space: dict):
         super().__init__(space)
@@ -219,7 +203,7 @@ class _KeyRecorder(Space):
 def used_keys(space: dict) -> set:
     """The space keys sampling ever consults (first choices and random draws)."""
     recorder = _KeyRecorder(space)
-    for trial in [FirstChoiceTrial(), *(_RandomTrial(i) for i in range(ACTIVITY_DRAWS))]:
+    for trial in [FirstChoiceTrial(), *(RandomTrial(random.Random(i)) for i in range(ACTIVITY_DRAWS))]:
         recorder.sample(trial)
     return recorder.used
 
@@ -283,7 +267,7 @@ def run_comparison(cfg: RunConfig, factors: list[Factor], trials_per_cell: int, 
             out(f"  {exc}")  # this cell stopped short; the others still get their budget
             stops.append(str(exc))
             study = load_existing_study(cfg.study.storage, name)
-        study._storage.set_study_system_attr(study._study_id, CELL_ATTR, {"factors": [f.name for f in factors], "levels": cell.levels})
+        write_compare_cell(study._storage, study._study_id, [f.name for f in factors], cell.levels)
         trials = study.get_trials(deepcopy=False)
         counts = cell_counts(trials)
         row = _reevaluate(cell_cfg, study, seed_list, f"cell {i + 1}/{len(cells)}", out)
@@ -307,12 +291,11 @@ def cell_counts(trials) -> dict:
     """What a cell's study holds: candidates trained (complete), pruned, failed, and proposals that repeated one."""
     from optuna.trial import TrialState
 
-    from nas.study.storage import counts_toward_budget, is_duplicate, is_failure
-    from nas.study.run import OVER_BUDGET
+    from nas.study.schema import OVER_BUDGET
 
     own = [t for t in trials if counts_toward_budget(t)]
     return {"trained": sum(t.state == TrialState.COMPLETE for t in own), "pruned": sum(t.state == TrialState.PRUNED for t in own),
-            "failed": sum(is_failure(t) and t.user_attrs.get("fail_reason") != OVER_BUDGET for t in trials),
+            "failed": sum(is_failure(t) and t.user_attrs.get(FAIL_REASON_ATTR) != OVER_BUDGET for t in trials),
             "repeated": sum(map(is_duplicate, trials))}
 
 
@@ -347,7 +330,7 @@ def _done(storage: str, names: list[str], trials_per_cell: int) -> int:
     keep them all, and the budgets would no longer be equal."""
     import optuna
 
-    from nas.study.storage import budget_count, quiet_optuna, sqlite_path, storage_of
+    from nas.study.storage import quiet_optuna, sqlite_path, storage_of
 
     path = sqlite_path(storage)
     if path is not None and not path.exists():
@@ -380,23 +363,23 @@ def _reevaluate(cfg: RunConfig, study, seeds: list[int], where: str, out) -> dic
     if missing:
         device = resolve_device(cfg.device)
         data = load_dataset(cfg.dataset, device)
-    spec = best.user_attrs["arch"]
+    spec = trial_attr(best, ARCH_ATTR)
     for k, seed in enumerate(missing):
         out(f"  {where}: re-evaluating trial {best.number} with seed {len(seeds) - len(missing) + k + 1}/{len(seeds)}")
         folds = stratified_folds(data.y_train, cfg.evaluation.folds, seed)
         try:
-            score = cross_validate(spec, data, folds, cfg.evaluation.epochs, device, seed, 0, None, None,
-                                   cfg.evaluation.recalibrate_bn, cfg.evaluation.fold_mode)
+            score = cross_validate(spec, data, folds, cfg.evaluation.epochs, device, study_seed=seed,
+                                   recalibrate_bn=cfg.evaluation.recalibrate_bn, fold_mode=cfg.evaluation.fold_mode)
             results[str(seed)] = {"cv_loss": score["cv_loss"], "cv_accuracy": score["cv_accuracy"]}
         except TrialError as exc:
             results[str(seed)] = {"failed": str(exc)}
-        study._storage.set_study_system_attr(study._study_id, REEVAL_ATTR, {"trial": best.number, "seeds": results})
+        write_reevaluation(study._storage, study._study_id, best.number, results)
     return _scores(best, results, [str(s) for s in seeds])
 
 
 def _stored_reevaluation(study) -> tuple[Any, dict]:
     """The cell's best trial (None: no complete one) and the re-evaluations stored for it ({seed: result})."""
-    from nas.study.run import top_trials
+    from nas.study.tables import top_trials
 
     ranked = top_trials(study, 1)
     if not ranked:
@@ -414,7 +397,7 @@ def _scores(best, results: dict, chosen: list[str]) -> dict:
     summary = f"best trial {best.number} (CV loss {best.value:.4f} in the search), re-evaluated with {len(losses)}/{len(chosen)} seeds"
     if failures:
         summary += f"; {len(failures)} failed: {next(iter(failures.values()))}"
-    return {"best_trial": best.number, "search_cv_loss": best.value, "spec": best.user_attrs["arch"], "losses": losses,
+    return {"best_trial": best.number, "search_cv_loss": best.value, "spec": trial_attr(best, ARCH_ATTR), "losses": losses,
             "failures": failures, "accuracies": {s: results[s]["cv_accuracy"] for s in losses}, "summary": summary}
 
 
@@ -427,47 +410,11 @@ def rank(rows: list[dict]) -> None:
         row["stats"] = ranking.get(row["label"])
 
 
-def read_cell(attrs: dict, study_name: str) -> dict | None:
-    """A study's CELL_ATTR as nas-compare writes it ({factors: [name], levels: {name: label}}); None: no cell.
-
-    Any writer of the storage can write another shape: that is a StoredAttrError naming the study."""
-    from nas.study.storage import StoredAttrError
-
-    cell = attrs.get(CELL_ATTR)
-    if cell is None:
-        return None
-    factors, levels = (cell.get("factors"), cell.get("levels")) if isinstance(cell, dict) else (None, None)
-    if not (isinstance(factors, list) and all(isinstance(f, str) for f in factors) and isinstance(levels, dict)
-            and all(isinstance(k, str) and isinstance(v, str) for k, v in levels.items())):
-        shown = repr(cell)
-        raise StoredAttrError(f"study '{study_name}': study attr '{CELL_ATTR}': expected {{factors: [name], levels: "
-                              f"{{name: level}}}}, holds {shown if len(shown) <= 60 else shown[:60] + '…'}")
-    return cell
-
-
-def read_reevaluation(attrs: dict, study_name: str) -> dict:
-    """A cell's REEVAL_ATTR ({trial: n, seeds: {seed: {cv_loss, cv_accuracy} | {failed}}}), checked; {} when absent."""
-    from nas.study.storage import StoredAttrError
-
-    stored = attrs.get(REEVAL_ATTR, {})
-    seeds = stored.get("seeds") if isinstance(stored, dict) else None
-    good = isinstance(seeds, dict) and isinstance(stored.get("trial"), int) and all(
-        isinstance(r, dict) and (isinstance(r.get("failed"), str) or (
-            isinstance(r.get("cv_loss"), (int, float)) and isinstance(r.get("cv_accuracy"), (int, float))))
-        for r in seeds.values())
-    if stored and not good:
-        shown = repr(stored)
-        raise StoredAttrError(f"study '{study_name}': study attr '{REEVAL_ATTR}': expected {{trial: N, seeds: "
-                              f"{{seed: scores}}}}, holds {shown if len(shown) <= 60 else shown[:60] + '…'}")
-    return stored
-
-
 def stored_comparisons(storage, problems: list | None = None) -> list[dict]:
-    """The comparisons a storage holds: each its `base` name, `factors` and `cells` (id, name, CELL_ATTR), in study-id order.
+    """The comparisons a storage holds: each its `base` name, `factors` and `cells` (id, name, COMPARE_CELL_ATTR), in study-id order.
 
     Cells belong together when they share the base name (`BASE` of `BASE[levels]`) and the factors. A study
     whose cell attribute has another shape is left out, its StoredAttrError appended to `problems`."""
-    from nas.study.storage import StoredAttrError
 
     groups: dict[tuple, list] = {}
     for study in sorted(storage.get_all_studies(), key=lambda s: s._study_id):
@@ -492,7 +439,6 @@ def stored_result(storage, comparison: dict, running: set[int] = frozenset()) ->
     import optuna
 
     from nas.compare.stats import TEST
-    from nas.study.storage import read_run_config
 
     factors = [Factor(name, (), {}) for name in comparison["factors"]]
     rows, seeds, config = [], [], {}

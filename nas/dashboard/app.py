@@ -25,7 +25,8 @@ from nas.study.contract import show
 from nas.dashboard import state
 from nas.dashboard.charts import history_svg, intervals_svg
 from nas.dashboard.workers import Workers
-from nas.study.storage import StoredAttrError, one_line, request_stop
+from nas.study.schema import StoredAttrError, request_stop
+from nas.errors import one_line
 
 HERE = Path(__file__).parent
 TEMPLATES = [str(HERE / "templates")]

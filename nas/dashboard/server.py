@@ -13,16 +13,13 @@ import sys
 import threading
 from pathlib import Path
 
-import optuna
-from sqlalchemy.exc import SQLAlchemyError
-
 from nas.dashboard.app import create_app
 from nas.dashboard.optuna_mount import OptunaMount
 from nas.dashboard.security import (Guard, Sessions, allowed_hosts, interface_addresses, is_wildcard,
                                     require_token_beyond_loopback)
 from nas.dashboard.workers import Workers
-from nas.errors import NasError, StudyError
-from nas.study.storage import RDB_SCHEMES, engine_options, one_line, quiet_optuna, sqlite_path, storage_of
+from nas.errors import NasError
+from nas.study.storage import open_to_read
 
 OPTUNA_PREFIX = "/optuna"
 THREADS = 8  # requests served at once; more wait in the queue, their connections held by the loop
@@ -69,35 +66,11 @@ def server_settings(idle_timeout: int = IDLE_TIMEOUT, trusted_proxy: str | None 
     }
 
 
-def open_storage(url: str) -> optuna.storages.BaseStorage:
-    """The storage the dashboard reads: a missing SQLite file is refused, not created.
-
-    An RDB storage is wrapped in Optuna's cache of finished trials (what `optuna.load_study`
-    uses): a page then reads only the trials that are new or still running, not all of them
-    again (a list of 3 studies x 60 trials: 80 ms a page before, 10 ms with it).
-    """
-    path = sqlite_path(url)
-    if path is not None and not path.is_file():
-        raise StudyError(f"--storage: {path} does not exist (start a search with nas-search first)")
-    try:
-        with quiet_optuna():
-            if url.startswith(RDB_SCHEMES):
-                # SQLite: wait for a search's write lock instead of failing a page (or the search)
-                rdb = optuna.storages.RDBStorage(url, engine_kwargs=engine_options(url), skip_table_creation=True)
-                storage = optuna.storages.get_storage(rdb)
-            else:
-                storage = storage_of(url)
-            storage.get_all_studies()
-    except (ImportError, ValueError, SQLAlchemyError, RuntimeError) as exc:
-        raise StudyError(f"--storage: cannot read {url}: {one_line(exc)}") from None
-    return storage
-
-
-def build(storage_url: str, host: str, token: str | None, workdir: Path, extra_hosts: list[str] = (),
+def app_and_workers(storage_url: str, host: str, token: str | None, workdir: Path, extra_hosts: list[str] = (),
           sessions: Sessions | None = None):
     """The WSGI app and the worker registry, for a server or a test."""
     require_token_beyond_loopback(host, token)
-    storage = open_storage(storage_url)
+    storage = open_to_read(storage_url)
     workers = Workers(storage_url, workdir)
     guard = Guard(None, allowed_hosts(host, list(extra_hosts)), token, sessions=sessions)
     ours = create_app(storage, workers, guard.csrf_token, logout=token is not None)
@@ -128,7 +101,7 @@ def serve(storage_url: str, host: str, port: int, token: str | None, workdir: Pa
     """Serve until Ctrl-C; workers it started keep running (Stop them from a new dashboard)."""
     from waitress.server import create_server
 
-    app, workers = build(storage_url, host, token, Path(workdir), extra_hosts, sessions)
+    app, workers = app_and_workers(storage_url, host, token, Path(workdir), extra_hosts, sessions)
     try:
         server = create_server(app, host=host, port=port, **server_settings(idle_timeout, trusted_proxy))
     except OSError as exc:

@@ -26,9 +26,11 @@ from optuna.trial import FrozenTrial, TrialState
 from nas.search.archspec import MIXED, NO_POSITION, NORM_ORDER, POSITION_ORDER, blocks, describe_layout, describe_norms, norm_group, order_key
 from nas.search.config import StudyConfig
 from nas.study.workers import describe_workers, live_workers
-from nas.study.report import finite
-from nas.study.storage import (StoredAttrError, budget_count, config_value, counts_toward_budget, is_duplicate, one_line,
-                         rdb_engine, read_config_history, read_run_config, read_stop_request, trial_attr)
+from nas.study.schema import ARCH_ATTR, DUPLICATE_ATTR, FAIL_REASON_ATTR, PRUNED_AT_STEP_ATTR, VERSION_ATTR, finite
+from nas.study.schema import (StoredAttrError, budget_count, config_value, counts_toward_budget, is_duplicate,
+                              read_config_history, read_run_config, read_stop_request, trial_attr)
+from nas.errors import one_line
+from nas.study.storage import rdb_engine
 
 HEARTBEAT_DEFAULT = StudyConfig.heartbeat_seconds  # studies stored before the field existed
 
@@ -51,7 +53,7 @@ class Problems(list):
 
 def arch_view(t: FrozenTrial, problems: Problems) -> dict:
     """What the tables show of a trial's ArchSpec; {} when it has none, or one the describers cannot read (named)."""
-    arch = problems.read(trial_attr, t, "arch", default={})
+    arch = problems.read(trial_attr, t, ARCH_ATTR, default={})
     if not arch:
         return {}
     try:
@@ -202,12 +204,12 @@ def trial_note(t: FrozenTrial, problems: Problems | None = None) -> str:
     """Why a trial has no (or no own) score: its failure, the trial it repeated, or where it was pruned."""
     problems = Problems() if problems is None else problems
     attr = lambda name, default=None: problems.read(trial_attr, t, name, default=default)  # noqa: E731
-    if attr("fail_reason"):
-        return attr("fail_reason")
-    if attr("duplicate_of") is not None:
+    if attr(FAIL_REASON_ATTR):
+        return attr(FAIL_REASON_ATTR)
+    if attr(DUPLICATE_ATTR) is not None:
         return f"duplicate of trial {attr('duplicate_of')} (not trained)"
     if t.state == TrialState.PRUNED:
-        step = attr("pruned_at_step", t.last_step)
+        step = attr(PRUNED_AT_STEP_ATTR, t.last_step)
         return f"pruned at step {step} (epochs trained; partial fold losses kept)" if step is not None else "pruned"
     return ""
 
@@ -232,10 +234,10 @@ def trial_rows(trials: list[FrozenTrial], problems: Problems | None = None) -> l
             "activation": view.get("activation", ""),
             "params": attr("params"),
             "seconds": attr("train_seconds"),
-            "fail_reason": attr("fail_reason", ""),
-            "duplicate_of": attr("duplicate_of"),
+            "fail_reason": attr(FAIL_REASON_ATTR, ""),
+            "duplicate_of": attr(DUPLICATE_ATTR),
             "note": trial_note(t, problems),
-            "config_version": attr("config_version", 0),
+            "config_version": attr(VERSION_ATTR, 0),
         })
     return rows
 

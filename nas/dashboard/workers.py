@@ -20,6 +20,7 @@ from pathlib import Path
 
 import psutil
 
+from nas.output import atomic_write_text
 from nas.study import workers as liveness
 from nas.dashboard.security import TOKEN_ENV
 
@@ -60,9 +61,7 @@ class Job:
 
     def save(self) -> None:
         data = {key: getattr(self, key) for key in RECORD_FIELDS} | {"log": self.log.name, "out": self.out.name if self.out else None}
-        scratch = self.record.with_suffix(f".{threading.get_ident()}.tmp")  # two threads may record one exit
-        scratch.write_text(json.dumps(data))
-        os.replace(scratch, self.record)
+        atomic_write_text(self.record, json.dumps(data))  # two threads may record one exit
 
     @classmethod
     def load(cls, record: Path) -> "Job | None":

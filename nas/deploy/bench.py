@@ -20,6 +20,7 @@ from contextlib import ExitStack
 
 import torch
 
+from nas.output import text_table
 from nas.models.costs import (DEFAULT_THREADS, SPREAD_LIMIT, Variant, check_counts, latency_summary, synchronizer, time_call,
                               count_macs, count_params, eval_mode, pinned_threads)
 
@@ -82,9 +83,7 @@ def format_table(rows: list[dict], extra: dict | None = None) -> str:
             f"{r['throughput']:,.0f}",
             f"{r['ratio_to_baseline']:.2f}",
         ))
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    body = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table]
-    body.insert(1, "  ".join("-" * w for w in widths))
+    body = text_table(table)
     if rows:
         body.append(f"ratio = median ms / {rows[0]['variant']}'s median ms at the same batch size (below 1 is faster)")
     body.extend(spread_warnings(rows))

@@ -42,10 +42,12 @@ from pathlib import Path
 import torch
 
 import nas
+from nas.study.schema import ARCH_ATTR, DUPLICATE_ATTR, config_of_trial, counts_toward_budget, is_duplicate, read_run_config, trial_attr
+from nas.output import atomic_write, atomic_write_text
 from torch import nn
 
 from nas.errors import DataError, NasError, StudyError, VerificationError
-from nas.study.storage import one_line
+from nas.errors import one_line
 
 FORMAT = 1
 FILES = ("model.ts", "model.pt2", "weights.pt")  # always written; model.onnx when the onnx extra is there
@@ -81,28 +83,9 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _atomic(path: Path, write) -> None:
-    """Write through `write(tmp_path)` to a temporary name in the same folder, then rename."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would keep the files from whoever deploys them
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def write_json(path: Path, data: dict) -> None:
     """Indented JSON, written atomically (a reader never sees half a file)."""
-    _atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + "\n"))
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def check_writable(folder: Path, force: bool = False) -> None:
@@ -130,7 +113,6 @@ def pick_trial(study, number: int | None):
     """The trial to export: `number`, or the best (single objective; a multi-objective study needs --trial)."""
     from optuna.trial import TrialState
 
-    from nas.study.storage import DUPLICATE_ATTR, counts_toward_budget, is_duplicate
 
     if number is None:
         if len(study.directions) > 1:
@@ -146,12 +128,12 @@ def pick_trial(study, number: int | None):
     trial = by_number[number]
     if is_duplicate(trial):  # it trained nothing: the trial it repeated is the one to rebuild
         trial = by_number[trial.user_attrs[DUPLICATE_ATTR]]
-    if "arch" not in trial.user_attrs:
+    if ARCH_ATTR not in trial.user_attrs:
         raise StudyError(f"--trial: trial {number} has no stored ArchSpec (state {trial.state.name})")
     return trial
 
 
-def export_trial(storage: str, study_name: str, out: str | Path, trial_number: int | None = None,
+def export_trial(storage: str, study_name: str, out: str | Path, *, trial_number: int | None = None,
                  epochs: int | None = None, device: str | None = None, log=print, force: bool = False) -> Path:
     """Retrain the trial's ArchSpec on the full training split, test it, fold, save and verify."""
     from nas.models.build import build
@@ -159,7 +141,7 @@ def export_trial(storage: str, study_name: str, out: str | Path, trial_number: i
     from nas.data.datasets import load_dataset
     from nas.training.cross_validation import fold_seed
     from nas.data.preprocessing import recipe
-    from nas.study.storage import config_of_trial, load_existing_study, read_run_config
+    from nas.study.storage import load_existing_study
     from nas.training.train import batch_dependent, evaluate, fit, prepare_model, resolve_device, scoring_batch_size
 
     study = load_existing_study(storage, study_name)
@@ -169,7 +151,7 @@ def export_trial(storage: str, study_name: str, out: str | Path, trial_number: i
     stored, fingerprint = config_of_trial(study, trial)  # the config the trial was scored under
     cfg = load_run_config(None, stored=stored)
     check_writable(Path(out), force)
-    spec = trial.user_attrs["arch"]
+    spec = trial_attr(trial, ARCH_ATTR)
     dev = resolve_device(device or cfg.device)
     data = load_dataset(cfg.dataset, dev)
     check_same_data(fingerprint, data.fingerprint, f"study '{study_name}' was searched on")
@@ -178,7 +160,7 @@ def export_trial(storage: str, study_name: str, out: str | Path, trial_number: i
     torch.manual_seed(seed)
     model = prepare_model(build(spec, data.input_shape, data.num_classes), dev)
     log(f"Training trial {trial.number} of '{study_name}' on all {len(data.y_train)} training samples for {epochs} epochs on {dev.type}")
-    fit(model, data, torch.arange(len(data.y_train), device=dev), None, spec["training"], epochs, dev, seed)
+    fit(model, data, torch.arange(len(data.y_train), device=dev), None, spec["training"], epochs, dev, seed=seed)
     scored_in = scoring_batch_size(model, spec["training"])
     test_loss, test_acc = evaluate(model, data.x_test, data.y_test, dev, scored_in)
     log(f"Test split: loss {test_loss:.4f}, accuracy {test_acc:.4f} ({len(data.y_test)} samples)")
@@ -267,9 +249,9 @@ def write_export(model: nn.Module, x_check: torch.Tensor, meta: dict, folder: Pa
     program = torch.export.export(folded, (example,), dynamic_shapes={"x": {0: batch}})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        _atomic(folder / "model.ts", lambda tmp: torch.jit.save(scripted, tmp))
-    _atomic(folder / "model.pt2", lambda tmp: torch.export.save(program, tmp))
-    _atomic(folder / "weights.pt", lambda tmp: torch.save(model.state_dict(), tmp))
+        atomic_write(folder / "model.ts", lambda tmp: torch.jit.save(scripted, tmp))
+    atomic_write(folder / "model.pt2", lambda tmp: torch.export.save(program, tmp))
+    atomic_write(folder / "weights.pt", lambda tmp: torch.save(model.state_dict(), tmp))
     onnx = write_onnx(program, example, folder)
     files = FILES + ((ONNX_FILE,) if onnx["written"] else ())
     meta = {
@@ -309,7 +291,7 @@ def write_onnx(program, example: torch.Tensor, folder: Path) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         exported = torch.onnx.export(program, (example,), dynamo=True, verbose=False)
-    _atomic(path, lambda tmp: exported.save(tmp))
+    atomic_write(path, lambda tmp: exported.save(tmp))
     opset = next(entry.version for entry in onnx.load(str(path), load_external_data=False).opset_import if entry.domain in ("", "ai.onnx"))
     return {"written": True, "opset": int(opset), "version": onnx.__version__, "dynamic_batch": True}
 
@@ -392,7 +374,7 @@ def sign(folder: Path) -> None:
         path.unlink(missing_ok=True)
         return
     text = signature((folder / "model.json").read_bytes(), key)
-    _atomic(path, lambda tmp: Path(tmp).write_text(text + "\n"))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text + "\n"))
 
 
 def check_signature(folder: Path, text: bytes) -> None:

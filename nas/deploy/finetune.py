@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from functools import cache
 from pathlib import Path
 from typing import Callable
 
@@ -30,27 +29,10 @@ import torch
 from torch import nn
 
 from nas.errors import DataError, NasError
+from nas.models.norms import norm_layers, running_stats_layers
 
 MODES = ("freeze", "adabn", "bn-only", "full")
 TRAINS_WITHOUT_LABELS = ("adabn",)  # the modes that may run with --labels-per-class 0
-
-
-@cache
-def norm_classes() -> tuple[type, ...]:
-    """The module classes the norm registry makes, asked of the registry itself (one place)."""
-    from nas.models.norms import NORM_PARAMS, NORMS
-
-    classes = set()
-    for norm in NORMS.values():
-        if norm.factory is not None:
-            settings = {key: NORM_PARAMS[key].default for key in norm.params}
-            classes.update(type(norm.factory(4, dims, **settings)) for dims in (1, 2))
-    return tuple(classes)
-
-
-def norm_layers(model: nn.Module) -> list[nn.Module]:
-    kinds = norm_classes()
-    return [m for m in model.modules() if isinstance(m, kinds)]
 
 
 def replace_head(model: nn.Module, num_classes: int) -> bool:
@@ -154,7 +136,7 @@ def adapt(model: nn.Module, data, mode: str, labels_per_class: int | None, epoch
         trained = [name for name, p in model.named_parameters() if p.requires_grad]
         samples = len(train_idx)
         try:
-            fit(model, data, train_idx, None, hp, epochs, device, seed, train_mode=hook, max_steps=max_steps)
+            fit(model, data, train_idx, None, hp, epochs, device, seed=seed, train_mode=hook, max_steps=max_steps)
         finally:
             for p in model.parameters():
                 p.requires_grad_(True)
@@ -168,8 +150,8 @@ def _scores(loss_acc: tuple[float, float]) -> dict:
     return {"loss": loss_acc[0], "accuracy": loss_acc[1]}
 
 
-def finetune(model_dir: str | Path, cfg, mode: str, labels_per_class: int | None, epochs: int | None,
-             seed: int, out: str | Path, lr: float | None = None, device: str | None = None, log=print,
+def finetune(model_dir: str | Path, cfg, *, mode: str, out: str | Path, labels_per_class: int | None = None,
+             epochs: int | None = None, seed: int = 0, lr: float | None = None, device: str | None = None, log=print,
              force: bool = False) -> Path:
     """Load an export, adapt it to the run config's dataset, write an export plus metrics.json."""
     from nas.search.config import blamed
@@ -219,10 +201,9 @@ def finetune(model_dir: str | Path, cfg, mode: str, labels_per_class: int | None
 
 def mode_notes(model: nn.Module, mode: str, labels_per_class: int | None, epochs: int, epochs_given: bool) -> list[str]:
     """What a mode will not do with this model and these flags, said before it runs rather than left to be found."""
-    from nas.training.diagnostics import running_stat_layers
 
     notes = []
-    if mode == "adabn" and not running_stat_layers(model):
+    if mode == "adabn" and not running_stats_layers(model):
         notes.append("No norm layer of this model keeps running statistics: adabn has nothing to re-estimate")
     if mode == "adabn" and labels_per_class == 0 and epochs_given:
         notes.append(f"--epochs {epochs} is ignored: adabn without labels (--labels-per-class 0, its default) only re-estimates the "

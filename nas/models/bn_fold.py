@@ -42,12 +42,10 @@ import copy
 import torch
 from torch import nn
 
-from nas.models.batch_renorm import BatchRenorm
 from nas.models.blocks import ResidualBlock
+from nas.models.norms import running_stats_layers, uses_running_stats
 
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-# Norms whose eval-mode output is (x - running_mean) / sqrt(running_var + eps) * weight + bias.
-RUNNING_STATS_NORMS = (nn.modules.batchnorm._NormBase, BatchRenorm)
 
 
 class ChannelAffine(nn.Module):
@@ -66,14 +64,9 @@ class ChannelAffine(nn.Module):
         return f"{self.scale.numel()}"
 
 
-def has_running_stats(module: nn.Module) -> bool:
-    """True for a norm that normalizes with stored statistics in eval mode."""
-    return isinstance(getattr(module, "running_mean", None), torch.Tensor)
-
-
 def count_norms_with_running_stats(model: nn.Module) -> int:
     """How many modules in `model` still carry running statistics (0 after `fold_norms`)."""
-    return sum(has_running_stats(m) for m in model.modules())
+    return len(running_stats_layers(model))
 
 
 def norm_scale_shift(norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,7 +81,7 @@ def norm_scale_shift(norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _foldable(norm: nn.Module) -> bool:
-    return isinstance(norm, RUNNING_STATS_NORMS) and has_running_stats(norm)
+    return uses_running_stats(norm)
 
 
 def _fold_into_conv(conv: nn.Module, norm: nn.Module) -> None:

@@ -13,7 +13,8 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from nas.models.blocks import BLOCKS
+from nas.models.blocks import ConvBlock, ResidualBlock
+from nas.models.norms import ACTIVATIONS, norm_layer
 
 POOL = {"maxpool": {1: nn.MaxPool1d, 2: nn.MaxPool2d}, "avgpool": {1: nn.AvgPool1d, 2: nn.AvgPool2d}}
 GLOBAL_POOL = {1: nn.AdaptiveAvgPool1d, 2: nn.AdaptiveAvgPool2d}
@@ -56,10 +57,20 @@ def build(spec: dict, input_shape: tuple[int, ...] | list[int], num_classes: int
             else:
                 layers.append((f"stage{i + 1}_pool", POOL[method][dims](2)))
         for j, block in enumerate(stage["blocks"]):
-            block_cls = BLOCKS[block.get("type", "plain")]
-            layers.append((f"stage{i + 1}_block{j + 1}", block_cls(block, channels, stage["width"], stride if j == 0 else 1, dims)))
+            layers.append((f"stage{i + 1}_block{j + 1}", make_block(block, channels, stage["width"], stride if j == 0 else 1, dims)))
             channels = stage["width"]
     return Net(nn.Sequential(OrderedDict(layers)), nn.Linear(channels, num_classes), dims, add_channel)
+
+
+def make_block(block: dict, in_channels: int, out_channels: int, stride: int, dims: int) -> nn.Module:
+    """The block an ArchSpec's block entry describes: its norm and activation turned into factories."""
+    common = {"stride": stride, "dims": dims, "norm_layer": norm_layer(block["norm"], dims),
+              "act_layer": ACTIVATIONS[block["activation"]], "dropout": block.get("dropout", 0.0)}
+    if block.get("type", "plain") == "residual":
+        residual = block["residual"]
+        return ResidualBlock(in_channels, out_channels, block["kernel"], preact=residual["order"] == "preact",
+                             zero_init=bool(residual.get("zero_init")), **common)
+    return ConvBlock(in_channels, out_channels, block["kernel"], position=block["norm"].get("position", "post_conv"), **common)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -1,7 +1,8 @@
 """The normalization and activation catalogues: one registry each, YAML names are the keys.
 
-`make_norm(spec, num_features, dims)` is the only way a model gets a norm layer, so adding
-a type is one entry in NORMS (its factory and the settings it takes) plus its test.
+`norm_layer(spec, dims)` turns an ArchSpec's norm entry into the factory blocks take (`make_norm`
+builds one layer), so adding a type is one entry in NORMS (its factory and the settings it takes)
+plus its test. The catalogue also answers which modules are norms and which keep running statistics.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Callable
 
+import torch
 from torch import nn
 
 from nas.models.batch_renorm import BatchRenorm
@@ -92,15 +94,56 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
 }
 
 
-def conv_bias_needed(norm_spec: dict) -> bool:
-    """A conv keeps its bias unless a norm that makes it redundant directly follows."""
-    norm = NORMS[norm_spec["type"]]
-    return not norm.absorbs_conv_bias(norm_spec)
+# The classes `make_norm` builds (`_BatchNorm` covers BatchNorm1d / 2d; group, layer and instance are GroupNorm),
+# and the ones whose eval-mode output is (x - running_mean) / sqrt(running_var + eps) * weight + bias.
+NORM_CLASSES = (nn.modules.batchnorm._NormBase, BatchRenorm, nn.GroupNorm)
+RUNNING_STATS_CLASSES = (nn.modules.batchnorm._NormBase, BatchRenorm)
+
+
+def is_norm(module: nn.Module) -> bool:
+    return isinstance(module, NORM_CLASSES)
+
+
+def uses_running_stats(module: nn.Module) -> bool:
+    """A norm that normalizes with stored statistics in eval mode (BatchNorm tracking them, batch renorm)."""
+    return isinstance(module, RUNNING_STATS_CLASSES) and isinstance(getattr(module, "running_mean", None), torch.Tensor)
+
+
+def batch_dependent_in_eval(module: nn.Module) -> bool:
+    """A BatchNorm that keeps no running statistics: in eval mode it normalizes with each batch's own."""
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) and not module.track_running_stats
+
+
+def norm_layers(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if is_norm(m)]
+
+
+def running_stats_layers(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if uses_running_stats(m)]
+
+
+@dataclass(frozen=True)
+class NormLayer:
+    """A norm layer factory, `norm_layer(num_features) -> nn.Module` as torchvision and timm blocks take one,
+    that also says whether a conv right before it needs its bias."""
+
+    make: Callable[[int], nn.Module]
+    absorbs_conv_bias: bool = False
+
+    def __call__(self, num_features: int) -> nn.Module:
+        return self.make(num_features)
+
+
+def norm_layer(spec: dict, dims: int) -> NormLayer | None:
+    """The factory of the norm an ArchSpec's `norm` entry asks for, for `dims`-D data; None for `none`."""
+    norm = NORMS[spec["type"]]
+    if norm.factory is None:
+        return None
+    settings = {key: spec[key] for key in norm.params}
+    return NormLayer(partial(norm.factory, dims=dims, **settings), norm.absorbs_conv_bias(settings))
 
 
 def make_norm(spec: dict, num_features: int, dims: int) -> nn.Module | None:
     """The norm layer an ArchSpec's `norm` entry asks for, or None for `none`."""
-    norm = NORMS[spec["type"]]
-    if norm.factory is None:
-        return None
-    return norm.factory(num_features, dims, **{key: spec[key] for key in norm.params})
+    factory = norm_layer(spec, dims)
+    return None if factory is None else factory(num_features)

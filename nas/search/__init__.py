@@ -3,7 +3,8 @@
 space     the search-space tree and `Space.sample(trial) -> ArchSpec`
 archspec  reading an ArchSpec: norm, position, layout
 config    the run config: load, validate, override (`RunConfig`)
-pruning   pruners by name and what a pruning step is
+samplers  samplers by name, and the seed each search process gives its sampler
+pruners   pruners by name, and when a pruner can save nothing
 """
 
 from nas._lazy import public
@@ -11,5 +12,7 @@ from nas._lazy import public
 __getattr__, __dir__, __all__ = public(__name__, {
     'space': ['Space', 'load_space', 'default_spec'],
     'archspec': ['describe_norms', 'norm_group'],
-    'config': ['RunConfig', 'DatasetConfig', 'load_run_config', 'SAMPLER_NAMES', 'PRUNER_NAMES'],
+    'config': ['RunConfig', 'DatasetConfig', 'load_run_config'],
+    'samplers': ['SAMPLER_NAMES', 'make_sampler'],
+    'pruners': ['PRUNER_NAMES'],
 })

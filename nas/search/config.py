@@ -20,12 +20,12 @@ from typing import Any
 import yaml
 
 from nas.errors import ConfigError, DataError
+from nas.search.pruners import PRUNER_NAMES
+from nas.search.samplers import SAMPLER_NAMES
 from nas.validation import check_bounds, check_scalar, read_yaml, type_name, unknown_key
 
 DEVICES = ("auto", "cpu", "cuda")
-SAMPLER_NAMES = ("random", "tpe", "gp", "nsga2")
 OBJECTIVES = ("cv_loss", "latency_ms", "params", "macs")  # all minimized
-PRUNER_NAMES = ("none", "median", "wilcoxon", "successive_halving", "hyperband")
 FOLD_MODES = ("together", "sequential")
 AUGMENT_NAMES = ("auto", "none", "crop", "crop_flip")
 
@@ -272,7 +272,7 @@ def _load(path: str | Path | None, overrides: list[Override], stored: dict | Non
     cfg.source = file
     if len(cfg.objectives) > 1 and cfg.evaluation.pruner != "none":
         raise ConfigError(file, "evaluation.pruner", "Optuna prunes single-objective studies only; use none with several objectives")
-    from nas.search.pruning import pruner_problem  # late: pulls in Optuna
+    from nas.search.pruners import pruner_problem
 
     ev = cfg.evaluation
     problem = pruner_problem(ev.pruner, ev.folds, ev.fold_mode, ev.recalibrate_bn)

@@ -21,6 +21,7 @@ from typing import Any
 
 from nas.validation import Param, check_bounds, check_scalar, did_you_mean, read_yaml, type_name, unknown_key
 from nas.errors import ConfigError
+from nas.search.stand_in_trials import FirstChoiceTrial
 from nas.models.norms import ACTIVATIONS, NORM_ALIASES, NORM_PARAMS, NORMS, POSITIONS
 
 SHARE_MODES = ("global", "per_stage", "per_block")
@@ -213,19 +214,6 @@ class Space:
         for key in NORMS[norm_type].params:
             norm[key] = self.suggest(trial, f"{prefix}.{key}", f"block.norm.{key}")
         return norm
-
-
-class FirstChoiceTrial:
-    """A stand-in trial that takes every choice's first value and every range's low end."""
-
-    def suggest_categorical(self, name, choices):
-        return choices[0]
-
-    def suggest_int(self, name, low, high, step=1, log=False):
-        return low
-
-    def suggest_float(self, name, low, high, step=None, log=False):
-        return low
 
 
 def default_spec(space: dict | None = None) -> dict:

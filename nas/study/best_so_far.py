@@ -14,7 +14,7 @@ from datetime import datetime
 
 from optuna.trial import FrozenTrial, TrialState
 
-from nas.study.storage import counts_toward_budget
+from nas.study.schema import counts_toward_budget
 
 
 def improvements(trials: list[FrozenTrial], start: datetime | None = None) -> list[tuple[float, float, int]]:

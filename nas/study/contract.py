@@ -18,9 +18,10 @@ import socket
 import time
 from pathlib import Path
 
+from nas.output import atomic_write_text
+
 DATASET_KEYS = ("name", "root", "transforms", "transform_seed", "augment", "image_size")
 EVALUATION_KEYS = ("folds", "epochs", "fold_mode", "recalibrate_bn", "pruner")
-VERSION_ATTR = "config_version"  # trial user attr
 HOST_KEYS = ("root", "cache", "download")  # dataset keys naming this host's files, which a resume takes from storage
 
 
@@ -129,9 +130,7 @@ def changed_on_this_host(storage_url: str, study_name: str, dataset: dict) -> li
     seen[key] = now
     try:  # best effort: a host that cannot keep the record only loses the notice
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        partial = path.with_name(f".{path.name}.{os.getpid()}")
-        partial.write_text(json.dumps(seen))
-        os.replace(partial, path)
+        atomic_write_text(path, json.dumps(seen))
     except OSError:
         pass
     if not isinstance(before, dict):

@@ -27,17 +27,17 @@ contract: its candidate is untried under the current version, and a proposal of 
 
 from __future__ import annotations
 
-import math
 import random
 from collections import Counter
 
 import optuna
 from optuna.trial import TrialState
 
-from nas.study.contract import VERSION_ATTR
+from nas.study.schema import VERSION_ATTR
 from nas.errors import TrialError
 from nas.search.space import Space
-from nas.study.storage import DUPLICATE_ATTR, FAIL_REASON_ATTR, INTERRUPTED, counts_toward_budget, is_failure
+from nas.search.stand_in_trials import Infinite, ListingTrial, RandomTrial
+from nas.study.schema import DUPLICATE_ATTR, FAIL_REASON_ATTR, INTERRUPTED, counts_toward_budget, is_failure
 
 LIST_LIMIT = 20_000  # a finite space with more candidates is treated like an infinite one
 DRAWS = 200  # random draws per attempt to find an untried candidate in a space too large to list
@@ -143,34 +143,6 @@ def record_repeat(trial: optuna.Trial, original: optuna.trial.FrozenTrial):
 # --- walking the space ------------------------------------------------------------------------
 
 
-class Infinite(Exception):
-    """The space has a float range: its candidates cannot be listed."""
-
-
-class ListingTrial:
-    """A stand-in trial that follows `path` (option indices) and then the first options, counting each decision's options."""
-
-    def __init__(self, path: list[int]):
-        self.path, self.counts, self.params = path, [], {}
-
-    def _take(self, name: str, options: list):
-        index = self.path[len(self.counts)] if len(self.counts) < len(self.path) else 0
-        self.counts.append(len(options))
-        self.params[name] = options[index]
-        return options[index]
-
-    def suggest_categorical(self, name, choices):
-        return self._take(name, list(choices))
-
-    def suggest_int(self, name, low, high, step=1, log=False):
-        if (high - low) // step + 1 > LIST_LIMIT:
-            raise Infinite(name)
-        return self._take(name, list(range(low, high + 1, step)))
-
-    def suggest_float(self, name, low, high, step=None, log=False):
-        raise Infinite(name)
-
-
 def list_candidates(space: Space, limit: int) -> list[dict] | None:
     """Every parameter set the space can produce, or None when it has float ranges or more than `limit`.
 
@@ -180,7 +152,7 @@ def list_candidates(space: Space, limit: int) -> list[dict] | None:
     """
     found, path = [], []
     while True:
-        walk = ListingTrial(path)
+        walk = ListingTrial(path, limit)
         try:
             space.sample(walk)
         except Infinite:
@@ -195,33 +167,3 @@ def list_candidates(space: Space, limit: int) -> list[dict] | None:
         if j < 0:
             return found
         path = indices[:j] + [indices[j] + 1]
-
-
-class RandomTrial:
-    """A stand-in trial that draws every value at random, as Optuna's distributions would (log, step)."""
-
-    def __init__(self, rng: random.Random):
-        self.rng, self.params = rng, {}
-
-    def _keep(self, name: str, value):
-        self.params[name] = value
-        return value
-
-    def suggest_categorical(self, name, choices):
-        return self._keep(name, self.rng.choice(list(choices)))
-
-    def suggest_int(self, name, low, high, step=1, log=False):
-        if log:
-            value = min(high, max(low, round(math.exp(self.rng.uniform(math.log(low), math.log(high))))))
-        else:
-            value = low + step * self.rng.randrange((high - low) // step + 1)
-        return self._keep(name, value)
-
-    def suggest_float(self, name, low, high, step=None, log=False):
-        if step is not None:
-            value = low + step * self.rng.randrange(int(round((high - low) / step)) + 1)
-        elif log:
-            value = math.exp(self.rng.uniform(math.log(low), math.log(high)))
-        else:
-            value = self.rng.uniform(low, high)
-        return self._keep(name, value)

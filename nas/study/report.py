@@ -11,13 +11,12 @@ never sees half a file.
 
 from __future__ import annotations
 
-import os
 import statistics
 from collections import Counter
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Iterable
 
 import matplotlib
 import numpy as np
@@ -28,14 +27,18 @@ from matplotlib.figure import Figure
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
-from nas.study.contract import VERSION_ATTR, show
-from nas.errors import NasError, StudyError
+from nas.study.schema import ARCH_ATTR, FAIL_REASON_ATTR, VERSION_ATTR
+from nas.study.contract import show
+from nas.output import atomic_write, atomic_write_text, markdown_table
+from nas.errors import NasError, StudyError, one_line
 from nas.search.config import StudyConfig
 from nas.study.workers import describe_workers, live_workers
 from nas.study.best_so_far import clock, improvements
 from nas.search.archspec import (NO_POSITION, NORM_ORDER, POSITION_ORDER, SETTING_ABBREV, UNKNOWN, describe_activations,
                           describe_block_types, describe_layout, describe_training, norm_group, order_key)
-from nas.study.storage import counts_toward_budget, is_duplicate, is_failure, load_existing_study, one_line, quiet_optuna, read_config_history, read_run_config
+from nas.study.schema import (counts_toward_budget, finite, is_duplicate, is_failure, read_config_history,
+                              read_run_config)
+from nas.study.storage import load_existing_study, quiet_optuna
 
 DPI = 110
 MIN_TRIALS = 3  # below this, importances and group comparisons are noise, not data
@@ -95,7 +98,7 @@ def write_report(storage: str, study_name: str, out_dir, top: int = 10) -> Path:
     ]
     path = out / "report.md"
     text = "\n\n".join("\n".join(lines) for lines in sections) + "\n"
-    atomic_write(path, lambda f: f.write(text.encode()))
+    atomic_write_text(path, text)
     plots.remove_stale()
     return path
 
@@ -111,10 +114,6 @@ def open_study(storage: str, study_name: str) -> optuna.Study:
     return study
 
 
-def _first_line(text: str) -> str:
-    return next((line.strip() for line in text.splitlines() if line.strip()), "")
-
-
 def _make_dir(path: Path) -> Path:
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -127,23 +126,10 @@ def complete_rows(trials: Iterable[FrozenTrial], minimize: bool = True) -> list[
     """The COMPLETE trials with a finite value, best first (ties by trial number)."""
     done = [t for t in trials if t.state == TrialState.COMPLETE and counts_toward_budget(t) and t.value is not None and np.isfinite(t.value)]
     done.sort(key=lambda t: ((t.value if minimize else -t.value), t.number))
-    return [Row(t, *norm_group(t.user_attrs.get("arch", {}))) for t in done]
+    return [Row(t, *norm_group(t.user_attrs.get(ARCH_ATTR, {}))) for t in done]
 
 
 # --- writing files -------------------------------------------------------------------------
-
-
-def atomic_write(path: Path, write: Callable) -> None:
-    """Write through a temporary name in the same folder, then rename over `path`."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        with suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
 
 
 class Plots:
@@ -155,7 +141,7 @@ class Plots:
     def save(self, fig: Figure, name: str, alt: str, caption: str) -> list[str]:
         """Write `fig` as `name`; returns the markdown that shows it with its caption."""
         fig.set_layout_engine("tight")
-        atomic_write(self.out_dir / name, lambda f: fig.savefig(f, format="png", dpi=DPI))
+        atomic_write(self.out_dir / name, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))
         self.made.add(name)
         return [f"![{alt}]({name})", "", f"*{caption}*"]
 
@@ -186,12 +172,6 @@ def _type_colors(types: Iterable[str]) -> dict[str, tuple]:
     cmap = colormaps["tab10"]
     ordered = sorted(set(types), key=order_key(NORM_ORDER))
     return {name: cmap(i % 10) for i, name in enumerate(ordered)}
-
-
-def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
-    cell = lambda text: str(text).replace("|", "\\|")  # noqa: E731
-    lines = ["| " + " | ".join(map(cell, header)) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return lines + ["| " + " | ".join(map(cell, row)) + " |" for row in rows]
 
 
 def _loss(value: float | None) -> str:
@@ -252,7 +232,7 @@ def config_history(study: optuna.Study, trials: list[FrozenTrial]) -> list[str]:
         rows.append([str(version), str(entry.get("at", "")), str(entry.get("source", "")), changes, str(per_version.get(version, 0))])
     return ["## Config history", "",
             "The study was continued with `--force` after its contract changed; trials of different versions were scored differently.", "",
-            *_md_table(["version", "from", "config", "changes", "finished trials"], rows)]
+            *markdown_table(["version", "from", "config", "changes", "finished trials"], rows)]
 
 
 def run_config_summary(config: dict) -> list[str]:
@@ -278,7 +258,7 @@ def failures(trials: list[FrozenTrial], limit: int = 10) -> list[str]:
         return ["## Failed trials", "", "None."]
     by_reason: dict[str, list[int]] = {}
     for t in failed:
-        reason = _first_line(str(t.user_attrs.get("fail_reason", ""))) or "no fail_reason recorded"
+        reason = one_line(str(t.user_attrs.get(FAIL_REASON_ATTR, ""))) or "no fail_reason recorded"
         by_reason.setdefault(reason[:200], []).append(t.number)
     ordered = sorted(by_reason.items(), key=lambda item: (-len(item[1]), item[1][0]))
     lines = ["## Failed trials", ""]
@@ -353,7 +333,7 @@ def importances(rows: list[Row], direction: StudyDirection, plots: Plots) -> lis
         "equal-budget answer to \"does this choice matter?\" run `nas-compare --factor KEY` (one study per level, "
         "re-evaluated over fresh seeds, with intervals and tests).",
         "",
-        *_md_table(["rank", "parameter", "importance"], [[str(i + 1), f"`{name}`", f"{v:.3f}"] for i, (name, v) in enumerate(rated)]),
+        *markdown_table(["rank", "parameter", "importance"], [[str(i + 1), f"`{name}`", f"{v:.3f}"] for i, (name, v) in enumerate(rated)]),
     ]
     if left_out:
         lines += ["", "Not rated (absent from some complete trials): " + ", ".join(f"`{n}`" for n in left_out) + "."]
@@ -404,7 +384,7 @@ def norm_groups(rows: list[Row], minimize: bool, plots: Plots) -> list[str]:
         "Cells: best / median CV loss (number of complete trials). A trial whose blocks differ is counted as `mixed` "
         "on that axis; residual blocks take their ordering (`residual:original` / `residual:preact`) as position.",
         "",
-        *_md_table(["norm type \\ position", *positions], cells),
+        *markdown_table(["norm type \\ position", *positions], cells),
         "",
     ]
     return lines + _group_plot(rows, minimize, plots)
@@ -440,7 +420,7 @@ def top_table(rows: list[Row], k: int) -> list[str]:
         return lines + ["No complete trials yet."]
     table = []
     for rank, r in enumerate(rows[:k], start=1):
-        arch, attrs = r.attrs.get("arch", {}), r.attrs
+        arch, attrs = r.attrs.get(ARCH_ATTR, {}), r.attrs
         std, acc, params = attrs.get("cv_loss_std"), attrs.get("cv_accuracy"), attrs.get("params")
         loss = _loss(r.loss) + (f" ± {std:.4f}" if std is not None else "")
         table.append([
@@ -450,7 +430,7 @@ def top_table(rows: list[Row], k: int) -> list[str]:
         ])
     legend = ", ".join(f"{short}={name}" for name, short in SETTING_ABBREV.items() if short != name)
     return lines + [
-        *_md_table(["rank", "trial", "CV loss ± std", "CV acc", "params", "norm layout (per block)", "activation", "block", "optimizer / lr / batch"], table),
+        *markdown_table(["rank", "trial", "CV loss ± std", "CV acc", "params", "norm layout (per block)", "activation", "block", "optimizer / lr / batch"], table),
         "",
         f"Layout: `sXbY` = stage X block Y, `a..b` = blocks a to b alike, `type@position(settings)`; {legend}; booleans 1/0.",
     ]
@@ -478,15 +458,10 @@ def bn_diagnostics(rows: list[Row], plots: Plots) -> list[str]:
         "A positive gap means the running statistics serve the model worse than the batch's own"
         + ("; a negative recalibrated - eval value means re-estimating them on the training fold helped." if recal else "."),
         "",
-        *_md_table(columns, table),
+        *markdown_table(columns, table),
         "",
     ]
     return lines + _bn_plot(have, plots)
-
-
-def finite(value) -> bool:
-    """A real number (not a bool), neither NaN nor infinite."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and bool(np.isfinite(value))
 
 
 def _bn_plot(rows: list[Row], plots: Plots) -> list[str]:

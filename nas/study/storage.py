@@ -1,101 +1,26 @@
-"""Opening Optuna storage and what bnnas keeps in it: the shared pieces of every command (no torch here).
+"""Opening Optuna storage: one route for every command (no torch here).
 
-A study holds, besides Optuna's trials:
-  study system attrs  `nas:run_config` (the run config the study was last trained with, space inline),
-                      `nas:data` (the fingerprint of the data it was searched on), `nas:config_history`
-                      (forced changes), `nas:stop_requested_at`, and one `nas:worker:...` record per live worker;
-  study user attr     `bnnas`: one short line, so `optuna studies` stays readable;
-  trial user attrs    the score (`nas.study.run.SCORE_ATTRS`), `arch`, `worker`, `duplicate_of`, `fail_reason`,
-                      `config_version`.
-Studies written before these names kept the run config in the user attr `run_config`; it is still read.
-Any process that can write the storage can write any attribute: the readers below check the type of
-what they return, and one of another type is a StoredAttrError naming the attribute and what was expected.
-A repeated proposal (`duplicate_of`) is a FAIL trial, so that no sampler or pruner counts it (`nas.study.duplicates`);
-studies written before kept repeats COMPLETE or PRUNED, which `counts_toward_budget` still tells apart.
+Any URL Optuna takes (SQLite, PostgreSQL, MySQL, a journal file) or a grpc:// (grpcs://) proxy.
+`storage_of` opens one to read; `open_for_search` opens one that a search writes, with heartbeats,
+crash retries and a busy timeout, after checking that a SQLite file can be written. What bnnas keeps
+in a storage, and reading and writing it, is `nas.study.schema`.
 """
 
 from __future__ import annotations
 
 import os
-import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
 import optuna
 import sqlalchemy
-from optuna.trial import TrialState
-from sqlalchemy.exc import IntegrityError, ProgrammingError
+from sqlalchemy.exc import IntegrityError, ProgrammingError, SQLAlchemyError
 
-from nas.study.contract import VERSION_ATTR, config_of_version
-from nas.errors import ConfigError, StudyError
-from nas.validation import check_scalar, type_name
+from nas.errors import StudyError, one_line
 from nas.study.storage_proxy import PROXY_SCHEMES, grpc_proxy
 
 SQLITE = "sqlite:///"
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # finished states; see `counts_toward_budget`
-STOP_ATTR = "nas:stop_requested_at"  # study system attribute: when a graceful stop was last asked for
-RUN_CONFIG_ATTR = "nas:run_config"
-DATA_ATTR = "nas:data"
-HISTORY_ATTR = "nas:config_history"
-SUMMARY_ATTR = "bnnas"  # the study user attr `optuna studies` shows
-LEGACY_RUN_CONFIG_ATTR = "run_config"  # user attr of studies written before RUN_CONFIG_ATTR
-DUPLICATE_ATTR = "duplicate_of"  # trial user attr: the proposal repeated this tried trial's parameters
-FAIL_REASON_ATTR = "fail_reason"
-INTERRUPTED = "interrupted"  # the fail reason of a trial stopped by SIGINT / SIGTERM: no fault of its candidate
-
-
-# trial user attrs bnnas writes and reads back, by the type they hold (`float` also takes an int)
-TRIAL_ATTR_KINDS = {"arch": dict, "cv_accuracy": float, "cv_loss_std": float, "params": int, "train_seconds": float,
-                    FAIL_REASON_ATTR: str, DUPLICATE_ATTR: int, VERSION_ATTR: int, "pruned_at_step": int}
-
-
-class StoredAttrError(StudyError):
-    """An attribute in the storage of a type bnnas never writes (another writer's, or damaged)."""
-
-
-def _bad(where: str, expected: str, value) -> StoredAttrError:
-    shown = repr(value)
-    shown = shown if len(shown) <= 60 else shown[:60] + "…"
-    return StoredAttrError(f"{where}: expected {expected}, holds {type_name(value)} {shown}")
-
-
-def _of_kind(value, kind: type, where: str):
-    """`value` if it is of `kind` (a scalar checked as the config loader does, or dict / list), else StoredAttrError."""
-    if kind in (dict, list):
-        if not isinstance(value, kind):
-            raise _bad(where, type_name(kind()), value)
-        return value
-    try:
-        return check_scalar(value, kind, "", "")
-    except ConfigError:  # worded for a file and key path: reworded for a stored value
-        raise _bad(where, type_name(kind()), value) from None
-
-
-def trial_attr(trial: optuna.trial.FrozenTrial, name: str, default=None):
-    """A trial user attr of the type bnnas stores it as (`TRIAL_ATTR_KINDS`); absent or None: `default`."""
-    value = trial.user_attrs.get(name)
-    if value is None:
-        return default
-    return _of_kind(value, TRIAL_ATTR_KINDS[name], f"trial {trial.number}: user attr '{name}'")
-
-
-def is_duplicate(trial: optuna.trial.FrozenTrial) -> bool:
-    return DUPLICATE_ATTR in trial.user_attrs
-
-
-def is_failure(trial: optuna.trial.FrozenTrial) -> bool:
-    """A FAIL trial that tried to train its candidate (a repeat is FAIL only to keep it from samplers and pruners)."""
-    return trial.state == TrialState.FAIL and not is_duplicate(trial)
-
-
-def counts_toward_budget(trial: optuna.trial.FrozenTrial) -> bool:
-    """A finished (complete or pruned) trial that trained a new candidate: what `--trials N` counts."""
-    return trial.state in FINISHED and not is_duplicate(trial)
-
-
-def budget_count(trials) -> int:
-    return sum(map(counts_toward_budget, trials))
 
 
 def sqlite_path(url: str) -> Path | None:
@@ -160,6 +85,51 @@ def make_storage(url: str, heartbeat_seconds: float, retries: int) -> optuna.sto
                 raise
 
 
+def open_for_search(url: str, heartbeat_seconds: float, retries: int, what: str = "study.storage"):
+    """The storage a search writes, refused in one line when it cannot be opened or written.
+
+    The folder of a local SQLite file is created, so the default `sqlite:///runs/nas.db` just works.
+    """
+    check_writable_sqlite(url, what)
+    path = sqlite_path(url)
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StudyError(f"{what}: cannot create {path.parent}: {exc.strerror or exc}") from None
+    for attempt in range(2):
+        try:
+            with quiet_optuna():
+                return make_storage(url, heartbeat_seconds, retries)
+        except (ImportError, ValueError, SQLAlchemyError) as exc:
+            if attempt == 0 and "already exists" in str(exc):
+                continue  # another worker made the tables of a fresh storage between our check and create: use them
+            raise StudyError(f"{what}: cannot open {url}: {one_line(exc)}") from None
+
+
+def open_to_read(url: str) -> optuna.storages.BaseStorage:
+    """A storage to read and steer (the dashboard's): a missing SQLite file is refused, not created.
+
+    An RDB storage is wrapped in Optuna's cache of finished trials (what `optuna.load_study`
+    uses), so a page reads only the trials that are new or still running; it creates no tables,
+    and SQLite waits for a search's write lock instead of failing a page (or the search).
+    """
+    path = sqlite_path(url)
+    if path is not None and not path.is_file():
+        raise StudyError(f"--storage: {path} does not exist (start a search with nas-search first)")
+    try:
+        with quiet_optuna():
+            if url.startswith(RDB_SCHEMES):
+                rdb = optuna.storages.RDBStorage(url, engine_kwargs=engine_options(url), skip_table_creation=True)
+                storage = optuna.storages.get_storage(rdb)
+            else:
+                storage = storage_of(url)
+            storage.get_all_studies()
+    except (ImportError, ValueError, SQLAlchemyError, RuntimeError) as exc:
+        raise StudyError(f"--storage: cannot read {url}: {one_line(exc)}") from None
+    return storage
+
+
 def check_writable_sqlite(url: str, what: str = "study.storage") -> None:
     """Refuse a SQLite file (or its folder) that cannot be written before anything is tried on it.
 
@@ -196,86 +166,6 @@ def delete_study_system_attr(storage, study_id: int, key: str) -> None:
                      {"study": study_id, "key": key})
 
 
-def read_run_config(storage, study_id: int) -> dict | None:
-    """The run config a study was last trained with (None: not made by nas-search)."""
-    where = f"study attr '{RUN_CONFIG_ATTR}'"
-    config = storage.get_study_system_attrs(study_id).get(RUN_CONFIG_ATTR)
-    if config is None:
-        where = f"study user attr '{LEGACY_RUN_CONFIG_ATTR}'"
-        config = storage.get_study_user_attrs(study_id).get(LEGACY_RUN_CONFIG_ATTR)
-    return None if config is None else _of_kind(config, dict, where)
-
-
-def config_value(config: dict, key_path: str, kind: type, default=None):
-    """One value of a stored run config (`study.trials`), read without loading the whole config (which needs torch):
-    of `kind` (`list`: a list of strings), `default` when absent, else StoredAttrError naming the key."""
-    where = f"study attr '{RUN_CONFIG_ATTR}' key {key_path}"
-    node = config
-    for part in key_path.split("."):
-        if not isinstance(node, dict):
-            raise _bad(where, "a mapping on the way", node)
-        if node.get(part) is None:
-            return default
-        node = node[part]
-    if kind is list:
-        if not isinstance(node, list) or not all(isinstance(item, str) for item in node):
-            raise _bad(where, "a list of names", node)
-        return node
-    return _of_kind(node, kind, where)
-
-
-def read_config_history(storage, study_id: int) -> list[dict]:
-    """The forced changes of the study's contract, oldest first (`nas.study.contract.history_entry`)."""
-    history = storage.get_study_system_attrs(study_id).get(HISTORY_ATTR)
-    if history is None:
-        return []
-    where = f"study attr '{HISTORY_ATTR}'"
-    for i, entry in enumerate(_of_kind(history, list, where)):
-        changes = _of_kind(entry, dict, f"{where}[{i}]").get("changes", [])
-        for j, change in enumerate(_of_kind(changes, list, f"{where}[{i}].changes")):
-            if not isinstance(change, dict) or not {"key", "old", "new"} <= change.keys():
-                raise _bad(f"{where}[{i}].changes[{j}]", "a mapping of key, old and new", change)
-    return history
-
-
-def read_data_fingerprint(storage, study_id: int) -> dict | None:
-    found = storage.get_study_system_attrs(study_id).get(DATA_ATTR)
-    return None if found is None else _of_kind(found, dict, f"study attr '{DATA_ATTR}'")
-
-
-def read_stop_request(storage, study_id: int) -> float | None:
-    """When a graceful stop was last asked for (`request_stop`), as a Unix time; None: never."""
-    found = storage.get_study_system_attrs(study_id).get(STOP_ATTR)
-    return None if found is None else _of_kind(found, float, f"study attr '{STOP_ATTR}'")
-
-
-def config_of_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> tuple[dict | None, dict | None]:
-    """The run config and data fingerprint `trial` was scored under (a forced change may have come since)."""
-    storage, study_id = study._storage, study._study_id
-    current = read_run_config(storage, study_id)
-    version = trial.user_attrs.get(VERSION_ATTR, 0)
-    return config_of_version(version, current, read_data_fingerprint(storage, study_id), read_config_history(storage, study_id))
-
-
-def write_run_config(storage, study_id: int, config: dict, fingerprint: dict | None, summary: str) -> None:
-    """Store the run config (and data fingerprint) as system attrs, and the one-line summary as the user attr."""
-    storage.set_study_system_attr(study_id, RUN_CONFIG_ATTR, config)
-    if fingerprint is not None:
-        storage.set_study_system_attr(study_id, DATA_ATTR, fingerprint)
-    storage.set_study_user_attr(study_id, SUMMARY_ATTR, summary)
-    if LEGACY_RUN_CONFIG_ATTR in storage.get_study_user_attrs(study_id):
-        engine = rdb_engine(storage)
-        if engine is not None:  # an older study: its ~2,000-character user attr moves to the system attr
-            with engine.begin() as conn:
-                conn.execute(sqlalchemy.text("DELETE FROM study_user_attributes WHERE study_id = :study AND key = :key"),
-                             {"study": study_id, "key": LEGACY_RUN_CONFIG_ATTR})
-
-
-def one_line(exc: BaseException) -> str:
-    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
-    return first or type(exc).__name__
-
-
 def load_existing_study(storage: str, study_name: str) -> optuna.Study:
     """Load a study that must exist; otherwise a StudyError naming the studies that do.
 
@@ -298,12 +188,3 @@ def load_existing_study(storage: str, study_name: str) -> optuna.Study:
     return optuna.load_study(study_name=study_name, storage=store)
 
 
-def request_stop(storage: optuna.storages.BaseStorage | str, study_name: str) -> None:
-    """Ask every worker of a study to stop after its current trial (the dashboard's Stop).
-
-    Kept in the storage, so it reaches workers on any machine and outlives the process that asked;
-    a worker started after the request ignores it (see `nas.study.run.StopOnRequest`), so Resume needs
-    no clearing step.
-    """
-    store = storage_of(storage) if isinstance(storage, str) else storage
-    store.set_study_system_attr(store.get_study_id_from_name(study_name), STOP_ATTR, time.time())

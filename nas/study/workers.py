@@ -26,10 +26,9 @@ import optuna
 import psutil
 from optuna.trial import TrialState
 
-from nas.study.storage import FAIL_REASON_ATTR, delete_study_system_attr
+from nas.study.schema import FAIL_REASON_ATTR, WORKER_ATTR, WORKER_PREFIX
+from nas.study.storage import delete_study_system_attr
 
-WORKER_PREFIX = "nas:worker:"
-TRIAL_WORKER_ATTR = "worker"
 
 
 @dataclass(frozen=True)
@@ -108,7 +107,7 @@ def known_dead(other: Identity) -> bool:
 
 def mark_trial(trial: optuna.Trial) -> None:
     """Record which process runs this trial (read by `reclaim_dead_trials` on the same host)."""
-    trial.set_user_attr(TRIAL_WORKER_ATTR, current().as_dict())
+    trial.set_user_attr(WORKER_ATTR, current().as_dict())
 
 
 def reclaim_dead_trials(study: optuna.Study, grace_seconds: float | None = None, retries: int = 1) -> list[int]:
@@ -125,7 +124,7 @@ def reclaim_dead_trials(study: optuna.Study, grace_seconds: float | None = None,
     beats = heartbeat_less(storage) and grace_seconds is not None
     records = storage.get_study_system_attrs(study._study_id) if beats else {}
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        owner = Identity.from_dict(trial.user_attrs.get(TRIAL_WORKER_ATTR))
+        owner = Identity.from_dict(trial.user_attrs.get(WORKER_ATTR))
         if owner is None:
             continue
         if known_dead(owner):

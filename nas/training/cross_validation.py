@@ -9,13 +9,12 @@ import numpy as np
 import torch
 
 from nas.models.build import build, count_parameters
-from nas.search.config import EvaluationConfig
 from nas.data.datasets import Dataset
 from nas.errors import TrialError
 from nas.data.samples import rows
 from nas.training.diagnostics import recalibrate, train_mode_loss
 from nas.training.folds_together import NotBatchable, train_together
-from nas.training.train import evaluate, fit, prepare_model, scoring_batch_size
+from nas.training.train import OnEpoch, evaluate, fit, prepare_model, scoring_batch_size
 
 
 def fold_seed(study_seed: int, trial_number: int, fold: int) -> int:
@@ -29,20 +28,20 @@ def cross_validate(
     folds: list[tuple[torch.Tensor, torch.Tensor]],
     epochs: int,
     device: torch.device,
+    *,
     study_seed: int = 0,
     trial_number: int = 0,
-    on_epoch: Callable[..., None] | None = None,
+    on_epoch: OnEpoch | None = None,
     on_fold: Callable[[int, float], None] | None = None,
     recalibrate_bn: bool = False,
-    fold_mode: str = EvaluationConfig.fold_mode,
+    fold_mode: str = "together",
 ) -> dict:
     """Train and validate `spec` on every fold; returns the Score as plain data.
 
-    `on_epoch(fold, epoch, val_loss, val_acc)` and `on_fold(fold, val_loss)` let the caller
-    report to a pruner (and stop by raising). With `fold_mode` `together` the folds train as one
-    batched computation (nas.training.folds_together) and `on_epoch` gets fold None, the mean over the
-    folds, and a fifth argument: each fold's validation loss; a spec that cannot train batched trains one fold after another, and the Score says
-    why in `fold_mode_fallback`. Each fold also records the BN diagnostics: the
+    `on_epoch(EpochReport)` and `on_fold(fold, val_loss)` let the caller report to a pruner (and
+    stop by raising). With `fold_mode` `together` the folds train as one batched computation
+    (nas.training.folds_together) and report with fold None; a spec that cannot train batched
+    trains one fold after another, and the Score says why in `fold_mode_fallback`. Each fold also records the BN diagnostics: the
     validation loss with batch statistics, and with `recalibrate_bn` the loss after the running
     statistics are re-estimated on the training fold (which then is the fold's score).
     """
@@ -51,10 +50,8 @@ def cross_validate(
     together, fallback = None, None
     if fold_mode == "together":
         models = [_model(spec, data, device, seed) for seed in seeds]
-        per_epoch = None if on_epoch is None else (
-            lambda e, losses, accs: on_epoch(None, e, statistics.fmean(losses), statistics.fmean(accs), losses))
         try:
-            together = list(zip(models, train_together(models, data, folds, hp, epochs, device, seeds, per_epoch)))
+            together = list(zip(models, train_together(models, data, folds, hp, epochs, device, seeds, on_epoch)))
         except NotBatchable as exc:
             fallback = str(exc)
         del models
@@ -65,9 +62,8 @@ def cross_validate(
             model, result = together[k]
         else:
             model = _model(spec, data, device, seeds[k])
-            per_epoch = None if on_epoch is None else (lambda e, loss, acc, k=k: on_epoch(k, e, loss, acc))
             try:
-                result = fit(model, data, train_idx, val_idx, hp, epochs, device, seeds[k], per_epoch)
+                result = fit(model, data, train_idx, val_idx, hp, epochs, device, seed=seeds[k], fold=k, on_epoch=on_epoch)
             except torch.cuda.OutOfMemoryError as exc:
                 params = count_parameters(model)
                 del model  # release this candidate's memory before the next trial

@@ -22,16 +22,13 @@ import torch
 from torch import nn
 
 from nas.models.batch_renorm import BatchRenorm
+from nas.models.norms import running_stats_layers
 from nas.training.train import autocast, evaluate, on_device_layout
-
-
-def running_stat_layers(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if isinstance(m, (nn.modules.batchnorm._BatchNorm, BatchRenorm)) and m.running_mean is not None]
 
 
 def _norms_in_train_mode(model: nn.Module) -> list[nn.Module]:
     model.eval()
-    layers = running_stat_layers(model)
+    layers = running_stats_layers(model)
     for m in layers:
         m.train()
     return layers
@@ -56,7 +53,7 @@ def train_mode_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_si
 
     None when no layer keeps running statistics: the eval-mode loss is then the same number.
     """
-    layers = running_stat_layers(model)
+    layers = running_stats_layers(model)
     if not layers:
         return None
     saved = [{k: v.clone() for k, v in m.state_dict().items()} for m in layers]

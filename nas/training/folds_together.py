@@ -10,8 +10,8 @@ of steps per epoch (`batches` makes that one batch less at most for the larger o
 from __future__ import annotations
 
 import math
+import statistics
 import time
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +22,7 @@ from nas.errors import TrialError
 from nas.data.samples import loaded, rows
 from nas.training.signals import SIGNALS
 from nas.models.stacking import NotStackable, stack
-from nas.training.train import (FitResult, autocast, batches, conv_weights, cosine_schedule, evaluate, on_device_layout, optimizer_for,
+from nas.training.train import (EpochReport, FitResult, OnEpoch, autocast, batches, conv_weights, cosine_schedule, evaluate, on_device_layout, optimizer_for,
                        prepare_model, scoring_batch_size)
 
 
@@ -44,11 +44,11 @@ def train_together(
     epochs: int,
     device: torch.device,
     seeds: list[int],
-    on_epoch: Callable[[int, list[float], list[float]], None] | None = None,
+    on_epoch: OnEpoch | None = None,
 ) -> list[FitResult]:
     """`nas.training.train.fit` for every fold at once; the trained state is written back into `models`.
 
-    `on_epoch(epoch, fold_val_losses, fold_val_accuracies)` after each epoch when given. Raises
+    `on_epoch` after each epoch when given, with fold None, the means over the folds and each fold's loss. Raises
     NotBatchable when the models cannot be stacked or the stack does not fit in memory.
     """
     start = time.perf_counter()
@@ -103,6 +103,6 @@ def train_together(
                 if not math.isfinite(value):
                     raise TrialError(f"fold {fold + 1}: validation loss is {value} at epoch {epoch + 1}")
             if on_epoch is not None:
-                on_epoch(epoch, losses, accuracies)
+                on_epoch(EpochReport(epoch, statistics.fmean(losses), statistics.fmean(accuracies), None, losses))
     share = (time.perf_counter() - start) / k  # each fold's share of the one batched run
     return [FitResult(loss, acc, share, epochs) for loss, acc in zip(losses, accuracies)]

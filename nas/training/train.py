@@ -1,8 +1,8 @@
 """Train one model on one split and evaluate it: a short loop over index slices of tensors.
 
 This module knows nothing of YAML or Optuna: it takes a model, the data, indices and the
-spec's `training` hyperparameters, and calls `on_epoch(epoch, val_loss, val_acc)` when given
-(the caller prunes there by raising).
+spec's `training` hyperparameters, and calls `on_epoch(EpochReport)` when given (the caller
+prunes there by raising). Every training loop (one fold, the folds together) reports one shape.
 """
 
 from __future__ import annotations
@@ -20,7 +20,23 @@ from torch import nn
 from nas.data.datasets import Dataset, augment_batch
 from nas.errors import NasError, TrialError
 from nas.data.samples import loaded, rows
+from nas.models.norms import batch_dependent_in_eval
 from nas.training.signals import SIGNALS
+
+
+@dataclass(frozen=True)
+class EpochReport:
+    """One epoch's validation. `fold` is None when the folds train together: then `loss` and `accuracy`
+    are their means and `fold_losses` each fold's."""
+
+    epoch: int  # 0-based
+    loss: float
+    accuracy: float
+    fold: int | None = None
+    fold_losses: list[float] | None = None
+
+
+OnEpoch = Callable[[EpochReport], None]
 
 
 @dataclass
@@ -100,7 +116,7 @@ EVAL_BATCH = 1024  # evaluation batch of models whose eval outputs do not depend
 def batch_dependent(model: nn.Module) -> bool:
     """True when some BatchNorm keeps no running statistics: in eval mode it normalizes with each
     batch's own statistics, so a sample's output depends on the samples batched with it."""
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.track_running_stats for m in model.modules())
+    return any(map(batch_dependent_in_eval, model.modules()))
 
 
 def scoring_batch_size(model: nn.Module, hp: dict) -> int:
@@ -137,14 +153,16 @@ def fit(
     hp: dict,
     epochs: int,
     device: torch.device,
-    seed: int,
-    on_epoch: Callable[[int, float, float], None] | None = None,
+    *,
+    seed: int = 0,
+    fold: int | None = None,
+    on_epoch: OnEpoch | None = None,
     train_mode: Callable[[nn.Module], None] | None = None,
     max_steps: int | None = None,
 ) -> FitResult:
     """Train `model` on `train_idx` for `epochs` with a cosine learning rate, validate on `val_idx` (None: no validation).
 
-    Only parameters with requires_grad are trained; `train_mode(model)`, when given, runs after
+    `fold` labels the epoch reports. Only parameters with requires_grad are trained; `train_mode(model)`, when given, runs after
     `model.train()` every epoch (fine-tuning keeps some norm layers in eval mode there).
     `max_steps` ends training after that many optimizer steps (the schedule then spans them), so
     runs on labelled sets of different sizes can get exactly the same number of steps.
@@ -185,5 +203,5 @@ def fit(
             if not math.isfinite(val_loss):
                 raise TrialError(f"validation loss is {val_loss} at epoch {epoch + 1}")
             if on_epoch is not None:
-                on_epoch(epoch, val_loss, val_acc)
+                on_epoch(EpochReport(epoch, val_loss, val_acc, fold))
     return FitResult(val_loss, val_acc, time.perf_counter() - start, epochs)

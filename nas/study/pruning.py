@@ -28,38 +28,9 @@ import warnings
 import optuna
 from optuna.trial import TrialState
 
-EPOCH_PRUNERS = ("median", "hyperband", "successive_halving")  # judge the mean so far, on the study's scale
-REDUCTION_FACTOR = 3  # successive halving keeps the best third at every rung (Optuna's default)
-P_THRESHOLD = 0.1  # Wilcoxon's (Optuna's default)
-
-
-def max_resource(epochs: int, folds: int, fold_mode: str) -> int:
-    """The largest step a trial reports (see the module docstring)."""
-    return epochs if fold_mode == "together" else folds
-
-
-def smallest_wilcoxon_p(pairs: int) -> float:
-    """The smallest one-sided p the Wilcoxon signed-rank test gives on `pairs` paired values (1/2^pairs)."""
-    import scipy.stats
-
-    return float(scipy.stats.wilcoxon(range(1, pairs + 1), alternative="greater").pvalue)
-
-
-def pruner_problem(name: str, folds: int, fold_mode: str, recalibrate_bn: bool) -> str | None:
-    """Why `evaluation.pruner` cannot save compute with these settings (None: it can)."""
-    if name == "none":
-        return None
-    if fold_mode == "together" and name == "wilcoxon":
-        return ("wilcoxon needs fold_mode: sequential (with the folds trained together, fold scores arrive "
-                "after every fold trained: there is nothing left to save)")
-    if fold_mode == "together" and recalibrate_bn:
-        return (f"{name} with recalibrate_bn needs fold_mode: sequential (the scored, recalibrated loss exists "
-                "once a fold has trained; with the folds together that is after all of them: nothing left to save)")
-    if name == "wilcoxon" and smallest_wilcoxon_p(folds - 1) >= P_THRESHOLD:
-        need = next(k for k in range(folds + 1, 64) if smallest_wilcoxon_p(k - 1) < P_THRESHOLD)
-        return (f"wilcoxon cannot prune with {folds} folds at p_threshold {P_THRESHOLD}: it judges after every fold "
-                f"but the last, and the smallest one-sided p after n folds is 1/2^n; use >= {need} folds")
-    return None
+from nas.search.pruners import EPOCH_PRUNERS, PRUNERS, max_resource
+from nas.study.schema import FOLD_LOSSES_ATTR, PARTIAL_FOLD_LOSSES_ATTR, PRUNED_AT_STEP_ATTR
+from nas.training.train import EpochReport
 
 
 class _WithoutFailed:
@@ -94,23 +65,9 @@ def make_pruner(name: str, epochs: int, folds: int = 3, fold_mode: str = "togeth
     """The pruner `evaluation.pruner` names; multi-fidelity ones span 1 .. `max_resource` steps."""
     top = max_resource(epochs, folds, fold_mode)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        if name == "median":
-            inner = optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=max(1, top // 3))
-        elif name == "wilcoxon":
-            inner = optuna.pruners.WilcoxonPruner(p_threshold=P_THRESHOLD)
-        elif name == "successive_halving":
-            inner = optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=REDUCTION_FACTOR)
-        elif name == "hyperband":
-            inner = optuna.pruners.HyperbandPruner(min_resource=1, max_resource=top, reduction_factor=REDUCTION_FACTOR)
-        else:
-            inner = optuna.pruners.NopPruner()
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # Wilcoxon
+        inner = PRUNERS[name](top)
     return FoldPruner(inner, epochs, folds, fold_mode)
-
-
-def reports_every_epoch(name: str, fold_mode: str = "together") -> bool:
-    """Whether the pruner reads per-epoch validation losses (sequential trials report per fold only)."""
-    return name in EPOCH_PRUNERS and fold_mode == "together"
 
 
 class Reporter:
@@ -123,20 +80,20 @@ class Reporter:
     def __init__(self, trial: optuna.Trial, pruner: str, epochs: int, folds: int):
         scale = trial.study.pruner
         if not isinstance(scale, FoldPruner):
-            raise TypeError(f"the study's pruner is {type(scale).__name__}, not one nas.search.pruning.make_pruner built")
+            raise TypeError(f"the study's pruner is {type(scale).__name__}, not one nas.study.pruning.make_pruner built")
         self.trial, self.pruner, self.epochs, self.folds, self.fold_mode = trial, pruner, epochs, folds, scale.fold_mode
         self.fold_losses: list[float] = []  # finished folds
         self.latest: list[float | None] = [None] * folds  # each fold's latest validation loss
         self.reported: set[int] = set()
 
-    def epoch(self, fold: int | None, epoch: int, loss: float, per_fold: list[float] | None = None) -> None:
-        """After 0-based `epoch` of `fold` (None: all folds together, `loss` their mean, `per_fold` each)."""
-        if fold is not None:  # one fold after another: judged per completed fold (see `fold`)
-            self.latest[fold] = loss
+    def epoch(self, report: EpochReport) -> None:
+        """After an epoch of one fold, or of all folds together (fold None)."""
+        if report.fold is not None:  # one fold after another: judged per completed fold (see `fold`)
+            self.latest[report.fold] = report.loss
             return
-        self.latest = list(per_fold) if per_fold is not None else self.latest
+        self.latest = list(report.fold_losses) if report.fold_losses is not None else self.latest
         if self.pruner in EPOCH_PRUNERS:
-            self._report(epoch + 1, loss, judge=epoch + 1 < self.epochs)
+            self._report(report.epoch + 1, report.loss, judge=report.epoch + 1 < self.epochs)
 
     def fold(self, fold: int, loss: float) -> None:
         """After `fold` is scored (`loss`: its score, recalibrated when re-estimating)."""
@@ -155,7 +112,7 @@ class Reporter:
         self.trial.report(value, step)
         self.reported.add(step)
         if judge and self.trial.should_prune():
-            self.trial.set_user_attr("fold_losses", list(self.fold_losses))
-            self.trial.set_user_attr("partial_fold_losses", list(self.latest))
-            self.trial.set_user_attr("pruned_at_step", step)
+            self.trial.set_user_attr(FOLD_LOSSES_ATTR, list(self.fold_losses))
+            self.trial.set_user_attr(PARTIAL_FOLD_LOSSES_ATTR, list(self.latest))
+            self.trial.set_user_attr(PRUNED_AT_STEP_ATTR, step)
             raise optuna.TrialPruned(f"pruned at step {step}")

@@ -1,0 +1,83 @@
+"""The objective: sample an ArchSpec, cross-validate it, store the score on the trial.
+
+A proposal that repeats a tried candidate is recorded as a FAIL repeat without training
+(`nas.study.duplicates`); a trial that another worker's finish put over the budget fails at once.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import optuna
+
+from nas.errors import TrialError
+from nas.search.config import RunConfig
+from nas.search.pruners import reports_every_epoch
+from nas.search.space import Space
+from nas.study.duplicates import Novelty, record_repeat
+from nas.study.pruning import Reporter
+from nas.study.schema import (ARCH_ATTR, COST_ATTRS, FAIL_REASON_ATTR, INTERRUPTED, OVER_BUDGET, SCORE_ATTRS,
+                              VERSION_ATTR)
+from nas.study.stopping import over_budget
+from nas.study.workers import mark_trial, reclaim_dead_trials
+from nas.training.signals import SIGNALS
+
+
+def make_objective(cfg: RunConfig, data, folds, device, *, epoch_bar: Callable | None = None,
+                   novelty: Novelty | None = None, version: int = 0) -> Callable[[optuna.Trial], float | tuple]:
+    """The objective of `cfg`'s study on `data` split into `folds`; `epoch_bar(trial_number)` makes a progress bar."""
+    from nas.models.costs import candidate_costs
+    from nas.training.cross_validation import cross_validate  # late: keeps torch out of `import nas.study` readers
+
+    space = Space(cfg.space)
+    epochs = cfg.evaluation.epochs
+
+    def objective(trial: optuna.Trial) -> float | tuple:
+        mark_trial(trial)
+        trial.set_user_attr(VERSION_ATTR, version)
+        reclaim_dead_trials(trial.study, 2 * cfg.study.heartbeat_seconds, cfg.study.retries)
+        if over_budget(trial.study, trial.number, cfg.study.trials):
+            trial.set_user_attr(FAIL_REASON_ATTR, OVER_BUDGET)
+            raise TrialError(OVER_BUDGET)
+        spec = space.sample(trial)
+        trial.set_user_attr(ARCH_ATTR, spec)
+        original = novelty.original_of(trial.study, trial.params) if novelty is not None else None
+        if original is not None:
+            record_repeat(trial, original)  # raises: a FAIL trial, caught by `optimize`
+        reporter = Reporter(trial, cfg.evaluation.pruner, epochs, len(folds))
+        bar = epoch_bar(trial.number) if epoch_bar else None
+
+        def on_epoch(report) -> None:
+            if bar is not None:
+                bar.update(len(folds) if report.fold is None else 1)
+                bar.set_postfix(fold="all" if report.fold is None else report.fold + 1, val_loss=f"{report.loss:.4f}")
+            reporter.epoch(report)
+
+        every_epoch = bar is not None or reports_every_epoch(cfg.evaluation.pruner, cfg.evaluation.fold_mode)
+        try:
+            with SIGNALS.interruptible():
+                score = cross_validate(spec, data, folds, epochs, device, study_seed=cfg.study.seed, trial_number=trial.number,
+                                       on_epoch=on_epoch if every_epoch else None, on_fold=reporter.fold,
+                                       recalibrate_bn=cfg.evaluation.recalibrate_bn, fold_mode=cfg.evaluation.fold_mode)
+        except TrialError as exc:
+            trial.set_user_attr(FAIL_REASON_ATTR, str(exc))
+            raise
+        except KeyboardInterrupt:  # SIGINT, and SIGTERM (see cli): Optuna marks the trial FAIL
+            trial.set_user_attr(FAIL_REASON_ATTR, INTERRUPTED)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        for key in SCORE_ATTRS:
+            if key in score:
+                trial.set_user_attr(key, score[key])
+        if cfg.objectives == ["cv_loss"]:
+            return score["cv_loss"]
+        costs = candidate_costs(spec, data.input_shape, data.num_classes, device, cfg.evaluation.latency_batch_size,
+                                cfg.objectives, cfg.evaluation.latency_threads)
+        for objective_name, value in costs.items():
+            trial.set_user_attr(COST_ATTRS[objective_name], value)
+        values = {**score, **costs}
+        return tuple(values[name] for name in cfg.objectives)
+
+    return objective
