@@ -20,15 +20,18 @@ from nas._lazy import public
 
 __version__ = "0.1.0"  # the one version source: pyproject.toml reads it
 
-__getattr__, __dir__, __all__ = public(__name__, {
-    "models.build": ["build"],
-    "search.config": ["load_run_config", "RunConfig"],
-    "search.space": ["Space", "load_space"],
-    "data.datasets": ["load_dataset"],
-    "training.cross_validation": ["cross_validate"],
-    "study.run": ["run_search"],
-    "study.storage": ["load_existing_study"],
-    "study.schema": ["request_stop"],
-    "deploy.export": ["export_trial", "load_exported"],
-})
+__getattr__, __dir__, __all__ = public(
+    __name__,
+    {
+        "models.build": ["build"],
+        "search.config": ["load_run_config", "RunConfig"],
+        "search.space": ["Space", "load_space"],
+        "data.datasets": ["load_dataset"],
+        "training.cross_validation": ["cross_validate"],
+        "study.run": ["run_search"],
+        "study.storage": ["load_existing_study"],
+        "study.schema": ["request_stop"],
+        "deploy.export": ["export_trial", "load_exported"],
+    },
+)
 __all__ = ["__version__", *__all__]

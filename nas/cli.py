@@ -15,18 +15,27 @@ import os
 import sys
 import textwrap
 import time
-import nas
 from pathlib import Path
 
-from nas.search.config import FOLD_MODES, OBJECTIVES
+import nas
+from nas.errors import NasError, Terminated, VerificationError
+from nas.search.config import FOLD_MODES, OBJECTIVES, SHORTCUTS, Override, load_run_config, parse_override
 from nas.search.pruners import PRUNER_NAMES
 from nas.search.samplers import SAMPLER_NAMES
-from nas.search.config import SHORTCUTS, Override, load_run_config, parse_override
-from nas.errors import NasError, Terminated, VerificationError
 from nas.validation import did_you_mean
 
-__all__ = ["main", "search_main", "report_main", "export_main", "bench_main", "finetune_main", "dashboard_main",
-           "compare_main", "predict_main", "storage_proxy_main"]  # the console scripts
+__all__ = [
+    "main",
+    "search_main",
+    "report_main",
+    "export_main",
+    "bench_main",
+    "finetune_main",
+    "dashboard_main",
+    "compare_main",
+    "predict_main",
+    "storage_proxy_main",
+]  # the console scripts
 DEFAULT_STORAGE = "sqlite:///runs/nas.db"
 # The embedded default run config: package data, so an installed bnnas has it; the repository's
 # configs/digits.yaml and search_spaces/bn_placement.yaml are links to these files.
@@ -70,8 +79,6 @@ def _console_script(main):
     return wrapper
 
 
-
-
 def _parser(command: str, details: str, epilog: str = "") -> argparse.ArgumentParser:
     """A command's parser: its summary and details, its epilog, the exit codes and --version."""
     p = argparse.ArgumentParser(
@@ -107,25 +114,70 @@ examples:
   nas-search --config configs/cifar.yaml --set dataset.root=~/data/cifar10 --trials 100
   nas-search --resume --study digits-bn --storage sqlite:///runs/nas.db --trials 60""",
     )
-    p.add_argument("--config", help="run config YAML (dataset, search space, study, evaluation); "
-                   "default: the embedded configs/digits.yaml (digits, offline)")
-    p.add_argument("--resume", action="store_true", help="continue a stored study without its YAML (needs --study; --storage defaults to %(default)s)".replace("%(default)s", DEFAULT_STORAGE))
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE", help="override any config key (repeatable), e.g. --set dataset.root=~/data")
+    p.add_argument(
+        "--config",
+        help="run config YAML (dataset, search space, study, evaluation); "
+        "default: the embedded configs/digits.yaml (digits, offline)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue a stored study without its YAML (needs --study; --storage defaults to %(default)s)".replace(
+            "%(default)s", DEFAULT_STORAGE
+        ),
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="override any config key (repeatable), e.g. --set dataset.root=~/data",
+    )
     _shortcut_arguments(p, SHORTCUTS, "shortcuts (each overrides one config key)")
-    p.add_argument("--workers", type=int, default=1, help="worker processes on this study (default %(default)s); across machines, run nas-search on each against one PostgreSQL --storage")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="worker processes on this study (default %(default)s); across machines, run nas-search on each against one PostgreSQL --storage",
+    )
     ray = p.add_argument_group("a Ray cluster (pip install 'bnnas[ray]')")
-    ray.add_argument("--ray", nargs="?", const="", metavar="ADDRESS", help="run the workers as Ray tasks: no ADDRESS starts a "
-                     "local Ray, 'auto' joins the cluster this machine belongs to, or give the head's address")
-    ray.add_argument("--ray-workers", type=int, default=1, metavar="N", help="workers to start on the cluster (default %(default)s)")
-    ray.add_argument("--gpus-per-trial", type=float, metavar="F", help="GPUs each worker reserves; 0.25 puts four on one GPU "
-                     "(default: 1 where the cluster has GPUs and the device is not cpu, else 0)")
-    ray.add_argument("--cpus-per-trial", type=float, default=1.0, metavar="C", help="CPUs each worker reserves (default %(default)s)")
-    p.add_argument("--force", action="store_true", help="continue a study although its dataset, data, evaluation, objectives, seed or search space "
-                   "differ from the stored ones (the change is recorded in the study's config history); budget, timeout, "
-                   "device, sampler and progress flags may change without it")
-    p.add_argument("--launched-at", type=float, metavar="EPOCH", help="when this run was launched, in seconds since the epoch "
-                   "(default: when it starts); a stop request from then on stops it. nas-dashboard passes its Resume time, so "
-                   "a Stop right after Resume is not missed while the worker imports torch and loads data")
+    ray.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        metavar="ADDRESS",
+        help="run the workers as Ray tasks: no ADDRESS starts a "
+        "local Ray, 'auto' joins the cluster this machine belongs to, or give the head's address",
+    )
+    ray.add_argument(
+        "--ray-workers", type=int, default=1, metavar="N", help="workers to start on the cluster (default %(default)s)"
+    )
+    ray.add_argument(
+        "--gpus-per-trial",
+        type=float,
+        metavar="F",
+        help="GPUs each worker reserves; 0.25 puts four on one GPU "
+        "(default: 1 where the cluster has GPUs and the device is not cpu, else 0)",
+    )
+    ray.add_argument(
+        "--cpus-per-trial", type=float, default=1.0, metavar="C", help="CPUs each worker reserves (default %(default)s)"
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="continue a study although its dataset, data, evaluation, objectives, seed or search space "
+        "differ from the stored ones (the change is recorded in the study's config history); budget, timeout, "
+        "device, sampler and progress flags may change without it",
+    )
+    p.add_argument(
+        "--launched-at",
+        type=float,
+        metavar="EPOCH",
+        help="when this run was launched, in seconds since the epoch "
+        "(default: when it starts); a stop request from then on stops it. nas-dashboard passes its Resume time, so "
+        "a Stop right after Resume is not missed while the worker imports torch and loads data",
+    )
     _progress_arguments(p, "never show progress bars")
     return p
 
@@ -140,14 +192,24 @@ def _shortcut_arguments(p: argparse.ArgumentParser, shortcuts: dict, title: str)
 
 def _progress_arguments(p: argparse.ArgumentParser, without: str) -> None:
     bars = p.add_mutually_exclusive_group()
-    bars.add_argument("--progress", dest="progress", action="store_true", default=None, help="show progress bars even when stderr is not a terminal")
+    bars.add_argument(
+        "--progress",
+        dest="progress",
+        action="store_true",
+        default=None,
+        help="show progress bars even when stderr is not a terminal",
+    )
     bars.add_argument("--no-progress", dest="progress", action="store_false", help=without)
 
 
 def _overrides(args: argparse.Namespace, shortcuts: dict) -> list[Override]:
     """`--set` values and the shortcut flags given, each remembering its flag for error messages."""
     overrides = [parse_override(text) for text in args.overrides]
-    return overrides + [Override(key, getattr(args, flag), f"--{flag}") for flag, key in shortcuts.items() if getattr(args, flag) is not None]
+    return overrides + [
+        Override(key, getattr(args, flag), f"--{flag}")
+        for flag, key in shortcuts.items()
+        if getattr(args, flag) is not None
+    ]
 
 
 @_console_script
@@ -160,16 +222,20 @@ def search_main(argv: list[str] | None = None) -> int:
         parser.error("--workers must be >= 1")
     if args.launched_at is not None and not math.isfinite(args.launched_at):
         parser.error("--launched-at must be a finite number of seconds since the epoch")
-    if args.ray is not None and (args.ray_workers < 1 or (args.gpus_per_trial or 0) < 0 or args.cpus_per_trial <= 0 or args.workers > 1):
+    if args.ray is not None and (
+        args.ray_workers < 1 or (args.gpus_per_trial or 0) < 0 or args.cpus_per_trial <= 0 or args.workers > 1
+    ):
         parser.error("--ray needs --ray-workers >= 1, --gpus-per-trial >= 0, --cpus-per-trial > 0, and no --workers")
     return _run(lambda: _search(args, argv))
 
 
 def _search(args: argparse.Namespace, argv: list[str] | None) -> None:
-    from nas.study.run import run_search
     from nas.study.opening import stored_config
+    from nas.study.run import run_search
 
-    launched = time.time() if args.launched_at is None else args.launched_at  # a stop request from now on is for this run
+    launched = (
+        time.time() if args.launched_at is None else args.launched_at
+    )  # a stop request from now on is for this run
     overrides = _overrides(args, SHORTCUTS)
     if args.resume:
         storage = args.storage or DEFAULT_STORAGE
@@ -177,26 +243,44 @@ def _search(args: argparse.Namespace, argv: list[str] | None) -> None:
     else:
         cfg = load_run_config(args.config or DEFAULT_CONFIG, overrides)
     if not args.resume and not args.config:
-        print(f"No --config given: running the embedded default (configs/digits.yaml: {cfg.dataset.name}, "
-              f"--trials {cfg.study.trials} --folds {cfg.evaluation.folds} --epochs {cfg.evaluation.epochs}, "
-              f"study '{cfg.study.name}' in {cfg.study.storage})", flush=True)
+        print(
+            f"No --config given: running the embedded default (configs/digits.yaml: {cfg.dataset.name}, "
+            f"--trials {cfg.study.trials} --folds {cfg.evaluation.folds} --epochs {cfg.evaluation.epochs}, "
+            f"study '{cfg.study.name}' in {cfg.study.storage})",
+            flush=True,
+        )
     if args.ray is not None:
         from nas.cluster.ray_workers import run_on_ray
-        from nas.study.tables import summary_table
         from nas.study.storage import load_existing_study
+        from nas.study.tables import summary_table
 
         argv = sys.argv[1:] if argv is None else argv
-        run_on_ray(cfg, _worker_command(argv, launched), args.ray or None, args.ray_workers, args.gpus_per_trial, args.cpus_per_trial)
+        run_on_ray(
+            cfg,
+            _worker_command(argv, launched),
+            args.ray or None,
+            args.ray_workers,
+            args.gpus_per_trial,
+            args.cpus_per_trial,
+        )
         print(summary_table(load_existing_study(cfg.study.storage, cfg.study.name)))
         return
     worker = None
     if args.workers > 1:  # the other workers: this command again, one worker each, quiet
         argv = sys.argv[1:] if argv is None else argv
         worker = _worker_command(argv, launched)
-    run_search(cfg, progress=args.progress, force=args.force, worker_command=worker, workers=args.workers, started=launched)
+    run_search(
+        cfg, progress=args.progress, force=args.force, worker_command=worker, workers=args.workers, started=launched
+    )
 
 
-LAUNCH_FLAGS = {"--workers", "--ray-workers", "--gpus-per-trial", "--cpus-per-trial", "--launched-at"}  # each takes a value
+LAUNCH_FLAGS = {
+    "--workers",
+    "--ray-workers",
+    "--gpus-per-trial",
+    "--cpus-per-trial",
+    "--launched-at",
+}  # each takes a value
 
 
 def _worker_command(argv: list[str], launched_at: float) -> list[str]:
@@ -243,12 +327,15 @@ def report_main(argv: list[str] | None = None) -> int:
 
 
 def export_parser() -> argparse.ArgumentParser:
-    p = _parser("export", "The trial (default: the best) is tested on the held-out test split; model.ts (TorchScript), "
-                "model.pt2 (torch.export), model.onnx (with the onnx extra), weights.pt and model.json (with the "
-                "preprocessing from a raw input) are written, then every model file is verified in a fresh process. "
-                "model.ts and model.pt2 are code to whoever loads them; model.json says so. With BNNAS_EXPORT_KEY set, "
-                "model.sig signs model.json (HMAC-SHA256), and the commands that read an export then refuse any folder "
-                "not signed with that key.")
+    p = _parser(
+        "export",
+        "The trial (default: the best) is tested on the held-out test split; model.ts (TorchScript), "
+        "model.pt2 (torch.export), model.onnx (with the onnx extra), weights.pt and model.json (with the "
+        "preprocessing from a raw input) are written, then every model file is verified in a fresh process. "
+        "model.ts and model.pt2 are code to whoever loads them; model.json says so. With BNNAS_EXPORT_KEY set, "
+        "model.sig signs model.json (HMAC-SHA256), and the commands that read an export then refuse any folder "
+        "not signed with that key.",
+    )
     _study_arguments(p)
     p.add_argument("--trial", type=int, help="trial number (default: the best; required for multi-objective studies)")
     p.add_argument("--out", default="exported", help="output folder (default %(default)s)")
@@ -267,8 +354,15 @@ def export_main(argv: list[str] | None = None) -> int:
     def export() -> None:
         from nas.deploy.export import export_trial
 
-        export_trial(args.storage, args.study, args.out, trial_number=args.trial, epochs=args.epochs, device=args.device,
-                     force=args.force)
+        export_trial(
+            args.storage,
+            args.study,
+            args.out,
+            trial_number=args.trial,
+            epochs=args.epochs,
+            device=args.device,
+            force=args.force,
+        )
 
     return _run(export)
 
@@ -276,19 +370,31 @@ def export_main(argv: list[str] | None = None) -> int:
 def bench_parser() -> argparse.ArgumentParser:
     from nas.models.costs import DEFAULT_THREADS, SPREAD_LIMIT
 
-    p = _parser("bench", "Median latency and throughput of each variant, measured side by side in one run, with a "
-                f"pinned CPU thread count; rows whose p90/p10 exceeds {SPREAD_LIMIT} are marked and warned about. "
-                "The eager variants are rebuilt from model.json's arch and weights.pt (loaded as data), onnxruntime "
-                "runs model.onnx; TorchScript (model.ts) and torch.export (model.pt2) are code and are timed only with "
-                "--trust-code.")
+    p = _parser(
+        "bench",
+        "Median latency and throughput of each variant, measured side by side in one run, with a "
+        f"pinned CPU thread count; rows whose p90/p10 exceeds {SPREAD_LIMIT} are marked and warned about. "
+        "The eager variants are rebuilt from model.json's arch and weights.pt (loaded as data), onnxruntime "
+        "runs model.onnx; TorchScript (model.ts) and torch.export (model.pt2) are code and are timed only with "
+        "--trust-code.",
+    )
     p.add_argument("--model", required=True, help="an export folder written by nas-export")
-    p.add_argument("--trust-code", action="store_true", help="also time model.ts and model.pt2: loading them runs code "
-                   "from the folder, so trust it like a script")
-    p.add_argument("--threads", type=int, default=DEFAULT_THREADS,
-                   help="CPU threads for every variant (default %(default)s, as the latency_ms objective)")
+    p.add_argument(
+        "--trust-code",
+        action="store_true",
+        help="also time model.ts and model.pt2: loading them runs code from the folder, so trust it like a script",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=DEFAULT_THREADS,
+        help="CPU threads for every variant (default %(default)s, as the latency_ms objective)",
+    )
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu", help="default %(default)s")
     p.add_argument("--batch-sizes", default="1,64,256", help="comma-separated (default %(default)s)")
-    p.add_argument("--repeats", type=int, default=50, help="timed calls per variant and batch size (default %(default)s)")
+    p.add_argument(
+        "--repeats", type=int, default=50, help="timed calls per variant and batch size (default %(default)s)"
+    )
     p.add_argument("--warmup", type=int, default=10, help="untimed calls first (default %(default)s)")
     return p
 
@@ -310,8 +416,11 @@ def bench_main(argv: list[str] | None = None) -> int:
 
         if args.trust_code:
             print(code_note(args.model, list(CODE_FILES)), file=sys.stderr)
-        print(bench_export(args.model, args.device, sizes, args.warmup, args.repeats, args.threads,
-                           trust_code=args.trust_code))
+        print(
+            bench_export(
+                args.model, args.device, sizes, args.warmup, args.repeats, args.threads, trust_code=args.trust_code
+            )
+        )
 
     return _run(bench)
 
@@ -326,18 +435,41 @@ def finetune_parser() -> argparse.ArgumentParser:
         "target inputs; with K > 0 then the head trained), bn-only (norm affine parameters and head), full (everything)\n"
         "example:\n  nas-finetune --model exported/ --config configs/digits_shifted.yaml --bn-mode adabn",
     )
-    p.add_argument("--model", required=True, help="an export folder written by nas-export (or nas-finetune); read "
-                   "as data (model.json's arch and weights.pt), never its code files")
-    p.add_argument("--config", required=True, help="run config YAML whose dataset (and dataset.transforms) is the target")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="an export folder written by nas-export (or nas-finetune); read "
+        "as data (model.json's arch and weights.pt), never its code files",
+    )
+    p.add_argument(
+        "--config", required=True, help="run config YAML whose dataset (and dataset.transforms) is the target"
+    )
     p.add_argument("--bn-mode", required=True, choices=MODES, help="how the norm layers adapt")
-    p.add_argument("--labels-per-class", type=_per_class, metavar="K|all", default=argparse.SUPPRESS,
-                   help="labelled target training samples per class, stratified and seeded (default: 0 for adabn, all otherwise)")
+    p.add_argument(
+        "--labels-per-class",
+        type=_per_class,
+        metavar="K|all",
+        default=argparse.SUPPRESS,
+        help="labelled target training samples per class, stratified and seeded (default: 0 for adabn, all otherwise)",
+    )
     p.add_argument("--epochs", type=int, help="training epochs (default: the config's evaluation.epochs)")
     p.add_argument("--lr", type=float, help="learning rate (default: the model's searched training.lr)")
-    p.add_argument("--seed", type=int, default=0, help="seeds the labelled subset, a new head and the batch order (default %(default)s)")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seeds the labelled subset, a new head and the batch order (default %(default)s)",
+    )
     p.add_argument("--out", default="finetuned", help="output folder (default %(default)s)")
     p.add_argument("--force", action="store_true", help="overwrite an export already in --out")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE", help="override any config key (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="override any config key (repeatable)",
+    )
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: the config's device")
     return p
 
@@ -369,8 +501,18 @@ def finetune_main(argv: list[str] | None = None) -> int:
         from nas.deploy.finetune import finetune
 
         cfg = load_run_config(args.config, [parse_override(text) for text in args.overrides])
-        finetune(args.model, cfg, mode=args.bn_mode, out=args.out, labels_per_class=per_class, epochs=args.epochs,
-                 seed=args.seed, lr=args.lr, device=args.device, force=args.force)
+        finetune(
+            args.model,
+            cfg,
+            mode=args.bn_mode,
+            out=args.out,
+            labels_per_class=per_class,
+            epochs=args.epochs,
+            seed=args.seed,
+            lr=args.lr,
+            device=args.device,
+            force=args.force,
+        )
 
     return _run(finetune)
 
@@ -380,22 +522,55 @@ def dashboard_parser() -> argparse.ArgumentParser:
 
     p = _parser("dashboard", "List and detail pages, Resume / Stop / Export best, and optuna-dashboard under /optuna/.")
     p.add_argument("--storage", default=DEFAULT_STORAGE, help="Optuna storage URL (default %(default)s)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s, or ::1; any other needs a token)")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default %(default)s, or ::1; any other needs a token)"
+    )
     p.add_argument("--port", type=int, default=8080, help="default %(default)s; 0 picks a free port")
-    p.add_argument("--token-file", metavar="PATH", help="file holding the secret every request must carry (open the printed "
-                   "...?token= address once); or set NAS_DASHBOARD_TOKEN. Needed for any --host but loopback")
-    p.add_argument("--token", help="the secret itself (visible to every user in ps: prefer --token-file or NAS_DASHBOARD_TOKEN)")
-    p.add_argument("--allow-host", action="append", default=[], metavar="NAME", help="another Host name browsers use to reach it (repeatable)")
+    p.add_argument(
+        "--token-file",
+        metavar="PATH",
+        help="file holding the secret every request must carry (open the printed "
+        "...?token= address once); or set NAS_DASHBOARD_TOKEN. Needed for any --host but loopback",
+    )
+    p.add_argument(
+        "--token", help="the secret itself (visible to every user in ps: prefer --token-file or NAS_DASHBOARD_TOKEN)"
+    )
+    p.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="another Host name browsers use to reach it (repeatable)",
+    )
     p.add_argument("--workdir", default="runs/dashboard", help="worker logs and exports (default %(default)s)")
-    p.add_argument("--idle-timeout", type=int, default=30, metavar="SECONDS",
-                   help="close a connection that sent or received nothing for this long (default %(default)s)")
-    p.add_argument("--session-idle", type=int, default=SESSION_IDLE, metavar="SECONDS",
-                   help="token mode: a login unused this long ends (default %(default)s; an open page keeps it in use)")
-    p.add_argument("--session-lifetime", type=int, default=SESSION_LIFETIME, metavar="SECONDS",
-                   help="token mode: a login ends this long after it began, however used (default %(default)s)")
-    p.add_argument("--trusted-proxy", metavar="ADDR", help="the address of the TLS reverse proxy in front: its "
-                   "X-Forwarded-Proto alone is believed (https: the session cookie is Secure). "
-                   "Beyond loopback, serve behind one")
+    p.add_argument(
+        "--idle-timeout",
+        type=int,
+        default=30,
+        metavar="SECONDS",
+        help="close a connection that sent or received nothing for this long (default %(default)s)",
+    )
+    p.add_argument(
+        "--session-idle",
+        type=int,
+        default=SESSION_IDLE,
+        metavar="SECONDS",
+        help="token mode: a login unused this long ends (default %(default)s; an open page keeps it in use)",
+    )
+    p.add_argument(
+        "--session-lifetime",
+        type=int,
+        default=SESSION_LIFETIME,
+        metavar="SECONDS",
+        help="token mode: a login ends this long after it began, however used (default %(default)s)",
+    )
+    p.add_argument(
+        "--trusted-proxy",
+        metavar="ADDR",
+        help="the address of the TLS reverse proxy in front: its "
+        "X-Forwarded-Proto alone is believed (https: the session cookie is Secure). "
+        "Beyond loopback, serve behind one",
+    )
     return p
 
 
@@ -417,17 +592,31 @@ def dashboard_main(argv: list[str] | None = None) -> int:
         token = read_token(args.token, args.token_file)
         require_token_beyond_loopback(args.host, token)  # before the slow imports below
         if args.token is not None:
-            print("nas-dashboard: --token shows the secret to every user of this machine (ps); "
-                  "prefer --token-file PATH or NAS_DASHBOARD_TOKEN", file=sys.stderr)
+            print(
+                "nas-dashboard: --token shows the secret to every user of this machine (ps); "
+                "prefer --token-file PATH or NAS_DASHBOARD_TOKEN",
+                file=sys.stderr,
+            )
         from nas.dashboard.server import serve
 
-        serve(args.storage, args.host, args.port, token, args.workdir, args.allow_host, args.idle_timeout,
-              sessions=Sessions(args.session_idle, args.session_lifetime), trusted_proxy=args.trusted_proxy)
+        serve(
+            args.storage,
+            args.host,
+            args.port,
+            token,
+            args.workdir,
+            args.allow_host,
+            args.idle_timeout,
+            sessions=Sessions(args.session_idle, args.session_lifetime),
+            trusted_proxy=args.trusted_proxy,
+        )
 
     return _run(dashboard)
 
 
-COMPARE_SHORTCUTS = {flag: key for flag, key in SHORTCUTS.items() if flag not in ("trials", "timeout")}  # budgets: --trials-per-cell
+COMPARE_SHORTCUTS = {
+    flag: key for flag, key in SHORTCUTS.items() if flag not in ("trials", "timeout")
+}  # budgets: --trials-per-cell
 
 
 def compare_parser() -> argparse.ArgumentParser:
@@ -450,13 +639,42 @@ examples:
   nas-compare --factor regularizer=experiments/bn_vs_regularizers/variants.yaml --out runs/regularizers""",
     )
     p.add_argument("--config", help="run config YAML (default: the embedded configs/digits.yaml)")
-    p.add_argument("--factor", action="append", default=[], required=True, metavar="KEY|FILE.yaml|NAME=FILE.yaml", help="a factor (repeatable)")
-    p.add_argument("--levels", action="append", default=[], metavar="FACTOR=A,B", help="the levels of a factor to compare (repeatable)")
+    p.add_argument(
+        "--factor",
+        action="append",
+        default=[],
+        required=True,
+        metavar="KEY|FILE.yaml|NAME=FILE.yaml",
+        help="a factor (repeatable)",
+    )
+    p.add_argument(
+        "--levels",
+        action="append",
+        default=[],
+        metavar="FACTOR=A,B",
+        help="the levels of a factor to compare (repeatable)",
+    )
     p.add_argument("--trials-per-cell", type=int, default=20, help="search budget of every cell (default %(default)s)")
-    p.add_argument("--seeds", type=int, default=5, help="fresh seeds each cell's best is re-evaluated with (default %(default)s; at least 2)")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=5,
+        help="fresh seeds each cell's best is re-evaluated with (default %(default)s; at least 2)",
+    )
     p.add_argument("--out", help="folder for compare.md, compare.json and compare.png")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE", help="override any config key (repeatable)")
-    _shortcut_arguments(p, COMPARE_SHORTCUTS, "shortcuts (each overrides one config key; --study names the cells' studies: STUDY[levels])")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="override any config key (repeatable)",
+    )
+    _shortcut_arguments(
+        p,
+        COMPARE_SHORTCUTS,
+        "shortcuts (each overrides one config key; --study names the cells' studies: STUDY[levels])",
+    )
     _progress_arguments(p, "never show progress bars (a line per trial instead)")
     return p
 
@@ -473,8 +691,8 @@ def compare_main(argv: list[str] | None = None) -> int:
     def compare() -> None:
         import shlex
 
-        from nas.compare.run import parse_factors, run_comparison
         from nas.compare.report import text_table, write
+        from nas.compare.run import parse_factors, run_comparison
 
         cfg = load_run_config(args.config or DEFAULT_CONFIG, _overrides(args, COMPARE_SHORTCUTS))
         factors = parse_factors(cfg, args.factor, args.levels)
@@ -495,20 +713,30 @@ def compare_main(argv: list[str] | None = None) -> int:
 def predict_parser() -> argparse.ArgumentParser:
     from nas.deploy.predict import RUNTIMES
 
-    p = _parser("predict", "Every input is preprocessed from its raw form by model.json's recipe (scale, mean / std, "
-                "layout); the model file's sha256 is checked before it loads. A shape or channel count the model "
-                "does not take is refused. By default no code from the folder runs: the model is rebuilt from "
-                "model.json's arch and weights.pt, loaded as data.", "runtimes:\n"
-                "  eager  bnnas builds model.json's arch, loads weights.pt (torch.load weights_only=True), folds BN\n"
-                "  onnx   model.onnx in onnxruntime (a graph, no Python; needs the onnx extra)\n"
-                "  ts     model.ts, TorchScript: code, loaded only from a folder you trust like a script\n"
-                "  pt2    model.pt2, torch.export (its loader unpickles): code, likewise\n"
-                "With BNNAS_EXPORT_KEY set, a folder whose model.sig was not made with that key is refused.\n"
-                "example:\n  nas-predict --model exported/ digit.png samples.npy")
+    p = _parser(
+        "predict",
+        "Every input is preprocessed from its raw form by model.json's recipe (scale, mean / std, "
+        "layout); the model file's sha256 is checked before it loads. A shape or channel count the model "
+        "does not take is refused. By default no code from the folder runs: the model is rebuilt from "
+        "model.json's arch and weights.pt, loaded as data.",
+        "runtimes:\n"
+        "  eager  bnnas builds model.json's arch, loads weights.pt (torch.load weights_only=True), folds BN\n"
+        "  onnx   model.onnx in onnxruntime (a graph, no Python; needs the onnx extra)\n"
+        "  ts     model.ts, TorchScript: code, loaded only from a folder you trust like a script\n"
+        "  pt2    model.pt2, torch.export (its loader unpickles): code, likewise\n"
+        "With BNNAS_EXPORT_KEY set, a folder whose model.sig was not made with that key is refused.\n"
+        "example:\n  nas-predict --model exported/ digit.png samples.npy",
+    )
     p.add_argument("--model", required=True, help="an export folder written by nas-export (or nas-finetune)")
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files (.png, .jpg) or .npy / .npz arrays of raw samples")
-    p.add_argument("--runtime", choices=list(RUNTIMES), default="eager",
-                   help="how the model runs (default %(default)s: no code from the folder; see runtimes below)")
+    p.add_argument(
+        "inputs", nargs="+", metavar="INPUT", help="image files (.png, .jpg) or .npy / .npz arrays of raw samples"
+    )
+    p.add_argument(
+        "--runtime",
+        choices=list(RUNTIMES),
+        default="eager",
+        help="how the model runs (default %(default)s: no code from the folder; see runtimes below)",
+    )
     p.add_argument("--top", type=int, default=1, help="classes shown per input (default %(default)s)")
     p.add_argument("--json", action="store_true", help="print a JSON list instead of a line per input")
     return p
@@ -536,26 +764,41 @@ def predict_main(argv: list[str] | None = None) -> int:
 
 
 def storage_proxy_parser() -> argparse.ArgumentParser:
-    p = _parser("storage-proxy", "Workers, the dashboard and reports then take --storage grpc://HOST:PORT "
-                "(grpcs:// with TLS). Whoever reaches the port could read, rewrite and delete every study, so beyond "
-                "loopback the proxy serves only callers with its token (BNNAS_PROXY_TOKEN or --token-file here, "
-                "BNNAS_PROXY_TOKEN on every client) or a client certificate signed by --tls-client-ca (clients: "
-                "grpcs:// with BNNAS_PROXY_TLS_CA, BNNAS_PROXY_TLS_CERT, BNNAS_PROXY_TLS_KEY). Without TLS the token "
-                "crosses the network in clear.",
-                "example:\n  export BNNAS_PROXY_TOKEN=$(python -c 'import secrets; print(secrets.token_urlsafe(32))')\n"
-                "  nas-storage-proxy --storage postgresql+psycopg2://nas:PASSWORD@db/nas --host 10.0.0.5 \\\n"
-                "      --port 13000 --tls-cert proxy.pem --tls-key proxy.key --tls-client-ca cluster-ca.pem")
+    p = _parser(
+        "storage-proxy",
+        "Workers, the dashboard and reports then take --storage grpc://HOST:PORT "
+        "(grpcs:// with TLS). Whoever reaches the port could read, rewrite and delete every study, so beyond "
+        "loopback the proxy serves only callers with its token (BNNAS_PROXY_TOKEN or --token-file here, "
+        "BNNAS_PROXY_TOKEN on every client) or a client certificate signed by --tls-client-ca (clients: "
+        "grpcs:// with BNNAS_PROXY_TLS_CA, BNNAS_PROXY_TLS_CERT, BNNAS_PROXY_TLS_KEY). Without TLS the token "
+        "crosses the network in clear.",
+        "example:\n  export BNNAS_PROXY_TOKEN=$(python -c 'import secrets; print(secrets.token_urlsafe(32))')\n"
+        "  nas-storage-proxy --storage postgresql+psycopg2://nas:PASSWORD@db/nas --host 10.0.0.5 \\\n"
+        "      --port 13000 --tls-cert proxy.pem --tls-key proxy.key --tls-client-ca cluster-ca.pem",
+    )
     p.add_argument("--storage", required=True, help="the storage URL the proxy serves (SQLite, PostgreSQL, MySQL)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s); any other than loopback "
-                   "needs a token or client certificates, or --insecure")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default %(default)s); any other than loopback "
+        "needs a token or client certificates, or --insecure",
+    )
     p.add_argument("--port", type=int, default=13000, help="default %(default)s")
-    p.add_argument("--token-file", metavar="PATH", help="a file holding the token every call must carry "
-                   "(default: $BNNAS_PROXY_TOKEN; at least 16 characters; never on the command line)")
+    p.add_argument(
+        "--token-file",
+        metavar="PATH",
+        help="a file holding the token every call must carry "
+        "(default: $BNNAS_PROXY_TOKEN; at least 16 characters; never on the command line)",
+    )
     p.add_argument("--tls-cert", metavar="PEM", help="the proxy's TLS certificate (clients then use grpcs://)")
     p.add_argument("--tls-key", metavar="PEM", help="the key of --tls-cert")
     p.add_argument("--tls-client-ca", metavar="PEM", help="accept only clients whose certificate this CA signed")
-    p.add_argument("--insecure", action="store_true", help="INSECURE: serve a non-loopback --host without "
-                   "authentication; anyone who reaches the port can then read, rewrite and delete every study")
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="INSECURE: serve a non-loopback --host without "
+        "authentication; anyone who reaches the port can then read, rewrite and delete every study",
+    )
     return p
 
 
@@ -569,8 +812,16 @@ def storage_proxy_main(argv: list[str] | None = None) -> int:
     def serve() -> None:
         from nas.cluster.proxy_server import serve_storage_proxy
 
-        serve_storage_proxy(args.storage, args.host, args.port, token_file=args.token_file, tls_cert=args.tls_cert,
-                            tls_key=args.tls_key, tls_client_ca=args.tls_client_ca, insecure=args.insecure)
+        serve_storage_proxy(
+            args.storage,
+            args.host,
+            args.port,
+            token_file=args.token_file,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            tls_client_ca=args.tls_client_ca,
+            insecure=args.insecure,
+        )
 
     return _run(serve)
 
@@ -594,15 +845,25 @@ def _run(action) -> int:
     return 0
 
 
-COMMANDS = {"search": search_main, "report": report_main, "export": export_main,
-            "bench": bench_main, "finetune": finetune_main, "dashboard": dashboard_main, "compare": compare_main,
-            "predict": predict_main, "storage-proxy": storage_proxy_main}
+COMMANDS = {
+    "search": search_main,
+    "report": report_main,
+    "export": export_main,
+    "bench": bench_main,
+    "finetune": finetune_main,
+    "dashboard": dashboard_main,
+    "compare": compare_main,
+    "predict": predict_main,
+    "storage-proxy": storage_proxy_main,
+}
 
 
 def commands_help() -> str:
     lines = "\n".join(f"  {name:<10} {SUMMARIES[name]}" for name in COMMANDS)
-    return (f"usage: python -m nas COMMAND [ARGS...]\n\nEvery console script of bnnas (nas-COMMAND), run with this "
-            f"interpreter; python -m nas COMMAND --help for one.\n\ncommands:\n{lines}\n\n{EXIT_CODES}")
+    return (
+        f"usage: python -m nas COMMAND [ARGS...]\n\nEvery console script of bnnas (nas-COMMAND), run with this "
+        f"interpreter; python -m nas COMMAND --help for one.\n\ncommands:\n{lines}\n\n{EXIT_CODES}"
+    )
 
 
 @_console_script

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 
 def text_table(rows: list[tuple | list]) -> list[str]:
@@ -23,6 +23,7 @@ def text_table(rows: list[tuple | list]) -> list[str]:
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
     """A GitHub-flavoured markdown table; a `|` inside a cell is escaped."""
+
     def cell(text) -> str:
         return str(text).replace("|", "\\|")
 

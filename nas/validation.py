@@ -70,8 +70,15 @@ def read_yaml(path: str | Path) -> dict:
 
 
 def type_name(value: Any) -> str:
-    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
-            list: "a list", dict: "a mapping", type(None): "nothing"}.get(type(value), type(value).__name__)
+    return {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        dict: "a mapping",
+        type(None): "nothing",
+    }.get(type(value), type(value).__name__)
 
 
 def check_scalar(value: Any, kind: type, file: str, path: str) -> Any:
@@ -95,7 +102,11 @@ def check_bounds(value: Any, meta: dict, file: str, path: str) -> None:
         known = choices() if callable(choices) else choices
         if value not in known:
             what = meta.get("what", "value")
-            raise ConfigError(file, path, f"unknown {what} '{value}' (known: {', '.join(known)}){did_you_mean(value, known, meta.get('aliases'))}")
+            raise ConfigError(
+                file,
+                path,
+                f"unknown {what} '{value}' (known: {', '.join(known)}){did_you_mean(value, known, meta.get('aliases'))}",
+            )
     if "min" in meta and value < meta["min"]:
         raise ConfigError(file, path, f"must be >= {meta['min']}, got {value}")
     if "above" in meta and value <= meta["above"]:

@@ -23,12 +23,10 @@ from pathlib import Path
 
 import torch
 
-from nas.search import DatasetConfig, load_run_config
 from nas.data import Dataset, load_dataset, stratified_folds
-from nas.training import cross_validate
-from nas.search import Space, default_spec
 from nas.models import build
-from nas.training import autocast, on_device_layout, resolve_device
+from nas.search import DatasetConfig, Space, default_spec, load_run_config
+from nas.training import autocast, cross_validate, on_device_layout, resolve_device
 
 # A representative digits CNN: two stages (32, 64 channels), BatchNorm after each conv.
 SPEC = default_spec({"width": 32, "training": {"batch_size": 64}})
@@ -58,7 +56,9 @@ def candidate(args) -> dict:
     return SPEC
 
 
-def run(spec: dict, data: Dataset, folds, epochs: int, device: torch.device, mode: str, every_epoch: bool = False) -> tuple[float, float, dict]:
+def run(
+    spec: dict, data: Dataset, folds, epochs: int, device: torch.device, mode: str, every_epoch: bool = False
+) -> tuple[float, float, dict]:
     """(wall seconds, this process's CPU seconds, score) of one k-fold evaluation."""
     start, cpu = time.perf_counter(), time.process_time()
     on_epoch = (lambda report: None) if every_epoch else None  # as nas-search with a progress bar or the median pruner
@@ -77,7 +77,7 @@ def compare(spec: dict, data: Dataset, folds, args, device: torch.device) -> dic
         return None
     times = {"wall": {m: [] for m in MODES}, "cpu": {m: [] for m in MODES}}
     for r in range(args.repeats):  # alternate (and swap who goes first) so drift hits both alike
-        for mode in (MODES if r % 2 == 0 else MODES[::-1]):
+        for mode in MODES if r % 2 == 0 else MODES[::-1]:
             seconds, cpu_seconds, _ = run(spec, data, folds, args.epochs, device, mode, args.every_epoch)
             times["wall"][mode].append(seconds)
             times["cpu"][mode].append(cpu_seconds)
@@ -94,13 +94,22 @@ def print_one(times: dict, device: torch.device, dataset: str) -> None:
         print(f"  {label:>8} {seq:13.3f} {tog:11.3f} {ratios[kind]:8.2f}x")
     wall = times["wall"]
     pairs = sorted(s / t for s, t in zip(wall["sequential"], wall["together"]))
-    print("  (wall, sequential: " + " ".join(f"{t:.3f}" for t in wall["sequential"])
-          + "; together: " + " ".join(f"{t:.3f}" for t in wall["together"]) + ")")
-    print(f"  speed-up of each repeat's pair: min {pairs[0]:.2f}x, median {statistics.median(pairs):.2f}x, max {pairs[-1]:.2f}x")
+    print(
+        "  (wall, sequential: "
+        + " ".join(f"{t:.3f}" for t in wall["sequential"])
+        + "; together: "
+        + " ".join(f"{t:.3f}" for t in wall["together"])
+        + ")"
+    )
+    print(
+        f"  speed-up of each repeat's pair: min {pairs[0]:.2f}x, median {statistics.median(pairs):.2f}x, max {pairs[-1]:.2f}x"
+    )
     ratio = ratios["wall"]
     target_device, target = TARGETS[dataset]
     if device.type == target_device:
-        print(f"  target: together >= {target}x faster on {target_device}: {'met' if ratio >= target else 'NOT met'} ({ratio:.2f}x)")
+        print(
+            f"  target: together >= {target}x faster on {target_device}: {'met' if ratio >= target else 'NOT met'} ({ratio:.2f}x)"
+        )
     else:
         print(f"  target: together >= {target}x faster on {target_device}: not measured here (device {device.type})")
 
@@ -113,9 +122,8 @@ def time_steps(spec: dict, data: Dataset, k: int, device: torch.device, rounds: 
     """
     import torch.nn.functional as F
 
-    from nas.training import fold_losses
     from nas.models import stack
-    from nas.training import make_optimizer, optimizer_for, prepare_model
+    from nas.training import fold_losses, make_optimizer, optimizer_for, prepare_model
 
     hp, bs = spec["training"], spec["training"]["batch_size"]
     gen = torch.Generator().manual_seed(0)
@@ -146,7 +154,7 @@ def time_steps(spec: dict, data: Dataset, k: int, device: torch.device, rounds: 
     steps = {"one by one": one_by_one, "stacked": together}
     times = {name: [] for name in steps}
     for r in range(rounds + 3):  # 3 warm-up rounds
-        for name, step in (steps.items() if r % 2 == 0 else reversed(steps.items())):
+        for name, step in steps.items() if r % 2 == 0 else reversed(steps.items()):
             start = time.perf_counter()
             step()
             if device.type == "cuda":
@@ -154,8 +162,10 @@ def time_steps(spec: dict, data: Dataset, k: int, device: torch.device, rounds: 
             if r >= 3:
                 times[name].append((time.perf_counter() - start) * 1e3)
     alone, stacked_ms = (statistics.median(times[name]) for name in steps)
-    print(f"  one training step of {k} folds, median of {rounds} interleaved rounds: one by one {alone:.2f} ms, "
-          f"stacked {stacked_ms:.2f} ms, {alone / stacked_ms:.2f}x")
+    print(
+        f"  one training step of {k} folds, median of {rounds} interleaved rounds: one by one {alone:.2f} ms, "
+        f"stacked {stacked_ms:.2f} ms, {alone / stacked_ms:.2f}x"
+    )
 
 
 def sampled_candidates(config: str, n: int) -> list[dict]:
@@ -171,9 +181,11 @@ def sampled_candidates(config: str, n: int) -> list[dict]:
 def describe(spec: dict) -> str:
     block = spec["stages"][0]["blocks"][0]
     norm = block["norm"]
-    return (f"{len(spec['stages'])}x{len(spec['stages'][0]['blocks'])} w{spec['stages'][0]['width']} k{block['kernel']} "
-            f"{norm['type']}{'@' + norm['position'] if 'position' in norm else ''} {spec['stages'][-1]['downsample']} "
-            f"b{spec['training']['batch_size']}")
+    return (
+        f"{len(spec['stages'])}x{len(spec['stages'][0]['blocks'])} w{spec['stages'][0]['width']} k{block['kernel']} "
+        f"{norm['type']}{'@' + norm['position'] if 'position' in norm else ''} {spec['stages'][-1]['downsample']} "
+        f"b{spec['training']['batch_size']}"
+    )
 
 
 def print_sample(specs: list[dict], data: Dataset, folds, args, device: torch.device) -> None:
@@ -197,18 +209,33 @@ def main() -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--dataset", default="digits", choices=list(TARGETS))
     parser.add_argument("--folds", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=DIGITS_EPOCHS,
-                        help="epochs per fold in each timed evaluation (default: configs/digits.yaml's, as a trial of the default search)")
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=DIGITS_EPOCHS,
+        help="epochs per fold in each timed evaluation (default: configs/digits.yaml's, as a trial of the default search)",
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--cifar-n", type=int, default=10000, help="number of generated CIFAR-shaped images")
     parser.add_argument("--spec", help="an ArchSpec as JSON text or a JSON file (default: a two-stage BatchNorm CNN)")
     parser.add_argument("--trial", type=int, help="time this trial's ArchSpec from --study in --storage")
-    parser.add_argument("--sample", type=int, metavar="N", help="time N candidates drawn from --config's search space instead of one")
-    parser.add_argument("--config", default=str(DIGITS_CONFIG), help="the run config whose search space --sample draws from")
-    parser.add_argument("--every-epoch", action="store_true",
-                        help="validate after every epoch, as nas-search does with a progress bar or the median pruner")
-    parser.add_argument("--step", type=int, metavar="ROUNDS",
-                        help="instead: time one training step of the folds, one by one vs stacked, over ROUNDS interleaved rounds")
+    parser.add_argument(
+        "--sample", type=int, metavar="N", help="time N candidates drawn from --config's search space instead of one"
+    )
+    parser.add_argument(
+        "--config", default=str(DIGITS_CONFIG), help="the run config whose search space --sample draws from"
+    )
+    parser.add_argument(
+        "--every-epoch",
+        action="store_true",
+        help="validate after every epoch, as nas-search does with a progress bar or the median pruner",
+    )
+    parser.add_argument(
+        "--step",
+        type=int,
+        metavar="ROUNDS",
+        help="instead: time one training step of the folds, one by one vs stacked, over ROUNDS interleaved rounds",
+    )
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--study", default="digits-bn")
     parser.add_argument("--storage", default="sqlite:///runs/nas.db")
@@ -219,11 +246,15 @@ def main() -> None:
     data = load_dataset(DatasetConfig(), device) if args.dataset == "digits" else cifar_shaped(args.cifar_n, device)
     folds = stratified_folds(data.y_train, args.folds, 0)
     specs = sampled_candidates(args.config, args.sample) if args.sample else [candidate(args)]
-    timed = (f"{args.epochs} epochs, {args.repeats} repeats; timed: cross_validate end to end"
-             f"{', validating every epoch' if args.every_epoch else ''}")
-    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads; {args.dataset}: "
-          f"{len(data.y_train)} samples of {data.input_shape}, {args.folds} folds"
-          f"{'; timed: one training step' if args.step else ' x ' + timed}")
+    timed = (
+        f"{args.epochs} epochs, {args.repeats} repeats; timed: cross_validate end to end"
+        f"{', validating every epoch' if args.every_epoch else ''}"
+    )
+    print(
+        f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads; {args.dataset}: "
+        f"{len(data.y_train)} samples of {data.input_shape}, {args.folds} folds"
+        f"{'; timed: one training step' if args.step else ' x ' + timed}"
+    )
     if args.sample:
         print_sample(specs, data, folds, args, device)
         return

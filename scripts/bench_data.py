@@ -39,11 +39,9 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
+from nas.data import Dataset, load_dataset, load_image_folder
 from nas.models import build
-from nas.search import DatasetConfig
-from nas.data import Dataset, load_dataset
-from nas.data import load_image_folder
-from nas.search import default_spec
+from nas.search import DatasetConfig, default_spec
 from nas.training import autocast, fit, make_optimizer, on_device_layout, prepare_model, resolve_device
 
 TARGET = 10.0  # cached load at least this many times faster than the first decode
@@ -96,7 +94,16 @@ def epoch_ours(data: Dataset, device: torch.device, seed: int = 0) -> float:
     model = prepare_model(build(SPEC, data.input_shape, data.num_classes), device)
     _sync(device)
     start = time.perf_counter()
-    fit(model, data, torch.arange(len(data.y_train), device=data.y_train.device), None, SPEC["training"], 1, device, seed=seed)
+    fit(
+        model,
+        data,
+        torch.arange(len(data.y_train), device=data.y_train.device),
+        None,
+        SPEC["training"],
+        1,
+        device,
+        seed=seed,
+    )
     _sync(device)
     return time.perf_counter() - start
 
@@ -109,8 +116,15 @@ def epoch_dataloader(root: Path, data: Dataset, device: torch.device, seed: int 
     cuda = device.type == "cuda"
     transform = v2.Compose([v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(data.mean, data.std)])
     start = time.perf_counter()
-    loader = DataLoader(torchvision.datasets.ImageFolder(str(root / "train"), transform=transform), batch_size=SPEC["training"]["batch_size"],
-                        shuffle=True, drop_last=True, num_workers=2, pin_memory=cuda, generator=torch.Generator().manual_seed(seed))
+    loader = DataLoader(
+        torchvision.datasets.ImageFolder(str(root / "train"), transform=transform),
+        batch_size=SPEC["training"]["batch_size"],
+        shuffle=True,
+        drop_last=True,
+        num_workers=2,
+        pin_memory=cuda,
+        generator=torch.Generator().manual_seed(seed),
+    )
     model.train()
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -134,7 +148,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workdir", help="where the folder and caches go (default: a temporary folder)")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the epochs train (default %(default)s)")
+    parser.add_argument(
+        "--device", default="cpu", choices=["cpu", "cuda"], help="where the epochs train (default %(default)s)"
+    )
     args = parser.parse_args()
     device = resolve_device(args.device)
     torch.set_num_threads(torch.get_num_threads())
@@ -142,23 +158,43 @@ def main() -> None:
     root, cache = scratch / "folder", scratch / "cache"
     start = time.perf_counter()
     write_folder(root, args.images, args.size)
-    print(f"image folder: {args.images} PNGs, {args.size}x{args.size} RGB, written in {time.perf_counter() - start:.1f} s ({root})")
+    print(
+        f"image folder: {args.images} PNGs, {args.size}x{args.size} RGB, written in {time.perf_counter() - start:.1f} s ({root})"
+    )
     load_image_folder(root, None, str(cache))  # the entry the cached loads read
     config = DatasetConfig(name="imagefolder", root=str(root), cache=str(cache), augment="none")
     held = load_dataset(config, device)
     streamed = load_dataset(DatasetConfig(**{**config.__dict__, "device_memory": 0.0}), device)
-    floats = Dataset(held.name, held.x_train.float(), held.y_train, held.x_test.float(), held.y_test, held.classes, "none", held.mean, held.std)
-    loads = {"first load (decode + cache)": lambda: first_load(root, scratch), "cached load": lambda: cached_load(root, cache),
-             "ImageFolder + DataLoader(2), one epoch": lambda: image_folder_epoch(root)}
-    epochs = {"float32 in memory (before)": lambda: epoch_ours(floats, device), "uint8 in memory": lambda: epoch_ours(held, device),
-              "uint8 streamed from the cache": lambda: epoch_ours(streamed, device),
-              "ImageFolder + DataLoader(2)": lambda: epoch_dataloader(root, held, device)}
+    floats = Dataset(
+        held.name,
+        held.x_train.float(),
+        held.y_train,
+        held.x_test.float(),
+        held.y_test,
+        held.classes,
+        "none",
+        held.mean,
+        held.std,
+    )
+    loads = {
+        "first load (decode + cache)": lambda: first_load(root, scratch),
+        "cached load": lambda: cached_load(root, cache),
+        "ImageFolder + DataLoader(2), one epoch": lambda: image_folder_epoch(root),
+    }
+    epochs = {
+        "float32 in memory (before)": lambda: epoch_ours(floats, device),
+        "uint8 in memory": lambda: epoch_ours(held, device),
+        "uint8 streamed from the cache": lambda: epoch_ours(streamed, device),
+        "ImageFolder + DataLoader(2)": lambda: epoch_dataloader(root, held, device),
+    }
     times = {name: [] for name in (*loads, *epochs)}
     epoch_ours(held, device)  # untimed: the first epoch of a process pays for thread pools and allocator warm-up
     for _ in range(args.repeats):  # round-robin: drift spreads over every variant alike
         for name, run in {**loads, **epochs}.items():
             times[name].append(run())
-    print(f"{args.repeats} repeats, medians (p10-p90), epochs on {device.type}, {torch.get_num_threads()} torch threads")
+    print(
+        f"{args.repeats} repeats, medians (p10-p90), epochs on {device.type}, {torch.get_num_threads()} torch threads"
+    )
     medians = {}
     for name, seconds in times.items():
         if name == next(iter(epochs)):
@@ -169,16 +205,26 @@ def main() -> None:
     per_sample = 3 * args.size * args.size
     print(f"bytes per sample in memory: {per_sample:,} as uint8, {4 * per_sample:,} as float32")
     speedup = medians["first load (decode + cache)"] / medians["cached load"]
-    print(f"cached load: {speedup:.1f}x faster than the first decode; "
-          f"{medians['ImageFolder + DataLoader(2), one epoch'] / medians['cached load']:.1f}x faster than one ImageFolder epoch")
-    print(f"first decode: {medians['ImageFolder + DataLoader(2), one epoch'] / medians['first load (decode + cache)']:.2f}x "
-          "the speed of one ImageFolder epoch (train split only there)")
-    print(f"target: cached load >= {TARGET:g}x faster than a first decode: {'met' if speedup >= TARGET else 'NOT met'} ({speedup:.1f}x)")
+    print(
+        f"cached load: {speedup:.1f}x faster than the first decode; "
+        f"{medians['ImageFolder + DataLoader(2), one epoch'] / medians['cached load']:.1f}x faster than one ImageFolder epoch"
+    )
+    print(
+        f"first decode: {medians['ImageFolder + DataLoader(2), one epoch'] / medians['first load (decode + cache)']:.2f}x "
+        "the speed of one ImageFolder epoch (train split only there)"
+    )
+    print(
+        f"target: cached load >= {TARGET:g}x faster than a first decode: {'met' if speedup >= TARGET else 'NOT met'} ({speedup:.1f}x)"
+    )
     stream = medians["uint8 streamed from the cache"] / medians["uint8 in memory"]
     compact = medians["uint8 in memory"] / medians["float32 in memory (before)"]
     loader = medians["ImageFolder + DataLoader(2)"] / medians["uint8 in memory"]
-    print(f"epoch ratios: streamed / in-memory uint8 {stream:.2f}x; uint8 / float32 {compact:.2f}x; DataLoader / in-memory uint8 {loader:.2f}x")
-    print(f"target: streamed epoch within {STREAM_TARGET:g}x of in-memory: {'met' if stream <= STREAM_TARGET else 'NOT met'} ({stream:.2f}x)")
+    print(
+        f"epoch ratios: streamed / in-memory uint8 {stream:.2f}x; uint8 / float32 {compact:.2f}x; DataLoader / in-memory uint8 {loader:.2f}x"
+    )
+    print(
+        f"target: streamed epoch within {STREAM_TARGET:g}x of in-memory: {'met' if stream <= STREAM_TARGET else 'NOT met'} ({stream:.2f}x)"
+    )
     print(f"target: uint8 epoch no slower than float32: {'met' if compact <= 1.0 else 'NOT met'} ({compact:.2f}x)")
     if not args.workdir:
         shutil.rmtree(scratch)

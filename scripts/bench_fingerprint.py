@@ -26,8 +26,14 @@ def main() -> None:
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (args.train + args.train // 5, 3, 32, 32), dtype=np.uint8)
     labels = rng.integers(0, 10, len(x)).astype(np.int64)
-    arrays = Arrays(x[:args.train], labels[:args.train], x[args.train:], labels[args.train:], [str(c) for c in range(10)],
-                    raw=RawInput("", "HWC", "uint8", 255.0))
+    arrays = Arrays(
+        x[: args.train],
+        labels[: args.train],
+        x[args.train :],
+        labels[args.train :],
+        [str(c) for c in range(10)],
+        raw=RawInput("", "HWC", "uint8", 255.0),
+    )
     seconds: dict[int, list[float]] = {1: [], 2: []}
     for _ in range(args.repeats):
         for version in seconds:
@@ -35,8 +41,10 @@ def main() -> None:
             content_sha256(arrays, version)
             seconds[version].append(time.perf_counter() - start)
     for version, runs in seconds.items():
-        print(f"fingerprint version {version}: median {statistics.median(runs):.4f} s "
-              f"(range {min(runs):.4f}-{max(runs):.4f}, {len(runs)} runs)")
+        print(
+            f"fingerprint version {version}: median {statistics.median(runs):.4f} s "
+            f"(range {min(runs):.4f}-{max(runs):.4f}, {len(runs)} runs)"
+        )
     print(f"version 2 / version 1: {statistics.median(seconds[2]) / statistics.median(seconds[1]):.3f}x")
 
 

@@ -27,10 +27,9 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
-from nas.models import build
-from nas.search import DatasetConfig
 from nas.data import Dataset, load_dataset
-from nas.search import default_spec
+from nas.models import build
+from nas.search import DatasetConfig, default_spec
 from nas.training import autocast, fit, make_optimizer, prepare_model, resolve_device
 
 SPEC = default_spec({"width": 32, "training": {"batch_size": 64}})
@@ -70,8 +69,17 @@ def cifar_like(n: int, device: torch.device, seed: int = 0) -> tuple[Dataset, np
     mean = x.mean(axis=(0, 2, 3), keepdims=True)
     std = x.std(axis=(0, 2, 3), keepdims=True) + 1e-8
     x = torch.from_numpy((x - mean) / std)
-    data = Dataset("cifar_like", x, labels, x[:VAL], labels[:VAL], [str(c) for c in range(10)], "crop_flip",
-                   mean.reshape(-1).tolist(), std.reshape(-1).tolist())
+    data = Dataset(
+        "cifar_like",
+        x,
+        labels,
+        x[:VAL],
+        labels[:VAL],
+        [str(c) for c in range(10)],
+        "crop_flip",
+        mean.reshape(-1).tolist(),
+        std.reshape(-1).tolist(),
+    )
     return data.to(device), raw
 
 
@@ -99,16 +107,27 @@ def run_standard(data: Dataset, raw: np.ndarray, device: torch.device, epochs: i
     hp = SPEC["training"]
     labels = data.y_train.cpu().numpy()
     to_tensor = [transforms.ToTensor(), transforms.Normalize(data.mean, data.std)]
-    augment = [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()] if data.augment == "crop_flip" else []
+    augment = (
+        [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()] if data.augment == "crop_flip" else []
+    )
     cuda = device.type == "cuda"
     start = time.perf_counter()
-    loader = DataLoader(RawImages(raw, labels, transforms.Compose(augment + to_tensor)), batch_size=hp["batch_size"],
-                        shuffle=True, drop_last=True, num_workers=workers, pin_memory=cuda,
-                        persistent_workers=workers > 0, generator=torch.Generator().manual_seed(seed))
+    loader = DataLoader(
+        RawImages(raw, labels, transforms.Compose(augment + to_tensor)),
+        batch_size=hp["batch_size"],
+        shuffle=True,
+        drop_last=True,
+        num_workers=workers,
+        pin_memory=cuda,
+        persistent_workers=workers > 0,
+        generator=torch.Generator().manual_seed(seed),
+    )
     val_loader = DataLoader(RawImages(raw[:VAL], labels[:VAL], transforms.Compose(to_tensor)), batch_size=1024)
     optimizer = make_optimizer(model, hp)
     total = epochs * len(loader)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+    )
     layout = torch.channels_last if cuda and raw.ndim == 4 else torch.contiguous_format
     for _ in range(epochs):
         model.train()
@@ -144,8 +163,10 @@ def bench(name: str, data: Dataset, raw: np.ndarray, device: torch.device, args)
         ours.append(ours_fn(args.epochs, r) / args.epochs)
         standard.append(standard_fn(args.epochs, r) / args.epochs)
     o, s = statistics.median(ours), statistics.median(standard)
-    print(f"\n{name}: {len(data.y_train)} samples of {data.input_shape}, batch {SPEC['training']['batch_size']}, "
-          f"augment {data.augment}, {args.epochs} epochs x {args.repeats} repeats, median")
+    print(
+        f"\n{name}: {len(data.y_train)} samples of {data.input_shape}, batch {SPEC['training']['batch_size']}, "
+        f"augment {data.augment}, {args.epochs} epochs x {args.repeats} repeats, median"
+    )
     print(f"  {'ours s/epoch':>14} {'standard s/epoch':>17} {'ratio':>7}")
     print(f"  {o:14.4f} {s:17.4f} {o / s:7.3f}")
     print(f"  (ours all: {' '.join(f'{t:.4f}' for t in ours)}; standard all: {' '.join(f'{t:.4f}' for t in standard)})")
@@ -167,9 +188,11 @@ def main() -> None:
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers for the standard way")
     args = parser.parse_args()
     device = resolve_device(args.device)
-    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
-          f"DataLoader num_workers={args.num_workers}; timed: training epochs + one validation pass "
-          f"over {VAL} samples, model construction untimed")
+    print(
+        f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
+        f"DataLoader num_workers={args.num_workers}; timed: training epochs + one validation pass "
+        f"over {VAL} samples, model construction untimed"
+    )
     makers = {"digits": lambda: digits(device), "cifar": lambda: cifar_like(args.cifar_n, device)}
     for name in args.workloads.split(","):
         bench(name, *makers[name](), device, args)

@@ -35,8 +35,13 @@ def cifar_shaped_npz(folder: Path, n: int) -> Path:
     """n random 3x32x32 images in 10 classes (and a test split) as an npz dataset file."""
     rng = np.random.default_rng(0)
     path = folder / "cifar_shaped.npz"
-    np.savez(path, x_train=rng.random((n, 3, 32, 32), dtype=np.float32), y_train=rng.integers(0, 10, n),
-             x_test=rng.random((256, 3, 32, 32), dtype=np.float32), y_test=rng.integers(0, 10, 256))
+    np.savez(
+        path,
+        x_train=rng.random((n, 3, 32, 32), dtype=np.float32),
+        y_train=rng.integers(0, 10, n),
+        x_test=rng.random((256, 3, 32, 32), dtype=np.float32),
+        y_test=rng.integers(0, 10, 256),
+    )
     return path
 
 
@@ -64,8 +69,12 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=3)
     parser.add_argument("--cifar-n", type=int, default=10000)
     parser.add_argument("--fold-mode", default="together", choices=["together", "sequential"])
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved runs of each count (the median is reported)")
-    parser.add_argument("--ray", action="store_true", help="start the workers as Ray tasks (nas-search --ray) on a local Ray cluster")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="interleaved runs of each count (the median is reported)"
+    )
+    parser.add_argument(
+        "--ray", action="store_true", help="start the workers as Ray tasks (nas-search --ray) on a local Ray cluster"
+    )
     args = parser.parse_args()
     counts = [int(w) for w in args.workers.split(",")]
     gpu = args.device == "cuda" or (args.device == "auto" and __import__("torch").cuda.is_available())
@@ -75,25 +84,46 @@ def main() -> None:
         dataset = {"name": "digits"}
         if args.dataset == "cifar-shaped":
             dataset = {"name": "npz", "root": str(cifar_shaped_npz(folder, args.cifar_n)), "augment": "crop_flip"}
-        config = {"dataset": dataset, "search_space": str(ROOT / "search_spaces" / "bn_placement.yaml"),
-                  "study": {"sampler": "tpe", "seed": 0, "trials": args.trials},
-                  "evaluation": {"folds": args.folds, "epochs": args.epochs, "fold_mode": args.fold_mode}, "device": args.device}
+        config = {
+            "dataset": dataset,
+            "search_space": str(ROOT / "search_spaces" / "bn_placement.yaml"),
+            "study": {"sampler": "tpe", "seed": 0, "trials": args.trials},
+            "evaluation": {"folds": args.folds, "epochs": args.epochs, "fold_mode": args.fold_mode},
+            "device": args.device,
+        }
         (folder / "run.yaml").write_text(yaml.safe_dump(config))
-        launcher = "Ray workers (nas-search --ray, one local Ray cluster)" if args.ray else "workers (nas-search --workers)"
-        print(f"{args.dataset} on {args.device}: {args.trials} trials of {args.folds} folds x {args.epochs} epochs "
-              f"(fold_mode {args.fold_mode}), search space bn_placement.yaml, a fresh SQLite study per run; {launcher}, "
-              f"{args.repeats} interleaved runs per count, median (min-max)")
+        launcher = (
+            "Ray workers (nas-search --ray, one local Ray cluster)" if args.ray else "workers (nas-search --workers)"
+        )
+        print(
+            f"{args.dataset} on {args.device}: {args.trials} trials of {args.folds} folds x {args.epochs} epochs "
+            f"(fold_mode {args.fold_mode}), search space bn_placement.yaml, a fresh SQLite study per run; {launcher}, "
+            f"{args.repeats} interleaved runs per count, median (min-max)"
+        )
         seconds: dict[int, list[float]] = {n: [] for n in counts}
         for repeat in range(args.repeats):
             for n in counts:
                 flags = launch_flags(n, ray_address, gpu)
-                command = [sys.executable, "-m", "nas.cli", "--config", str(folder / "run.yaml"), *flags, "--no-progress",
-                           "--study", f"w{n}r{repeat}", "--storage", f"sqlite:///{folder}/w{n}r{repeat}.db"]
+                command = [
+                    sys.executable,
+                    "-m",
+                    "nas.cli",
+                    "--config",
+                    str(folder / "run.yaml"),
+                    *flags,
+                    "--no-progress",
+                    "--study",
+                    f"w{n}r{repeat}",
+                    "--storage",
+                    f"sqlite:///{folder}/w{n}r{repeat}.db",
+                ]
                 start = time.perf_counter()
                 proc = subprocess.run(command, capture_output=True, text=True)
                 seconds[n].append(time.perf_counter() - start)
                 if proc.returncode != 0:
-                    sys.exit(f"{' '.join(flags)} failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}")
+                    sys.exit(
+                        f"{' '.join(flags)} failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}"
+                    )
         print(f"  {'workers':>7} {'seconds':>9} {'(range)':>13} {'trials/hour':>12} {'vs first':>9}")
         base = None
         for n in counts:

@@ -45,7 +45,9 @@ def make_storage(folder: Path, studies: int, trials: int) -> str:
     from nas.search import Space, load_space
 
     url = f"sqlite:///{folder}/load.db"
-    space = Space(load_space(Path(__file__).resolve().parent.parent / "nas" / "default" / "search_spaces" / "bn_placement.yaml"))
+    space = Space(
+        load_space(Path(__file__).resolve().parent.parent / "nas" / "default" / "search_spaces" / "bn_placement.yaml")
+    )
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     for s in range(studies):
         study = optuna.create_study(storage=url, study_name=f"load-{s}", sampler=optuna.samplers.RandomSampler(seed=s))
@@ -64,8 +66,26 @@ class Server:
 
     def __init__(self, storage: str, workdir: Path, idle_timeout: int | None):
         extra = ["--idle-timeout", str(idle_timeout)] if idle_timeout is not None else []
-        self.process = subprocess.Popen([sys.executable, "-m", "nas", "dashboard", "--storage", storage, "--host", HOST, "--port", "0",
-                                         "--workdir", str(workdir), *extra], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "nas",
+                "dashboard",
+                "--storage",
+                storage,
+                "--host",
+                HOST,
+                "--port",
+                "0",
+                "--workdir",
+                str(workdir),
+                *extra,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
         ready, _, _ = select.select([self.process.stdout], [], [], 120)
         line = self.process.stdout.readline() if ready else ""
         match = re.search(r"http://[^/]+:(\d+)/", line)
@@ -81,7 +101,11 @@ class Server:
     def _sample(self) -> None:
         while not self._stop.wait(0.1):
             try:
-                now = {"rss": self.info.memory_info().rss, "threads": self.info.num_threads(), "files": self.info.num_fds()}
+                now = {
+                    "rss": self.info.memory_info().rss,
+                    "threads": self.info.num_threads(),
+                    "files": self.info.num_fds(),
+                }
             except psutil.Error:
                 return
             self.peak = {k: max(v, now[k]) for k, v in self.peak.items()}
@@ -127,8 +151,14 @@ def crowd(port: int, clients: int, requests: int, paths: list[str]) -> dict:
         t.start()
     for t in threads:
         t.join()
-    return {"sent": clients * requests, "served": len(latencies), "failures": failures, "wall": time.monotonic() - began,
-            "p50": percentile(latencies, 50), "p99": percentile(latencies, 99)}
+    return {
+        "sent": clients * requests,
+        "served": len(latencies),
+        "failures": failures,
+        "wall": time.monotonic() - began,
+        "p50": percentile(latencies, 50),
+        "p99": percentile(latencies, 99),
+    }
 
 
 def study_pages(port: int) -> list[str]:
@@ -184,7 +214,7 @@ class SlowSenders:
                     for i in range(len(self.request)):
                         if self._stop.wait(self.interval):
                             return  # the phase ended mid-request: neither answered nor failed
-                        sock.send(self.request[i:i + 1])
+                        sock.send(self.request[i : i + 1])
                     ok = re.match(rb"HTTP/1\.[01] 200 ", sock.recv(64)) is not None
             except OSError:
                 ok = False
@@ -202,8 +232,10 @@ class SlowSenders:
 
 def row(name: str, result: dict, server: Server, extra: str = "") -> str:
     failures = ", ".join(f"{n} {k}" for k, n in sorted(result["failures"].items(), key=str)) or "none"
-    return (f"| {name} | {result['served']}/{result['sent']} | {failures} | {result['p50'] * 1000:.0f} | {result['p99'] * 1000:.0f} | "
-            f"{result['wall']:.1f} | {server.peak['rss'] / 2**20:.0f} | {server.peak['threads']} | {server.peak['files']} | {extra} |")
+    return (
+        f"| {name} | {result['served']}/{result['sent']} | {failures} | {result['p50'] * 1000:.0f} | {result['p99'] * 1000:.0f} | "
+        f"{result['wall']:.1f} | {server.peak['rss'] / 2**20:.0f} | {server.peak['threads']} | {server.peak['files']} | {extra} |"
+    )
 
 
 def main() -> None:
@@ -212,13 +244,21 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=20, help="requests per client (default %(default)s)")
     parser.add_argument("--held", type=int, default=500, help="silent connections held open (default %(default)s)")
     parser.add_argument("--slow", type=int, default=50, help="slow senders (default %(default)s)")
-    parser.add_argument("--slow-interval", type=float, default=0.2, help="seconds between a slow sender's bytes (default %(default)s: "
-                        "a request in about 15 s)")
+    parser.add_argument(
+        "--slow-interval",
+        type=float,
+        default=0.2,
+        help="seconds between a slow sender's bytes (default %(default)s: a request in about 15 s)",
+    )
     parser.add_argument("--studies", type=int, default=3, help="synthetic studies (default %(default)s)")
     parser.add_argument("--trials", type=int, default=60, help="trials per study (default %(default)s)")
     parser.add_argument("--idle-timeout", type=int, help="passed to nas-dashboard (default: its own)")
     args = parser.parse_args()
-    if min(args.clients, args.requests) < 1 or min(args.held, args.slow, args.studies, args.trials) < 0 or not args.slow_interval > 0:
+    if (
+        min(args.clients, args.requests) < 1
+        or min(args.held, args.slow, args.studies, args.trials) < 0
+        or not args.slow_interval > 0
+    ):
         parser.error("--clients and --requests must be >= 1, --slow-interval > 0, the others >= 0")
 
     with tempfile.TemporaryDirectory(prefix="nas-load-") as tmp:
@@ -229,16 +269,31 @@ def main() -> None:
             crowd(server.port, 4, 2, paths)  # warm up: the first page imports the templates
             paths += study_pages(server.port)
             server.reset_peaks()
-            print(f"nas-dashboard pid {server.process.pid} on {HOST}:{server.port}; {args.studies} studies x {args.trials} trials; "
-                  f"{os.cpu_count()} CPUs; every request on a new connection", flush=True)
-            print("| phase | served | failed | p50 ms | p99 ms | wall s | server RSS peak MiB | threads peak | open files peak | held connections |")
+            print(
+                f"nas-dashboard pid {server.process.pid} on {HOST}:{server.port}; {args.studies} studies x {args.trials} trials; "
+                f"{os.cpu_count()} CPUs; every request on a new connection",
+                flush=True,
+            )
+            print(
+                "| phase | served | failed | p50 ms | p99 ms | wall s | server RSS peak MiB | threads peak | open files peak | held connections |"
+            )
             print("|---|---|---|---|---|---|---|---|---|---|")
-            print(row(f"{args.clients} clients x {args.requests}", crowd(server.port, args.clients, args.requests, paths), server, "-"), flush=True)
+            print(
+                row(
+                    f"{args.clients} clients x {args.requests}",
+                    crowd(server.port, args.clients, args.requests, paths),
+                    server,
+                    "-",
+                ),
+                flush=True,
+            )
             server.reset_peaks()
             held = open_held(server.port, args.held)
             slow = SlowSenders(server.port, args.slow, args.slow_interval)
             result = crowd(server.port, args.clients, args.requests, paths)
-            idle = (args.idle_timeout or 30) * 1.5 + 5  # the server looks for idle connections every quarter of the timeout
+            idle = (
+                args.idle_timeout or 30
+            ) * 1.5 + 5  # the server looks for idle connections every quarter of the timeout
             waited = time.monotonic()
             while time.monotonic() - waited < idle and not all(closed_by_server(s) for s in held):
                 time.sleep(0.5)
@@ -246,9 +301,16 @@ def main() -> None:
             answered, failed = slow.finish()
             for sock in held:
                 sock.close()
-            print(row(f"{args.clients} clients x {args.requests} while held", result, server,
-                      f"{len(held)} silent: {closed} closed by the server, {waited:.0f} s after the crowd; {args.slow} slow senders "
-                      f"(a byte every {args.slow_interval:g} s): {answered} requests answered, {failed} failed"), flush=True)
+            print(
+                row(
+                    f"{args.clients} clients x {args.requests} while held",
+                    result,
+                    server,
+                    f"{len(held)} silent: {closed} closed by the server, {waited:.0f} s after the crowd; {args.slow} slow senders "
+                    f"(a byte every {args.slow_interval:g} s): {answered} requests answered, {failed} failed",
+                ),
+                flush=True,
+            )
         finally:
             server.close()
 

@@ -18,21 +18,31 @@ from pathlib import Path
 from urllib.parse import urlencode, urljoin, urlsplit
 
 import optuna
-
 from conftest import write_digits_run
+
 from nas.cli import search_main
 
-SPACE = {"stages": 1, "width": 8,
-         "block": {"norm": {"type": {"choice": ["batch", "group", "none"]}, "position": {"choice": ["pre_conv", "post_conv"]}}},
-         "training": {"lr": {"float": [0.01, 0.1], "log": True}}}
+SPACE = {
+    "stages": 1,
+    "width": 8,
+    "block": {
+        "norm": {"type": {"choice": ["batch", "group", "none"]}, "position": {"choice": ["pre_conv", "post_conv"]}}
+    },
+    "training": {"lr": {"float": [0.01, 0.1], "log": True}},
+}
 
 
 def make_study(folder: Path, name: str, trials: int, epochs: int = 1) -> str:
     """A real nas-search on digits (2 folds) into folder/nas.db; returns the storage URL."""
     url = f"sqlite:///{folder}/nas.db"
     run = Path(tempfile.mkdtemp(dir=folder, prefix="run-"))  # a study name may be no file name ('a/b', '..')
-    config = write_digits_run(run, SPACE, url, {"name": name, "sampler": "random", "trials": trials, "heartbeat_seconds": 1},
-                              {"folds": 2, "epochs": epochs})
+    config = write_digits_run(
+        run,
+        SPACE,
+        url,
+        {"name": name, "sampler": "random", "trials": trials, "heartbeat_seconds": 1},
+        {"folds": 2, "epochs": epochs},
+    )
     assert search_main(["--config", str(config), "--no-progress"]) == 0
     return url
 
@@ -81,10 +91,25 @@ class Dashboard:
 
     def __init__(self, storage: str, workdir: Path, *extra: str, env: dict | None = None, token: str | None = None):
         self.token = token  # sent as a Bearer header (how the dashboard got it is in `extra` or `env`)
-        self.process = subprocess.Popen([sys.executable, "-m", "nas", "dashboard", "--storage", storage, "--port", "0",
-                                         "--workdir", str(workdir), *extra],
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                        env=None if env is None else {**os.environ, **env})
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "nas",
+                "dashboard",
+                "--storage",
+                storage,
+                "--port",
+                "0",
+                "--workdir",
+                str(workdir),
+                *extra,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=None if env is None else {**os.environ, **env},
+        )
         try:
             self._start()
         except BaseException:
@@ -123,7 +148,9 @@ class Dashboard:
         finally:
             conn.close()
 
-    def upload(self, path: str, headers: dict, size: int, head: bytes = b"", tail: bytes = b"") -> tuple[int | None, int]:
+    def upload(
+        self, path: str, headers: dict, size: int, head: bytes = b"", tail: bytes = b""
+    ) -> tuple[int | None, int]:
         """POST `head`, then filler, then `tail` (`size` bytes in all) while watching for an early answer, as curl
         does; returns the status (None: no answer) and the bytes sent before it came."""
         sock = socket.create_connection((self.address, self.port), timeout=60)
@@ -135,8 +162,8 @@ class Dashboard:
             if sent < len(head):
                 return head[sent:]
             if sent < size - len(tail):
-                return filler[:size - len(tail) - sent]
-            return tail[sent - (size - len(tail)):]
+                return filler[: size - len(tail) - sent]
+            return tail[sent - (size - len(tail)) :]
 
         try:
             while b"\r\n" not in answer:
@@ -168,8 +195,14 @@ class Dashboard:
     def post(self, path: str, fields: dict | None = None, **headers):
         """A POST as the dashboard's own page sends it: same Origin, CSRF header, form body, JSON answer."""
         body = urlencode(fields or {})
-        sent = {"Origin": self.base, "X-CSRF-Token": self.csrf, "Content-Type": "application/x-www-form-urlencoded",
-                "Accept": "application/json", **self.auth(), **headers}
+        sent = {
+            "Origin": self.base,
+            "X-CSRF-Token": self.csrf,
+            "Content-Type": "application/x-www-form-urlencoded",
+            "Accept": "application/json",
+            **self.auth(),
+            **headers,
+        }
         status, _, text = self.request("POST", path, body, {k: v for k, v in sent.items() if v is not None})
         return status, (json.loads(text) if text.startswith("{") else text)
 

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from nas.deploy.bench import format_table, time_variants
-from nas.models.costs import count_macs, count_params, eval_mode, measure_latency
 from nas.models.build import build
+from nas.models.costs import count_macs, count_params, eval_mode, measure_latency
 from nas.search.space import default_spec
 
 SHAPE = (3, 10, 10)
@@ -76,7 +76,9 @@ def test_latency_is_positive_ordered_and_counts_every_call():
 
 def test_latency_keeps_timing_until_min_seconds():
     log: list[str] = []
-    measure_latency(lambda x: log.append(x.sum().item()), torch.randn(256, 256), "cpu", warmup=0, repeats=1, min_seconds=0.02)
+    measure_latency(
+        lambda x: log.append(x.sum().item()), torch.randn(256, 256), "cpu", warmup=0, repeats=1, min_seconds=0.02
+    )
     assert len(log) > 1
 
 
@@ -140,10 +142,26 @@ def test_eval_mode_with_the_same_module_twice_restores_the_original_flags():
 
 def test_format_table_shows_every_variant_ratio_and_extra_line():
     rows = [
-        {"variant": "eager unfolded", "batch_size": 1, "median_ms": 2.0, "p10_ms": 1.5, "p90_ms": 2.5, "spread": 2.5 / 1.5,
-         "throughput": 500.0, "ratio_to_baseline": 1.0},
-        {"variant": "torch.export", "batch_size": 1, "median_ms": 1.0, "p10_ms": 0.9, "p90_ms": 1.2, "spread": 1.2 / 0.9,
-         "throughput": 1000.0, "ratio_to_baseline": 0.5},
+        {
+            "variant": "eager unfolded",
+            "batch_size": 1,
+            "median_ms": 2.0,
+            "p10_ms": 1.5,
+            "p90_ms": 2.5,
+            "spread": 2.5 / 1.5,
+            "throughput": 500.0,
+            "ratio_to_baseline": 1.0,
+        },
+        {
+            "variant": "torch.export",
+            "batch_size": 1,
+            "median_ms": 1.0,
+            "p10_ms": 0.9,
+            "p90_ms": 1.2,
+            "spread": 1.2 / 0.9,
+            "throughput": 1000.0,
+            "ratio_to_baseline": 0.5,
+        },
     ]
     text = format_table(rows, extra={"params": "1,234", "MACs": "56,789"})
     lines = text.splitlines()

@@ -1,12 +1,11 @@
 """Every norm type x position x activation builds and trains in 1-D and 2-D; the data's rank picks the dims."""
 
-
 import pytest
 import torch
 from torch import nn
 
-from nas.models.build import build
 from nas.models.batch_renorm import BatchRenorm
+from nas.models.build import build
 from nas.models.norms import ACTIVATIONS, NORMS, POSITIONS, make_norm
 from nas.search.space import RESIDUAL_ORDERS, SHARE_MODES, default_spec
 
@@ -17,8 +16,15 @@ NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, BatchRenorm)
 LAYOUTS = [("plain", p) for p in POSITIONS] + [("residual", o) for o in RESIDUAL_ORDERS]
 
 
-def spec_with(norm_type: str, position: str, activation: str = "relu", block_type: str = "plain", share: str = "global", **space) -> dict:
-    norm = {"type": norm_type, "position": position if block_type == "plain" else "post_conv", "share": share, "groups": 4}
+def spec_with(
+    norm_type: str, position: str, activation: str = "relu", block_type: str = "plain", share: str = "global", **space
+) -> dict:
+    norm = {
+        "type": norm_type,
+        "position": position if block_type == "plain" else "post_conv",
+        "share": share,
+        "groups": 4,
+    }
     block = {"type": block_type, "activation": activation, "norm": norm}
     if block_type == "residual":
         block["residual"] = {"order": position, "zero_init": True}
@@ -50,7 +56,9 @@ def test_every_norm_layout_builds_and_trains_a_step(shape_name, share, block_typ
     norms = [m for m in model.modules() if isinstance(m, NORM_LAYERS)]
     per_block = 1 if block_type == "plain" else 2
     assert len(norms) == (0 if norm_type == "none" else per_block * 4)
-    assert all(isinstance(n, (nn.BatchNorm2d if dims == 2 else nn.BatchNorm1d, nn.GroupNorm, BatchRenorm)) for n in norms)
+    assert all(
+        isinstance(n, (nn.BatchNorm2d if dims == 2 else nn.BatchNorm1d, nn.GroupNorm, BatchRenorm)) for n in norms
+    )
     model.eval()
     assert torch.isfinite(model(torch.randn(2, *shape))).all()
 
@@ -70,12 +78,18 @@ def block_order(model: nn.Module) -> list[str]:
 
 def test_position_sets_the_order_and_bias_follows_the_norm():
     orders = {p: block_order(build(spec_with("batch", p), (1, 8, 8), 3)) for p in POSITIONS}
-    assert orders == {"pre_conv": ["norm", "conv", "act"], "post_conv": ["conv", "norm", "act"], "post_act": ["conv", "act", "norm"]}
+    assert orders == {
+        "pre_conv": ["norm", "conv", "act"],
+        "post_conv": ["conv", "norm", "act"],
+        "post_act": ["conv", "act", "norm"],
+    }
     bias = lambda p, t="batch": build(spec_with(t, p), (1, 8, 8), 3).features.stage1_block1.conv.bias is not None  # noqa: E731
     assert not bias("post_conv")  # BatchNorm right after the conv makes its bias redundant
     assert bias("post_act") and bias("pre_conv") and bias("post_conv", "none")
     assert not bias("post_conv", "batch_renorm") and not bias("post_conv", "instance")  # they center every channel
-    assert bias("post_conv", "group") and bias("post_conv", "layer")  # they center groups of channels: a bias is not absorbed
+    assert bias("post_conv", "group") and bias(
+        "post_conv", "layer"
+    )  # they center groups of channels: a bias is not absorbed
     assert block_order(build(spec_with("none", "post_conv"), (1, 8, 8), 3)) == ["conv", "act"]
 
 
@@ -120,10 +134,16 @@ def test_zero_init_residual_block_starts_as_the_identity_path():
     assert not torch.allclose(block(x), torch.relu(x))
 
 
-@pytest.mark.parametrize("norm_type, absorbed", [("batch", True), ("instance", True), ("group", False), ("layer", False)])
+@pytest.mark.parametrize(
+    "norm_type, absorbed", [("batch", True), ("instance", True), ("group", False), ("layer", False)]
+)
 def test_a_per_channel_bias_is_absorbed_only_by_a_norm_that_centers_each_channel(norm_type, absorbed):
     torch.manual_seed(0)
-    norm = make_norm({"type": norm_type, "momentum": 0.1, "eps": 1e-5, "affine": True, "track_running_stats": True, "groups": 2}, 4, 2)
+    norm = make_norm(
+        {"type": norm_type, "momentum": 0.1, "eps": 1e-5, "affine": True, "track_running_stats": True, "groups": 2},
+        4,
+        2,
+    )
     x, b = torch.randn(6, 4, 5, 5), torch.randn(1, 4, 1, 1)
     change = norm(x + b) - norm(x)
     assert (change.abs().max().item() < 1e-5) == absorbed

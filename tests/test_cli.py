@@ -8,15 +8,17 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-
 from conftest import write_digits_run
+
 from nas.cli import search_main
 from nas.study.schema import read_run_config
 
 TINY_SPACE = {
     "stages": 1,
     "width": 8,
-    "block": {"norm": {"type": {"choice": ["batch", "none"]}, "position": {"choice": ["pre_conv", "post_conv", "post_act"]}}},
+    "block": {
+        "norm": {"type": {"choice": ["batch", "none"]}, "position": {"choice": ["pre_conv", "post_conv", "post_act"]}}
+    },
     "training": {"batch_size": 64, "lr": {"float": [0.01, 0.1], "log": True}},
 }
 
@@ -24,8 +26,13 @@ TINY_SPACE = {
 @pytest.fixture
 def run_dir(tmp_path, monkeypatch):
     """A config for digits with a tiny space and budget, and the cwd set to its folder."""
-    write_digits_run(tmp_path, TINY_SPACE, f"sqlite:///{tmp_path}/runs/nas.db",
-                     {"name": "tiny", "sampler": "tpe", "trials": 2}, {"folds": 2, "epochs": 1})
+    write_digits_run(
+        tmp_path,
+        TINY_SPACE,
+        f"sqlite:///{tmp_path}/runs/nas.db",
+        {"name": "tiny", "sampler": "tpe", "trials": 2},
+        {"folds": 2, "epochs": 1},
+    )
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
@@ -35,7 +42,9 @@ def trials(run_dir: Path, name: str = "tiny") -> list[optuna.trial.FrozenTrial]:
 
 
 def test_digits_search_in_a_real_process_stores_scored_trials_and_prints_the_table(run_dir):
-    proc = subprocess.run([sys.executable, "-m", "nas.cli", "--config", "run.yaml"], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "nas.cli", "--config", "run.yaml"], capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr
     done = trials(run_dir)
     assert [t.state for t in done] == [optuna.trial.TrialState.COMPLETE] * 2
@@ -48,7 +57,9 @@ def test_digits_search_in_a_real_process_stores_scored_trials_and_prints_the_tab
         assert ("block.norm.position" in t.params) == (t.params["block.norm.type"] != "none")
     assert "Top 2 of 2 finished trials" in proc.stdout
     best = min(done, key=lambda t: t.value)
-    assert f"{best.value:.4f} (trial {best.number}, " in next(line for line in proc.stdout.splitlines() if line.startswith("Best CV loss over this run"))
+    assert f"{best.value:.4f} (trial {best.number}, " in next(
+        line for line in proc.stdout.splitlines() if line.startswith("Best CV loss over this run")
+    )
     table_rows = [line.split()[0] for line in proc.stdout.splitlines() if line[:1].isdigit()]
     assert table_rows[0] == str(best.number)
     assert "\r" not in proc.stderr  # no progress bar when stderr is not a terminal
@@ -92,9 +103,13 @@ def test_resume_of_an_unknown_study_is_one_clear_line(run_dir, capsys):
 def test_bad_config_exits_2_with_one_line_and_writes_nothing(run_dir):
     text = (run_dir / "run.yaml").read_text().replace("folds: 2", "fold: 2")
     (run_dir / "bad.yaml").write_text(text)
-    proc = subprocess.run([sys.executable, "-m", "nas.cli", "--config", "bad.yaml"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "nas.cli", "--config", "bad.yaml"], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 2
-    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("bad.yaml: evaluation.fold: unknown key (known: folds, epochs")
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith(
+        "bad.yaml: evaluation.fold: unknown key (known: folds, epochs"
+    )
     assert proc.stderr.strip().endswith("did you mean 'folds'?")
     assert "Traceback" not in proc.stderr
     assert not (run_dir / "runs").exists()
@@ -128,10 +143,29 @@ def test_a_dataset_error_names_the_config_file(run_dir, capsys):
 def test_pruners_from_the_config_prune_or_complete_every_trial(run_dir):
     sequential = ["--folds", "5", "--set", "evaluation.fold_mode=sequential"]  # wilcoxon can prune only there
     for pruner, extra in (("median", []), ("wilcoxon", sequential)):
-        assert search_main(["--config", "run.yaml", "--study", pruner, "--set", f"evaluation.pruner={pruner}",
-                            "--trials", "3", "--epochs", "2", *extra]) == 0
+        assert (
+            search_main(
+                [
+                    "--config",
+                    "run.yaml",
+                    "--study",
+                    pruner,
+                    "--set",
+                    f"evaluation.pruner={pruner}",
+                    "--trials",
+                    "3",
+                    "--epochs",
+                    "2",
+                    *extra,
+                ]
+            )
+            == 0
+        )
         states = {t.state for t in trials(run_dir, pruner)}
-        assert states <= {optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED} and len(trials(run_dir, pruner)) == 3
+        assert (
+            states <= {optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED}
+            and len(trials(run_dir, pruner)) == 3
+        )
 
 
 def test_usage_errors_and_version():
@@ -143,8 +177,21 @@ def test_usage_errors_and_version():
 
 
 def test_bn_diagnostics_and_recalibration_are_stored_per_trial(run_dir):
-    assert search_main(["--config", "run.yaml", "--trials", "2", "--set", "evaluation.recalibrate_bn=true",
-                        "--set", "search_space=" + str(run_dir / "space.yaml")]) == 0
+    assert (
+        search_main(
+            [
+                "--config",
+                "run.yaml",
+                "--trials",
+                "2",
+                "--set",
+                "evaluation.recalibrate_bn=true",
+                "--set",
+                "search_space=" + str(run_dir / "space.yaml"),
+            ]
+        )
+        == 0
+    )
     for t in trials(run_dir):
         attrs = t.user_attrs
         assert {"eval_mode_loss", "train_mode_loss", "recalibrated_loss"} <= set(attrs)

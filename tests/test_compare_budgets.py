@@ -9,17 +9,26 @@ import json
 import optuna
 import pytest
 import yaml
+from conftest import write_digits_run
 from optuna.trial import TrialState
 
-from conftest import write_digits_run
 from nas.cli import compare_main
 from nas.study.schema import is_duplicate
 
 # batch: 2 candidates (lr); group: 4 (lr x groups): a budget of 3 runs the batch cell's space out
-FINITE = {"stages": 1, "width": 8,
-          "block": {"norm": {"type": {"choice": ["batch", "group"]}, "position": "post_conv", "momentum": 0.1,
-                             "groups": {"choice": [2, 4]}}},
-          "training": {"lr": {"choice": [0.03, 0.1]}, "batch_size": 32}}
+FINITE = {
+    "stages": 1,
+    "width": 8,
+    "block": {
+        "norm": {
+            "type": {"choice": ["batch", "group"]},
+            "position": "post_conv",
+            "momentum": 0.1,
+            "groups": {"choice": [2, 4]},
+        }
+    },
+    "training": {"lr": {"choice": [0.03, 0.1]}, "batch_size": 32},
+}
 RUN = ["--config", "run.yaml", "--factor", "block.norm.type", "--seeds", "2", "--no-progress"]
 
 
@@ -27,8 +36,12 @@ def holdings(storage: str, name: str) -> dict:
     """What the study holds, counted here from its trials' states."""
     trials = optuna.load_study(study_name=name, storage=storage).get_trials()
     own = [t for t in trials if not is_duplicate(t)]
-    return {"trained": sum(t.state == TrialState.COMPLETE for t in own), "pruned": sum(t.state == TrialState.PRUNED for t in own),
-            "failed": sum(t.state == TrialState.FAIL for t in own), "repeated": len(trials) - len(own)}
+    return {
+        "trained": sum(t.state == TrialState.COMPLETE for t in own),
+        "pruned": sum(t.state == TrialState.PRUNED for t in own),
+        "failed": sum(t.state == TrialState.FAIL for t in own),
+        "repeated": len(trials) - len(own),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -66,20 +79,49 @@ def test_a_rerun_with_a_smaller_budget_than_a_cell_holds_is_refused_in_one_line(
     monkeypatch.chdir(folder)
     assert compare_main([*RUN, "--trials-per-cell", "2"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("--trials-per-cell 2: cell study 'f[group]' already holds 3 finished candidates")
-    assert {c: len(optuna.load_study(study_name=c, storage=storage).get_trials()) for c in before} == before  # nothing ran
+    assert err.count("\n") == 1 and err.startswith(
+        "--trials-per-cell 2: cell study 'f[group]' already holds 3 finished candidates"
+    )
+    assert {
+        c: len(optuna.load_study(study_name=c, storage=storage).get_trials()) for c in before
+    } == before  # nothing ran
 
 
 def test_a_cell_stopped_by_failures_in_a_row_is_marked_and_the_others_still_compared(tmp_path, monkeypatch, capsys):
-    space = {"stages": 1, "width": 8, "block": {"norm": {"type": "batch"}},
-             "training": {"lr": {"float": [0.01, 0.1], "log": True}, "batch_size": 32}}
-    variants = {"sane": {}, "diverges": {"training.lr": {"float": [1.0e8, 1.0e9], "log": True}}}  # its loss is nan at once
+    space = {
+        "stages": 1,
+        "width": 8,
+        "block": {"norm": {"type": "batch"}},
+        "training": {"lr": {"float": [0.01, 0.1], "log": True}, "batch_size": 32},
+    }
+    variants = {
+        "sane": {},
+        "diverges": {"training.lr": {"float": [1.0e8, 1.0e9], "log": True}},
+    }  # its loss is nan at once
     (tmp_path / "variants.yaml").write_text(yaml.safe_dump(variants))
-    write_digits_run(tmp_path, space, f"sqlite:///{tmp_path}/nas.db", {"name": "v", "sampler": "random", "max_consecutive_failures": 2},
-                     {"folds": 2, "epochs": 1})
+    write_digits_run(
+        tmp_path,
+        space,
+        f"sqlite:///{tmp_path}/nas.db",
+        {"name": "v", "sampler": "random", "max_consecutive_failures": 2},
+        {"folds": 2, "epochs": 1},
+    )
     monkeypatch.chdir(tmp_path)
-    code = compare_main(["--config", "run.yaml", "--factor", "lr=variants.yaml", "--trials-per-cell", "2", "--seeds", "2",
-                         "--no-progress", "--out", "out"])
+    code = compare_main(
+        [
+            "--config",
+            "run.yaml",
+            "--factor",
+            "lr=variants.yaml",
+            "--trials-per-cell",
+            "2",
+            "--seeds",
+            "2",
+            "--no-progress",
+            "--out",
+            "out",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     cells = {c["levels"]["lr"]: c for c in json.loads((tmp_path / "out" / "compare.json").read_text())["cells"]}
     bad, good = cells["diverges"], cells["sane"]
@@ -89,13 +131,21 @@ def test_a_cell_stopped_by_failures_in_a_row_is_marked_and_the_others_still_comp
 
 
 def test_several_objectives_are_refused_before_any_cell_trains(tmp_path, monkeypatch, capsys):
-    write_digits_run(tmp_path, FINITE, f"sqlite:///{tmp_path}/nas.db", {"name": "o", "sampler": "random"},
-                     {"folds": 2, "epochs": 1, "pruner": "none"})
+    write_digits_run(
+        tmp_path,
+        FINITE,
+        f"sqlite:///{tmp_path}/nas.db",
+        {"name": "o", "sampler": "random"},
+        {"folds": 2, "epochs": 1, "pruner": "none"},
+    )
     monkeypatch.chdir(tmp_path)
     assert compare_main([*RUN, "--trials-per-cell", "1", "--set", "objectives=[cv_loss, params]"]) == 2
     err = capsys.readouterr().err
-    assert err == "--set: objectives: nas-compare searches and ranks cells by cv_loss alone; this config has cv_loss, params " \
-                  "(use objectives: [cv_loss])\n"
+    assert (
+        err
+        == "--set: objectives: nas-compare searches and ranks cells by cv_loss alone; this config has cv_loss, params "
+        "(use objectives: [cv_loss])\n"
+    )
     assert not (tmp_path / "nas.db").exists()  # no cell was searched
 
 

@@ -106,9 +106,11 @@ def test_two_cells_are_the_two_sided_paired_t_test():
 
 
 def test_a_missing_seed_is_left_out_for_every_cell():
-    losses = {"a": {"1": 0.10, "2": 0.12, "3": 0.11, "4": 0.13},
-              "b": {"1": 0.11, "2": 0.12, "3": 0.10},  # seed 4 failed
-              "c": {"1": 0.30, "2": 0.33, "3": 0.31, "4": 9.0}}
+    losses = {
+        "a": {"1": 0.10, "2": 0.12, "3": 0.11, "4": 0.13},
+        "b": {"1": 0.11, "2": 0.12, "3": 0.10},  # seed 4 failed
+        "c": {"1": 0.30, "2": 0.33, "3": 0.31, "4": 9.0},
+    }
     ranked = rank_cells(losses, losses)
     without = rank_cells({k: {s: v for s, v in d.items() if s != "4"} for k, d in losses.items()}, losses)
     assert ranked["a"]["paired_seeds"] == 3 and ranked["c"]["comparison"]["seeds_used"] == 3
@@ -125,12 +127,35 @@ def test_one_shared_seed_is_untested():
 
 def result_of(losses, seeds, counts=None, exhausted=None):
     """A compare.json-like result around rank_cells, as nas-compare builds it."""
-    cells = [{"label": label, "levels": {"type": label}, "study": f"s[{label}]", "trials": 4,
-              "search_cv_loss": min(v.values()), "losses": v, "accuracies": {s: 0.5 for s in v}, "summary": "",
-              **({"counts": counts} if counts else {}),
-              "exhausted": exhausted if label == "none" else None} for label, v in losses.items()]
-    return restat({"cells": cells, "columns": {"type": "type"}, "seeds": seeds, "dataset": "digits", "folds": 3,
-                   "epochs": 1, "sampler": "tpe", "trials_per_cell": 4, "base_study": "s", "storage": "sqlite:///x.db"})
+    cells = [
+        {
+            "label": label,
+            "levels": {"type": label},
+            "study": f"s[{label}]",
+            "trials": 4,
+            "search_cv_loss": min(v.values()),
+            "losses": v,
+            "accuracies": {s: 0.5 for s in v},
+            "summary": "",
+            **({"counts": counts} if counts else {}),
+            "exhausted": exhausted if label == "none" else None,
+        }
+        for label, v in losses.items()
+    ]
+    return restat(
+        {
+            "cells": cells,
+            "columns": {"type": "type"},
+            "seeds": seeds,
+            "dataset": "digits",
+            "folds": 3,
+            "epochs": 1,
+            "sampler": "tpe",
+            "trials_per_cell": 4,
+            "base_study": "s",
+            "storage": "sqlite:///x.db",
+        }
+    )
 
 
 def test_two_noisy_seeds_say_no_power_and_show_a_negative_bound_unclipped():
@@ -147,8 +172,12 @@ def test_two_noisy_seeds_say_no_power_and_show_a_negative_bound_unclipped():
 
 def test_the_report_labels_every_figure_and_shows_each_cells_budget():
     losses = {"batch": {"1": 0.10, "2": 0.12, "3": 0.11}, "none": {"1": 0.30, "2": 0.33, "3": 0.31}}
-    result = result_of(losses, [1, 2, 3], counts={"trained": 3, "pruned": 1, "failed": 2, "repeated": 5},
-                       exhausted="its search ended with 4/6 candidates finished")
+    result = result_of(
+        losses,
+        [1, 2, 3],
+        counts={"trained": 3, "pruned": 1, "failed": 2, "repeated": 5},
+        exhausted="its search ended with 4/6 candidates finished",
+    )
     md = markdown(result, "nas-compare ...")
     assert "| type | trials trained/pruned/failed/repeated | search best | CV loss mean ± SD over seeds |" in md
     assert "| none | 3/1/2/5 ‡ |" in md and "‡ none: short of its budget of 4: its search ended with 4/6" in md

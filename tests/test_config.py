@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nas.search.config import load_run_config, parse_override
 from nas.errors import ConfigError
+from nas.search.config import load_run_config, parse_override
 from nas.search.space import load_space
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,7 +90,9 @@ def test_search_space_is_relative_to_the_config_file(tmp_path, monkeypatch):
 
 def test_overrides_reach_any_key_and_are_validated(tmp_path):
     path = write(tmp_path, {})
-    cfg = load_run_config(path, [parse_override("study.trials=7"), parse_override("dataset.download=true"), ("evaluation.epochs", 2)])
+    cfg = load_run_config(
+        path, [parse_override("study.trials=7"), parse_override("dataset.download=true"), ("evaluation.epochs", 2)]
+    )
     assert (cfg.study.trials, cfg.dataset.download, cfg.evaluation.epochs) == (7, True, 2)
     err = problem(tmp_path, overrides=[parse_override("study.nmae=x")])
     assert err.key_path == "study.nmae" and "did you mean 'name'" in str(err)
@@ -107,9 +109,17 @@ def test_overrides_reach_any_key_and_are_validated(tmp_path):
         ({"width": {"int": [64, 16]}}, "width.int", "low 64 > high 16"),
         ({"training": {"weight_decay": {"float": [0.0, 0.1], "log": True}}}, "training.weight_decay.log", "low > 0"),
         ({"training": {"lr": {"float": [-1.0, 0.1]}}}, "training.lr.float[0]", "must be > 0"),
-        ({"block": {"activation": {"choice": ["relu", "swish"]}}}, "block.activation.choice[1]", "unknown activation 'swish'"),
+        (
+            {"block": {"activation": {"choice": ["relu", "swish"]}}},
+            "block.activation.choice[1]",
+            "unknown activation 'swish'",
+        ),
         ({"block": {"norm": {"type": "btach"}}}, "block.norm.type", "did you mean 'batch'"),
-        ({"block": {"norm": {"position": {"choice": ["post_conv", "after"]}}}}, "block.norm.position.choice[1]", "pre_conv, post_conv, post_act"),
+        (
+            {"block": {"norm": {"position": {"choice": ["post_conv", "after"]}}}},
+            "block.norm.position.choice[1]",
+            "pre_conv, post_conv, post_act",
+        ),
         ({"width": "wide"}, "width", "expected an integer"),
         ({"width": {"float": [1.0, 2.0]}}, "width.float", "not a float range"),
         ({"width": {"int": [8, 16], "choice": [8]}}, "width", "exactly one of"),
@@ -140,24 +150,32 @@ def test_objectives_are_a_list_of_known_names(tmp_path):
     assert err.key_path == "evaluation.pruner" and "single-objective" in str(err)
 
 
-@pytest.mark.parametrize("evaluation, words", [
-    ({"pruner": "wilcoxon", "folds": 5}, "wilcoxon needs fold_mode: sequential"),
-    ({"pruner": "wilcoxon", "folds": 4, "fold_mode": "sequential"},
-     "wilcoxon cannot prune with 4 folds at p_threshold 0.1: it judges after every fold but the last, "
-     "and the smallest one-sided p after n folds is 1/2^n; use >= 5 folds"),
-    ({"pruner": "median", "recalibrate_bn": True}, "median with recalibrate_bn needs fold_mode: sequential"),
-    ({"pruner": "hyperband", "recalibrate_bn": True}, "hyperband with recalibrate_bn needs fold_mode: sequential"),
-])
+@pytest.mark.parametrize(
+    "evaluation, words",
+    [
+        ({"pruner": "wilcoxon", "folds": 5}, "wilcoxon needs fold_mode: sequential"),
+        (
+            {"pruner": "wilcoxon", "folds": 4, "fold_mode": "sequential"},
+            "wilcoxon cannot prune with 4 folds at p_threshold 0.1: it judges after every fold but the last, "
+            "and the smallest one-sided p after n folds is 1/2^n; use >= 5 folds",
+        ),
+        ({"pruner": "median", "recalibrate_bn": True}, "median with recalibrate_bn needs fold_mode: sequential"),
+        ({"pruner": "hyperband", "recalibrate_bn": True}, "hyperband with recalibrate_bn needs fold_mode: sequential"),
+    ],
+)
 def test_a_pruner_that_could_save_nothing_is_refused_saying_why(tmp_path, evaluation, words):
     err = problem(tmp_path, {"evaluation": evaluation})
     assert err.key_path == "evaluation.pruner" and err.file.endswith("run.yaml") and words in str(err)
 
 
-@pytest.mark.parametrize("evaluation", [
-    {"pruner": "wilcoxon", "folds": 5, "fold_mode": "sequential"},
-    {"pruner": "median", "recalibrate_bn": True, "fold_mode": "sequential"},
-    {"pruner": "hyperband"},
-    {"pruner": "none", "recalibrate_bn": True},
-])
+@pytest.mark.parametrize(
+    "evaluation",
+    [
+        {"pruner": "wilcoxon", "folds": 5, "fold_mode": "sequential"},
+        {"pruner": "median", "recalibrate_bn": True, "fold_mode": "sequential"},
+        {"pruner": "hyperband"},
+        {"pruner": "none", "recalibrate_bn": True},
+    ],
+)
 def test_pruners_that_can_save_compute_are_accepted(tmp_path, evaluation):
     assert load_run_config(write(tmp_path, {"evaluation": evaluation})).evaluation.pruner == evaluation["pruner"]

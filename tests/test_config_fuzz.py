@@ -6,14 +6,48 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nas.search.config import load_run_config
 from nas.errors import ConfigError
+from nas.search.config import load_run_config
 
-KEYS = ["dataset", "name", "study", "trials", "evaluation", "folds", "epochs", "search_space", "device", "stages", "width",
-        "block", "norm", "type", "position", "choice", "int", "float", "log", "step", "training", "lr", "objectives", "x"]
-scalars = st.one_of(st.none(), st.booleans(), st.integers(-5, 300), st.floats(allow_nan=True, allow_infinity=True),
-                    st.text(string.ascii_letters + "_.-/:", max_size=12), st.sampled_from(["digits", "batch", "tpe", "relu", "cpu"]))
-trees = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.sampled_from(KEYS), inner, max_size=5)), max_leaves=20)
+KEYS = [
+    "dataset",
+    "name",
+    "study",
+    "trials",
+    "evaluation",
+    "folds",
+    "epochs",
+    "search_space",
+    "device",
+    "stages",
+    "width",
+    "block",
+    "norm",
+    "type",
+    "position",
+    "choice",
+    "int",
+    "float",
+    "log",
+    "step",
+    "training",
+    "lr",
+    "objectives",
+    "x",
+]
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-5, 300),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(string.ascii_letters + "_.-/:", max_size=12),
+    st.sampled_from(["digits", "batch", "tpe", "relu", "cpu"]),
+)
+trees = st.recursive(
+    scalars,
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.sampled_from(KEYS), inner, max_size=5)),
+    max_leaves=20,
+)
 
 
 def check(tmp_path, config_text: str, space_text: str) -> None:

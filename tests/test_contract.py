@@ -11,22 +11,33 @@ import numpy as np
 import optuna
 import pytest
 import yaml
+from conftest import write_digits_run
 from sklearn.datasets import load_digits
 
-from conftest import write_digits_run
 from nas.cli import export_main, search_main
-from nas.search.config import DatasetConfig
 from nas.dashboard.state import detail
 from nas.data.datasets import load_dataset
+from nas.search.config import DatasetConfig
 from nas.study.report import write_report
 from nas.study.schema import HISTORY_ATTR, RUN_CONFIG_ATTR, config_of_trial, read_config_history, read_run_config
 
-SPACE = {"stages": 1, "width": 8, "block": {"norm": {"type": {"choice": ["batch", "none"]}}}, "training": {"lr": {"float": [0.01, 0.1], "log": True}}}
+SPACE = {
+    "stages": 1,
+    "width": 8,
+    "block": {"norm": {"type": {"choice": ["batch", "none"]}}},
+    "training": {"lr": {"float": [0.01, 0.1], "log": True}},
+}
 
 
 @pytest.fixture
 def run_dir(tmp_path, monkeypatch):
-    write_digits_run(tmp_path, SPACE, f"sqlite:///{tmp_path}/nas.db", {"name": "c", "sampler": "random", "trials": 2}, {"folds": 2, "epochs": 1})
+    write_digits_run(
+        tmp_path,
+        SPACE,
+        f"sqlite:///{tmp_path}/nas.db",
+        {"name": "c", "sampler": "random", "trials": 2},
+        {"folds": 2, "epochs": 1},
+    )
     monkeypatch.chdir(tmp_path)
     assert search_main(["--config", "run.yaml", "--no-progress"]) == 0
     return tmp_path
@@ -68,7 +79,7 @@ def test_a_continuation_on_other_data_is_refused_naming_the_key_and_both_values_
     npz = write_config(run_dir, "npz.yaml", {"name": "npz", "root": str(write_npz(run_dir / "d.npz"))})
     before = snapshot(run_dir)
     err = refused(capsys, ["--config", "npz.yaml", "--trials", "4", "--no-progress"])
-    assert err.startswith(f"{npz.name}: dataset.name: study 'c' was run with \"digits\"; this run has \"npz\"")
+    assert err.startswith(f'{npz.name}: dataset.name: study \'c\' was run with "digits"; this run has "npz"')
     assert "--force" in err
     assert snapshot(run_dir) == before
 
@@ -88,7 +99,24 @@ def test_an_evaluation_change_by_flag_names_the_flag(run_dir, capsys):
 
 
 def test_budget_timeout_device_and_sampler_may_change(run_dir):
-    assert search_main(["--config", "run.yaml", "--trials", "3", "--timeout", "600", "--device", "cpu", "--sampler", "tpe", "--no-progress"]) == 0
+    assert (
+        search_main(
+            [
+                "--config",
+                "run.yaml",
+                "--trials",
+                "3",
+                "--timeout",
+                "600",
+                "--device",
+                "cpu",
+                "--sampler",
+                "tpe",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     s = study(run_dir)
     config = read_run_config(s._storage, s._study_id)
     assert config["study"]["trials"] == 3 and config["study"]["sampler"] == "tpe"
@@ -122,14 +150,22 @@ def test_force_continues_records_the_change_and_each_trial_keeps_its_own_config(
 
 def test_changed_data_content_is_refused_by_search_and_by_export(tmp_path, monkeypatch, capsys):
     npz = write_npz(tmp_path / "d.npz")
-    write_digits_run(tmp_path, SPACE, f"sqlite:///{tmp_path}/nas.db", {"name": "c", "sampler": "random", "trials": 1}, {"folds": 2, "epochs": 1})
+    write_digits_run(
+        tmp_path,
+        SPACE,
+        f"sqlite:///{tmp_path}/nas.db",
+        {"name": "c", "sampler": "random", "trials": 1},
+        {"folds": 2, "epochs": 1},
+    )
     write_config(tmp_path, "run.yaml", {"name": "npz", "root": str(npz)})
     monkeypatch.chdir(tmp_path)
     assert search_main(["--config", "run.yaml", "--no-progress"]) == 0
     write_npz(npz, scale=0.5)  # same shape and classes, other values
     err = refused(capsys, ["--config", "run.yaml", "--trials", "2"])
     assert "data.sha256" in err
-    assert export_main(["--study", "c", "--storage", f"sqlite:///{tmp_path}/nas.db", "--out", str(tmp_path / "out")]) == 2
+    assert (
+        export_main(["--study", "c", "--storage", f"sqlite:///{tmp_path}/nas.db", "--out", str(tmp_path / "out")]) == 2
+    )
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "differs from what study 'c' was searched on: sha256" in err
     assert not (tmp_path / "out" / "model.json").exists()
@@ -137,7 +173,12 @@ def test_changed_data_content_is_refused_by_search_and_by_export(tmp_path, monke
 
 def test_optuna_studies_stays_readable(run_dir):
     optuna_cli = Path(sys.executable).with_name("optuna")
-    proc = subprocess.run([str(optuna_cli), "studies", "--storage", f"sqlite:///{run_dir}/nas.db"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [str(optuna_cli), "studies", "--storage", f"sqlite:///{run_dir}/nas.db"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     row = next(line for line in proc.stdout.splitlines() if "| c " in line)
     assert len(row) < 250 and "bnnas: digits, 2 folds x 1 epochs, random, budget 2" in row
@@ -151,7 +192,12 @@ def test_an_older_study_keeps_working_and_its_config_moves_out_of_the_user_attrs
     with engine.begin() as conn:
         conn.exec_driver_sql("DELETE FROM study_system_attributes WHERE key LIKE 'nas:%'")
     s.set_user_attr("run_config", config)
-    assert search_main(["--resume", "--study", "c", "--storage", f"sqlite:///{run_dir}/nas.db", "--trials", "3", "--no-progress"]) == 0
+    assert (
+        search_main(
+            ["--resume", "--study", "c", "--storage", f"sqlite:///{run_dir}/nas.db", "--trials", "3", "--no-progress"]
+        )
+        == 0
+    )
     s = study(run_dir)
     assert "run_config" not in s.user_attrs
     assert s._storage.get_study_system_attrs(s._study_id)[RUN_CONFIG_ATTR]["study"]["trials"] == 3
@@ -164,7 +210,9 @@ def test_the_data_fingerprint_names_shape_classes_sizes_and_content(tmp_path):
     other = load_dataset(DatasetConfig(name="npz", root=str(write_npz(tmp_path / "c.npz", scale=0.5)))).fingerprint
     assert a == again
     assert (a["sample_shape"], a["train"], a["test"], len(a["classes"])) == ([1, 8, 8], 1400, 397, 10)
-    assert other["sha256"] != a["sha256"] and {k: v for k, v in other.items() if k != "sha256"} == {k: v for k, v in a.items() if k != "sha256"}
+    assert other["sha256"] != a["sha256"] and {k: v for k, v in other.items() if k != "sha256"} == {
+        k: v for k, v in a.items() if k != "sha256"
+    }
     json.dumps(a)
 
 
@@ -183,16 +231,23 @@ def test_cifar_auto_augment_continues_as_crop_flip_and_not_as_none(tmp_path, mon
     from tests.test_data import write_cifar
 
     write_cifar(tmp_path / "cifar", "cifar10", monkeypatch, n_train_per_file=4, n_test=6, n_classes=2)
-    write_digits_run(tmp_path, SPACE, f"sqlite:///{tmp_path}/nas.db", {"name": "c", "sampler": "random", "trials": 1},
-                     {"folds": 2, "epochs": 1})
+    write_digits_run(
+        tmp_path,
+        SPACE,
+        f"sqlite:///{tmp_path}/nas.db",
+        {"name": "c", "sampler": "random", "trials": 1},
+        {"folds": 2, "epochs": 1},
+    )
     write_config(tmp_path, "run.yaml", {"name": "cifar10", "root": str(tmp_path / "cifar"), "augment": "auto"})
     monkeypatch.chdir(tmp_path)
     assert search_main(["--config", "run.yaml", "--no-progress"]) == 0  # stored: auto
 
     err = refused(capsys, ["--config", "run.yaml", "--trials", "2", "--set", "dataset.augment=none"])
     assert err.startswith('--set: dataset.augment: study \'c\' was run with "crop_flip"; this run has "none"')
-    assert search_main(["--config", "run.yaml", "--trials", "2", "--set", "dataset.augment=crop_flip",
-                        "--no-progress"]) == 0
+    assert (
+        search_main(["--config", "run.yaml", "--trials", "2", "--set", "dataset.augment=crop_flip", "--no-progress"])
+        == 0
+    )
     s = study(tmp_path)
     assert len(s.trials) == 2 and read_config_history(s._storage, s._study_id) == []
 
@@ -203,12 +258,18 @@ def version1_fingerprint(x_train, y_train, x_test, y_test, classes) -> dict:
     for x, y in ((x_train, y_train), (x_test, y_test)):
         digest.update(np.ascontiguousarray(np.asarray(x, np.uint8).astype(np.float32) / 255.0).data)
         digest.update(np.asarray(y, np.int64).data)
-    return {"sample_shape": [3, 32, 32], "classes": classes, "train": len(y_train), "test": len(y_test),
-            "sha256": digest.hexdigest()}
+    return {
+        "sample_shape": [3, 32, 32],
+        "classes": classes,
+        "train": len(y_train),
+        "test": len(y_test),
+        "sha256": digest.hexdigest(),
+    }
 
 
-def test_a_study_fingerprinted_in_version_1_continues_on_the_same_data_and_refuses_other_data(tmp_path, monkeypatch,
-                                                                                              capsys):
+def test_a_study_fingerprinted_in_version_1_continues_on_the_same_data_and_refuses_other_data(
+    tmp_path, monkeypatch, capsys
+):
     import shutil
 
     from nas.study.schema import DATA_ATTR
@@ -216,8 +277,13 @@ def test_a_study_fingerprinted_in_version_1_continues_on_the_same_data_and_refus
 
     cifar = dict(name="cifar10", monkeypatch=monkeypatch, n_train_per_file=4, n_test=6, n_classes=2)
     raw = write_cifar(tmp_path / "cifar", **cifar)
-    write_digits_run(tmp_path, SPACE, f"sqlite:///{tmp_path}/nas.db", {"name": "c", "sampler": "random", "trials": 1},
-                     {"folds": 2, "epochs": 1})
+    write_digits_run(
+        tmp_path,
+        SPACE,
+        f"sqlite:///{tmp_path}/nas.db",
+        {"name": "c", "sampler": "random", "trials": 1},
+        {"folds": 2, "epochs": 1},
+    )
     write_config(tmp_path, "run.yaml", {"name": "cifar10", "root": str(tmp_path / "cifar")})
     monkeypatch.chdir(tmp_path)
     assert search_main(["--config", "run.yaml", "--no-progress"]) == 0

@@ -9,20 +9,24 @@ import sys
 import optuna
 import pytest
 import torch
+from conftest import CUDA_TEST_DEVICE, write_digits_run
 from optuna.trial import TrialState
 
-from conftest import CUDA_TEST_DEVICE, write_digits_run
-from nas.models.build import build
 from nas.cli import export_main, search_main
-from nas.search.config import DatasetConfig
 from nas.data.datasets import load_dataset, stratified_folds
-from nas.training.cross_validation import cross_validate
+from nas.models.build import build
+from nas.search.config import DatasetConfig
 from nas.search.space import default_spec
+from nas.training.cross_validation import cross_validate
 from nas.training.train import autocast, fit, prepare_model, resolve_device, uses_channels_last
 
 pytestmark = pytest.mark.cuda
-SPACE = {"stages": 2, "width": 16, "block": {"norm": {"type": {"choice": ["batch", "batch_renorm", "group"]}}},
-         "training": {"optimizer": "adamw", "lr": {"float": [3.0e-3, 1.0e-2], "log": True}}}
+SPACE = {
+    "stages": 2,
+    "width": 16,
+    "block": {"norm": {"type": {"choice": ["batch", "batch_renorm", "group"]}}},
+    "training": {"optimizer": "adamw", "lr": {"float": [3.0e-3, 1.0e-2], "log": True}},
+}
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +41,13 @@ def digits(device):
 
 def on_device(tmp_path, name, trials, **evaluation) -> str:
     """A digits run on the test device; returns the storage URL."""
-    config = write_digits_run(tmp_path, SPACE, f"sqlite:///{tmp_path}/nas.db", {"name": name, "sampler": "random", "trials": trials},
-                              {"folds": 2, "epochs": 2, **evaluation})
+    config = write_digits_run(
+        tmp_path,
+        SPACE,
+        f"sqlite:///{tmp_path}/nas.db",
+        {"name": name, "sampler": "random", "trials": trials},
+        {"folds": 2, "epochs": 2, **evaluation},
+    )
     text = config.read_text().replace("device: cpu", f"device: {CUDA_TEST_DEVICE}")
     config.write_text(text)
     return f"sqlite:///{tmp_path}/nas.db"
@@ -53,7 +62,11 @@ def test_data_lives_on_the_device_and_training_uses_bf16_and_channels_last(digit
     assert conv.device.type == device.type
     assert conv.is_contiguous(memory_format=torch.channels_last) == uses_channels_last(device)
     with autocast(device):
-        logits = model(digits.x_train[:8].contiguous(memory_format=torch.channels_last) if uses_channels_last(device) else digits.x_train[:8])
+        logits = model(
+            digits.x_train[:8].contiguous(memory_format=torch.channels_last)
+            if uses_channels_last(device)
+            else digits.x_train[:8]
+        )
     assert logits.dtype == (torch.bfloat16 if device.type == "cuda" else torch.float32)
     train_idx, val_idx = stratified_folds(digits.y_train, 3, 0)[0]
     result = fit(model, digits, train_idx, val_idx, spec["training"], 10, device, seed=0)
@@ -96,8 +109,13 @@ def test_out_of_memory_fails_the_trial_releases_memory_and_the_search_goes_on(tm
 
 def test_two_workers_share_one_gpu_and_end_with_exactly_the_budget(tmp_path):
     url = on_device(tmp_path, "two", 4)
-    proc = subprocess.run([sys.executable, "-m", "nas.cli", "--config", str(tmp_path / "run.yaml"), "--workers", "2", "--no-progress"],
-                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "nas.cli", "--config", str(tmp_path / "run.yaml"), "--workers", "2", "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     trials = optuna.load_study(study_name="two", storage=url).get_trials()
     assert sum(t.state == TrialState.COMPLETE for t in trials) == 4
@@ -107,7 +125,10 @@ def test_two_workers_share_one_gpu_and_end_with_exactly_the_budget(tmp_path):
 def test_a_model_searched_and_exported_on_the_device_is_verified_on_the_cpu(tmp_path):
     url = on_device(tmp_path, "ex", 1)
     assert search_main(["--config", str(tmp_path / "run.yaml"), "--no-progress"]) == 0
-    assert export_main(["--storage", url, "--study", "ex", "--out", str(tmp_path / "out"), "--device", CUDA_TEST_DEVICE]) == 0
+    assert (
+        export_main(["--storage", url, "--study", "ex", "--out", str(tmp_path / "out"), "--device", CUDA_TEST_DEVICE])
+        == 0
+    )
     meta = json.loads((tmp_path / "out" / "model.json").read_text())
     assert meta["test"]["accuracy"] > 0.2 and meta["fold_max_abs_diff"] <= 1e-4  # trained (chance: 0.1), folded exactly
 
@@ -127,4 +148,6 @@ def test_uint8_images_in_memory_and_streamed_to_the_device_give_the_same_fold_lo
     for fold_mode in ("together", "sequential"):
         a = cross_validate(spec, held, folds, 2, device, fold_mode=fold_mode)["fold_losses"]
         b = cross_validate(spec, streamed, folds, 2, device, fold_mode=fold_mode)["fold_losses"]
-        assert a == pytest.approx(b, abs=1e-5 if device.type == "cpu" else 1e-3)  # cuDNN's bf16 kernels need not repeat bit for bit
+        assert a == pytest.approx(
+            b, abs=1e-5 if device.type == "cpu" else 1e-3
+        )  # cuDNN's bf16 kernels need not repeat bit for bit

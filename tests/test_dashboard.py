@@ -13,9 +13,9 @@ import optuna
 import psutil
 import pytest
 from bottle import html_escape
+from dashboard_support import Dashboard, make_study, trials, wait_for
 from optuna.trial import TrialState
 
-from dashboard_support import Dashboard, make_study, trials, wait_for
 from nas.search.archspec import describe_norms
 from nas.study.schema import FINISHED, RUN_CONFIG_ATTR
 
@@ -50,7 +50,9 @@ def finished(storage, name):
 
 def worker_ended(site, name):
     """The study's row once the worker started here has ended."""
-    return wait_for(lambda: (s := site.study(name))["worker"]["status"] != "running" and s, what=f"the worker of {name} to end")
+    return wait_for(
+        lambda: (s := site.study(name))["worker"]["status"] != "running" and s, what=f"the worker of {name} to end"
+    )
 
 
 def test_list_shows_state_budget_best_loss_accuracy_and_layout_of_every_study(site):
@@ -97,11 +99,21 @@ def test_a_study_is_found_by_its_name_too(site):
     assert site.get("/studies?name=nope")[0] == 404 and site.get("/studies")[0] == 400
 
 
-@pytest.mark.parametrize("method,path", [
-    ("GET", "/studies/999"), ("GET", "/api/studies/999"), ("GET", "/fragments/studies/999"), ("GET", "/studies/999/log"),
-    ("GET", "/studies/999/exports/x/model.json"), ("GET", "/studies/999/logs/x"), ("GET", "/studies/-1"),
-    ("POST", "/studies/999/resume"), ("POST", "/studies/999/stop"), ("POST", "/studies/999/export"),
-])
+@pytest.mark.parametrize(
+    "method,path",
+    [
+        ("GET", "/studies/999"),
+        ("GET", "/api/studies/999"),
+        ("GET", "/fragments/studies/999"),
+        ("GET", "/studies/999/log"),
+        ("GET", "/studies/999/exports/x/model.json"),
+        ("GET", "/studies/999/logs/x"),
+        ("GET", "/studies/-1"),
+        ("POST", "/studies/999/resume"),
+        ("POST", "/studies/999/stop"),
+        ("POST", "/studies/999/export"),
+    ],
+)
 def test_a_study_id_not_in_the_storage_is_404(site, method, path):
     status = site.post(path)[0] if method == "POST" else site.get(path)[0]
     assert status == 404
@@ -114,7 +126,9 @@ def test_resume_runs_trials_to_the_new_budget_and_is_refused_while_running(site)
     # issue 15.8: the refusal names the worker, not "0 trial(s) with a live heartbeat" while it starts
     assert status == 409 and "already" in again["error"] and f"pid {body['pid']}" in again["error"]
     assert "0 trial(s)" not in again["error"]
-    done = wait_for(lambda: (s := site.study("worked"))["state"] == "finished" and s, what="the resumed study to finish")
+    done = wait_for(
+        lambda: (s := site.study("worked"))["state"] == "finished" and s, what="the resumed study to finish"
+    )
     assert done["finished"] == 3 == finished(site.storage, "worked")
     assert done["worker"]["status"] == "exited" and done["worker"]["exit_code"] == 0
     assert "Top 3 of 3 finished trials" in site.get(body["log"])[2]
@@ -126,7 +140,10 @@ def test_resume_runs_trials_to_the_new_budget_and_is_refused_while_running(site)
 def test_stop_lets_the_running_trial_complete_and_leaves_the_study_resumable(site):
     assert site.act("worked", "stop")[0] == 409  # nothing runs now
     assert site.act("worked", "resume", {"trials": 50})[0] == 202
-    running = wait_for(lambda: [t.number for t in trials(site.storage, "worked") if t.state == TrialState.RUNNING], what="a running trial")
+    running = wait_for(
+        lambda: [t.number for t in trials(site.storage, "worked") if t.state == TrialState.RUNNING],
+        what="a running trial",
+    )
     status, body = site.act("worked", "stop")
     assert status == 202, body
     after = wait_for(lambda: (s := site.study("worked"))["state"] == "idle" and s, what="the worker to stop")
@@ -196,6 +213,7 @@ def test_export_best_runs_the_export_and_offers_its_files(site):
     best = min((t for t in trials(site.storage, "seen") if t.state == TrialState.COMPLETE), key=lambda t: t.value)
     assert status == 200 and "attachment" in headers["Content-Disposition"] and json.loads(text)["trial"] == best.number
     import http.client
+
     conn = http.client.HTTPConnection("127.0.0.1", site.port)
     conn.request("GET", f"{page}/exports/{job}/export.zip", headers={"Host": f"127.0.0.1:{site.port}"})
     reply = conn.getresponse()
@@ -214,12 +232,16 @@ def test_exports_and_logs_are_listed_again_after_a_restart(site, tmp_path):
     again = Dashboard(site.storage, site.workdir)
     try:
         seen = again.study("seen")
-        assert [(e["id"], e["status"], e["files"]) for e in seen["exports"]] == [(e["id"], e["status"], e["files"]) for e in exports]
+        assert [(e["id"], e["status"], e["files"]) for e in seen["exports"]] == [
+            (e["id"], e["status"], e["files"]) for e in exports
+        ]
         page = again.links("seen")["page"]
         assert again.get(f"{page}/exports/{exports[0]['id']}/model.json")[0] == 200
         assert f"{page}/exports/{exports[0]['id']}/model.ts" in again.get(page)[2]
         log = again.study("worked")
-        assert log["worker"]["id"] == worked["worker"]["id"] and log["worker"]["status"] == "exited"  # its exit code was recorded
+        assert (
+            log["worker"]["id"] == worked["worker"]["id"] and log["worker"]["status"] == "exited"
+        )  # its exit code was recorded
         assert "Stopped on request" in again.get(again.links("worked")["page"] + "/log")[2]
         earlier = log["earlier_workers"]
         assert earlier and again.get(f"{again.links('worked')['page']}/logs/{earlier[0]['id']}")[0] == 200
@@ -230,9 +252,14 @@ def test_exports_and_logs_are_listed_again_after_a_restart(site, tmp_path):
 def test_the_history_is_a_step_line_of_the_best_so_far_with_ticked_axes(site):
     """Issue 15.8: best-so-far holds until the next improvement; both axes have readable ticks."""
     page = site.get(site.links("chart")["page"])[2]
-    svg = page[page.index("<svg"):page.index("</svg>")]
-    points = [tuple(map(float, p.split(","))) for p in re.search(r'<polyline points="([^"]+)" class="best"', svg).group(1).split()]
-    assert all(a[0] == b[0] or a[1] == b[1] for a, b in zip(points, points[1:]))  # only horizontal runs and vertical drops
+    svg = page[page.index("<svg") : page.index("</svg>")]
+    points = [
+        tuple(map(float, p.split(",")))
+        for p in re.search(r'<polyline points="([^"]+)" class="best"', svg).group(1).split()
+    ]
+    assert all(
+        a[0] == b[0] or a[1] == b[1] for a, b in zip(points, points[1:])
+    )  # only horizontal runs and vertical drops
     assert len({y for _, y in points}) == 3  # 3.0, then 2.0, then 1.0
     y_ticks = [float(t) for t in re.findall(r'text-anchor="end" class="tick">([^<]+)<', svg)]
     x_ticks = [int(t) for t in re.findall(r'text-anchor="middle" class="tick">([^<]+)<', svg)]
@@ -246,7 +273,12 @@ def test_a_budget_takes_plain_digits_only(site):
     for bad in ("2_0", " 20", "٢٠", "20.0", "1e3", "+20"):
         status, body = site.act("seen", "resume", {"trials": bad})
         assert status == 400 and "trials" in body["error"], (bad, status, body)
-    headers = {"Origin": site.base, "X-CSRF-Token": site.csrf, "Content-Type": "application/json", "Accept": "application/json"}
+    headers = {
+        "Origin": site.base,
+        "X-CSRF-Token": site.csrf,
+        "Content-Type": "application/json",
+        "Accept": "application/json",
+    }
     for bad in ('{"trials": true}', '{"trials": 2.5}', '{"trials": "2_0"}'):
         status, _, text = site.request("POST", site.links("seen")["actions"]["resume"], bad, headers)
         assert status == 400 and "trials" in text, (bad, status, text)
@@ -254,7 +286,12 @@ def test_a_budget_takes_plain_digits_only(site):
 
 def test_a_json_body_that_is_no_object_is_a_400(site):
     """Issue 15.7: a JSON list gave 500."""
-    headers = {"Origin": site.base, "X-CSRF-Token": site.csrf, "Content-Type": "application/json", "Accept": "application/json"}
+    headers = {
+        "Origin": site.base,
+        "X-CSRF-Token": site.csrf,
+        "Content-Type": "application/json",
+        "Accept": "application/json",
+    }
     for body in ("[1, 2]", '"x"', "3", "{not json"):
         status, _, text = site.request("POST", site.links("seen")["actions"]["export"], body, headers)
         assert status == 400, (body, status, text)
@@ -265,7 +302,11 @@ def test_a_json_body_that_is_no_object_is_a_400(site):
 def test_a_forwarded_host_does_not_steer_a_redirect(site):
     """Issue 15.7: bottle.redirect built an absolute Location from X-Forwarded-Host."""
     status, headers, _ = site.get("/csv/1", **{"X-Forwarded-Host": "evil.example", "X-Forwarded-Proto": "https"})
-    assert status == 302 and "evil" not in headers["Location"] and urlsplit(headers["Location"]).netloc in ("", f"127.0.0.1:{site.port}")
+    assert (
+        status == 302
+        and "evil" not in headers["Location"]
+        and urlsplit(headers["Location"]).netloc in ("", f"127.0.0.1:{site.port}")
+    )
 
 
 def test_a_form_over_the_body_limit_is_refused_not_cut_short(site):
@@ -314,14 +355,31 @@ def test_state_changes_need_post_from_the_same_origin_with_the_csrf_token(site):
 def test_every_answer_forbids_framing(site):
     """Issue 15.2: a page on another site framed /optuna/dashboard and got a click on Delete through."""
     page = site.links("seen")["page"]
-    answers = [site.get(path) for path in ("/", page, "/api/studies", "/fragments/studies", "/static/dashboard.css", "/studies/999",
-                                            "/optuna/", "/optuna/dashboard", "/optuna/dashboard/studies/1", "/optuna/api/studies",
-                                            "/optuna/static/bundle.js", "/csv/1", "/nope")]
+    answers = [
+        site.get(path)
+        for path in (
+            "/",
+            page,
+            "/api/studies",
+            "/fragments/studies",
+            "/static/dashboard.css",
+            "/studies/999",
+            "/optuna/",
+            "/optuna/dashboard",
+            "/optuna/dashboard/studies/1",
+            "/optuna/api/studies",
+            "/optuna/static/bundle.js",
+            "/csv/1",
+            "/nope",
+        )
+    ]
     form = {"Origin": site.base, "X-CSRF-Token": site.csrf, "Content-Type": "application/x-www-form-urlencoded"}
-    answers += [site.request("GET", "/", headers={"Host": "attacker.example"}),
-                site.request("POST", page + "/stop", "", form | {"Origin": "http://attacker.example"}),
-                site.request("POST", page + "/stop", "", form | {"Accept": "text/html"}),
-                site.request("POST", page + "/stop", "", form | {"Accept": "application/json"})]
+    answers += [
+        site.request("GET", "/", headers={"Host": "attacker.example"}),
+        site.request("POST", page + "/stop", "", form | {"Origin": "http://attacker.example"}),
+        site.request("POST", page + "/stop", "", form | {"Accept": "text/html"}),
+        site.request("POST", page + "/stop", "", form | {"Accept": "application/json"}),
+    ]
     for status, headers, *_ in answers:
         assert headers.get("X-Frame-Options") == "DENY", (status, headers)
         assert "frame-ancestors 'none'" in headers.get("Content-Security-Policy", ""), (status, headers)
@@ -330,9 +388,16 @@ def test_every_answer_forbids_framing(site):
 def test_without_javascript_an_action_answers_with_a_page_not_json(site):
     """Issue 15.7: a plain form post (what a browser without JavaScript sends) landed on raw JSON."""
     page = site.links("seen")["page"]
-    status, headers, text = site.request("POST", page + "/stop", f"csrf={site.csrf}",
-                                         {"Origin": site.base, "Content-Type": "application/x-www-form-urlencoded",
-                                          "Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"})
+    status, headers, text = site.request(
+        "POST",
+        page + "/stop",
+        f"csrf={site.csrf}",
+        {
+            "Origin": site.base,
+            "Content-Type": "application/x-www-form-urlencoded",
+            "Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8",
+        },
+    )
     assert status == 409 and headers["Content-Type"].startswith("text/html")
     assert "is not running" in text and f'href="{page}"' in text and not text.lstrip().startswith("{")
 
@@ -358,10 +423,19 @@ def test_the_dashboard_polling_beside_a_running_search_does_not_fail_it(site, tm
     from conftest import write_digits_run
     from dashboard_support import SPACE
 
-    config = write_digits_run(tmp_path, SPACE, site.storage, {"name": "beside", "sampler": "random", "trials": 3, "heartbeat_seconds": 1},
-                              {"folds": 2, "epochs": 1})
-    search = subprocess.Popen([sys.executable, "-m", "nas", "search", "--config", str(config), "--no-progress"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    config = write_digits_run(
+        tmp_path,
+        SPACE,
+        site.storage,
+        {"name": "beside", "sampler": "random", "trials": 3, "heartbeat_seconds": 1},
+        {"folds": 2, "epochs": 1},
+    )
+    search = subprocess.Popen(
+        [sys.executable, "-m", "nas", "search", "--config", str(config), "--no-progress"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     statuses, refused = [], None
     while search.poll() is None:
         statuses += [site.get(path)[0] for path in ("/fragments/studies", "/optuna/api/studies")]
@@ -369,7 +443,9 @@ def test_the_dashboard_polling_beside_a_running_search_does_not_fail_it(site, tm
         if row is not None:
             statuses += [site.get(f"/fragments/studies/{row['id']}")[0], site.get(f"/api/studies/{row['id']}")[0]]
             if refused is None and row["running_trials"]:
-                refused = site.post(f"/studies/{row['id']}/resume", {"trials": 9})  # a worker we did not start: seen by its heartbeat
+                refused = site.post(
+                    f"/studies/{row['id']}/resume", {"trials": 9}
+                )  # a worker we did not start: seen by its heartbeat
         time.sleep(0.5)  # a browser's polling pace, not synchronisation: the loop ends when the search does
     out, err = search.communicate()
     assert search.returncode == 0, err
@@ -380,16 +456,21 @@ def test_the_dashboard_polling_beside_a_running_search_does_not_fail_it(site, tm
     assert refused is not None and refused[0] == 409
 
 
-@pytest.mark.parametrize("args,problem", [
-    (["--host", "0.0.0.0"], "--host"),
-    (["--storage", "sqlite:///{tmp}/missing.db"], "does not exist"),
-    (["--storage", "nosuchdb://x"], "--storage"),
-    (["--token-file", "{tmp}/missing"], "--token-file"),
-])
+@pytest.mark.parametrize(
+    "args,problem",
+    [
+        (["--host", "0.0.0.0"], "--host"),
+        (["--storage", "sqlite:///{tmp}/missing.db"], "does not exist"),
+        (["--storage", "nosuchdb://x"], "--storage"),
+        (["--token-file", "{tmp}/missing"], "--token-file"),
+    ],
+)
 def test_bad_command_lines_exit_2_with_one_line(tmp_path, args, problem):
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     if "--storage" not in args:
         args += ["--storage", f"sqlite:///{tmp_path}/missing.db"]
-    proc = subprocess.run([sys.executable, "-m", "nas", "dashboard", "--port", "0", *args], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "nas", "dashboard", "--port", "0", *args], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 2 and problem in proc.stderr
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr

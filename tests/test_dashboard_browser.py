@@ -8,9 +8,9 @@ import threading
 
 import optuna
 import pytest
+from dashboard_support import Dashboard, make_study, trials, wait_for
 from optuna.trial import TrialState
 
-from dashboard_support import Dashboard, make_study, trials, wait_for
 from nas.study.storage import quiet_optuna
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (dev extra)")
@@ -34,7 +34,9 @@ def chromium() -> str:
 @pytest.fixture
 def browser(chromium):
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox"])  # root in a container
+        browser = p.chromium.launch(
+            executable_path=chromium, headless=True, args=["--no-sandbox"]
+        )  # root in a container
         yield browser
         browser.close()
 
@@ -62,7 +64,10 @@ def test_resume_then_stop_from_the_browser(dash, browser, tmp_path):
     expect(page.locator("#flash")).to_contain_text("resume: started")
     page.wait_for_function(
         """n => { const c = document.querySelector('tr[data-study="digits-bn"] [data-field="finished"]');
-                 return c !== null && Number(c.dataset.value) > n; }""", arg=before, timeout=TIMEOUT_MS)
+                 return c !== null && Number(c.dataset.value) > n; }""",
+        arg=before,
+        timeout=TIMEOUT_MS,
+    )
     expect(state).to_have_text("running")
 
     row.locator('button[data-action="stop"]').click(timeout=TIMEOUT_MS)
@@ -130,7 +135,9 @@ def test_another_site_cannot_frame_any_page_of_the_dashboard(site, browser, othe
     origin, pages = other_site
     study = site.links("seen")["page"]
     framed = ["/", study, "/optuna/dashboard", "/optuna/dashboard/studies/1"]
-    pages["/prize"] = "<h1>Click to win</h1>" + "".join(f'<iframe src="{site.base}{path}" width="900" height="500"></iframe>' for path in framed)
+    pages["/prize"] = "<h1>Click to win</h1>" + "".join(
+        f'<iframe src="{site.base}{path}" width="900" height="500"></iframe>' for path in framed
+    )
     page = browser.new_page()
     page.goto(origin + "/prize", wait_until="load")  # load waits for the frames
     frames = [f for f in page.frames if f != page.main_frame]

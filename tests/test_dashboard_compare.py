@@ -7,15 +7,22 @@ import re
 import pytest
 import yaml
 from bottle import html_escape
-
 from conftest import write_digits_run
 from dashboard_support import Dashboard, make_study
+
 from nas.cli import compare_main
 from nas.compare.report import rows
 
-SPACE = {"stages": 1, "width": 8, "block": {"norm": {"type": "batch", "position": "post_conv"}},
-         "training": {"lr": {"float": [0.01, 0.1], "log": True}, "batch_size": 32}}
-VARIANTS = {"<i>bn</i>": {"block.norm.type": "batch"}, "none": {"block.norm.type": "none"}}  # a name the page must escape
+SPACE = {
+    "stages": 1,
+    "width": 8,
+    "block": {"norm": {"type": "batch", "position": "post_conv"}},
+    "training": {"lr": {"float": [0.01, 0.1], "log": True}, "batch_size": 32},
+}
+VARIANTS = {
+    "<i>bn</i>": {"block.norm.type": "batch"},
+    "none": {"block.norm.type": "none"},
+}  # a name the page must escape
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +33,24 @@ def site(tmp_path_factory):
     write_digits_run(folder, SPACE, storage, {"name": "cmp", "sampler": "random"}, {"folds": 2, "epochs": 1})
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(folder)
-        assert compare_main(["--config", "run.yaml", "--factor", "norm=variants.yaml", "--trials-per-cell", "2", "--seeds", "2",
-                             "--no-progress", "--out", "out"]) == 0
+        assert (
+            compare_main(
+                [
+                    "--config",
+                    "run.yaml",
+                    "--factor",
+                    "norm=variants.yaml",
+                    "--trials-per-cell",
+                    "2",
+                    "--seeds",
+                    "2",
+                    "--no-progress",
+                    "--out",
+                    "out",
+                ]
+            )
+            == 0
+        )
     dash = Dashboard(storage, folder / "work")
     dash.storage = storage
     dash.result = json.loads((folder / "out" / "compare.json").read_text())
@@ -48,8 +71,12 @@ def test_the_list_links_one_page_per_comparison_whose_table_is_nas_compares(site
     data = site.api("/api" + link)
     header, body = rows(site.result)  # what nas-compare printed and wrote, by the same function
     assert data["header"] == header and data["body"] == body
-    assert [c["study"] for c in data["ranked"]] == [c["study"] for c in sorted(site.result["cells"], key=lambda c: c["stats"]["loss"]["mean"])]
-    assert {c["study"]: c["counts"] for c in data["result"]["cells"]} == {c["study"]: c["counts"] for c in site.result["cells"]}
+    assert [c["study"] for c in data["ranked"]] == [
+        c["study"] for c in sorted(site.result["cells"], key=lambda c: c["stats"]["loss"]["mean"])
+    ]
+    assert {c["study"]: c["counts"] for c in data["result"]["cells"]} == {
+        c["study"]: c["counts"] for c in site.result["cells"]
+    }
 
 
 def test_the_page_shows_the_table_the_intervals_and_links_each_cells_study(site):
@@ -59,11 +86,15 @@ def test_the_page_shows_the_table_the_intervals_and_links_each_cells_study(site)
     studies = {s["name"]: s["id"] for s in site.api("/api/studies")["studies"]}
     for cell in site.result["cells"]:
         assert f'<a href="/studies/{studies[cell["study"]]}">{html_escape(cell["study"])}</a>' in page
-        assert f"{cell['stats']['loss']['low']:.4f}, {cell['stats']['loss']['high']:.4f}" in page  # its interval in the table
+        assert (
+            f"{cell['stats']['loss']['low']:.4f}, {cell['stats']['loss']['high']:.4f}" in page
+        )  # its interval in the table
     assert page.count('<tr data-cell="') == 2 and '<svg class="intervals"' in page and page.count("<circle") == 2
     assert "<i>bn</i>" not in page and html_escape("<i>bn</i>") in page  # a cell's name is text, never markup
     for cell in site.result["cells"]:  # and each cell's page leads back
-        assert f'<a href="{link}" data-field="comparison">cmp[…]</a>' in site.get(f"/studies/{studies[cell['study']]}")[2]
+        assert (
+            f'<a href="{link}" data-field="comparison">cmp[…]</a>' in site.get(f"/studies/{studies[cell['study']]}")[2]
+        )
     assert 'data-field="comparison"' not in site.get(f"/studies/{studies['plain']}")[2]
     # any cell's id names the same comparison
     other = studies["cmp[none]"] if link.endswith(f"/{studies['cmp[<i>bn</i>]']}") else studies["cmp[<i>bn</i>]"]
@@ -106,7 +137,9 @@ def test_a_cell_whose_stored_reevaluation_has_another_shape_is_named_not_a_serve
     store = optuna.storages.RDBStorage(site.storage)
     cell = store.get_study_id_from_name(site.result["cells"][0]["study"])
     kept = store.get_study_system_attrs(cell)[COMPARE_REEVAL_ATTR]
-    store.set_study_system_attr(cell, COMPARE_REEVAL_ATTR, {"trial": kept["trial"], "seeds": {"1": "not scores"}})  # another writer's
+    store.set_study_system_attr(
+        cell, COMPARE_REEVAL_ATTR, {"trial": kept["trial"], "seeds": {"1": "not scores"}}
+    )  # another writer's
     try:
         status, _, page = site.get(link)
         assert status == 409 and html_escape(f"study attr '{COMPARE_REEVAL_ATTR}': expected") in page

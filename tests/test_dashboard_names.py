@@ -4,8 +4,8 @@
 import optuna
 import pytest
 from bottle import html_escape
-
 from dashboard_support import Dashboard, make_study, trials, wait_for
+
 from nas.study.schema import FINISHED
 from nas.study.storage import quiet_optuna
 

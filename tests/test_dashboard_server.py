@@ -8,8 +8,8 @@ import time
 import optuna
 import psutil
 import pytest
-
 from dashboard_support import Dashboard, wait_for
+
 from nas.dashboard.server import THREADS
 
 IDLE_TIMEOUT = 2
@@ -83,8 +83,12 @@ def test_held_connections_take_no_thread_do_not_block_others_and_are_closed_when
         status, _, body = server.get("/api/studies")
         assert status == 200 and '"s"' in body and time.monotonic() - began < 5
         assert process.num_threads() <= THREADS + 8  # the pool, the loop and a few of Python's and SQLite's own
-        wait_for(lambda: all(closed_by_server(s) for s in held), timeout=10 * IDLE_TIMEOUT + 20, interval=0.5,
-                 what="the server to close the idle and half-sent connections")
+        wait_for(
+            lambda: all(closed_by_server(s) for s in held),
+            timeout=10 * IDLE_TIMEOUT + 20,
+            interval=0.5,
+            what="the server to close the idle and half-sent connections",
+        )
     finally:
         for sock in held:
             sock.close()

@@ -9,8 +9,8 @@ from urllib.parse import urlencode
 
 import optuna
 import pytest
-
 from dashboard_support import Dashboard
+
 from nas.dashboard.security import Sessions
 from nas.dashboard.server import app_and_workers, server_settings
 
@@ -29,8 +29,16 @@ def storage(tmp_path_factory):
 @pytest.fixture(scope="module")
 def dash(storage, tmp_path_factory):
     """Loopback, token mode, behind a (pretended) TLS proxy on 127.0.0.1, a lifetime given by flag."""
-    server = Dashboard(storage, tmp_path_factory.mktemp("work"), "--trusted-proxy", "127.0.0.1",
-                       "--session-lifetime", "5000", env={"NAS_DASHBOARD_TOKEN": TOKEN}, token=TOKEN)
+    server = Dashboard(
+        storage,
+        tmp_path_factory.mktemp("work"),
+        "--trusted-proxy",
+        "127.0.0.1",
+        "--session-lifetime",
+        "5000",
+        env={"NAS_DASHBOARD_TOKEN": TOKEN},
+        token=TOKEN,
+    )
     yield server
     server.close()
 
@@ -89,8 +97,12 @@ def csrf(site, cookie: str) -> str:
 
 def logout(site, cookie: str, token: str | None = None):
     body = urlencode({"csrf": token if token is not None else csrf(site, cookie)})
-    return site.request("POST", "/logout", body, {"Cookie": cookie, "Origin": site.base,
-                                                  "Content-Type": "application/x-www-form-urlencoded"})
+    return site.request(
+        "POST",
+        "/logout",
+        body,
+        {"Cookie": cookie, "Origin": site.base, "Content-Type": "application/x-www-form-urlencoded"},
+    )
 
 
 def test_a_cookie_replayed_after_logout_deletes_nothing(dash, storage):

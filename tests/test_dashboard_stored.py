@@ -6,18 +6,20 @@ import re
 import optuna
 import pytest
 from bottle import html_escape
-
 from dashboard_support import Dashboard, make_study
-from nas.study.schema import COMPARE_CELL_ATTR
-from nas.study.schema import HISTORY_ATTR, RUN_CONFIG_ATTR, STOP_ATTR
+
+from nas.study.schema import COMPARE_CELL_ATTR, HISTORY_ATTR, RUN_CONFIG_ATTR, STOP_ATTR
 from nas.study.storage import quiet_optuna
 
 STUDY_ATTRS = {  # study name -> (system attr, how the good value becomes bad, what the page must name)
     "budget-str": (RUN_CONFIG_ATTR, lambda c: c | {"study": c["study"] | {"trials": "5"}}, "key study.trials"),
     "config-list": (RUN_CONFIG_ATTR, lambda c: ["digits"], f"study attr '{RUN_CONFIG_ATTR}': expected a mapping"),
     "study-list": (RUN_CONFIG_ATTR, lambda c: c | {"study": [30]}, "key study.trials: expected a mapping"),
-    "beat-str": (RUN_CONFIG_ATTR, lambda c: c | {"study": c["study"] | {"heartbeat_seconds": "soon"}},
-                 "key study.heartbeat_seconds"),
+    "beat-str": (
+        RUN_CONFIG_ATTR,
+        lambda c: c | {"study": c["study"] | {"heartbeat_seconds": "soon"}},
+        "key study.heartbeat_seconds",
+    ),
     "objectives-str": (RUN_CONFIG_ATTR, lambda c: c | {"objectives": "cv_loss"}, "key objectives: expected a list"),
     "history-dict": (HISTORY_ATTR, lambda _: {"at": "now"}, f"study attr '{HISTORY_ATTR}': expected a list"),
     "history-changes": (HISTORY_ATTR, lambda _: [{"changes": ["folds"]}], f"'{HISTORY_ATTR}'[0].changes[0]"),
@@ -40,9 +42,17 @@ def clone(store, source: str, name: str, trial_attr: tuple | None = None) -> Non
     new = optuna.create_study(storage=store, study_name=name, directions=old.directions)
     for t in old.get_trials():
         attrs = t.user_attrs | (dict([trial_attr]) if trial_attr and t.number == old.best_trial.number else {})
-        new.add_trial(optuna.trial.create_trial(state=t.state, values=t.values, params=t.params,
-                                                distributions=t.distributions, user_attrs=attrs,
-                                                system_attrs=t.system_attrs, intermediate_values=t.intermediate_values))
+        new.add_trial(
+            optuna.trial.create_trial(
+                state=t.state,
+                values=t.values,
+                params=t.params,
+                distributions=t.distributions,
+                user_attrs=attrs,
+                system_attrs=t.system_attrs,
+                intermediate_values=t.intermediate_values,
+            )
+        )
     for key, value in store.get_study_system_attrs(old._study_id).items():
         store.set_study_system_attr(new._study_id, key, value)
 
@@ -97,7 +107,9 @@ def test_the_list_names_each_bad_attribute_and_shows_every_study(site):
             assert html_escape(named(site, name)) in page, name
         else:
             assert row["stored_problems"] == [], name
-    assert html_escape(f"study 'cell-bad': study attr '{COMPARE_CELL_ATTR}': expected") in page  # named; the list still came
+    assert (
+        html_escape(f"study 'cell-bad': study attr '{COMPARE_CELL_ATTR}': expected") in page
+    )  # named; the list still came
 
 
 @pytest.mark.parametrize("name", CASES)

@@ -9,8 +9,8 @@ from urllib.parse import urljoin, urlsplit
 import optuna
 import psutil
 import pytest
-
 from dashboard_support import Dashboard
+
 from nas.dashboard.security import interface_addresses
 
 TOKEN_A, TOKEN_B = "tok-A-4f9c2e", "tok-B-77d01a"
@@ -26,7 +26,9 @@ def storage(tmp_path_factory):
 @pytest.fixture(scope="module")
 def outward(storage, tmp_path_factory):
     """Bound to every interface, the token in the environment."""
-    dash = Dashboard(storage, tmp_path_factory.mktemp("a"), "--host", "0.0.0.0", env={"NAS_DASHBOARD_TOKEN": TOKEN_A}, token=TOKEN_A)
+    dash = Dashboard(
+        storage, tmp_path_factory.mktemp("a"), "--host", "0.0.0.0", env={"NAS_DASHBOARD_TOKEN": TOKEN_A}, token=TOKEN_A
+    )
     yield dash
     dash.close()
 
@@ -61,7 +63,10 @@ def test_the_printed_address_opens_the_dashboard(outward):
     cookie = dict(headers)["Set-Cookie"].split(";")[0]
     status, _, page = raw_get(address.hostname, address.port, dict(headers)["Location"], address.netloc, Cookie=cookie)
     assert status == 200 and "<h1>Studies</h1>" in page
-    for ip in [*interface_addresses(), "0.0.0.0"]:  # every address of the machine names it; none is refused as a foreign Host
+    for ip in [
+        *interface_addresses(),
+        "0.0.0.0",
+    ]:  # every address of the machine names it; none is refused as a foreign Host
         netloc = f"[{ip}]:{outward.port}" if ":" in ip else f"{ip}:{outward.port}"
         assert raw_get("127.0.0.1", outward.port, "/api/studies", netloc)[0] == 401, ip
 
@@ -88,15 +93,22 @@ def test_each_dashboard_keeps_its_own_cookie_which_holds_no_token(outward, from_
         with browser.open(f"http://127.0.0.1:{dash.port}/api/studies", timeout=60) as reply:
             assert reply.status == 200
     mine = next(c for c in jar if c.name == f"nas_dashboard_{outward.port}")
-    status = raw_get("127.0.0.1", from_file.port, "/api/studies", f"127.0.0.1:{from_file.port}",
-                     Cookie=f"nas_dashboard_{from_file.port}={mine.value}")[0]
+    status = raw_get(
+        "127.0.0.1",
+        from_file.port,
+        "/api/studies",
+        f"127.0.0.1:{from_file.port}",
+        Cookie=f"nas_dashboard_{from_file.port}={mine.value}",
+    )[0]
     assert status == 401  # one dashboard's cookie opens no other
     status, headers, _ = raw_get("127.0.0.1", outward.port, f"/?token={TOKEN_A}", f"127.0.0.1:{outward.port}")
     cookie = dict(headers)["Set-Cookie"]
     assert "HttpOnly" in cookie and "SameSite=Lax" in cookie and "Path=/" in cookie
 
 
-@pytest.mark.parametrize("path", ["/%0d%0aSet-Cookie:%20evil=1", "/%5Cevil.example", "/%5C%5Cevil.example/x", "/studies%0d%0aX-Evil:%201"])
+@pytest.mark.parametrize(
+    "path", ["/%0d%0aSet-Cookie:%20evil=1", "/%5Cevil.example", "/%5C%5Cevil.example/x", "/studies%0d%0aX-Evil:%201"]
+)
 def test_the_redirect_that_drops_the_token_stays_on_this_site(outward, path):
     """The Location was built from the decoded path: CR LF injected a header, a backslash led off-site."""
     netloc = f"127.0.0.1:{outward.port}"

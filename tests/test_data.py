@@ -21,10 +21,9 @@ import torchvision
 from PIL import Image
 
 from nas.cli import search_main
-from nas.search.config import DatasetConfig
 from nas.data.datasets import LOADERS, augment_batch, load_dataset, stratified_folds
 from nas.errors import DataError, NasError
-
+from nas.search.config import DatasetConfig
 
 # --------------------------------------------------------------------------- helpers
 
@@ -39,12 +38,30 @@ def _write_pickle(path: Path, obj) -> None:
 
 CIFAR_LAYOUTS = {
     # name: (torchvision class, folder, train files, test files, meta file, meta key, label key)
-    "cifar10": (torchvision.datasets.CIFAR10, "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "batches.meta", "label_names", "labels"),
-    "cifar100": (torchvision.datasets.CIFAR100, "cifar-100-python", ["train"], ["test"], "meta", "fine_label_names", "fine_labels"),
+    "cifar10": (
+        torchvision.datasets.CIFAR10,
+        "cifar-10-batches-py",
+        [f"data_batch_{i}" for i in range(1, 6)],
+        ["test_batch"],
+        "batches.meta",
+        "label_names",
+        "labels",
+    ),
+    "cifar100": (
+        torchvision.datasets.CIFAR100,
+        "cifar-100-python",
+        ["train"],
+        ["test"],
+        "meta",
+        "fine_label_names",
+        "fine_labels",
+    ),
 }
 
 
-def write_cifar(root: Path, name: str, monkeypatch, n_train_per_file: int = 4, n_test: int = 6, n_classes: int = 3, seed: int = 0):
+def write_cifar(
+    root: Path, name: str, monkeypatch, n_train_per_file: int = 4, n_test: int = 6, n_classes: int = 3, seed: int = 0
+):
     """Write a tiny dataset in the real CIFAR pickle layout torchvision reads.
 
     torchvision verifies each file against a hard-coded md5 of the real CIFAR release, which no
@@ -70,8 +87,10 @@ def write_cifar(root: Path, name: str, monkeypatch, n_train_per_file: int = 4, n
     train = [written[f] for f in train_files]
     test = [written[f] for f in test_files]
     return (
-        np.concatenate([d for d, _ in train]), sum((l for _, l in train), []),
-        np.concatenate([d for d, _ in test]), sum((l for _, l in test), []),
+        np.concatenate([d for d, _ in train]),
+        sum((l for _, l in train), []),
+        np.concatenate([d for d, _ in test]),
+        sum((l for _, l in test), []),
         class_names,
     )
 
@@ -143,7 +162,9 @@ def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.parametrize("name", ["cifar10", "cifar100"])
-def test_cifar_folder_loads_as_uint8_nchw_read_as_normalized_float32_with_labels_and_class_names(tmp_path, monkeypatch, name):
+def test_cifar_folder_loads_as_uint8_nchw_read_as_normalized_float32_with_labels_and_class_names(
+    tmp_path, monkeypatch, name
+):
     x_train_raw, y_train_raw, x_test_raw, y_test_raw, class_names = write_cifar(tmp_path, name, monkeypatch)
 
     data = load_dataset(DatasetConfig(name=name, root=str(tmp_path)))
@@ -223,7 +244,9 @@ def test_mnist_idx_files_load_as_nchw_with_labels(tmp_path, name):
 
 
 @pytest.mark.parametrize("name", ["mnist", "fashion_mnist"])
-@pytest.mark.parametrize("damage", [lambda b: b[:-100], lambda b: b"\x00\x00\x0d" + b[3:]], ids=["truncated", "bad-magic"])
+@pytest.mark.parametrize(
+    "damage", [lambda b: b[:-100], lambda b: b"\x00\x00\x0d" + b[3:]], ids=["truncated", "bad-magic"]
+)
 def test_a_damaged_mnist_idx_file_is_named_with_the_integrity_check(tmp_path, name, damage):
     write_mnist(tmp_path, name)
     damaged = tmp_path / MNIST_FOLDERS[name] / "raw" / "t10k-images-idx3-ubyte"
@@ -295,7 +318,10 @@ def missing_cifar_cli_run(tmp_path_factory):
     config = write_run_config(tmp_path, f"{{name: cifar10, root: {root}, download: false}}")
     proc = subprocess.run(
         [sys.executable, "-m", "nas.cli", "--config", str(config), "--no-progress"],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
     )
     return proc, root
 
@@ -321,9 +347,14 @@ def test_missing_cifar_through_the_cli_prints_exactly_one_line_on_stderr(missing
 
 def test_npz_images_load_as_nchw_with_per_channel_normalization(tmp_path):
     rng = np.random.default_rng(0)
-    x_train = rng.uniform(0, 5, size=(12, 2, 6, 6)).astype(np.float32) * np.array([1.0, 10.0], dtype=np.float32)[:, None, None]
+    x_train = (
+        rng.uniform(0, 5, size=(12, 2, 6, 6)).astype(np.float32)
+        * np.array([1.0, 10.0], dtype=np.float32)[:, None, None]
+    )
     x_test = rng.uniform(0, 5, size=(4, 2, 6, 6)).astype(np.float32)
-    path = write_npz(tmp_path / "img.npz", x_train=x_train, y_train=np.arange(12) % 3, x_test=x_test, y_test=np.arange(4) % 3)
+    path = write_npz(
+        tmp_path / "img.npz", x_train=x_train, y_train=np.arange(12) % 3, x_test=x_test, y_test=np.arange(4) % 3
+    )
 
     data = load_dataset(DatasetConfig(name="npz", root=str(path)))
 
@@ -364,8 +395,13 @@ def test_npz_signals_without_channel_axis_are_normalized_as_one_channel(tmp_path
 def test_npz_string_labels_are_encoded_consistently_across_splits(tmp_path):
     y_train = np.array(["dog", "cat", "eel", "cat", "dog", "eel"])
     y_test = np.array(["eel", "dog", "cat"])
-    path = write_npz(tmp_path / "s.npz", x_train=np.zeros((6, 8), np.float32), y_train=y_train,
-                     x_test=np.ones((3, 8), np.float32), y_test=y_test)
+    path = write_npz(
+        tmp_path / "s.npz",
+        x_train=np.zeros((6, 8), np.float32),
+        y_train=y_train,
+        x_test=np.ones((3, 8), np.float32),
+        y_test=y_test,
+    )
 
     data = load_dataset(DatasetConfig(name="npz", root=str(path)))
 
@@ -378,8 +414,13 @@ def test_npz_string_labels_are_encoded_consistently_across_splits(tmp_path):
 def test_npz_non_contiguous_int_labels_become_0_to_k_minus_1(tmp_path):
     y_train = np.array([42, 3, 7, 3, 42, 7])
     y_test = np.array([7, 42])
-    path = write_npz(tmp_path / "s.npz", x_train=np.zeros((6, 8), np.float32), y_train=y_train,
-                     x_test=np.zeros((2, 8), np.float32), y_test=y_test)
+    path = write_npz(
+        tmp_path / "s.npz",
+        x_train=np.zeros((6, 8), np.float32),
+        y_train=y_train,
+        x_test=np.zeros((2, 8), np.float32),
+        y_test=y_test,
+    )
 
     data = load_dataset(DatasetConfig(name="npz", root=str(path)))
 
@@ -410,7 +451,9 @@ def test_npz_missing_arrays_are_named(tmp_path):
     [
         dict(x_train=np.zeros((4, 8)), y_train=np.zeros(4), x_test=np.zeros((2, 9)), y_test=np.zeros(2)),
         dict(x_train=np.zeros(4), y_train=np.zeros(4), x_test=np.zeros(2), y_test=np.zeros(2)),
-        dict(x_train=np.zeros((4, 1, 2, 3, 4)), y_train=np.zeros(4), x_test=np.zeros((2, 1, 2, 3, 4)), y_test=np.zeros(2)),
+        dict(
+            x_train=np.zeros((4, 1, 2, 3, 4)), y_train=np.zeros(4), x_test=np.zeros((2, 1, 2, 3, 4)), y_test=np.zeros(2)
+        ),
         dict(x_train=np.zeros((4, 8)), y_train=np.zeros(5), x_test=np.zeros((2, 8)), y_test=np.zeros(2)),
         dict(x_train=np.zeros((4, 8)), y_train=np.zeros(4), x_test=np.zeros((2, 8)), y_test=np.zeros(3)),
     ],
@@ -511,8 +554,10 @@ def test_imagefolder_test_class_that_train_lacks_is_refused_naming_it(tmp_path):
 
     message = data_error("imagefolder", tmp_path)
 
-    assert message == (f"dataset.root: {tmp_path}: the test split has class(es) eel that the training split lacks; "
-                       "a model cannot learn them")
+    assert message == (
+        f"dataset.root: {tmp_path}: the test split has class(es) eel that the training split lacks; "
+        "a model cannot learn them"
+    )
 
 
 def test_imagefolder_test_split_without_some_class_keeps_the_training_labels(tmp_path):
@@ -527,13 +572,20 @@ def test_imagefolder_test_split_without_some_class_keeps_the_training_labels(tmp
 
 
 def test_npz_test_label_absent_from_training_is_refused_naming_it(tmp_path):
-    path = write_npz(tmp_path / "s.npz", x_train=np.zeros((4, 8), np.float32), y_train=np.array([3, 7, 3, 7]),
-                     x_test=np.zeros((3, 8), np.float32), y_test=np.array([3, 9, 42]))
+    path = write_npz(
+        tmp_path / "s.npz",
+        x_train=np.zeros((4, 8), np.float32),
+        y_train=np.array([3, 7, 3, 7]),
+        x_test=np.zeros((3, 8), np.float32),
+        y_test=np.array([3, 9, 42]),
+    )
 
     message = _npz_error(path)
 
-    assert message == (f"dataset.root: {path}: the test split has class(es) 9, 42 that the training split lacks; "
-                       "a model cannot learn them")
+    assert message == (
+        f"dataset.root: {path}: the test split has class(es) 9, 42 that the training split lacks; "
+        "a model cannot learn them"
+    )
 
 
 # --------------------------------------------------------------------------- digits
@@ -552,7 +604,10 @@ def test_digits_split_is_fixed_stratified_and_about_a_fifth_test(digits):
     assert n_train + n_test == 1797
     assert abs(n_test / (n_train + n_test) - 0.2) < 0.01
     assert digits.classes == [str(i) for i in range(10)]
-    train_counts, test_counts = torch.bincount(digits.y_train, minlength=10), torch.bincount(digits.y_test, minlength=10)
+    train_counts, test_counts = (
+        torch.bincount(digits.y_train, minlength=10),
+        torch.bincount(digits.y_test, minlength=10),
+    )
     assert (train_counts > 0).all() and (test_counts > 0).all()
     # stratified: each class's share of the test split matches its share of the whole
     share = test_counts.float() / (train_counts + test_counts).float()
@@ -705,19 +760,32 @@ def test_the_fingerprint_hashes_8_bit_images_as_their_stored_uint8_bytes(tmp_pat
     labels = [np.asarray(y, np.int64).tobytes() for y in (y_train, y_test)]
     stored = b"".join([x_train.tobytes(), labels[0], x_test.tobytes(), labels[1]])
     assert found["version"] == 2 and found["sha256"] == hashlib.sha256(stored).hexdigest()
-    version1 = b"".join([(x_train.astype(np.float32) / 255.0).tobytes(), labels[0],
-                         (x_test.astype(np.float32) / 255.0).tobytes(), labels[1]])
+    version1 = b"".join(
+        [
+            (x_train.astype(np.float32) / 255.0).tobytes(),
+            labels[0],
+            (x_test.astype(np.float32) / 255.0).tobytes(),
+            labels[1],
+        ]
+    )
     old = found.as_version(1)
     assert old["sha256"] == hashlib.sha256(version1).hexdigest() != found["sha256"] and "version" not in old
-    assert {k: v for k, v in old.items() if k != "sha256"} == {k: v for k, v in found.items()
-                                                               if k not in ("sha256", "version")}
+    assert {k: v for k, v in old.items() if k != "sha256"} == {
+        k: v for k, v in found.items() if k not in ("sha256", "version")
+    }
     assert pickle.loads(pickle.dumps(found)).as_version(1) == old  # a worker process can be handed it
 
 
 def test_float_data_hashes_the_same_bytes_in_both_fingerprint_versions(digits):
     arrays = LOADERS["digits"](DatasetConfig(name="digits"))
-    stored = b"".join(np.ascontiguousarray(a, dtype).tobytes() for a, dtype in (
-        (arrays.x_train, np.float32), (arrays.y_train, np.int64), (arrays.x_test, np.float32),
-        (arrays.y_test, np.int64)))
+    stored = b"".join(
+        np.ascontiguousarray(a, dtype).tobytes()
+        for a, dtype in (
+            (arrays.x_train, np.float32),
+            (arrays.y_train, np.int64),
+            (arrays.x_test, np.float32),
+            (arrays.y_test, np.int64),
+        )
+    )
     found = digits.fingerprint
     assert found["sha256"] == hashlib.sha256(stored).hexdigest() == found.as_version(1)["sha256"]

@@ -4,8 +4,8 @@ is kept in a local file, not in the study the same writer could rewrite."""
 
 import optuna
 import pytest
-
 from conftest import write_digits_run
+
 from nas.cli import search_main
 from nas.study.schema import RUN_CONFIG_ATTR
 
@@ -38,10 +38,12 @@ def test_a_resume_on_a_stored_config_whose_dataset_was_rewritten_says_so_once(ra
     config["dataset"].update(root="/etc", cache=theirs, download=True)
     storage.set_study_system_attr(study_id, RUN_CONFIG_ATTR, config)
 
-    assert resume(ran, capsys) == [f"Study 'c' changed since this host last ran it: dataset.root null -> \"/etc\"; "
-                                   f"dataset.cache \"auto\" -> \"{theirs}\"; dataset.download false -> true (a resume "
-                                   "takes these from the study, and whoever can write its storage can rewrite them; "
-                                   "check them)"]
+    assert resume(ran, capsys) == [
+        f"Study 'c' changed since this host last ran it: dataset.root null -> \"/etc\"; "
+        f'dataset.cache "auto" -> "{theirs}"; dataset.download false -> true (a resume '
+        "takes these from the study, and whoever can write its storage can rewrite them; "
+        "check them)"
+    ]
     assert resume(ran, capsys) == []  # this host has now run it so: said once
 
 

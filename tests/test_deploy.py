@@ -16,28 +16,39 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import write_digits_run
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from conftest import write_digits_run
-from nas.deploy.bench import format_table, spread_warnings
-from nas.models.costs import SPREAD_LIMIT, candidate_costs, pinned_threads
-from nas.models.build import build
 from nas.cli import bench_main, export_main, finetune_main, predict_main, search_main
-from nas.search.config import DatasetConfig
 from nas.data.datasets import load_dataset
+from nas.deploy.bench import format_table, spread_warnings
 from nas.deploy.export import FILES, ONNX_FILE, export_trial, load_exported, sha256
-from nas.search.space import default_spec
 from nas.deploy.finetune import mode_notes
+from nas.models.build import build
+from nas.models.costs import SPREAD_LIMIT, candidate_costs, pinned_threads
+from nas.search.config import DatasetConfig
+from nas.search.space import default_spec
 
 DEPLOYMENT_DOC = Path(__file__).resolve().parents[1] / "docs" / "deployment.md"
-SPACE = {"stages": 2, "width": 8, "block": {"norm": {"type": "batch", "position": "post_conv"}}, "training": {"batch_size": 32, "lr": 0.05}}
+SPACE = {
+    "stages": 2,
+    "width": 8,
+    "block": {"norm": {"type": "batch", "position": "post_conv"}},
+    "training": {"batch_size": 32, "lr": 0.05},
+}
 
 
 @pytest.fixture(scope="module")
 def study_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("deploy")
-    write_digits_run(root, SPACE, f"sqlite:///{root}/nas.db", {"name": "d", "sampler": "random", "trials": 1}, {"folds": 2, "epochs": 1})
+    write_digits_run(
+        root,
+        SPACE,
+        f"sqlite:///{root}/nas.db",
+        {"name": "d", "sampler": "random", "trials": 1},
+        {"folds": 2, "epochs": 1},
+    )
     assert search_main(["--config", str(root / "run.yaml"), "--no-progress"]) == 0
     return root
 
@@ -45,7 +56,10 @@ def study_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def exported(study_dir):
     out = study_dir / "exported"
-    assert export_main(["--storage", f"sqlite:///{study_dir}/nas.db", "--study", "d", "--out", str(out), "--epochs", "6"]) == 0
+    assert (
+        export_main(["--storage", f"sqlite:///{study_dir}/nas.db", "--study", "d", "--out", str(out), "--epochs", "6"])
+        == 0
+    )
     return out
 
 
@@ -101,7 +115,9 @@ def test_png_files_and_npy_arrays_of_the_same_pixels_get_the_same_prediction(exp
 
     assert code == 0 and len(rows) == 10
     for png_row, npy_row in zip(rows[:5], rows[5:]):
-        assert png_row["class"] == npy_row["class"] and png_row["probability"] == pytest.approx(npy_row["probability"], abs=1e-5)
+        assert png_row["class"] == npy_row["class"] and png_row["probability"] == pytest.approx(
+            npy_row["probability"], abs=1e-5
+        )
         assert len(png_row["top"]) == 3 and png_row["top"][0]["probability"] >= png_row["top"][1]["probability"]
     assert rows[0]["input"] == str(pngs[0]) and rows[5]["input"] == f"{tmp_path / 'same.npy'}[0]"
     for runtime in ("pt2", "onnx"):  # every model file gives the same answer
@@ -109,14 +125,29 @@ def test_png_files_and_npy_arrays_of_the_same_pixels_get_the_same_prediction(exp
         assert code == 0 and [r["class"] for r in json.loads(out)] == [r["class"] for r in rows[:5]]
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda p: Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(p / "x.png"), r"x\.png: a colour image; the model takes grey images"),
-    (lambda p: Image.fromarray(np.zeros((9, 8), np.uint8)).save(p / "x.png"), r"x\.png: a 8x9 \(width x height\) image; the model takes 8x8"),
-    (lambda p: np.save(p / "x.npy", np.zeros((4, 3, 8, 8))), r"x\.npy: samples of shape \[4, 3, 8, 8\]; the model takes HW samples of shape \[8, 8\]"),
-    (lambda p: np.savez(p / "x.npz", a=np.zeros((8, 8)), b=np.zeros((8, 8))), r"x\.npz: holds the arrays a, b; name the samples 'x'"),
-    (lambda p: (p / "x.txt").write_text("1 2 3"), r"x\.txt: unknown input type '\.txt'"),
-    (lambda p: (p / "x.png").write_bytes(b"not a png"), r"x\.png: cannot decode the image"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (
+            lambda p: Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(p / "x.png"),
+            r"x\.png: a colour image; the model takes grey images",
+        ),
+        (
+            lambda p: Image.fromarray(np.zeros((9, 8), np.uint8)).save(p / "x.png"),
+            r"x\.png: a 8x9 \(width x height\) image; the model takes 8x8",
+        ),
+        (
+            lambda p: np.save(p / "x.npy", np.zeros((4, 3, 8, 8))),
+            r"x\.npy: samples of shape \[4, 3, 8, 8\]; the model takes HW samples of shape \[8, 8\]",
+        ),
+        (
+            lambda p: np.savez(p / "x.npz", a=np.zeros((8, 8)), b=np.zeros((8, 8))),
+            r"x\.npz: holds the arrays a, b; name the samples 'x'",
+        ),
+        (lambda p: (p / "x.txt").write_text("1 2 3"), r"x\.txt: unknown input type '\.txt'"),
+        (lambda p: (p / "x.png").write_bytes(b"not a png"), r"x\.png: cannot decode the image"),
+    ],
+)
 def test_inputs_the_model_does_not_take_are_refused_in_one_line(exported, tmp_path, capsys, make, message):
     make(tmp_path)
     name = next(tmp_path.iterdir())
@@ -161,12 +192,21 @@ def test_model_onnx_reproduces_the_eval_model_in_a_fresh_process_at_any_batch_si
         expected = load_exported(exported).model(x)
     torch.save({"x": x, "expected": expected}, tmp_path / "check.pt")
 
-    proc = subprocess.run([sys.executable, "-c", PARITY, str(exported), str(tmp_path / "check.pt")], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", PARITY, str(exported), str(tmp_path / "check.pt")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
     assert proc.returncode == 0, proc.stderr
     sizes = [int(line.split()[0]) for line in proc.stdout.splitlines()]
     assert sizes == [1, 37, len(x)] and all(float(line.split()[1]) < 1e-4 for line in proc.stdout.splitlines())
-    assert meta["onnx"]["written"] and meta["onnx"]["opset"] >= 17 and meta["files"][ONNX_FILE] == sha256(exported / ONNX_FILE)
+    assert (
+        meta["onnx"]["written"]
+        and meta["onnx"]["opset"] >= 17
+        and meta["files"][ONNX_FILE] == sha256(exported / ONNX_FILE)
+    )
 
 
 def test_without_the_onnx_extra_export_says_so_and_the_rest_is_complete(study_dir, tmp_path, monkeypatch, capsys):
@@ -203,8 +243,10 @@ def test_export_files_get_the_umasks_mode_and_an_existing_export_is_refused_unle
 
     assert export_main(argv) == 2
     captured = capsys.readouterr()
-    assert captured.err == (f"--out: {out} already holds an export (model.json, model.ts, model.pt2, weights.pt, model.onnx); "
-                            "choose another folder or pass --force to overwrite it\n")
+    assert captured.err == (
+        f"--out: {out} already holds an export (model.json, model.ts, model.pt2, weights.pt, model.onnx); "
+        "choose another folder or pass --force to overwrite it\n"
+    )
     assert "Training" not in captured.out and {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
     assert export_main([*argv, "--force"]) == 0
     assert all(p.stat().st_mtime_ns > before[p.name] for p in out.iterdir())
@@ -214,11 +256,29 @@ def test_export_files_get_the_umasks_mode_and_an_existing_export_is_refused_unle
 
 
 def test_adabn_says_it_ignores_epochs_and_bn_only_says_it_trains_the_head_alone(study_dir, exported, tmp_path, capsys):
-    config = {**yaml.safe_load((study_dir / "run.yaml").read_text()), "search_space": str(study_dir / "space.yaml"),
-              "dataset": {"name": "digits", "transforms": [{"brightness": 0.3}]}}
+    config = {
+        **yaml.safe_load((study_dir / "run.yaml").read_text()),
+        "search_space": str(study_dir / "space.yaml"),
+        "dataset": {"name": "digits", "transforms": [{"brightness": 0.3}]},
+    }
     (tmp_path / "target.yaml").write_text(yaml.safe_dump(config))
-    assert finetune_main(["--model", str(exported), "--config", str(tmp_path / "target.yaml"), "--bn-mode", "adabn",
-                          "--epochs", "5", "--out", str(tmp_path / "ft")]) == 0
+    assert (
+        finetune_main(
+            [
+                "--model",
+                str(exported),
+                "--config",
+                str(tmp_path / "target.yaml"),
+                "--bn-mode",
+                "adabn",
+                "--epochs",
+                "5",
+                "--out",
+                str(tmp_path / "ft"),
+            ]
+        )
+        == 0
+    )
     assert "--epochs 5 is ignored: adabn without labels" in capsys.readouterr().out
 
     plain = build(default_spec({"stages": 1, "width": 4}), (1, 8, 8), 10)
@@ -234,7 +294,12 @@ def test_adabn_says_it_ignores_epochs_and_bn_only_says_it_trains_the_head_alone(
 
 def test_nas_bench_pins_its_threads_and_times_onnxruntime(exported, capsys):
     torch.set_num_threads(2)
-    assert bench_main(["--model", str(exported), "--batch-sizes", "1", "--repeats", "3", "--warmup", "1", "--threads", "1"]) == 0
+    assert (
+        bench_main(
+            ["--model", str(exported), "--batch-sizes", "1", "--repeats", "3", "--warmup", "1", "--threads", "1"]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "cpu, torch" in out and "1 CPU thread(s) (--threads)" in out
     assert re.search(r"^onnxruntime folded\s+1\s", out, flags=re.M)
@@ -242,8 +307,16 @@ def test_nas_bench_pins_its_threads_and_times_onnxruntime(exported, capsys):
 
 
 def row(variant: str, p10: float, p90: float) -> dict:
-    return {"variant": variant, "batch_size": 1, "median_ms": (p10 + p90) / 2, "p10_ms": p10, "p90_ms": p90,
-            "spread": p90 / p10, "throughput": 1.0, "ratio_to_baseline": 1.0}
+    return {
+        "variant": variant,
+        "batch_size": 1,
+        "median_ms": (p10 + p90) / 2,
+        "p10_ms": p10,
+        "p90_ms": p90,
+        "spread": p90 / p10,
+        "throughput": 1.0,
+        "ratio_to_baseline": 1.0,
+    }
 
 
 def test_a_wide_spread_is_marked_and_warned_about_not_printed_as_a_figure():
@@ -252,22 +325,39 @@ def test_a_wide_spread_is_marked_and_warned_about_not_printed_as_a_figure():
 
     assert re.search(r"^folded .* 256\.00 !", table, flags=re.M) and not re.search(r"^eager .* !", table, flags=re.M)
     assert spread_warnings([quiet]) == []
-    assert table.splitlines()[-1].startswith(f"warning: 1 of 2 rows (marked !) spread more than p90/p10 = {SPREAD_LIMIT} (worst 256.0, folded")
+    assert table.splitlines()[-1].startswith(
+        f"warning: 1 of 2 rows (marked !) spread more than p90/p10 = {SPREAD_LIMIT} (worst 256.0, folded"
+    )
 
 
 def test_the_latency_objective_is_measured_with_the_pinned_threads(monkeypatch):
     seen = []
-    monkeypatch.setattr("nas.models.costs.measure_latency", lambda *a, **k: seen.append(torch.get_num_threads()) or {"median_ms": 1.0})
+    monkeypatch.setattr(
+        "nas.models.costs.measure_latency", lambda *a, **k: seen.append(torch.get_num_threads()) or {"median_ms": 1.0}
+    )
     with pinned_threads(2):
-        candidate_costs(default_spec({"stages": 1, "width": 4}), (1, 8, 8), 10, torch.device("cpu"), 4, ["latency_ms"], threads=1)
+        candidate_costs(
+            default_spec({"stages": 1, "width": 4}), (1, 8, 8), 10, torch.device("cpu"), 4, ["latency_ms"], threads=1
+        )
         assert seen == [1] and torch.get_num_threads() == 2
 
 
 def test_a_latency_study_is_not_continued_with_other_threads(study_dir, capsys):
-    argv = ["--config", str(study_dir / "run.yaml"), "--storage", f"sqlite:///{study_dir}/lat.db", "--study", "lat",
-            "--set", "objectives=[cv_loss, latency_ms]", "--no-progress"]
+    argv = [
+        "--config",
+        str(study_dir / "run.yaml"),
+        "--storage",
+        f"sqlite:///{study_dir}/lat.db",
+        "--study",
+        "lat",
+        "--set",
+        "objectives=[cv_loss, latency_ms]",
+        "--no-progress",
+    ]
     assert search_main([*argv, "--trials", "1"]) == 0
     capsys.readouterr()
 
     assert search_main([*argv, "--trials", "2", "--set", "evaluation.latency_threads=2"]) == 2
-    assert capsys.readouterr().err.startswith("--set: evaluation.latency_threads: study 'lat' was run with 1; this run has 2")
+    assert capsys.readouterr().err.startswith(
+        "--set: evaluation.latency_threads: study 'lat' was run with 1; this run has 2"
+    )

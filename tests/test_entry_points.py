@@ -9,13 +9,13 @@ from pathlib import Path
 
 import optuna
 import pytest
-
 from conftest import write_digits_run
+
 from nas.cli import EXIT_CLOSED_STDOUT, EXIT_CODES, SUMMARIES, search_main
+from nas.data.datasets import LOADERS
 from nas.search.config import FOLD_MODES
 from nas.search.pruners import PRUNER_NAMES
 from nas.search.samplers import SAMPLER_NAMES
-from nas.data.datasets import LOADERS
 
 COMMANDS = ("search", "report", "export", "bench", "finetune", "dashboard")
 REPO = Path(__file__).resolve().parents[1]
@@ -31,15 +31,23 @@ def run_with_closed_stdout(args: list[str], cwd=None) -> subprocess.CompletedPro
     read_end, write_end = os.pipe()
     os.close(read_end)
     try:
-        return subprocess.run([sys.executable, "-m", "nas", *args], stdout=write_end, stderr=subprocess.PIPE,
-                              text=True, timeout=300, cwd=cwd)
+        return subprocess.run(
+            [sys.executable, "-m", "nas", *args],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=300,
+            cwd=cwd,
+        )
     finally:
         os.close(write_end)
 
 
 def test_search_table_into_a_closed_pipe_exits_quietly(tmp_path):
     space = {"stages": 1, "width": 8, "training": {"batch_size": 64}}
-    write_digits_run(tmp_path, space, f"sqlite:///{tmp_path}/nas.db", {"name": "piped", "trials": 1}, {"folds": 2, "epochs": 1})
+    write_digits_run(
+        tmp_path, space, f"sqlite:///{tmp_path}/nas.db", {"name": "piped", "trials": 1}, {"folds": 2, "epochs": 1}
+    )
     assert search_main(["--config", str(tmp_path / "run.yaml"), "--no-progress"]) == 0
 
     proc = run_with_closed_stdout(["search", "--config", "run.yaml"], cwd=tmp_path)  # finished: prints the table
@@ -47,7 +55,6 @@ def test_search_table_into_a_closed_pipe_exits_quietly(tmp_path):
     assert proc.returncode == EXIT_CLOSED_STDOUT
     assert "Traceback" not in proc.stderr and "BrokenPipeError" not in proc.stderr
     assert proc.stderr == ""
-
 
 
 def test_the_command_list_into_a_closed_pipe_exits_quietly():
@@ -94,26 +101,40 @@ def test_search_help_names_the_datasets_samplers_pruners_and_fold_modes():
 
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    for label, names in [("datasets (dataset.name)", LOADERS), ("samplers (--sampler, study.sampler)", SAMPLER_NAMES),
-                         ("pruners (evaluation.pruner)", PRUNER_NAMES), ("fold modes (evaluation.fold_mode)", FOLD_MODES)]:
+    for label, names in [
+        ("datasets (dataset.name)", LOADERS),
+        ("samplers (--sampler, study.sampler)", SAMPLER_NAMES),
+        ("pruners (evaluation.pruner)", PRUNER_NAMES),
+        ("fold modes (evaluation.fold_mode)", FOLD_MODES),
+    ]:
         assert any(line.startswith(f"  {label} ") and line.endswith(f" {', '.join(names)}") for line in lines), label
 
 
 def run_the_default(cwd: Path, env: dict | None = None) -> tuple[subprocess.CompletedProcess, str]:
     """`python -m nas search` with no --config, a tiny budget and a storage in `cwd`."""
     storage = f"sqlite:///{cwd}/x.db"
-    proc = subprocess.run([sys.executable, "-m", "nas", "search", *TINY, "--storage", storage],
-                          capture_output=True, text=True, timeout=300, cwd=cwd, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "nas", "search", *TINY, "--storage", storage],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=cwd,
+        env=env,
+    )
     return proc, storage
 
 
 def assert_ran_the_default(proc: subprocess.CompletedProcess, storage: str) -> None:
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.splitlines()[0] == ("No --config given: running the embedded default (configs/digits.yaml: digits, "
-                                           f"--trials 1 --folds 2 --epochs 1, study 'digits-bn' in {storage})")
+    assert proc.stdout.splitlines()[0] == (
+        "No --config given: running the embedded default (configs/digits.yaml: digits, "
+        f"--trials 1 --folds 2 --epochs 1, study 'digits-bn' in {storage})"
+    )
     trials = optuna.load_study(study_name="digits-bn", storage=storage).get_trials()
     assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE]
-    assert {"block.activation", "block.norm.type", "training.lr"} <= set(trials[0].params)  # sampled from bn_placement.yaml
+    assert {"block.activation", "block.norm.type", "training.lr"} <= set(
+        trials[0].params
+    )  # sampled from bn_placement.yaml
 
 
 def test_search_without_a_config_runs_the_embedded_default_and_says_so_first(tmp_path):
@@ -129,14 +150,34 @@ def test_an_installed_wheel_runs_the_embedded_default(tmp_path):
     shutil.copytree(REPO / "nas", source / "nas", ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, source / name)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
-                    "-w", str(tmp_path / "wheel"), str(source)], check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "-q",
+            "-w",
+            str(tmp_path / "wheel"),
+            str(source),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     site, cwd = tmp_path / "site", tmp_path / "cwd"
-    zipfile.ZipFile(next((tmp_path / "wheel").glob("bnnas-*.whl"))).extractall(site)  # what pip install puts in site-packages
+    zipfile.ZipFile(next((tmp_path / "wheel").glob("bnnas-*.whl"))).extractall(
+        site
+    )  # what pip install puts in site-packages
     cwd.mkdir()
 
     env = {**os.environ, "PYTHONPATH": str(site)}
-    imported = subprocess.run([sys.executable, "-c", "import nas; print(nas.__file__)"], capture_output=True, text=True, env=env, cwd=cwd)
+    imported = subprocess.run(
+        [sys.executable, "-c", "import nas; print(nas.__file__)"], capture_output=True, text=True, env=env, cwd=cwd
+    )
     assert Path(imported.stdout.strip()).is_relative_to(site)  # not the source tree
 
     proc, storage = run_the_default(cwd, env)

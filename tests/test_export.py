@@ -10,16 +10,21 @@ import torch
 import yaml
 
 from nas.cli import bench_main, export_main, search_main
-from nas.search.config import DatasetConfig
 from nas.data.datasets import load_dataset
-from nas.errors import VerificationError
 from nas.deploy.export import FILES, load_exported, sha256
+from nas.errors import VerificationError
+from nas.search.config import DatasetConfig
 from nas.study.schema import counts_toward_budget
 
 SPACE = {
     "stages": 2,
     "width": 8,
-    "block": {"norm": {"type": {"choice": ["batch", "batch_renorm", "group"]}, "position": {"choice": ["pre_conv", "post_conv", "post_act"]}}},
+    "block": {
+        "norm": {
+            "type": {"choice": ["batch", "batch_renorm", "group"]},
+            "position": {"choice": ["pre_conv", "post_conv", "post_act"]},
+        }
+    },
     "training": {"batch_size": 64},
 }
 
@@ -44,7 +49,12 @@ def study_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def exported(study_dir):
     out = study_dir / "exported"
-    assert export_main(["--storage", f"sqlite:///{study_dir}/nas.db", "--study", "tiny", "--out", str(out), "--epochs", "2"]) == 0
+    assert (
+        export_main(
+            ["--storage", f"sqlite:///{study_dir}/nas.db", "--study", "tiny", "--out", str(out), "--epochs", "2"]
+        )
+        == 0
+    )
     return out
 
 
@@ -125,7 +135,11 @@ def test_bench_prints_every_variant_with_ratios(exported, capsys):
     assert "TorchScript folded" not in capsys.readouterr().out  # code files: timed only when trusted
     assert bench_main([*argv, "--trust-code"]) == 0
     out = capsys.readouterr().out
-    rows = [line for line in out.splitlines() if line.split("  ")[0] in ("eager unfolded", "eager folded", "TorchScript folded", "torch.export folded")]
+    rows = [
+        line
+        for line in out.splitlines()
+        if line.split("  ")[0] in ("eager unfolded", "eager folded", "TorchScript folded", "torch.export folded")
+    ]
     assert len(rows) == 8  # every variant at both batch sizes
     assert all(line.split()[-1] == "1.00" for line in rows if line.startswith("eager unfolded"))
     assert "MACs per sample" in out and "params" in out
@@ -133,8 +147,21 @@ def test_bench_prints_every_variant_with_ratios(exported, capsys):
 
 def test_multi_objective_search_prints_a_pareto_front_and_exports_any_of_it(study_dir, capsys):
     storage = f"sqlite:///{study_dir}/mo.db"
-    args = ["--config", str(study_dir / "run.yaml"), "--storage", storage, "--study", "mo", "--sampler", "nsga2", "--trials", "4",
-            "--set", "objectives=[cv_loss, params]", "--no-progress"]
+    args = [
+        "--config",
+        str(study_dir / "run.yaml"),
+        "--storage",
+        storage,
+        "--study",
+        "mo",
+        "--sampler",
+        "nsga2",
+        "--trials",
+        "4",
+        "--set",
+        "objectives=[cv_loss, params]",
+        "--no-progress",
+    ]
     assert search_main(args) == 0
     out = capsys.readouterr().out
     study = optuna.load_study(study_name="mo", storage=storage)
@@ -146,34 +173,92 @@ def test_multi_objective_search_prints_a_pareto_front_and_exports_any_of_it(stud
     assert listed == {t.number for t in front}
     for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)):
         assert t.values[1] == by_number[t.user_attrs.get("duplicate_of", t.number)].user_attrs["params"]
-    assert export_main(["--storage", storage, "--study", "mo", "--out", str(study_dir / "mo_out"), "--epochs", "1"]) == 2
+    assert (
+        export_main(["--storage", storage, "--study", "mo", "--out", str(study_dir / "mo_out"), "--epochs", "1"]) == 2
+    )
     assert "Pareto front" in capsys.readouterr().err
     pick = front[-1].number
-    assert export_main(["--storage", storage, "--study", "mo", "--trial", str(pick), "--out", str(study_dir / "mo_out"), "--epochs", "1"]) == 0
+    assert (
+        export_main(
+            [
+                "--storage",
+                storage,
+                "--study",
+                "mo",
+                "--trial",
+                str(pick),
+                "--out",
+                str(study_dir / "mo_out"),
+                "--epochs",
+                "1",
+            ]
+        )
+        == 0
+    )
     assert json.loads((study_dir / "mo_out" / "model.json").read_text())["trial"] == pick
 
 
 def test_latency_objective_is_measured_per_candidate(study_dir):
     storage = f"sqlite:///{study_dir}/lat.db"
-    args = ["--config", str(study_dir / "run.yaml"), "--storage", storage, "--study", "lat", "--trials", "2",
-            "--set", "objectives=[cv_loss, latency_ms, macs]", "--set", "evaluation.latency_batch_size=8", "--no-progress"]
+    args = [
+        "--config",
+        str(study_dir / "run.yaml"),
+        "--storage",
+        storage,
+        "--study",
+        "lat",
+        "--trials",
+        "2",
+        "--set",
+        "objectives=[cv_loss, latency_ms, macs]",
+        "--set",
+        "evaluation.latency_batch_size=8",
+        "--no-progress",
+    ]
     assert search_main(args) == 0
     for t in optuna.load_study(study_name="lat", storage=storage).get_trials():
         assert t.values[1] == t.user_attrs["latency_ms"] > 0 and t.values[2] == t.user_attrs["macs"] > 0
 
 
 def test_exporting_a_batch_dependent_model_says_what_it_does_at_batch_1(tmp_path, capsys):
-    space = {"stages": 2, "width": 8, "block": {"norm": {"type": "batch", "track_running_stats": False}}, "training": {"batch_size": 32}}
+    space = {
+        "stages": 2,
+        "width": 8,
+        "block": {"norm": {"type": "batch", "track_running_stats": False}},
+        "training": {"batch_size": 32},
+    }
     (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
-    config = {"dataset": {"name": "digits"}, "search_space": "space.yaml", "device": "cpu", "evaluation": {"folds": 2, "epochs": 1},
-              "study": {"name": "bd", "storage": f"sqlite:///{tmp_path}/nas.db", "sampler": "random", "trials": 1}}
+    config = {
+        "dataset": {"name": "digits"},
+        "search_space": "space.yaml",
+        "device": "cpu",
+        "evaluation": {"folds": 2, "epochs": 1},
+        "study": {"name": "bd", "storage": f"sqlite:///{tmp_path}/nas.db", "sampler": "random", "trials": 1},
+    }
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
     assert search_main(["--config", str(tmp_path / "run.yaml"), "--no-progress"]) == 0
     capsys.readouterr()
-    assert export_main(["--storage", f"sqlite:///{tmp_path}/nas.db", "--study", "bd", "--out", str(tmp_path / "out"), "--epochs", "2"]) == 0
+    assert (
+        export_main(
+            [
+                "--storage",
+                f"sqlite:///{tmp_path}/nas.db",
+                "--study",
+                "bd",
+                "--out",
+                str(tmp_path / "out"),
+                "--epochs",
+                "2",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     meta = json.loads((tmp_path / "out" / "model.json").read_text())
     note = meta["batch_dependent"]
     assert meta["test"]["batch_size"] == note["scored_batch_size"] == 32
     assert 0.0 <= note["accuracy_at_batch_1"] <= 1.0 and note["samples_at_batch_1"] == 360
-    assert "depends on the inputs batched with it" in out and f"at batch 1 its accuracy is {note['accuracy_at_batch_1']:.4f}" in out
+    assert (
+        "depends on the inputs batched with it" in out
+        and f"at batch 1 its accuracy is {note['accuracy_at_batch_1']:.4f}" in out
+    )

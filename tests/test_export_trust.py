@@ -22,13 +22,13 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
-from nas.models.build import build
 from nas.cli import bench_main, predict_main
-from nas.search.config import DatasetConfig
 from nas.data.datasets import load_dataset
-from nas.errors import NasError, VerificationError
-from nas.deploy.export import load_exported, write_export
 from nas.data.preprocessing import recipe
+from nas.deploy.export import load_exported, write_export
+from nas.errors import NasError, VerificationError
+from nas.models.build import build
+from nas.search.config import DatasetConfig
 from nas.search.space import default_spec
 
 KEY = "BNNAS_EXPORT_KEY"
@@ -42,9 +42,15 @@ def exported(tmp_path_factory) -> Path:
     spec = default_spec({"stages": 1, "width": 4})
     torch.manual_seed(0)
     model = build(spec, data.input_shape, data.num_classes).eval()
-    meta = {"format": 1, "arch": spec, "input_shape": list(data.input_shape), "num_classes": data.num_classes,
-            "classes": data.classes, "normalization": {"mean": data.mean, "std": data.std},
-            "preprocessing": recipe(data)}
+    meta = {
+        "format": 1,
+        "arch": spec,
+        "input_shape": list(data.input_shape),
+        "num_classes": data.num_classes,
+        "classes": data.classes,
+        "normalization": {"mean": data.mean, "std": data.std},
+        "preprocessing": recipe(data),
+    }
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(KEY, "the key of whoever exported it")
         write_export(model, data.x_test[:64].cpu(), meta, folder, log=lambda line: None)
@@ -73,8 +79,12 @@ def edit_meta(folder: Path, change) -> None:
 
 def rehash(folder: Path) -> None:
     """model.json's sha256 of every listed file made to match what is there now: the attacker writes both."""
-    edit_meta(folder, lambda meta: meta["files"].update(
-        {name: hashlib.sha256((folder / name).read_bytes()).hexdigest() for name in meta["files"]}))
+    edit_meta(
+        folder,
+        lambda meta: meta["files"].update(
+            {name: hashlib.sha256((folder / name).read_bytes()).hexdigest() for name in meta["files"]}
+        ),
+    )
 
 
 class Payload:
@@ -132,8 +142,10 @@ def test_a_crafted_model_pt2_runs_nothing_by_default_and_runs_when_asked_for(exp
 
     code, out, err = predict(capsys, copy, "--runtime", "pt2")  # the attack is real: asked for, the payload runs
     assert marker.exists() and code == 1 and out == []
-    assert err[0] == (f"note: model.pt2 (torch.export, whose loader unpickles) is code: loading runs what its author "
-                      f"wrote, so {copy} is trusted like a script")
+    assert err[0] == (
+        f"note: model.pt2 (torch.export, whose loader unpickles) is code: loading runs what its author "
+        f"wrote, so {copy} is trusted like a script"
+    )
     assert err[-1].startswith(f"{copy / 'model.pt2'}: cannot load it: ")
 
 
@@ -207,13 +219,16 @@ def test_a_listed_device_or_a_link_out_of_the_folder_returns_at_once(exported, t
     linked = copy_of(exported, tmp_path / "linked")
     (linked / "model.ts").unlink()
     (linked / "model.ts").symlink_to("/dev/zero")
-    script = ("import sys\nfrom nas.deploy.export import load_exported\nfrom nas.errors import NasError, VerificationError\n"
-              "try:\n    load_exported(sys.argv[1])\nexcept (NasError, VerificationError) as exc:\n    print(exc)\n")
+    script = (
+        "import sys\nfrom nas.deploy.export import load_exported\nfrom nas.errors import NasError, VerificationError\n"
+        "try:\n    load_exported(sys.argv[1])\nexcept (NasError, VerificationError) as exc:\n    print(exc)\n"
+    )
 
     for folder, why in ((copy, 'files["/dev/zero"]: a path'), (linked, "not a regular file inside")):
         try:  # reading /dev/zero never ends: a bound, so that code which reads it fails instead of hanging
-            proc = subprocess.run([sys.executable, "-c", script, str(folder)], capture_output=True, text=True,
-                                  timeout=120)
+            proc = subprocess.run(
+                [sys.executable, "-c", script, str(folder)], capture_output=True, text=True, timeout=120
+            )
         except subprocess.TimeoutExpired:
             pytest.fail(f"{folder}: still reading after 120 s")
         assert proc.returncode == 0 and why in proc.stdout, proc.stdout + proc.stderr
@@ -258,8 +273,10 @@ def test_with_the_key_only_a_folder_signed_with_it_loads(exported, clean, tmp_pa
     for argv in ([], ["--runtime", "pt2"]):
         code, out, err = predict(capsys, copy, *argv)
         assert code == 1 and out == [] and not marker.exists()
-        assert err[-1] == (f"{copy / 'model.sig'}: not model.json's signature under {KEY} (signed with another key, or "
-                           "model.json changed); refusing to load the folder")
+        assert err[-1] == (
+            f"{copy / 'model.sig'}: not model.json's signature under {KEY} (signed with another key, or "
+            "model.json changed); refusing to load the folder"
+        )
     assert bench_main(["--model", str(copy), "--repeats", "1"]) == 1
     assert "not model.json's signature" in capsys.readouterr().err
     with pytest.raises(VerificationError, match="model.sig"):

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from nas.models.batch_renorm import BatchRenorm
-from nas.models.build import build
 from nas.models.bn_fold import ChannelAffine, count_norms_with_running_stats, fold_norms
+from nas.models.build import build
 from nas.models.norms import NORMS, POSITIONS
 from nas.search.space import RESIDUAL_ORDERS, default_spec
 
@@ -39,7 +39,11 @@ def norm_variants() -> dict[str, dict]:
                     settings["affine"] = affine
                 if track is not None:
                     settings["track_running_stats"] = track
-                key = name + {True: "-affine", False: "-no_affine", None: ""}[affine] + ("-batch_stats" if track is False else "")
+                key = (
+                    name
+                    + {True: "-affine", False: "-no_affine", None: ""}[affine]
+                    + ("-batch_stats" if track is False else "")
+                )
                 variants[key] = settings
     return variants
 
@@ -54,7 +58,13 @@ def running_stats(settings: dict) -> bool:
 def small_spec(settings: dict, block_type: str, position: str) -> dict:
     """2 stages x 2 blocks of width 4 (strided downsampling: 1x1-conv shortcuts in residual blocks)."""
     # High momentum and a 1-step warm-up: the running statistics move and batch renorm's r, d act.
-    norm = {"momentum": 0.9, "warmup": 1, "groups": 2, "position": position if block_type == "plain" else "post_conv", **settings}
+    norm = {
+        "momentum": 0.9,
+        "warmup": 1,
+        "groups": 2,
+        "position": position if block_type == "plain" else "post_conv",
+        **settings,
+    }
     block = {"type": block_type, "activation": "relu", "norm": norm}
     if block_type == "residual":
         block["residual"] = {"order": position, "zero_init": False}
@@ -89,7 +99,9 @@ def count(model: nn.Module, kind: type) -> int:
 @pytest.mark.parametrize("shape_name", SHAPES)
 @pytest.mark.parametrize("block_type, position", LAYOUTS)
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_folded_model_gives_the_eval_outputs_and_keeps_only_data_dependent_norms(variant, block_type, position, shape_name):
+def test_folded_model_gives_the_eval_outputs_and_keeps_only_data_dependent_norms(
+    variant, block_type, position, shape_name
+):
     settings, shape = VARIANTS[variant], SHAPES[shape_name]
     model = trained_model(small_spec(settings, block_type, position), shape)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -103,7 +115,9 @@ def test_folded_model_gives_the_eval_outputs_and_keeps_only_data_dependent_norms
     assert not folded.training and not any(m.training for m in folded.modules())
     # The input model is untouched: same modules, same values.
     assert list(model.modules()) == modules_before and count(model, ChannelAffine) == 0
-    assert model.state_dict().keys() == before.keys() and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert model.state_dict().keys() == before.keys() and all(
+        torch.equal(v, before[k]) for k, v in model.state_dict().items()
+    )
 
     if not running_stats(settings):  # group / layer / instance / batch statistics / none: as they were
         assert [type(m) for m in folded.modules()] == [type(m) for m in model.modules()]
@@ -132,7 +146,9 @@ def test_folding_adds_no_parameters_and_drops_the_statistics(variant, block_type
     if VARIANTS[variant].get("affine"):  # the norm's scale and shift become the conv's bias, or buffers
         assert params(folded) <= params(model)
     else:  # at most a conv bias per folded norm, for the norm's 2C running statistics
-        assert params(folded) <= params(model) + sum(n.num_features for n in model.modules() if hasattr(n, "running_var"))
+        assert params(folded) <= params(model) + sum(
+            n.num_features for n in model.modules() if hasattr(n, "running_var")
+        )
     assert state(folded) < state(model)
 
 
@@ -142,7 +158,11 @@ BATCH = torch.export.Dim("batch", min=1, max=4096)
 
 
 @pytest.mark.parametrize("shape_name", ["2d", "1d_signal"])
-@pytest.mark.parametrize("variant, block_type, position", [("batch-affine", *layout) for layout in LAYOUTS] + [("layer-affine", "residual", "preact"), ("batch-affine-batch_stats", "plain", "post_conv")])
+@pytest.mark.parametrize(
+    "variant, block_type, position",
+    [("batch-affine", *layout) for layout in LAYOUTS]
+    + [("layer-affine", "residual", "preact"), ("batch-affine-batch_stats", "plain", "post_conv")],
+)
 def test_folded_model_scripts_and_exports_with_a_dynamic_batch(variant, block_type, position, shape_name):
     shape = SHAPES[shape_name]
     folded = fold_norms(trained_model(small_spec(VARIANTS[variant], block_type, position), shape))
@@ -164,7 +184,11 @@ def test_a_model_mixing_norm_positions_folds_and_scripts_block_by_block():
     model = trained_model(spec, SHAPES["2d"])
     folded = fold_norms(model)
     assert [list(b._modules) for b in folded.features if isinstance(b, nn.Sequential)] == [
-        ["norm", "conv", "act"], ["conv", "act", "norm"], ["conv", "act"], ["norm", "conv", "act"]]
+        ["norm", "conv", "act"],
+        ["conv", "act", "norm"],
+        ["conv", "act"],
+        ["norm", "conv", "act"],
+    ]
     # TorchScript must not mistake blocks with the same children in another order for one type.
     scripted, x = torch.jit.script(folded), torch.randn(4, *SHAPES["2d"])
     with torch.no_grad():
@@ -176,7 +200,12 @@ def test_a_model_mixing_norm_positions_folds_and_scripts_block_by_block():
 def test_channel_affine_is_a_batchnorms_eval_map_on_every_rank(shape):
     bn = (nn.BatchNorm1d if len(shape) < 4 else nn.BatchNorm2d)(4).eval()
     with torch.no_grad():
-        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.1, 10), bn.weight.uniform_(0.5, 2), bn.bias.uniform_(-1, 1)
+        (
+            bn.running_mean.uniform_(-1, 1),
+            bn.running_var.uniform_(0.1, 10),
+            bn.weight.uniform_(0.5, 2),
+            bn.bias.uniform_(-1, 1),
+        )
     folded = fold_norms(nn.Sequential(nn.ReLU(), bn))
     assert isinstance(folded[1], ChannelAffine) and count_norms_with_running_stats(folded) == 0
     x = torch.randn(*shape)
@@ -189,7 +218,12 @@ def test_a_conv_with_a_bias_folds_the_following_norm_into_weight_and_bias(dims):
     bn = (nn.BatchNorm1d if dims == 1 else nn.BatchNorm2d)(6).eval()
     with torch.no_grad():
         conv.bias.uniform_(-1, 1)
-        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.1, 10), bn.weight.uniform_(0.5, 2), bn.bias.uniform_(-1, 1)
+        (
+            bn.running_mean.uniform_(-1, 1),
+            bn.running_var.uniform_(0.1, 10),
+            bn.weight.uniform_(0.5, 2),
+            bn.bias.uniform_(-1, 1),
+        )
     model = nn.Sequential(conv, bn, nn.ReLU()).eval()
     folded = fold_norms(model)
     assert [type(m) for m in folded] == [type(conv), nn.ReLU]

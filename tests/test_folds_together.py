@@ -9,18 +9,18 @@ import sys
 import optuna
 import pytest
 import torch
+from conftest import write_digits_run
 from torch import nn
 
-from conftest import write_digits_run
 import nas.training.train
-from nas.models.build import build
-from nas.search.config import DatasetConfig
 from nas.data.datasets import Dataset, load_dataset, stratified_folds
 from nas.errors import TrialError
+from nas.models.build import build
+from nas.models.norms import NORMS, NormType
+from nas.search.config import DatasetConfig
+from nas.search.space import default_spec, validate_space
 from nas.training.cross_validation import cross_validate, fold_seed
 from nas.training.folds_together import train_together
-from nas.models.norms import NORMS, NormType
-from nas.search.space import default_spec, validate_space
 from nas.training.train import batches, cosine_schedule, fit, optimizer_for
 
 CPU = torch.device("cpu")
@@ -41,7 +41,12 @@ def small(data: Dataset, n: int = 240) -> tuple[Dataset, list]:
 
 def spec_for(norm: dict, block: dict | None = None, optimizer: str = "sgd", hp: dict | None = None) -> dict:
     """A candidate of a space that the space's own validation accepts (a typo fails here, not silently)."""
-    space = {"stages": 2, "width": 8, "block": {"norm": norm, **(block or {})}, "training": {**HP, "optimizer": optimizer, **(hp or {})}}
+    space = {
+        "stages": 2,
+        "width": 8,
+        "block": {"norm": norm, **(block or {})},
+        "training": {**HP, "optimizer": optimizer, **(hp or {})},
+    }
     return default_spec(validate_space(space, "test space"))
 
 
@@ -62,7 +67,9 @@ def threads(request):
     torch.set_num_threads(before)
 
 
-def trained_alone(spec: dict, data: Dataset, folds: list, seeds: list[int], epochs: int, dtype: torch.dtype) -> list[nn.Module]:
+def trained_alone(
+    spec: dict, data: Dataset, folds: list, seeds: list[int], epochs: int, dtype: torch.dtype
+) -> list[nn.Module]:
     """One fold after another with `nas.training.train.fit`, in `dtype` (float64: the reference the float32 runs are measured against)."""
     models = [m.to(dtype) for m in models_for(spec, data, seeds)]
     as_dtype = dataclasses.replace(data, x_train=data.x_train.to(dtype), x_test=data.x_test.to(dtype))
@@ -100,7 +107,8 @@ def assert_close_as_float32_allows(actual: dict, expected32: dict, exact: dict, 
         update = (reference - initial[name].double()).abs().max().item()
         error = (actual[name].double() - reference).abs().max().item()
         assert error <= SLACK * own_error + UPDATE_SHARE * update + SLACK * torch.finfo(torch.float32).eps * largest, (
-            f"{what} {name}: {error:.2e} from float64; one by one in float32 {own_error:.2e}; training moved it {update:.2e}")
+            f"{what} {name}: {error:.2e} from float64; one by one in float32 {own_error:.2e}; training moved it {update:.2e}"
+        )
 
 
 def assert_same_state(spec: dict, data: Dataset, folds: list, epochs: int = 1) -> None:
@@ -112,9 +120,16 @@ def assert_same_state(spec: dict, data: Dataset, folds: list, epochs: int = 1) -
     train_together(together, data, folds, spec["training"], epochs, CPU, seeds)
     untrained = models_for(spec, data, seeds)
     for f in range(len(folds)):
-        assert_close_as_float32_allows(together[f].state_dict(), alone[f].state_dict(), exact[f].state_dict(), untrained[f].state_dict(),
-                                       f"fold {f + 1}")
-        assert any(not torch.equal(p, q) for p, q in zip(together[f].state_dict().values(), untrained[f].state_dict().values()))
+        assert_close_as_float32_allows(
+            together[f].state_dict(),
+            alone[f].state_dict(),
+            exact[f].state_dict(),
+            untrained[f].state_dict(),
+            f"fold {f + 1}",
+        )
+        assert any(
+            not torch.equal(p, q) for p, q in zip(together[f].state_dict().values(), untrained[f].state_dict().values())
+        )
 
 
 POSITIONS = ["pre_conv", "post_conv", "post_act"]
@@ -123,7 +138,9 @@ NORM_TYPES = ["batch", "batch_renorm", "group", "layer", "instance"]
 
 @pytest.mark.parametrize("position", POSITIONS)
 @pytest.mark.parametrize("norm_type", NORM_TYPES)
-def test_together_trains_every_norm_and_position_to_the_same_parameters_and_running_stats(digits, threads, norm_type, position):
+def test_together_trains_every_norm_and_position_to_the_same_parameters_and_running_stats(
+    digits, threads, norm_type, position
+):
     data, folds = small(digits)
     norm = {"type": norm_type, "position": position, "momentum": 0.2, "groups": 4, "warmup": 3}
     # AdamW only where no gradient is zero in exact arithmetic: a conv bias that instance norm
@@ -146,11 +163,17 @@ def test_together_matches_sequential_without_norm_for_both_optimizers(digits, th
     assert_same_state(spec_for({"type": "none"}, optimizer=optimizer), data, folds)
 
 
-@pytest.mark.parametrize("order,norm_type", [("original", "batch"), ("preact", "batch_renorm"), ("original", "group"), ("preact", "none")])
+@pytest.mark.parametrize(
+    "order,norm_type", [("original", "batch"), ("preact", "batch_renorm"), ("original", "group"), ("preact", "none")]
+)
 def test_together_matches_sequential_for_residual_blocks(digits, threads, order, norm_type):
     data, folds = small(digits)
     block = {"type": "residual", "residual": {"order": order, "zero_init": True}}
-    assert_same_state(spec_for({"type": norm_type, "position": "post_conv"}, block, "adamw" if order == "preact" else "sgd"), data, folds)
+    assert_same_state(
+        spec_for({"type": norm_type, "position": "post_conv"}, block, "adamw" if order == "preact" else "sgd"),
+        data,
+        folds,
+    )
 
 
 def test_together_matches_sequential_with_crop_flip_augmentation_and_frozen_batch_norm_affine(digits, threads):
@@ -166,16 +189,24 @@ def test_together_matches_sequential_on_one_dimensional_signals(threads):
     assert_same_state(spec_for({"type": "batch"}), data, stratified_folds(y, 3, 0))
 
 
-def reference_training(model: nn.Module, data: Dataset, train_idx: torch.Tensor, hp: dict, epochs: int, seed: int, steps: int) -> nn.Module:
+def reference_training(
+    model: nn.Module, data: Dataset, train_idx: torch.Tensor, hp: dict, epochs: int, seed: int, steps: int
+) -> nn.Module:
     """The documented training of one fold, written out with plain PyTorch (no nas.training.train helper):
     each epoch a permutation drawn from the fold's generator, its first `steps` full batches,
     SGD-Nesterov with weight decay on weights of rank > 1 only, L1 on the conv kernels, and a
     cosine learning rate from `lr` to 0 over all `epochs * steps` steps."""
     generator = torch.Generator().manual_seed(seed)
     weights = [p for p in model.parameters() if p.ndim > 1]
-    optimizer = torch.optim.SGD([{"params": weights, "weight_decay": hp["weight_decay"]},
-                                 {"params": [p for p in model.parameters() if p.ndim <= 1], "weight_decay": 0.0}],
-                                lr=hp["lr"], momentum=0.9, nesterov=True)
+    optimizer = torch.optim.SGD(
+        [
+            {"params": weights, "weight_decay": hp["weight_decay"]},
+            {"params": [p for p in model.parameters() if p.ndim <= 1], "weight_decay": 0.0},
+        ],
+        lr=hp["lr"],
+        momentum=0.9,
+        nesterov=True,
+    )
     kernels = [m.weight for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d))]
     bs, total, done = hp["batch_size"], epochs * steps, 0
     for _ in range(epochs):
@@ -184,8 +215,10 @@ def reference_training(model: nn.Module, data: Dataset, train_idx: torch.Tensor,
         for step in range(steps):
             for group in optimizer.param_groups:
                 group["lr"] = hp["lr"] * 0.5 * (1 + math.cos(math.pi * done / total))
-            idx = order[step * bs:(step + 1) * bs]
-            loss = torch.nn.functional.cross_entropy(model(data.x_train[idx]), data.y_train[idx], label_smoothing=hp["label_smoothing"])
+            idx = order[step * bs : (step + 1) * bs]
+            loss = torch.nn.functional.cross_entropy(
+                model(data.x_train[idx]), data.y_train[idx], label_smoothing=hp["label_smoothing"]
+            )
             loss = loss + hp["l1"] * sum(w.abs().sum() for w in kernels)
             optimizer.zero_grad()
             loss.backward()
@@ -198,7 +231,9 @@ def test_the_reference_training_is_what_fit_does_on_folds_of_one_size(digits):
     data, folds = small(digits)  # 160 training samples a fold: 5 steps of 32
     spec = spec_for({"type": "batch", "position": "post_conv"})
     seeds = [fold_seed(0, 3, k) for k in range(3)]
-    for model, reference, (train_idx, _), seed in zip(models_for(spec, data, seeds), models_for(spec, data, seeds), folds, seeds):
+    for model, reference, (train_idx, _), seed in zip(
+        models_for(spec, data, seeds), models_for(spec, data, seeds), folds, seeds
+    ):
         fit(model, data, train_idx, None, spec["training"], 2, CPU, seed=seed)
         reference_training(reference, data, train_idx, spec["training"], 2, seed, steps=5)
         for name, value in reference.state_dict().items():
@@ -208,7 +243,9 @@ def test_the_reference_training_is_what_fit_does_on_folds_of_one_size(digits):
 def test_folds_of_unequal_size_train_together_for_the_smallest_folds_steps_over_several_epochs(digits, threads):
     data, _ = small(digits, n=241)
     folds = stratified_folds(data.y_train, 3, 0)  # 160, 161, 161 training samples
-    spec = spec_for({"type": "batch", "position": "post_conv"}, hp={"batch_size": 23})  # 6, 7, 7 full batches: together takes 6
+    spec = spec_for(
+        {"type": "batch", "position": "post_conv"}, hp={"batch_size": 23}
+    )  # 6, 7, 7 full batches: together takes 6
     assert sorted(len(train) // 23 for train, _ in folds) == [6, 7, 7]
     seeds, epochs = [fold_seed(0, 5, k) for k in range(3)], 3
     together = models_for(spec, data, seeds)
@@ -216,9 +253,15 @@ def test_folds_of_unequal_size_train_together_for_the_smallest_folds_steps_over_
     untrained = models_for(spec, data, seeds)
     as64 = dataclasses.replace(data, x_train=data.x_train.double())
     for f, (train_idx, _) in enumerate(folds):
-        exact = reference_training(models_for(spec, data, seeds)[f].double(), as64, train_idx, spec["training"], epochs, seeds[f], steps=6)
-        alone = reference_training(models_for(spec, data, seeds)[f], data, train_idx, spec["training"], epochs, seeds[f], steps=6)
-        assert_close_as_float32_allows(together[f].state_dict(), alone.state_dict(), exact.state_dict(), untrained[f].state_dict(), f"fold {f + 1}")
+        exact = reference_training(
+            models_for(spec, data, seeds)[f].double(), as64, train_idx, spec["training"], epochs, seeds[f], steps=6
+        )
+        alone = reference_training(
+            models_for(spec, data, seeds)[f], data, train_idx, spec["training"], epochs, seeds[f], steps=6
+        )
+        assert_close_as_float32_allows(
+            together[f].state_dict(), alone.state_dict(), exact.state_dict(), untrained[f].state_dict(), f"fold {f + 1}"
+        )
 
 
 def test_the_shared_batches_helper_draws_full_shuffled_batches():
@@ -230,7 +273,9 @@ def test_the_shared_batches_helper_draws_full_shuffled_batches():
     assert flat.tolist() != sorted(flat.tolist())  # shuffled
     again = torch.cat(batches(indices, 16, torch.Generator().manual_seed(3)))
     assert torch.equal(flat, again)  # the generator decides
-    assert [len(b) for b in batches(indices[:5], 16, torch.Generator())] == [5]  # a fold smaller than a batch: one batch of all
+    assert [len(b) for b in batches(indices[:5], 16, torch.Generator())] == [
+        5
+    ]  # a fold smaller than a batch: one batch of all
 
 
 def test_the_shared_cosine_schedule_falls_from_the_base_rate_to_zero():
@@ -293,9 +338,13 @@ def test_score_has_the_same_keys_and_fold_losses_in_both_modes(digits):
 def test_epoch_reports_are_the_mean_over_folds(digits):
     data, folds = small(digits)
     reports = []
-    score = cross_validate(spec_for({"type": "batch"}), data, folds, 2, CPU, on_epoch=reports.append, fold_mode="together")
+    score = cross_validate(
+        spec_for({"type": "batch"}), data, folds, 2, CPU, on_epoch=reports.append, fold_mode="together"
+    )
     assert [(r.fold, r.epoch) for r in reports] == [(None, 0), (None, 1)]
-    assert reports[-1].loss == pytest.approx(score["cv_loss"]) and reports[-1].accuracy == pytest.approx(score["cv_accuracy"])
+    assert reports[-1].loss == pytest.approx(score["cv_loss"]) and reports[-1].accuracy == pytest.approx(
+        score["cv_accuracy"]
+    )
     assert reports[-1].fold_losses == pytest.approx(score["fold_losses"])  # and each fold's own
 
 
@@ -329,7 +378,9 @@ def test_out_of_memory_with_the_folds_together_falls_back_to_sequential(digits, 
     monkeypatch.setattr(nas.training.folds_together, "autocast", out_of_memory)
     data, folds = small(digits)
     score = cross_validate(spec_for({"type": "batch"}), data, folds, 1, CPU, fold_mode="together")
-    assert score["fold_mode"] == "sequential" and score["fold_mode_fallback"].startswith("CUDA out of memory with 3 folds together")
+    assert score["fold_mode"] == "sequential" and score["fold_mode_fallback"].startswith(
+        "CUDA out of memory with 3 folds together"
+    )
 
 
 SPACE = {"stages": 1, "width": 8, "block": {"norm": {"type": {"choice": ["batch", "batch_renorm", "group"]}}}}
@@ -339,9 +390,19 @@ def run_search(tmp_path, mode: str, pruner: str = "none") -> list[optuna.trial.F
     folder = tmp_path / mode
     folder.mkdir()
     storage = f"sqlite:///{folder}/nas.db"
-    config = write_digits_run(folder, SPACE, storage, {"name": "s", "sampler": "random", "trials": 1},
-                              {"folds": 2, "epochs": 2, "fold_mode": mode, "pruner": pruner})
-    proc = subprocess.run([sys.executable, "-m", "nas.cli", "--config", str(config), "--no-progress"], capture_output=True, text=True, timeout=300)
+    config = write_digits_run(
+        folder,
+        SPACE,
+        storage,
+        {"name": "s", "sampler": "random", "trials": 1},
+        {"folds": 2, "epochs": 2, "fold_mode": mode, "pruner": pruner},
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "nas.cli", "--config", str(config), "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     return optuna.load_study(study_name="s", storage=storage).get_trials()
 

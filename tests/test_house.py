@@ -33,7 +33,9 @@ def import_graph() -> dict[str, set[str]]:
 def circles(graph: dict[str, set[str]]) -> list[list[str]]:
     """The groups of modules that reach one another through imports (strongly connected, two or more)."""
     reach = {node: reachable(graph, node) for node in graph}
-    groups = {tuple(sorted(n for n in reach[node] if node in reach.get(n, ()))) for node in graph if node in reach[node]}
+    groups = {
+        tuple(sorted(n for n in reach[node] if node in reach.get(n, ()))) for node in graph if node in reach[node]
+    }
     return sorted(list(g) for g in groups)
 
 
@@ -56,13 +58,36 @@ def test_no_module_of_the_package_is_in_an_import_circle():
 
 
 def test_the_circle_finder_finds_circles_and_nothing_else():
-    assert circles({"a": {"b"}, "b": {"c", "d"}, "c": {"a"}, "d": {"e"}, "e": {"d"}, "f": {"a"}}) == [["a", "b", "c"], ["d", "e"]]
+    assert circles({"a": {"b"}, "b": {"c", "d"}, "c": {"a"}, "d": {"e"}, "e": {"d"}, "f": {"a"}}) == [
+        ["a", "b", "c"],
+        ["d", "e"],
+    ]
 
 
 # The subpackages from the bottom up: each may import itself and those before it, never one after it.
-LAYERS = ["errors", "validation", "_lazy", "output", "models", "data", "search", "training", "study", "cluster", "compare", "deploy",
-          "dashboard"]
-FACADES = {"nas", "nas.cli", "nas.__main__", "nas.build", "nas.export", "nas.storage"}  # the public face, above every layer
+LAYERS = [
+    "errors",
+    "validation",
+    "_lazy",
+    "output",
+    "models",
+    "data",
+    "search",
+    "training",
+    "study",
+    "cluster",
+    "compare",
+    "deploy",
+    "dashboard",
+]
+FACADES = {
+    "nas",
+    "nas.cli",
+    "nas.__main__",
+    "nas.build",
+    "nas.export",
+    "nas.storage",
+}  # the public face, above every layer
 ROOT = PACKAGE.parent
 
 
@@ -85,7 +110,8 @@ def test_no_subpackage_imports_one_above_it():
 
 def test_the_layer_check_finds_an_upward_import():
     assert upward_imports({"nas.models.build": {"nas.study.run"}, "nas.study.run": {"nas.models.build"}}) == [
-        ("nas.models.build", "nas.study.run")]
+        ("nas.models.build", "nas.study.run")
+    ]
 
 
 def public_names(module: str) -> set[str]:
@@ -100,10 +126,15 @@ def test_scripts_and_experiments_import_only_the_public_api():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "nas":
                 allowed = public_names(node.module) if node.module.count(".") <= 1 else set()
-                private += [f"{path.relative_to(ROOT)}: {node.module}.{a.name}" for a in node.names if a.name not in allowed]
+                private += [
+                    f"{path.relative_to(ROOT)}: {node.module}.{a.name}" for a in node.names if a.name not in allowed
+                ]
             elif isinstance(node, ast.Import):
-                private += [f"{path.relative_to(ROOT)}: import {a.name}" for a in node.names
-                            if a.name.startswith("nas.") and a.name.count(".") > 1]
+                private += [
+                    f"{path.relative_to(ROOT)}: import {a.name}"
+                    for a in node.names
+                    if a.name.startswith("nas.") and a.name.count(".") > 1
+                ]
     assert private == []
 
 

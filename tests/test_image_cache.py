@@ -13,10 +13,10 @@ import torchvision
 from PIL import Image
 from torchvision.transforms import v2
 
-from nas.search.config import DatasetConfig
 from nas.data.datasets import load_dataset
-from nas.errors import DataError
 from nas.data.image_cache import load_image_folder
+from nas.errors import DataError
+from nas.search.config import DatasetConfig
 from tests.test_data import write_imagefolder, write_png
 
 
@@ -32,17 +32,26 @@ def entries(cache: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("image_size, worker_processes", [(None, False), (6, False), (None, True)])
-def test_the_first_load_decodes_as_image_folder_did_and_the_next_reads_the_cache(tmp_path, monkeypatch, image_size, worker_processes):
+def test_the_first_load_decodes_as_image_folder_did_and_the_next_reads_the_cache(
+    tmp_path, monkeypatch, image_size, worker_processes
+):
     if worker_processes:
-        monkeypatch.setattr("nas.data.image_cache.IN_PROCESS", 1)  # decode in DataLoader worker processes even a small folder
+        monkeypatch.setattr(
+            "nas.data.image_cache.IN_PROCESS", 1
+        )  # decode in DataLoader worker processes even a small folder
     write_imagefolder(tmp_path / "data", per_class=3, size=(8, 8))
-    Image.fromarray(np.random.default_rng(1).integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "data" / "train" / "cat" / "j.jpg")
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(
+        tmp_path / "data" / "train" / "cat" / "j.jpg"
+    )
     cache = tmp_path / "cache"
 
     first = load_image_folder(tmp_path / "data", image_size, str(cache))
     for split in ("train", "test"):
         images, labels = reference(tmp_path / "data", split, image_size)
-        assert torch.equal(torch.from_numpy(np.asarray(first[split].images)), images) and first[split].labels.tolist() == labels
+        assert (
+            torch.equal(torch.from_numpy(np.asarray(first[split].images)), images)
+            and first[split].labels.tolist() == labels
+        )
     assert len(entries(cache)) == 1
 
     monkeypatch.setattr("nas.data.image_cache.decode", lambda *a: pytest.fail("decoded again"))
@@ -82,7 +91,9 @@ def test_an_unwritable_cache_is_said_and_the_data_still_loads(tmp_path, capsys):
     write_imagefolder(tmp_path / "data", per_class=1)
     (tmp_path / "file").write_text("not a folder")
 
-    data = load_dataset(DatasetConfig(name="imagefolder", root=str(tmp_path / "data"), cache=str(tmp_path / "file" / "cache")))
+    data = load_dataset(
+        DatasetConfig(name="imagefolder", root=str(tmp_path / "data"), cache=str(tmp_path / "file" / "cache"))
+    )
 
     assert data.x_train.shape == (2, 3, 8, 8)
     assert f"dataset.cache: cannot write to {tmp_path / 'file' / 'cache'}" in capsys.readouterr().err
@@ -116,13 +127,26 @@ def test_nas_search_on_a_folder_with_a_corrupt_image_exits_2_naming_it(tmp_path,
     write_imagefolder(tmp_path / "data", per_class=2)
     bad = tmp_path / "data" / "train" / "cat" / "1.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    argv = ["--set", "dataset.name=imagefolder", "--set", f"dataset.root={tmp_path / 'data'}", "--device", "cpu",
-            "--storage", f"sqlite:///{tmp_path}/nas.db", "--trials", "1", "--no-progress"]
+    argv = [
+        "--set",
+        "dataset.name=imagefolder",
+        "--set",
+        f"dataset.root={tmp_path / 'data'}",
+        "--device",
+        "cpu",
+        "--storage",
+        f"sqlite:///{tmp_path}/nas.db",
+        "--trials",
+        "1",
+        "--no-progress",
+    ]
 
     assert search_main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err and f"{bad}: cannot decode the image" in err
-    assert not (tmp_path / "nas.db").exists() or "imagefolder" not in (tmp_path / "nas.db").read_bytes().decode("latin-1")
+    assert not (tmp_path / "nas.db").exists() or "imagefolder" not in (tmp_path / "nas.db").read_bytes().decode(
+        "latin-1"
+    )
 
 
 def test_an_image_rewritten_with_its_size_and_mtime_restored_is_decoded_again(tmp_path):

@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 import torch
 
-from nas.search.config import DatasetConfig
 from nas.data.datasets import load_dataset
 from nas.data.image_cache import SPLITS, load_image_folder
+from nas.search.config import DatasetConfig
 from tests.test_data import write_imagefolder
 from tests.test_image_cache import entries, reference
 
@@ -149,7 +149,8 @@ def test_new_cache_folders_and_files_are_private_whatever_the_umask_and_are_serv
 
     assert (mode_of(cache), mode_of(entry)) == ("700", "700")
     assert {path.name: stat.S_IMODE(path.stat().st_mode) & 0o077 for path in entry.iterdir()} == dict.fromkeys(
-        ["meta.json"] + [f"{s}_{kind}.npy" for s in SPLITS for kind in ("images", "labels")], 0)
+        ["meta.json"] + [f"{s}_{kind}.npy" for s in SPLITS for kind in ("images", "labels")], 0
+    )
     monkeypatch.setattr("nas.data.image_cache.decode", lambda *a: pytest.fail("decoded again"))
     assert_decoded(load(folder, cache), folder)
     assert capsys.readouterr().err == ""

@@ -8,14 +8,19 @@ import time
 
 import optuna
 import pytest
-
 from conftest import write_digits_run
 from dashboard_support import Dashboard
-from nas.study import workers as liveness
+
 from nas.cli import search_main
+from nas.study import workers as liveness
 from nas.study.report import write_report
 
-SPACE = {"stages": 1, "width": 8, "block": {"norm": {"type": {"choice": ["batch", "none"]}}}, "training": {"lr": {"float": [0.01, 0.1], "log": True}}}
+SPACE = {
+    "stages": 1,
+    "width": 8,
+    "block": {"norm": {"type": {"choice": ["batch", "none"]}}},
+    "training": {"lr": {"float": [0.01, 0.1], "log": True}},
+}
 
 
 def worker_keys(storage, study_id) -> list[str]:
@@ -45,21 +50,32 @@ def test_a_stale_or_dead_record_is_not_live(storage):
     elsewhere = liveness.Identity("another-machine", 1234, 1.0e9, "boot/pid")
     storage.set_study_system_attr(study_id, elsewhere.key, {**elsewhere.as_dict(), "beat": time.time() - 100})
     assert liveness.live_workers(storage, study_id, 60) == []  # silent for longer than the grace
-    assert [w.identity for w in liveness.live_workers(storage, study_id, 200)] == [elsewhere]  # another host: only its beat tells
-    reused = liveness.Identity(here.host, here.pid, here.started - 3600, here.pid_space)  # this pid, another process's start
+    assert [w.identity for w in liveness.live_workers(storage, study_id, 200)] == [
+        elsewhere
+    ]  # another host: only its beat tells
+    reused = liveness.Identity(
+        here.host, here.pid, here.started - 3600, here.pid_space
+    )  # this pid, another process's start
     storage.set_study_system_attr(study_id, reused.key, {**reused.as_dict(), "beat": time.time()})
     assert [w.identity for w in liveness.live_workers(storage, study_id, 200)] == [elsewhere]
 
 
 def test_a_starting_search_is_a_live_worker_for_report_and_dashboard_before_its_first_trial(tmp_path):
     url = f"sqlite:///{tmp_path}/nas.db"
-    config = write_digits_run(tmp_path, SPACE, url, {"name": "w", "sampler": "random", "trials": 1}, {"folds": 2, "epochs": 1})
+    config = write_digits_run(
+        tmp_path, SPACE, url, {"name": "w", "sampler": "random", "trials": 1}, {"folds": 2, "epochs": 1}
+    )
     assert search_main(["--config", str(config), "--no-progress"]) == 0
     # 2,000 epochs: the new run cannot finish its trials before the SIGINT below, however slow the checks are
     (tmp_path / "run.yaml").write_text((tmp_path / "run.yaml").read_text().replace("epochs: 1", "epochs: 2000"))
     dashboard = Dashboard(url, tmp_path / "work")
-    search = subprocess.Popen([sys.executable, "-m", "nas.cli", "--config", str(config), "--trials", "3", "--force", "--no-progress"],
-                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    search = subprocess.Popen(
+        [sys.executable, "-m", "nas.cli", "--config", str(config), "--trials", "3", "--force", "--no-progress"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         store = optuna.storages.RDBStorage(url)
         study_id = store.get_study_id_from_name("w")

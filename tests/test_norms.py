@@ -7,16 +7,15 @@ import torch
 import yaml
 from torch import nn
 
+from nas.data.datasets import load_dataset, stratified_folds
+from nas.errors import ConfigError
 from nas.models.batch_renorm import BatchRenorm
 from nas.models.build import build
+from nas.models.norms import NORMS, make_norm, running_stats_layers
 from nas.search.config import DatasetConfig, load_run_config
-from nas.data.datasets import load_dataset, stratified_folds
-from nas.models.norms import running_stats_layers
-from nas.training.diagnostics import recalibrate, train_mode_loss
-from nas.training.cross_validation import cross_validate
-from nas.errors import ConfigError
-from nas.models.norms import NORMS, make_norm
 from nas.search.space import default_spec, load_space
+from nas.training.cross_validation import cross_validate
+from nas.training.diagnostics import recalibrate, train_mode_loss
 
 
 @pytest.mark.parametrize("dims, shape", [(2, (8, 6, 5, 5)), (1, (8, 6, 7))])
@@ -85,7 +84,9 @@ def test_group_counts_that_do_not_divide_the_channels_never_reach_the_model(aske
 
 
 def test_built_group_norms_divide_every_layer_they_sit_in():
-    spec = default_spec({"stages": 3, "width": 6, "block": {"norm": {"type": "group", "groups": 4, "position": "pre_conv"}}})
+    spec = default_spec(
+        {"stages": 3, "width": 6, "block": {"norm": {"type": "group", "groups": 4, "position": "pre_conv"}}}
+    )
     model = build(spec, (3, 16, 16), 10)
     groups = [(m.num_groups, m.num_channels) for m in model.modules() if isinstance(m, nn.GroupNorm)]
     assert groups == [(1, 3), (2, 6), (4, 12)]
@@ -159,7 +160,9 @@ def test_train_mode_loss_of_batch_renorm_is_the_loss_with_batch_statistics():
     x, y = torch.randn(40, 1, 8, 8) * 3 - 2, torch.randint(0, 4, (40,))
     cpu = torch.device("cpu")
     assert train_mode_loss(renorm, x, y, 8, cpu) == pytest.approx(train_mode_loss(twin, x, y, 8, cpu), rel=1e-5)
-    assert train_mode_loss(renorm, x, y, 8, cpu) != pytest.approx(nn.functional.cross_entropy(renorm.eval()(x), y).item(), rel=1e-3)
+    assert train_mode_loss(renorm, x, y, 8, cpu) != pytest.approx(
+        nn.functional.cross_entropy(renorm.eval()(x), y).item(), rel=1e-3
+    )
 
 
 def test_recalibration_splits_into_near_equal_batches_weighted_by_size():
@@ -171,7 +174,9 @@ def test_recalibration_splits_into_near_equal_batches_weighted_by_size():
     first = running_stats_layers(model)[0]
     with torch.no_grad():
         h = model.features.stage1_block1.conv(x)
-    torch.testing.assert_close(first.running_mean, h.mean((0, 2, 3)), rtol=1e-5, atol=1e-6)  # 33 and 32, weighted: the mean of all 65
+    torch.testing.assert_close(
+        first.running_mean, h.mean((0, 2, 3)), rtol=1e-5, atol=1e-6
+    )  # 33 and 32, weighted: the mean of all 65
     halves = h[:33].var((0, 2, 3), unbiased=True) * 33 / 65 + h[33:].var((0, 2, 3), unbiased=True) * 32 / 65
     torch.testing.assert_close(first.running_var, halves, rtol=1e-5, atol=1e-6)
 
@@ -182,7 +187,9 @@ def test_the_wilcoxon_pruner_is_told_the_scored_fold_loss():
     folds = stratified_folds(data.y_train, 3, 0)
     told = []
     spec = default_spec({"stages": 1, "width": 8, "block": {"norm": {"type": "batch", "momentum": 0.9}}})
-    score = cross_validate(spec, data, folds, 2, torch.device("cpu"), on_fold=lambda k, loss: told.append(loss), recalibrate_bn=True)
+    score = cross_validate(
+        spec, data, folds, 2, torch.device("cpu"), on_fold=lambda k, loss: told.append(loss), recalibrate_bn=True
+    )
     assert told == score["fold_losses"] and score["cv_loss"] == score["recalibrated_loss"]
     assert score["recalibrated_loss"] != pytest.approx(score["eval_mode_loss"], rel=1e-6)
 
@@ -190,17 +197,34 @@ def test_the_wilcoxon_pruner_is_told_the_scored_fold_loss():
 # --------------------------------------------------------------------------- names users type
 
 
-@pytest.mark.parametrize("typed, key", [
-    ("batchnorm", "batch"), ("bn", "batch"), ("batch_norm", "batch"), ("BatchNorm2d", "batch"), ("BatchNorm1d", "batch"),
-    ("renorm", "batch_renorm"), ("brn", "batch_renorm"), ("BatchRenorm", "batch_renorm"),
-    ("groupnorm", "group"), ("gn", "group"), ("GroupNorm", "group"),
-    ("layernorm", "layer"), ("ln", "layer"), ("LayerNorm", "layer"),
-    ("instancenorm", "instance"), ("in", "instance"), ("InstanceNorm2d", "instance"),
-    ("identity", "none"),
-])
+@pytest.mark.parametrize(
+    "typed, key",
+    [
+        ("batchnorm", "batch"),
+        ("bn", "batch"),
+        ("batch_norm", "batch"),
+        ("BatchNorm2d", "batch"),
+        ("BatchNorm1d", "batch"),
+        ("renorm", "batch_renorm"),
+        ("brn", "batch_renorm"),
+        ("BatchRenorm", "batch_renorm"),
+        ("groupnorm", "group"),
+        ("gn", "group"),
+        ("GroupNorm", "group"),
+        ("layernorm", "layer"),
+        ("ln", "layer"),
+        ("LayerNorm", "layer"),
+        ("instancenorm", "instance"),
+        ("in", "instance"),
+        ("InstanceNorm2d", "instance"),
+        ("identity", "none"),
+    ],
+)
 def test_a_common_norm_name_suggests_its_registry_key(tmp_path, typed, key):
     space = tmp_path / "space.yaml"
-    space.write_text(yaml.safe_dump({"block": {"norm": {"type": {"choice": [typed, "none" if key != "none" else "batch"]}}}}))
+    space.write_text(
+        yaml.safe_dump({"block": {"norm": {"type": {"choice": [typed, "none" if key != "none" else "batch"]}}}})
+    )
 
     with pytest.raises(ConfigError) as info:
         load_space(space)
@@ -216,5 +240,7 @@ def test_a_run_config_with_batchnorm_in_its_space_suggests_batch(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_run_config(tmp_path / "run.yaml")
 
-    assert str(info.value) == (f"{tmp_path / 'space.yaml'}: block.norm.type.choice[0]: unknown norm 'batchnorm' "
-                               f"(known: {', '.join(NORMS)}); did you mean 'batch'?")
+    assert str(info.value) == (
+        f"{tmp_path / 'space.yaml'}: block.norm.type.choice[0]: unknown norm 'batchnorm' "
+        f"(known: {', '.join(NORMS)}); did you mean 'batch'?"
+    )

@@ -6,24 +6,38 @@ import sys
 
 import optuna
 import pytest
+from conftest import write_digits_run
 from optuna.trial import TrialState
 
-from conftest import write_digits_run
 from nas.cli import search_main
-from nas.study.duplicates import list_candidates
 from nas.search.space import Space
+from nas.study.duplicates import list_candidates
 from nas.study.schema import counts_toward_budget
 
 # A float range: two draws coincide only when a sampler replays the same random stream.
-CONTINUOUS = {"stages": 1, "width": 8, "block": {"norm": {"type": {"choice": ["batch", "none"]}}},
-              "training": {"lr": {"float": [0.01, 0.1], "log": True}}}
+CONTINUOUS = {
+    "stages": 1,
+    "width": 8,
+    "block": {"norm": {"type": {"choice": ["batch", "none"]}}},
+    "training": {"lr": {"float": [0.01, 0.1], "log": True}},
+}
 # Four candidates: samplers soon propose one again.
-FINITE = {"stages": 1, "width": {"choice": [8, 16]}, "block": {"norm": {"type": {"choice": ["batch", "none"]}}}, "training": {"lr": 0.05}}
+FINITE = {
+    "stages": 1,
+    "width": {"choice": [8, 16]},
+    "block": {"norm": {"type": {"choice": ["batch", "none"]}}},
+    "training": {"lr": 0.05},
+}
 
 
 def make_run(folder, space, sampler, trials, name="n"):
-    write_digits_run(folder, space, f"sqlite:///{folder}/nas.db", {"name": name, "sampler": sampler, "trials": trials},
-                     {"folds": 2, "epochs": 1})
+    write_digits_run(
+        folder,
+        space,
+        f"sqlite:///{folder}/nas.db",
+        {"name": name, "sampler": sampler, "trials": trials},
+        {"folds": 2, "epochs": 1},
+    )
     return folder / "run.yaml"
 
 
@@ -55,8 +69,13 @@ def test_a_study_resumed_four_times_never_repeats_a_candidate(tmp_path, sampler)
 @pytest.mark.parametrize("sampler", ["random", "tpe"])
 def test_three_workers_never_repeat_a_candidate(tmp_path, sampler):
     config = make_run(tmp_path, CONTINUOUS, sampler, 9)
-    proc = subprocess.run([sys.executable, "-m", "nas.cli", "--config", str(config), "--workers", "3", "--no-progress"],
-                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "nas.cli", "--config", str(config), "--workers", "3", "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     trials = [t for t in load(tmp_path) if t.state != TrialState.FAIL]  # a late worker's surplus trial fails unsampled
     assert_every_trial_new(trials, 9)
@@ -66,8 +85,26 @@ def test_three_workers_never_repeat_a_candidate(tmp_path, sampler):
 def test_a_dashboard_style_resume_does_not_replay_the_first_run(tmp_path, sampler):
     config = make_run(tmp_path, CONTINUOUS, sampler, 3)
     assert search_main(["--config", str(config), "--no-progress"]) == 0
-    proc = subprocess.run([sys.executable, "-m", "nas", "search", "--resume", "--study", "n", "--storage", f"sqlite:///{tmp_path}/nas.db",
-                           "--no-progress", "--trials", "6"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nas",
+            "search",
+            "--resume",
+            "--study",
+            "n",
+            "--storage",
+            f"sqlite:///{tmp_path}/nas.db",
+            "--no-progress",
+            "--trials",
+            "6",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     assert_every_trial_new(load(tmp_path), 6)
 
@@ -112,9 +149,18 @@ def test_a_used_up_finite_space_trains_each_candidate_once_and_stops(tmp_path, c
 
 def test_listing_a_conditional_space_counts_each_candidate_once():
     # 1 stage: batch at 2 positions + none = 3; 2 stages with a decision per stage: 3 x 3 = 9
-    space = Space({"stages": {"choice": [1, 2]}, "block": {"norm": {"type": {"choice": ["batch", "none"]},
-                                                                    "position": {"choice": ["pre_conv", "post_conv"]},
-                                                                    "share": "per_stage"}}})
+    space = Space(
+        {
+            "stages": {"choice": [1, 2]},
+            "block": {
+                "norm": {
+                    "type": {"choice": ["batch", "none"]},
+                    "position": {"choice": ["pre_conv", "post_conv"]},
+                    "share": "per_stage",
+                }
+            },
+        }
+    )
     listed = list_candidates(space, 1000)
     assert len(listed) == 12
     assert len({tuple(sorted(p.items())) for p in listed}) == 12

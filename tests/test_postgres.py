@@ -15,7 +15,12 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-SPACE = {"stages": 1, "width": 8, "block": {"norm": {"type": {"choice": ["batch", "none"]}}}, "training": {"lr": {"float": [0.01, 0.1], "log": True}}}
+SPACE = {
+    "stages": 1,
+    "width": 8,
+    "block": {"norm": {"type": {"choice": ["batch", "none"]}}},
+    "training": {"lr": {"float": [0.01, 0.1], "log": True}},
+}
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 OVER_BUDGET = "budget already reached by other workers"
 STUDY = "pg"
@@ -23,7 +28,10 @@ STUDY = "pg"
 
 def _pg_bin() -> Path | None:
     """Debian's PostgreSQL binaries (the newest major version installed), or None."""
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(Path(p).parts[-3]) if Path(p).parts[-3].isdigit() else 0)
+    found = sorted(
+        glob.glob("/usr/lib/postgresql/*/bin/initdb"),
+        key=lambda p: int(Path(p).parts[-3]) if Path(p).parts[-3].isdigit() else 0,
+    )
     return Path(found[-1]).parent if found else None
 
 
@@ -79,7 +87,9 @@ def pg_server():
     port = _free_port()
 
     def run(*cmd: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run([*prefix, str(pg_bin / cmd[0]), *cmd[1:]], check=True, timeout=timeout, capture_output=True, text=True)
+        return subprocess.run(
+            [*prefix, str(pg_bin / cmd[0]), *cmd[1:]], check=True, timeout=timeout, capture_output=True, text=True
+        )
 
     started = False
     try:
@@ -114,7 +124,10 @@ def three_workers(pg_server, tmp_path_factory):
     # A fresh database: the three workers also race to create Optuna's tables (nas.study.storage retries that).
     cmd = [sys.executable, "-m", "nas.cli", "--config", "run.yaml", "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # three workers share this machine's cores
-    procs = [subprocess.Popen(cmd, cwd=run_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    procs = [
+        subprocess.Popen(cmd, cwd=run_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(3)
+    ]
     results = []
     try:
         for p in procs:
@@ -143,8 +156,25 @@ def test_three_workers_on_postgres_end_with_exactly_the_budget(three_workers):
 def test_resume_from_postgres_runs_one_more_trial(three_workers, tmp_path):
     url, _ = three_workers
     # an empty folder: no YAML, the stored run config comes back from PostgreSQL
-    proc = subprocess.run([sys.executable, "-m", "nas.cli", "--resume", "--study", STUDY, "--storage", url, "--trials", "7", "--no-progress"],
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nas.cli",
+            "--resume",
+            "--study",
+            STUDY,
+            "--storage",
+            url,
+            "--trials",
+            "7",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "6/7 finished, running 1 more" in proc.stdout
     done = optuna.load_study(study_name=STUDY, storage=url).get_trials()

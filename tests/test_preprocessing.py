@@ -10,11 +10,11 @@ import torchvision
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from nas.search.config import DatasetConfig
 from nas.data.datasets import load_dataset
-from nas.errors import NasError
-from nas.deploy.predict import decode_image
 from nas.data.preprocessing import image_to_model_input, recipe, to_model_input
+from nas.deploy.predict import decode_image
+from nas.errors import NasError
+from nas.search.config import DatasetConfig
 from tests.test_data import sine_signals, write_cifar, write_imagefolder, write_mnist, write_npz, write_png
 
 
@@ -81,5 +81,7 @@ def test_image_files_of_an_image_folder_follow_the_recipe_resized_as_in_training
 def test_a_sample_of_another_shape_is_refused_naming_the_input():
     pre = recipe(load_dataset(DatasetConfig(name="digits")))
 
-    with pytest.raises(NasError, match=r"^batch.npy: samples of shape \[3, 7, 8\]; the model takes HW samples of shape \[8, 8\]"):
+    with pytest.raises(
+        NasError, match=r"^batch.npy: samples of shape \[3, 7, 8\]; the model takes HW samples of shape \[8, 8\]"
+    ):
         to_model_input(np.zeros((3, 7, 8)), pre, "batch.npy")

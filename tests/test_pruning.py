@@ -6,19 +6,23 @@ import statistics
 import optuna
 import pytest
 import torch
+from conftest import write_digits_run
 from optuna.trial import TrialState
 
-from conftest import write_digits_run
 from nas.cli import search_main
 from nas.dashboard.state import trial_rows
 from nas.search.pruners import max_resource
 from nas.study.pruning import Reporter, make_pruner
-from nas.training.train import EpochReport
 from nas.study.report import write_report
+from nas.training.train import EpochReport
 
 # Learning rates from hopeless to good: the early rungs have something to tell apart.
-SPACE = {"stages": 1, "width": 8, "block": {"norm": {"type": {"choice": ["batch", "none"]}}},
-         "training": {"lr": {"float": [1.0e-5, 0.2], "log": True}, "batch_size": 64}}
+SPACE = {
+    "stages": 1,
+    "width": 8,
+    "block": {"norm": {"type": {"choice": ["batch", "none"]}}},
+    "training": {"lr": {"float": [1.0e-5, 0.2], "log": True}, "batch_size": 64},
+}
 EPOCHS, FOLDS = 6, 2
 
 
@@ -97,6 +101,7 @@ def test_a_together_trial_that_falls_back_to_sequential_reports_on_the_studys_sc
 
 def drive(study: optuna.Study, pruner: str, means: list[float], fail: bool = False) -> optuna.trial.FrozenTrial:
     """One trial whose folds train together and whose fold mean after each epoch is `means[epoch]`."""
+
     def objective(trial):
         reporter = Reporter(trial, pruner, len(means), 2)
         for epoch, mean in enumerate(means):

@@ -12,12 +12,12 @@ import time
 
 import optuna
 import pytest
+from conftest import write_digits_run
 from optuna.trial import TrialState
 
-from conftest import write_digits_run
 from nas.cli import search_main
-from nas.errors import StudyError
 from nas.cluster.ray_workers import gpus_per_worker, run_worker, worker_task
+from nas.errors import StudyError
 from nas.study.schema import counts_toward_budget
 from tests.test_postgres import pg_server  # noqa: F401  (the throwaway PostgreSQL server fixture)
 
@@ -26,7 +26,13 @@ SPACE = {"stages": 1, "width": 8, "training": {"lr": {"float": [0.01, 0.1], "log
 
 
 def test_ray_workers_share_one_study_and_finish_exactly_its_budget(tmp_path, monkeypatch, capsys):
-    config = write_digits_run(tmp_path, SPACE, f"sqlite:///{tmp_path}/nas.db", {"name": "r", "sampler": "random", "trials": 4}, {"folds": 2, "epochs": 2})
+    config = write_digits_run(
+        tmp_path,
+        SPACE,
+        f"sqlite:///{tmp_path}/nas.db",
+        {"name": "r", "sampler": "random", "trials": 4},
+        {"folds": 2, "epochs": 2},
+    )
     monkeypatch.chdir(tmp_path)
 
     assert search_main(["--config", str(config), "--ray", "--ray-workers", "2", "--cpus-per-trial", "1"]) == 0
@@ -44,8 +50,13 @@ def test_sqlite_with_workers_on_other_nodes_is_refused_before_any_starts(tmp_pat
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     cluster.add_node(num_cpus=1)
     try:
-        config = write_digits_run(tmp_path, SPACE, f"sqlite:///{tmp_path}/nas.db", {"name": "r", "sampler": "random", "trials": 2},
-                                  {"folds": 2, "epochs": 1})
+        config = write_digits_run(
+            tmp_path,
+            SPACE,
+            f"sqlite:///{tmp_path}/nas.db",
+            {"name": "r", "sampler": "random", "trials": 2},
+            {"folds": 2, "epochs": 1},
+        )
         assert search_main(["--config", str(config), "--ray", cluster.address, "--ray-workers", "2"]) == 2
     finally:
         cluster.shutdown()
@@ -55,16 +66,33 @@ def test_sqlite_with_workers_on_other_nodes_is_refused_before_any_starts(tmp_pat
 
 
 def test_a_gpu_reservation_the_cluster_cannot_meet_is_refused_before_any_worker_starts(tmp_path, capsys):
-    config = write_digits_run(tmp_path, SPACE, f"sqlite:///{tmp_path}/nas.db", {"name": "g", "sampler": "random", "trials": 2},
-                              {"folds": 2, "epochs": 1})
+    config = write_digits_run(
+        tmp_path,
+        SPACE,
+        f"sqlite:///{tmp_path}/nas.db",
+        {"name": "g", "sampler": "random", "trials": 2},
+        {"folds": 2, "epochs": 1},
+    )
     assert search_main(["--config", str(config), "--ray", "--ray-workers", "2", "--gpus-per-trial", "0.5"]) == 2
-    assert capsys.readouterr().err == "--gpus-per-trial 0.5: the Ray cluster has no GPUs; leave it out (or 0) to train on CPUs\n"
+    assert (
+        capsys.readouterr().err
+        == "--gpus-per-trial 0.5: the Ray cluster has no GPUs; leave it out (or 0) to train on CPUs\n"
+    )
     assert not (tmp_path / "nas.db").exists()
 
 
-@pytest.mark.parametrize("requested, device, cluster_gpus, reserved", [
-    (None, "auto", 2, 1.0), (None, "cuda", 1, 1.0), (None, "cpu", 2, 0.0), (None, "auto", 0, 0.0),
-    (0.25, "auto", 1, 0.25), (0.0, "auto", 1, 0.0), (0.0, "cpu", 0, 0.0)])
+@pytest.mark.parametrize(
+    "requested, device, cluster_gpus, reserved",
+    [
+        (None, "auto", 2, 1.0),
+        (None, "cuda", 1, 1.0),
+        (None, "cpu", 2, 0.0),
+        (None, "auto", 0, 0.0),
+        (0.25, "auto", 1, 0.25),
+        (0.0, "auto", 1, 0.0),
+        (0.0, "cpu", 0, 0.0),
+    ],
+)
 def test_each_worker_reserves_one_gpu_by_default_where_the_cluster_has_them(requested, device, cluster_gpus, reserved):
     assert gpus_per_worker(requested, device, cluster_gpus) == reserved
 
@@ -76,7 +104,9 @@ def test_no_gpu_for_a_worker_that_must_train_on_cuda_is_refused():
 
 def test_without_ray_installed_the_flag_says_how_to_install_it(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "ray", None)
-    config = write_digits_run(tmp_path, SPACE, f"sqlite:///{tmp_path}/nas.db", {"name": "r", "trials": 1}, {"folds": 2, "epochs": 1})
+    config = write_digits_run(
+        tmp_path, SPACE, f"sqlite:///{tmp_path}/nas.db", {"name": "r", "trials": 1}, {"folds": 2, "epochs": 1}
+    )
     assert search_main(["--config", str(config), "--ray"]) == 2
     assert capsys.readouterr().err == "--ray: Ray is not installed; install it with pip install 'bnnas[ray]'\n"
 
@@ -86,7 +116,10 @@ def test_a_worker_that_cannot_start_or_fails_is_reported_with_its_node_and_last_
 
     missing = run_worker([str(tmp_path / "no-python"), "-m", "nas.cli"], str(tmp_path))
     assert (missing.node, missing.exit_code) == (socket.gethostname(), 127) and "cannot start" in missing.last_line
-    failed = run_worker([sys.executable, "-c", "import sys; print('a', file=sys.stderr); sys.exit('storage unreachable')"], str(tmp_path))
+    failed = run_worker(
+        [sys.executable, "-c", "import sys; print('a', file=sys.stderr); sys.exit('storage unreachable')"],
+        str(tmp_path),
+    )
     assert (failed.exit_code, failed.last_line) == (1, "storage unreachable")
 
 
@@ -114,15 +147,38 @@ def cluster():
 
 def ray_search(tmp_path, url: str, study: str, trials: int, address: str, epochs: int) -> subprocess.Popen:
     """A driver running a digits search on PostgreSQL with two Ray workers (a 1 s heartbeat)."""
-    config = write_digits_run(tmp_path, SPACE, url, {"name": study, "sampler": "random", "trials": trials, "heartbeat_seconds": 1},
-                              {"folds": 2, "epochs": epochs})
-    return subprocess.Popen([sys.executable, "-m", "nas.cli", "--config", str(config), "--ray", address, "--ray-workers", "2", "--no-progress"],
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    config = write_digits_run(
+        tmp_path,
+        SPACE,
+        url,
+        {"name": study, "sampler": "random", "trials": trials, "heartbeat_seconds": 1},
+        {"folds": 2, "epochs": epochs},
+    )
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "nas.cli",
+            "--config",
+            str(config),
+            "--ray",
+            address,
+            "--ray-workers",
+            "2",
+            "--no-progress",
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def running_trial(url: str, study: str, driver, where=lambda pid: True, timeout: float = 240):
     """Poll the storage until a trial of `study` trains (worker recorded, params drawn, `where` its pid); its FrozenTrial."""
-    storage = optuna.storages.RDBStorage(url)  # one connection pool: a pool per poll would exhaust the server's connections
+    storage = optuna.storages.RDBStorage(
+        url
+    )  # one connection pool: a pool per poll would exhaust the server's connections
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline and driver.poll() is None:
@@ -130,7 +186,11 @@ def running_trial(url: str, study: str, driver, where=lambda pid: True, timeout:
                 trials = optuna.load_study(study_name=study, storage=storage).get_trials(states=(TrialState.RUNNING,))
             except KeyError:  # the first worker has not made the study yet
                 trials = []
-            recorded = [t for t in trials if isinstance(t.user_attrs.get("worker"), dict) and t.params and where(t.user_attrs["worker"]["pid"])]
+            recorded = [
+                t
+                for t in trials
+                if isinstance(t.user_attrs.get("worker"), dict) and t.params and where(t.user_attrs["worker"]["pid"])
+            ]
             if recorded:
                 return recorded[0]
             time.sleep(0.2)
@@ -151,10 +211,13 @@ def assert_budget_finished_with_the_trial_retried(url: str, study: str, trials: 
     ended = optuna.load_study(study_name=study, storage=url).get_trials()
     assert sum(t.state == TrialState.COMPLETE and counts_toward_budget(t) for t in ended) == trials
     assert not [t for t in ended if t.state == TrialState.RUNNING]
-    assert next(t for t in ended if t.number == victim.number).state == TrialState.FAIL  # reclaimed: by its host, or by its heartbeat
+    assert (
+        next(t for t in ended if t.number == victim.number).state == TrialState.FAIL
+    )  # reclaimed: by its host, or by its heartbeat
     retries = [t for t in ended if t.system_attrs.get("failed_trial") == victim.number]
     assert [(t.state, t.params) for t in retries] == [(TrialState.COMPLETE, victim.params)], [
-        (t.number, t.state.name, t.params, t.user_attrs.get("fail_reason"), t.system_attrs) for t in ended]
+        (t.number, t.state.name, t.params, t.user_attrs.get("fail_reason"), t.system_attrs) for t in ended
+    ]
 
 
 def test_a_worker_killed_mid_trial_is_restarted_and_its_trial_retried(pg_server, cluster, tmp_path):
@@ -188,7 +251,9 @@ def test_a_node_killed_mid_trial_takes_its_worker_and_the_trial_is_retried_on_th
     assert_budget_finished_with_the_trial_retried(pg_server, "node", 4, victim)
 
 
-def test_an_interrupted_driver_lets_workers_finish_their_trials_and_the_same_command_resumes(pg_server, cluster, tmp_path):
+def test_an_interrupted_driver_lets_workers_finish_their_trials_and_the_same_command_resumes(
+    pg_server, cluster, tmp_path
+):
     driver = ray_search(tmp_path, pg_server, "stop", 4, cluster.address, epochs=30)
     try:
         running_trial(pg_server, "stop", driver)
@@ -197,15 +262,21 @@ def test_an_interrupted_driver_lets_workers_finish_their_trials_and_the_same_com
         out, err = finished(driver)
     assert driver.returncode == 130, err
     stopped = optuna.load_study(study_name="stop", storage=pg_server).get_trials()
-    assert [t.state for t in stopped] == [TrialState.COMPLETE] * len(stopped) and 1 <= len(stopped) < 4  # finished, not cut off
+    assert [t.state for t in stopped] == [TrialState.COMPLETE] * len(stopped) and 1 <= len(
+        stopped
+    ) < 4  # finished, not cut off
 
     again = ray_search(tmp_path, pg_server, "stop", 4, cluster.address, epochs=30)
     out, err = finished(again)
     assert again.returncode == 0, err
     resumed = optuna.load_study(study_name="stop", storage=pg_server).get_trials()
     assert sum(t.state == TrialState.COMPLETE and counts_toward_budget(t) for t in resumed) == 4
-    assert {t.user_attrs.get("fail_reason") for t in resumed if t.state != TrialState.COMPLETE} <= {"budget already reached by other workers"}
-    assert [t.number for t in resumed[:len(stopped)]] == [t.number for t in stopped]  # the finished ones kept, not redone
+    assert {t.user_attrs.get("fail_reason") for t in resumed if t.state != TrialState.COMPLETE} <= {
+        "budget already reached by other workers"
+    }
+    assert [t.number for t in resumed[: len(stopped)]] == [
+        t.number for t in stopped
+    ]  # the finished ones kept, not redone
 
 
 def test_workers_on_every_node_get_the_storage_proxys_credentials_from_the_driver(tmp_path, monkeypatch):

@@ -35,9 +35,25 @@ def shape(line: str) -> str:
 
 
 def test_the_readme_example_has_the_lines_nas_search_prints(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "nas", "search", "--config", str(ROOT / "configs/digits.yaml"),
-                           "--trials", "3", "--epochs", "1", "--no-progress"],  # the config's storage, under tmp_path
-                          capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nas",
+            "search",
+            "--config",
+            str(ROOT / "configs/digits.yaml"),
+            "--trials",
+            "3",
+            "--epochs",
+            "1",
+            "--no-progress",
+        ],  # the config's storage, under tmp_path
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr
     printed = [shape(line) for line in proc.stdout.splitlines() if line.strip()]
     shown = [shape(line) for line in readme_example()]

@@ -9,13 +9,15 @@ import pytest
 from nas.cli import report_main
 from nas.errors import StudyError
 from nas.search.archspec import describe_layout, norm_group
+from nas.search.space import Space
 from nas.study.best_so_far import improvements
 from nas.study.report import write_report
-from nas.search.space import Space
 
 SPACE = {
     "stages": {"int": [1, 2]},
-    "block": {"norm": {"type": {"choice": ["batch", "none"]}, "position": {"choice": ["pre_conv", "post_conv", "post_act"]}}},
+    "block": {
+        "norm": {"type": {"choice": ["batch", "none"]}, "position": {"choice": ["pre_conv", "post_conv", "post_act"]}}
+    },
     "training": {"lr": {"float": [0.001, 0.1], "log": True}},
 }
 TYPE_COST = {"batch": 0.2, "none": 1.0}
@@ -31,7 +33,11 @@ def synthetic_objective(trial: optuna.Trial) -> float:
         trial.set_user_attr("fail_reason", "loss is not finite at epoch 2")
         raise ValueError("loss is not finite")
     norm = spec["stages"][0]["blocks"][0]["norm"]
-    loss = TYPE_COST[norm["type"]] + POSITION_COST.get(norm.get("position"), 0.0) + 0.1 * abs(math.log10(spec["training"]["lr"]) + 2)
+    loss = (
+        TYPE_COST[norm["type"]]
+        + POSITION_COST.get(norm.get("position"), 0.0)
+        + 0.1 * abs(math.log10(spec["training"]["lr"]) + 2)
+    )
     bn = norm["type"] == "batch"
     trial.set_user_attr("cv_loss_std", 0.01)
     trial.set_user_attr("cv_accuracy", 1.0 - loss / 2)
@@ -46,9 +52,20 @@ def make_study(path, name: str, n_trials: int, running: bool = False, objective=
     """A SQLite study of `n_trials` scored trials (one FAIL among them when there are enough)."""
     url = f"sqlite:///{path}"
     study = optuna.create_study(storage=url, study_name=name, sampler=optuna.samplers.RandomSampler(seed=0))
-    study.set_user_attr("run_config", {"dataset": {"name": "digits"}, "search_space": "space.yaml", "study": {"name": name, "trials": 30},
-                                       "evaluation": {"folds": 3, "epochs": 1}, "device": "cpu", "space": SPACE})
-    scratch = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))  # in memory, then one write per trial: fast
+    study.set_user_attr(
+        "run_config",
+        {
+            "dataset": {"name": "digits"},
+            "search_space": "space.yaml",
+            "study": {"name": name, "trials": 30},
+            "evaluation": {"folds": 3, "epochs": 1},
+            "device": "cpu",
+            "space": SPACE,
+        },
+    )
+    scratch = optuna.create_study(
+        sampler=optuna.samplers.RandomSampler(seed=0)
+    )  # in memory, then one write per trial: fast
     scratch.optimize(objective, n_trials=n_trials, catch=(ValueError,))
     study.add_trials(scratch.get_trials())
     if running:  # a search in progress: asked, sampled, never told
@@ -97,7 +114,13 @@ def test_summary_counts_trials_by_state_and_lists_fail_reasons(report):
 def test_every_png_the_report_shows_exists_and_is_a_png(report):
     path, text = report
     shown = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
-    assert set(shown) == {"history.png", "anytime.png", "importances.png", "norm_type_position.png", "bn_diagnostics.png"}
+    assert set(shown) == {
+        "history.png",
+        "anytime.png",
+        "importances.png",
+        "norm_type_position.png",
+        "bn_diagnostics.png",
+    }
     for name in shown:
         data = (path.parent / name).read_bytes()
         assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 1000

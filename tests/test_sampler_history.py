@@ -5,23 +5,33 @@ counts as tried, so a finite space still ends as exhausted. Real nas-search runs
 from collections import Counter
 
 import optuna
+from conftest import write_digits_run
 from optuna.trial import TrialState
 
-from conftest import write_digits_run
 from nas.cli import search_main
-from nas.study.schema import VERSION_ATTR
-from nas.study.schema import counts_toward_budget, is_duplicate, is_failure
 from nas.search.samplers import make_sampler
+from nas.study.schema import VERSION_ATTR, counts_toward_budget, is_duplicate, is_failure
 
 # 12 candidates, as in the issue: random start-up draws repeat one before 10 are trained
-TWELVE = {"stages": 1, "width": {"choice": [8, 16]}, "block": {"norm": {"type": {"choice": ["batch", "none"]}},
-                                                              "activation": {"choice": ["relu", "gelu", "silu"]}},
-          "training": {"lr": 0.05}}
-FOUR = {"stages": 1, "width": {"choice": [8, 16]}, "block": {"norm": {"type": {"choice": ["batch", "none"]}}},
-        "training": {"lr": 0.05}}
+TWELVE = {
+    "stages": 1,
+    "width": {"choice": [8, 16]},
+    "block": {"norm": {"type": {"choice": ["batch", "none"]}}, "activation": {"choice": ["relu", "gelu", "silu"]}},
+    "training": {"lr": 0.05},
+}
+FOUR = {
+    "stages": 1,
+    "width": {"choice": [8, 16]},
+    "block": {"norm": {"type": {"choice": ["batch", "none"]}}},
+    "training": {"lr": 0.05},
+}
 # lr 1000 diverges at once (loss nan): two of the four candidates fail on every try
-FAILING = {"stages": 1, "width": {"choice": [8, 16]}, "block": {"norm": {"type": "none"}},
-           "training": {"lr": {"choice": [0.05, 1000.0]}}}
+FAILING = {
+    "stages": 1,
+    "width": {"choice": [8, 16]},
+    "block": {"norm": {"type": "none"}},
+    "training": {"lr": {"choice": [0.05, 1000.0]}},
+}
 
 
 def run(folder, space, trials, sampler="tpe", *extra, **evaluation):
@@ -80,8 +90,9 @@ def test_a_repeat_of_an_older_config_version_is_trained(tmp_path, capsys):
     assert "recorded as config version 1" in out
     assert "all 4 candidates of the space have been trained under config version 1" in out
     trials = load(tmp_path).get_trials()
-    by_version = {v: [t for t in trials if counts_toward_budget(t) and t.user_attrs.get(VERSION_ATTR, 0) == v]
-                  for v in (0, 1)}
+    by_version = {
+        v: [t for t in trials if counts_toward_budget(t) and t.user_attrs.get(VERSION_ATTR, 0) == v] for v in (0, 1)
+    }
     params = {v: sorted(tuple(sorted(t.params.items())) for t in by_version[v]) for v in (0, 1)}
     assert len(params[1]) == 4 and params[1] == params[0]  # each candidate trained again, under the new contract
     assert all(len(t.user_attrs["fold_losses"]) == 2 for t in by_version[1])
@@ -96,8 +107,10 @@ def test_a_candidate_that_fails_every_try_counts_as_tried_and_the_space_is_exhau
     # "stopped after 5 failed trials in a row"; the timeout only bounds that
     assert run(tmp_path, FAILING, 10, "tpe", "--timeout", "120", "--set", "study.retries=1") == 0
     out = capsys.readouterr().out
-    assert ("Stopped: search space exhausted: all 4 candidates of the space have been tried: 2 trained, "
-            "2 failed on each of their 2 tries (1 + study.retries)") in out
+    assert (
+        "Stopped: search space exhausted: all 4 candidates of the space have been tried: 2 trained, "
+        "2 failed on each of their 2 tries (1 + study.retries)"
+    ) in out
     trials = load(tmp_path).get_trials()
     failures = [t for t in trials if is_failure(t)]
     assert all("loss is nan" in t.user_attrs["fail_reason"] and t.params["training.lr"] == 1000.0 for t in failures)

@@ -9,14 +9,16 @@ import pytest
 import torch
 
 from nas.cli import search_main
-from nas.search.config import DatasetConfig
 from nas.data.datasets import Dataset, load_dataset, stratified_folds
-from nas.training.cross_validation import cross_validate
 from nas.data.samples import CompactImages, StreamedImages, loaded
+from nas.search.config import DatasetConfig
 from nas.search.space import default_spec
+from nas.training.cross_validation import cross_validate
 from tests.test_data import write_cifar, write_imagefolder
 
-SPEC = default_spec({"stages": 1, "width": 4, "block": {"norm": {"type": "batch"}}, "training": {"batch_size": 8, "lr": 0.05}})
+SPEC = default_spec(
+    {"stages": 1, "width": 4, "block": {"norm": {"type": "batch"}}, "training": {"batch_size": 8, "lr": 0.05}}
+)
 
 
 def as_float32_up_front(data: Dataset, cfg: DatasetConfig) -> Dataset:
@@ -28,8 +30,17 @@ def as_float32_up_front(data: Dataset, cfg: DatasetConfig) -> Dataset:
     x_train, x_test = (np.asarray(x, dtype=np.float32) / 255.0 for x in (arrays.x_train, arrays.x_test))
     mean = x_train.mean(axis=(0, 2, 3), keepdims=True)
     std = x_train.std(axis=(0, 2, 3), keepdims=True) + 1e-8
-    return Dataset(data.name, torch.from_numpy((x_train - mean) / std), data.y_train, torch.from_numpy((x_test - mean) / std), data.y_test,
-                   data.classes, data.augment, mean.reshape(-1).tolist(), std.reshape(-1).tolist())
+    return Dataset(
+        data.name,
+        torch.from_numpy((x_train - mean) / std),
+        data.y_train,
+        torch.from_numpy((x_test - mean) / std),
+        data.y_test,
+        data.classes,
+        data.augment,
+        mean.reshape(-1).tolist(),
+        std.reshape(-1).tolist(),
+    )
 
 
 @pytest.fixture
@@ -49,7 +60,9 @@ def test_uint8_storage_gives_the_fold_losses_of_float32_storage(cifar, fold_mode
     ours = cross_validate(SPEC, compact, folds, 2, torch.device("cpu"), fold_mode=fold_mode)
     before = cross_validate(SPEC, plain, folds, 2, torch.device("cpu"), fold_mode=fold_mode)
     assert ours["fold_losses"] == pytest.approx(before["fold_losses"], abs=1e-5)
-    assert ours["fold_losses"] != pytest.approx([ours["fold_losses"][0]] * 2, abs=1e-9)  # folds differ: the check compares something
+    assert ours["fold_losses"] != pytest.approx(
+        [ours["fold_losses"][0]] * 2, abs=1e-9
+    )  # folds differ: the check compares something
 
 
 @pytest.mark.parametrize("fold_mode", ["together", "sequential"])
@@ -60,11 +73,15 @@ def test_streaming_from_the_cache_gives_the_fold_losses_of_holding_the_split(tmp
     streamed = load_dataset(DatasetConfig(**{**cfg.__dict__, "device_memory": 0.0}))
     folds = stratified_folds(held.y_train, 2, 0)
 
-    assert isinstance(streamed.x_train, StreamedImages) and isinstance(streamed.x_train.host, np.memmap)  # read from the cache
+    assert isinstance(streamed.x_train, StreamedImages) and isinstance(
+        streamed.x_train.host, np.memmap
+    )  # read from the cache
     assert "streamed from host memory" in streamed.memory() and "uint8 on cpu" in held.memory()
     for recalibrate in (False, True):
         a = cross_validate(SPEC, held, folds, 2, torch.device("cpu"), recalibrate_bn=recalibrate, fold_mode=fold_mode)
-        b = cross_validate(SPEC, streamed, folds, 2, torch.device("cpu"), recalibrate_bn=recalibrate, fold_mode=fold_mode)
+        b = cross_validate(
+            SPEC, streamed, folds, 2, torch.device("cpu"), recalibrate_bn=recalibrate, fold_mode=fold_mode
+        )
         assert a["fold_losses"] == pytest.approx(b["fold_losses"], abs=1e-5)
         assert a["train_mode_loss"] == pytest.approx(b["train_mode_loss"], abs=1e-5)
     assert torch.equal(streamed.x_test.cpu(), held.x_test.cpu())
@@ -75,14 +92,36 @@ def test_a_search_prints_how_the_dataset_is_held(tmp_path, monkeypatch, capsys):
     space = {"stages": 1, "width": 4, "training": {"batch_size": 4}}
     (tmp_path / "space.yaml").write_text(__import__("yaml").safe_dump(space))
     monkeypatch.chdir(tmp_path)
-    argv = ["--set", f"search_space={tmp_path / 'space.yaml'}", "--set", "dataset.name=imagefolder", "--set", "dataset.root=data", "--device", "cpu",
-            "--trials", "1", "--folds", "2", "--epochs", "1", "--storage", f"sqlite:///{tmp_path}/nas.db", "--no-progress"]
+    argv = [
+        "--set",
+        f"search_space={tmp_path / 'space.yaml'}",
+        "--set",
+        "dataset.name=imagefolder",
+        "--set",
+        "dataset.root=data",
+        "--device",
+        "cpu",
+        "--trials",
+        "1",
+        "--folds",
+        "2",
+        "--epochs",
+        "1",
+        "--storage",
+        f"sqlite:///{tmp_path}/nas.db",
+        "--no-progress",
+    ]
     assert search_main([*argv, "--study", "held"]) == 0
     held = 2 * 12 * 3 * 8 * 8  # both splits, uint8
-    assert f"Dataset in memory: {held / 1e3:.1f} kB uint8 on cpu (float32 would be {4 * held / 1e3:.1f} kB)" in capsys.readouterr().out
+    assert (
+        f"Dataset in memory: {held / 1e3:.1f} kB uint8 on cpu (float32 would be {4 * held / 1e3:.1f} kB)"
+        in capsys.readouterr().out
+    )
     assert search_main([*argv, "--study", "streamed", "--set", "dataset.device_memory=0"]) == 0
-    assert (f"Dataset in memory: streamed from host memory: {held / 1e3:.1f} kB uint8, over the 0 bytes dataset.device_memory "
-            "budget of cpu") in capsys.readouterr().out
+    assert (
+        f"Dataset in memory: streamed from host memory: {held / 1e3:.1f} kB uint8, over the 0 bytes dataset.device_memory "
+        "budget of cpu"
+    ) in capsys.readouterr().out
 
 
 def test_prefetching_hands_on_a_read_error_and_stops_when_the_consumer_does():
@@ -102,14 +141,19 @@ def test_stored_images_index_like_the_tensor_they_stand_for(cifar):
     compact = load_dataset(cifar)
     whole = compact.x_train.float()
     for index in (3, slice(2, 5), torch.tensor([4, 0]), torch.tensor([[1, 2], [3, 0]])):
-        assert torch.allclose(compact.x_train[index], whole[index], atol=1e-6) and compact.x_train[index].shape == whole[index].shape
+        assert (
+            torch.allclose(compact.x_train[index], whole[index], atol=1e-6)
+            and compact.x_train[index].shape == whole[index].shape
+        )
 
 
 def float32_path(cfg: DatasetConfig, like: Dataset) -> Dataset:
     """The same data through load_dataset's float32 path (an identity transform sends it there), normalized with
     `like`'s statistics."""
-    return load_dataset(DatasetConfig(**{**cfg.__dict__, "transforms": [{"invert": False}]}),
-                        normalization={"mean": like.mean, "std": like.std})
+    return load_dataset(
+        DatasetConfig(**{**cfg.__dict__, "transforms": [{"invert": False}]}),
+        normalization={"mean": like.mean, "std": like.std},
+    )
 
 
 @pytest.mark.parametrize("streamed", [False, True])

@@ -5,24 +5,38 @@ import sys
 import time
 
 import optuna
-from optuna.trial import TrialState
-
 from conftest import write_digits_run
 from dashboard_support import SPACE, wait_for
+from optuna.trial import TrialState
+
 from nas.cli import search_main
 from nas.study.schema import request_stop
 
 
 def test_a_stop_request_ends_the_search_after_its_running_trial_which_completes(tmp_path):
     url = f"sqlite:///{tmp_path}/nas.db"
-    config = write_digits_run(tmp_path, SPACE, url, {"name": "s", "sampler": "random", "trials": 50, "heartbeat_seconds": 1}, {"folds": 2, "epochs": 4})
-    search = subprocess.Popen([sys.executable, "-m", "nas", "search", "--config", str(config), "--no-progress"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    config = write_digits_run(
+        tmp_path,
+        SPACE,
+        url,
+        {"name": "s", "sampler": "random", "trials": 50, "heartbeat_seconds": 1},
+        {"folds": 2, "epochs": 4},
+    )
+    search = subprocess.Popen(
+        [sys.executable, "-m", "nas", "search", "--config", str(config), "--no-progress"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
     def running_trial():
         assert search.poll() is None, search.communicate()
         try:
-            return [t.number for t in optuna.load_study(study_name="s", storage=url).get_trials() if t.state == TrialState.RUNNING]
+            return [
+                t.number
+                for t in optuna.load_study(study_name="s", storage=url).get_trials()
+                if t.state == TrialState.RUNNING
+            ]
         except KeyError:  # the study does not exist yet
             return None
 
@@ -55,11 +69,20 @@ def test_a_stop_asked_after_the_launch_time_stops_the_search_before_its_first_tr
     launched = time.time()
     request_stop(url, "s")  # after the launch, before this process has even parsed its arguments
     capsys.readouterr()
-    assert search_main(["--resume", "--study=s", f"--storage={url}", "--trials=5", f"--launched-at={launched!r}", "--no-progress"]) == 0
+    assert (
+        search_main(
+            ["--resume", "--study=s", f"--storage={url}", "--trials=5", f"--launched-at={launched!r}", "--no-progress"]
+        )
+        == 0
+    )
     assert "Stopped on request before the first trial: 1/5 finished" in capsys.readouterr().out
     assert len(optuna.load_study(study_name="s", storage=url).get_trials()) == 1
 
 
 def test_launched_at_must_be_a_finite_time():
-    proc = subprocess.run([sys.executable, "-m", "nas", "search", "--resume", "--study=s", "--launched-at=nan"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "nas", "search", "--resume", "--study=s", "--launched-at=nan"],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2 and "--launched-at must be a finite number" in proc.stderr

@@ -15,9 +15,9 @@ import warnings
 import grpc
 import optuna
 import pytest
+from conftest import write_digits_run
 from optuna.trial import TrialState
 
-from conftest import write_digits_run
 from nas.cli import storage_proxy_main, storage_proxy_parser
 from nas.errors import StudyError
 from tests.test_grpc_proxy import SPACE, start_proxy
@@ -53,10 +53,12 @@ def test_a_client_without_the_token_can_neither_list_rewrite_nor_delete_a_study(
     url, sqlite = guarded
     client = plain_client(url)
     study_id = optuna.load_study(study_name="victim", storage=sqlite)._study_id
-    attacks = [lambda: client.get_all_studies(),
-               lambda: client.set_study_system_attr(study_id, "nas:run_config", {"dataset": {"root": "/etc"}}),
-               lambda: client.set_study_user_attr(study_id, "bnnas", "owned"),
-               lambda: client.delete_study(study_id)]
+    attacks = [
+        lambda: client.get_all_studies(),
+        lambda: client.set_study_system_attr(study_id, "nas:run_config", {"dataset": {"root": "/etc"}}),
+        lambda: client.set_study_user_attr(study_id, "bnnas", "owned"),
+        lambda: client.delete_study(study_id),
+    ]
     for attack in attacks:
         with pytest.raises(grpc.RpcError) as refused:
             attack()
@@ -72,17 +74,24 @@ def test_a_wrong_token_is_refused_in_one_line(guarded, tmp_path, monkeypatch, ca
     monkeypatch.setenv("BNNAS_PROXY_TOKEN", "not-the-token-0123456789")
     config = write_digits_run(tmp_path, SPACE, guarded[0], {"name": "victim", "trials": 1}, {"folds": 2, "epochs": 1})
     assert search_main(["--config", str(config), "--no-progress"]) == 2
-    assert capsys.readouterr().err == (f"study.storage: the storage proxy at {guarded[0]} refused this client: "
-                                       "set BNNAS_PROXY_TOKEN to the proxy's token\n")
+    assert capsys.readouterr().err == (
+        f"study.storage: the storage proxy at {guarded[0]} refused this client: "
+        "set BNNAS_PROXY_TOKEN to the proxy's token\n"
+    )
 
 
 def test_with_the_token_commands_work_through_the_proxy(guarded, tmp_path, monkeypatch):
     url, sqlite = guarded
     study = {"name": "g", "sampler": "random", "trials": 2}
     config = write_digits_run(tmp_path, SPACE, url, study, {"folds": 2, "epochs": 1})
-    done = subprocess.run([sys.executable, "-m", "nas.cli", "--config", str(config), "--workers", "2", "--no-progress"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "BNNAS_PROXY_TOKEN": TOKEN})
+    done = subprocess.run(
+        [sys.executable, "-m", "nas.cli", "--config", str(config), "--workers", "2", "--no-progress"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "BNNAS_PROXY_TOKEN": TOKEN},
+    )
     assert done.returncode == 0, done.stderr
     assert sum(t.state == TrialState.COMPLETE for t in optuna.load_study(study_name="g", storage=sqlite).trials) == 2
 
@@ -146,14 +155,55 @@ def certificates(tmp_path):
     """A CA, a certificate for 127.0.0.1 signed by it and a client certificate signed by it (PEM files)."""
     if shutil.which("openssl") is None:
         pytest.skip("openssl is not installed")
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=test-ca", "-keyout", "ca.key",
-            "-out", "ca.pem", cwd=tmp_path)
+    openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=test-ca",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        cwd=tmp_path,
+    )
     for name, extension in (("proxy", "subjectAltName=IP:127.0.0.1"), ("client", "extendedKeyUsage=clientAuth")):
-        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", f"{name}.key", "-out",
-                f"{name}.csr", cwd=tmp_path)
+        openssl(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            f"/CN={name}",
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.csr",
+            cwd=tmp_path,
+        )
         (tmp_path / f"{name}.ext").write_text(extension + "\n")
-        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-                "-days", "1", "-extfile", f"{name}.ext", "-out", f"{name}.pem", cwd=tmp_path)
+        openssl(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            f"{name}.ext",
+            "-out",
+            f"{name}.pem",
+            cwd=tmp_path,
+        )
     return tmp_path
 
 
@@ -163,9 +213,17 @@ def test_tls_with_client_certificates_lets_in_only_a_client_the_ca_signed(certif
     sqlite = f"sqlite:///{certificates}/behind.db"
     optuna.create_study(study_name="victim", storage=sqlite)
     env = {k: v for k, v in os.environ.items() if k != "BNNAS_PROXY_TOKEN"}
-    process, url = start_proxy(sqlite, "--tls-cert", str(certificates / "proxy.pem"), "--tls-key",
-                               str(certificates / "proxy.key"), "--tls-client-ca", str(certificates / "ca.pem"),
-                               env=env, scheme="grpcs")
+    process, url = start_proxy(
+        sqlite,
+        "--tls-cert",
+        str(certificates / "proxy.pem"),
+        "--tls-key",
+        str(certificates / "proxy.key"),
+        "--tls-client-ca",
+        str(certificates / "ca.pem"),
+        env=env,
+        scheme="grpcs",
+    )
     try:
         monkeypatch.delenv("BNNAS_PROXY_TOKEN", raising=False)
         monkeypatch.setenv("BNNAS_PROXY_TLS_CA", str(certificates / "ca.pem"))

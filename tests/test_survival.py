@@ -8,20 +8,30 @@ import time
 
 import optuna
 import pytest
+from conftest import write_digits_run
 from optuna.trial import TrialState
 
-from conftest import write_digits_run
-from nas.study import workers as liveness
 from nas.cli import search_main
+from nas.study import workers as liveness
 
-SPACE = {"stages": 1, "width": 8, "block": {"norm": {"type": {"choice": ["batch", "none"]}}}, "training": {"lr": {"float": [0.01, 0.1], "log": True}}}
+SPACE = {
+    "stages": 1,
+    "width": 8,
+    "block": {"norm": {"type": {"choice": ["batch", "none"]}}},
+    "training": {"lr": {"float": [0.01, 0.1], "log": True}},
+}
 
 
 @pytest.fixture
 def run_dir(tmp_path, monkeypatch):
     # several seconds per trial (60 epochs): time to catch one running and signal it
-    write_digits_run(tmp_path, SPACE, f"sqlite:///{tmp_path}/nas.db",
-                     {"name": "s", "sampler": "random", "trials": 3, "heartbeat_seconds": 1}, {"folds": 2, "epochs": 60})
+    write_digits_run(
+        tmp_path,
+        SPACE,
+        f"sqlite:///{tmp_path}/nas.db",
+        {"name": "s", "sampler": "random", "trials": 3, "heartbeat_seconds": 1},
+        {"folds": 2, "epochs": 60},
+    )
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
@@ -35,8 +45,13 @@ def load(run_dir) -> list[optuna.trial.FrozenTrial]:
 
 
 def start_search(run_dir) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "nas.cli", "--config", "run.yaml"], cwd=run_dir,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "nas.cli", "--config", "run.yaml"],
+        cwd=run_dir,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_for(condition, proc: subprocess.Popen, timeout: float = 120.0):
@@ -71,19 +86,32 @@ def running_after_one_complete(run_dir):
 
 def test_kill_9_mid_trial_then_rerun_at_once_reclaims_the_trial_and_reaches_the_budget(run_dir):
     # a 30 s heartbeat: the rerun cannot be waiting for the dead trial's heartbeat to go stale
-    write_digits_run(run_dir, SPACE, storage_url(run_dir), {"name": "s", "sampler": "random", "trials": 3, "heartbeat_seconds": 30},
-                     {"folds": 2, "epochs": 60})
+    write_digits_run(
+        run_dir,
+        SPACE,
+        storage_url(run_dir),
+        {"name": "s", "sampler": "random", "trials": 3, "heartbeat_seconds": 30},
+        {"folds": 2, "epochs": 60},
+    )
     proc = start_search(run_dir)
     seen = wait_for(lambda: running_after_one_complete(run_dir), proc)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    left_running = [t for t in load(run_dir) if t.state == TrialState.RUNNING]  # the trial seen, or the next if it just ended
+    left_running = [
+        t for t in load(run_dir) if t.state == TrialState.RUNNING
+    ]  # the trial seen, or the next if it just ended
     assert len(left_running) == 1 and left_running[0].number >= seen.number
     killed = left_running[0]
     assert killed.user_attrs["worker"]["pid"] == proc.pid
     complete_before = {t.number: (t.params, t.value) for t in load(run_dir) if t.state == TrialState.COMPLETE}
 
-    rerun = subprocess.run([sys.executable, "-m", "nas.cli", "--config", "run.yaml"], cwd=run_dir, capture_output=True, text=True, timeout=300)
+    rerun = subprocess.run(
+        [sys.executable, "-m", "nas.cli", "--config", "run.yaml"],
+        cwd=run_dir,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert rerun.returncode == 0, rerun.stderr
     assert f"Reclaimed trial(s) {killed.number}" in rerun.stdout
     trials = load(run_dir)
@@ -122,7 +150,11 @@ def test_signal_fails_the_running_trial_as_interrupted_and_a_rerun_resumes(run_d
     trials = load(run_dir)
     stopped = [t for t in trials if t.state == TrialState.FAIL]
     # the signal lands in the trial seen running, or in the next one if that one just finished
-    assert len(stopped) == 1 and stopped[0].number >= running.number and stopped[0].user_attrs["fail_reason"] == "interrupted"
+    assert (
+        len(stopped) == 1
+        and stopped[0].number >= running.number
+        and stopped[0].user_attrs["fail_reason"] == "interrupted"
+    )
     assert not [t for t in trials if t.state == TrialState.RUNNING]
     assert search_main(["--config", "run.yaml", "--no-progress"]) == 0
     assert sum(t.state == TrialState.COMPLETE for t in load(run_dir)) == 3
@@ -154,13 +186,18 @@ def test_a_read_only_sqlite_file_is_one_line_and_left_alone(run_dir, capsys, res
     argv = ["--resume", "--study", "s", "--storage", storage_url(run_dir)] if resume else ["--config", "run.yaml"]
     assert search_main([*argv, "--trials", "2"]) == 2
     err = capsys.readouterr().err
-    assert err == f"study.storage: the SQLite file {db} is read-only; make it writable (chmod u+w) or use another --storage\n"
+    assert (
+        err
+        == f"study.storage: the SQLite file {db} is read-only; make it writable (chmod u+w) or use another --storage\n"
+    )
     assert db.read_bytes() == before
 
 
 @pytest.mark.parametrize("stage", ["loading data", "opening the study"])
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_a_signal_before_the_first_trial_stops_the_search_even_when_inherited_as_ignored(run_dir, monkeypatch, stage, signum, code):
+def test_a_signal_before_the_first_trial_stops_the_search_even_when_inherited_as_ignored(
+    run_dir, monkeypatch, stage, signum, code
+):
     # a background job of a non-interactive shell starts with SIGINT ignored; Python then installs no handler of its own
     import nas.data.datasets
     import nas.study.run

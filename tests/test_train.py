@@ -3,9 +3,9 @@
 import torch
 from torch import nn
 
+from nas.data.datasets import load_dataset, stratified_folds
 from nas.models.build import build
 from nas.search.config import DatasetConfig
-from nas.data.datasets import load_dataset, stratified_folds
 from nas.search.space import default_spec
 from nas.training.train import EVAL_BATCH, batch_dependent, evaluate, fit, scoring_batch_size
 
@@ -29,15 +29,23 @@ def test_a_batch_dependent_model_is_scored_in_batches_of_its_training_size():
     1,024 samples at once would be transductive, so it is scored as it was trained."""
     data = load_dataset(DatasetConfig())
     train_idx, val_idx = stratified_folds(data.y_train, 3, 0)[0]
-    spec = default_spec({"stages": 2, "width": 8, "block": {"norm": {"type": "batch", "track_running_stats": False}},
-                         "training": {"batch_size": 16}})
+    spec = default_spec(
+        {
+            "stages": 2,
+            "width": 8,
+            "block": {"norm": {"type": "batch", "track_running_stats": False}},
+            "training": {"batch_size": 16},
+        }
+    )
     torch.manual_seed(0)
     model = build(spec, data.input_shape, data.num_classes)
     assert batch_dependent(model) and scoring_batch_size(model, spec["training"]) == 16
     result = fit(model, data, train_idx, val_idx, spec["training"], 1, torch.device("cpu"), seed=0)
     x_val, y_val = data.x_train[val_idx], data.y_train[val_idx]
     assert result.val_loss == evaluate(model, x_val, y_val, torch.device("cpu"), batch_size=16)[0]
-    assert result.val_loss != evaluate(model, x_val, y_val, torch.device("cpu"))[0]  # the whole split as one batch: another number
+    assert (
+        result.val_loss != evaluate(model, x_val, y_val, torch.device("cpu"))[0]
+    )  # the whole split as one batch: another number
 
 
 def test_a_model_with_running_statistics_is_not_batch_dependent():

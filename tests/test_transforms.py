@@ -5,10 +5,10 @@ import pytest
 import torch
 import yaml
 
-from nas.search.config import DatasetConfig, load_run_config
 from nas.data.datasets import load_dataset
-from nas.errors import ConfigError, DataError
 from nas.data.transforms import apply_transforms
+from nas.errors import ConfigError, DataError
+from nas.search.config import DatasetConfig, load_run_config
 
 
 def raw(cfg: DatasetConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -47,21 +47,28 @@ def test_rotate_needs_images():
     signals = np.zeros((4, 16), dtype=np.float32)
     with pytest.raises(DataError, match=r"dataset.transforms\[0\].rotate: rotate needs images"):
         apply_transforms(signals, signals, [{"rotate": 10}], seed=0)
-    train, _ = apply_transforms(signals, signals, [{"noise": 0.1}, {"invert": True}], seed=0)  # the others take any shape
+    train, _ = apply_transforms(
+        signals, signals, [{"noise": 0.1}, {"invert": True}], seed=0
+    )  # the others take any shape
     assert train.shape == signals.shape
 
 
-@pytest.mark.parametrize(("transforms", "key_path", "words"), [
-    ([{"contrast": 0.5}, {"brightness": 0.1}, {"noise": -1}], "dataset.transforms[2].noise", "must be >= 0.0"),
-    ([{"blurr": 1}], "dataset.transforms[0].blurr", "unknown transform"),
-    ([{"contrast": 0.5, "noise": 0.1}], "dataset.transforms[0]", "expected one mapping"),
-    ([{"invert": "yes"}], "dataset.transforms[0].invert", "expected a boolean"),
-    ({"contrast": 0.5}, "dataset.transforms", "expected a list"),
-    ([{"contrast": 0}], "dataset.transforms[0].contrast", "must be > 0.0"),
-])
+@pytest.mark.parametrize(
+    ("transforms", "key_path", "words"),
+    [
+        ([{"contrast": 0.5}, {"brightness": 0.1}, {"noise": -1}], "dataset.transforms[2].noise", "must be >= 0.0"),
+        ([{"blurr": 1}], "dataset.transforms[0].blurr", "unknown transform"),
+        ([{"contrast": 0.5, "noise": 0.1}], "dataset.transforms[0]", "expected one mapping"),
+        ([{"invert": "yes"}], "dataset.transforms[0].invert", "expected a boolean"),
+        ({"contrast": 0.5}, "dataset.transforms", "expected a list"),
+        ([{"contrast": 0}], "dataset.transforms[0].contrast", "must be > 0.0"),
+    ],
+)
 def test_bad_transforms_name_the_key_path(tmp_path, transforms, key_path, words):
     (tmp_path / "space.yaml").write_text(yaml.safe_dump({"stages": 1}))
-    (tmp_path / "run.yaml").write_text(yaml.safe_dump({"search_space": "space.yaml", "dataset": {"name": "digits", "transforms": transforms}}))
+    (tmp_path / "run.yaml").write_text(
+        yaml.safe_dump({"search_space": "space.yaml", "dataset": {"name": "digits", "transforms": transforms}})
+    )
     with pytest.raises(ConfigError) as info:
         load_run_config(tmp_path / "run.yaml")
     assert info.value.key_path == key_path and words in str(info.value) and "\n" not in str(info.value)

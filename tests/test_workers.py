@@ -7,17 +7,28 @@ import optuna
 import pytest
 import torch
 import yaml
+from conftest import write_digits_run
 from optuna.trial import TrialState
 
-from conftest import write_digits_run
 from nas.cli import search_main
 
-SPACE = {"stages": 1, "width": 8, "block": {"norm": {"type": {"choice": ["batch", "none"]}}}, "training": {"lr": {"float": [0.01, 0.1], "log": True}}}
+SPACE = {
+    "stages": 1,
+    "width": 8,
+    "block": {"norm": {"type": {"choice": ["batch", "none"]}}},
+    "training": {"lr": {"float": [0.01, 0.1], "log": True}},
+}
 
 
 @pytest.fixture
 def run_dir(tmp_path, monkeypatch):
-    write_digits_run(tmp_path, SPACE, f"sqlite:///{tmp_path}/nas.db", {"name": "w", "sampler": "tpe", "trials": 6}, {"folds": 2, "epochs": 2})
+    write_digits_run(
+        tmp_path,
+        SPACE,
+        f"sqlite:///{tmp_path}/nas.db",
+        {"name": "w", "sampler": "tpe", "trials": 6},
+        {"folds": 2, "epochs": 2},
+    )
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
@@ -27,8 +38,13 @@ def trials(run_dir, name="w"):
 
 
 def test_three_local_workers_end_with_exactly_the_budget(run_dir):
-    proc = subprocess.run([sys.executable, "-m", "nas.cli", "--config", "run.yaml", "--workers", "3"],
-                          capture_output=True, text=True, timeout=600, cwd=run_dir)
+    proc = subprocess.run(
+        [sys.executable, "-m", "nas.cli", "--config", "run.yaml", "--workers", "3"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=run_dir,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "database is locked" not in proc.stderr
     done = trials(run_dir)
@@ -36,13 +52,19 @@ def test_three_local_workers_end_with_exactly_the_budget(run_dir):
     assert len(finished) == 6
     assert len({t.number for t in done}) == len(done)
     assert not [t for t in done if t.state in (TrialState.RUNNING, TrialState.WAITING)]
-    assert all(t.user_attrs.get("fail_reason") == "budget already reached by other workers" for t in done if t.state == TrialState.FAIL)
+    assert all(
+        t.user_attrs.get("fail_reason") == "budget already reached by other workers"
+        for t in done
+        if t.state == TrialState.FAIL
+    )
     assert "Top 5 of 6 finished trials" in proc.stdout
 
 
 def test_search_stops_after_consecutive_failures_with_the_reason(run_dir, capsys):
     # lr 1e3 diverges at once: every trial fails with a non-finite loss
-    (run_dir / "space.yaml").write_text(yaml.safe_dump({**SPACE, "block": {"norm": {"type": "none"}}, "training": {"lr": 1000.0}}))
+    (run_dir / "space.yaml").write_text(
+        yaml.safe_dump({**SPACE, "block": {"norm": {"type": "none"}}, "training": {"lr": 1000.0}})
+    )
     assert search_main(["--config", "run.yaml", "--set", "study.max_consecutive_failures=2", "--study", "bad"]) == 2
     err = capsys.readouterr().err
     assert "stopped after 2 failed trials in a row" in err and "loss is nan" in err
@@ -76,7 +98,12 @@ def test_out_of_memory_fails_the_trial_with_its_reason_and_the_search_goes_on(ru
 
     monkeypatch.setattr(nas.training.cross_validation, "fit", fit_that_runs_out_of_memory_once)
     # sequential: one by one is where an out-of-memory fails the trial (together falls back to it)
-    assert search_main(["--config", "run.yaml", "--trials", "2", "--study", "oom", "--set", "evaluation.fold_mode=sequential"]) == 0
+    assert (
+        search_main(
+            ["--config", "run.yaml", "--trials", "2", "--study", "oom", "--set", "evaluation.fold_mode=sequential"]
+        )
+        == 0
+    )
     states = [(t.state, t.user_attrs.get("fail_reason", "")) for t in trials(run_dir, "oom")]
     assert states[0][0] == TrialState.FAIL and states[0][1].startswith("CUDA out of memory")
     assert [s for s, _ in states[1:]] == [TrialState.COMPLETE] * 2
@@ -96,14 +123,48 @@ def test_a_spec_that_cannot_be_built_fails_its_trial_and_the_search_goes_on(run_
     monkeypatch.setattr(nas.training.cross_validation, "build", build_that_rejects_the_first_spec)
     assert search_main(["--config", "run.yaml", "--trials", "1", "--study", "unbuildable"]) == 0
     first, second = trials(run_dir, "unbuildable")
-    assert first.state == TrialState.FAIL and "cannot build the model for input (1, 8, 8)" in first.user_attrs["fail_reason"]
+    assert (
+        first.state == TrialState.FAIL
+        and "cannot build the model for input (1, 8, 8)" in first.user_attrs["fail_reason"]
+    )
     assert second.state == TrialState.COMPLETE
 
 
 def test_a_worker_runs_the_same_command_without_the_flags_that_launch_workers_launched_when_its_launcher_was():
     from nas.cli import _worker_command
 
-    argv = ["--config", "c.yaml", "--ray", "auto", "--ray-workers", "2", "--gpus-per-trial=0.5", "--workers", "3", "--launched-at", "5",
-            "--progress", "--cpus-per-trial", "2", "--trials", "4", "--ray", "--set", "study.seed=1"]
-    assert _worker_command(argv, 1796184833.25) == [sys.executable, "-m", "nas.cli", "--config", "c.yaml", "--trials", "4",
-                                                    "--set", "study.seed=1", "--no-progress", "--launched-at", "1796184833.25"]
+    argv = [
+        "--config",
+        "c.yaml",
+        "--ray",
+        "auto",
+        "--ray-workers",
+        "2",
+        "--gpus-per-trial=0.5",
+        "--workers",
+        "3",
+        "--launched-at",
+        "5",
+        "--progress",
+        "--cpus-per-trial",
+        "2",
+        "--trials",
+        "4",
+        "--ray",
+        "--set",
+        "study.seed=1",
+    ]
+    assert _worker_command(argv, 1796184833.25) == [
+        sys.executable,
+        "-m",
+        "nas.cli",
+        "--config",
+        "c.yaml",
+        "--trials",
+        "4",
+        "--set",
+        "study.seed=1",
+        "--no-progress",
+        "--launched-at",
+        "1796184833.25",
+    ]

@@ -19,9 +19,8 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from nas.search import norm_group
-from nas.search import load_run_config
 from nas.data import load_dataset, stratified_folds
+from nas.search import load_run_config, norm_group
 from nas.training import cross_validate
 
 HERE = Path(__file__).resolve().parent
@@ -39,22 +38,35 @@ def main() -> None:
         kind, position = norm_group(trial.user_attrs["arch"])
         if kind not in ("batch", "batch_renorm"):
             continue
-        score = cross_validate(trial.user_attrs["arch"], data, folds, cfg.evaluation.epochs, torch.device("cpu"),
-                               study_seed=cfg.study.seed, trial_number=trial.number)
+        score = cross_validate(
+            trial.user_attrs["arch"],
+            data,
+            folds,
+            cfg.evaluation.epochs,
+            torch.device("cpu"),
+            study_seed=cfg.study.seed,
+            trial_number=trial.number,
+        )
         old_gap = trial.user_attrs["eval_mode_loss"] - trial.user_attrs["train_mode_loss"]
         new_gap = score["eval_mode_loss"] - score["train_mode_loss"]
         rows.append((trial.number, kind, position, trial.value, old_gap, score["cv_loss"], new_gap))
         print(f"trial {trial.number}: {kind} @ {position}: stored gap {old_gap:+.4f}, now {new_gap:+.4f}", flush=True)
-    lines = ["Eval-mode (running statistics) minus train-mode (batch statistics) validation loss, per trial; "
-             "stored = as the committed study recorded it, now = re-run with the current code.", "",
-             "| trial | norm @ position | stored CV loss | stored gap | CV loss now | gap now |", "|---|---|---|---|---|---|"]
+    lines = [
+        "Eval-mode (running statistics) minus train-mode (batch statistics) validation loss, per trial; "
+        "stored = as the committed study recorded it, now = re-run with the current code.",
+        "",
+        "| trial | norm @ position | stored CV loss | stored gap | CV loss now | gap now |",
+        "|---|---|---|---|---|---|",
+    ]
     lines += [f"| {n} | {k} @ {p} | {v:.4f} | {g0:+.4f} | {v1:.4f} | {g1:+.4f} |" for n, k, p, v, g0, v1, g1 in rows]
     lines.append("")
     for kind in ("batch", "batch_renorm"):
         mine = [r for r in rows if r[1] == kind]
         if mine:
-            lines.append(f"- {kind}: {len(mine)} trial(s); median gap stored {statistics.median(r[4] for r in mine):+.4f}, "
-                         f"now {statistics.median(r[6] for r in mine):+.4f}")
+            lines.append(
+                f"- {kind}: {len(mine)} trial(s); median gap stored {statistics.median(r[4] for r in mine):+.4f}, "
+                f"now {statistics.median(r[6] for r in mine):+.4f}"
+            )
     (HERE / "diagnostics.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

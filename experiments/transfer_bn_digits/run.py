@@ -26,7 +26,10 @@ import torch
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 STUDY = f"sqlite:///{REPO / 'experiments/bn_placement_digits/study.db'}"
-SOURCES = {"batch @ pre_conv (trial 35)": ("source_batch", 35), "batch_renorm @ post_act (trial 59)": ("source_renorm", 59)}
+SOURCES = {
+    "batch @ pre_conv (trial 35)": ("source_batch", 35),
+    "batch_renorm @ post_act (trial 59)": ("source_renorm", 59),
+}
 TARGET = REPO / "configs/digits_shifted.yaml"
 CELLS = [("adabn", 0), *[(mode, k) for mode in ("freeze", "adabn", "bn-only", "full") for k in (5, 20, None)]]
 SEEDS = (0, 1, 2)
@@ -39,10 +42,9 @@ def epochs_for(samples: int, batch_size: int) -> int:
 
 def run() -> list[dict]:
     from nas.cli import export_main
-    from nas.search import load_run_config
     from nas.data import load_dataset
-    from nas.deploy import load_exported
-    from nas.deploy import adapt
+    from nas.deploy import adapt, load_exported
+    from nas.search import load_run_config
 
     torch.set_num_threads(1)  # tiny models: one thread is as fast, and does not stall on a busy machine
     cfg = load_run_config(TARGET)
@@ -51,7 +53,20 @@ def run() -> list[dict]:
     for label, (folder, trial) in SOURCES.items():
         source = HERE / folder
         if not (source / "model.json").is_file():
-            code = export_main(["--storage", STUDY, "--study", "bn-placement-digits", "--trial", str(trial), "--out", str(source), "--device", "cpu"])
+            code = export_main(
+                [
+                    "--storage",
+                    STUDY,
+                    "--study",
+                    "bn-placement-digits",
+                    "--trial",
+                    str(trial),
+                    "--out",
+                    str(source),
+                    "--device",
+                    "cpu",
+                ]
+            )
             if code:
                 sys.exit(code)
         meta = load_exported(source).meta
@@ -62,11 +77,24 @@ def run() -> list[dict]:
                 samples = len(data.y_train) if k is None else k * data.num_classes
                 epochs = epochs_for(samples, hp["batch_size"])
                 result = adapt(load_exported(source).model, data, mode, k, epochs, seed, device, hp, max_steps=STEPS)
-                rows.append({"source": label, "mode": mode, "labels_per_class": "all" if k is None else k, "seed": seed,
-                             "train_samples": result.train_samples, "epochs": result.epochs,
-                             "before_accuracy": result.before["accuracy"], "before_loss": result.before["loss"],
-                             "accuracy": result.after["accuracy"], "loss": result.after["loss"]})
-                print(f"{label:38s} {mode:8s} K={rows[-1]['labels_per_class']!s:4s} seed {seed}: accuracy {result.after['accuracy']:.4f} (before {result.before['accuracy']:.4f}), {result.seconds:.1f} s", flush=True)
+                rows.append(
+                    {
+                        "source": label,
+                        "mode": mode,
+                        "labels_per_class": "all" if k is None else k,
+                        "seed": seed,
+                        "train_samples": result.train_samples,
+                        "epochs": result.epochs,
+                        "before_accuracy": result.before["accuracy"],
+                        "before_loss": result.before["loss"],
+                        "accuracy": result.after["accuracy"],
+                        "loss": result.after["loss"],
+                    }
+                )
+                print(
+                    f"{label:38s} {mode:8s} K={rows[-1]['labels_per_class']!s:4s} seed {seed}: accuracy {result.after['accuracy']:.4f} (before {result.before['accuracy']:.4f}), {result.seconds:.1f} s",
+                    flush=True,
+                )
     return rows
 
 
@@ -83,16 +111,25 @@ def write_csv(rows: list[dict]) -> None:
 
 def read_csv() -> list[dict]:
     with open(HERE / "results.csv", newline="") as f:
-        return [{k: float(v) if k.endswith(("accuracy", "loss")) else v for k, v in row.items()} for row in csv.DictReader(f)]
+        return [
+            {k: float(v) if k.endswith(("accuracy", "loss")) else v for k, v in row.items()}
+            for row in csv.DictReader(f)
+        ]
 
 
 def write_tables(rows: list[dict]) -> None:
     ks = ["0", "5", "20", "all"]
-    lines = [f"Target test split of shifted digits (360 images), mean ± std over seeds {', '.join(map(str, SEEDS))}; "
-             f"{STEPS} optimizer steps per run; K = labelled target training samples per class (0: adabn alone, no labels).", ""]
+    lines = [
+        f"Target test split of shifted digits (360 images), mean ± std over seeds {', '.join(map(str, SEEDS))}; "
+        f"{STEPS} optimizer steps per run; K = labelled target training samples per class (0: adabn alone, no labels).",
+        "",
+    ]
     for source in SOURCES:
         mine = [r for r in rows if r["source"] == source]
-        lines += [f"### Source: {source}; no adaptation: accuracy {mine[0]['before_accuracy']:.3f}, loss {mine[0]['before_loss']:.3f}", ""]
+        lines += [
+            f"### Source: {source}; no adaptation: accuracy {mine[0]['before_accuracy']:.3f}, loss {mine[0]['before_loss']:.3f}",
+            "",
+        ]
         for metric in ("accuracy", "loss"):
             lines += [f"| {metric} | " + " | ".join(f"K = {k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
             for mode in ("freeze", "adabn", "bn-only", "full"):

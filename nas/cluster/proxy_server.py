@@ -12,11 +12,21 @@ import sys
 
 import optuna
 
-from nas.errors import StudyError
+from nas.errors import StudyError, one_line
 from nas.study.storage import RDB_SCHEMES, make_storage
-from nas.errors import one_line
-from nas.study.storage_proxy import (GRPC_SCHEME, GRPCS_SCHEME, TOKEN_ENV, _bearer, address, check_token, env_token,
-                               is_loopback, read_file, require_grpc)
+from nas.study.storage_proxy import (
+    GRPC_SCHEME,
+    GRPCS_SCHEME,
+    TOKEN_ENV,
+    _bearer,
+    address,
+    check_token,
+    env_token,
+    is_loopback,
+    read_file,
+    require_grpc,
+)
+
 
 def token_check(token: str):
     """A server interceptor that refuses, with UNAUTHENTICATED, every call without `authorization: Bearer TOKEN`."""
@@ -52,8 +62,17 @@ def server_credentials(tls_cert: str | None, tls_key: str | None, tls_client_ca:
     return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=ca is not None)
 
 
-def serve_storage_proxy(url: str, host: str, port: int, *, token_file: str | None = None, tls_cert: str | None = None,
-                        tls_key: str | None = None, tls_client_ca: str | None = None, insecure: bool = False) -> None:
+def serve_storage_proxy(
+    url: str,
+    host: str,
+    port: int,
+    *,
+    token_file: str | None = None,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+    tls_client_ca: str | None = None,
+    insecure: bool = False,
+) -> None:
     """Serve `url` at grpc(s)://host:port until interrupted (nas-storage-proxy); the tables are made first.
 
     The token comes from `--token-file` or `BNNAS_PROXY_TOKEN`; a non-loopback host is refused unless a token
@@ -61,16 +80,20 @@ def serve_storage_proxy(url: str, host: str, port: int, *, token_file: str | Non
     """
     import sqlalchemy
 
-
     if not url.startswith(RDB_SCHEMES):
         raise StudyError(f"--storage: {url}: the proxy serves an RDB storage (sqlite, postgresql, mysql URL)")
-    token = check_token(read_file(token_file, "--token-file").decode(errors="replace"), "--token-file") if token_file \
+    token = (
+        check_token(read_file(token_file, "--token-file").decode(errors="replace"), "--token-file")
+        if token_file
         else env_token()
+    )
     if not (token or tls_client_ca or insecure or is_loopback(host)):
-        raise StudyError(f"--host {host}: anyone who reaches the port could read, rewrite and delete every study; "
-                         f"authenticate the callers ({TOKEN_ENV} or --token-file, or --tls-cert/--tls-key/"
-                         "--tls-client-ca), "
-                         "or pass --insecure on a network you trust")
+        raise StudyError(
+            f"--host {host}: anyone who reaches the port could read, rewrite and delete every study; "
+            f"authenticate the callers ({TOKEN_ENV} or --token-file, or --tls-cert/--tls-key/"
+            "--tls-client-ca), "
+            "or pass --insecure on a network you trust"
+        )
     require_grpc("nas-storage-proxy")
     import grpc
     from optuna.storages._grpc.auto_generated import api_pb2_grpc
@@ -94,14 +117,19 @@ def serve_storage_proxy(url: str, host: str, port: int, *, token_file: str | Non
         raise StudyError(f"--host/--port: cannot listen on {target} (in use, or not an address of this machine)")
     server.start()
     shown = sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
-    guards = [name for name, on in (("token", token), ("TLS", credentials), ("client certificates", tls_client_ca))
-              if on]
+    guards = [
+        name for name, on in (("token", token), ("TLS", credentials), ("client certificates", tls_client_ca)) if on
+    ]
     if not guards:
-        print(f"nas-storage-proxy: no authentication: whoever reaches {target} can read, rewrite and delete every "
-              "study", file=sys.stderr, flush=True)
+        print(
+            f"nas-storage-proxy: no authentication: whoever reaches {target} can read, rewrite and delete every study",
+            file=sys.stderr,
+            flush=True,
+        )
     scheme = GRPCS_SCHEME if credentials else GRPC_SCHEME
-    print(f"nas-storage-proxy: serving {shown} ({', '.join(guards) or 'unauthenticated'}) at {scheme}{target}",
-          flush=True)
+    print(
+        f"nas-storage-proxy: serving {shown} ({', '.join(guards) or 'unauthenticated'}) at {scheme}{target}", flush=True
+    )
     try:
         server.wait_for_termination()
     finally:

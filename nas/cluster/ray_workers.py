@@ -85,8 +85,14 @@ def run_worker(command: list[str], cwd: str, restarts: int = RESTARTS) -> Worker
     host = socket.gethostname()
     while True:
         try:
-            process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                       preexec_fn=die_with_parent if sys.platform == "linux" else None)
+            process = subprocess.Popen(
+                command,
+                cwd=cwd,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+                preexec_fn=die_with_parent if sys.platform == "linux" else None,
+            )
         except OSError as exc:  # the interpreter or the folder is not on this node
             return WorkerResult(host, 127, f"cannot start {command[0]} in {cwd}: {exc.strerror or exc}")
         try:
@@ -97,7 +103,9 @@ def run_worker(command: list[str], cwd: str, restarts: int = RESTARTS) -> Worker
             restarts = 0
         lines = [line for line in (err or "").splitlines() if line.strip()]
         if process.returncode >= 0 or restarts <= 0:
-            return WorkerResult(host, process.returncode, lines[-1] if lines else f"killed by signal {-process.returncode}")
+            return WorkerResult(
+                host, process.returncode, lines[-1] if lines else f"killed by signal {-process.returncode}"
+            )
         restarts -= 1
 
 
@@ -122,15 +130,26 @@ def gpus_per_worker(requested: float | None, device: str, cluster_gpus: float) -
     if requested is None:
         return 1.0 if cluster_gpus > 0 and device != "cpu" else 0.0
     if requested > 0 and cluster_gpus == 0:
-        raise StudyError(f"--gpus-per-trial {requested:g}: the Ray cluster has no GPUs; leave it out (or 0) to train on CPUs")
+        raise StudyError(
+            f"--gpus-per-trial {requested:g}: the Ray cluster has no GPUs; leave it out (or 0) to train on CPUs"
+        )
     if requested == 0 and device == "cuda":
-        raise StudyError("--gpus-per-trial 0 with device cuda: Ray hides the GPUs from a worker that reserves none; "
-                         "give --gpus-per-trial (1, or 0.25 for four trials per GPU)")
+        raise StudyError(
+            "--gpus-per-trial 0 with device cuda: Ray hides the GPUs from a worker that reserves none; "
+            "give --gpus-per-trial (1, or 0.25 for four trials per GPU)"
+        )
     return requested
 
 
-def run_on_ray(cfg, command: list[str], address: str | None, workers: int, gpus_per_trial: float | None,
-               cpus_per_trial: float, log=print) -> list[WorkerResult]:
+def run_on_ray(
+    cfg,
+    command: list[str],
+    address: str | None,
+    workers: int,
+    gpus_per_trial: float | None,
+    cpus_per_trial: float,
+    log=print,
+) -> list[WorkerResult]:
     """Start `workers` Ray tasks, each running `command` (a nas-search worker), and wait for them all.
 
     SQLite is a file on one machine: with nodes other than this one it is refused before any starts.
@@ -145,8 +164,10 @@ def run_on_ray(cfg, command: list[str], address: str | None, workers: int, gpus_
     try:
         nodes = [node for node in ray.nodes() if node.get("Alive")]
         if sqlite_path(storage_url) is not None and len(nodes) > 1:
-            raise StudyError(f"--ray: the Ray cluster has {len(nodes)} nodes and the storage is SQLite ({storage_url}), a file on one "
-                             "machine; use PostgreSQL (or Optuna's gRPC storage proxy) for workers on several nodes")
+            raise StudyError(
+                f"--ray: the Ray cluster has {len(nodes)} nodes and the storage is SQLite ({storage_url}), a file on one "
+                "machine; use PostgreSQL (or Optuna's gRPC storage proxy) for workers on several nodes"
+            )
         gpus_per_trial = gpus_per_worker(gpus_per_trial, cfg.device, ray.cluster_resources().get("GPU", 0))
         storage = open_for_search(storage_url, cfg.study.heartbeat_seconds, cfg.study.retries)
         task = worker_task(ray, cpus_per_trial, gpus_per_trial)
@@ -167,7 +188,9 @@ def run_on_ray(cfg, command: list[str], address: str | None, workers: int, gpus_
     failed = [r for r in results if r.exit_code != 0]
     if failed:
         first = failed[0]
-        raise StudyError(f"--ray: {len(failed)} of {workers} workers failed; on node {first.node}: exit {first.exit_code}: {first.last_line}")
+        raise StudyError(
+            f"--ray: {len(failed)} of {workers} workers failed; on node {first.node}: exit {first.exit_code}: {first.last_line}"
+        )
     return results
 
 
@@ -177,7 +200,9 @@ def stop_workers(ray, pending: list, storage, study_name: str, log) -> None:
     from nas.study.schema import request_stop
 
     request_stop(storage, study_name)
-    log("Stopping: every worker finishes its current trial (Ctrl-C again to interrupt them now); the same command resumes")
+    log(
+        "Stopping: every worker finishes its current trial (Ctrl-C again to interrupt them now); the same command resumes"
+    )
     try:
         while len(ray.wait(pending, num_returns=len(pending), timeout=1.0)[0]) < len(pending):
             pass

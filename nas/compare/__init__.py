@@ -7,7 +7,10 @@ report  the comparison's table, markdown and plot
 
 from nas._lazy import public
 
-__getattr__, __dir__, __all__ = public(__name__, {
-    'run': ['run_comparison', 'parse_factors'],
-    'report': ['restat', 'write'],
-})
+__getattr__, __dir__, __all__ = public(
+    __name__,
+    {
+        "run": ["run_comparison", "parse_factors"],
+        "report": ["restat", "write"],
+    },
+)

@@ -9,8 +9,8 @@ import json
 import math
 from pathlib import Path
 
-from nas.compare.stats import TEST, rank_cells
 from nas import output
+from nas.compare.stats import TEST, rank_cells
 
 VERDICTS = {"best": "best", "indistinguishable": "= best", "worse": "worse", "untested": "untested"}
 COUNTS = ("trained", "pruned", "failed", "repeated")
@@ -20,6 +20,7 @@ SHORT = "‡"  # a cell whose search stopped short of its budget
 
 def ranked(result: dict) -> list[dict]:
     """The best cell first, then by mean CV loss over the seeds the test used; cells without a re-evaluation last."""
+
     def key(cell):
         stats = cell.get("stats")
         if not stats:
@@ -72,9 +73,18 @@ def rows(result: dict) -> tuple[list[str], list[list[str]]]:
     """The table: a column per factor, what each cell's study holds, the search's best, the re-evaluation, the test."""
     columns = result["columns"]
     counted = any(c.get("counts") for c in result["cells"])
-    header = [*columns.values(), "trials " + "/".join(COUNTS) if counted else "trials", "search best",
-              "CV loss mean ± SD over seeds", "95 % t-interval of the mean", "CV acc mean ± SD over seeds",
-              "gap to best of others [95 % simultaneous]", "detectable gap", "p (adjusted)", "verdict"]
+    header = [
+        *columns.values(),
+        "trials " + "/".join(COUNTS) if counted else "trials",
+        "search best",
+        "CV loss mean ± SD over seeds",
+        "95 % t-interval of the mean",
+        "CV acc mean ± SD over seeds",
+        "gap to best of others [95 % simultaneous]",
+        "detectable gap",
+        "p (adjusted)",
+        "verdict",
+    ]
     body = []
     for cell in ranked(result):
         levels = [cell["levels"][name] for name in columns]
@@ -86,9 +96,20 @@ def rows(result: dict) -> tuple[list[str], list[list[str]]]:
         shown = "-" if math.isnan(loss["low"]) else f"[{loss['low']:.4f}, {loss['high']:.4f}]"
         if loss["low"] < 0:
             shown += f" {NEGATIVE}"
-        body.append([*levels, _trials(cell), f"{cell['search_cv_loss']:.4f}", f"{loss['mean']:.4f} ± {loss['sd']:.4f}",
-                     shown, f"{acc['mean']:.4f} ± {acc['sd']:.4f}", _gap(stats), _margin(stats), _p(stats.get("p")),
-                     _verdict(stats)])
+        body.append(
+            [
+                *levels,
+                _trials(cell),
+                f"{cell['search_cv_loss']:.4f}",
+                f"{loss['mean']:.4f} ± {loss['sd']:.4f}",
+                shown,
+                f"{acc['mean']:.4f} ± {acc['sd']:.4f}",
+                _gap(stats),
+                _margin(stats),
+                _p(stats.get("p")),
+                _verdict(stats),
+            ]
+        )
     return header, body
 
 
@@ -102,14 +123,18 @@ def test_line(result: dict) -> str:
         return f"Untested: {used}; the test needs two cells and two shared seeds."
     stats = [c["stats"] for c in result["cells"] if c.get("stats") and c["stats"]["verdict"] != "best"]
     margins = sorted(s["margin"] for s in stats)
-    line = (f"Worse = shown worse than at least one other cell by a paired t-test over {used}: |t| > {comp['t']:.3f} "
-            f"(two-sided alpha {comp['alpha']} split over {comp['pairs']} pairs, {comp['df']} df). Detectable gap: the "
-            f"difference from the best a cell had to exceed to be declared worse, here {margins[0]:.4f} to "
-            f"{margins[-1]:.4f}.")
+    line = (
+        f"Worse = shown worse than at least one other cell by a paired t-test over {used}: |t| > {comp['t']:.3f} "
+        f"(two-sided alpha {comp['alpha']} split over {comp['pairs']} pairs, {comp['df']} df). Detectable gap: the "
+        f"difference from the best a cell had to exceed to be declared worse, here {margins[0]:.4f} to "
+        f"{margins[-1]:.4f}."
+    )
     if any(s["no_power"] and s["verdict"] == "indistinguishable" for s in stats):
-        line += (f" No power: where a cell's detectable gap is at least the best cell's mean loss "
-                 f"({comp['best_mean']:.4f}), a cell with twice the best's loss could pass as `= best`; there "
-                 "`= best (no power)` says nothing.")
+        line += (
+            f" No power: where a cell's detectable gap is at least the best cell's mean loss "
+            f"({comp['best_mean']:.4f}), a cell with twice the best's loss could pass as `= best`; there "
+            "`= best (no power)` says nothing."
+        )
     return line
 
 
@@ -118,10 +143,12 @@ def footnotes(result: dict) -> list[str]:
     notes = []
     negative = [c["label"] for c in result["cells"] if c.get("stats") and c["stats"]["loss"]["low"] < 0]
     if negative:
-        notes.append(f"{NEGATIVE} lower bound below 0, which no loss can have ({', '.join(negative)}): the t-interval "
-                     "assumes normal errors, and with these few seeds its half-width exceeds the mean; it says the "
-                     "cell's mean is unresolved, not that a negative loss is possible (shown as computed, "
-                     "not clipped).")
+        notes.append(
+            f"{NEGATIVE} lower bound below 0, which no loss can have ({', '.join(negative)}): the t-interval "
+            "assumes normal errors, and with these few seeds its half-width exceeds the mean; it says the "
+            "cell's mean is unresolved, not that a negative loss is possible (shown as computed, "
+            "not clipped)."
+        )
     for cell in result["cells"]:
         if cell.get("exhausted"):
             budget = result["trials_per_cell"]
@@ -140,27 +167,38 @@ def markdown(result: dict, command: str) -> str:
     header, body = rows(result)
     seeds = len(result["seeds"])
     counted = any(c.get("counts") for c in result["cells"])
-    held = (" The trials column counts what each cell's study holds: candidates trained, pruned, failed, and "
-            "proposals that repeated an earlier candidate." if counted else
-            " The trials column counts the trials each cell's study holds.")
+    held = (
+        " The trials column counts what each cell's study holds: candidates trained, pruned, failed, and "
+        "proposals that repeated an earlier candidate."
+        if counted
+        else " The trials column counts the trials each cell's study holds."
+    )
     lines = [
-        "# nas-compare", "",
-        f"`{command}`", "",
+        "# nas-compare",
+        "",
+        f"`{command}`",
+        "",
         f"{result['dataset']}, {result['folds']}-fold CV x {result['epochs']} epochs; each cell searched by "
         f"`{result['sampler']}` with a budget of {result['trials_per_cell']} finished candidates (its own "
         f"study `{result['base_study']}[...]` in `{result['storage']}`).{held} Then each cell's best spec was "
         f"cross-validated again under {seeds} fresh seeds, the same for every cell, so cells are paired by seed. Fresh "
         "seeds are new CV splits and new initial weights of the same training samples, not new data: the spread "
         "says how a cell's score moves with the split and the initialization, not with another sample of the "
-        "population.", "",
+        "population.",
+        "",
         "± is the sample SD over the seeds. The 95 % t-interval is of each cell's own mean (per cell, not corrected "
         "for the number of cells). The gap is the cell's mean minus the lowest mean of the other cells, with 95 % "
-        "simultaneous intervals (all cells at once).", "",
+        "simultaneous intervals (all cells at once).",
+        "",
         f"Test: {result.get('test', TEST)}. It assumes each pair's per-seed differences are roughly normal. `= best` "
-        "means not shown worse: the cell may be worse by up to its gap's upper bound.", "",
-        test_line(result), "",
-        "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-        *("| " + " | ".join(r) + " |" for r in body), "",
+        "means not shown worse: the cell may be worse by up to its gap's upper bound.",
+        "",
+        test_line(result),
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *("| " + " | ".join(r) + " |" for r in body),
+        "",
         *(f"{note}\n" for note in footnotes(result)),
     ]
     best = ranked(result)[0]
@@ -190,8 +228,10 @@ def plot(result: dict, path: Path) -> None:
     ax.set_yticks(range(len(cells)), [f"{c['label']} ({_verdict(c['stats'])})" for c in cells], fontsize=8)
     comp = comparison(result) or {}
     seeds = comp.get("seeds_used", 0)
-    ax.set(xlabel=f"CV-loss gap to the best of the other cells, 95 % simultaneous interval ({seeds} seeds)",
-           title=f"nas-compare: {', '.join(result['columns'].values())} (right of 0 = worse)")
+    ax.set(
+        xlabel=f"CV-loss gap to the best of the other cells, 95 % simultaneous interval ({seeds} seeds)",
+        title=f"nas-compare: {', '.join(result['columns'].values())} (right of 0 = worse)",
+    )
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -201,8 +241,9 @@ def plot(result: dict, path: Path) -> None:
 def restat(result: dict) -> dict:
     """The stored comparison with its statistics recomputed from each cell's per-seed losses and accuracies."""
     cells = result["cells"]
-    ranking = rank_cells({c["label"]: c.get("losses") or {} for c in cells},
-                         {c["label"]: c.get("accuracies") or {} for c in cells})
+    ranking = rank_cells(
+        {c["label"]: c.get("losses") or {} for c in cells}, {c["label"]: c.get("accuracies") or {} for c in cells}
+    )
     return {**result, "test": TEST, "cells": [{**c, "stats": ranking.get(c["label"])} for c in cells]}
 
 

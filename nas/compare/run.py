@@ -27,17 +27,32 @@ import itertools
 import json
 import random
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-from nas.study.schema import ARCH_ATTR, FAIL_REASON_ATTR, StoredAttrError, budget_count, counts_toward_budget, is_duplicate, is_failure, read_cell, read_reevaluation, read_run_config, trial_attr, write_compare_cell, write_reevaluation
-from nas.search.config import RunConfig, set_key
 from nas.errors import ConfigError, NasError, TrialError
+from nas.search.config import RunConfig, set_key
 from nas.search.space import SCHEMA, Space, validate_space
 from nas.search.stand_in_trials import FirstChoiceTrial, RandomTrial
+from nas.study.schema import (
+    ARCH_ATTR,
+    FAIL_REASON_ATTR,
+    StoredAttrError,
+    budget_count,
+    counts_toward_budget,
+    is_duplicate,
+    is_failure,
+    read_cell,
+    read_reevaluation,
+    read_run_config,
+    trial_attr,
+    write_compare_cell,
+    write_reevaluation,
+)
 from nas.validation import did_you_mean, read_yaml
 
 NOT_APPLICABLE = "n/a"
@@ -96,8 +111,12 @@ def key_factor(space: dict, space_file: str, key: str, levels: list | None = Non
     given = levels is not None
     if not given:
         if not (isinstance(leaf, dict) and "choice" in leaf):
-            what = f"a {'int' if 'int' in leaf else 'float'} range" if isinstance(leaf, dict) else f"the constant {leaf!r}"
-            raise ConfigError("--factor", key, f"is not a choice in {space_file} (it is {what}): pick levels with --levels {key}=A,B")
+            what = (
+                f"a {'int' if 'int' in leaf else 'float'} range" if isinstance(leaf, dict) else f"the constant {leaf!r}"
+            )
+            raise ConfigError(
+                "--factor", key, f"is not a choice in {space_file} (it is {what}): pick levels with --levels {key}=A,B"
+            )
         levels = list(leaf["choice"])
     for value in levels:
         _check_level(key, value, param, leaf, space_file, key in _flatten(space))
@@ -164,7 +183,11 @@ def pick_levels(factor: Factor, wanted: list[str]) -> Factor:
     """Keep only the `--levels` named (for named variants: their names)."""
     unknown = [w for w in wanted if w not in factor.levels]
     if unknown:
-        raise ConfigError("--levels", factor.name, f"unknown level '{unknown[0]}' (known: {', '.join(factor.levels)}){did_you_mean(unknown[0], factor.levels)}")
+        raise ConfigError(
+            "--levels",
+            factor.name,
+            f"unknown level '{unknown[0]}' (known: {', '.join(factor.levels)}){did_you_mean(unknown[0], factor.levels)}",
+        )
     return dataclasses.replace(factor, levels=tuple(wanted), overrides={w: factor.overrides[w] for w in wanted})
 
 
@@ -180,7 +203,10 @@ def make_cells(space: dict, factors: list[Factor]) -> list[Cell]:
             for key, value in factor.overrides[level].items():
                 set_key(cell_space, key, value)
         used = used_keys(cell_space)
-        levels = {f.name: level if f.key is None or f.key in used else NOT_APPLICABLE for f, level in zip(factors, combination)}
+        levels = {
+            f.name: level if f.key is None or f.key in used else NOT_APPLICABLE
+            for f, level in zip(factors, combination)
+        }
         identity = tuple(levels.values())
         if identity not in seen:
             seen.add(identity)
@@ -225,26 +251,38 @@ def reeval_seeds(study_seed: int, count: int) -> list[int]:
 
 def cost_line(cells: int, trials_per_cell: int, seeds: int, cfg: RunConfig, done: int) -> str:
     total = cells * (trials_per_cell + seeds)
-    return (f"Comparison: {cells} cells x {trials_per_cell} trials + {cells} cells x {seeds} seeds = {total} trainings "
-            f"(each {cfg.evaluation.folds} folds x {cfg.evaluation.epochs} epochs); {done} done already")
+    return (
+        f"Comparison: {cells} cells x {trials_per_cell} trials + {cells} cells x {seeds} seeds = {total} trainings "
+        f"(each {cfg.evaluation.folds} folds x {cfg.evaluation.epochs} epochs); {done} done already"
+    )
 
 
 def check_objectives(cfg: RunConfig) -> None:
     """Cells are searched and ranked by CV loss alone: refuse other objectives before anything trains."""
     if list(cfg.objectives) != ["cv_loss"]:
-        raise ConfigError(cfg.where("objectives"), "objectives", f"nas-compare searches and ranks cells by cv_loss alone; this config "
-                          f"has {', '.join(cfg.objectives)} (use objectives: [cv_loss])")
+        raise ConfigError(
+            cfg.where("objectives"),
+            "objectives",
+            f"nas-compare searches and ranks cells by cv_loss alone; this config "
+            f"has {', '.join(cfg.objectives)} (use objectives: [cv_loss])",
+        )
 
 
-def run_comparison(cfg: RunConfig, factors: list[Factor], trials_per_cell: int, seeds: int, progress: bool | None = None,
-                   out: Callable[[str], None] = print) -> dict:
+def run_comparison(
+    cfg: RunConfig,
+    factors: list[Factor],
+    trials_per_cell: int,
+    seeds: int,
+    progress: bool | None = None,
+    out: Callable[[str], None] = print,
+) -> dict:
     """Search every cell to its budget, re-evaluate each cell's best under `seeds` fresh seeds, rank the cells."""
     import optuna
 
     from nas.compare.stats import TEST
     from nas.errors import StudyError
-    from nas.study.storage import load_existing_study
     from nas.study.run import run_search
+    from nas.study.storage import load_existing_study
 
     check_objectives(cfg)
     cells = make_cells(cfg.space, factors)
@@ -255,9 +293,19 @@ def run_comparison(cfg: RunConfig, factors: list[Factor], trials_per_cell: int, 
     rows = []
     for i, (cell, name) in enumerate(zip(cells, names)):
         label = cell.label(factors)
-        cell_cfg = dataclasses.replace(cfg, space=cell.space, study=dataclasses.replace(cfg.study, name=name, trials=trials_per_cell, timeout=None))
+        cell_cfg = dataclasses.replace(
+            cfg, space=cell.space, study=dataclasses.replace(cfg.study, name=name, trials=trials_per_cell, timeout=None)
+        )
         out(f"cell {i + 1}/{len(cells)} [{label}]: searching (study '{name}')")
-        lines = None if bars else (lambda done, budget, best, i=i: out(f"  cell {i + 1}/{len(cells)}: trial {done}/{budget}, best CV loss {_show(best)}"))
+        lines = (
+            None
+            if bars
+            else (
+                lambda done, budget, best, i=i: out(
+                    f"  cell {i + 1}/{len(cells)}: trial {done}/{budget}, best CV loss {_show(best)}"
+                )
+            )
+        )
         stops: list[str] = []
         try:
             study = run_search(cell_cfg, progress=bars, out=_notable(out, stops), on_trial=lines)
@@ -271,17 +319,38 @@ def run_comparison(cfg: RunConfig, factors: list[Factor], trials_per_cell: int, 
         trials = study.get_trials(deepcopy=False)
         counts = cell_counts(trials)
         row = _reevaluate(cell_cfg, study, seed_list, f"cell {i + 1}/{len(cells)}", out)
-        rows.append(row | {"label": label, "study": name, "levels": cell.levels, "trials": len(trials), "counts": counts,
-                           "exhausted": _short_of_budget(counts, trials_per_cell, stops)})
+        rows.append(
+            row
+            | {
+                "label": label,
+                "study": name,
+                "levels": cell.levels,
+                "trials": len(trials),
+                "counts": counts,
+                "exhausted": _short_of_budget(counts, trials_per_cell, stops),
+            }
+        )
         out(f"cell {i + 1}/{len(cells)} [{label}]: {rows[-1]['summary']}")
         if rows[-1]["exhausted"]:
             out(f"cell {i + 1}/{len(cells)} [{label}]: short of its budget: {rows[-1]['exhausted']}")
     rank(rows)
-    return {"factors": [{"name": f.name, "key": f.key, "levels": list(f.levels), "overrides": f.overrides} for f in factors],
-            "columns": short_names(factors), "trials_per_cell": trials_per_cell, "seeds": seed_list, "test": TEST,
-            "dataset": cfg.dataset.name, "folds": cfg.evaluation.folds, "epochs": cfg.evaluation.epochs,
-            "sampler": cfg.study.sampler, "storage": cfg.study.storage, "base_study": cfg.study.name,
-            "optuna": optuna.__version__, "cells": rows}
+    return {
+        "factors": [
+            {"name": f.name, "key": f.key, "levels": list(f.levels), "overrides": f.overrides} for f in factors
+        ],
+        "columns": short_names(factors),
+        "trials_per_cell": trials_per_cell,
+        "seeds": seed_list,
+        "test": TEST,
+        "dataset": cfg.dataset.name,
+        "folds": cfg.evaluation.folds,
+        "epochs": cfg.evaluation.epochs,
+        "sampler": cfg.study.sampler,
+        "storage": cfg.study.storage,
+        "base_study": cfg.study.name,
+        "optuna": optuna.__version__,
+        "cells": rows,
+    }
 
 
 FAILURE_STOP = "stopped after"  # how nas.study.run.run_search's StudyError begins when failures in a row ended a search
@@ -294,9 +363,12 @@ def cell_counts(trials) -> dict:
     from nas.study.schema import OVER_BUDGET
 
     own = [t for t in trials if counts_toward_budget(t)]
-    return {"trained": sum(t.state == TrialState.COMPLETE for t in own), "pruned": sum(t.state == TrialState.PRUNED for t in own),
-            "failed": sum(is_failure(t) and t.user_attrs.get(FAIL_REASON_ATTR) != OVER_BUDGET for t in trials),
-            "repeated": sum(map(is_duplicate, trials))}
+    return {
+        "trained": sum(t.state == TrialState.COMPLETE for t in own),
+        "pruned": sum(t.state == TrialState.PRUNED for t in own),
+        "failed": sum(is_failure(t) and t.user_attrs.get(FAIL_REASON_ATTR) != OVER_BUDGET for t in trials),
+        "repeated": sum(map(is_duplicate, trials)),
+    }
 
 
 def _short_of_budget(counts: dict, trials_per_cell: int, stops: list[str]) -> str | None:
@@ -343,10 +415,14 @@ def _done(storage: str, names: list[str], trials_per_cell: int) -> int:
             study = optuna.load_study(study_name=name, storage=store)
             held = budget_count(study.get_trials(deepcopy=False))
             if held > trials_per_cell:
-                raise NasError(f"--trials-per-cell {trials_per_cell}: cell study '{name}' already holds {held} finished candidates; "
-                               f"give --trials-per-cell {held} or more to compare equal budgets, or another --study")
+                raise NasError(
+                    f"--trials-per-cell {trials_per_cell}: cell study '{name}' already holds {held} finished candidates; "
+                    f"give --trials-per-cell {held} or more to compare equal budgets, or another --study"
+                )
             done += held
-            done += len(read_reevaluation(study._storage.get_study_system_attrs(study._study_id), name).get("seeds", {}))
+            done += len(
+                read_reevaluation(study._storage.get_study_system_attrs(study._study_id), name).get("seeds", {})
+            )
     return done
 
 
@@ -368,8 +444,16 @@ def _reevaluate(cfg: RunConfig, study, seeds: list[int], where: str, out) -> dic
         out(f"  {where}: re-evaluating trial {best.number} with seed {len(seeds) - len(missing) + k + 1}/{len(seeds)}")
         folds = stratified_folds(data.y_train, cfg.evaluation.folds, seed)
         try:
-            score = cross_validate(spec, data, folds, cfg.evaluation.epochs, device, study_seed=seed,
-                                   recalibrate_bn=cfg.evaluation.recalibrate_bn, fold_mode=cfg.evaluation.fold_mode)
+            score = cross_validate(
+                spec,
+                data,
+                folds,
+                cfg.evaluation.epochs,
+                device,
+                study_seed=seed,
+                recalibrate_bn=cfg.evaluation.recalibrate_bn,
+                fold_mode=cfg.evaluation.fold_mode,
+            )
             results[str(seed)] = {"cv_loss": score["cv_loss"], "cv_accuracy": score["cv_accuracy"]}
         except TrialError as exc:
             results[str(seed)] = {"failed": str(exc)}
@@ -391,14 +475,27 @@ def _stored_reevaluation(study) -> tuple[Any, dict]:
 def _scores(best, results: dict, chosen: list[str]) -> dict:
     """A cell's row from its best trial and the re-evaluations of the `chosen` seeds."""
     if best is None:
-        return {"best_trial": None, "losses": {}, "accuracies": {}, "failures": {}, "summary": "no complete trial to re-evaluate"}
+        return {
+            "best_trial": None,
+            "losses": {},
+            "accuracies": {},
+            "failures": {},
+            "summary": "no complete trial to re-evaluate",
+        }
     losses = {s: results[s]["cv_loss"] for s in chosen if "cv_loss" in results[s]}
     failures = {s: results[s]["failed"] for s in chosen if "failed" in results[s]}
     summary = f"best trial {best.number} (CV loss {best.value:.4f} in the search), re-evaluated with {len(losses)}/{len(chosen)} seeds"
     if failures:
         summary += f"; {len(failures)} failed: {next(iter(failures.values()))}"
-    return {"best_trial": best.number, "search_cv_loss": best.value, "spec": trial_attr(best, ARCH_ATTR), "losses": losses,
-            "failures": failures, "accuracies": {s: results[s]["cv_accuracy"] for s in losses}, "summary": summary}
+    return {
+        "best_trial": best.number,
+        "search_cv_loss": best.value,
+        "spec": trial_attr(best, ARCH_ATTR),
+        "losses": losses,
+        "failures": failures,
+        "accuracies": {s: results[s]["cv_accuracy"] for s in losses},
+        "summary": summary,
+    }
 
 
 def rank(rows: list[dict]) -> None:
@@ -427,7 +524,7 @@ def stored_comparisons(storage, problems: list | None = None) -> list[dict]:
         if cell is None:
             continue
         label = ",".join(str(cell["levels"].get(f, NOT_APPLICABLE)) for f in cell["factors"])
-        base = study.study_name[:-len(label) - 2] if study.study_name.endswith(f"[{label}]") else study.study_name
+        base = study.study_name[: -len(label) - 2] if study.study_name.endswith(f"[{label}]") else study.study_name
         groups.setdefault((base, tuple(cell["factors"])), []).append((study._study_id, study.study_name, cell))
     return [{"base": base, "factors": list(factors), "cells": cells} for (base, factors), cells in groups.items()]
 
@@ -453,16 +550,37 @@ def stored_result(storage, comparison: dict, running: set[int] = frozenset()) ->
         budget = (read_run_config(storage, study_id) or {}).get("study", {}).get("trials", 0)
         exhausted = None if study_id in running else _short_of_budget(counts, budget, [])
         label = ",".join(str(cell["levels"].get(f.name, NOT_APPLICABLE)) for f in factors)
-        rows.append(_scores(best, results, list(results)) | {"label": label, "study": name, "study_id": study_id, "levels": cell["levels"],
-                                                             "trials": len(trials), "counts": counts, "exhausted": exhausted, "budget": budget})
+        rows.append(
+            _scores(best, results, list(results))
+            | {
+                "label": label,
+                "study": name,
+                "study_id": study_id,
+                "levels": cell["levels"],
+                "trials": len(trials),
+                "counts": counts,
+                "exhausted": exhausted,
+                "budget": budget,
+            }
+        )
     rank(rows)
     study_cfg, evaluation = config.get("study", {}), config.get("evaluation", {})
     base = comparison["base"]
-    return {"factors": [{"name": f.name} for f in factors], "columns": short_names(factors),
-            "trials_per_cell": max(r["budget"] for r in rows), "seeds": [int(s) for s in seeds], "test": TEST,
-            "dataset": config.get("dataset", {}).get("name"), "folds": evaluation.get("folds"), "epochs": evaluation.get("epochs"),
-            "sampler": study_cfg.get("sampler"), "storage": study_cfg.get("storage"), "base_study": base, "optuna": optuna.__version__,
-            "cells": rows}
+    return {
+        "factors": [{"name": f.name} for f in factors],
+        "columns": short_names(factors),
+        "trials_per_cell": max(r["budget"] for r in rows),
+        "seeds": [int(s) for s in seeds],
+        "test": TEST,
+        "dataset": config.get("dataset", {}).get("name"),
+        "folds": evaluation.get("folds"),
+        "epochs": evaluation.get("epochs"),
+        "sampler": study_cfg.get("sampler"),
+        "storage": study_cfg.get("storage"),
+        "base_study": base,
+        "optuna": optuna.__version__,
+        "cells": rows,
+    }
 
 
 def _scalar(text: str) -> Any:
@@ -497,10 +615,14 @@ def parse_factors(cfg: RunConfig, factor_args: list[str], level_args: list[str])
                 factor = pick_levels(factor, levels.pop(factor.name))
         else:
             wanted = levels.pop(text, None)
-            factor = key_factor(cfg.space, cfg.search_space, text, None if wanted is None else [_scalar(v) for v in wanted])
+            factor = key_factor(
+                cfg.space, cfg.search_space, text, None if wanted is None else [_scalar(v) for v in wanted]
+            )
         factors.append(factor)
     if levels:
-        raise ConfigError("--levels", next(iter(levels)), f"names no --factor (factors: {', '.join(f.name for f in factors)})")
+        raise ConfigError(
+            "--levels", next(iter(levels)), f"names no --factor (factors: {', '.join(f.name for f in factors)})"
+        )
     if not factors:
         raise NasError("nas-compare: give at least one --factor")
     return factors

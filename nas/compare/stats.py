@@ -23,9 +23,11 @@ import numpy as np
 from scipy import stats
 
 ALPHA = 0.05
-TEST = ("paired t-tests on the per-seed CV-loss differences of every pair of cells, Bonferroni-corrected over all "
-        "k(k-1)/2 pairs; a cell is worse when it is shown worse than at least one other cell (family-wise error <= "
-        "alpha for any number of cells, each pair with its own variance)")
+TEST = (
+    "paired t-tests on the per-seed CV-loss differences of every pair of cells, Bonferroni-corrected over all "
+    "k(k-1)/2 pairs; a cell is worse when it is shown worse than at least one other cell (family-wise error <= "
+    "alpha for any number of cells, each pair with its own variance)"
+)
 
 
 def interval(values: list[float], confidence: float = 0.95) -> dict:
@@ -72,33 +74,54 @@ def rank_cells(losses: dict[str, dict], accuracies: dict[str, dict], alpha: floa
     labels = list(scored)
     shared = sorted(set.intersection(*(set(v) for v in scored.values())))
     k, n = len(labels), len(shared)
-    own = [statistics.fmean(scored[label][s] for s in shared) if n else statistics.fmean(scored[label].values())
-           for label in labels]
+    own = [
+        statistics.fmean(scored[label][s] for s in shared) if n else statistics.fmean(scored[label].values())
+        for label in labels
+    ]
     b = int(np.argmin(own))
     testable = k >= 2 and n >= 2
-    comparison = {"cells": k, "pairs": k * (k - 1) // 2, "seeds_used": n, "alpha": alpha, "df": max(n - 1, 0),
-                  "t": critical_t(k, n, alpha) if testable else math.nan, "best_mean": own[b]}
+    comparison = {
+        "cells": k,
+        "pairs": k * (k - 1) // 2,
+        "seeds_used": n,
+        "alpha": alpha,
+        "df": max(n - 1, 0),
+        "t": critical_t(k, n, alpha) if testable else math.nan,
+        "best_mean": own[b],
+    }
     if testable:
         table = np.array([[scored[label][s] for s in shared] for label in labels])
         mean, half = pairwise(table, alpha)
     out = {}
     for i, label in enumerate(labels):
-        row = {"loss": interval(list(scored[label].values())), "accuracy": interval(list(accuracies[label].values())),
-               "shared_mean": own[i], "paired_seeds": n, "comparison": comparison}
+        row = {
+            "loss": interval(list(scored[label].values())),
+            "accuracy": interval(list(accuracies[label].values())),
+            "shared_mean": own[i],
+            "paired_seeds": n,
+            "comparison": comparison,
+        }
         others = [own[j] for j in range(k) if j != i]
         estimate = own[i] - min(others) if others else math.nan
         if testable:
             low, high = np.nanmax(mean[i] - half[i]), np.nanmax(mean[i] + half[i])
             reference = b if i != b else int(np.nanargmax(mean[i]))  # the best, or for the best its runner-up
             margin = float(half[i, reference])
-            row.update(gap={"estimate": estimate, "low": float(low), "high": float(high)}, margin=margin,
-                       # no power: a cell with twice the best's loss could not be told from it
-                       no_power=bool(margin >= own[b]),
-                       p=None if i == b else _adjusted_p(table, i, comparison["pairs"]))
+            row.update(
+                gap={"estimate": estimate, "low": float(low), "high": float(high)},
+                margin=margin,
+                # no power: a cell with twice the best's loss could not be told from it
+                no_power=bool(margin >= own[b]),
+                p=None if i == b else _adjusted_p(table, i, comparison["pairs"]),
+            )
             verdict = "worse" if low > 0 else "indistinguishable"
         else:
-            row.update(gap={"estimate": estimate, "low": math.nan, "high": math.nan}, margin=math.nan, no_power=True,
-                       p=None if i == b else math.nan)
+            row.update(
+                gap={"estimate": estimate, "low": math.nan, "high": math.nan},
+                margin=math.nan,
+                no_power=True,
+                p=None if i == b else math.nan,
+            )
             verdict = "untested"  # fewer than two cells, or fewer than two seeds shared by the cells
         row["verdict"] = "best" if i == b else verdict
         out[label] = row

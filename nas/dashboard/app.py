@@ -21,12 +21,12 @@ import bottle
 import optuna
 from optuna.trial import TrialState
 
-from nas.study.contract import show
 from nas.dashboard import state
 from nas.dashboard.charts import history_svg, intervals_svg
 from nas.dashboard.workers import Workers
-from nas.study.schema import StoredAttrError, request_stop
 from nas.errors import one_line
+from nas.study.contract import show
+from nas.study.schema import StoredAttrError, request_stop
 
 HERE = Path(__file__).parent
 TEMPLATES = [str(HERE / "templates")]
@@ -39,8 +39,9 @@ class BadInput(Exception):
     """A field of an action that is not what the action takes: a 400 naming the field."""
 
 
-def create_app(storage: optuna.storages.BaseStorage, workers: Workers, csrf_token: str,
-               logout: bool = False) -> bottle.Bottle:
+def create_app(
+    storage: optuna.storages.BaseStorage, workers: Workers, csrf_token: str, logout: bool = False
+) -> bottle.Bottle:
     """The Bottle app for one storage (optuna-dashboard is dispatched beside it, see server.py).
 
     `logout`: pages show a Logout button (token mode; the Guard serves the route)."""
@@ -66,7 +67,9 @@ def create_app(storage: optuna.storages.BaseStorage, workers: Workers, csrf_toke
         return read(state.summarize, name, study_id)
 
     def rows() -> list[dict]:
-        return [summary(s.study_name, s._study_id) for s in sorted(storage.get_all_studies(), key=lambda s: s.study_name)]
+        return [
+            summary(s.study_name, s._study_id) for s in sorted(storage.get_all_studies(), key=lambda s: s.study_name)
+        ]
 
     def detail(study_id: int) -> dict:
         name = checked(study_id)
@@ -78,13 +81,16 @@ def create_app(storage: optuna.storages.BaseStorage, workers: Workers, csrf_toke
         return data
 
     def render(template: str, **values) -> str:
-        return bottle.template(template, template_lookup=TEMPLATES, csrf=csrf_token, logout=logout, poll_ms=POLL_MS,
-                               show=show, **values)
+        return bottle.template(
+            template, template_lookup=TEMPLATES, csrf=csrf_token, logout=logout, poll_ms=POLL_MS, show=show, **values
+        )
 
     def answer(status: int, study_id: int | None = None, **body) -> bottle.HTTPResponse:
         """An action's answer: JSON for the page's script and API clients, a page for a plain form post."""
         if _wants_html():
-            page = render("result.tpl", status=status, body=body, study_id=study_id, title="done" if status < 400 else "refused")
+            page = render(
+                "result.tpl", status=status, body=body, study_id=study_id, title="done" if status < 400 else "refused"
+            )
             return bottle.HTTPResponse(page, status=status, headers={"Content-Type": "text/html; charset=utf-8"})
         return bottle.HTTPResponse(json.dumps(body), status=status, headers={"Content-Type": "application/json"})
 
@@ -187,18 +193,33 @@ def create_app(storage: optuna.storages.BaseStorage, workers: Workers, csrf_toke
             if s["state"] == "unreadable":
                 return answer(409, study_id, error=f"study '{name}' cannot be resumed: {s['error']}")
             if s["live_workers"]:
-                return answer(409, study_id, error=f"study '{name}' already has a live worker ({s['live_workers_text']}): "
-                                                   "it runs the budget; Stop it first to resume with another")
+                return answer(
+                    409,
+                    study_id,
+                    error=f"study '{name}' already has a live worker ({s['live_workers_text']}): "
+                    "it runs the budget; Stop it first to resume with another",
+                )
             if s["state"] in ("running", "stopping"):
                 return answer(409, study_id, error=f"study '{name}' is already running: {s['running_text']}")
             if not s["resumable"]:
                 return answer(409, study_id, error=f"study '{name}' cannot be resumed: {s['resume_refused']}")
             budget = trials if trials is not None else s["budget"]
             if budget is not None and budget <= s["finished"]:
-                return answer(409, study_id, error=f"study '{name}' already has {s['finished']} finished trials: give a budget above that to run more")
+                return answer(
+                    409,
+                    study_id,
+                    error=f"study '{name}' already has {s['finished']} finished trials: give a budget above that to run more",
+                )
             job = workers.start_search(name, study_id, trials)
-        return answer(202, study_id, started=True, message=f"started (pid {job.pid}, budget {budget})", pid=job.pid, budget=budget,
-                      log=f"/studies/{study_id}/log")
+        return answer(
+            202,
+            study_id,
+            started=True,
+            message=f"started (pid {job.pid}, budget {budget})",
+            pid=job.pid,
+            budget=budget,
+            log=f"/studies/{study_id}/log",
+        )
 
     @app.post("/studies/<study_id:int>/stop")
     @action
@@ -223,12 +244,22 @@ def create_app(storage: optuna.storages.BaseStorage, workers: Workers, csrf_toke
         if trial is None and (refused := summary(name, study_id)["export_refused"]):
             return answer(409, study_id, error=f"study '{name}' cannot export its best trial: {refused}")
         if trial is None and len(storage.get_study_directions(study_id)) > 1:
-            return answer(409, study_id, error="a multi-objective study has no single best trial: give a trial number of its Pareto front")
+            return answer(
+                409,
+                study_id,
+                error="a multi-objective study has no single best trial: give a trial number of its Pareto front",
+            )
         with action_lock:
             if workers.export_running(name, study_id):
                 return answer(409, study_id, error=f"an export of '{name}' is already running")
             job = workers.start_export(name, study_id, trial)
-        return answer(202, study_id, started=True, id=job.id, message=f"export {job.id} started; its files appear on the study page")
+        return answer(
+            202,
+            study_id,
+            started=True,
+            id=job.id,
+            message=f"export {job.id} started; its files appear on the study page",
+        )
 
     def _job(study_id: int, kind: str, job_id: str):
         job = workers.job(checked(study_id), study_id, kind, job_id)
@@ -261,7 +292,9 @@ def create_app(storage: optuna.storages.BaseStorage, workers: Workers, csrf_toke
     def optuna_csv(study_id):  # optuna-dashboard's CSV links are absolute: send them under its prefix
         query = bottle.request.query_string
         # a relative Location: bottle.redirect would make it absolute from the request's (forwarded) host
-        return bottle.HTTPResponse(status=302, headers={"Location": f"/optuna/csv/{study_id}" + (f"?{query}" if query else "")})
+        return bottle.HTTPResponse(
+            status=302, headers={"Location": f"/optuna/csv/{study_id}" + (f"?{query}" if query else "")}
+        )
 
     @app.error(400)
     @app.error(404)

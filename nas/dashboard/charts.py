@@ -53,24 +53,36 @@ def history_svg(points: list[dict]) -> str:
     if len(y_ticks) < 2:  # a narrow log range: linear ticks read better
         y_ticks = nice_ticks(low, high)
     x_ticks = [t for t in nice_ticks(first, last, 6) if t == int(t)] if last > first else [first]
-    grid = "".join(f'<line x1="{LEFT}" x2="{WIDTH - RIGHT}" y1="{y(t)}" y2="{y(t)}" class="grid"/>'
-                   f'<text x="{LEFT - 6}" y="{y(t) + 4}" text-anchor="end" class="tick">{t:.4g}</text>' for t in y_ticks)
-    grid += "".join(f'<line x1="{x(t)}" x2="{x(t)}" y1="{TOP + plot_h}" y2="{TOP + plot_h + 5}" class="axis"/>'
-                    f'<text x="{x(t)}" y="{TOP + plot_h + 18}" text-anchor="middle" class="tick">{int(t)}</text>' for t in x_ticks)
+    grid = "".join(
+        f'<line x1="{LEFT}" x2="{WIDTH - RIGHT}" y1="{y(t)}" y2="{y(t)}" class="grid"/>'
+        f'<text x="{LEFT - 6}" y="{y(t) + 4}" text-anchor="end" class="tick">{t:.4g}</text>'
+        for t in y_ticks
+    )
+    grid += "".join(
+        f'<line x1="{x(t)}" x2="{x(t)}" y1="{TOP + plot_h}" y2="{TOP + plot_h + 5}" class="axis"/>'
+        f'<text x="{x(t)}" y="{TOP + plot_h + 18}" text-anchor="middle" class="tick">{int(t)}</text>'
+        for t in x_ticks
+    )
     # best so far holds until the next improvement: horizontal runs, vertical drops
     step = [(x(points[0]["number"]), y(points[0]["best"]))]
     for before, p in zip(points, points[1:]):
-        step += [(x(p["number"]), y(before["best"]))] + ([(x(p["number"]), y(p["best"]))] if p["best"] != before["best"] else [])
+        step += [(x(p["number"]), y(before["best"]))] + (
+            [(x(p["number"]), y(p["best"]))] if p["best"] != before["best"] else []
+        )
     best = " ".join(f"{px},{py}" for px, py in step)
-    dots = "".join(f'<circle cx="{x(p["number"])}" cy="{y(p["value"])}" r="3"><title>trial {p["number"]}: {p["value"]:.4f}</title></circle>'
-                   for p in points)
+    dots = "".join(
+        f'<circle cx="{x(p["number"])}" cy="{y(p["value"])}" r="3"><title>trial {p["number"]}: {p["value"]:.4f}</title></circle>'
+        for p in points
+    )
     label = "CV loss (log scale)" if log else "CV loss"
-    return (f'<svg class="history" viewBox="0 0 {WIDTH} {HEIGHT}" role="img" aria-label="{label} by trial">'
-            f'<rect x="{LEFT}" y="{TOP}" width="{plot_w}" height="{plot_h}" class="frame"/>{grid}'
-            f'<polyline points="{best}" class="best"/>{dots}'
-            f'<text x="{LEFT + plot_w / 2}" y="{HEIGHT - 6}" text-anchor="middle" class="title">trial number</text>'
-            f'<text x="14" y="{TOP + plot_h / 2}" text-anchor="middle" class="title" transform="rotate(-90 14 {TOP + plot_h / 2})">{label}</text>'
-            f'<text x="{LEFT}" y="16" class="title">trials (dots) and the best so far (step line)</text></svg>')
+    return (
+        f'<svg class="history" viewBox="0 0 {WIDTH} {HEIGHT}" role="img" aria-label="{label} by trial">'
+        f'<rect x="{LEFT}" y="{TOP}" width="{plot_w}" height="{plot_h}" class="frame"/>{grid}'
+        f'<polyline points="{best}" class="best"/>{dots}'
+        f'<text x="{LEFT + plot_w / 2}" y="{HEIGHT - 6}" text-anchor="middle" class="title">trial number</text>'
+        f'<text x="14" y="{TOP + plot_h / 2}" text-anchor="middle" class="title" transform="rotate(-90 14 {TOP + plot_h / 2})">{label}</text>'
+        f'<text x="{LEFT}" y="16" class="title">trials (dots) and the best so far (step line)</text></svg>'
+    )
 
 
 def intervals_svg(cells: list[dict], seeds: int) -> str:
@@ -97,14 +109,22 @@ def intervals_svg(cells: list[dict], seeds: int) -> str:
     for k, (cell, s) in enumerate(zip(shown, loss)):
         y = top + row * k + row / 2
         verdict = cell["stats"]["verdict"]
-        lo, hi = (s["low"], s["high"]) if math.isfinite(s["low"]) and math.isfinite(s["high"]) else (s["mean"], s["mean"])  # one seed
-        marks.append(f'<text x="{left - 6}" y="{y + 4}" text-anchor="end" class="tick">{html_escape(cell["label"])}</text>'
-                     f'<line x1="{x(lo)}" x2="{x(hi)}" y1="{y}" y2="{y}" class="ci ci-{verdict}"/>'
-                     f'<circle cx="{x(s["mean"])}" cy="{y}" r="4" class="ci-{verdict}"><title>{html_escape(cell["label"])}: '
-                     f'{s["mean"]:.4f} [{s["low"]:.4f}, {s["high"]:.4f}] ({verdict})</title></circle>')
-    ticks = "".join(f'<line x1="{x(t)}" x2="{x(t)}" y1="{top}" y2="{height - BOTTOM}" class="grid"/>'
-                    f'<text x="{x(t)}" y="{height - BOTTOM + 16}" text-anchor="middle" class="tick">{t:.4g}</text>'
-                    for t in nice_ticks(low, high))
+        lo, hi = (
+            (s["low"], s["high"]) if math.isfinite(s["low"]) and math.isfinite(s["high"]) else (s["mean"], s["mean"])
+        )  # one seed
+        marks.append(
+            f'<text x="{left - 6}" y="{y + 4}" text-anchor="end" class="tick">{html_escape(cell["label"])}</text>'
+            f'<line x1="{x(lo)}" x2="{x(hi)}" y1="{y}" y2="{y}" class="ci ci-{verdict}"/>'
+            f'<circle cx="{x(s["mean"])}" cy="{y}" r="4" class="ci-{verdict}"><title>{html_escape(cell["label"])}: '
+            f"{s['mean']:.4f} [{s['low']:.4f}, {s['high']:.4f}] ({verdict})</title></circle>"
+        )
+    ticks = "".join(
+        f'<line x1="{x(t)}" x2="{x(t)}" y1="{top}" y2="{height - BOTTOM}" class="grid"/>'
+        f'<text x="{x(t)}" y="{height - BOTTOM + 16}" text-anchor="middle" class="tick">{t:.4g}</text>'
+        for t in nice_ticks(low, high)
+    )
     label = f"CV loss, mean and 95 % CI over {seeds} seeds"
-    return (f'<svg class="intervals" viewBox="0 0 {left + span + RIGHT} {height}" role="img" aria-label="{label}">{ticks}{"".join(marks)}'
-            f'<text x="{left + span / 2}" y="{height - 8}" text-anchor="middle" class="title">{label}</text></svg>')
+    return (
+        f'<svg class="intervals" viewBox="0 0 {left + span + RIGHT} {height}" role="img" aria-label="{label}">{ticks}{"".join(marks)}'
+        f'<text x="{left + span / 2}" y="{height - 8}" text-anchor="middle" class="title">{label}</text></svg>'
+    )

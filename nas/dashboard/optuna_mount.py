@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import threading
 from pathlib import Path
+
 # literal in the bundle → its replacement, given the prefix (e.g. "/optuna")
 BUNDLE_REWRITES = (
     ("}(void 0),", lambda p: f'}}("{p}"),'),  # the API client's base URL: `new class{…}(undefined)`
@@ -31,7 +32,7 @@ def rewrite_bundle(text: str, prefix: str) -> str:
             at = text.find(old, anchor) if anchor >= 0 else -1
             if at < 0:
                 raise PrefixProblem("optuna-dashboard's API client base URL was not found in its bundle")
-            text = text[:at] + new(prefix) + text[at + len(old):]
+            text = text[:at] + new(prefix) + text[at + len(old) :]
             continue
         if text.count(old) != 1:
             raise PrefixProblem(f"optuna-dashboard's bundle no longer contains {old[:40]!r} exactly once")
@@ -72,21 +73,36 @@ class OptunaMount:
             if self.app is None:
                 self._load()
         path = environ.get("PATH_INFO", "")
-        rest = path[len(self.prefix):] if path.startswith(self.prefix) else path
+        rest = path[len(self.prefix) :] if path.startswith(self.prefix) else path
         if self.problem:
             return _reply(start_response, "503 Service Unavailable", "text/plain; charset=utf-8", self.problem.encode())
         if rest in ("", "/"):
             return _reply(start_response, "302 Found", "text/plain", b"", [("Location", f"{self.prefix}/dashboard")])
         if rest == "/static/bundle.js":
             if "gzip" in environ.get("HTTP_ACCEPT_ENCODING", ""):
-                return _reply(start_response, "200 OK", "application/javascript", self.bundle_gz,
-                              [("Cache-Control", "no-cache"), ("Content-Encoding", "gzip"), ("Vary", "Accept-Encoding")])
-            return _reply(start_response, "200 OK", "application/javascript", self.bundle, [("Cache-Control", "no-cache"), ("Vary", "Accept-Encoding")])
+                return _reply(
+                    start_response,
+                    "200 OK",
+                    "application/javascript",
+                    self.bundle_gz,
+                    [("Cache-Control", "no-cache"), ("Content-Encoding", "gzip"), ("Vary", "Accept-Encoding")],
+                )
+            return _reply(
+                start_response,
+                "200 OK",
+                "application/javascript",
+                self.bundle,
+                [("Cache-Control", "no-cache"), ("Vary", "Accept-Encoding")],
+            )
         if rest == "/dashboard" or rest.startswith("/dashboard/"):
             # the same Content-Security-Policy optuna-dashboard sends with its page
-            csp = ("default-src 'self';img-src 'self' data: blob:;frame-src 'self';object-src 'none';connect-src 'self';"
-                   "style-src 'self' data: 'unsafe-inline';script-src 'self' 'unsafe-eval'")
-            return _reply(start_response, "200 OK", "text/html; charset=utf-8", self.index, [("Content-Security-Policy", csp)])
+            csp = (
+                "default-src 'self';img-src 'self' data: blob:;frame-src 'self';object-src 'none';connect-src 'self';"
+                "style-src 'self' data: 'unsafe-inline';script-src 'self' 'unsafe-eval'"
+            )
+            return _reply(
+                start_response, "200 OK", "text/html; charset=utf-8", self.index, [("Content-Security-Policy", csp)]
+            )
         inner = dict(environ, SCRIPT_NAME=environ.get("SCRIPT_NAME", "") + self.prefix, PATH_INFO=rest)
         return self.app(inner, start_response)
 

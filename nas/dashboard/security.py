@@ -69,8 +69,10 @@ def require_token_beyond_loopback(host: str, token: str | None) -> None:
     from nas.errors import NasError
 
     if not is_loopback(host) and not token:
-        raise NasError(f"--host: binding {host} makes the dashboard reachable from other machines; "
-                       f"give a token as well ({TOKEN_ENV}=SECRET in the environment, or --token-file PATH)")
+        raise NasError(
+            f"--host: binding {host} makes the dashboard reachable from other machines; "
+            f"give a token as well ({TOKEN_ENV}=SECRET in the environment, or --token-file PATH)"
+        )
 
 
 def read_token(flag: str | None, file: str | None, environ=os.environ) -> str | None:
@@ -120,7 +122,7 @@ def split_host(header: str) -> str:
     """`Host` header → host name without port; IPv6 brackets removed."""
     header = header.strip().lower()
     if header.startswith("["):
-        return header[1:header.find("]")] if "]" in header else ""
+        return header[1 : header.find("]")] if "]" in header else ""
     return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
 
 
@@ -181,8 +183,15 @@ def _with_headers(start_response):
 
     def start(status, headers, exc_info=None):
         names = {name.lower() for name, _ in headers}
-        headers = [(name, f"{value.rstrip('; ')}; {NO_FRAMING}" if name.lower() == "content-security-policy" and "frame-ancestors" not in value
-                    else value) for name, value in headers]
+        headers = [
+            (
+                name,
+                f"{value.rstrip('; ')}; {NO_FRAMING}"
+                if name.lower() == "content-security-policy" and "frame-ancestors" not in value
+                else value,
+            )
+            for name, value in headers
+        ]
         if "content-security-policy" not in names:
             headers.append(("Content-Security-Policy", DEFAULT_CSP))
         headers += [(name, value) for name, value in ALWAYS if name.lower() not in names]
@@ -193,15 +202,24 @@ def _with_headers(start_response):
 
 def _respond(start_response, status: str, text: str, headers: list | None = None) -> list[bytes]:
     body = (text + "\n").encode()
-    start_response(status, [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body))), *(headers or [])])
+    start_response(
+        status, [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body))), *(headers or [])]
+    )
     return [body]
 
 
 class Guard:
     """Wraps the dashboard's WSGI app; see the module docstring for the rules."""
 
-    def __init__(self, app, hosts: set[str], token: str | None, csrf_token: str | None = None,
-                 unchecked_csrf_prefix: str = "/optuna/", sessions: Sessions | None = None):
+    def __init__(
+        self,
+        app,
+        hosts: set[str],
+        token: str | None,
+        csrf_token: str | None = None,
+        unchecked_csrf_prefix: str = "/optuna/",
+        sessions: Sessions | None = None,
+    ):
         self.app, self.hosts, self.token = app, hosts, token
         self.sessions = sessions or Sessions()
         self.csrf_token = csrf_token or secrets.token_urlsafe(32)
@@ -211,7 +229,11 @@ class Guard:
         start_response = _with_headers(start_response)
         host = environ.get("HTTP_HOST", "")
         if split_host(host) not in self.hosts:
-            return _respond(start_response, "403 Forbidden", f"Host {host!r} is not allowed (start nas-dashboard with --allow-host NAME to add it)")
+            return _respond(
+                start_response,
+                "403 Forbidden",
+                f"Host {host!r} is not allowed (start nas-dashboard with --allow-host NAME to add it)",
+            )
         if self.token is not None:
             query = parse_qs(environ.get("QUERY_STRING", ""))
             given = query.get("token", [None])[0]
@@ -220,9 +242,15 @@ class Guard:
                 rest = urlencode([(k, v) for k, vs in query.items() if k != "token" for v in vs], doseq=True)
                 location = same_site_location(environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "/"), rest)
                 cookie = self._cookie(environ, self.sessions.start(), f"Max-Age={round(self.sessions.lifetime)}")
-                return _respond(start_response, "303 See Other", "token accepted", [("Location", location), ("Set-Cookie", cookie)])
+                return _respond(
+                    start_response, "303 See Other", "token accepted", [("Location", location), ("Set-Cookie", cookie)]
+                )
             if not self._has_token(environ):
-                return _respond(start_response, "401 Unauthorized", "this dashboard needs its token: open the address nas-dashboard printed (…?token=…)")
+                return _respond(
+                    start_response,
+                    "401 Unauthorized",
+                    "this dashboard needs its token: open the address nas-dashboard printed (…?token=…)",
+                )
         method = environ.get("REQUEST_METHOD", "GET").upper()
         if method not in SAFE_METHODS:
             problem = self._cross_site(environ, host)
@@ -232,9 +260,12 @@ class Guard:
             sid = self._session_id(environ)
             if sid is not None:
                 self.sessions.end(sid)
-            return _respond(start_response, "200 OK",
-                            "logged out: open the address nas-dashboard printed (…?token=…) to log in again",
-                            [("Set-Cookie", self._cookie(environ, "", "Max-Age=0"))])
+            return _respond(
+                start_response,
+                "200 OK",
+                "logged out: open the address nas-dashboard printed (…?token=…) to log in again",
+                [("Set-Cookie", self._cookie(environ, "", "Max-Age=0"))],
+            )
         return self.app(environ, start_response)
 
     @staticmethod

@@ -15,8 +15,14 @@ from pathlib import Path
 
 from nas.dashboard.app import create_app
 from nas.dashboard.optuna_mount import OptunaMount
-from nas.dashboard.security import (Guard, Sessions, allowed_hosts, interface_addresses, is_wildcard,
-                                    require_token_beyond_loopback)
+from nas.dashboard.security import (
+    Guard,
+    Sessions,
+    allowed_hosts,
+    interface_addresses,
+    is_wildcard,
+    require_token_beyond_loopback,
+)
 from nas.dashboard.workers import Workers
 from nas.errors import NasError
 from nas.study.storage import open_to_read
@@ -66,8 +72,14 @@ def server_settings(idle_timeout: int = IDLE_TIMEOUT, trusted_proxy: str | None 
     }
 
 
-def app_and_workers(storage_url: str, host: str, token: str | None, workdir: Path, extra_hosts: list[str] = (),
-          sessions: Sessions | None = None):
+def app_and_workers(
+    storage_url: str,
+    host: str,
+    token: str | None,
+    workdir: Path,
+    extra_hosts: list[str] = (),
+    sessions: Sessions | None = None,
+):
     """The WSGI app and the worker registry, for a server or a test."""
     require_token_beyond_loopback(host, token)
     storage = open_to_read(storage_url)
@@ -95,9 +107,18 @@ def printed_address(host: str, port: int, token: str | None) -> str:
     return f"http://{shown}:{port}/" + (f"?token={token}" if token else "")
 
 
-def serve(storage_url: str, host: str, port: int, token: str | None, workdir: Path, extra_hosts: list[str] = (),
-          idle_timeout: int = IDLE_TIMEOUT, ready: threading.Event | None = None, sessions: Sessions | None = None,
-          trusted_proxy: str | None = None) -> None:
+def serve(
+    storage_url: str,
+    host: str,
+    port: int,
+    token: str | None,
+    workdir: Path,
+    extra_hosts: list[str] = (),
+    idle_timeout: int = IDLE_TIMEOUT,
+    ready: threading.Event | None = None,
+    sessions: Sessions | None = None,
+    trusted_proxy: str | None = None,
+) -> None:
     """Serve until Ctrl-C; workers it started keep running (Stop them from a new dashboard)."""
     from waitress.server import create_server
 
@@ -106,8 +127,11 @@ def serve(storage_url: str, host: str, port: int, token: str | None, workdir: Pa
         server = create_server(app, host=host, port=port, **server_settings(idle_timeout, trusted_proxy))
     except OSError as exc:
         raise NasError(f"--port: cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    print(f"nas-dashboard on {printed_address(host, server.effective_port, token)} "
-          f"(listening on {host} port {server.effective_port}; storage {storage_url}; Ctrl-C to quit)", flush=True)
+    print(
+        f"nas-dashboard on {printed_address(host, server.effective_port, token)} "
+        f"(listening on {host} port {server.effective_port}; storage {storage_url}; Ctrl-C to quit)",
+        flush=True,
+    )
     if ready is not None:
         ready.set()
     try:

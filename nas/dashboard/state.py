@@ -23,14 +23,38 @@ import optuna
 import sqlalchemy
 from optuna.trial import FrozenTrial, TrialState
 
-from nas.search.archspec import MIXED, NO_POSITION, NORM_ORDER, POSITION_ORDER, blocks, describe_layout, describe_norms, norm_group, order_key
-from nas.search.config import StudyConfig
-from nas.study.workers import describe_workers, live_workers
-from nas.study.schema import ARCH_ATTR, DUPLICATE_ATTR, FAIL_REASON_ATTR, PRUNED_AT_STEP_ATTR, VERSION_ATTR, finite
-from nas.study.schema import (StoredAttrError, budget_count, config_value, counts_toward_budget, is_duplicate,
-                              read_config_history, read_run_config, read_stop_request, trial_attr)
 from nas.errors import one_line
+from nas.search.archspec import (
+    MIXED,
+    NO_POSITION,
+    NORM_ORDER,
+    POSITION_ORDER,
+    blocks,
+    describe_layout,
+    describe_norms,
+    norm_group,
+    order_key,
+)
+from nas.search.config import StudyConfig
+from nas.study.schema import (
+    ARCH_ATTR,
+    DUPLICATE_ATTR,
+    FAIL_REASON_ATTR,
+    PRUNED_AT_STEP_ATTR,
+    VERSION_ATTR,
+    StoredAttrError,
+    budget_count,
+    config_value,
+    counts_toward_budget,
+    finite,
+    is_duplicate,
+    read_config_history,
+    read_run_config,
+    read_stop_request,
+    trial_attr,
+)
 from nas.study.storage import rdb_engine
+from nas.study.workers import describe_workers, live_workers
 
 HEARTBEAT_DEFAULT = StudyConfig.heartbeat_seconds  # studies stored before the field existed
 
@@ -58,8 +82,12 @@ def arch_view(t: FrozenTrial, problems: Problems) -> dict:
         return {}
     try:
         spec_blocks = blocks(arch)
-        return {"group": norm_group(arch), "norms": describe_norms(arch), "layout": describe_layout(arch),
-                "activation": spec_blocks[0].get("activation", "") if spec_blocks else ""}
+        return {
+            "group": norm_group(arch),
+            "norms": describe_norms(arch),
+            "layout": describe_layout(arch),
+            "activation": spec_blocks[0].get("activation", "") if spec_blocks else "",
+        }
     except Exception as exc:  # noqa: BLE001 - a mapping that is no ArchSpec fails in any of the describers
         why = f"{type(exc).__name__}: {one_line(exc)}"
         problems.add(f"trial {t.number}: user attr 'arch': expected an ArchSpec ({why})")
@@ -88,7 +116,11 @@ def heartbeats(storage: optuna.storages.BaseStorage, study_id: int, grace_second
         "SELECT t.trial_id, h.heartbeat, CURRENT_TIMESTAMP AS now FROM trials t "
         "LEFT JOIN trial_heartbeats h ON h.trial_id = t.trial_id "
         "WHERE t.study_id = :study AND t.state = 'RUNNING'"
-    ).columns(sqlalchemy.column("trial_id"), sqlalchemy.column("heartbeat", sqlalchemy.DateTime), sqlalchemy.column("now", sqlalchemy.DateTime))
+    ).columns(
+        sqlalchemy.column("trial_id"),
+        sqlalchemy.column("heartbeat", sqlalchemy.DateTime),
+        sqlalchemy.column("now", sqlalchemy.DateTime),
+    )
     live = Liveness()
     with engine.connect() as conn:
         for _, beat, now in conn.execute(query, {"study": study_id}):
@@ -101,7 +133,11 @@ def heartbeats(storage: optuna.storages.BaseStorage, study_id: int, grace_second
 
 def _scored(trials: list[FrozenTrial]) -> list[FrozenTrial]:
     """COMPLETE trials with a finite CV loss: the ones the best, the grid and the history use."""
-    return [t for t in trials if t.state == TrialState.COMPLETE and counts_toward_budget(t) and t.values and finite(t.values[0])]
+    return [
+        t
+        for t in trials
+        if t.state == TrialState.COMPLETE and counts_toward_budget(t) and t.values and finite(t.values[0])
+    ]
 
 
 def _best(trials: list[FrozenTrial]) -> FrozenTrial | None:
@@ -120,8 +156,9 @@ def summarize(storage: optuna.storages.BaseStorage, name: str, own=None) -> dict
     problems = Problems()
     config = problems.read(read_run_config, storage, study_id) or {}
     stored_budget = problems.read(config_value, config, "study.trials", int)
-    beat = problems.read(config_value, config, "study.heartbeat_seconds", float, HEARTBEAT_DEFAULT,
-                         default=HEARTBEAT_DEFAULT)
+    beat = problems.read(
+        config_value, config, "study.heartbeat_seconds", float, HEARTBEAT_DEFAULT, default=HEARTBEAT_DEFAULT
+    )
     objectives = problems.read(config_value, config, "objectives", list, ["cv_loss"], default=["cv_loss"])
     if problems:  # nas-search --resume would refuse this config: say why here
         refused = f"its stored run config is bad ({problems[0]})"
@@ -136,7 +173,9 @@ def summarize(storage: optuna.storages.BaseStorage, name: str, own=None) -> dict
     # a stop asked after the latest trial (and our worker) started is still being carried out
     last_start = max((t.datetime_start.timestamp() for t in trials if t.datetime_start), default=0.0)
     if running:
-        state = "stopping" if stop_at is not None and stop_at >= max(last_start, own.started if own else 0.0) else "running"
+        state = (
+            "stopping" if stop_at is not None and stop_at >= max(last_start, own.started if own else 0.0) else "running"
+        )
     else:
         state = "finished" if budget is not None and finished >= budget else "idle"
     best = _best(trials)
@@ -153,7 +192,10 @@ def summarize(storage: optuna.storages.BaseStorage, name: str, own=None) -> dict
         "budget": budget,
         "running_trials": live.fresh,
         "stale_trials": live.stale,
-        "live_workers": [{"host": w.identity.host, "pid": w.identity.pid, "started": w.identity.started, "beat": w.beat} for w in workers],
+        "live_workers": [
+            {"host": w.identity.host, "pid": w.identity.pid, "started": w.identity.started, "beat": w.beat}
+            for w in workers
+        ],
         "live_workers_text": describe_workers(workers),
         "duplicates": sum(map(is_duplicate, trials)),
         "failed": sum(t.state == TrialState.FAIL for t in trials),
@@ -175,7 +217,9 @@ def running_text(live: Liveness, workers_text: str, own) -> str:
     """Why the study counts as running, in words (empty when it does not)."""
     reasons = []
     if own is not None:
-        reasons.append(f"the worker started here (pid {own.pid}, launched {time.strftime('%H:%M:%S UTC', time.gmtime(own.started))}) is alive")
+        reasons.append(
+            f"the worker started here (pid {own.pid}, launched {time.strftime('%H:%M:%S UTC', time.gmtime(own.started))}) is alive"
+        )
     if workers_text:
         reasons.append(f"live worker(s): {workers_text}")
     if live.fresh:
@@ -189,7 +233,12 @@ def unreadable(storage: optuna.storages.BaseStorage, name: str, exc: Exception) 
         study_id = storage.get_study_id_from_name(name)
     except KeyError:  # deleted meanwhile
         study_id = None
-    return {"id": study_id, "name": name, "state": "unreadable", "error": f"cannot read this study: {type(exc).__name__}: {one_line(exc)}"}
+    return {
+        "id": study_id,
+        "name": name,
+        "state": "unreadable",
+        "error": f"cannot read this study: {type(exc).__name__}: {one_line(exc)}",
+    }
 
 
 def readable(read, storage: optuna.storages.BaseStorage, name: str, *args) -> dict:
@@ -222,23 +271,25 @@ def trial_rows(trials: list[FrozenTrial], problems: Problems | None = None) -> l
         attr = lambda name, default=None: problems.read(trial_attr, t, name, default=default)  # noqa: E731,B023
         view = arch_view(t, problems)
         kind, position = view.get("group", ("", ""))
-        rows.append({
-            "number": t.number,
-            "state": t.state.name,
-            "cv_loss": t.values[0] if t.values else None,
-            "cv_loss_std": attr("cv_loss_std"),
-            "cv_accuracy": attr("cv_accuracy"),
-            "norm_type": kind,
-            "norm_position": "" if position == NO_POSITION else position,
-            "layout": view.get("layout", ""),
-            "activation": view.get("activation", ""),
-            "params": attr("params"),
-            "seconds": attr("train_seconds"),
-            "fail_reason": attr(FAIL_REASON_ATTR, ""),
-            "duplicate_of": attr(DUPLICATE_ATTR),
-            "note": trial_note(t, problems),
-            "config_version": attr(VERSION_ATTR, 0),
-        })
+        rows.append(
+            {
+                "number": t.number,
+                "state": t.state.name,
+                "cv_loss": t.values[0] if t.values else None,
+                "cv_loss_std": attr("cv_loss_std"),
+                "cv_accuracy": attr("cv_accuracy"),
+                "norm_type": kind,
+                "norm_position": "" if position == NO_POSITION else position,
+                "layout": view.get("layout", ""),
+                "activation": view.get("activation", ""),
+                "params": attr("params"),
+                "seconds": attr("train_seconds"),
+                "fail_reason": attr(FAIL_REASON_ATTR, ""),
+                "duplicate_of": attr(DUPLICATE_ATTR),
+                "note": trial_note(t, problems),
+                "config_version": attr(VERSION_ATTR, 0),
+            }
+        )
     return rows
 
 
@@ -287,15 +338,22 @@ def comparisons(storage: optuna.storages.BaseStorage) -> list[dict]:
     from nas.compare.run import stored_comparisons
 
     problems: list = []
-    found = [{"id": c["cells"][0][0], "name": c["base"], "factors": c["factors"],
-              "cells": [{"id": i, "name": n} for i, n, _ in c["cells"]]} for c in stored_comparisons(storage, problems)]
+    found = [
+        {
+            "id": c["cells"][0][0],
+            "name": c["base"],
+            "factors": c["factors"],
+            "cells": [{"id": i, "name": n} for i, n, _ in c["cells"]],
+        }
+        for c in stored_comparisons(storage, problems)
+    ]
     return found + [{"id": None, "name": "", "factors": [], "cells": [], "error": one_line(exc)} for exc in problems]
 
 
 def comparison(storage: optuna.storages.BaseStorage, study_id: int) -> dict | None:
     """The comparison that holds the cell study `study_id`, as nas-compare's result and its table; None if it is no cell."""
-    from nas.compare.run import stored_comparisons, stored_result
     from nas.compare.report import ranked, rows
+    from nas.compare.run import stored_comparisons, stored_result
 
     found = next((c for c in stored_comparisons(storage) if study_id in {i for i, _, _ in c["cells"]}), None)
     if found is None:
@@ -303,4 +361,11 @@ def comparison(storage: optuna.storages.BaseStorage, study_id: int) -> dict | No
     running = {i for i, name, _ in found["cells"] if summarize(storage, name)["state"] in ("running", "stopping")}
     result = stored_result(storage, found, running)
     header, body = rows(result)
-    return {"id": found["cells"][0][0], "result": result, "header": header, "body": body, "ranked": ranked(result), "running": sorted(running)}
+    return {
+        "id": found["cells"][0][0],
+        "result": result,
+        "header": header,
+        "body": body,
+        "ranked": ranked(result),
+        "running": sorted(running),
+    }

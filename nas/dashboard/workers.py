@@ -20,9 +20,9 @@ from pathlib import Path
 
 import psutil
 
+from nas.dashboard.security import TOKEN_ENV
 from nas.output import atomic_write_text
 from nas.study import workers as liveness
-from nas.dashboard.security import TOKEN_ENV
 
 EXPORT_FILES = ("model.ts", "model.pt2", "model.onnx", "weights.pt", "model.json")
 RECORD_FIELDS = ("id", "kind", "study", "study_id", "pid", "started", "budget", "exit_code", "process")
@@ -60,18 +60,30 @@ class Job:
         return self.log.with_suffix(".json")
 
     def save(self) -> None:
-        data = {key: getattr(self, key) for key in RECORD_FIELDS} | {"log": self.log.name, "out": self.out.name if self.out else None}
+        data = {key: getattr(self, key) for key in RECORD_FIELDS} | {
+            "log": self.log.name,
+            "out": self.out.name if self.out else None,
+        }
         atomic_write_text(self.record, json.dumps(data))  # two threads may record one exit
 
     @classmethod
-    def load(cls, record: Path) -> "Job | None":
+    def load(cls, record: Path) -> Job | None:
         """A job recorded by this or an earlier dashboard (None: not a job record)."""
         try:
             data = json.loads(record.read_text())
-            return cls(str(data["id"]), str(data["kind"]), str(data["study"]), int(data["study_id"]), int(data["pid"]),
-                       float(data["started"]), record.parent / str(data["log"]),
-                       record.parent / str(data["out"]) if data.get("out") else None,
-                       data.get("budget"), data.get("exit_code"), data.get("process"))
+            return cls(
+                str(data["id"]),
+                str(data["kind"]),
+                str(data["study"]),
+                int(data["study_id"]),
+                int(data["pid"]),
+                float(data["started"]),
+                record.parent / str(data["log"]),
+                record.parent / str(data["out"]) if data.get("out") else None,
+                data.get("budget"),
+                data.get("exit_code"),
+                data.get("process"),
+            )
         except (OSError, ValueError, TypeError, KeyError):
             return None
 
@@ -103,7 +115,11 @@ class Job:
             return "running"
         code = self.poll()
         if self.kind == "export":
-            return "done" if self.out is not None and (self.out / "model.json").exists() and code in (0, None) else "failed"
+            return (
+                "done"
+                if self.out is not None and (self.out / "model.json").exists() and code in (0, None)
+                else "failed"
+            )
         if code is None:
             return "ended (started by an earlier dashboard)"
         return "exited" if code == 0 else f"exited with code {code}"
@@ -125,10 +141,19 @@ class Job:
         return text[-limit:]
 
     def as_dict(self) -> dict:
-        return {"kind": self.kind, "id": self.id, "status": self.status, "pid": self.pid, "exit_code": self.poll(),
-                "failed": self.failed, "last_line": last_line(self.log_tail(4000)) if self.failed else "",
-                "files": self.files(), "started": self.started, "budget": self.budget,
-                "started_at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.started))}
+        return {
+            "kind": self.kind,
+            "id": self.id,
+            "status": self.status,
+            "pid": self.pid,
+            "exit_code": self.poll(),
+            "failed": self.failed,
+            "last_line": last_line(self.log_tail(4000)) if self.failed else "",
+            "files": self.files(),
+            "started": self.started,
+            "budget": self.budget,
+            "started_at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.started)),
+        }
 
 
 class Workers:
@@ -137,16 +162,26 @@ class Workers:
     def __init__(self, storage_url: str, workdir: Path):
         self.storage_url, self.workdir = storage_url, Path(workdir)
         self.lock = threading.Lock()
-        self.jobs: list[Job] = [job for folder in ("logs", "exports") for record in sorted((self.workdir / folder).glob("*.json"))
-                                if (job := Job.load(record)) is not None]
+        self.jobs: list[Job] = [
+            job
+            for folder in ("logs", "exports")
+            for record in sorted((self.workdir / folder).glob("*.json"))
+            if (job := Job.load(record)) is not None
+        ]
         self.jobs.sort(key=lambda j: j.started)
 
     def _start(self, job: Job, command: list[str]) -> Job:
         job.log.parent.mkdir(parents=True, exist_ok=True)
         env = {key: value for key, value in os.environ.items() if key != TOKEN_ENV}  # workers need no dashboard secret
         with open(job.log, "ab") as sink:
-            job.popen = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.STDOUT,
-                                         start_new_session=True, env={**env, "PYTHONUNBUFFERED": "1"})  # a live log
+            job.popen = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env={**env, "PYTHONUNBUFFERED": "1"},
+            )  # a live log
         job.pid = job.popen.pid
         try:
             job.process = liveness.process_identity(job.pid).as_dict()
@@ -178,10 +213,18 @@ class Workers:
         """Start `nas-search --resume` on the study (the caller has checked that none runs)."""
         launched = time.time()
         job_id = f"{study_id}-search-{time.strftime('%Y%m%d-%H%M%S')}-{time.monotonic_ns() % 10**6}"
-        args = ["--resume", f"--study={study}", f"--storage={self.storage_url}", "--no-progress", f"--launched-at={launched!r}"]
+        args = [
+            "--resume",
+            f"--study={study}",
+            f"--storage={self.storage_url}",
+            "--no-progress",
+            f"--launched-at={launched!r}",
+        ]
         if trials is not None:
             args.append(f"--trials={trials}")
-        job = Job(job_id, "search", study, study_id, 0, launched, self.workdir / "logs" / f"{job_id}.log", budget=trials)
+        job = Job(
+            job_id, "search", study, study_id, 0, launched, self.workdir / "logs" / f"{job_id}.log", budget=trials
+        )
         return self._start(job, nas_command("search", *args))
 
     def start_export(self, study: str, study_id: int, trial: int | None = None) -> Job:

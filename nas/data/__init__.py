@@ -9,7 +9,10 @@ preprocessing  the raw-input recipe stored in model.json
 
 from nas._lazy import public
 
-__getattr__, __dir__, __all__ = public(__name__, {
-    'datasets': ['Dataset', 'Arrays', 'RawInput', 'LOADERS', 'load_dataset', 'stratified_folds', 'content_sha256'],
-    'image_cache': ['load_image_folder'],
-})
+__getattr__, __dir__, __all__ = public(
+    __name__,
+    {
+        "datasets": ["Dataset", "Arrays", "RawInput", "LOADERS", "load_dataset", "stratified_folds", "content_sha256"],
+        "image_cache": ["load_image_folder"],
+    },
+)

@@ -45,7 +45,7 @@ class Dataset:
     def num_classes(self) -> int:
         return len(self.classes)
 
-    def to(self, device: torch.device | str) -> "Dataset":
+    def to(self, device: torch.device | str) -> Dataset:
         for key in ("x_train", "y_train", "x_test", "y_test"):
             setattr(self, key, getattr(self, key).to(device))
         return self
@@ -56,8 +56,10 @@ class Dataset:
 
         x = self.x_train
         if isinstance(x, StreamedImages):
-            return (f"streamed from host memory: {_size(x.nbytes + self.x_test.nbytes)} uint8, over the "
-                    f"{_size(self.budget)} dataset.device_memory budget of {x.device.type}")
+            return (
+                f"streamed from host memory: {_size(x.nbytes + self.x_test.nbytes)} uint8, over the "
+                f"{_size(self.budget)} dataset.device_memory budget of {x.device.type}"
+            )
         held = x.nbytes + self.x_test.nbytes
         if isinstance(x, CompactImages):
             return f"{_size(held)} uint8 on {x.device.type} (float32 would be {_size(4 * held)})"
@@ -113,7 +115,9 @@ def _digits(cfg) -> Arrays:
 
     digits = load_digits()
     x = digits.images.astype(np.float32)[:, None] / 16.0
-    x_train, x_test, y_train, y_test = train_test_split(x, digits.target, test_size=0.2, stratify=digits.target, random_state=0)
+    x_train, x_test, y_train, y_test = train_test_split(
+        x, digits.target, test_size=0.2, stratify=digits.target, random_state=0
+    )
     raw = RawInput("scikit-learn's load_digits().images: 8x8 grey, values 0..16", "HW", "float64", 16.0, "grey")
     return Arrays(x_train, y_train, x_test, y_test, [str(c) for c in digits.target_names], raw=raw)
 
@@ -123,13 +127,17 @@ def _torchvision(cls_name: str):
         import torchvision
 
         if not cfg.root:
-            raise DataError(f"dataset.root: {cls_name} needs a folder; set dataset.root (e.g. --set dataset.root=~/data)")
+            raise DataError(
+                f"dataset.root: {cls_name} needs a folder; set dataset.root (e.g. --set dataset.root=~/data)"
+            )
         root = Path(cfg.root).expanduser()
         cls = getattr(torchvision.datasets, cls_name)
         try:
             train, test = (cls(str(root), train=flag, download=cfg.download) for flag in (True, False))
         except OSError as exc:  # a download without network, an unreadable folder
-            raise DataError(f"dataset.root: cannot load {cls_name} into {root} (dataset.download={cfg.download}): {exc}") from None
+            raise DataError(
+                f"dataset.root: cannot load {cls_name} into {root} (dataset.download={cfg.download}): {exc}"
+            ) from None
         except (RuntimeError, AssertionError, ValueError, TypeError, KeyError) as exc:
             # torchvision's "not found or corrupted", or its idx reader failing on a damaged MNIST file
             raise DataError(_not_loaded(cls, root, cfg.download, exc)) from None
@@ -140,10 +148,21 @@ def _torchvision(cls_name: str):
 
         grey = np.asarray(train.data).ndim == 3
         size = "x".join(map(str, np.asarray(train.data).shape[1:3]))
-        raw = RawInput(f"torchvision {cls_name}'s .data: {size} {'grey' if grey else 'RGB, height x width x channel'}, uint8 0..255",
-                       "HW" if grey else "HWC", "uint8", 255.0, "grey" if grey else "rgb")
-        return Arrays(images(train), np.asarray(train.targets), images(test), np.asarray(test.targets),
-                      list(train.classes), raw=raw)
+        raw = RawInput(
+            f"torchvision {cls_name}'s .data: {size} {'grey' if grey else 'RGB, height x width x channel'}, uint8 0..255",
+            "HW" if grey else "HWC",
+            "uint8",
+            255.0,
+            "grey" if grey else "rgb",
+        )
+        return Arrays(
+            images(train),
+            np.asarray(train.targets),
+            images(test),
+            np.asarray(test.targets),
+            list(train.classes),
+            raw=raw,
+        )
 
     return load
 
@@ -196,14 +215,18 @@ def _file_problem(path: Path, md5: str | None) -> str | None:
     else:
         problem = _idx_problem(path.read_bytes())
         failed = problem and f"the idx integrity check ({problem})"
-    return f"fails {failed}: corrupt or incomplete; replace it (or delete it and set dataset.download: true)" if failed else None
+    return (
+        f"fails {failed}: corrupt or incomplete; replace it (or delete it and set dataset.download: true)"
+        if failed
+        else None
+    )
 
 
 def _idx_problem(data: bytes) -> str | None:
     """An idx file (MNIST's format: magic 0 0 8 ndim, big-endian sizes, bytes) must be as long as its header says."""
     if len(data) < 4 or data[:3] != b"\0\0\x08" or not 1 <= data[3] <= 3:
         return "no idx header of unsigned bytes"
-    dims = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(data[3])]
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(data[3])]
     expected = 4 + 4 * len(dims) + int(np.prod(dims))
     if len(data) != expected:
         return f"its header says {'x'.join(map(str, dims))}, {expected} bytes, the file has {len(data)}"
@@ -230,14 +253,21 @@ def _npz(cfg) -> Arrays:
         raise DataError(f"dataset.root: {path} lacks the arrays {', '.join(missing)}")
     x_train, x_test = (arrays[k].astype(np.float32) for k in ("x_train", "x_test"))
     if x_train.ndim not in (2, 3, 4) or x_train.shape[1:] != x_test.shape[1:]:
-        raise DataError(f"dataset.root: {path}: x_train {x_train.shape} and x_test {x_test.shape} must share a sample shape (L), (C,L) or (C,H,W)")
+        raise DataError(
+            f"dataset.root: {path}: x_train {x_train.shape} and x_test {x_test.shape} must share a sample shape (L), (C,L) or (C,H,W)"
+        )
     labels = np.concatenate([arrays["y_train"], arrays["y_test"]])
     classes, encoded = np.unique(labels, return_inverse=True)
     n = len(arrays["y_train"])
     if len(x_train) != n or len(x_test) != len(arrays["y_test"]):
         raise DataError(f"dataset.root: {path}: x and y arrays differ in length")
     layout = {2: "L", 3: "CL", 4: "CHW"}[x_train.ndim]
-    raw = RawInput(f"one sample of x_train in {path.name}, as stored ({layout}, no scaling)", layout, str(arrays["x_train"].dtype), 1.0)
+    raw = RawInput(
+        f"one sample of x_train in {path.name}, as stored ({layout}, no scaling)",
+        layout,
+        str(arrays["x_train"].dtype),
+        1.0,
+    )
     return Arrays(x_train, encoded[:n], x_test, encoded[n:], [str(c) for c in classes], raw=raw)
 
 
@@ -257,10 +287,18 @@ def _imagefolder(cfg) -> Arrays:
     classes = sorted({name for split in splits.values() for name in split.classes})
     (x_train, y_train), (x_test, y_test) = (  # uint8, memory-mapped from the cache when it holds them
         (split.images, np.array([classes.index(n) for n in split.classes], dtype=np.int64)[split.labels])
-        for split in (splits["train"], splits["test"]))
+        for split in (splits["train"], splits["test"])
+    )
     size = f"resized to {cfg.image_size}x{cfg.image_size}" if cfg.image_size else "as stored"
-    raw = RawInput(f"an image file decoded as RGB, {size}: height x width x channel, uint8 0..255", "HWC", "uint8", 255.0,
-                   "rgb", converted=True, resize=cfg.image_size)
+    raw = RawInput(
+        f"an image file decoded as RGB, {size}: height x width x channel, uint8 0..255",
+        "HWC",
+        "uint8",
+        255.0,
+        "rgb",
+        converted=True,
+        resize=cfg.image_size,
+    )
     return Arrays(x_train, y_train, x_test, y_test, classes, raw=raw)
 
 
@@ -321,7 +359,7 @@ def content_sha256(arrays: Arrays, version: int = FINGERPRINT_VERSION) -> str:
     digest = hashlib.sha256()
     for x, y in ((arrays.x_train, arrays.y_train), (arrays.x_test, arrays.y_test)):
         for chunk in range(0, len(x), CHUNK):  # a memory-mapped split is read, never copied whole
-            part = x[chunk:chunk + CHUNK]
+            part = x[chunk : chunk + CHUNK]
             digest.update(np.ascontiguousarray(as_float(part, arrays) if version == 1 else part).data)
         digest.update(np.ascontiguousarray(y, dtype=np.int64).data)
     return digest.hexdigest()
@@ -365,18 +403,38 @@ def load_dataset(cfg, device: torch.device | str = "cpu", normalization: dict | 
     arrays = LOADERS[cfg.name](cfg)
     _refuse_untrained_classes(arrays, cfg)
     augment = resolve_augment(cfg.name, cfg.augment)
-    common = dict(name=cfg.name, y_train=torch.as_tensor(arrays.y_train, dtype=torch.long), y_test=torch.as_tensor(arrays.y_test, dtype=torch.long),
-                  classes=arrays.classes, augment=augment, fingerprint=fingerprint(arrays, cfg), raw=arrays.raw)
+    common = dict(
+        name=cfg.name,
+        y_train=torch.as_tensor(arrays.y_train, dtype=torch.long),
+        y_test=torch.as_tensor(arrays.y_test, dtype=torch.long),
+        classes=arrays.classes,
+        augment=augment,
+        fingerprint=fingerprint(arrays, cfg),
+        raw=arrays.raw,
+    )
     if arrays.x_train.dtype == np.uint8 and not cfg.transforms:
         mean, std = _override(cfg, *pixel_statistics(arrays.x_train, arrays.raw.scale), normalization)
         return _compact(arrays, mean, std, device, memory_budget(cfg, device), common)
-    x_train, x_test = apply_transforms(as_float(arrays.x_train, arrays), as_float(arrays.x_test, arrays), cfg.transforms, cfg.transform_seed)
-    axes = (0, 1) if x_train.ndim == 2 else (0, *range(2, x_train.ndim))  # all but the channel axis; (N, L) is one channel
-    mean, std = _override(cfg, x_train.mean(axis=axes, keepdims=True), x_train.std(axis=axes, keepdims=True) + 1e-8, normalization)
+    x_train, x_test = apply_transforms(
+        as_float(arrays.x_train, arrays), as_float(arrays.x_test, arrays), cfg.transforms, cfg.transform_seed
+    )
+    axes = (
+        (0, 1) if x_train.ndim == 2 else (0, *range(2, x_train.ndim))
+    )  # all but the channel axis; (N, L) is one channel
+    mean, std = _override(
+        cfg, x_train.mean(axis=axes, keepdims=True), x_train.std(axis=axes, keepdims=True) + 1e-8, normalization
+    )
     if augment != "none" and x_train.ndim != 4:
-        raise DataError(f"dataset.augment: '{augment}' needs images (N,C,H,W); {cfg.name} has samples of shape {x_train.shape[1:]}")
-    return Dataset(x_train=torch.from_numpy((x_train - mean) / std), x_test=torch.from_numpy((x_test - mean) / std),
-                   mean=mean.reshape(-1).tolist(), std=std.reshape(-1).tolist(), **common).to(device)
+        raise DataError(
+            f"dataset.augment: '{augment}' needs images (N,C,H,W); {cfg.name} has samples of shape {x_train.shape[1:]}"
+        )
+    return Dataset(
+        x_train=torch.from_numpy((x_train - mean) / std),
+        x_test=torch.from_numpy((x_test - mean) / std),
+        mean=mean.reshape(-1).tolist(),
+        std=std.reshape(-1).tolist(),
+        **common,
+    ).to(device)
 
 
 def _override(cfg, mean: np.ndarray, std: np.ndarray, normalization: dict | None) -> tuple[np.ndarray, np.ndarray]:
@@ -386,7 +444,9 @@ def _override(cfg, mean: np.ndarray, std: np.ndarray, normalization: dict | None
     shape = mean.shape
     mean, std = (np.asarray(normalization[k], dtype=np.float32) for k in ("mean", "std"))
     if mean.size != int(np.prod(shape)):
-        raise DataError(f"dataset: {cfg.name} has {int(np.prod(shape))} input channel(s); the model was trained on {mean.size}")
+        raise DataError(
+            f"dataset: {cfg.name} has {int(np.prod(shape))} input channel(s); the model was trained on {mean.size}"
+        )
     return mean.reshape(shape), std.reshape(shape)
 
 
@@ -398,7 +458,7 @@ def pixel_statistics(pixels: np.ndarray, scale: float) -> tuple[np.ndarray, np.n
     channels = pixels.shape[1]
     counts = np.zeros((channels, 256), np.int64)
     for start in range(0, len(pixels), CHUNK):
-        chunk = np.asarray(pixels[start:start + CHUNK])
+        chunk = np.asarray(pixels[start : start + CHUNK])
         for c in range(channels):
             counts[c] += np.bincount(chunk[:, c].ravel(), minlength=256)
     values = np.arange(256, dtype=np.float64) / scale
@@ -434,9 +494,18 @@ def _compact(arrays: Arrays, mean: np.ndarray, std: np.ndarray, device, budget: 
     if arrays.x_train.nbytes + arrays.x_test.nbytes > budget:
         x_train, x_test = (StreamedImages(x, scale, *stats, device) for x in (arrays.x_train, arrays.x_test))
     else:
-        x_train, x_test = (CompactImages(torch.from_numpy(np.array(x)), scale, *stats).to(device)  # read into memory
-                           for x in (arrays.x_train, arrays.x_test))
-    return Dataset(x_train=x_train, x_test=x_test, mean=mean.reshape(-1).tolist(), std=std.reshape(-1).tolist(), budget=budget, **common)
+        x_train, x_test = (
+            CompactImages(torch.from_numpy(np.array(x)), scale, *stats).to(device)  # read into memory
+            for x in (arrays.x_train, arrays.x_test)
+        )
+    return Dataset(
+        x_train=x_train,
+        x_test=x_test,
+        mean=mean.reshape(-1).tolist(),
+        std=std.reshape(-1).tolist(),
+        budget=budget,
+        **common,
+    )
 
 
 def _refuse_untrained_classes(arrays: Arrays, cfg) -> None:
@@ -445,7 +514,9 @@ def _refuse_untrained_classes(arrays: Arrays, cfg) -> None:
     if untrained.size:
         where = f"dataset.root: {cfg.root}" if cfg.root else f"dataset.name: {cfg.name}"
         names = ", ".join(arrays.classes[i] for i in untrained)
-        raise DataError(f"{where}: the test split has class(es) {names} that the training split lacks; a model cannot learn them")
+        raise DataError(
+            f"{where}: the test split has class(es) {names} that the training split lacks; a model cannot learn them"
+        )
 
 
 def augment_batch(x: torch.Tensor, mode: str, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -478,7 +549,9 @@ def stratified_folds(labels: torch.Tensor, folds: int, seed: int) -> list[tuple[
     y = labels.cpu().numpy()
     smallest = np.unique(y, return_counts=True)[1].min() if len(y) else 0
     if smallest < folds:
-        raise DataError(f"evaluation.folds: {folds} folds need at least {folds} samples of every class; the smallest class has {smallest}")
+        raise DataError(
+            f"evaluation.folds: {folds} folds need at least {folds} samples of every class; the smallest class has {smallest}"
+        )
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     return [
         (torch.as_tensor(tr, device=labels.device), torch.as_tensor(va, device=labels.device))

@@ -79,8 +79,17 @@ def cache_key(listings: dict[str, tuple[list[str], list[tuple[str, int]]]], imag
     import PIL
     import torchvision
 
-    digest = hashlib.sha256(json.dumps({"format": FORMAT, "image_size": image_size, "resize": RESIZE,
-                                        "pillow": PIL.__version__, "torchvision": torchvision.__version__}).encode())
+    digest = hashlib.sha256(
+        json.dumps(
+            {
+                "format": FORMAT,
+                "image_size": image_size,
+                "resize": RESIZE,
+                "pillow": PIL.__version__,
+                "torchvision": torchvision.__version__,
+            }
+        ).encode()
+    )
     for split, (classes, files) in listings.items():
         digest.update(json.dumps([split, classes]).encode())
         for path, label in files:
@@ -100,10 +109,16 @@ def decode(path: str, image_size: int | None) -> np.ndarray:
         with Image.open(path) as image:
             tensor = F.pil_to_tensor(image.convert("RGB"))
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise DataError(f"dataset.root: {path}: cannot decode the image ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        raise DataError(
+            f"dataset.root: {path}: cannot decode the image ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+        ) from None
     if image_size:
-        tensor = F.resize(tensor, [image_size, image_size], interpolation=InterpolationMode(RESIZE["interpolation"]),
-                          antialias=RESIZE["antialias"])
+        tensor = F.resize(
+            tensor,
+            [image_size, image_size],
+            interpolation=InterpolationMode(RESIZE["interpolation"]),
+            antialias=RESIZE["antialias"],
+        )
     return tensor.numpy()
 
 
@@ -141,8 +156,10 @@ def decode_split(files: list[tuple[str, int]], image_size: int | None, folder: P
             if error is not None:
                 raise DataError(error)
             if image.shape != first.shape:
-                raise DataError(f"dataset.root: images in {folder} differ in size ({files[i][0]} is {image.shape[2]}x{image.shape[1]}, "
-                                f"{files[0][0]} {first.shape[2]}x{first.shape[1]}); set dataset.image_size")
+                raise DataError(
+                    f"dataset.root: images in {folder} differ in size ({files[i][0]} is {image.shape[2]}x{image.shape[1]}, "
+                    f"{files[0][0]} {first.shape[2]}x{first.shape[1]}); set dataset.image_size"
+                )
             images[i] = image
     return images
 
@@ -155,7 +172,9 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def load_image_folder(root: Path, image_size: int | None, cache: str, workers: int | None = None, log=None) -> dict[str, Split]:
+def load_image_folder(
+    root: Path, image_size: int | None, cache: str, workers: int | None = None, log=None
+) -> dict[str, Split]:
     """Both splits of `root/{train,test}/<class>/*`, from the cache when it holds them, else decoded (and cached)."""
     listings = {split: list_split(root / split) for split in SPLITS}
     base = cache_root(cache)
@@ -174,10 +193,18 @@ def load_image_folder(root: Path, image_size: int | None, cache: str, workers: i
     if cached is not None:
         return cached
     workers = workers or available_cores()
-    splits = {split: Split(decode_split(files, image_size, root / split, workers), np.array([label for _, label in files], np.int64), classes)
-              for split, (classes, files) in listings.items()}
+    splits = {
+        split: Split(
+            decode_split(files, image_size, root / split, workers),
+            np.array([label for _, label in files], np.int64),
+            classes,
+        )
+        for split, (classes, files) in listings.items()
+    }
     if entry is not None:
-        write_entry(entry, splits, {"format": FORMAT, "root": str(root.absolute()), "image_size": image_size, "key": key}, log)
+        write_entry(
+            entry, splits, {"format": FORMAT, "root": str(root.absolute()), "image_size": image_size, "key": key}, log
+        )
     return splits
 
 
@@ -205,10 +232,17 @@ def open_checked(path: Path, folder: bool, dir_fd: int | None = None) -> int:
         raise
     info, uid = os.fstat(fd), os.geteuid()
     mode = info.st_mode
-    problem = ("is not a folder" if folder and not stat.S_ISDIR(mode) else
-               "is not a regular file" if not folder and not stat.S_ISREG(mode) else
-               f"is owned by uid {info.st_uid}, not by this user (uid {uid})" if info.st_uid != uid else
-               f"is writable by group or others (mode {stat.S_IMODE(mode):o})" if mode & 0o022 else None)
+    problem = (
+        "is not a folder"
+        if folder and not stat.S_ISDIR(mode)
+        else "is not a regular file"
+        if not folder and not stat.S_ISREG(mode)
+        else f"is owned by uid {info.st_uid}, not by this user (uid {uid})"
+        if info.st_uid != uid
+        else f"is writable by group or others (mode {stat.S_IMODE(mode):o})"
+        if mode & 0o022
+        else None
+    )
     if problem:
         os.close(fd)
         raise Refused(path, problem)
@@ -235,9 +269,14 @@ def read_entry(entry: Path, key: str) -> dict[str, Split] | None:
             meta = json.load(file)
         if not isinstance(meta, dict) or meta.get("key") != key:
             raise Refused(entry / "meta.json", "holds another key than this folder's")
-        return {split: Split(_load_array(entry / f"{split}_images.npy", entry_fd, mmap=True),
-                             _load_array(entry / f"{split}_labels.npy", entry_fd, mmap=False), meta["classes"][split])
-                for split in SPLITS}
+        return {
+            split: Split(
+                _load_array(entry / f"{split}_images.npy", entry_fd, mmap=True),
+                _load_array(entry / f"{split}_labels.npy", entry_fd, mmap=False),
+                meta["classes"][split],
+            )
+            for split in SPLITS
+        }
     except FileNotFoundError:
         return None  # no entry yet (entries appear whole, by rename)
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -279,8 +318,15 @@ def write_entry(entry: Path, splits: dict[str, Split], meta: dict, log=None) -> 
                 with open(tmp / name, "xb", opener=_private) as file:
                     np.save(file, array)
         with open(tmp / "meta.json", "x", opener=_private) as file:
-            json.dump({**meta, "classes": {s: d.classes for s, d in splits.items()},
-                       "samples": {s: len(d.labels) for s, d in splits.items()}}, file, indent=1)
+            json.dump(
+                {
+                    **meta,
+                    "classes": {s: d.classes for s, d in splits.items()},
+                    "samples": {s: len(d.labels) for s, d in splits.items()},
+                },
+                file,
+                indent=1,
+            )
         os.replace(tmp, entry)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -23,8 +23,13 @@ def recipe(data) -> dict:
     shape = list(data.input_shape)
     images = None
     if raw.image_files is not None:
-        images = {"color": raw.image_files, "size": shape[-2:], "resize": raw.resize is not None,
-                  "converted": raw.converted, "scale": IMAGE_FILE_SCALE}
+        images = {
+            "color": raw.image_files,
+            "size": shape[-2:],
+            "resize": raw.resize is not None,
+            "converted": raw.converted,
+            "scale": IMAGE_FILE_SCALE,
+        }
     return {
         "raw_input": raw.description,
         "raw_layout": raw.layout,
@@ -39,7 +44,7 @@ def recipe(data) -> dict:
         "image_files": images,
         "classes": list(data.classes),
         "steps": f"x = raw as float32 ({raw.layout}{' -> CHW' if raw.layout == CHANNELS_LAST else ''}), "
-                 f"reshaped to input_shape, / {raw.scale:g}, then (x - mean[c]) / std[c] per channel",
+        f"reshaped to input_shape, / {raw.scale:g}, then (x - mean[c]) / std[c] per channel",
     }
 
 
@@ -71,8 +76,10 @@ def to_model_input(raw, pre: dict, what: str = "input") -> torch.Tensor:
     if list(x.shape) == expected:
         x = x.unsqueeze(0)
     if list(x.shape[1:]) != expected:
-        raise NasError(f"{what}: samples of shape {list(x.shape)}; the model takes {pre['raw_layout']} samples of shape "
-                       f"{expected} ({pre['raw_input']}), one or a batch (N, {', '.join(map(str, expected))})")
+        raise NasError(
+            f"{what}: samples of shape {list(x.shape)}; the model takes {pre['raw_layout']} samples of shape "
+            f"{expected} ({pre['raw_input']}), one or a batch (N, {', '.join(map(str, expected))})"
+        )
     if pre["raw_layout"] == CHANNELS_LAST:
         x = x.movedim(-1, 1)
     x = x.reshape(len(x), *pre["input_shape"]) / pre["scale"]
@@ -88,7 +95,9 @@ def image_to_model_input(image: torch.Tensor, pre: dict, what: str) -> torch.Ten
     if files["resize"]:
         image = F.resize(image, [height, width], antialias=True)  # as the imagefolder loader resized for training
     elif list(image.shape[-2:]) != [height, width]:
-        raise NasError(f"{what}: a {image.shape[-1]}x{image.shape[-2]} (width x height) image; the model takes {width}x{height} images "
-                       "(resize it first; the model was not trained on resized images)")
+        raise NasError(
+            f"{what}: a {image.shape[-1]}x{image.shape[-2]} (width x height) image; the model takes {width}x{height} images "
+            "(resize it first; the model was not trained on resized images)"
+        )
     x = image.to(torch.float32).unsqueeze(0) / files["scale"]
     return normalize(x, pre)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -66,13 +66,13 @@ class CompactImages:
     def nbytes(self) -> int:
         return self.pixels.numel() * self.pixels.element_size()
 
-    def subset(self, index: torch.Tensor) -> "CompactImages":
+    def subset(self, index: torch.Tensor) -> CompactImages:
         return CompactImages(self.pixels[index.to(self.pixels.device)], self.scale, self.mean, self.std)
 
     def tensor_split(self, sections: int) -> Iterator[torch.Tensor]:
         return (self.normalize(part) for part in self.pixels.tensor_split(sections))
 
-    def to(self, device: torch.device | str) -> "CompactImages":
+    def to(self, device: torch.device | str) -> CompactImages:
         return CompactImages(self.pixels.to(device), self.scale, self.mean.to(device), self.std.to(device))
 
     def cpu(self) -> torch.Tensor:
@@ -89,7 +89,9 @@ class StreamedImages(CompactImages):
     """uint8 images in host memory (a NumPy array, usually the memory-mapped cache), batches copied to the
     device when taken: pinned and non-blocking on CUDA."""
 
-    def __init__(self, pixels: np.ndarray, scale: float, mean: torch.Tensor, std: torch.Tensor, device: torch.device | str):
+    def __init__(
+        self, pixels: np.ndarray, scale: float, mean: torch.Tensor, std: torch.Tensor, device: torch.device | str
+    ):
         self.host, self.target = pixels, torch.device(device)
         self._statistics(scale, mean, std, pixels.ndim, self.target)
 
@@ -125,14 +127,14 @@ class StreamedImages(CompactImages):
     def nbytes(self) -> int:
         return int(self.host.nbytes)
 
-    def subset(self, index: torch.Tensor) -> "StreamedSubset":
+    def subset(self, index: torch.Tensor) -> StreamedSubset:
         return StreamedSubset(self, index.reshape(-1).cpu())
 
     def tensor_split(self, sections: int) -> Iterator[torch.Tensor]:
         bounds = np.linspace(0, len(self), sections + 1).round().astype(int) if sections else [0, 0]
         return (self[slice(a, b)] for a, b in zip(bounds[:-1], bounds[1:]))
 
-    def to(self, device: torch.device | str) -> "StreamedImages":
+    def to(self, device: torch.device | str) -> StreamedImages:
         return StreamedImages(self.host, self.scale, self.mean, self.std, device)
 
     def cpu(self) -> torch.Tensor:

@@ -12,8 +12,9 @@ by `dataset.transform_seed` and the split, so a shifted dataset is the same on e
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -75,15 +76,25 @@ def check_transforms(value: Any, file: str, path: str) -> list[dict]:
     if value is None:
         return []
     if not isinstance(value, list):
-        raise ConfigError(file, path, f"expected a list like [{{contrast: 0.5}}, {{noise: 0.1}}], got {type_name(value)}")
+        raise ConfigError(
+            file, path, f"expected a list like [{{contrast: 0.5}}, {{noise: 0.1}}], got {type_name(value)}"
+        )
     out = []
     for i, item in enumerate(value):
         where = f"{path}[{i}]"
         if not isinstance(item, dict) or len(item) != 1:
-            raise ConfigError(file, where, f"expected one mapping {{name: value}} with a name of {', '.join(TRANSFORMS)}, got {item!r}")
-        (name, setting), = item.items()
+            raise ConfigError(
+                file,
+                where,
+                f"expected one mapping {{name: value}} with a name of {', '.join(TRANSFORMS)}, got {item!r}",
+            )
+        ((name, setting),) = item.items()
         if name not in TRANSFORMS:
-            raise ConfigError(file, f"{where}.{name}", f"unknown transform (known: {', '.join(TRANSFORMS)}){did_you_mean(name, TRANSFORMS)}")
+            raise ConfigError(
+                file,
+                f"{where}.{name}",
+                f"unknown transform (known: {', '.join(TRANSFORMS)}){did_you_mean(name, TRANSFORMS)}",
+            )
         spec = TRANSFORMS[name]
         setting = check_scalar(setting, spec.kind, file, f"{where}.{name}")
         check_bounds(setting, spec.bounds, file, f"{where}.{name}")
@@ -91,17 +102,24 @@ def check_transforms(value: Any, file: str, path: str) -> list[dict]:
     return out
 
 
-def apply_transforms(x_train: np.ndarray, x_test: np.ndarray, transforms: list[dict], seed: int) -> tuple[np.ndarray, np.ndarray]:
+def apply_transforms(
+    x_train: np.ndarray, x_test: np.ndarray, transforms: list[dict], seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Both splits through the transforms in order; `invert` mirrors within the training split's current range."""
     if not transforms:
         return x_train, x_test
-    rngs = [np.random.default_rng([seed, split]) for split in (0, 1)]  # train and test draw different, reproducible noise
+    rngs = [
+        np.random.default_rng([seed, split]) for split in (0, 1)
+    ]  # train and test draw different, reproducible noise
     splits = [x_train.astype(np.float32), x_test.astype(np.float32)]
     for i, item in enumerate(transforms):
-        (name, setting), = item.items()
+        ((name, setting),) = item.items()
         lo_hi = (float(splits[0].min()), float(splits[0].max()))
         try:
-            splits = [TRANSFORMS[name].fn(x, setting, rng, lo_hi).astype(np.float32, copy=False) for x, rng in zip(splits, rngs)]
+            splits = [
+                TRANSFORMS[name].fn(x, setting, rng, lo_hi).astype(np.float32, copy=False)
+                for x, rng in zip(splits, rngs)
+            ]
         except ValueError as exc:
             raise DataError(f"dataset.transforms[{i}].{name}: {exc}") from None
     return splits[0], splits[1]

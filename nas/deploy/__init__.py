@@ -8,8 +8,11 @@ finetune  nas-finetune: adapt an export to new data with a BN mode
 
 from nas._lazy import public
 
-__getattr__, __dir__, __all__ = public(__name__, {
-    'export': ['export_trial', 'load_exported'],
-    'finetune': ['adapt', 'finetune'],
-    'bench': ['bench_export'],
-})
+__getattr__, __dir__, __all__ = public(
+    __name__,
+    {
+        "export": ["export_trial", "load_exported"],
+        "finetune": ["adapt", "finetune"],
+        "bench": ["bench_export"],
+    },
+)

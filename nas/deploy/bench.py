@@ -20,9 +20,20 @@ from contextlib import ExitStack
 
 import torch
 
+from nas.models.costs import (
+    DEFAULT_THREADS,
+    SPREAD_LIMIT,
+    Variant,
+    check_counts,
+    count_macs,
+    count_params,
+    eval_mode,
+    latency_summary,
+    pinned_threads,
+    synchronizer,
+    time_call,
+)
 from nas.output import text_table
-from nas.models.costs import (DEFAULT_THREADS, SPREAD_LIMIT, Variant, check_counts, latency_summary, synchronizer, time_call,
-                              count_macs, count_params, eval_mode, pinned_threads)
 
 
 def time_variants(
@@ -65,7 +76,9 @@ def time_variants(
         stats = {name: latency_summary(s, batch_size) for name, s in seconds.items()}
         baseline = next(iter(stats.values()))["median_ms"]
         for name, s in stats.items():
-            rows.append({"variant": name, "batch_size": batch_size, **s, "ratio_to_baseline": s["median_ms"] / baseline})
+            rows.append(
+                {"variant": name, "batch_size": batch_size, **s, "ratio_to_baseline": s["median_ms"] / baseline}
+            )
     return rows
 
 
@@ -74,15 +87,17 @@ def format_table(rows: list[dict], extra: dict | None = None) -> str:
     lines = [f"{key}: {value}" for key, value in (extra or {}).items()]
     table = [("variant", "batch", "median ms", "p10-p90 ms", "p90/p10", "samples/s", "ratio")]
     for r in rows:
-        table.append((
-            r["variant"],
-            str(r["batch_size"]),
-            f"{r['median_ms']:.3f}",
-            f"{r['p10_ms']:.3f}-{r['p90_ms']:.3f}",
-            f"{r['spread']:.2f}" + (" !" if r["spread"] > SPREAD_LIMIT else ""),
-            f"{r['throughput']:,.0f}",
-            f"{r['ratio_to_baseline']:.2f}",
-        ))
+        table.append(
+            (
+                r["variant"],
+                str(r["batch_size"]),
+                f"{r['median_ms']:.3f}",
+                f"{r['p10_ms']:.3f}-{r['p90_ms']:.3f}",
+                f"{r['spread']:.2f}" + (" !" if r["spread"] > SPREAD_LIMIT else ""),
+                f"{r['throughput']:,.0f}",
+                f"{r['ratio_to_baseline']:.2f}",
+            )
+        )
     body = text_table(table)
     if rows:
         body.append(f"ratio = median ms / {rows[0]['variant']}'s median ms at the same batch size (below 1 is faster)")
@@ -96,13 +111,23 @@ def spread_warnings(rows: list[dict]) -> list[str]:
     if not wide:
         return []
     worst = max(wide, key=lambda r: r["spread"])
-    return [f"warning: {len(wide)} of {len(rows)} rows (marked !) spread more than p90/p10 = {SPREAD_LIMIT} "
-            f"(worst {worst['spread']:.1f}, {worst['variant']} at batch {worst['batch_size']}): the machine was busy or "
-            "throttling, so those medians cannot be trusted; rerun with nothing else running, or with fewer --threads"]
+    return [
+        f"warning: {len(wide)} of {len(rows)} rows (marked !) spread more than p90/p10 = {SPREAD_LIMIT} "
+        f"(worst {worst['spread']:.1f}, {worst['variant']} at batch {worst['batch_size']}): the machine was busy or "
+        "throttling, so those medians cannot be trusted; rerun with nothing else running, or with fewer --threads"
+    ]
 
 
-def bench_export(folder: str, device_name: str, batch_sizes: list[int], warmup: int, repeats: int,
-                 threads: int = DEFAULT_THREADS, log=print, trust_code: bool = False) -> str:
+def bench_export(
+    folder: str,
+    device_name: str,
+    batch_sizes: list[int],
+    warmup: int,
+    repeats: int,
+    threads: int = DEFAULT_THREADS,
+    log=print,
+    trust_code: bool = False,
+) -> str:
     """`nas-bench`: the ways to run an exported model, side by side, as a table (onnxruntime on CPU when
     the export has model.onnx). model.ts and model.pt2 are code, so they are timed only with `trust_code`;
     the eager variants are rebuilt from data (`nas.deploy.export.rebuild`)."""
@@ -120,12 +145,17 @@ def bench_export(folder: str, device_name: str, batch_sizes: list[int], warmup: 
         variants["TorchScript folded"] = load_code_file(exported.folder, exported.meta, "model.ts", device)
         variants["torch.export folded"] = load_code_file(exported.folder, exported.meta, "model.pt2", device)
     else:
-        log(f"TorchScript and torch.export not timed: {' and '.join(CODE_FILES)} are code; --trust-code times them "
-            "for a folder you trust like a script")
+        log(
+            f"TorchScript and torch.export not timed: {' and '.join(CODE_FILES)} are code; --trust-code times them "
+            "for a folder you trust like a script"
+        )
     if ONNX_FILE not in exported.meta["files"]:
         log(f"onnxruntime not timed: {exported.meta.get('onnx', {}).get('reason', 'the export has no model.onnx')}")
     elif device.type != "cpu":
-        log("onnxruntime not timed: it runs on the CPU here (CPUExecutionProvider), the other variants on " + device.type)
+        log(
+            "onnxruntime not timed: it runs on the CPU here (CPUExecutionProvider), the other variants on "
+            + device.type
+        )
     else:
         path = exported.folder / ONNX_FILE
         session = onnx_session(path, verified_bytes(exported.folder, exported.meta, ONNX_FILE), threads)

@@ -40,14 +40,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
-import nas
-from nas.study.schema import ARCH_ATTR, DUPLICATE_ATTR, config_of_trial, counts_toward_budget, is_duplicate, read_run_config, trial_attr
-from nas.output import atomic_write, atomic_write_text
 from torch import nn
 
-from nas.errors import DataError, NasError, StudyError, VerificationError
-from nas.errors import one_line
+import nas
+from nas.errors import DataError, NasError, StudyError, VerificationError, one_line
+from nas.output import atomic_write, atomic_write_text
+from nas.study.schema import (
+    ARCH_ATTR,
+    DUPLICATE_ATTR,
+    config_of_trial,
+    counts_toward_budget,
+    is_duplicate,
+    read_run_config,
+    trial_attr,
+)
 
 FORMAT = 1
 FILES = ("model.ts", "model.pt2", "weights.pt")  # always written; model.onnx when the onnx extra is there
@@ -56,11 +62,13 @@ MODEL_FILES = (*FILES, ONNX_FILE)  # the only names model.json's `files` may hol
 CODE_FILES = {"model.ts": "TorchScript", "model.pt2": "torch.export, whose loader unpickles"}  # loading runs their code
 SIGNATURE_FILE = "model.sig"
 KEY_ENV = "BNNAS_EXPORT_KEY"  # its value signs model.json on export and is required of every folder loaded
-TRUST_NOTE = ("model.ts (TorchScript) and model.pt2 (torch.export, whose loader unpickles) are code: loading them runs "
-              "whatever the folder's author put there, and these sha256 sums prove nothing about who that was. "
-              "nas-predict, nas-bench and nas-finetune load weights.pt as data (torch.load weights_only=True into the "
-              "model bnnas builds from arch) or model.onnx (onnxruntime) unless asked for the code files "
-              f"(--runtime ts|pt2, --trust-code). Set {KEY_ENV} to sign exports and to refuse unsigned ones.")
+TRUST_NOTE = (
+    "model.ts (TorchScript) and model.pt2 (torch.export, whose loader unpickles) are code: loading them runs "
+    "whatever the folder's author put there, and these sha256 sums prove nothing about who that was. "
+    "nas-predict, nas-bench and nas-finetune load weights.pt as data (torch.load weights_only=True into the "
+    "model bnnas builds from arch) or model.onnx (onnxruntime) unless asked for the code files "
+    f"(--runtime ts|pt2, --trust-code). Set {KEY_ENV} to sign exports and to refuse unsigned ones."
+)
 ONNX_MISSING = "install the onnx extra (pip install 'bnnas[onnx]': onnx, onnxscript, onnxruntime)"
 FOLD_TOLERANCE = 1e-4  # max abs logit difference between folded and unfolded eval models
 VERIFY_SAMPLES = 4096  # test samples the folded and exported models are checked on (all of a smaller split)
@@ -94,7 +102,9 @@ def check_writable(folder: Path, force: bool = False) -> None:
     A folder that already holds an export is refused unless `force`: it would be overwritten."""
     existing = [name for name in ("model.json", *MODEL_FILES) if (folder / name).exists()]
     if existing and not force:
-        raise NasError(f"--out: {folder} already holds an export ({', '.join(existing)}); choose another folder or pass --force to overwrite it")
+        raise NasError(
+            f"--out: {folder} already holds an export ({', '.join(existing)}); choose another folder or pass --force to overwrite it"
+        )
     made = [path for path in (folder, *folder.parents) if not path.exists()]  # deepest first
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -113,12 +123,15 @@ def pick_trial(study, number: int | None):
     """The trial to export: `number`, or the best (single objective; a multi-objective study needs --trial)."""
     from optuna.trial import TrialState
 
-
     if number is None:
         if len(study.directions) > 1:
             front = ", ".join(str(t.number) for t in study.best_trials)
-            raise StudyError(f"--trial: '{study.study_name}' has several objectives; pick one trial of its Pareto front ({front})")
-        complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if counts_toward_budget(t)]
+            raise StudyError(
+                f"--trial: '{study.study_name}' has several objectives; pick one trial of its Pareto front ({front})"
+            )
+        complete = [
+            t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if counts_toward_budget(t)
+        ]
         if not complete:
             raise StudyError(f"--study: '{study.study_name}' has no completed trial to export")
         return min(complete, key=lambda t: (t.value, t.number))
@@ -133,15 +146,24 @@ def pick_trial(study, number: int | None):
     return trial
 
 
-def export_trial(storage: str, study_name: str, out: str | Path, *, trial_number: int | None = None,
-                 epochs: int | None = None, device: str | None = None, log=print, force: bool = False) -> Path:
+def export_trial(
+    storage: str,
+    study_name: str,
+    out: str | Path,
+    *,
+    trial_number: int | None = None,
+    epochs: int | None = None,
+    device: str | None = None,
+    log=print,
+    force: bool = False,
+) -> Path:
     """Retrain the trial's ArchSpec on the full training split, test it, fold, save and verify."""
+    from nas.data.datasets import load_dataset
+    from nas.data.preprocessing import recipe
     from nas.models.build import build
     from nas.search.config import load_run_config
-    from nas.data.datasets import load_dataset
-    from nas.training.cross_validation import fold_seed
-    from nas.data.preprocessing import recipe
     from nas.study.storage import load_existing_study
+    from nas.training.cross_validation import fold_seed
     from nas.training.train import batch_dependent, evaluate, fit, prepare_model, resolve_device, scoring_batch_size
 
     study = load_existing_study(storage, study_name)
@@ -159,7 +181,9 @@ def export_trial(storage: str, study_name: str, out: str | Path, *, trial_number
     seed = fold_seed(cfg.study.seed, trial.number, cfg.evaluation.folds)  # a seed no CV fold used
     torch.manual_seed(seed)
     model = prepare_model(build(spec, data.input_shape, data.num_classes), dev)
-    log(f"Training trial {trial.number} of '{study_name}' on all {len(data.y_train)} training samples for {epochs} epochs on {dev.type}")
+    log(
+        f"Training trial {trial.number} of '{study_name}' on all {len(data.y_train)} training samples for {epochs} epochs on {dev.type}"
+    )
     fit(model, data, torch.arange(len(data.y_train), device=dev), None, spec["training"], epochs, dev, seed=seed)
     scored_in = scoring_batch_size(model, spec["training"])
     test_loss, test_acc = evaluate(model, data.x_test, data.y_test, dev, scored_in)
@@ -207,10 +231,17 @@ def batch_dependence(model: nn.Module, data, device: torch.device, scored_in: in
         at_one = f"at batch 1 its accuracy is {alone:.4f} (first {len(y)} test samples)"
     except (ValueError, RuntimeError) as exc:
         alone, at_one = None, f"at batch 1 it fails ({one_line(exc)})"
-    message = (f"Note: this model normalizes with each batch's own statistics (BatchNorm with track_running_stats: false), "
-               f"so a prediction depends on the inputs batched with it: test accuracy {accuracy:.4f} in batches of {scored_in} "
-               f"(as it was trained and scored); {at_one}. Deploy it with batches of about {scored_in} inputs.")
-    return {"scored_batch_size": scored_in, "accuracy_at_batch_1": alone, "samples_at_batch_1": len(y), "message": message}
+    message = (
+        f"Note: this model normalizes with each batch's own statistics (BatchNorm with track_running_stats: false), "
+        f"so a prediction depends on the inputs batched with it: test accuracy {accuracy:.4f} in batches of {scored_in} "
+        f"(as it was trained and scored); {at_one}. Deploy it with batches of about {scored_in} inputs."
+    )
+    return {
+        "scored_batch_size": scored_in,
+        "accuracy_at_batch_1": alone,
+        "samples_at_batch_1": len(y),
+        "message": message,
+    }
 
 
 def check_same_data(expected: dict | None, found: dict | None, what: str) -> None:
@@ -222,8 +253,10 @@ def check_same_data(expected: dict | None, found: dict | None, what: str) -> Non
     changes = differences(expected, found)
     if changes:
         key, old, new = changes[0]
-        raise DataError(f"dataset: the data loaded now differs from what {what}: {key} {show(old)} there, {show(new)} here "
-                        "(point dataset.root at the original data)")
+        raise DataError(
+            f"dataset: the data loaded now differs from what {what}: {key} {show(old)} there, {show(new)} here "
+            "(point dataset.root at the original data)"
+        )
 
 
 def write_export(model: nn.Module, x_check: torch.Tensor, meta: dict, folder: Path, log=print) -> Path:
@@ -258,11 +291,18 @@ def write_export(model: nn.Module, x_check: torch.Tensor, meta: dict, folder: Pa
         **meta,
         "fold_max_abs_diff": gap,
         "onnx": onnx,
-        "versions": {"torch": torch.__version__, "python": platform.python_version(), "bnnas": nas.__version__,
-                     **({"onnx": onnx["version"]} if onnx["written"] else {})},
+        "versions": {
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "bnnas": nas.__version__,
+            **({"onnx": onnx["version"]} if onnx["written"] else {}),
+        },
         "files": {name: sha256(folder / name) for name in files},
-        "trust": {"code": [name for name in files if name in CODE_FILES],
-                  "data": [name for name in files if name not in CODE_FILES], "note": TRUST_NOTE},
+        "trust": {
+            "code": [name for name in files if name in CODE_FILES],
+            "data": [name for name in files if name not in CODE_FILES],
+            "note": TRUST_NOTE,
+        },
     }
     write_json(folder / "model.json", meta)
     sign(folder)
@@ -292,7 +332,11 @@ def write_onnx(program, example: torch.Tensor, folder: Path) -> dict:
         warnings.simplefilter("ignore")
         exported = torch.onnx.export(program, (example,), dynamo=True, verbose=False)
     atomic_write(path, lambda tmp: exported.save(tmp))
-    opset = next(entry.version for entry in onnx.load(str(path), load_external_data=False).opset_import if entry.domain in ("", "ai.onnx"))
+    opset = next(
+        entry.version
+        for entry in onnx.load(str(path), load_external_data=False).opset_import
+        if entry.domain in ("", "ai.onnx")
+    )
     return {"written": True, "opset": int(opset), "version": onnx.__version__, "dynamic_batch": True}
 
 
@@ -316,8 +360,6 @@ def onnx_session(path: Path, model: bytes, threads: int | None = None):
             return onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own untyped errors for a model it cannot load
             raise VerificationError(f"{path}: onnxruntime cannot load it: {one_line(exc)}") from None
-
-
 
 
 # Runs in a fresh interpreter that imports only torch (and onnxruntime for model.onnx): `nas` is
@@ -353,10 +395,14 @@ def verify_in_fresh_process(folder: Path, x: torch.Tensor, expected: torch.Tenso
     with tempfile.TemporaryDirectory() as tmp:
         check = Path(tmp) / "check.pt"
         torch.save({"x": x.contiguous(), "expected": expected.contiguous()}, check)
-        proc = subprocess.run([sys.executable, "-c", VERIFY_SCRIPT, str(folder), str(check), str(FOLD_TOLERANCE)],
-                              capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(
+            [sys.executable, "-c", VERIFY_SCRIPT, str(folder), str(check), str(FOLD_TOLERANCE)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
     if proc.returncode != 0 or proc.stdout.strip() != "ok":
-        detail = (proc.stdout.strip() or proc.stderr.strip().splitlines()[-1:] or ["no output"])
+        detail = proc.stdout.strip() or proc.stderr.strip().splitlines()[-1:] or ["no output"]
         detail = detail if isinstance(detail, str) else detail[0]
         raise VerificationError(f"verification failed in a fresh process for {folder}: {detail}")
 
@@ -387,8 +433,10 @@ def check_signature(folder: Path, text: bytes) -> None:
         raise VerificationError(f"{path}: missing: {KEY_ENV} is set, so only an export signed with it is loaded")
     found = _read_regular(folder, SIGNATURE_FILE).decode(errors="replace").strip()
     if not hmac.compare_digest(found, signature(text, key)):
-        raise VerificationError(f"{path}: not model.json's signature under {KEY_ENV} (signed with another key, or "
-                                "model.json changed); refusing to load the folder")
+        raise VerificationError(
+            f"{path}: not model.json's signature under {KEY_ENV} (signed with another key, or "
+            "model.json changed); refusing to load the folder"
+        )
 
 
 def load_meta(folder: Path) -> dict:
@@ -409,8 +457,9 @@ def load_meta(folder: Path) -> dict:
         if name not in MODEL_FILES:
             path_like = "/" in name or "\\" in name or ".." in name
             what = "a path, not a file of the folder" if path_like else "not a file nas-export writes"
-            raise NasError(f"{meta_path}: files[{json.dumps(name)}]: {what} (known: {', '.join(MODEL_FILES)}); "
-                           "refusing the folder")
+            raise NasError(
+                f"{meta_path}: files[{json.dumps(name)}]: {what} (known: {', '.join(MODEL_FILES)}); refusing the folder"
+            )
     return meta
 
 
@@ -438,11 +487,14 @@ def verified_bytes(folder: Path, meta: dict, name: str) -> bytes:
         onnx = meta.get("onnx")
         if name == ONNX_FILE and isinstance(onnx, dict) and onnx.get("written") is False:
             raise NasError(f"{path}: not part of this export ({onnx.get('reason')})")
-        raise VerificationError(f"{path}: not listed in {folder / 'model.json'}'s files, so nothing checks it; "
-                                "refusing to load it")
+        raise VerificationError(
+            f"{path}: not listed in {folder / 'model.json'}'s files, so nothing checks it; refusing to load it"
+        )
     data = _read_regular(folder, name)
     if hashlib.sha256(data).hexdigest() != digest:
-        raise VerificationError(f"{path}: sha256 differs from model.json (file changed or corrupted); refusing to load it")
+        raise VerificationError(
+            f"{path}: sha256 differs from model.json (file changed or corrupted); refusing to load it"
+        )
     return data
 
 

@@ -21,9 +21,9 @@ running statistics and is treated like BatchNorm; adabn keeps its step counter (
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -54,7 +54,9 @@ def labelled_subset(y: torch.Tensor, per_class: int | None, seed: int) -> torch.
     for label in torch.unique(y_cpu).tolist():
         members = (y_cpu == label).nonzero().flatten()
         if len(members) < per_class:
-            raise DataError(f"--labels-per-class: {per_class} asked, but class {label} has only {len(members)} training samples (use a smaller K or 'all')")
+            raise DataError(
+                f"--labels-per-class: {per_class} asked, but class {label} has only {len(members)} training samples (use a smaller K or 'all')"
+            )
         picked.append(members[torch.randperm(len(members), generator=generator)[:per_class]])
     return torch.cat(picked).sort().values.to(y.device)
 
@@ -105,8 +107,17 @@ class Adaptation:
         return {**asdict(self), "labels_per_class": "all" if self.labels_per_class is None else self.labels_per_class}
 
 
-def adapt(model: nn.Module, data, mode: str, labels_per_class: int | None, epochs: int, seed: int,
-          device: torch.device, hp: dict, max_steps: int | None = None) -> Adaptation:
+def adapt(
+    model: nn.Module,
+    data,
+    mode: str,
+    labels_per_class: int | None,
+    epochs: int,
+    seed: int,
+    device: torch.device,
+    hp: dict,
+    max_steps: int | None = None,
+) -> Adaptation:
     """Adapt `model` (already on `device`) to `data` in place; `hp` is the spec's `training` section.
 
     `max_steps` caps the optimizer steps (see `nas.training.train.fit`).
@@ -124,8 +135,14 @@ def adapt(model: nn.Module, data, mode: str, labels_per_class: int | None, epoch
     torch.manual_seed(seed)  # the new head's initialization
     head_replaced = replace_head(model, data.num_classes)
     if head_replaced and labels_per_class == 0:
-        raise NasError(f"--labels-per-class: the target has {data.num_classes} classes, unlike the model's head; a new head needs labels (K > 0)")
-    before = None if head_replaced else _scores(evaluate(model, data.x_test, data.y_test, device, scoring_batch_size(model, hp)))
+        raise NasError(
+            f"--labels-per-class: the target has {data.num_classes} classes, unlike the model's head; a new head needs labels (K > 0)"
+        )
+    before = (
+        None
+        if head_replaced
+        else _scores(evaluate(model, data.x_test, data.y_test, device, scoring_batch_size(model, hp)))
+    )
     snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if mode == "adabn":
         recalibrate(model, data.x_train, hp["batch_size"], device)
@@ -142,22 +159,44 @@ def adapt(model: nn.Module, data, mode: str, labels_per_class: int | None, epoch
                 p.requires_grad_(True)
     after = _scores(evaluate(model, data.x_test, data.y_test, device, scoring_batch_size(model, hp)))
     changed = [k for k, v in model.state_dict().items() if not torch.equal(v, snapshot[k])]
-    return Adaptation(mode, labels_per_class, samples, epochs if samples else 0, seed, head_replaced,
-                      before, after, trained, changed, time.perf_counter() - start)
+    return Adaptation(
+        mode,
+        labels_per_class,
+        samples,
+        epochs if samples else 0,
+        seed,
+        head_replaced,
+        before,
+        after,
+        trained,
+        changed,
+        time.perf_counter() - start,
+    )
 
 
 def _scores(loss_acc: tuple[float, float]) -> dict:
     return {"loss": loss_acc[0], "accuracy": loss_acc[1]}
 
 
-def finetune(model_dir: str | Path, cfg, *, mode: str, out: str | Path, labels_per_class: int | None = None,
-             epochs: int | None = None, seed: int = 0, lr: float | None = None, device: str | None = None, log=print,
-             force: bool = False) -> Path:
+def finetune(
+    model_dir: str | Path,
+    cfg,
+    *,
+    mode: str,
+    out: str | Path,
+    labels_per_class: int | None = None,
+    epochs: int | None = None,
+    seed: int = 0,
+    lr: float | None = None,
+    device: str | None = None,
+    log=print,
+    force: bool = False,
+) -> Path:
     """Load an export, adapt it to the run config's dataset, write an export plus metrics.json."""
-    from nas.search.config import blamed
     from nas.data.datasets import load_dataset
-    from nas.deploy.export import VERIFY_SAMPLES, check_writable, load_exported, write_export, write_json
     from nas.data.preprocessing import recipe
+    from nas.deploy.export import VERIFY_SAMPLES, check_writable, load_exported, write_export, write_json
+    from nas.search.config import blamed
     from nas.training.train import prepare_model, resolve_device
 
     model_dir, out = Path(model_dir), Path(out)
@@ -169,7 +208,9 @@ def finetune(model_dir: str | Path, cfg, *, mode: str, out: str | Path, labels_p
     with blamed(cfg):
         data = load_dataset(cfg.dataset, dev, normalization=source.meta["normalization"])
     if list(data.input_shape) != list(source.meta["input_shape"]):
-        raise DataError(f"{cfg.source}: dataset: samples of shape {list(data.input_shape)}; the model in {model_dir} takes {source.meta['input_shape']}")
+        raise DataError(
+            f"{cfg.source}: dataset: samples of shape {list(data.input_shape)}; the model in {model_dir} takes {source.meta['input_shape']}"
+        )
     hp = dict(source.meta["arch"]["training"])
     if lr is not None:
         hp["lr"] = lr
@@ -177,22 +218,50 @@ def finetune(model_dir: str | Path, cfg, *, mode: str, out: str | Path, labels_p
     epochs = epochs or cfg.evaluation.epochs
     model = prepare_model(source.model, dev)
     shift = ", ".join(f"{name} {value}" for item in cfg.dataset.transforms for name, value in item.items())
-    log(f"Fine-tuning {model_dir} ({source.meta.get('dataset')}) on {cfg.dataset.name}{f' ({shift})' if shift else ''}"
-        f" with --bn-mode {mode} on {dev.type}")
+    log(
+        f"Fine-tuning {model_dir} ({source.meta.get('dataset')}) on {cfg.dataset.name}{f' ({shift})' if shift else ''}"
+        f" with --bn-mode {mode} on {dev.type}"
+    )
     for note in mode_notes(model, mode, labels_per_class, epochs, epochs_given):
         log(note)
     result = adapt(model, data, mode, labels_per_class, epochs, seed, dev, hp)
-    before = "n/a (new head)" if result.before is None else f"loss {result.before['loss']:.4f}, accuracy {result.before['accuracy']:.4f}"
-    log(f"Target test split before: {before}; after: loss {result.after['loss']:.4f}, accuracy {result.after['accuracy']:.4f}"
-        f" ({result.train_samples} labelled samples, {result.epochs} epochs)")
+    before = (
+        "n/a (new head)"
+        if result.before is None
+        else f"loss {result.before['loss']:.4f}, accuracy {result.before['accuracy']:.4f}"
+    )
+    log(
+        f"Target test split before: {before}; after: loss {result.after['loss']:.4f}, accuracy {result.after['accuracy']:.4f}"
+        f" ({result.train_samples} labelled samples, {result.epochs} epochs)"
+    )
     model = model.to("cpu", memory_format=torch.contiguous_format).eval()
     keep = {k: v for k, v in source.meta.items() if k not in ("files", "fold_max_abs_diff", "versions")}
-    metrics = {"source": str(model_dir), "target_config": cfg.source, "target_dataset": cfg.dataset.name, "target_data": data.fingerprint,
-               "transforms": cfg.dataset.transforms, "lr": hp["lr"], **result.to_dict()}
-    meta = {**keep, "num_classes": data.num_classes, "classes": data.classes, "dataset": cfg.dataset.name, "data": data.fingerprint,
-            "preprocessing": recipe(data), "epochs": result.epochs, "test": {**result.after, "samples": len(data.y_test)},
-            "finetune": {**{k: metrics[k] for k in ("source", "target_config", "transforms", "mode", "labels_per_class", "seed", "head_replaced")},
-                         "source_data": source.meta.get("data")}}
+    metrics = {
+        "source": str(model_dir),
+        "target_config": cfg.source,
+        "target_dataset": cfg.dataset.name,
+        "target_data": data.fingerprint,
+        "transforms": cfg.dataset.transforms,
+        "lr": hp["lr"],
+        **result.to_dict(),
+    }
+    meta = {
+        **keep,
+        "num_classes": data.num_classes,
+        "classes": data.classes,
+        "dataset": cfg.dataset.name,
+        "data": data.fingerprint,
+        "preprocessing": recipe(data),
+        "epochs": result.epochs,
+        "test": {**result.after, "samples": len(data.y_test)},
+        "finetune": {
+            **{
+                k: metrics[k]
+                for k in ("source", "target_config", "transforms", "mode", "labels_per_class", "seed", "head_replaced")
+            },
+            "source_data": source.meta.get("data"),
+        },
+    }
     write_export(model, data.x_test[:VERIFY_SAMPLES].cpu(), meta, out, log)
     write_json(out / "metrics.json", metrics)
     log(f"Wrote {out / 'metrics.json'}")
@@ -206,9 +275,13 @@ def mode_notes(model: nn.Module, mode: str, labels_per_class: int | None, epochs
     if mode == "adabn" and not running_stats_layers(model):
         notes.append("No norm layer of this model keeps running statistics: adabn has nothing to re-estimate")
     if mode == "adabn" and labels_per_class == 0 and epochs_given:
-        notes.append(f"--epochs {epochs} is ignored: adabn without labels (--labels-per-class 0, its default) only re-estimates the "
-                     "norm statistics, with no training epoch; give --labels-per-class K to also train the head for --epochs")
+        notes.append(
+            f"--epochs {epochs} is ignored: adabn without labels (--labels-per-class 0, its default) only re-estimates the "
+            "norm statistics, with no training epoch; give --labels-per-class K to also train the head for --epochs"
+        )
     if mode == "bn-only" and not any(p.numel() for m in norm_layers(model) for p in m.parameters(recurse=False)):
-        notes.append("This model's norm layers have no affine parameters (affine: false, or no norm): bn-only trains the head alone "
-                     "(their running statistics still follow the target batches)")
+        notes.append(
+            "This model's norm layers have no affine parameters (affine: false, or no norm): bn-only trains the head alone "
+            "(their running statistics still follow the target batches)"
+        )
     return notes

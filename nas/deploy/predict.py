@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nas.errors import DataError, NasError, VerificationError
 from nas.data.preprocessing import image_to_model_input, to_model_input
+from nas.errors import DataError, NasError, VerificationError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 RUNTIMES = {"eager": "weights.pt", "onnx": "model.onnx", "ts": "model.ts", "pt2": "model.pt2"}  # runtime -> its file
@@ -33,8 +33,12 @@ class Prediction:
     top: list[tuple[str, float]]  # (class name, probability), most probable first
 
     def to_dict(self) -> dict:
-        return {"input": self.input, "class": self.top[0][0], "probability": self.top[0][1],
-                "top": [{"class": name, "probability": p} for name, p in self.top]}
+        return {
+            "input": self.input,
+            "class": self.top[0][0],
+            "probability": self.top[0][1],
+            "top": [{"class": name, "probability": p} for name, p in self.top],
+        }
 
     def line(self) -> str:
         return f"{self.input}: " + ", ".join(f"{name} ({p:.3f})" for name, p in self.top)
@@ -45,7 +49,9 @@ def read_meta(folder: Path) -> dict:
 
     meta = load_meta(folder)
     if "preprocessing" not in meta:
-        raise NasError(f"{folder / 'model.json'}: no preprocessing recipe (exported by an older bnnas; export it again)")
+        raise NasError(
+            f"{folder / 'model.json'}: no preprocessing recipe (exported by an older bnnas; export it again)"
+        )
     return meta
 
 
@@ -76,7 +82,7 @@ def read_inputs(path: Path, pre: dict) -> list[tuple[str, torch.Tensor]]:
         raw = read_array(path)
         x = to_model_input(raw, pre, str(path))
         single = list(raw.shape) == list(pre["raw_shape"])
-        return [(str(path), x)] if single else [(f"{path}[{i}]", x[i:i + 1]) for i in range(len(x))]
+        return [(str(path), x)] if single else [(f"{path}[{i}]", x[i : i + 1]) for i in range(len(x))]
     raise DataError(f"{path}: unknown input type '{suffix}' (give {', '.join(IMAGE_SUFFIXES)}, .npy or .npz)")
 
 
@@ -102,7 +108,9 @@ def decode_image(path: Path, pre: dict) -> torch.Tensor:
         raise DataError(f"{path}: a {image.mode} image; the model takes 8-bit {files['color']} images")
     wanted = "L" if files["color"] == "grey" else "RGB"
     if image.mode != wanted:
-        raise DataError(f"{path}: a {'grey' if image.mode == 'L' else 'colour'} image; the model takes {files['color']} images")
+        raise DataError(
+            f"{path}: a {'grey' if image.mode == 'L' else 'colour'} image; the model takes {files['color']} images"
+        )
     return F.pil_to_tensor(image)
 
 
@@ -110,7 +118,9 @@ def _without_alpha(image):
     """The image's own colour without transparency: LA -> L, RGBA / palette -> RGB (loaded, so the file can close)."""
     if image.mode == "P":
         image = image.convert("RGBA")
-    return {"LA": lambda: image.convert("L"), "RGBA": lambda: image.convert("RGB")}.get(image.mode, lambda: image.copy())()
+    return {"LA": lambda: image.convert("L"), "RGBA": lambda: image.convert("RGB")}.get(
+        image.mode, lambda: image.copy()
+    )()
 
 
 def read_array(path: Path) -> np.ndarray:
@@ -128,8 +138,9 @@ def read_array(path: Path) -> np.ndarray:
     raise DataError(f"{path}: holds the arrays {', '.join(keys) or 'none'}; name the samples 'x' (or keep one array)")
 
 
-def predict(folder: str | Path, inputs: list[str], runtime: str = "eager",
-            top: int = 1) -> tuple[list[Prediction], dict]:
+def predict(
+    folder: str | Path, inputs: list[str], runtime: str = "eager", top: int = 1
+) -> tuple[list[Prediction], dict]:
     """Classify every input; returns the predictions (in input order) and model.json."""
     folder = Path(folder)
     meta = read_meta(folder)
@@ -140,15 +151,21 @@ def predict(folder: str | Path, inputs: list[str], runtime: str = "eager",
     x = torch.cat([batch for _, batch in batches]) if batches else torch.empty(0, *pre["input_shape"])
     size = meta.get("batch_dependent", {}).get("scored_batch_size", BATCH)
     with torch.no_grad():
-        logits = torch.cat([model(x[i:i + size]) for i in range(0, len(x), size)]) if len(x) else torch.empty(0, len(pre["classes"]))
+        logits = (
+            torch.cat([model(x[i : i + size]) for i in range(0, len(x), size)])
+            if len(x)
+            else torch.empty(0, len(pre["classes"]))
+        )
     if not torch.isfinite(logits).all():
         raise VerificationError(f"{folder}: the model gave non-finite outputs")
     probabilities = logits.softmax(1)
     k = min(top, probabilities.shape[1])
     values, indices = probabilities.topk(k, dim=1)
     classes = pre["classes"]
-    predictions = [Prediction(name, [(classes[j], float(p)) for p, j in zip(v.tolist(), i.tolist())])
-                   for name, v, i in zip(names, values, indices)]
+    predictions = [
+        Prediction(name, [(classes[j], float(p)) for p, j in zip(v.tolist(), i.tolist())])
+        for name, v, i in zip(names, values, indices)
+    ]
     return predictions, meta
 
 

@@ -10,10 +10,13 @@ bn_fold       BatchNorm folded into the preceding conv for inference
 
 from nas._lazy import public
 
-__getattr__, __dir__, __all__ = public(__name__, {
-    'build': ['build', 'Net', 'count_parameters'],
-    'norms': ['NORMS', 'POSITIONS', 'make_norm'],
-    'batch_renorm': ['BatchRenorm'],
-    'bn_fold': ['fold_norms'],
-    'stacking': ['stack'],
-})
+__getattr__, __dir__, __all__ = public(
+    __name__,
+    {
+        "build": ["build", "Net", "count_parameters"],
+        "norms": ["NORMS", "POSITIONS", "make_norm"],
+        "batch_renorm": ["BatchRenorm"],
+        "bn_fold": ["fold_norms"],
+        "stacking": ["stack"],
+    },
+)

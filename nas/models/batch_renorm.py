@@ -23,8 +23,18 @@ CONVERGED_AFTER = 3.0  # steps in multiples of 1 / momentum before r and d may c
 
 
 class BatchRenorm(nn.Module):
-    def __init__(self, num_features: int, dims: int, momentum: float = 0.1, eps: float = 1e-5, affine: bool = True,
-                 r_max: float = 3.0, d_max: float = 5.0, warmup: int = 1000, delay: int | None = None):
+    def __init__(
+        self,
+        num_features: int,
+        dims: int,
+        momentum: float = 0.1,
+        eps: float = 1e-5,
+        affine: bool = True,
+        r_max: float = 3.0,
+        d_max: float = 5.0,
+        warmup: int = 1000,
+        delay: int | None = None,
+    ):
         super().__init__()
         self.num_features, self.dims = num_features, dims
         self.momentum, self.eps, self.affine = momentum, eps, affine
@@ -71,5 +81,7 @@ class BatchRenorm(nn.Module):
         return out.to(x.dtype)
 
     def extra_repr(self) -> str:
-        return (f"{self.num_features}, momentum={self.momentum}, eps={self.eps}, affine={self.affine}, r_max={self.r_max}, "
-                f"d_max={self.d_max}, delay={self.delay}, warmup={self.warmup}")
+        return (
+            f"{self.num_features}, momentum={self.momentum}, eps={self.eps}, affine={self.affine}, r_max={self.r_max}, "
+            f"d_max={self.d_max}, delay={self.delay}, warmup={self.warmup}"
+        )

@@ -15,7 +15,7 @@ a conv keeps its bias unless the norm right after it centres every channel
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -41,14 +41,28 @@ def _dropout(p: float) -> list:
 class ConvBlock(nn.Sequential):
     """conv, norm and activation in the order `position` names, then optional dropout."""
 
-    ORDERS = {"pre_conv": ("norm", "conv", "act"), "post_conv": ("conv", "norm", "act"), "post_act": ("conv", "act", "norm")}
+    ORDERS = {
+        "pre_conv": ("norm", "conv", "act"),
+        "post_conv": ("conv", "norm", "act"),
+        "post_act": ("conv", "act", "norm"),
+    }
     # TorchScript shares one compiled type between Sequentials whose children match as a set,
     # whatever their order: the position as a constant keeps pre_conv and post_act blocks apart.
     __constants__ = ["position"]
 
-    def __init__(self, in_channels: int, out_channels: int, kernel: int = 3, *, stride: int = 1, dims: int = 2,
-                 norm_layer: NormFactory | None = None, act_layer: ActFactory = nn.ReLU, position: str = "post_conv",
-                 dropout: float = 0.0):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel: int = 3,
+        *,
+        stride: int = 1,
+        dims: int = 2,
+        norm_layer: NormFactory | None = None,
+        act_layer: ActFactory = nn.ReLU,
+        position: str = "post_conv",
+        dropout: float = 0.0,
+    ):
         norm = None if norm_layer is None else norm_layer(in_channels if position == "pre_conv" else out_channels)
         bias = position != "post_conv" or _bias_before(norm_layer)
         parts = {"conv": _conv(dims, in_channels, out_channels, kernel, stride, bias), "norm": norm, "act": act_layer()}
@@ -66,9 +80,20 @@ class ResidualBlock(nn.Module):
 
     __constants__ = ["preact"]  # TorchScript then compiles only the branch this block takes
 
-    def __init__(self, in_channels: int, out_channels: int, kernel: int = 3, *, stride: int = 1, dims: int = 2,
-                 norm_layer: NormFactory | None = None, act_layer: ActFactory = nn.ReLU, preact: bool = False,
-                 zero_init: bool = False, dropout: float = 0.0):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel: int = 3,
+        *,
+        stride: int = 1,
+        dims: int = 2,
+        norm_layer: NormFactory | None = None,
+        act_layer: ActFactory = nn.ReLU,
+        preact: bool = False,
+        zero_init: bool = False,
+        dropout: float = 0.0,
+    ):
         super().__init__()
         self.preact = preact
 
@@ -82,7 +107,11 @@ class ResidualBlock(nn.Module):
             self.norm2, self.act2 = norm(out_channels), act_layer()
             self.conv2 = _conv(dims, out_channels, out_channels, kernel, 1, True)
         else:
-            self.conv1, self.norm1, self.act1 = _conv(dims, in_channels, out_channels, kernel, stride, bias), norm(out_channels), act_layer()
+            self.conv1, self.norm1, self.act1 = (
+                _conv(dims, in_channels, out_channels, kernel, stride, bias),
+                norm(out_channels),
+                act_layer(),
+            )
             self.conv2, self.norm2 = _conv(dims, out_channels, out_channels, kernel, 1, bias), norm(out_channels)
             self.act_out = act_layer()
         self.shortcut = nn.Identity()

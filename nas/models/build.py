@@ -57,20 +57,38 @@ def build(spec: dict, input_shape: tuple[int, ...] | list[int], num_classes: int
             else:
                 layers.append((f"stage{i + 1}_pool", POOL[method][dims](2)))
         for j, block in enumerate(stage["blocks"]):
-            layers.append((f"stage{i + 1}_block{j + 1}", make_block(block, channels, stage["width"], stride if j == 0 else 1, dims)))
+            layers.append(
+                (
+                    f"stage{i + 1}_block{j + 1}",
+                    make_block(block, channels, stage["width"], stride if j == 0 else 1, dims),
+                )
+            )
             channels = stage["width"]
     return Net(nn.Sequential(OrderedDict(layers)), nn.Linear(channels, num_classes), dims, add_channel)
 
 
 def make_block(block: dict, in_channels: int, out_channels: int, stride: int, dims: int) -> nn.Module:
     """The block an ArchSpec's block entry describes: its norm and activation turned into factories."""
-    common = {"stride": stride, "dims": dims, "norm_layer": norm_layer(block["norm"], dims),
-              "act_layer": ACTIVATIONS[block["activation"]], "dropout": block.get("dropout", 0.0)}
+    common = {
+        "stride": stride,
+        "dims": dims,
+        "norm_layer": norm_layer(block["norm"], dims),
+        "act_layer": ACTIVATIONS[block["activation"]],
+        "dropout": block.get("dropout", 0.0),
+    }
     if block.get("type", "plain") == "residual":
         residual = block["residual"]
-        return ResidualBlock(in_channels, out_channels, block["kernel"], preact=residual["order"] == "preact",
-                             zero_init=bool(residual.get("zero_init")), **common)
-    return ConvBlock(in_channels, out_channels, block["kernel"], position=block["norm"].get("position", "post_conv"), **common)
+        return ResidualBlock(
+            in_channels,
+            out_channels,
+            block["kernel"],
+            preact=residual["order"] == "preact",
+            zero_init=bool(residual.get("zero_init")),
+            **common,
+        )
+    return ConvBlock(
+        in_channels, out_channels, block["kernel"], position=block["norm"].get("position", "post_conv"), **common
+    )
 
 
 def count_parameters(model: nn.Module) -> int:

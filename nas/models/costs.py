@@ -11,8 +11,8 @@ export's variants side by side with the same clock (`nas.deploy.bench`).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -104,8 +104,13 @@ def time_call(fn: Variant, x: torch.Tensor, sync: Callable[[], None]) -> float:
 def latency_summary(seconds: list[float], batch_size: int) -> dict:
     ms = np.asarray(seconds) * 1e3
     p10, median, p90 = np.percentile(ms, [10, 50, 90])
-    return {"median_ms": float(median), "p10_ms": float(p10), "p90_ms": float(p90), "spread": float(p90 / p10),
-            "throughput": batch_size / (float(median) / 1e3)}
+    return {
+        "median_ms": float(median),
+        "p10_ms": float(p10),
+        "p90_ms": float(p90),
+        "spread": float(p90 / p10),
+        "throughput": batch_size / (float(median) / 1e3),
+    }
 
 
 def check_counts(warmup: int, repeats: int) -> None:
@@ -140,14 +145,21 @@ def measure_latency(
     return latency_summary(seconds, example.shape[0] if example.dim() else 1)
 
 
-def candidate_costs(spec: dict, input_shape: tuple[int, ...], num_classes: int, device: torch.device,
-                    batch_size: int, wanted: list[str], threads: int = DEFAULT_THREADS) -> dict:
+def candidate_costs(
+    spec: dict,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    device: torch.device,
+    batch_size: int,
+    wanted: list[str],
+    threads: int = DEFAULT_THREADS,
+) -> dict:
     """The inference costs a multi-objective search asks for, of the candidate as it would deploy:
     folded, eval mode, on `device`, at a fixed batch size (weights do not change the cost), with
     `threads` CPU threads as nas-bench uses by default (the training's thread count would make
     the latency depend on the machine and on other workers)."""
-    from nas.models.build import build
     from nas.models.bn_fold import fold_norms
+    from nas.models.build import build
 
     model = fold_norms(build(spec, input_shape, num_classes)).to(device)
     costs = {}

@@ -8,9 +8,9 @@ plus its test. The catalogue also answers which modules are norms and which keep
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable
 
 import torch
 from torch import nn
@@ -54,7 +54,9 @@ class NormType:
         return self.factory is not None and self.centers_per_channel
 
 
-def _batch(num_features: int, dims: int, momentum: float, eps: float, affine: bool, track_running_stats: bool) -> nn.Module:
+def _batch(
+    num_features: int, dims: int, momentum: float, eps: float, affine: bool, track_running_stats: bool
+) -> nn.Module:
     cls = nn.BatchNorm2d if dims == 2 else nn.BatchNorm1d
     return cls(num_features, eps=eps, momentum=momentum, affine=affine, track_running_stats=track_running_stats)
 
@@ -71,10 +73,18 @@ def _instance(num_features: int, dims: int, eps: float, affine: bool) -> nn.Modu
 # Aliases are compared ignoring case, separators and a 1d/2d/3d suffix (nas.validation.spelling),
 # so "batchnorm" also covers BatchNorm2d, batch_norm and Batch-Norm.
 NORMS: dict[str, NormType] = {
-    "batch": NormType(_batch, ("momentum", "eps", "affine", "track_running_stats"), centers_per_channel=True,
-                      aliases=("batchnorm", "bn")),
-    "batch_renorm": NormType(BatchRenorm, ("momentum", "eps", "affine", "r_max", "d_max", "warmup"), centers_per_channel=True,
-                             aliases=("renorm", "brn")),
+    "batch": NormType(
+        _batch,
+        ("momentum", "eps", "affine", "track_running_stats"),
+        centers_per_channel=True,
+        aliases=("batchnorm", "bn"),
+    ),
+    "batch_renorm": NormType(
+        BatchRenorm,
+        ("momentum", "eps", "affine", "r_max", "d_max", "warmup"),
+        centers_per_channel=True,
+        aliases=("renorm", "brn"),
+    ),
     "group": NormType(_group, ("groups", "eps", "affine"), aliases=("groupnorm", "gn")),
     "layer": NormType(partial(_group, groups=1), ("eps", "affine"), aliases=("layernorm", "ln")),
     # Instance norm is GroupNorm with a group per channel: no running statistics, and a 1-pixel

@@ -34,8 +34,13 @@ class NotStackable(Exception):
 
 
 # Layers without state that act per element or per channel: shared by all folds as they are.
-PER_CHANNEL = (nn.Identity, nn.Dropout, *ACTIVATIONS.values(), *GLOBAL_POOL.values(),
-               *(cls for by_dims in POOL.values() for cls in by_dims.values()))
+PER_CHANNEL = (
+    nn.Identity,
+    nn.Dropout,
+    *ACTIVATIONS.values(),
+    *GLOBAL_POOL.values(),
+    *(cls for by_dims in POOL.values() for cls in by_dims.values()),
+)
 CONTAINERS = (Net, nn.Sequential, ConvBlock, ResidualBlock)  # forwards that only chain their children
 
 
@@ -48,7 +53,9 @@ class StackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k, _, features = self.weight.shape
-        return torch.baddbmm(self.bias.unsqueeze(1), x.view(len(x), k, features).transpose(0, 1), self.weight.transpose(1, 2))
+        return torch.baddbmm(
+            self.bias.unsqueeze(1), x.view(len(x), k, features).transpose(0, 1), self.weight.transpose(1, 2)
+        )
 
 
 @dataclass
@@ -122,12 +129,23 @@ def _stack_layer(folds: list[nn.Module], head: bool) -> tuple[nn.Module, str]:
     m, k = folds[0], len(folds)
     factory = {"device": next(iter([*m.parameters(), *m.buffers()]), torch.empty(0)).device}
     if isinstance(m, (nn.Conv1d, nn.Conv2d)) and m.padding_mode == "zeros":
-        new = type(m)(k * m.in_channels, k * m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation,
-                      k * m.groups, m.bias is not None, **factory)
+        new = type(m)(
+            k * m.in_channels,
+            k * m.out_channels,
+            m.kernel_size,
+            m.stride,
+            m.padding,
+            m.dilation,
+            k * m.groups,
+            m.bias is not None,
+            **factory,
+        )
     elif type(m) in (nn.BatchNorm1d, nn.BatchNorm2d):
         new = type(m)(k * m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats, **factory)
     elif isinstance(m, BatchRenorm):
-        new = BatchRenorm(k * m.num_features, m.dims, m.momentum, m.eps, m.affine, m.r_max, m.d_max, m.warmup, m.delay).to(factory["device"])
+        new = BatchRenorm(
+            k * m.num_features, m.dims, m.momentum, m.eps, m.affine, m.r_max, m.d_max, m.warmup, m.delay
+        ).to(factory["device"])
     elif isinstance(m, nn.GroupNorm):
         new = nn.GroupNorm(k * m.num_groups, k * m.num_channels, m.eps, m.affine, **factory)
     elif isinstance(m, nn.Linear) and head:

@@ -9,10 +9,13 @@ pruners   pruners by name, and when a pruner can save nothing
 
 from nas._lazy import public
 
-__getattr__, __dir__, __all__ = public(__name__, {
-    'space': ['Space', 'load_space', 'default_spec'],
-    'archspec': ['describe_norms', 'norm_group'],
-    'config': ['RunConfig', 'DatasetConfig', 'load_run_config'],
-    'samplers': ['SAMPLER_NAMES', 'make_sampler'],
-    'pruners': ['PRUNER_NAMES'],
-})
+__getattr__, __dir__, __all__ = public(
+    __name__,
+    {
+        "space": ["Space", "load_space", "default_spec"],
+        "archspec": ["describe_norms", "norm_group"],
+        "config": ["RunConfig", "DatasetConfig", "load_run_config"],
+        "samplers": ["SAMPLER_NAMES", "make_sampler"],
+        "pruners": ["PRUNER_NAMES"],
+    },
+)

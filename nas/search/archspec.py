@@ -7,7 +7,7 @@ descriptions for tables, and the catalogue order rows are sorted in. `nas-search
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 # Catalogue order for rows and columns; names not listed (a newer catalogue) sort after them.
 NORM_ORDER = ("batch", "batch_renorm", "group", "layer", "instance", "none")
@@ -91,7 +91,9 @@ def describe_block_norm(block: dict) -> str:
     norm = block.get("norm", {})
     kind, where = norm.get("type", UNKNOWN), block_position(block)
     head = kind if where == NO_POSITION else f"{kind}@{where}"
-    settings = ",".join(f"{SETTING_ABBREV.get(k, k)}={_fmt_setting(v)}" for k, v in norm.items() if k not in ("type", "position"))
+    settings = ",".join(
+        f"{SETTING_ABBREV.get(k, k)}={_fmt_setting(v)}" for k, v in norm.items() if k not in ("type", "position")
+    )
     return f"{head}({settings})" if settings else head
 
 
@@ -133,5 +135,9 @@ def describe_block_types(spec: dict) -> str:
 def describe_training(spec: dict) -> str:
     training = spec.get("training", {})
     lr = training.get("lr")
-    parts = [training.get("optimizer", UNKNOWN), f"lr={_fmt_setting(lr) if lr is not None else UNKNOWN}", f"bs={training.get('batch_size', UNKNOWN)}"]
+    parts = [
+        training.get("optimizer", UNKNOWN),
+        f"lr={_fmt_setting(lr) if lr is not None else UNKNOWN}",
+        f"bs={training.get('batch_size', UNKNOWN)}",
+    ]
     return " ".join(parts)

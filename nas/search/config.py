@@ -50,7 +50,9 @@ class DatasetConfig:
     augment: str = field(default="auto", metadata={"choices": AUGMENT_NAMES})
     image_size: int | None = field(default=None, metadata={"min": 1})  # imagefolder: resize to this
     cache: str = "auto"  # imagefolder: decoded images cached in auto (~/.cache/bnnas), off, or a folder
-    device_memory: float | None = field(default=None, metadata={"min": 0})  # GB 8-bit images may take on the device (None: half its free memory); beyond: streamed
+    device_memory: float | None = field(
+        default=None, metadata={"min": 0}
+    )  # GB 8-bit images may take on the device (None: half its free memory); beyond: streamed
     # Shifted variants (nas.data.transforms): [{contrast: 0.5}, {noise: 0.1}, ...] applied to both splits.
     transforms: list = field(default_factory=list, metadata={"check": _check_transforms})
     transform_seed: int = 0  # seeds the `noise` transform
@@ -65,7 +67,9 @@ class StudyConfig:
     seed: int = 0
     timeout: float | None = field(default=None, metadata={"min": 0})
     max_consecutive_failures: int = field(default=5, metadata={"min": 1})
-    heartbeat_seconds: float = field(default=30.0, metadata={"min": 1})  # RDB storage: a trial silent for 2x this is stale
+    heartbeat_seconds: float = field(
+        default=30.0, metadata={"min": 1}
+    )  # RDB storage: a trial silent for 2x this is stale
     retries: int = field(default=1, metadata={"min": 0})  # times a stale (crashed) trial is rerun with its parameters
 
 
@@ -75,9 +79,13 @@ class EvaluationConfig:
     epochs: int = field(default=15, metadata={"min": 1})
     pruner: str = field(default="none", metadata={"choices": PRUNER_NAMES})
     recalibrate_bn: bool = False  # re-estimate BN running statistics on the training fold before validation
-    fold_mode: str = field(default="together", metadata={"choices": FOLD_MODES})  # train the k folds as one batched computation
+    fold_mode: str = field(
+        default="together", metadata={"choices": FOLD_MODES}
+    )  # train the k folds as one batched computation
     latency_batch_size: int = field(default=64, metadata={"min": 1})  # for the latency_ms objective
-    latency_threads: int = field(default=1, metadata={"min": 1})  # CPU threads the latency_ms objective is measured with (as nas-bench)
+    latency_threads: int = field(
+        default=1, metadata={"min": 1}
+    )  # CPU threads the latency_ms objective is measured with (as nas-bench)
 
 
 @dataclass
@@ -87,11 +95,15 @@ class RunConfig:
     study: StudyConfig = field(default_factory=StudyConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     device: str = field(default="auto", metadata={"choices": DEVICES})
-    objectives: list[str] = field(default_factory=lambda: ["cv_loss"], metadata={"choices": OBJECTIVES, "what": "objective"})
+    objectives: list[str] = field(
+        default_factory=lambda: ["cv_loss"], metadata={"choices": OBJECTIVES, "what": "objective"}
+    )
     # Filled by the loader, not read from YAML:
     source: str = field(default="", metadata={"internal": True})
     space: dict = field(default_factory=dict, metadata={"internal": True})
-    origins: dict = field(default_factory=dict, metadata={"internal": True, "stored": False})  # key path -> flag that set it
+    origins: dict = field(
+        default_factory=dict, metadata={"internal": True, "stored": False}
+    )  # key path -> flag that set it
 
     def to_dict(self) -> dict:
         """Plain JSON data: stored in the study so `--resume` needs no YAML."""
@@ -117,7 +129,12 @@ class Override(typing.NamedTuple):
 def origin_of(key_path: str, origins: dict, file: str) -> str:
     """The override that set `key_path` or a mapping above it (or below it: `--set dataset={...}`), else `file`."""
     for key, origin in origins.items():
-        if key_path == key or key_path.startswith(f"{key}.") or key_path.startswith(f"{key}[") or key.startswith(f"{key_path}."):
+        if (
+            key_path == key
+            or key_path.startswith(f"{key}.")
+            or key_path.startswith(f"{key}[")
+            or key.startswith(f"{key_path}.")
+        ):
             return origin
     return file
 
@@ -271,7 +288,9 @@ def _load(path: str | Path | None, overrides: list[Override], stored: dict | Non
     cfg = _from_dict(RunConfig, raw, file, "")
     cfg.source = file
     if len(cfg.objectives) > 1 and cfg.evaluation.pruner != "none":
-        raise ConfigError(file, "evaluation.pruner", "Optuna prunes single-objective studies only; use none with several objectives")
+        raise ConfigError(
+            file, "evaluation.pruner", "Optuna prunes single-objective studies only; use none with several objectives"
+        )
     from nas.search.pruners import pruner_problem
 
     ev = cfg.evaluation

@@ -21,8 +21,12 @@ PRUNERS = {
     "none": lambda top: _pruners().NopPruner(),
     "median": lambda top: _pruners().MedianPruner(n_startup_trials=5, n_warmup_steps=max(1, top // 3)),
     "wilcoxon": lambda top: _pruners().WilcoxonPruner(p_threshold=P_THRESHOLD),
-    "successive_halving": lambda top: _pruners().SuccessiveHalvingPruner(min_resource=1, reduction_factor=REDUCTION_FACTOR),
-    "hyperband": lambda top: _pruners().HyperbandPruner(min_resource=1, max_resource=top, reduction_factor=REDUCTION_FACTOR),
+    "successive_halving": lambda top: _pruners().SuccessiveHalvingPruner(
+        min_resource=1, reduction_factor=REDUCTION_FACTOR
+    ),
+    "hyperband": lambda top: _pruners().HyperbandPruner(
+        min_resource=1, max_resource=top, reduction_factor=REDUCTION_FACTOR
+    ),
 }
 PRUNER_NAMES = tuple(PRUNERS)
 
@@ -44,15 +48,21 @@ def pruner_problem(name: str, folds: int, fold_mode: str, recalibrate_bn: bool) 
     if name == "none":
         return None
     if fold_mode == "together" and name == "wilcoxon":
-        return ("wilcoxon needs fold_mode: sequential (with the folds trained together, fold scores arrive "
-                "after every fold trained: there is nothing left to save)")
+        return (
+            "wilcoxon needs fold_mode: sequential (with the folds trained together, fold scores arrive "
+            "after every fold trained: there is nothing left to save)"
+        )
     if fold_mode == "together" and recalibrate_bn:
-        return (f"{name} with recalibrate_bn needs fold_mode: sequential (the scored, recalibrated loss exists "
-                "once a fold has trained; with the folds together that is after all of them: nothing left to save)")
+        return (
+            f"{name} with recalibrate_bn needs fold_mode: sequential (the scored, recalibrated loss exists "
+            "once a fold has trained; with the folds together that is after all of them: nothing left to save)"
+        )
     if name == "wilcoxon" and smallest_wilcoxon_p(folds - 1) >= P_THRESHOLD:
         need = next(k for k in range(folds + 1, 64) if smallest_wilcoxon_p(k - 1) < P_THRESHOLD)
-        return (f"wilcoxon cannot prune with {folds} folds at p_threshold {P_THRESHOLD}: it judges after every fold "
-                f"but the last, and the smallest one-sided p after n folds is 1/2^n; use >= {need} folds")
+        return (
+            f"wilcoxon cannot prune with {folds} folds at p_threshold {P_THRESHOLD}: it judges after every fold "
+            f"but the last, and the smallest one-sided p after n folds is 1/2^n; use >= {need} folds"
+        )
     return None
 
 

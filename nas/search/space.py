@@ -19,10 +19,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from nas.validation import Param, check_bounds, check_scalar, did_you_mean, read_yaml, type_name, unknown_key
 from nas.errors import ConfigError
-from nas.search.stand_in_trials import FirstChoiceTrial
 from nas.models.norms import ACTIVATIONS, NORM_ALIASES, NORM_PARAMS, NORMS, POSITIONS
+from nas.search.stand_in_trials import FirstChoiceTrial
+from nas.validation import Param, check_bounds, check_scalar, did_you_mean, read_yaml, type_name, unknown_key
 
 SHARE_MODES = ("global", "per_stage", "per_block")
 DOWNSAMPLE = ("maxpool", "avgpool", "stride")
@@ -97,7 +97,11 @@ def _validate_leaf(leaf: Any, param: Param, file: str, path: str) -> None:
         raise ConfigError(file, path, f"is a setting, not searchable: give one value, not {leaf}")
     for key in leaf:
         if key not in DISTRIBUTION_KEYS:
-            raise ConfigError(file, f"{path}.{key}", f"unknown distribution key (known: {', '.join(DISTRIBUTION_KEYS)}){did_you_mean(key, DISTRIBUTION_KEYS)}")
+            raise ConfigError(
+                file,
+                f"{path}.{key}",
+                f"unknown distribution key (known: {', '.join(DISTRIBUTION_KEYS)}){did_you_mean(key, DISTRIBUTION_KEYS)}",
+            )
     kinds = [k for k in ("choice", "int", "float") if k in leaf]
     if len(kinds) != 1:
         raise ConfigError(file, path, "a distribution needs exactly one of choice, int, float")
@@ -106,7 +110,11 @@ def _validate_leaf(leaf: Any, param: Param, file: str, path: str) -> None:
         _validate_choice(leaf, param, file, path)
         return
     if param.kind is not (int if kind == "int" else float):
-        raise ConfigError(file, f"{path}.{kind}", f"expected {'choice' if param.kind in (str, bool) else param.kind.__name__} for this key, not a {kind} range")
+        raise ConfigError(
+            file,
+            f"{path}.{kind}",
+            f"expected {'choice' if param.kind in (str, bool) else param.kind.__name__} for this key, not a {kind} range",
+        )
     bounds = leaf[kind]
     if not isinstance(bounds, list) or len(bounds) != 2:
         raise ConfigError(file, f"{path}.{kind}", f"expected [low, high], got {bounds!r}")
@@ -183,7 +191,12 @@ class Space:
         n_stages, n_blocks, width = s("stages"), s("blocks_per_stage"), s("width")
         downsample = s("downsample")
         block_type = s("block.type")
-        template = {"type": block_type, "kernel": s("block.kernel"), "activation": s("block.activation"), "dropout": s("block.dropout")}
+        template = {
+            "type": block_type,
+            "kernel": s("block.kernel"),
+            "activation": s("block.activation"),
+            "dropout": s("block.dropout"),
+        }
         if block_type == "residual":
             template["residual"] = {"order": s("block.residual.order"), "zero_init": s("block.residual.zero_init")}
         share = self.leaf("block.norm.share")

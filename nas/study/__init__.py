@@ -18,11 +18,14 @@ report         nas-report: plots and tables of a study
 
 from nas._lazy import public
 
-__getattr__, __dir__, __all__ = public(__name__, {
-    'run': ['run_search'],
-    'tables': ['summary_table'],
-    'storage': ['load_existing_study', 'storage_of'],
-    'schema': ['request_stop', 'scored_trials'],
-    'best_so_far': ['improvements', 'best_at'],
-    'report': ['write_report'],
-})
+__getattr__, __dir__, __all__ = public(
+    __name__,
+    {
+        "run": ["run_search"],
+        "tables": ["summary_table"],
+        "storage": ["load_existing_study", "storage_of"],
+        "schema": ["request_stop", "scored_trials"],
+        "best_so_far": ["improvements", "best_at"],
+        "report": ["write_report"],
+    },
+)

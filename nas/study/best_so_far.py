@@ -23,8 +23,14 @@ def improvements(trials: list[FrozenTrial], start: datetime | None = None) -> li
     `start` defaults to the earliest trial start. Of the trials that completed before it, only the
     best is kept: the best the run started from, at its negative seconds (`before_run`).
     """
-    done = sorted((t for t in trials if t.state == TrialState.COMPLETE and counts_toward_budget(t) and t.values and t.datetime_complete),
-                  key=lambda t: t.datetime_complete)
+    done = sorted(
+        (
+            t
+            for t in trials
+            if t.state == TrialState.COMPLETE and counts_toward_budget(t) and t.values and t.datetime_complete
+        ),
+        key=lambda t: t.datetime_complete,
+    )
     if not done:
         return []
     start = start or min(t.datetime_start for t in trials if t.datetime_start)
@@ -64,8 +70,10 @@ def anytime_line(points: list[tuple[float, float, int]], total: float, shown: in
     if len(points) > shown:  # the first, the last, and evenly spaced ones between
         keep = sorted({round(i * (len(points) - 1) / (shown - 1)) for i in range(shown)})
         points = [points[i] for i in keep]
-    steps = " -> ".join(f"{value:.4f} (trial {number}, {'before this run' if before_run((at, value, number)) else clock(at)})"
-                        for at, value, number in points)
+    steps = " -> ".join(
+        f"{value:.4f} (trial {number}, {'before this run' if before_run((at, value, number)) else clock(at)})"
+        for at, value, number in points
+    )
     if before_run(points[0]):
         steps = "from " + steps + ("; no trial of this run improved on it" if len(points) == 1 else "")
     return head + steps

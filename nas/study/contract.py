@@ -84,7 +84,9 @@ def show(value: object, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def history_entry(changes: list[tuple[str, object, object]], previous_config: dict, previous_data: dict | None, source: str) -> dict:
+def history_entry(
+    changes: list[tuple[str, object, object]], previous_config: dict, previous_data: dict | None, source: str
+) -> dict:
     """One forced change: when, by whom, what changed, and the config and data it replaced."""
     return {
         "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -95,7 +97,9 @@ def history_entry(changes: list[tuple[str, object, object]], previous_config: di
     }
 
 
-def config_of_version(version: int, current: dict, current_data: dict | None, history: list[dict]) -> tuple[dict, dict | None]:
+def config_of_version(
+    version: int, current: dict, current_data: dict | None, history: list[dict]
+) -> tuple[dict, dict | None]:
     """The run config and data fingerprint of config version `version` (the last is the current one)."""
     if 0 <= version < len(history):
         previous = history[version].get("previous", {})
@@ -106,8 +110,10 @@ def config_of_version(version: int, current: dict, current_data: dict | None, hi
 def summary(config: dict) -> str:
     """The one line a study shows in `optuna studies` (the whole config lives in a system attribute)."""
     dataset, evaluation, study = config.get("dataset", {}), config.get("evaluation", {}), config.get("study", {})
-    return (f"bnnas: {dataset.get('name', '?')}, {evaluation.get('folds', '?')} folds x {evaluation.get('epochs', '?')} epochs, "
-            f"{study.get('sampler', '?')}, budget {study.get('trials', '?')}")
+    return (
+        f"bnnas: {dataset.get('name', '?')}, {evaluation.get('folds', '?')} folds x {evaluation.get('epochs', '?')} epochs, "
+        f"{study.get('sampler', '?')}, budget {study.get('trials', '?')}"
+    )
 
 
 def changed_on_this_host(storage_url: str, study_name: str, dataset: dict) -> list[tuple[str, object, object]]:

@@ -33,11 +33,17 @@ from collections import Counter
 import optuna
 from optuna.trial import TrialState
 
-from nas.study.schema import VERSION_ATTR
 from nas.errors import TrialError
 from nas.search.space import Space
 from nas.search.stand_in_trials import Infinite, ListingTrial, RandomTrial
-from nas.study.schema import DUPLICATE_ATTR, FAIL_REASON_ATTR, INTERRUPTED, counts_toward_budget, is_failure
+from nas.study.schema import (
+    DUPLICATE_ATTR,
+    FAIL_REASON_ATTR,
+    INTERRUPTED,
+    VERSION_ATTR,
+    counts_toward_budget,
+    is_failure,
+)
 
 LIST_LIMIT = 20_000  # a finite space with more candidates is treated like an infinite one
 DRAWS = 200  # random draws per attempt to find an untried candidate in a space too large to list
@@ -116,15 +122,19 @@ class Novelty:
                 study.enqueue_trial(walk.params)
                 break
         if self.in_a_row >= STALL_LIMIT:
-            self.stop_reason = (f"the sampler proposed {self.in_a_row} already tried candidates in a row, "
-                                "so the space looks used up; widen it or use the random sampler")
+            self.stop_reason = (
+                f"the sampler proposed {self.in_a_row} already tried candidates in a row, "
+                "so the space looks used up; widen it or use the random sampler"
+            )
 
     def _exhausted(self, candidates: int, trained: int, failed: int) -> str:
         version = f" under config version {self.version}" if self.version else ""
         if not failed:
             return f"search space exhausted: all {candidates} candidates of the space have been trained{version}"
-        return (f"search space exhausted: all {candidates} candidates of the space have been tried{version}: "
-                f"{trained} trained, {failed} failed on each of their {1 + self.retries} tries (1 + study.retries)")
+        return (
+            f"search space exhausted: all {candidates} candidates of the space have been tried{version}: "
+            f"{trained} trained, {failed} failed on each of their {1 + self.retries} tries (1 + study.retries)"
+        )
 
     def listed(self) -> list[dict] | None:
         if self._listed is False:

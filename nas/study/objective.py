@@ -6,7 +6,7 @@ A proposal that repeats a tried candidate is recorded as a FAIL repeat without t
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import optuna
 
@@ -16,15 +16,30 @@ from nas.search.pruners import reports_every_epoch
 from nas.search.space import Space
 from nas.study.duplicates import Novelty, record_repeat
 from nas.study.pruning import Reporter
-from nas.study.schema import (ARCH_ATTR, COST_ATTRS, FAIL_REASON_ATTR, INTERRUPTED, OVER_BUDGET, SCORE_ATTRS,
-                              VERSION_ATTR)
+from nas.study.schema import (
+    ARCH_ATTR,
+    COST_ATTRS,
+    FAIL_REASON_ATTR,
+    INTERRUPTED,
+    OVER_BUDGET,
+    SCORE_ATTRS,
+    VERSION_ATTR,
+)
 from nas.study.stopping import over_budget
 from nas.study.workers import mark_trial, reclaim_dead_trials
 from nas.training.signals import SIGNALS
 
 
-def make_objective(cfg: RunConfig, data, folds, device, *, epoch_bar: Callable | None = None,
-                   novelty: Novelty | None = None, version: int = 0) -> Callable[[optuna.Trial], float | tuple]:
+def make_objective(
+    cfg: RunConfig,
+    data,
+    folds,
+    device,
+    *,
+    epoch_bar: Callable | None = None,
+    novelty: Novelty | None = None,
+    version: int = 0,
+) -> Callable[[optuna.Trial], float | tuple]:
     """The objective of `cfg`'s study on `data` split into `folds`; `epoch_bar(trial_number)` makes a progress bar."""
     from nas.models.costs import candidate_costs
     from nas.training.cross_validation import cross_validate  # late: keeps torch out of `import nas.study` readers
@@ -56,9 +71,19 @@ def make_objective(cfg: RunConfig, data, folds, device, *, epoch_bar: Callable |
         every_epoch = bar is not None or reports_every_epoch(cfg.evaluation.pruner, cfg.evaluation.fold_mode)
         try:
             with SIGNALS.interruptible():
-                score = cross_validate(spec, data, folds, epochs, device, study_seed=cfg.study.seed, trial_number=trial.number,
-                                       on_epoch=on_epoch if every_epoch else None, on_fold=reporter.fold,
-                                       recalibrate_bn=cfg.evaluation.recalibrate_bn, fold_mode=cfg.evaluation.fold_mode)
+                score = cross_validate(
+                    spec,
+                    data,
+                    folds,
+                    epochs,
+                    device,
+                    study_seed=cfg.study.seed,
+                    trial_number=trial.number,
+                    on_epoch=on_epoch if every_epoch else None,
+                    on_fold=reporter.fold,
+                    recalibrate_bn=cfg.evaluation.recalibrate_bn,
+                    fold_mode=cfg.evaluation.fold_mode,
+                )
         except TrialError as exc:
             trial.set_user_attr(FAIL_REASON_ATTR, str(exc))
             raise
@@ -73,8 +98,15 @@ def make_objective(cfg: RunConfig, data, folds, device, *, epoch_bar: Callable |
                 trial.set_user_attr(key, score[key])
         if cfg.objectives == ["cv_loss"]:
             return score["cv_loss"]
-        costs = candidate_costs(spec, data.input_shape, data.num_classes, device, cfg.evaluation.latency_batch_size,
-                                cfg.objectives, cfg.evaluation.latency_threads)
+        costs = candidate_costs(
+            spec,
+            data.input_shape,
+            data.num_classes,
+            device,
+            cfg.evaluation.latency_batch_size,
+            cfg.objectives,
+            cfg.evaluation.latency_threads,
+        )
         for objective_name, value in costs.items():
             trial.set_user_attr(COST_ATTRS[objective_name], value)
         values = {**score, **costs}

@@ -15,8 +15,13 @@ from nas.search.config import RunConfig
 from nas.search.samplers import make_sampler
 from nas.study.contract import contract, differences, history_entry, show, summary
 from nas.study.pruning import make_pruner
-from nas.study.schema import (read_config_history, read_data_fingerprint, read_run_config, write_config_history,
-                              write_run_config)
+from nas.study.schema import (
+    read_config_history,
+    read_data_fingerprint,
+    read_run_config,
+    write_config_history,
+    write_run_config,
+)
 from nas.study.storage import load_existing_study, quiet_optuna
 
 
@@ -34,8 +39,12 @@ def check_contract(cfg: RunConfig, storage, fingerprint: dict | None, force: boo
         return []
     directions = storage.get_study_directions(study_id)
     if len(directions) != len(cfg.objectives):
-        raise ConfigError(cfg.where("objectives"), "objectives", f"study '{cfg.study.name}' has {len(directions)} objective(s), "
-                          f"this run asks for {len(cfg.objectives)}; use another --study")
+        raise ConfigError(
+            cfg.where("objectives"),
+            "objectives",
+            f"study '{cfg.study.name}' has {len(directions)} objective(s), "
+            f"this run asks for {len(cfg.objectives)}; use another --study",
+        )
     stored = read_run_config(storage, study_id)
     if stored is None:
         return []
@@ -44,8 +53,12 @@ def check_contract(cfg: RunConfig, storage, fingerprint: dict | None, force: boo
     if changes and not force:
         key, before, after = changes[0]
         more = f" (and {len(changes) - 1} more)" if len(changes) > 1 else ""
-        raise ConfigError(cfg.where(_config_key(key)), key, f"study '{cfg.study.name}' was run with {show(before)}; this run has "
-                          f"{show(after)}{more}. Use another --study, or --force to continue it and record the change")
+        raise ConfigError(
+            cfg.where(_config_key(key)),
+            key,
+            f"study '{cfg.study.name}' was run with {show(before)}; this run has "
+            f"{show(after)}{more}. Use another --study, or --force to continue it and record the change",
+        )
     return changes
 
 
@@ -63,8 +76,12 @@ def create_or_load(cfg: RunConfig, storage) -> optuna.Study:
     reclaiming, counting, storing the config. Searching it takes `load_for_search`'s study, made with its sampler."""
     try:
         with quiet_optuna():
-            study = optuna.create_study(storage=storage, study_name=cfg.study.name, load_if_exists=True,
-                                        directions=["minimize"] * len(cfg.objectives))
+            study = optuna.create_study(
+                storage=storage,
+                study_name=cfg.study.name,
+                load_if_exists=True,
+                directions=["minimize"] * len(cfg.objectives),
+            )
     except (ImportError, ValueError, SQLAlchemyError) as exc:
         raise StudyError(f"study.storage: cannot open {cfg.study.storage}: {one_line(exc)}") from None
     return study
@@ -77,7 +94,9 @@ def load_for_search(cfg: RunConfig, storage, seed: int) -> optuna.Study:
             study_name=cfg.study.name,
             storage=storage,
             sampler=make_sampler(cfg.study.sampler, seed),
-            pruner=make_pruner(cfg.evaluation.pruner, cfg.evaluation.epochs, cfg.evaluation.folds, cfg.evaluation.fold_mode),
+            pruner=make_pruner(
+                cfg.evaluation.pruner, cfg.evaluation.epochs, cfg.evaluation.folds, cfg.evaluation.fold_mode
+            ),
         )
 
 
@@ -99,5 +118,7 @@ def stored_config(study_name: str, storage: str) -> dict:
     study = load_existing_study(storage, study_name)
     config = read_run_config(study._storage, study._study_id)
     if config is None:
-        raise StudyError(f"--study: '{study_name}' has no stored run config (not made by nas-search); run with --config")
+        raise StudyError(
+            f"--study: '{study_name}' has no stored run config (not made by nas-search); run with --config"
+        )
     return config

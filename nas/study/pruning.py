@@ -80,7 +80,9 @@ class Reporter:
     def __init__(self, trial: optuna.Trial, pruner: str, epochs: int, folds: int):
         scale = trial.study.pruner
         if not isinstance(scale, FoldPruner):
-            raise TypeError(f"the study's pruner is {type(scale).__name__}, not one nas.study.pruning.make_pruner built")
+            raise TypeError(
+                f"the study's pruner is {type(scale).__name__}, not one nas.study.pruning.make_pruner built"
+            )
         self.trial, self.pruner, self.epochs, self.folds, self.fold_mode = trial, pruner, epochs, folds, scale.fold_mode
         self.fold_losses: list[float] = []  # finished folds
         self.latest: list[float | None] = [None] * folds  # each fold's latest validation loss

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import statistics
 from collections import Counter
+from collections.abc import Iterable
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import matplotlib
 import numpy as np
@@ -27,18 +27,37 @@ from matplotlib.figure import Figure
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
-from nas.study.schema import ARCH_ATTR, FAIL_REASON_ATTR, VERSION_ATTR
-from nas.study.contract import show
-from nas.output import atomic_write, atomic_write_text, markdown_table
 from nas.errors import NasError, StudyError, one_line
+from nas.output import atomic_write, atomic_write_text, markdown_table
+from nas.search.archspec import (
+    NO_POSITION,
+    NORM_ORDER,
+    POSITION_ORDER,
+    SETTING_ABBREV,
+    UNKNOWN,
+    describe_activations,
+    describe_block_types,
+    describe_layout,
+    describe_training,
+    norm_group,
+    order_key,
+)
 from nas.search.config import StudyConfig
-from nas.study.workers import describe_workers, live_workers
 from nas.study.best_so_far import clock, improvements
-from nas.search.archspec import (NO_POSITION, NORM_ORDER, POSITION_ORDER, SETTING_ABBREV, UNKNOWN, describe_activations,
-                          describe_block_types, describe_layout, describe_training, norm_group, order_key)
-from nas.study.schema import (counts_toward_budget, finite, is_duplicate, is_failure, read_config_history,
-                              read_run_config)
+from nas.study.contract import show
+from nas.study.schema import (
+    ARCH_ATTR,
+    FAIL_REASON_ATTR,
+    VERSION_ATTR,
+    counts_toward_budget,
+    finite,
+    is_duplicate,
+    is_failure,
+    read_config_history,
+    read_run_config,
+)
 from nas.study.storage import load_existing_study, quiet_optuna
+from nas.study.workers import describe_workers, live_workers
 
 DPI = 110
 MIN_TRIALS = 3  # below this, importances and group comparisons are noise, not data
@@ -110,7 +129,9 @@ def open_study(storage: str, study_name: str) -> optuna.Study:
     """Load a study for reading; a missing study or storage is a StudyError naming what exists."""
     study = load_existing_study(storage, study_name)
     if len(study.directions) != 1:
-        raise StudyError(f"--study: '{study_name}' has {len(study.directions)} objectives; nas-report reads single-objective studies")
+        raise StudyError(
+            f"--study: '{study_name}' has {len(study.directions)} objectives; nas-report reads single-objective studies"
+        )
     return study
 
 
@@ -124,7 +145,11 @@ def _make_dir(path: Path) -> Path:
 
 def complete_rows(trials: Iterable[FrozenTrial], minimize: bool = True) -> list[Row]:
     """The COMPLETE trials with a finite value, best first (ties by trial number)."""
-    done = [t for t in trials if t.state == TrialState.COMPLETE and counts_toward_budget(t) and t.value is not None and np.isfinite(t.value)]
+    done = [
+        t
+        for t in trials
+        if t.state == TrialState.COMPLETE and counts_toward_budget(t) and t.value is not None and np.isfinite(t.value)
+    ]
     done.sort(key=lambda t: ((t.value if minimize else -t.value), t.number))
     return [Row(t, *norm_group(t.user_attrs.get(ARCH_ATTR, {}))) for t in done]
 
@@ -183,7 +208,9 @@ def _loss(value: float | None) -> str:
 
 def header(study: optuna.Study, storage: str, trials: list[FrozenTrial], rows: list[Row]) -> list[str]:
     counts = Counter(t.state for t in trials if not is_duplicate(t))
-    states = [s for s in STATE_ORDER if counts[s]] + sorted((s for s in counts if s not in STATE_ORDER), key=lambda s: s.name)
+    states = [s for s in STATE_ORDER if counts[s]] + sorted(
+        (s for s in counts if s not in STATE_ORDER), key=lambda s: s.name
+    )
     repeats = sum(map(is_duplicate, trials))
     summary = ", ".join([f"{counts[s]} {s.name.lower()}" for s in states] + [f"{repeats} repeated"] * bool(repeats))
     summary = summary or "none yet"
@@ -197,16 +224,23 @@ def header(study: optuna.Study, storage: str, trials: list[FrozenTrial], rows: l
     ]
     duplicates = sum(map(is_duplicate, trials))
     if duplicates:
-        lines.append(f"- duplicates: {duplicates} proposal(s) repeated a finished trial's parameters; recorded without training, "
-                     "not counted toward the budget and left out below")
+        lines.append(
+            f"- duplicates: {duplicates} proposal(s) repeated a finished trial's parameters; recorded without training, "
+            "not counted toward the budget and left out below"
+        )
     if rows:
         best = rows[0]
         std, acc = best.attrs.get("cv_loss_std"), best.attrs.get("cv_accuracy")
         loss = _loss(best.loss) + (f" ± {std:.4f}" if std is not None else "")
         lines.append(f"- best: trial {best.number}, CV loss {loss}, CV accuracy {_loss(acc)}, norm {best.group}")
     if len(rows) < MIN_TRIALS:
-        what = "no complete trials yet" if not rows else f"only {len(rows)} complete trial{'s' if len(rows) > 1 else ''}"
-        lines += ["", f"**Not enough data: {what}.** Importances need at least {MIN_TRIALS}; rerun nas-report as the search goes on."]
+        what = (
+            "no complete trials yet" if not rows else f"only {len(rows)} complete trial{'s' if len(rows) > 1 else ''}"
+        )
+        lines += [
+            "",
+            f"**Not enough data: {what}.** Importances need at least {MIN_TRIALS}; rerun nas-report as the search goes on.",
+        ]
     config = read_run_config(study._storage, study._study_id)
     if config is not None:
         lines += ["", *run_config_summary(config)]
@@ -224,15 +258,33 @@ def config_history(study: optuna.Study, trials: list[FrozenTrial]) -> list[str]:
     """The forced changes of the study's contract, and how many trials ran under each config version."""
     history = read_config_history(study._storage, study._study_id)
     if not history:
-        return ["## Config history", "", "No forced change: every trial ran under the same dataset, data, evaluation, objectives, seed and space."]
-    per_version = Counter(t.user_attrs.get(VERSION_ATTR, 0) for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED))
+        return [
+            "## Config history",
+            "",
+            "No forced change: every trial ran under the same dataset, data, evaluation, objectives, seed and space.",
+        ]
+    per_version = Counter(
+        t.user_attrs.get(VERSION_ATTR, 0) for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+    )
     rows = [["0", "(first)", "", "", str(per_version.get(0, 0))]]
     for version, entry in enumerate(history, start=1):
         changes = "; ".join(f"`{c['key']}`: {show(c['old'])} → {show(c['new'])}" for c in entry.get("changes", []))
-        rows.append([str(version), str(entry.get("at", "")), str(entry.get("source", "")), changes, str(per_version.get(version, 0))])
-    return ["## Config history", "",
-            "The study was continued with `--force` after its contract changed; trials of different versions were scored differently.", "",
-            *markdown_table(["version", "from", "config", "changes", "finished trials"], rows)]
+        rows.append(
+            [
+                str(version),
+                str(entry.get("at", "")),
+                str(entry.get("source", "")),
+                changes,
+                str(per_version.get(version, 0)),
+            ]
+        )
+    return [
+        "## Config history",
+        "",
+        "The study was continued with `--force` after its contract changed; trials of different versions were scored differently.",
+        "",
+        *markdown_table(["version", "from", "config", "changes", "finished trials"], rows),
+    ]
 
 
 def run_config_summary(config: dict) -> list[str]:
@@ -244,7 +296,11 @@ def run_config_summary(config: dict) -> list[str]:
         return str(value)
 
     lines = ["## Run config", ""]
-    lines += [f"- {key}: {flat(config[key])}" for key in ("dataset", "search_space", "study", "evaluation", "device") if key in config]
+    lines += [
+        f"- {key}: {flat(config[key])}"
+        for key in ("dataset", "search_space", "study", "evaluation", "device")
+        if key in config
+    ]
     if "space" in config:
         space = yaml.safe_dump(config["space"], sort_keys=False, default_flow_style=None, width=100).rstrip()
         lines += ["", "<details><summary>search space</summary>", "", "```yaml", space, "```", "", "</details>"]
@@ -285,7 +341,12 @@ def history(rows: list[Row], minimize: bool, plots: Plots) -> list[str]:
     ax.set(title="Optimization history", xlabel="trial number", ylabel="CV loss")
     ax.grid(alpha=0.3)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2, frameon=False)  # below: never over the points
-    return lines + plots.save(fig, "history.png", "optimization history", "CV loss of each complete trial by trial number; the red line is the best so far.")
+    return lines + plots.save(
+        fig,
+        "history.png",
+        "optimization history",
+        "CV loss of each complete trial by trial number; the red line is the best so far.",
+    )
 
 
 def anytime(trials: list[FrozenTrial], minimize: bool, plots: Plots) -> list[str]:
@@ -302,18 +363,27 @@ def anytime(trials: list[FrozenTrial], minimize: bool, plots: Plots) -> list[str
     fig, ax = _figure()
     ax.step(minutes, values + values[-1:], where="post", color="tab:red")
     ax.scatter(minutes[:-1], values, s=18, color="tab:red", zorder=3)
-    for (at, value, number) in points:
+    for at, value, number in points:
         ax.annotate(str(number), (at / 60, value), textcoords="offset points", xytext=(3, 3), fontsize=7)
     if _spans_decade(values):
         ax.set_yscale("log")
-    ax.set(title="Best CV loss against wall time", xlabel="minutes since the first trial started (pauses between runs included)",
-           ylabel="best CV loss so far")
+    ax.set(
+        title="Best CV loss against wall time",
+        xlabel="minutes since the first trial started (pauses between runs included)",
+        ylabel="best CV loss so far",
+    )
     ax.grid(alpha=0.3)
-    lines.append(f"{len(points)} improvements in {clock(total * 60)} (m:ss); the last, trial {points[-1][2]} "
-                 f"({points[-1][1]:.4f}), came at {clock(points[-1][0])}.")
+    lines.append(
+        f"{len(points)} improvements in {clock(total * 60)} (m:ss); the last, trial {points[-1][2]} "
+        f"({points[-1][1]:.4f}), came at {clock(points[-1][0])}."
+    )
     lines.append("")
-    return lines + plots.save(fig, "anytime.png", "best CV loss against wall time",
-                              "Best CV loss found by each moment of the search; each point is an improvement, labelled with its trial number.")
+    return lines + plots.save(
+        fig,
+        "anytime.png",
+        "best CV loss against wall time",
+        "Best CV loss found by each moment of the search; each point is an improvement, labelled with its trial number.",
+    )
 
 
 def importances(rows: list[Row], direction: StudyDirection, plots: Plots) -> list[str]:
@@ -330,10 +400,13 @@ def importances(rows: list[Row], direction: StudyDirection, plots: Plots) -> lis
         "It covers only parameters present in every complete trial: conditional ones "
         "(e.g. `block.norm.position`, absent when `block.norm.type` is `none`) are left out. "
         "They rate the trials this sampler chose to run, which a sampler such as TPE spends unequally: for a fair, "
-        "equal-budget answer to \"does this choice matter?\" run `nas-compare --factor KEY` (one study per level, "
+        'equal-budget answer to "does this choice matter?" run `nas-compare --factor KEY` (one study per level, '
         "re-evaluated over fresh seeds, with intervals and tests).",
         "",
-        *markdown_table(["rank", "parameter", "importance"], [[str(i + 1), f"`{name}`", f"{v:.3f}"] for i, (name, v) in enumerate(rated)]),
+        *markdown_table(
+            ["rank", "parameter", "importance"],
+            [[str(i + 1), f"`{name}`", f"{v:.3f}"] for i, (name, v) in enumerate(rated)],
+        ),
     ]
     if left_out:
         lines += ["", "Not rated (absent from some complete trials): " + ", ".join(f"`{n}`" for n in left_out) + "."]
@@ -342,8 +415,21 @@ def importances(rows: list[Row], direction: StudyDirection, plots: Plots) -> lis
     ax.barh(names, shares, color="tab:blue")
     for y, v in enumerate(shares):
         ax.text(v, y, f" {v:.3f}", va="center", fontsize=8)
-    ax.set(title="Parameter importances (fANOVA, seed 0)", xlabel="share of CV-loss variance", xlim=(0, max(shares) * 1.15 or 1))
-    return lines + [""] + plots.save(fig, "importances.png", "parameter importances", "Share of CV-loss variance each parameter explains (fANOVA).")
+    ax.set(
+        title="Parameter importances (fANOVA, seed 0)",
+        xlabel="share of CV-loss variance",
+        xlim=(0, max(shares) * 1.15 or 1),
+    )
+    return (
+        lines
+        + [""]
+        + plots.save(
+            fig,
+            "importances.png",
+            "parameter importances",
+            "Share of CV-loss variance each parameter explains (fANOVA).",
+        )
+    )
 
 
 def _fanova(rows: list[Row], direction: StudyDirection) -> tuple[dict | None, str]:
@@ -399,19 +485,41 @@ def _group_plot(rows: list[Row], minimize: bool, plots: Plots) -> list[str]:
     colors = _type_colors(r.norm_type for r in rows)
     fig, ax = _figure(7.5, 1.4 + 0.45 * len(order))
     data = [[r.loss for r in groups[g]] for g in order]
-    ax.boxplot(data, widths=0.6, **HORIZONTAL, showfliers=False,
-               medianprops={"color": "black"}, boxprops={"color": "0.4"}, whiskerprops={"color": "0.4"}, capprops={"color": "0.4"})
+    ax.boxplot(
+        data,
+        widths=0.6,
+        **HORIZONTAL,
+        showfliers=False,
+        medianprops={"color": "black"},
+        boxprops={"color": "0.4"},
+        whiskerprops={"color": "0.4"},
+        capprops={"color": "0.4"},
+    )
     jitter = np.random.default_rng(0)
     for y, g in enumerate(order, start=1):
         losses = [r.loss for r in groups[g]]
-        ax.scatter(losses, y + jitter.uniform(-0.15, 0.15, len(losses)), s=16, alpha=0.8, color=colors[groups[g][0].norm_type], zorder=3)
+        ax.scatter(
+            losses,
+            y + jitter.uniform(-0.15, 0.15, len(losses)),
+            s=16,
+            alpha=0.8,
+            color=colors[groups[g][0].norm_type],
+            zorder=3,
+        )
     ax.set_yticks(range(1, len(order) + 1), labels=[f"{g}  (n={len(groups[g])})" for g in order])
     ax.invert_yaxis()  # best median on top
     if _spans_decade(r.loss for r in rows):
         ax.set_xscale("log")
-    ax.set(title="CV loss by norm type @ position (best median on top)", xlabel="CV loss", ylabel="norm type @ position")
+    ax.set(
+        title="CV loss by norm type @ position (best median on top)", xlabel="CV loss", ylabel="norm type @ position"
+    )
     ax.grid(axis="x", alpha=0.3)
-    return plots.save(fig, "norm_type_position.png", "CV loss by norm type and position", "CV loss per norm type @ position: box = quartiles, dots = trials, sorted by median.")
+    return plots.save(
+        fig,
+        "norm_type_position.png",
+        "CV loss by norm type and position",
+        "CV loss per norm type @ position: box = quartiles, dots = trials, sorted by median.",
+    )
 
 
 def top_table(rows: list[Row], k: int) -> list[str]:
@@ -423,14 +531,35 @@ def top_table(rows: list[Row], k: int) -> list[str]:
         arch, attrs = r.attrs.get(ARCH_ATTR, {}), r.attrs
         std, acc, params = attrs.get("cv_loss_std"), attrs.get("cv_accuracy"), attrs.get("params")
         loss = _loss(r.loss) + (f" ± {std:.4f}" if std is not None else "")
-        table.append([
-            str(rank), str(r.number), loss, _loss(acc), f"{params:,}" if isinstance(params, int) else UNKNOWN,
-            describe_layout(arch), describe_activations(arch),
-            describe_block_types(arch), describe_training(arch),
-        ])
+        table.append(
+            [
+                str(rank),
+                str(r.number),
+                loss,
+                _loss(acc),
+                f"{params:,}" if isinstance(params, int) else UNKNOWN,
+                describe_layout(arch),
+                describe_activations(arch),
+                describe_block_types(arch),
+                describe_training(arch),
+            ]
+        )
     legend = ", ".join(f"{short}={name}" for name, short in SETTING_ABBREV.items() if short != name)
     return lines + [
-        *markdown_table(["rank", "trial", "CV loss ± std", "CV acc", "params", "norm layout (per block)", "activation", "block", "optimizer / lr / batch"], table),
+        *markdown_table(
+            [
+                "rank",
+                "trial",
+                "CV loss ± std",
+                "CV acc",
+                "params",
+                "norm layout (per block)",
+                "activation",
+                "block",
+                "optimizer / lr / batch",
+            ],
+            table,
+        ),
         "",
         f"Layout: `sXbY` = stage X block Y, `a..b` = blocks a to b alike, `type@position(settings)`; {legend}; booleans 1/0.",
     ]
@@ -441,7 +570,9 @@ def bn_diagnostics(rows: list[Row], plots: Plots) -> list[str]:
     lines = ["## BN diagnostics", ""]
     have = [r for r in rows if finite(r.attrs.get("eval_mode_loss")) and finite(r.attrs.get("train_mode_loss"))]
     if not have:
-        return lines + ["The study has no BN diagnostics (no complete trial records `eval_mode_loss` and `train_mode_loss`)."]
+        return lines + [
+            "The study has no BN diagnostics (no complete trial records `eval_mode_loss` and `train_mode_loss`)."
+        ]
     recal = any(finite(r.attrs.get("recalibrated_loss")) for r in have)
     table = []
     for kind in sorted({r.norm_type for r in have}, key=order_key(NORM_ORDER)):
@@ -449,14 +580,24 @@ def bn_diagnostics(rows: list[Row], plots: Plots) -> list[str]:
         gaps = [r.attrs["eval_mode_loss"] - r.attrs["train_mode_loss"] for r in of_kind]
         row = [f"**{kind}**", str(len(of_kind)), f"{statistics.median(gaps):+.4f}"]
         if recal:
-            deltas = [r.attrs["recalibrated_loss"] - r.attrs["eval_mode_loss"] for r in of_kind if finite(r.attrs.get("recalibrated_loss"))]
+            deltas = [
+                r.attrs["recalibrated_loss"] - r.attrs["eval_mode_loss"]
+                for r in of_kind
+                if finite(r.attrs.get("recalibrated_loss"))
+            ]
             row.append(f"{statistics.median(deltas):+.4f} ({len(deltas)})" if deltas else "")
         table.append(row)
-    columns = ["norm type", "trials", "median eval - train mode loss"] + (["median recalibrated - eval loss (n)"] if recal else [])
+    columns = ["norm type", "trials", "median eval - train mode loss"] + (
+        ["median recalibrated - eval loss (n)"] if recal else []
+    )
     lines += [
         "Validation loss with running statistics (eval mode) vs batch statistics (train mode), same data. "
         "A positive gap means the running statistics serve the model worse than the batch's own"
-        + ("; a negative recalibrated - eval value means re-estimating them on the training fold helped." if recal else "."),
+        + (
+            "; a negative recalibrated - eval value means re-estimating them on the training fold helped."
+            if recal
+            else "."
+        ),
         "",
         *markdown_table(columns, table),
         "",
@@ -469,16 +610,30 @@ def _bn_plot(rows: list[Row], plots: Plots) -> list[str]:
     fig, ax = _figure(6.0, 5.0)
     for kind in colors:
         of_kind = [r for r in rows if r.norm_type == kind]
-        ax.scatter([r.attrs["train_mode_loss"] for r in of_kind], [r.attrs["eval_mode_loss"] for r in of_kind],
-                   s=22, alpha=0.8, color=colors[kind], label=kind)
+        ax.scatter(
+            [r.attrs["train_mode_loss"] for r in of_kind],
+            [r.attrs["eval_mode_loss"] for r in of_kind],
+            s=22,
+            alpha=0.8,
+            color=colors[kind],
+            label=kind,
+        )
     values = [r.attrs[key] for r in rows for key in ("train_mode_loss", "eval_mode_loss")]
     low, high = min(values), max(values)
     ax.plot([low, high], [low, high], color="0.5", linestyle="--", linewidth=1, label="y = x")
     if _spans_decade(values):
         ax.set_xscale("log")
         ax.set_yscale("log")
-    ax.set(title="Running vs batch statistics", xlabel="validation loss, norm in train mode (batch stats)",
-           ylabel="validation loss, eval mode (running stats)")
+    ax.set(
+        title="Running vs batch statistics",
+        xlabel="validation loss, norm in train mode (batch stats)",
+        ylabel="validation loss, eval mode (running stats)",
+    )
     ax.grid(alpha=0.3)
     ax.legend(title="norm type", fontsize=8)
-    return plots.save(fig, "bn_diagnostics.png", "BN diagnostics", "Each complete trial's validation loss with batch vs running statistics; above the dashed line, running statistics hurt.")
+    return plots.save(
+        fig,
+        "bn_diagnostics.png",
+        "BN diagnostics",
+        "Each complete trial's validation loss with batch vs running statistics; above the dashed line, running statistics hurt.",
+    )

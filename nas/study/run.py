@@ -19,10 +19,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Callable
 
 import optuna
 
@@ -44,9 +44,17 @@ from nas.training.signals import SIGNALS
 OnTrial = Callable[[int, int, "float | None"], None]  # (finished, budget, best CV loss) after each trial
 
 
-def run_search(cfg: RunConfig, *, progress: bool | None = None, out: Callable[[str], None] = print, force: bool = False,
-               worker_command: list[str] | None = None, workers: int = 1, started: float | None = None,
-               on_trial: OnTrial | None = None) -> optuna.Study:
+def run_search(
+    cfg: RunConfig,
+    *,
+    progress: bool | None = None,
+    out: Callable[[str], None] = print,
+    force: bool = False,
+    worker_command: list[str] | None = None,
+    workers: int = 1,
+    started: float | None = None,
+    on_trial: OnTrial | None = None,
+) -> optuna.Study:
     """Run the study to its budget of finished trials; prints what it did and the top candidates.
 
     This process is recorded as a worker of the study from the moment the study exists (while it
@@ -55,8 +63,9 @@ def run_search(cfg: RunConfig, *, progress: bool | None = None, out: Callable[[s
     run was launched (the dashboard's Resume), if earlier than this call. `on_trial(finished,
     budget, best)` is called after each trial this process ends (nas-compare's progress lines).
     """
-    search = Search(cfg, progress=progress, out=out, force=force, worker_command=worker_command, workers=workers,
-                    on_trial=on_trial)
+    search = Search(
+        cfg, progress=progress, out=out, force=force, worker_command=worker_command, workers=workers, on_trial=on_trial
+    )
     if started is not None:
         search.started = started
     return search.run()
@@ -103,9 +112,11 @@ class Search:
         cfg = self.cfg
         moved = changed_on_this_host(cfg.study.storage, cfg.study.name, vars(cfg.dataset))
         if moved:  # before the data is read from where the storage now says
-            self.out(f"Study '{cfg.study.name}' changed since this host last ran it: "
-                     + "; ".join(f"{key} {show(a, 200)} -> {show(b, 200)}" for key, a, b in moved)
-                     + " (a resume takes these from the study, and whoever can write its storage can rewrite them; check them)")
+            self.out(
+                f"Study '{cfg.study.name}' changed since this host last ran it: "
+                + "; ".join(f"{key} {show(a, 200)} -> {show(b, 200)}" for key, a, b in moved)
+                + " (a resume takes these from the study, and whoever can write its storage can rewrite them; check them)"
+            )
         with blamed(cfg), SIGNALS.interruptible():  # loading writes nothing: a signal stops it at once
             data = load_dataset(cfg.dataset, device)  # bad data is found before a new study is made
             return data, stratified_folds(data.y_train, cfg.evaluation.folds, cfg.study.seed)
@@ -114,25 +125,36 @@ class Search:
         cfg, out = self.cfg, self.out
         reclaimed = reclaim_dead_trials(handle, 2 * cfg.study.heartbeat_seconds, cfg.study.retries)
         if reclaimed:
-            out(f"Reclaimed trial(s) {', '.join(map(str, reclaimed))}: their worker process is gone (retried per study.retries)")
+            out(
+                f"Reclaimed trial(s) {', '.join(map(str, reclaimed))}: their worker process is gone (retried per study.retries)"
+            )
         budget, done = cfg.study.trials, finished_trials(handle)
         if done >= budget:
-            out(f"Study '{cfg.study.name}' already has {done} finished trials (budget {budget}): nothing to run. "
-                "Raise --trials to search more.")
+            out(
+                f"Study '{cfg.study.name}' already has {done} finished trials (budget {budget}): nothing to run. "
+                "Raise --trials to search more."
+            )
             out(summary_table(handle))
             return handle
         version = store_config(handle, cfg, data.fingerprint, changes)
         if changes:
-            out(f"Continuing '{cfg.study.name}' with a changed config (--force), recorded as config version {version}: "
-                + "; ".join(f"{key}: {show(a)} -> {show(b)}" for key, a, b in changes))
-        others = [w for w in live_workers(handle._storage, handle._study_id, 2 * cfg.study.heartbeat_seconds)
-                  if w.identity != record.identity]
+            out(
+                f"Continuing '{cfg.study.name}' with a changed config (--force), recorded as config version {version}: "
+                + "; ".join(f"{key}: {show(a)} -> {show(b)}" for key, a, b in changes)
+            )
+        others = [
+            w
+            for w in live_workers(handle._storage, handle._study_id, 2 * cfg.study.heartbeat_seconds)
+            if w.identity != record.identity
+        ]
         seed = process_seed(cfg.study.seed, len(handle.get_trials(deepcopy=False)), others)
         study = load_for_search(cfg, handle._storage, seed)
         novelty = Novelty(cfg.space, seed, version, cfg.study.retries)
-        out(f"Study '{cfg.study.name}' in {cfg.study.storage}: {done}/{budget} finished, running {budget - done} more "
+        out(
+            f"Study '{cfg.study.name}' in {cfg.study.storage}: {done}/{budget} finished, running {budget - done} more "
             f"on {device.type} ({data.name}: {len(data.y_train)} training samples, {cfg.evaluation.folds} folds x "
-            f"{cfg.evaluation.epochs} epochs)")
+            f"{cfg.evaluation.epochs} epochs)"
+        )
         out(f"Dataset in memory: {data.memory()}")
         bars = Bars(self.progress, budget, done, cfg.evaluation.folds * cfg.evaluation.epochs)
 
@@ -151,32 +173,52 @@ class Search:
             bars.close()
             out(f"Stopped on request before the first trial: {done}/{budget} finished")
             return study
-        objective = make_objective(cfg, data, folds, device, epoch_bar=bars.epoch_bar if bars.shown else None,
-                                   novelty=novelty, version=version)
-        helpers = [subprocess.Popen(self.worker_command, stdout=subprocess.DEVNULL)
-                   for _ in range(self.workers - 1)] if self.worker_command else []
+        objective = make_objective(
+            cfg, data, folds, device, epoch_bar=bars.epoch_bar if bars.shown else None, novelty=novelty, version=version
+        )
+        helpers = (
+            [subprocess.Popen(self.worker_command, stdout=subprocess.DEVNULL) for _ in range(self.workers - 1)]
+            if self.worker_command
+            else []
+        )
         with quiet_optuna(optuna.logging.ERROR), _passing_signals_to(helpers):  # failures: one line of ours
             try:
-                study.optimize(objective, timeout=cfg.study.timeout, catch=(TrialError,),
-                               callbacks=[BudgetReached(budget), failures, after_trial, SIGNALS.stop_at_boundary,
-                                          stop_request, stop_when_used_up])
+                study.optimize(
+                    objective,
+                    timeout=cfg.study.timeout,
+                    catch=(TrialError,),
+                    callbacks=[
+                        BudgetReached(budget),
+                        failures,
+                        after_trial,
+                        SIGNALS.stop_at_boundary,
+                        stop_request,
+                        stop_when_used_up,
+                    ],
+                )
                 SIGNALS.raise_pending()  # a signal between trials: stop with its exit code
             finally:
                 bars.close()
         codes = [p.wait() for p in helpers]
         if any(codes):
-            raise StudyError(f"--workers: {sum(map(bool, codes))} of {len(helpers)} extra workers exited with an error "
-                             f"(exit codes {codes})")
+            raise StudyError(
+                f"--workers: {sum(map(bool, codes))} of {len(helpers)} extra workers exited with an error "
+                f"(exit codes {codes})"
+            )
         if failures.tripped:
             last = study.trials[-1].user_attrs.get(FAIL_REASON_ATTR, "see the trial's user attributes")
             raise StudyError(f"stopped after {failures.limit} failed trials in a row; last reason: {last}")
         if stop_request.stopped:
-            out(f"Stopped on request after the running trial: {finished_trials(study)}/{budget} finished; "
-                f"resume with nas-search --resume --study {cfg.study.name} --storage {cfg.study.storage}")
+            out(
+                f"Stopped on request after the running trial: {finished_trials(study)}/{budget} finished; "
+                f"resume with nas-search --resume --study {cfg.study.name} --storage {cfg.study.storage}"
+            )
         if novelty.stop_reason is not None:
             out(f"Stopped: {novelty.stop_reason} ({finished_trials(study)}/{budget} of the budget used).")
         if len(study.directions) == 1:
-            out(anytime_line(improvements(study.get_trials(deepcopy=False), self.run_start), time.time() - self.started))
+            out(
+                anytime_line(improvements(study.get_trials(deepcopy=False), self.run_start), time.time() - self.started)
+            )
         out(summary_table(study))
         return study
 
@@ -189,11 +231,20 @@ class Bars:
 
         self.tqdm, self.epochs_per_trial = tqdm, epochs_per_trial
         self.shown = sys.stderr.isatty() if progress is None else progress
-        self.trials = tqdm(total=budget, initial=done, desc="trials", unit="trial", disable=not self.shown, dynamic_ncols=True)
+        self.trials = tqdm(
+            total=budget, initial=done, desc="trials", unit="trial", disable=not self.shown, dynamic_ncols=True
+        )
 
     def epoch_bar(self, number: int):
-        return self.tqdm(total=self.epochs_per_trial, desc=f"trial {number}", unit="epoch", leave=False, position=1,
-                         disable=not self.shown, dynamic_ncols=True)
+        return self.tqdm(
+            total=self.epochs_per_trial,
+            desc=f"trial {number}",
+            unit="epoch",
+            leave=False,
+            position=1,
+            disable=not self.shown,
+            dynamic_ncols=True,
+        )
 
     def trial_ended(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> float | None:
         """Advance (other workers' trials count too), say why a trial failed; returns the best CV loss."""

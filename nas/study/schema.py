@@ -54,8 +54,19 @@ FOLD_LOSSES_ATTR = "fold_losses"
 PARTIAL_FOLD_LOSSES_ATTR = "partial_fold_losses"  # a pruned trial: each fold's latest validation loss
 PRUNED_AT_STEP_ATTR = "pruned_at_step"
 PARAMS_ATTR = "params"  # trainable parameters of the model as trained (BN unfolded)
-SCORE_ATTRS = (FOLD_LOSSES_ATTR, "fold_accuracies", "cv_accuracy", "cv_loss_std", PARAMS_ATTR, "train_seconds",
-               "eval_mode_loss", "train_mode_loss", "recalibrated_loss", "fold_mode", "fold_mode_fallback")
+SCORE_ATTRS = (
+    FOLD_LOSSES_ATTR,
+    "fold_accuracies",
+    "cv_accuracy",
+    "cv_loss_std",
+    PARAMS_ATTR,
+    "train_seconds",
+    "eval_mode_loss",
+    "train_mode_loss",
+    "recalibrated_loss",
+    "fold_mode",
+    "fold_mode_fallback",
+)
 # objective -> the trial attr its value is kept in: the costs of the candidate as it deploys (BN folded)
 COST_ATTRS = {"params": "folded_params", "macs": "macs", "latency_ms": "latency_ms"}
 # fail reasons that are no fault of the candidate
@@ -65,9 +76,20 @@ OVER_BUDGET = "budget already reached by other workers"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # finished states; see `counts_toward_budget`
 
 # trial user attrs bnnas writes and reads back, by the type they hold (`float` also takes an int)
-TRIAL_ATTR_KINDS = {ARCH_ATTR: dict, "cv_accuracy": float, "cv_loss_std": float, PARAMS_ATTR: int, "train_seconds": float,
-                    FAIL_REASON_ATTR: str, DUPLICATE_ATTR: int, VERSION_ATTR: int, PRUNED_AT_STEP_ATTR: int,
-                    "folded_params": int, "macs": int, "latency_ms": float}
+TRIAL_ATTR_KINDS = {
+    ARCH_ATTR: dict,
+    "cv_accuracy": float,
+    "cv_loss_std": float,
+    PARAMS_ATTR: int,
+    "train_seconds": float,
+    FAIL_REASON_ATTR: str,
+    DUPLICATE_ATTR: int,
+    VERSION_ATTR: int,
+    PRUNED_AT_STEP_ATTR: int,
+    "folded_params": int,
+    "macs": int,
+    "latency_ms": float,
+}
 
 
 class StoredAttrError(StudyError):
@@ -126,8 +148,12 @@ def finite(value) -> bool:
 def is_scored(trial: optuna.trial.FrozenTrial) -> bool:
     """A COMPLETE trial that trained its own candidate and has finite objective values: what every ranking,
     best value, grid and anytime curve uses (a repeat carries another's score; a NaN ranks nowhere)."""
-    return (trial.state == TrialState.COMPLETE and counts_toward_budget(trial) and bool(trial.values)
-            and all(map(finite, trial.values)))
+    return (
+        trial.state == TrialState.COMPLETE
+        and counts_toward_budget(trial)
+        and bool(trial.values)
+        and all(map(finite, trial.values))
+    )
 
 
 def scored_trials(trials) -> list[optuna.trial.FrozenTrial]:
@@ -205,7 +231,9 @@ def config_of_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> tup
     storage, study_id = study._storage, study._study_id
     current = read_run_config(storage, study_id)
     version = trial.user_attrs.get(VERSION_ATTR, 0)
-    return config_of_version(version, current, read_data_fingerprint(storage, study_id), read_config_history(storage, study_id))
+    return config_of_version(
+        version, current, read_data_fingerprint(storage, study_id), read_config_history(storage, study_id)
+    )
 
 
 def write_run_config(storage, study_id: int, config: dict, fingerprint: dict | None, summary: str) -> None:
@@ -218,8 +246,10 @@ def write_run_config(storage, study_id: int, config: dict, fingerprint: dict | N
         engine = rdb_engine(storage)
         if engine is not None:  # an older study: its ~2,000-character user attr moves to the system attr
             with engine.begin() as conn:
-                conn.execute(sqlalchemy.text("DELETE FROM study_user_attributes WHERE study_id = :study AND key = :key"),
-                             {"study": study_id, "key": LEGACY_RUN_CONFIG_ATTR})
+                conn.execute(
+                    sqlalchemy.text("DELETE FROM study_user_attributes WHERE study_id = :study AND key = :key"),
+                    {"study": study_id, "key": LEGACY_RUN_CONFIG_ATTR},
+                )
 
 
 def request_stop(storage: optuna.storages.BaseStorage | str, study_name: str) -> None:
@@ -241,9 +271,15 @@ def read_cell(attrs: dict, study_name: str) -> dict | None:
     if cell is None:
         return None
     factors, levels = (cell.get("factors"), cell.get("levels")) if isinstance(cell, dict) else (None, None)
-    if not (isinstance(factors, list) and all(isinstance(f, str) for f in factors) and isinstance(levels, dict)
-            and all(isinstance(k, str) and isinstance(v, str) for k, v in levels.items())):
-        raise _bad(f"study '{study_name}': study attr '{COMPARE_CELL_ATTR}'", "{factors: [name], levels: {name: level}}", cell)
+    if not (
+        isinstance(factors, list)
+        and all(isinstance(f, str) for f in factors)
+        and isinstance(levels, dict)
+        and all(isinstance(k, str) and isinstance(v, str) for k, v in levels.items())
+    ):
+        raise _bad(
+            f"study '{study_name}': study attr '{COMPARE_CELL_ATTR}'", "{factors: [name], levels: {name: level}}", cell
+        )
     return cell
 
 
@@ -251,10 +287,20 @@ def read_reevaluation(attrs: dict, study_name: str) -> dict:
     """A cell's COMPARE_REEVAL_ATTR ({trial: n, seeds: {seed: {cv_loss, cv_accuracy} | {failed}}}), checked; {} when absent."""
     stored = attrs.get(COMPARE_REEVAL_ATTR, {})
     seeds = stored.get("seeds") if isinstance(stored, dict) else None
-    good = isinstance(seeds, dict) and isinstance(stored.get("trial"), int) and all(
-        isinstance(r, dict) and (isinstance(r.get("failed"), str) or (
-            isinstance(r.get("cv_loss"), (int, float)) and isinstance(r.get("cv_accuracy"), (int, float))))
-        for r in seeds.values())
+    good = (
+        isinstance(seeds, dict)
+        and isinstance(stored.get("trial"), int)
+        and all(
+            isinstance(r, dict)
+            and (
+                isinstance(r.get("failed"), str)
+                or (isinstance(r.get("cv_loss"), (int, float)) and isinstance(r.get("cv_accuracy"), (int, float)))
+            )
+            for r in seeds.values()
+        )
+    )
     if stored and not good:
-        raise _bad(f"study '{study_name}': study attr '{COMPARE_REEVAL_ATTR}'", "{trial: N, seeds: {seed: scores}}", stored)
+        raise _bad(
+            f"study '{study_name}': study attr '{COMPARE_REEVAL_ATTR}'", "{trial: N, seeds: {seed: scores}}", stored
+        )
     return stored

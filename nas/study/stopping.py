@@ -9,8 +9,15 @@ from __future__ import annotations
 import optuna
 from optuna.trial import TrialState
 
-from nas.study.schema import (FAIL_REASON_ATTR, FINISHED, OVER_BUDGET, budget_count, counts_toward_budget,
-                              is_duplicate, read_stop_request)
+from nas.study.schema import (
+    FAIL_REASON_ATTR,
+    FINISHED,
+    OVER_BUDGET,
+    budget_count,
+    counts_toward_budget,
+    is_duplicate,
+    read_stop_request,
+)
 
 
 def finished_trials(study: optuna.Study) -> int:

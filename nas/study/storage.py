@@ -27,7 +27,7 @@ def sqlite_path(url: str) -> Path | None:
     """The file of a local SQLite URL, or None for other URLs and in-memory databases."""
     if not url.startswith(SQLITE):
         return None
-    name = url[len(SQLITE):].split("?", 1)[0]
+    name = url[len(SQLITE) :].split("?", 1)[0]
     return None if name in ("", ":memory:") else Path(name).expanduser()
 
 
@@ -142,12 +142,16 @@ def check_writable_sqlite(url: str, what: str = "study.storage") -> None:
     if not path.is_file():
         raise StudyError(f"{what}: {path} is not a file")
     if not (path.stat().st_mode & 0o222) or not os.access(path, os.W_OK):
-        raise StudyError(f"{what}: the SQLite file {path} is read-only; make it writable (chmod u+w) or use another --storage")
+        raise StudyError(
+            f"{what}: the SQLite file {path} is read-only; make it writable (chmod u+w) or use another --storage"
+        )
     if not os.access(path.parent, os.W_OK | os.X_OK):
-        raise StudyError(f"{what}: the folder {path.parent} is not writable (SQLite writes its journal beside {path.name})")
+        raise StudyError(
+            f"{what}: the folder {path.parent} is not writable (SQLite writes its journal beside {path.name})"
+        )
 
 
-def rdb_engine(storage) -> "sqlalchemy.engine.Engine | None":
+def rdb_engine(storage) -> sqlalchemy.engine.Engine | None:
     """The SQLAlchemy engine of an RDB storage (also when Optuna wrapped it in its cache), else None."""
     return getattr(storage, "engine", None) or getattr(getattr(storage, "_backend", None), "engine", None)
 
@@ -162,8 +166,10 @@ def delete_study_system_attr(storage, study_id: int, key: str) -> None:
         storage.set_study_system_attr(study_id, key, None)
         return
     with engine.begin() as conn:
-        conn.execute(sqlalchemy.text("DELETE FROM study_system_attributes WHERE study_id = :study AND key = :key"),
-                     {"study": study_id, "key": key})
+        conn.execute(
+            sqlalchemy.text("DELETE FROM study_system_attributes WHERE study_id = :study AND key = :key"),
+            {"study": study_id, "key": key},
+        )
 
 
 def load_existing_study(storage: str, study_name: str) -> optuna.Study:
@@ -186,5 +192,3 @@ def load_existing_study(storage: str, study_name: str) -> optuna.Study:
         known = ", ".join(sorted(names)) or "none"
         raise StudyError(f"--study: no study named '{study_name}' in {storage} (studies there: {known})")
     return optuna.load_study(study_name=study_name, storage=store)
-
-

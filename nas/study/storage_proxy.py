@@ -53,8 +53,10 @@ def address(host: str, port: int) -> str:
 def check_token(token: str, where: str) -> str:
     token = token.strip()
     if len(token) < MIN_TOKEN:
-        raise StudyError(f"{where}: the proxy token has {len(token)} characters, fewer than {MIN_TOKEN}; make one with "
-                         "python -c \"import secrets; print(secrets.token_urlsafe(32))\"")
+        raise StudyError(
+            f"{where}: the proxy token has {len(token)} characters, fewer than {MIN_TOKEN}; make one with "
+            'python -c "import secrets; print(secrets.token_urlsafe(32))"'
+        )
     return token
 
 
@@ -76,14 +78,16 @@ def _bearer(token: str) -> str:
 
 # ---- the client: every command's --storage grpc(s)://HOST:PORT ----
 
+
 def channel_credentials():
     """TLS credentials of a grpcs:// client: the proxy's CA (else the system's) and this client's certificate."""
     import grpc
 
     files = {env: os.environ.get(env) for env in (TLS_CA_ENV, TLS_CERT_ENV, TLS_KEY_ENV)}
     if bool(files[TLS_CERT_ENV]) != bool(files[TLS_KEY_ENV]):
-        raise StudyError(f"{TLS_CERT_ENV} and {TLS_KEY_ENV}: set both (this client's certificate and its key) "
-                         "or neither")
+        raise StudyError(
+            f"{TLS_CERT_ENV} and {TLS_KEY_ENV}: set both (this client's certificate and its key) or neither"
+        )
     ca, cert, key = (read_file(path, env) if path else None for env, path in files.items())
     return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
 
@@ -92,15 +96,26 @@ def token_interceptor(token: str):
     """A client interceptor that adds `authorization: Bearer TOKEN` to every call (all of Optuna's are unary)."""
     import grpc
 
-    class Details(collections.namedtuple("Details", "method timeout metadata credentials wait_for_ready compression"),
-                  grpc.ClientCallDetails):
+    class Details(
+        collections.namedtuple("Details", "method timeout metadata credentials wait_for_ready compression"),
+        grpc.ClientCallDetails,
+    ):
         pass
 
     class AddToken(grpc.UnaryUnaryClientInterceptor):
         def intercept_unary_unary(self, continuation, details, request):
             metadata = [*(details.metadata or ()), ("authorization", _bearer(token))]
-            return continuation(Details(details.method, details.timeout, metadata, details.credentials,
-                                        details.wait_for_ready, details.compression), request)
+            return continuation(
+                Details(
+                    details.method,
+                    details.timeout,
+                    metadata,
+                    details.credentials,
+                    details.wait_for_ready,
+                    details.compression,
+                ),
+                request,
+            )
 
     return AddToken()
 
@@ -123,8 +138,11 @@ class ProxyClient(optuna.storages.GrpcStorageProxy):
         from optuna.storages._grpc.client import GrpcClientCache
 
         target, options = address(self._host, self._port), [("grpc.max_receive_message_length", -1)]
-        self._transport = (grpc.secure_channel(target, channel_credentials(), options=options) if self._tls
-                           else grpc.insecure_channel(target, options=options))
+        self._transport = (
+            grpc.secure_channel(target, channel_credentials(), options=options)
+            if self._tls
+            else grpc.insecure_channel(target, options=options)
+        )
         token = env_token()
         self._channel = grpc.intercept_channel(self._transport, token_interceptor(token)) if token else self._transport
         self._stub = api_pb2_grpc.StorageServiceStub(self._channel)
@@ -155,7 +173,7 @@ def grpc_proxy(url: str, what: str = "study.storage") -> optuna.storages.BaseSto
     stale worker record instead (`nas.study.workers.reclaim_dead_trials`).
     """
     scheme = GRPCS_SCHEME if url.startswith(GRPCS_SCHEME) else GRPC_SCHEME
-    host, _, port = url[len(scheme):].rstrip("/").rpartition(":")
+    host, _, port = url[len(scheme) :].rstrip("/").rpartition(":")
     if not host or not port.isdigit():
         raise StudyError(f"{what}: {url}: give the proxy as {scheme}HOST:PORT")
     require_grpc(f"{what}: {url}")
@@ -167,8 +185,14 @@ def grpc_proxy(url: str, what: str = "study.storage") -> optuna.storages.BaseSto
     try:
         proxy.wait_server_ready(timeout=10)
     except ConnectionError:
-        tls = (f" or the TLS handshake failed ({TLS_CA_ENV}: the proxy's CA; {TLS_CERT_ENV}, {TLS_KEY_ENV}: a client "
-               "certificate it accepts)") if scheme == GRPCS_SCHEME else ""
+        tls = (
+            (
+                f" or the TLS handshake failed ({TLS_CA_ENV}: the proxy's CA; {TLS_CERT_ENV}, {TLS_KEY_ENV}: a client "
+                "certificate it accepts)"
+            )
+            if scheme == GRPCS_SCHEME
+            else ""
+        )
         raise StudyError(f"{what}: no storage proxy answers at {url} (start one with nas-storage-proxy){tls}") from None
     try:
         proxy.get_study_id_from_name("nas:probe")  # one cheap call: is this client let in?
@@ -177,6 +201,7 @@ def grpc_proxy(url: str, what: str = "study.storage") -> optuna.storages.BaseSto
     except grpc.RpcError as exc:
         if exc.code() != grpc.StatusCode.UNAUTHENTICATED:
             raise
-        raise StudyError(f"{what}: the storage proxy at {url} refused this client: set {TOKEN_ENV} to the proxy's "
-                         "token") from None
+        raise StudyError(
+            f"{what}: the storage proxy at {url} refused this client: set {TOKEN_ENV} to the proxy's token"
+        ) from None
     return proxy

@@ -6,8 +6,15 @@ import optuna
 
 from nas.output import text_table
 from nas.search.archspec import describe_activations, describe_norms
-from nas.study.schema import (ARCH_ATTR, PARAMS_ATTR, counts_toward_budget, finite, read_run_config, scored_trials,
-                              trial_attr)
+from nas.study.schema import (
+    ARCH_ATTR,
+    PARAMS_ATTR,
+    counts_toward_budget,
+    finite,
+    read_run_config,
+    scored_trials,
+    trial_attr,
+)
 from nas.study.stopping import finished_trials
 
 
@@ -34,8 +41,16 @@ def summary_table(study: optuna.Study, k: int = 5) -> str:
     for t in top_trials(study, k):
         arch, std = trial_attr(t, ARCH_ATTR, {}), trial_attr(t, "cv_loss_std")
         loss = f"{t.value:.4f}" + (f" ± {std:.4f}" if std is not None else "")
-        rows.append((str(t.number), loss, _accuracy(t), f"{trial_attr(t, PARAMS_ATTR, 0):,}", describe_norms(arch),
-                     describe_activations(arch)))
+        rows.append(
+            (
+                str(t.number),
+                loss,
+                _accuracy(t),
+                f"{trial_attr(t, PARAMS_ATTR, 0):,}",
+                describe_norms(arch),
+                describe_activations(arch),
+            )
+        )
     if len(rows) == 1:
         return f"Study '{study.study_name}': no completed trials yet."
     header = f"Top {len(rows) - 1} of {finished_trials(study)} finished trials in '{study.study_name}' (lower cv loss is better):"
@@ -51,8 +66,10 @@ def pareto_table(study: optuna.Study, objectives: list[str]) -> str:
     for t in front:
         cells = [f"{v:.4f}" if isinstance(v, float) and not float(v).is_integer() else f"{int(v):,}" for v in t.values]
         rows.append((str(t.number), *cells, _accuracy(t), describe_norms(trial_attr(t, ARCH_ATTR, {}))))
-    header = (f"Pareto front of '{study.study_name}' ({len(front)} of {finished_trials(study)} finished trials; "
-              f"all objectives minimized; export one with nas-export --trial N):")
+    header = (
+        f"Pareto front of '{study.study_name}' ({len(front)} of {finished_trials(study)} finished trials; "
+        f"all objectives minimized; export one with nas-export --trial N):"
+    )
     return "\n".join([header, *text_table(rows)])
 
 

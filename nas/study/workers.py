@@ -30,7 +30,6 @@ from nas.study.schema import FAIL_REASON_ATTR, WORKER_ATTR, WORKER_PREFIX
 from nas.study.storage import delete_study_system_attr
 
 
-
 @dataclass(frozen=True)
 class Identity:
     """A process, named so that another process can tell whether it still runs."""
@@ -48,7 +47,7 @@ class Identity:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data) -> "Identity | None":
+    def from_dict(cls, data) -> Identity | None:
         try:
             return cls(str(data["host"]), int(data["pid"]), float(data["started"]), str(data.get("pid_space", "")))
         except (KeyError, TypeError, ValueError):
@@ -130,7 +129,9 @@ def reclaim_dead_trials(study: optuna.Study, grace_seconds: float | None = None,
         if known_dead(owner):
             reason = f"worker process gone ({owner.describe()}); reclaimed on its host"
         elif beats and not running_here(owner) and silent(records.get(owner.key), grace_seconds):
-            reason = f"worker silent for over {grace_seconds:g} s ({owner.describe()}); its worker record stopped beating"
+            reason = (
+                f"worker silent for over {grace_seconds:g} s ({owner.describe()}); its worker record stopped beating"
+            )
         else:
             continue
         try:
@@ -186,8 +187,11 @@ def live_workers(storage, study_id: int, grace_seconds: float, now: float | None
 def describe_workers(workers: list[LiveWorker], now: float | None = None) -> str:
     """`vm pid 4242 (started 12:00:01 UTC, last beat 3 s ago)`, joined by `; `."""
     now = time.time() if now is None else now
-    return "; ".join(f"{w.identity.describe()} (started {time.strftime('%H:%M:%S UTC', time.gmtime(w.identity.started))}, "
-                     f"last beat {max(0, round(now - w.beat))} s ago)" for w in workers)
+    return "; ".join(
+        f"{w.identity.describe()} (started {time.strftime('%H:%M:%S UTC', time.gmtime(w.identity.started))}, "
+        f"last beat {max(0, round(now - w.beat))} s ago)"
+        for w in workers
+    )
 
 
 class WorkerRecord:
@@ -216,7 +220,9 @@ class WorkerRecord:
         self._thread.start()
 
     def _beat(self) -> None:
-        self.storage.set_study_system_attr(self.study_id, self.identity.key, {**self.identity.as_dict(), "beat": time.time()})
+        self.storage.set_study_system_attr(
+            self.study_id, self.identity.key, {**self.identity.as_dict(), "beat": time.time()}
+        )
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -237,7 +243,7 @@ class WorkerRecord:
             pass
         self.storage = None
 
-    def __enter__(self) -> "WorkerRecord":
+    def __enter__(self) -> WorkerRecord:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -9,8 +9,21 @@ signals           SIGINT / SIGTERM: stop at a safe point, leave the study resuma
 
 from nas._lazy import public
 
-__getattr__, __dir__, __all__ = public(__name__, {
-    'train': ['fit', 'evaluate', 'make_optimizer', 'optimizer_for', 'prepare_model', 'resolve_device', 'scoring_batch_size', 'autocast', 'on_device_layout'],
-    'cross_validation': ['cross_validate', 'fold_seed'],
-    'folds_together': ['fold_losses'],
-})
+__getattr__, __dir__, __all__ = public(
+    __name__,
+    {
+        "train": [
+            "fit",
+            "evaluate",
+            "make_optimizer",
+            "optimizer_for",
+            "prepare_model",
+            "resolve_device",
+            "scoring_batch_size",
+            "autocast",
+            "on_device_layout",
+        ],
+        "cross_validation": ["cross_validate", "fold_seed"],
+        "folds_together": ["fold_losses"],
+    },
+)

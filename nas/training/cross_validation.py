@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import statistics
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
-from nas.models.build import build, count_parameters
 from nas.data.datasets import Dataset
-from nas.errors import TrialError
 from nas.data.samples import rows
+from nas.errors import TrialError
+from nas.models.build import build, count_parameters
 from nas.training.diagnostics import recalibrate, train_mode_loss
 from nas.training.folds_together import NotBatchable, train_together
 from nas.training.train import OnEpoch, evaluate, fit, prepare_model, scoring_batch_size
@@ -63,13 +63,17 @@ def cross_validate(
         else:
             model = _model(spec, data, device, seeds[k])
             try:
-                result = fit(model, data, train_idx, val_idx, hp, epochs, device, seed=seeds[k], fold=k, on_epoch=on_epoch)
+                result = fit(
+                    model, data, train_idx, val_idx, hp, epochs, device, seed=seeds[k], fold=k, on_epoch=on_epoch
+                )
             except torch.cuda.OutOfMemoryError as exc:
                 params = count_parameters(model)
                 del model  # release this candidate's memory before the next trial
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
-                raise TrialError(f"CUDA out of memory (batch size {hp['batch_size']}, {params:,} parameters): {str(exc).splitlines()[0]}") from None
+                raise TrialError(
+                    f"CUDA out of memory (batch size {hp['batch_size']}, {params:,} parameters): {str(exc).splitlines()[0]}"
+                ) from None
         params = count_parameters(model)
         loss, accuracy = result.val_loss, result.val_accuracy
         x_val, y_val = rows(data.x_train, val_idx), data.y_train[val_idx]

@@ -48,7 +48,9 @@ def plain_batch_statistics(layers: list[nn.Module]):
 
 
 @torch.no_grad()
-def train_mode_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.device) -> float | None:
+def train_mode_loss(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.device
+) -> float | None:
     """Validation loss with batch statistics in batches of the training batch size; state restored.
 
     None when no layer keeps running statistics: the eval-mode loss is then the same number.

@@ -18,12 +18,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from nas.data.datasets import Dataset, augment_batch
-from nas.errors import TrialError
 from nas.data.samples import loaded, rows
-from nas.training.signals import SIGNALS
+from nas.errors import TrialError
 from nas.models.stacking import NotStackable, stack
-from nas.training.train import (EpochReport, FitResult, OnEpoch, autocast, batches, conv_weights, cosine_schedule, evaluate, on_device_layout, optimizer_for,
-                       prepare_model, scoring_batch_size)
+from nas.training.signals import SIGNALS
+from nas.training.train import (
+    EpochReport,
+    FitResult,
+    OnEpoch,
+    autocast,
+    batches,
+    conv_weights,
+    cosine_schedule,
+    evaluate,
+    on_device_layout,
+    optimizer_for,
+    prepare_model,
+    scoring_batch_size,
+)
 
 
 class NotBatchable(Exception):
@@ -33,7 +45,11 @@ class NotBatchable(Exception):
 def fold_losses(logits: torch.Tensor, y: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
     """(k,) mean cross-entropy of each fold from the stacked model's (k, B, classes) logits and (k, B) labels."""
     k = len(logits)
-    return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none", label_smoothing=label_smoothing).view(k, -1).mean(1)
+    return (
+        F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none", label_smoothing=label_smoothing)
+        .view(k, -1)
+        .mean(1)
+    )
 
 
 def train_together(

@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from nas.data.datasets import Dataset, augment_batch
-from nas.errors import NasError, TrialError
 from nas.data.samples import loaded, rows
+from nas.errors import NasError, TrialError
 from nas.models.norms import batch_dependent_in_eval
 from nas.training.signals import SIGNALS
 
@@ -93,7 +93,9 @@ def optimizer_for(decay: list[torch.Tensor], no_decay: list[torch.Tensor], hp: d
 
 def cosine_schedule(optimizer: torch.optim.Optimizer, total: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Cosine decay from the base learning rate to zero over `total` steps."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+    )
 
 
 def conv_weights(model: nn.Module) -> list[torch.Tensor]:
@@ -126,7 +128,14 @@ def scoring_batch_size(model: nn.Module, hp: dict) -> int:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device, batch_size: int = EVAL_BATCH, keep_mode: bool = False) -> tuple[float, float]:
+def evaluate(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    device: torch.device,
+    batch_size: int = EVAL_BATCH,
+    keep_mode: bool = False,
+) -> tuple[float, float]:
     """Mean cross-entropy (no label smoothing) and accuracy; the model in eval mode unless `keep_mode`."""
     if not keep_mode:
         model.eval()
@@ -189,7 +198,11 @@ def fit(
             done += 1
             xb = augment_batch(xb, data.augment, aug_generator)
             with autocast(device):
-                loss = F.cross_entropy(model(on_device_layout(xb, device)).float(), data.y_train[idx], label_smoothing=hp["label_smoothing"])
+                loss = F.cross_entropy(
+                    model(on_device_layout(xb, device)).float(),
+                    data.y_train[idx],
+                    label_smoothing=hp["label_smoothing"],
+                )
                 if l1 > 0:
                     loss = loss + l1 * sum(w.abs().sum() for w in kernels)
             optimizer.zero_grad(set_to_none=True)
