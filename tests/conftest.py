@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from postgres_server import postgres_server
 
 
 def write_digits_run(folder: Path, space: dict, storage: str, study: dict, evaluation: dict) -> Path:
@@ -43,3 +44,13 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "cuda" in item.keywords:
                 item.add_marker(skip)
+
+
+# --- servers shared by the tests -----------------------------------------------------------------
+postgres = pytest.fixture(scope="session")(postgres_server)
+
+
+@pytest.fixture(scope="module")
+def pg_server(postgres) -> str:
+    """The URL of an empty PostgreSQL database of its own for each test module, on the session's server."""
+    return postgres()

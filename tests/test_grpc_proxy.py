@@ -19,7 +19,6 @@ from nas.study.schema import WORKER_ATTR, counts_toward_budget
 from nas.study.storage import make_storage, storage_of
 from nas.study.storage import open_to_read as dashboard_storage
 from nas.study.workers import Identity, reclaim_dead_trials
-from tests.test_postgres import pg_server  # noqa: F401  (the throwaway PostgreSQL server fixture)
 
 pytest.importorskip("grpc")
 SPACE = {"stages": 1, "width": 8, "training": {"lr": {"float": [0.01, 0.1], "log": True}}}

@@ -19,7 +19,6 @@ from nas.cli import search_main
 from nas.cluster.ray_workers import gpus_per_worker, run_worker, worker_task
 from nas.errors import StudyError
 from nas.study.schema import counts_toward_budget
-from tests.test_postgres import pg_server  # noqa: F401  (the throwaway PostgreSQL server fixture)
 
 ray = pytest.importorskip("ray")
 SPACE = {"stages": 1, "width": 8, "training": {"lr": {"float": [0.01, 0.1], "log": True}}}

@@ -15,7 +15,6 @@ from conftest import write_digits_run
 from optuna.trial import TrialState
 
 from nas.study.schema import counts_toward_budget
-from tests.test_postgres import pg_server  # noqa: F401  (the throwaway PostgreSQL server fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
 SPACE = {"stages": 1, "width": 8, "training": {"lr": {"float": [0.01, 0.1], "log": True}}}
