@@ -92,7 +92,9 @@ def run() -> list[dict]:
                     }
                 )
                 print(
-                    f"{label:38s} {mode:8s} K={rows[-1]['labels_per_class']!s:4s} seed {seed}: accuracy {result.after['accuracy']:.4f} (before {result.before['accuracy']:.4f}), {result.seconds:.1f} s",
+                    f"{label:38s} {mode:8s} K={rows[-1]['labels_per_class']!s:4s} seed {seed}: accuracy "
+                    f"{result.after['accuracy']:.4f} (before {result.before['accuracy']:.4f}), "
+                    f"{result.seconds:.1f} s",
                     flush=True,
                 )
     return rows
@@ -127,7 +129,8 @@ def write_tables(rows: list[dict]) -> None:
     for source in SOURCES:
         mine = [r for r in rows if r["source"] == source]
         lines += [
-            f"### Source: {source}; no adaptation: accuracy {mine[0]['before_accuracy']:.3f}, loss {mine[0]['before_loss']:.3f}",
+            f"### Source: {source}; no adaptation: accuracy {mine[0]['before_accuracy']:.3f}, loss "
+            f"{mine[0]['before_loss']:.3f}",
             "",
         ]
         for metric in ("accuracy", "loss"):

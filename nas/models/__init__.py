@@ -6,6 +6,7 @@ blocks        conv / norm / activation blocks in every position
 build         `build(spec, input_shape, num_classes)`: an ArchSpec -> nn.Module
 stacking      k models of one spec as one (the CV folds trained together)
 bn_fold       BatchNorm folded into the preceding conv for inference
+costs         parameters, MACs and latency of a model
 """
 
 from nas._lazy import public

@@ -5,6 +5,7 @@ archspec  reading an ArchSpec: norm, position, layout
 config    the run config: load, validate, override (`RunConfig`)
 samplers  samplers by name, and the seed each search process gives its sampler
 pruners   pruners by name, and when a pruner can save nothing
+stand_in_trials  trials that answer suggest_* themselves: a space walked without a study
 """
 
 from nas._lazy import public
