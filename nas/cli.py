@@ -53,12 +53,20 @@ SUMMARIES = {
     "search": "Search a normalization-aware CNN space with Optuna, scoring each trial by k-fold cross-validation",
     "report": "Write report.md and PNGs about a study: what the normalization choices did",
     "export": "Retrain a trial on the full training split, fold BN, write TorchScript, torch.export and ONNX files",
-    "bench": "Time an exported model unfolded, folded, in onnxruntime (and its code files with --trust-code): what BN costs",
+    "bench": (
+        "Time an exported model unfolded, folded, in onnxruntime (and its code files with --trust-code): what BN costs"
+    ),
     "finetune": "Fine-tune an exported model on a run config's dataset with a BatchNorm strategy",
     "dashboard": "Web dashboard for the studies in one storage: browse, resume, stop, export",
     "compare": "Compare normalization choices fairly: one equal-budget study per cell, re-evaluated over fresh seeds",
-    "predict": "Classify raw inputs (PNG / JPEG images, .npy / .npz arrays) with an exported model, preprocessed as model.json says",
-    "storage-proxy": "Serve one study storage to workers through Optuna's gRPC storage proxy: only this machine holds the database URL",
+    "predict": (
+        "Classify raw inputs (PNG / JPEG images, .npy / .npz arrays) with an exported model, "
+        "preprocessed as model.json says"
+    ),
+    "storage-proxy": (
+        "Serve one study storage to workers through Optuna's gRPC storage proxy: "
+        "only this machine holds the database URL"
+    ),
 }
 
 
@@ -139,7 +147,8 @@ examples:
         "--workers",
         type=int,
         default=1,
-        help="worker processes on this study (default %(default)s); across machines, run nas-search on each against one PostgreSQL --storage",
+        help="worker processes on this study (default %(default)s); across machines, run nas-search on each against "
+        "one PostgreSQL --storage",
     )
     ray = p.add_argument_group("a Ray cluster (pip install 'bnnas[ray]')")
     ray.add_argument(
@@ -432,7 +441,8 @@ def finetune_parser() -> argparse.ArgumentParser:
         "finetune",
         "It writes an export folder like nas-export's (BN folded, verified) plus metrics.json.",
         "modes: freeze (norm layers fixed, the rest trained), adabn (running statistics re-estimated on the "
-        "target inputs; with K > 0 then the head trained), bn-only (norm affine parameters and head), full (everything)\n"
+        "target inputs; with K > 0 then the head trained), bn-only (norm affine parameters and head), "
+        "full (everything)\n"
         "example:\n  nas-finetune --model exported/ --config configs/digits_shifted.yaml --bn-mode adabn",
     )
     p.add_argument(
@@ -622,12 +632,12 @@ COMPARE_SHORTCUTS = {
 def compare_parser() -> argparse.ArgumentParser:
     p = _parser(
         "compare",
-        "Every combination of the factors' levels (a cell) is its own study in the storage, searching the rest of the space "
-        "with the config's sampler for exactly --trials-per-cell trials; each cell's best spec is then cross-validated under "
-        "--seeds fresh seeds (the same for every cell: paired), and every pair of cells is tested (paired "
-        "t-test, Bonferroni-corrected over all pairs); a cell is worse when shown worse than some other. A cell "
-        "whose search stops short of its budget is marked. The same command resumes an interrupted comparison "
-        "(never with a smaller --trials-per-cell than a cell holds).",
+        "Every combination of the factors' levels (a cell) is its own study in the storage, searching the rest of "
+        "the space with the config's sampler for exactly --trials-per-cell trials; each cell's best spec is then "
+        "cross-validated under --seeds fresh seeds (the same for every cell: paired), and every pair of cells is "
+        "tested (paired t-test, Bonferroni-corrected over all pairs); a cell is worse when shown worse than some "
+        "other. A cell whose search stops short of its budget is marked. The same command resumes an interrupted "
+        "comparison (never with a smaller --trials-per-cell than a cell holds).",
         """a factor is
   KEY                    a search-space key: its levels are the key's choices (or --levels KEY=A,B)
   FILE.yaml | NAME=FILE.yaml   named variants: each name maps to a small override of the space

@@ -105,7 +105,8 @@ def check_bounds(value: Any, meta: dict, file: str, path: str) -> None:
             raise ConfigError(
                 file,
                 path,
-                f"unknown {what} '{value}' (known: {', '.join(known)}){did_you_mean(value, known, meta.get('aliases'))}",
+                f"unknown {what} '{value}' (known: "
+                f"{', '.join(known)}){did_you_mean(value, known, meta.get('aliases'))}",
             )
     if "min" in meta and value < meta["min"]:
         raise ConfigError(file, path, f"must be >= {meta['min']}, got {value}")

@@ -102,13 +102,15 @@ def print_one(times: dict, device: torch.device, dataset: str) -> None:
         + ")"
     )
     print(
-        f"  speed-up of each repeat's pair: min {pairs[0]:.2f}x, median {statistics.median(pairs):.2f}x, max {pairs[-1]:.2f}x"
+        f"  speed-up of each repeat's pair: min {pairs[0]:.2f}x, median {statistics.median(pairs):.2f}x, "
+        f"max {pairs[-1]:.2f}x"
     )
     ratio = ratios["wall"]
     target_device, target = TARGETS[dataset]
     if device.type == target_device:
         print(
-            f"  target: together >= {target}x faster on {target_device}: {'met' if ratio >= target else 'NOT met'} ({ratio:.2f}x)"
+            f"  target: together >= {target}x faster on {target_device}: {'met' if ratio >= target else 'NOT met'} "
+            f"({ratio:.2f}x)"
         )
     else:
         print(f"  target: together >= {target}x faster on {target_device}: not measured here (device {device.type})")
@@ -213,7 +215,8 @@ def main() -> None:
         "--epochs",
         type=int,
         default=DIGITS_EPOCHS,
-        help="epochs per fold in each timed evaluation (default: configs/digits.yaml's, as a trial of the default search)",
+        help="epochs per fold in each timed evaluation (default: configs/digits.yaml's, "
+        "as a trial of the default search)",
     )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--cifar-n", type=int, default=10000, help="number of generated CIFAR-shaped images")

@@ -20,7 +20,8 @@ a streamed epoch within 1.3x of an in-memory one; an in-memory uint8 epoch no sl
 
     .venv/bin/python scripts/bench_data.py
     .venv/bin/python scripts/bench_data.py --images 2000 --size 32 --repeats 2   # a quick run
-    python scripts/bench_data.py --device cuda   # the epochs on a GPU: uint8 on the device vs streamed (pinned, non-blocking)
+    python scripts/bench_data.py --device cuda   # the epochs on a GPU: uint8 on the device vs streamed
+                                                 # (pinned, non-blocking)
 """
 
 from __future__ import annotations
@@ -159,7 +160,8 @@ def main() -> None:
     start = time.perf_counter()
     write_folder(root, args.images, args.size)
     print(
-        f"image folder: {args.images} PNGs, {args.size}x{args.size} RGB, written in {time.perf_counter() - start:.1f} s ({root})"
+        f"image folder: {args.images} PNGs, {args.size}x{args.size} RGB, written in "
+        f"{time.perf_counter() - start:.1f} s ({root})"
     )
     load_image_folder(root, None, str(cache))  # the entry the cached loads read
     config = DatasetConfig(name="imagefolder", root=str(root), cache=str(cache), augment="none")
@@ -207,23 +209,28 @@ def main() -> None:
     speedup = medians["first load (decode + cache)"] / medians["cached load"]
     print(
         f"cached load: {speedup:.1f}x faster than the first decode; "
-        f"{medians['ImageFolder + DataLoader(2), one epoch'] / medians['cached load']:.1f}x faster than one ImageFolder epoch"
+        f"{medians['ImageFolder + DataLoader(2), one epoch'] / medians['cached load']:.1f}x "
+        "faster than one ImageFolder epoch"
     )
     print(
-        f"first decode: {medians['ImageFolder + DataLoader(2), one epoch'] / medians['first load (decode + cache)']:.2f}x "
+        "first decode: "
+        f"{medians['ImageFolder + DataLoader(2), one epoch'] / medians['first load (decode + cache)']:.2f}x "
         "the speed of one ImageFolder epoch (train split only there)"
     )
     print(
-        f"target: cached load >= {TARGET:g}x faster than a first decode: {'met' if speedup >= TARGET else 'NOT met'} ({speedup:.1f}x)"
+        f"target: cached load >= {TARGET:g}x faster than a first decode: {'met' if speedup >= TARGET else 'NOT met'} "
+        f"({speedup:.1f}x)"
     )
     stream = medians["uint8 streamed from the cache"] / medians["uint8 in memory"]
     compact = medians["uint8 in memory"] / medians["float32 in memory (before)"]
     loader = medians["ImageFolder + DataLoader(2)"] / medians["uint8 in memory"]
     print(
-        f"epoch ratios: streamed / in-memory uint8 {stream:.2f}x; uint8 / float32 {compact:.2f}x; DataLoader / in-memory uint8 {loader:.2f}x"
+        f"epoch ratios: streamed / in-memory uint8 {stream:.2f}x; uint8 / float32 {compact:.2f}x; "
+        f"DataLoader / in-memory uint8 {loader:.2f}x"
     )
     print(
-        f"target: streamed epoch within {STREAM_TARGET:g}x of in-memory: {'met' if stream <= STREAM_TARGET else 'NOT met'} ({stream:.2f}x)"
+        f"target: streamed epoch within {STREAM_TARGET:g}x of in-memory: "
+        f"{'met' if stream <= STREAM_TARGET else 'NOT met'} ({stream:.2f}x)"
     )
     print(f"target: uint8 epoch no slower than float32: {'met' if compact <= 1.0 else 'NOT met'} ({compact:.2f}x)")
     if not args.workdir:

@@ -42,7 +42,8 @@ def parse_strategy(text: str) -> tuple[str, str]:
     sampler, _, pruner = text.partition("+")
     if sampler not in SAMPLER_NAMES or (pruner or "none") not in PRUNER_NAMES:
         sys.exit(
-            f"--strategies: '{text}' is not SAMPLER[+PRUNER] (samplers: {', '.join(SAMPLER_NAMES)}; pruners: {', '.join(PRUNER_NAMES)})"
+            f"--strategies: '{text}' is not SAMPLER[+PRUNER] (samplers: {', '.join(SAMPLER_NAMES)}; pruners: "
+            f"{', '.join(PRUNER_NAMES)})"
         )
     return sampler, pruner or "none"
 
@@ -199,8 +200,10 @@ def table(rows: list[dict], baselines: list[dict], strategies: list[str], budget
         )
     cv = spread([b["cv_loss"] for b in baselines])
     lines.append(
-        f"| baseline: hand-designed 2-stage CNN + BatchNorm (one trial, {statistics.median(b['cv_seconds'] for b in baselines):.0f} s) "
-        f"| {cv} | {cv} | {cv} | 1 | {spread([b['cv_accuracy'] for b in baselines])} | {spread([b['test_accuracy'] for b in baselines])} |"
+        "| baseline: hand-designed 2-stage CNN + BatchNorm "
+        f"(one trial, {statistics.median(b['cv_seconds'] for b in baselines):.0f} s) "
+        f"| {cv} | {cv} | {cv} | 1 | {spread([b['cv_accuracy'] for b in baselines])} "
+        f"| {spread([b['test_accuracy'] for b in baselines])} |"
     )
     return "\n".join(lines)
 
@@ -262,7 +265,8 @@ def main() -> None:
         for seed in range(args.seeds):
             baselines.append(run_baseline(config, seed))
             print(
-                f"seed {seed}: baseline CV loss {baselines[-1]['cv_loss']:.4f}, test accuracy {baselines[-1]['test_accuracy']:.4f}",
+                f"seed {seed}: baseline CV loss {baselines[-1]['cv_loss']:.4f}, test accuracy "
+                f"{baselines[-1]['test_accuracy']:.4f}",
                 flush=True,
             )
             for strategy in strategies:

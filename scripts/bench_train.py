@@ -155,8 +155,12 @@ def _sync(device: torch.device) -> None:
 
 
 def bench(name: str, data: Dataset, raw: np.ndarray, device: torch.device, args) -> None:
-    ours_fn = lambda epochs, seed: run_ours(data, device, epochs, seed)
-    standard_fn = lambda epochs, seed: run_standard(data, raw, device, epochs, seed, args.num_workers)
+    def ours_fn(epochs, seed):
+        return run_ours(data, device, epochs, seed)
+
+    def standard_fn(epochs, seed):
+        return run_standard(data, raw, device, epochs, seed, args.num_workers)
+
     ours_fn(1, 0), standard_fn(1, 0)  # warm-up: allocator, cuDNN autotuning, lazy imports
     ours, standard = [], []
     for r in range(args.repeats):  # alternate, so drift in machine speed hits both alike

@@ -197,7 +197,8 @@ def closed_by_server(sock: socket.socket) -> bool:
 
 
 class SlowSenders:
-    """`count` clients that each write their GET a byte every `interval` seconds, read the answer, and start again until stopped."""
+    """`count` clients that each write their GET a byte every `interval` seconds, read the answer, and start
+    again until stopped."""
 
     def __init__(self, port: int, count: int, interval: float):
         self.port, self.interval, self.answered, self.failed = port, interval, 0, 0
@@ -233,8 +234,9 @@ class SlowSenders:
 def row(name: str, result: dict, server: Server, extra: str = "") -> str:
     failures = ", ".join(f"{n} {k}" for k, n in sorted(result["failures"].items(), key=str)) or "none"
     return (
-        f"| {name} | {result['served']}/{result['sent']} | {failures} | {result['p50'] * 1000:.0f} | {result['p99'] * 1000:.0f} | "
-        f"{result['wall']:.1f} | {server.peak['rss'] / 2**20:.0f} | {server.peak['threads']} | {server.peak['files']} | {extra} |"
+        f"| {name} | {result['served']}/{result['sent']} | {failures} | {result['p50'] * 1000:.0f} | "
+        f"{result['p99'] * 1000:.0f} | {result['wall']:.1f} | {server.peak['rss'] / 2**20:.0f} | "
+        f"{server.peak['threads']} | {server.peak['files']} | {extra} |"
     )
 
 
@@ -270,12 +272,14 @@ def main() -> None:
             paths += study_pages(server.port)
             server.reset_peaks()
             print(
-                f"nas-dashboard pid {server.process.pid} on {HOST}:{server.port}; {args.studies} studies x {args.trials} trials; "
-                f"{os.cpu_count()} CPUs; every request on a new connection",
+                f"nas-dashboard pid {server.process.pid} on {HOST}:{server.port}; "
+                f"{args.studies} studies x {args.trials} trials; {os.cpu_count()} CPUs; "
+                "every request on a new connection",
                 flush=True,
             )
             print(
-                "| phase | served | failed | p50 ms | p99 ms | wall s | server RSS peak MiB | threads peak | open files peak | held connections |"
+                "| phase | served | failed | p50 ms | p99 ms | wall s | server RSS peak MiB | threads peak | "
+                "open files peak | held connections |"
             )
             print("|---|---|---|---|---|---|---|---|---|---|")
             print(
@@ -306,8 +310,9 @@ def main() -> None:
                     f"{args.clients} clients x {args.requests} while held",
                     result,
                     server,
-                    f"{len(held)} silent: {closed} closed by the server, {waited:.0f} s after the crowd; {args.slow} slow senders "
-                    f"(a byte every {args.slow_interval:g} s): {answered} requests answered, {failed} failed",
+                    f"{len(held)} silent: {closed} closed by the server, {waited:.0f} s after the crowd; "
+                    f"{args.slow} slow senders (a byte every {args.slow_interval:g} s): {answered} requests answered, "
+                    f"{failed} failed",
                 ),
                 flush=True,
             )

@@ -165,8 +165,8 @@ def run_on_ray(
         nodes = [node for node in ray.nodes() if node.get("Alive")]
         if sqlite_path(storage_url) is not None and len(nodes) > 1:
             raise StudyError(
-                f"--ray: the Ray cluster has {len(nodes)} nodes and the storage is SQLite ({storage_url}), a file on one "
-                "machine; use PostgreSQL (or Optuna's gRPC storage proxy) for workers on several nodes"
+                f"--ray: the Ray cluster has {len(nodes)} nodes and the storage is SQLite ({storage_url}), a file on "
+                "one machine; use PostgreSQL (or Optuna's gRPC storage proxy) for workers on several nodes"
             )
         gpus_per_trial = gpus_per_worker(gpus_per_trial, cfg.device, ray.cluster_resources().get("GPU", 0))
         storage = open_for_search(storage_url, cfg.study.heartbeat_seconds, cfg.study.retries)
@@ -189,7 +189,8 @@ def run_on_ray(
     if failed:
         first = failed[0]
         raise StudyError(
-            f"--ray: {len(failed)} of {workers} workers failed; on node {first.node}: exit {first.exit_code}: {first.last_line}"
+            f"--ray: {len(failed)} of {workers} workers failed; on node {first.node}: exit {first.exit_code}: "
+            f"{first.last_line}"
         )
     return results
 
@@ -201,7 +202,8 @@ def stop_workers(ray, pending: list, storage, study_name: str, log) -> None:
 
     request_stop(storage, study_name)
     log(
-        "Stopping: every worker finishes its current trial (Ctrl-C again to interrupt them now); the same command resumes"
+        "Stopping: every worker finishes its current trial (Ctrl-C again to interrupt them now); "
+        "the same command resumes"
     )
     try:
         while len(ray.wait(pending, num_returns=len(pending), timeout=1.0)[0]) < len(pending):

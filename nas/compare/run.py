@@ -186,7 +186,8 @@ def pick_levels(factor: Factor, wanted: list[str]) -> Factor:
         raise ConfigError(
             "--levels",
             factor.name,
-            f"unknown level '{unknown[0]}' (known: {', '.join(factor.levels)}){did_you_mean(unknown[0], factor.levels)}",
+            f"unknown level '{unknown[0]}' (known: "
+            f"{', '.join(factor.levels)}){did_you_mean(unknown[0], factor.levels)}",
         )
     return dataclasses.replace(factor, levels=tuple(wanted), overrides={w: factor.overrides[w] for w in wanted})
 
@@ -380,7 +381,8 @@ def _short_of_budget(counts: dict, trials_per_cell: int, stops: list[str]) -> st
 
 
 def _notable(out: Callable[[str], None], stops: list[str]) -> Callable[[str], None]:
-    """Of a cell search's own output, only what changes its reading: stops (kept in `stops`), reclaims, forced changes."""
+    """Of a cell search's own output, only what changes its reading: stops (kept in `stops`), reclaims,
+    forced changes."""
 
     def line(text: str) -> None:
         if text.startswith("Stopped"):
@@ -416,8 +418,8 @@ def _done(storage: str, names: list[str], trials_per_cell: int) -> int:
             held = budget_count(study.get_trials(deepcopy=False))
             if held > trials_per_cell:
                 raise NasError(
-                    f"--trials-per-cell {trials_per_cell}: cell study '{name}' already holds {held} finished candidates; "
-                    f"give --trials-per-cell {held} or more to compare equal budgets, or another --study"
+                    f"--trials-per-cell {trials_per_cell}: cell study '{name}' already holds {held} finished "
+                    f"candidates; give --trials-per-cell {held} or more to compare equal budgets, or another --study"
                 )
             done += held
             done += len(
@@ -484,7 +486,10 @@ def _scores(best, results: dict, chosen: list[str]) -> dict:
         }
     losses = {s: results[s]["cv_loss"] for s in chosen if "cv_loss" in results[s]}
     failures = {s: results[s]["failed"] for s in chosen if "failed" in results[s]}
-    summary = f"best trial {best.number} (CV loss {best.value:.4f} in the search), re-evaluated with {len(losses)}/{len(chosen)} seeds"
+    summary = (
+        f"best trial {best.number} (CV loss {best.value:.4f} in the search), re-evaluated with "
+        f"{len(losses)}/{len(chosen)} seeds"
+    )
     if failures:
         summary += f"; {len(failures)} failed: {next(iter(failures.values()))}"
     return {
@@ -508,7 +513,8 @@ def rank(rows: list[dict]) -> None:
 
 
 def stored_comparisons(storage, problems: list | None = None) -> list[dict]:
-    """The comparisons a storage holds: each its `base` name, `factors` and `cells` (id, name, COMPARE_CELL_ATTR), in study-id order.
+    """The comparisons a storage holds: each its `base` name, `factors` and `cells` (id, name, COMPARE_CELL_ATTR),
+    in study-id order.
 
     Cells belong together when they share the base name (`BASE` of `BASE[levels]`) and the factors. A study
     whose cell attribute has another shape is left out, its StoredAttrError appended to `problems`."""
@@ -597,7 +603,8 @@ def _scalar(text: str) -> Any:
 
 
 def parse_factors(cfg: RunConfig, factor_args: list[str], level_args: list[str]) -> list[Factor]:
-    """`--factor KEY | FILE.yaml | NAME=FILE.yaml` and `--levels NAME=A,B` into Factors; bad ones are one-line errors."""
+    """`--factor KEY | FILE.yaml | NAME=FILE.yaml` and `--levels NAME=A,B` into Factors; bad ones are
+    one-line errors."""
     levels: dict[str, list] = {}
     for text in level_args:
         name, sep, values = text.partition("=")

@@ -155,7 +155,9 @@ def create_app(
         try:
             found = state.comparison(storage, study_id)
         except StoredAttrError as exc:  # a cell's stored re-evaluation of another shape: name it, not a 500
-            raise bottle.HTTPError(409, f"the comparison holding study '{name}' cannot be read: {one_line(exc)}")
+            raise bottle.HTTPError(
+                409, f"the comparison holding study '{name}' cannot be read: {one_line(exc)}"
+            ) from None
         if found is None:
             raise bottle.HTTPError(404, f"study '{name}' is no cell of a nas-compare comparison")
         return found
@@ -208,7 +210,10 @@ def create_app(
                 return answer(
                     409,
                     study_id,
-                    error=f"study '{name}' already has {s['finished']} finished trials: give a budget above that to run more",
+                    error=(
+                        f"study '{name}' already has {s['finished']} finished trials: "
+                        "give a budget above that to run more"
+                    ),
                 )
             job = workers.start_search(name, study_id, trials)
         return answer(

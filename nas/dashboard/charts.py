@@ -30,7 +30,8 @@ def log_ticks(lo: float, hi: float) -> list[float]:
 
 
 def history_svg(points: list[dict]) -> str:
-    """CV loss of each complete trial (dots) and the best so far (a step line), with ticked axes; log scale when it spans a decade."""
+    """CV loss of each complete trial (dots) and the best so far (a step line), with ticked axes; log scale
+    when it spans a decade."""
     if not points:
         return '<p class="muted">No completed trial yet.</p>'
     values = [p["value"] for p in points]
@@ -71,7 +72,8 @@ def history_svg(points: list[dict]) -> str:
         )
     best = " ".join(f"{px},{py}" for px, py in step)
     dots = "".join(
-        f'<circle cx="{x(p["number"])}" cy="{y(p["value"])}" r="3"><title>trial {p["number"]}: {p["value"]:.4f}</title></circle>'
+        f'<circle cx="{x(p["number"])}" cy="{y(p["value"])}" r="3"><title>trial {p["number"]}: '
+        f"{p['value']:.4f}</title></circle>"
         for p in points
     )
     label = "CV loss (log scale)" if log else "CV loss"
@@ -80,7 +82,8 @@ def history_svg(points: list[dict]) -> str:
         f'<rect x="{LEFT}" y="{TOP}" width="{plot_w}" height="{plot_h}" class="frame"/>{grid}'
         f'<polyline points="{best}" class="best"/>{dots}'
         f'<text x="{LEFT + plot_w / 2}" y="{HEIGHT - 6}" text-anchor="middle" class="title">trial number</text>'
-        f'<text x="14" y="{TOP + plot_h / 2}" text-anchor="middle" class="title" transform="rotate(-90 14 {TOP + plot_h / 2})">{label}</text>'
+        f'<text x="14" y="{TOP + plot_h / 2}" text-anchor="middle" class="title" '
+        f'transform="rotate(-90 14 {TOP + plot_h / 2})">{label}</text>'
         f'<text x="{LEFT}" y="16" class="title">trials (dots) and the best so far (step line)</text></svg>'
     )
 
@@ -125,6 +128,7 @@ def intervals_svg(cells: list[dict], seeds: int) -> str:
     )
     label = f"CV loss, mean and 95 % CI over {seeds} seeds"
     return (
-        f'<svg class="intervals" viewBox="0 0 {left + span + RIGHT} {height}" role="img" aria-label="{label}">{ticks}{"".join(marks)}'
+        f'<svg class="intervals" viewBox="0 0 {left + span + RIGHT} {height}" role="img" aria-label="{label}">'
+        f"{ticks}{''.join(marks)}"
         f'<text x="{left + span / 2}" y="{height - 8}" text-anchor="middle" class="title">{label}</text></svg>'
     )

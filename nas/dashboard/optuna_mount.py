@@ -3,8 +3,8 @@
 Its server routes are relative (so WSGI SCRIPT_NAME / PATH_INFO dispatch is enough for them),
 but its page and bundle hard-code root paths: `/static/bundle.js`, API calls on an empty base
 URL, router paths under `/dashboard`. We serve those two files with exactly those literals rewritten
-to the prefix (its CSV links, `/csv/N`, are redirected by the dashboard app); if a future optuna-dashboard changes them, the
-mount says so (503 with the reason) instead of showing a broken page.
+to the prefix (its CSV links, `/csv/N`, are redirected by the dashboard app); if a future
+optuna-dashboard changes them, the mount says so (503 with the reason) instead of showing a broken page.
 """
 
 from __future__ import annotations
@@ -66,7 +66,10 @@ class OptunaMount:
             self.bundle_gz = gzip.compress(self.bundle, 6)  # ~6 MB of JavaScript: what a remote browser waits for
             self.problem = None
         except (OSError, PrefixProblem) as exc:
-            self.problem = f"optuna-dashboard {getattr(optuna_dashboard, '__version__', '?')} cannot be mounted under {self.prefix}/: {exc}"
+            self.problem = (
+                f"optuna-dashboard {getattr(optuna_dashboard, '__version__', '?')} cannot be mounted under "
+                f"{self.prefix}/: {exc}"
+            )
 
     def __call__(self, environ, start_response):
         with self.lock:

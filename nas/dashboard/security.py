@@ -76,7 +76,8 @@ def require_token_beyond_loopback(host: str, token: str | None) -> None:
 
 
 def read_token(flag: str | None, file: str | None, environ=os.environ) -> str | None:
-    """The access token from `--token-file`, `--token` or $NAS_DASHBOARD_TOKEN (a flag shows in `ps`; the others do not)."""
+    """The access token from `--token-file`, `--token` or $NAS_DASHBOARD_TOKEN (a flag shows in `ps`;
+    the others do not)."""
     from nas.errors import NasError
 
     if flag is not None and file is not None:

@@ -218,7 +218,8 @@ def running_text(live: Liveness, workers_text: str, own) -> str:
     reasons = []
     if own is not None:
         reasons.append(
-            f"the worker started here (pid {own.pid}, launched {time.strftime('%H:%M:%S UTC', time.gmtime(own.started))}) is alive"
+            f"the worker started here (pid {own.pid}, launched "
+            f"{time.strftime('%H:%M:%S UTC', time.gmtime(own.started))}) is alive"
         )
     if workers_text:
         reasons.append(f"live worker(s): {workers_text}")
@@ -351,7 +352,8 @@ def comparisons(storage: optuna.storages.BaseStorage) -> list[dict]:
 
 
 def comparison(storage: optuna.storages.BaseStorage, study_id: int) -> dict | None:
-    """The comparison that holds the cell study `study_id`, as nas-compare's result and its table; None if it is no cell."""
+    """The comparison that holds the cell study `study_id`, as nas-compare's result and its table; None if
+    it is no cell."""
     from nas.compare.report import ranked, rows
     from nas.compare.run import stored_comparisons, stored_result
 

@@ -157,7 +157,8 @@ class Job:
 
 
 class Workers:
-    """The processes this dashboard (and earlier ones on its work dir) started; thread-safe (requests run in threads)."""
+    """The processes this dashboard (and earlier ones on its work dir) started; thread-safe (requests run
+    in threads)."""
 
     def __init__(self, storage_url: str, workdir: Path):
         self.storage_url, self.workdir = storage_url, Path(workdir)
@@ -229,7 +230,10 @@ class Workers:
 
     def start_export(self, study: str, study_id: int, trial: int | None = None) -> Job:
         """Export a trial (default the best) into a fresh folder under `workdir/exports/`."""
-        job_id = f"{study_id}-{'best' if trial is None else f'trial{trial}'}-{time.strftime('%Y%m%d-%H%M%S')}-{time.monotonic_ns() % 10**6}"
+        job_id = (
+            f"{study_id}-{'best' if trial is None else f'trial{trial}'}-"
+            f"{time.strftime('%Y%m%d-%H%M%S')}-{time.monotonic_ns() % 10**6}"
+        )
         out = self.workdir / "exports" / job_id
         args = [f"--study={study}", f"--storage={self.storage_url}", f"--out={out}"]
         if trial is not None:

@@ -149,7 +149,8 @@ def _torchvision(cls_name: str):
         grey = np.asarray(train.data).ndim == 3
         size = "x".join(map(str, np.asarray(train.data).shape[1:3]))
         raw = RawInput(
-            f"torchvision {cls_name}'s .data: {size} {'grey' if grey else 'RGB, height x width x channel'}, uint8 0..255",
+            f"torchvision {cls_name}'s .data: {size} {'grey' if grey else 'RGB, height x width x channel'}, "
+            "uint8 0..255",
             "HW" if grey else "HWC",
             "uint8",
             255.0,
@@ -254,7 +255,8 @@ def _npz(cfg) -> Arrays:
     x_train, x_test = (arrays[k].astype(np.float32) for k in ("x_train", "x_test"))
     if x_train.ndim not in (2, 3, 4) or x_train.shape[1:] != x_test.shape[1:]:
         raise DataError(
-            f"dataset.root: {path}: x_train {x_train.shape} and x_test {x_test.shape} must share a sample shape (L), (C,L) or (C,H,W)"
+            f"dataset.root: {path}: x_train {x_train.shape} and x_test {x_test.shape} must share a sample shape (L), "
+            "(C,L) or (C,H,W)"
         )
     labels = np.concatenate([arrays["y_train"], arrays["y_test"]])
     classes, encoded = np.unique(labels, return_inverse=True)
@@ -438,7 +440,8 @@ def load_dataset(cfg, device: torch.device | str = "cpu", normalization: dict | 
 
 
 def _override(cfg, mean: np.ndarray, std: np.ndarray, normalization: dict | None) -> tuple[np.ndarray, np.ndarray]:
-    """The training split's statistics, or the given `normalization` in their shape (a channel count that differs refused)."""
+    """The training split's statistics, or the given `normalization` in their shape (a channel count that
+    differs refused)."""
     if normalization is None:
         return mean, std
     shape = mean.shape
@@ -550,7 +553,8 @@ def stratified_folds(labels: torch.Tensor, folds: int, seed: int) -> list[tuple[
     smallest = np.unique(y, return_counts=True)[1].min() if len(y) else 0
     if smallest < folds:
         raise DataError(
-            f"evaluation.folds: {folds} folds need at least {folds} samples of every class; the smallest class has {smallest}"
+            f"evaluation.folds: {folds} folds need at least {folds} samples of every class; the smallest class has "
+            f"{smallest}"
         )
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     return [

@@ -52,7 +52,8 @@ class Split:
 
 
 def cache_root(setting: str) -> Path | None:
-    """Where `dataset.cache` puts entries: auto -> $BNNAS_CACHE, $XDG_CACHE_HOME/bnnas or ~/.cache/bnnas; off -> None."""
+    """Where `dataset.cache` puts entries: auto -> $BNNAS_CACHE, $XDG_CACHE_HOME/bnnas or ~/.cache/bnnas;
+    off -> None."""
     if setting == "off":
         return None
     if setting != "auto":
@@ -110,7 +111,8 @@ def decode(path: str, image_size: int | None) -> np.ndarray:
             tensor = F.pil_to_tensor(image.convert("RGB"))
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise DataError(
-            f"dataset.root: {path}: cannot decode the image ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+            f"dataset.root: {path}: cannot decode the image "
+            f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
         ) from None
     if image_size:
         tensor = F.resize(
@@ -143,7 +145,8 @@ IN_PROCESS = 256  # fewer files than this are decoded without starting worker pr
 
 
 def decode_split(files: list[tuple[str, int]], image_size: int | None, folder: Path, workers: int) -> np.ndarray:
-    """Every file of a split decoded by `workers` processes into one uint8 array; differing sizes refused naming a file."""
+    """Every file of a split decoded by `workers` processes into one uint8 array; differing sizes refused
+    naming a file."""
     from torch.utils.data import DataLoader
 
     if not files:
@@ -157,8 +160,9 @@ def decode_split(files: list[tuple[str, int]], image_size: int | None, folder: P
                 raise DataError(error)
             if image.shape != first.shape:
                 raise DataError(
-                    f"dataset.root: images in {folder} differ in size ({files[i][0]} is {image.shape[2]}x{image.shape[1]}, "
-                    f"{files[0][0]} {first.shape[2]}x{first.shape[1]}); set dataset.image_size"
+                    f"dataset.root: images in {folder} differ in size ({files[i][0]} is "
+                    f"{image.shape[2]}x{image.shape[1]}, {files[0][0]} {first.shape[2]}x{first.shape[1]}); set "
+                    "dataset.image_size"
                 )
             images[i] = image
     return images

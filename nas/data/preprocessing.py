@@ -18,7 +18,8 @@ IMAGE_FILE_SCALE = 255.0  # 8-bit image files
 
 
 def recipe(data) -> dict:
-    """model.json's `preprocessing` for a loaded `nas.data.datasets.Dataset` (its raw input, normalization and classes)."""
+    """model.json's `preprocessing` for a loaded `nas.data.datasets.Dataset` (its raw input, normalization
+    and classes)."""
     raw = data.raw
     shape = list(data.input_shape)
     images = None
@@ -96,8 +97,8 @@ def image_to_model_input(image: torch.Tensor, pre: dict, what: str) -> torch.Ten
         image = F.resize(image, [height, width], antialias=True)  # as the imagefolder loader resized for training
     elif list(image.shape[-2:]) != [height, width]:
         raise NasError(
-            f"{what}: a {image.shape[-1]}x{image.shape[-2]} (width x height) image; the model takes {width}x{height} images "
-            "(resize it first; the model was not trained on resized images)"
+            f"{what}: a {image.shape[-1]}x{image.shape[-2]} (width x height) image; the model takes {width}x{height} "
+            "images (resize it first; the model was not trained on resized images)"
         )
     x = image.to(torch.float32).unsqueeze(0) / files["scale"]
     return normalize(x, pre)

@@ -165,7 +165,9 @@ def bench_export(
         rows = time_variants(variants, shape, batch_sizes, device, warmup, repeats)
         used = torch.get_num_threads()
     extra = {
-        "model": f"{folder} (study {exported.meta.get('study')}, trial {exported.meta.get('trial')}, input {list(shape)})",
+        "model": (
+            f"{folder} (study {exported.meta.get('study')}, trial {exported.meta.get('trial')}, input {list(shape)})"
+        ),
         "device": f"{device.type}, torch {torch.__version__}, {used} CPU thread(s) (--threads)",
         "params": f"{count_params(unfolded):,} unfolded, {count_params(folded):,} folded",
         "MACs per sample": f"{count_macs(unfolded, shape):,} unfolded, {count_macs(folded, shape):,} folded",

@@ -103,7 +103,8 @@ def check_writable(folder: Path, force: bool = False) -> None:
     existing = [name for name in ("model.json", *MODEL_FILES) if (folder / name).exists()]
     if existing and not force:
         raise NasError(
-            f"--out: {folder} already holds an export ({', '.join(existing)}); choose another folder or pass --force to overwrite it"
+            f"--out: {folder} already holds an export ({', '.join(existing)}); choose another folder or pass --force "
+            "to overwrite it"
         )
     made = [path for path in (folder, *folder.parents) if not path.exists()]  # deepest first
     try:
@@ -182,7 +183,8 @@ def export_trial(
     torch.manual_seed(seed)
     model = prepare_model(build(spec, data.input_shape, data.num_classes), dev)
     log(
-        f"Training trial {trial.number} of '{study_name}' on all {len(data.y_train)} training samples for {epochs} epochs on {dev.type}"
+        f"Training trial {trial.number} of '{study_name}' on all {len(data.y_train)} training samples for {epochs} "
+        f"epochs on {dev.type}"
     )
     fit(model, data, torch.arange(len(data.y_train), device=dev), None, spec["training"], epochs, dev, seed=seed)
     scored_in = scoring_batch_size(model, spec["training"])
@@ -232,9 +234,9 @@ def batch_dependence(model: nn.Module, data, device: torch.device, scored_in: in
     except (ValueError, RuntimeError) as exc:
         alone, at_one = None, f"at batch 1 it fails ({one_line(exc)})"
     message = (
-        f"Note: this model normalizes with each batch's own statistics (BatchNorm with track_running_stats: false), "
-        f"so a prediction depends on the inputs batched with it: test accuracy {accuracy:.4f} in batches of {scored_in} "
-        f"(as it was trained and scored); {at_one}. Deploy it with batches of about {scored_in} inputs."
+        "Note: this model normalizes with each batch's own statistics (BatchNorm with track_running_stats: false), "
+        f"so a prediction depends on the inputs batched with it: test accuracy {accuracy:.4f} in batches of "
+        f"{scored_in} (as it was trained and scored); {at_one}. Deploy it with batches of about {scored_in} inputs."
     )
     return {
         "scored_batch_size": scored_in,
@@ -372,7 +374,10 @@ import torch
 folder, check = sys.argv[1], sys.argv[2]
 data = torch.load(check, weights_only=True)
 x, expected = data["x"], data["expected"]
-models = {"model.ts": torch.jit.load(f"{folder}/model.ts"), "model.pt2": torch.export.load(f"{folder}/model.pt2").module()}
+models = {
+    "model.ts": torch.jit.load(f"{folder}/model.ts"),
+    "model.pt2": torch.export.load(f"{folder}/model.pt2").module(),
+}
 if os.path.exists(f"{folder}/model.onnx"):
     import onnxruntime
     session = onnxruntime.InferenceSession(f"{folder}/model.onnx", providers=["CPUExecutionProvider"])

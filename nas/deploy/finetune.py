@@ -55,7 +55,8 @@ def labelled_subset(y: torch.Tensor, per_class: int | None, seed: int) -> torch.
         members = (y_cpu == label).nonzero().flatten()
         if len(members) < per_class:
             raise DataError(
-                f"--labels-per-class: {per_class} asked, but class {label} has only {len(members)} training samples (use a smaller K or 'all')"
+                f"--labels-per-class: {per_class} asked, but class {label} has only {len(members)} training samples "
+                "(use a smaller K or 'all')"
             )
         picked.append(members[torch.randperm(len(members), generator=generator)[:per_class]])
     return torch.cat(picked).sort().values.to(y.device)
@@ -136,7 +137,8 @@ def adapt(
     head_replaced = replace_head(model, data.num_classes)
     if head_replaced and labels_per_class == 0:
         raise NasError(
-            f"--labels-per-class: the target has {data.num_classes} classes, unlike the model's head; a new head needs labels (K > 0)"
+            f"--labels-per-class: the target has {data.num_classes} classes, unlike the model's head; a new head "
+            "needs labels (K > 0)"
         )
     before = (
         None
@@ -209,7 +211,8 @@ def finetune(
         data = load_dataset(cfg.dataset, dev, normalization=source.meta["normalization"])
     if list(data.input_shape) != list(source.meta["input_shape"]):
         raise DataError(
-            f"{cfg.source}: dataset: samples of shape {list(data.input_shape)}; the model in {model_dir} takes {source.meta['input_shape']}"
+            f"{cfg.source}: dataset: samples of shape {list(data.input_shape)}; the model in {model_dir} takes "
+            f"{source.meta['input_shape']}"
         )
     hp = dict(source.meta["arch"]["training"])
     if lr is not None:
@@ -231,8 +234,8 @@ def finetune(
         else f"loss {result.before['loss']:.4f}, accuracy {result.before['accuracy']:.4f}"
     )
     log(
-        f"Target test split before: {before}; after: loss {result.after['loss']:.4f}, accuracy {result.after['accuracy']:.4f}"
-        f" ({result.train_samples} labelled samples, {result.epochs} epochs)"
+        f"Target test split before: {before}; after: loss {result.after['loss']:.4f}, accuracy "
+        f"{result.after['accuracy']:.4f} ({result.train_samples} labelled samples, {result.epochs} epochs)"
     )
     model = model.to("cpu", memory_format=torch.contiguous_format).eval()
     keep = {k: v for k, v in source.meta.items() if k not in ("files", "fold_max_abs_diff", "versions")}
@@ -276,12 +279,13 @@ def mode_notes(model: nn.Module, mode: str, labels_per_class: int | None, epochs
         notes.append("No norm layer of this model keeps running statistics: adabn has nothing to re-estimate")
     if mode == "adabn" and labels_per_class == 0 and epochs_given:
         notes.append(
-            f"--epochs {epochs} is ignored: adabn without labels (--labels-per-class 0, its default) only re-estimates the "
-            "norm statistics, with no training epoch; give --labels-per-class K to also train the head for --epochs"
+            f"--epochs {epochs} is ignored: adabn without labels (--labels-per-class 0, its default) only "
+            "re-estimates the norm statistics, with no training epoch; give --labels-per-class K to also train the "
+            "head for --epochs"
         )
     if mode == "bn-only" and not any(p.numel() for m in norm_layers(model) for p in m.parameters(recurse=False)):
         notes.append(
-            "This model's norm layers have no affine parameters (affine: false, or no norm): bn-only trains the head alone "
-            "(their running statistics still follow the target batches)"
+            "This model's norm layers have no affine parameters (affine: false, or no norm): bn-only trains the "
+            "head alone (their running statistics still follow the target batches)"
         )
     return notes

@@ -47,7 +47,8 @@ class BatchRenorm(nn.Module):
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
 
     def limits(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(r_max, d_max) at the current step: 1 and 0 for `delay` steps, then relaxed over `warmup`, as tensors (no device sync)."""
+        """(r_max, d_max) at the current step: 1 and 0 for `delay` steps, then relaxed over `warmup`, as tensors
+        (no device sync)."""
         relaxing = self.num_batches_tracked.float() - self.delay
         done = (relaxing / max(self.warmup, 1)).clamp(min=0.0, max=1.0)
         if self.warmup <= 0:

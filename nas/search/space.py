@@ -100,7 +100,8 @@ def _validate_leaf(leaf: Any, param: Param, file: str, path: str) -> None:
             raise ConfigError(
                 file,
                 f"{path}.{key}",
-                f"unknown distribution key (known: {', '.join(DISTRIBUTION_KEYS)}){did_you_mean(key, DISTRIBUTION_KEYS)}",
+                "unknown distribution key (known: "
+                f"{', '.join(DISTRIBUTION_KEYS)}){did_you_mean(key, DISTRIBUTION_KEYS)}",
             )
     kinds = [k for k in ("choice", "int", "float") if k in leaf]
     if len(kinds) != 1:
@@ -113,7 +114,8 @@ def _validate_leaf(leaf: Any, param: Param, file: str, path: str) -> None:
         raise ConfigError(
             file,
             f"{path}.{kind}",
-            f"expected {'choice' if param.kind in (str, bool) else param.kind.__name__} for this key, not a {kind} range",
+            f"expected {'choice' if param.kind in (str, bool) else param.kind.__name__} for this key, "
+            f"not a {kind} range",
         )
     bounds = leaf[kind]
     if not isinstance(bounds, list) or len(bounds) != 2:

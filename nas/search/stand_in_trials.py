@@ -30,7 +30,8 @@ class Infinite(Exception):
 
 
 class ListingTrial:
-    """A stand-in trial that follows `path` (option indices) and then the first options, counting each decision's options."""
+    """A stand-in trial that follows `path` (option indices) and then the first options, counting each
+    decision's options."""
 
     def __init__(self, path: list[int], limit: int):
         self.path, self.limit, self.counts, self.params = path, limit, [], {}

@@ -111,8 +111,8 @@ def summary(config: dict) -> str:
     """The one line a study shows in `optuna studies` (the whole config lives in a system attribute)."""
     dataset, evaluation, study = config.get("dataset", {}), config.get("evaluation", {}), config.get("study", {})
     return (
-        f"bnnas: {dataset.get('name', '?')}, {evaluation.get('folds', '?')} folds x {evaluation.get('epochs', '?')} epochs, "
-        f"{study.get('sampler', '?')}, budget {study.get('trials', '?')}"
+        f"bnnas: {dataset.get('name', '?')}, {evaluation.get('folds', '?')} folds x {evaluation.get('epochs', '?')} "
+        f"epochs, {study.get('sampler', '?')}, budget {study.get('trials', '?')}"
     )
 
 

@@ -225,8 +225,8 @@ def header(study: optuna.Study, storage: str, trials: list[FrozenTrial], rows: l
     duplicates = sum(map(is_duplicate, trials))
     if duplicates:
         lines.append(
-            f"- duplicates: {duplicates} proposal(s) repeated a finished trial's parameters; recorded without training, "
-            "not counted toward the budget and left out below"
+            f"- duplicates: {duplicates} proposal(s) repeated a finished trial's parameters; recorded without "
+            "training, not counted toward the budget and left out below"
         )
     if rows:
         best = rows[0]
@@ -239,7 +239,8 @@ def header(study: optuna.Study, storage: str, trials: list[FrozenTrial], rows: l
         )
         lines += [
             "",
-            f"**Not enough data: {what}.** Importances need at least {MIN_TRIALS}; rerun nas-report as the search goes on.",
+            f"**Not enough data: {what}.** Importances need at least {MIN_TRIALS}; "
+            "rerun nas-report as the search goes on.",
         ]
     config = read_run_config(study._storage, study._study_id)
     if config is not None:
@@ -281,7 +282,8 @@ def config_history(study: optuna.Study, trials: list[FrozenTrial]) -> list[str]:
     return [
         "## Config history",
         "",
-        "The study was continued with `--force` after its contract changed; trials of different versions were scored differently.",
+        "The study was continued with `--force` after its contract changed; "
+        "trials of different versions were scored differently.",
         "",
         *markdown_table(["version", "from", "config", "changes", "finished trials"], rows),
     ]
@@ -382,7 +384,8 @@ def anytime(trials: list[FrozenTrial], minimize: bool, plots: Plots) -> list[str
         fig,
         "anytime.png",
         "best CV loss against wall time",
-        "Best CV loss found by each moment of the search; each point is an improvement, labelled with its trial number.",
+        "Best CV loss found by each moment of the search; each point is an improvement, "
+        "labelled with its trial number.",
     )
 
 
@@ -561,7 +564,8 @@ def top_table(rows: list[Row], k: int) -> list[str]:
             table,
         ),
         "",
-        f"Layout: `sXbY` = stage X block Y, `a..b` = blocks a to b alike, `type@position(settings)`; {legend}; booleans 1/0.",
+        f"Layout: `sXbY` = stage X block Y, `a..b` = blocks a to b alike, `type@position(settings)`; {legend}; "
+        "booleans 1/0.",
     ]
 
 
@@ -635,5 +639,6 @@ def _bn_plot(rows: list[Row], plots: Plots) -> list[str]:
         fig,
         "bn_diagnostics.png",
         "BN diagnostics",
-        "Each complete trial's validation loss with batch vs running statistics; above the dashed line, running statistics hurt.",
+        "Each complete trial's validation loss with batch vs running statistics; "
+        "above the dashed line, running statistics hurt.",
     )

@@ -115,7 +115,8 @@ class Search:
             self.out(
                 f"Study '{cfg.study.name}' changed since this host last ran it: "
                 + "; ".join(f"{key} {show(a, 200)} -> {show(b, 200)}" for key, a, b in moved)
-                + " (a resume takes these from the study, and whoever can write its storage can rewrite them; check them)"
+                + " (a resume takes these from the study, and whoever can write its storage can rewrite them; "
+                "check them)"
             )
         with blamed(cfg), SIGNALS.interruptible():  # loading writes nothing: a signal stops it at once
             data = load_dataset(cfg.dataset, device)  # bad data is found before a new study is made
@@ -126,7 +127,8 @@ class Search:
         reclaimed = reclaim_dead_trials(handle, 2 * cfg.study.heartbeat_seconds, cfg.study.retries)
         if reclaimed:
             out(
-                f"Reclaimed trial(s) {', '.join(map(str, reclaimed))}: their worker process is gone (retried per study.retries)"
+                f"Reclaimed trial(s) {', '.join(map(str, reclaimed))}: their worker process is gone "
+                "(retried per study.retries)"
             )
         budget, done = cfg.study.trials, finished_trials(handle)
         if done >= budget:

@@ -284,7 +284,8 @@ def read_cell(attrs: dict, study_name: str) -> dict | None:
 
 
 def read_reevaluation(attrs: dict, study_name: str) -> dict:
-    """A cell's COMPARE_REEVAL_ATTR ({trial: n, seeds: {seed: {cv_loss, cv_accuracy} | {failed}}}), checked; {} when absent."""
+    """A cell's COMPARE_REEVAL_ATTR ({trial: n, seeds: {seed: {cv_loss, cv_accuracy} | {failed}}}), checked;
+    {} when absent."""
     stored = attrs.get(COMPARE_REEVAL_ATTR, {})
     seeds = stored.get("seeds") if isinstance(stored, dict) else None
     good = (

@@ -1,4 +1,5 @@
-"""Optuna's gRPC storage proxy, authenticated: the `grpc://` / `grpcs://` storage URLs (the server: `nas.cluster.proxy_server`).
+"""Optuna's gRPC storage proxy, authenticated: the `grpc://` / `grpcs://` storage URLs (the server:
+`nas.cluster.proxy_server`).
 
 Whoever reaches the proxy's port reads, rewrites and deletes every study behind it, so beyond loopback it
 serves only clients that prove themselves: a shared token (gRPC metadata, checked by a server interceptor)

@@ -53,7 +53,10 @@ def summary_table(study: optuna.Study, k: int = 5) -> str:
         )
     if len(rows) == 1:
         return f"Study '{study.study_name}': no completed trials yet."
-    header = f"Top {len(rows) - 1} of {finished_trials(study)} finished trials in '{study.study_name}' (lower cv loss is better):"
+    header = (
+        f"Top {len(rows) - 1} of {finished_trials(study)} finished trials in '{study.study_name}' "
+        "(lower cv loss is better):"
+    )
     return "\n".join([header, *text_table(rows)])
 
 

@@ -41,9 +41,10 @@ def cross_validate(
     `on_epoch(EpochReport)` and `on_fold(fold, val_loss)` let the caller report to a pruner (and
     stop by raising). With `fold_mode` `together` the folds train as one batched computation
     (nas.training.folds_together) and report with fold None; a spec that cannot train batched
-    trains one fold after another, and the Score says why in `fold_mode_fallback`. Each fold also records the BN diagnostics: the
-    validation loss with batch statistics, and with `recalibrate_bn` the loss after the running
-    statistics are re-estimated on the training fold (which then is the fold's score).
+    trains one fold after another, and the Score says why in `fold_mode_fallback`. Each fold also
+    records the BN diagnostics: the validation loss with batch statistics, and with `recalibrate_bn`
+    the loss after the running statistics are re-estimated on the training fold (which then is the
+    fold's score).
     """
     hp = spec["training"]
     seeds = [fold_seed(study_seed, trial_number, k) for k in range(len(folds))]
@@ -72,7 +73,8 @@ def cross_validate(
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
                 raise TrialError(
-                    f"CUDA out of memory (batch size {hp['batch_size']}, {params:,} parameters): {str(exc).splitlines()[0]}"
+                    f"CUDA out of memory (batch size {hp['batch_size']}, {params:,} parameters): "
+                    f"{str(exc).splitlines()[0]}"
                 ) from None
         params = count_parameters(model)
         loss, accuracy = result.val_loss, result.val_accuracy

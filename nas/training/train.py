@@ -169,10 +169,11 @@ def fit(
     train_mode: Callable[[nn.Module], None] | None = None,
     max_steps: int | None = None,
 ) -> FitResult:
-    """Train `model` on `train_idx` for `epochs` with a cosine learning rate, validate on `val_idx` (None: no validation).
+    """Train `model` on `train_idx` for `epochs` with a cosine learning rate, validate on `val_idx`
+    (None: no validation).
 
-    `fold` labels the epoch reports. Only parameters with requires_grad are trained; `train_mode(model)`, when given, runs after
-    `model.train()` every epoch (fine-tuning keeps some norm layers in eval mode there).
+    `fold` labels the epoch reports. Only parameters with requires_grad are trained; `train_mode(model)`,
+    when given, runs after `model.train()` every epoch (fine-tuning keeps some norm layers in eval mode there).
     `max_steps` ends training after that many optimizer steps (the schedule then spans them), so
     runs on labelled sets of different sizes can get exactly the same number of steps.
     """
