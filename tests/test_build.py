@@ -72,27 +72,6 @@ def test_every_activation_runs_forward_and_backward(shape_name, activation):
     assert isinstance(model.features.stage1_block1.act, ACTIVATIONS[activation])
 
 
-def block_order(model: nn.Module) -> list[str]:
-    return list(model.features.stage1_block1._modules)
-
-
-def test_position_sets_the_order_and_bias_follows_the_norm():
-    orders = {p: block_order(build(spec_with("batch", p), (1, 8, 8), 3)) for p in POSITIONS}
-    assert orders == {
-        "pre_conv": ["norm", "conv", "act"],
-        "post_conv": ["conv", "norm", "act"],
-        "post_act": ["conv", "act", "norm"],
-    }
-    bias = lambda p, t="batch": build(spec_with(t, p), (1, 8, 8), 3).features.stage1_block1.conv.bias is not None  # noqa: E731
-    assert not bias("post_conv")  # BatchNorm right after the conv makes its bias redundant
-    assert bias("post_act") and bias("pre_conv") and bias("post_conv", "none")
-    assert not bias("post_conv", "batch_renorm") and not bias("post_conv", "instance")  # they center every channel
-    assert bias("post_conv", "group") and bias(
-        "post_conv", "layer"
-    )  # they center groups of channels: a bias is not absorbed
-    assert block_order(build(spec_with("none", "post_conv"), (1, 8, 8), 3)) == ["conv", "act"]
-
-
 def test_norm_settings_reach_the_layer():
     spec = default_spec({"block": {"norm": {"type": "batch", "momentum": 0.3, "eps": 1e-3, "affine": False}}})
     bn = build(spec, (1, 8, 8), 3).features.stage1_block1.norm
@@ -120,18 +99,6 @@ def test_rebuilding_a_spec_gives_the_same_architecture():
 def test_input_of_an_unsupported_rank_is_refused():
     with pytest.raises(ValueError, match="expected"):
         build(default_spec(), (1, 2, 3, 4), 3)
-
-
-def test_zero_init_residual_block_starts_as_the_identity_path():
-    spec = spec_with("batch", "original", block_type="residual")
-    model = build(spec, (4, 6, 6), 3)  # width 4 = input channels: identity shortcut in stage 1
-    block = model.features.stage1_block1
-    x = torch.randn(5, 4, 6, 6)
-    block.train()
-    torch.testing.assert_close(block(x), torch.relu(x))
-    spec["stages"][0]["blocks"][0]["residual"]["zero_init"] = False
-    block = build(spec, (4, 6, 6), 3).features.stage1_block1
-    assert not torch.allclose(block(x), torch.relu(x))
 
 
 @pytest.mark.parametrize(

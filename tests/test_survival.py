@@ -1,4 +1,4 @@
-"""Searches survive kill -9 and signals with real processes; bad storage is refused cleanly."""
+"""Searches survive kill -9 and signals with real processes (bad storage is refused in test_storage.py)."""
 
 import os
 import signal
@@ -160,39 +160,6 @@ def test_signal_fails_the_running_trial_as_interrupted_and_a_rerun_resumes(run_d
     assert sum(t.state == TrialState.COMPLETE for t in load(run_dir)) == 3
 
 
-def test_a_storage_file_that_is_not_sqlite_is_refused_and_left_alone(run_dir, capsys):
-    (run_dir / "notes.db").write_text("not a database\n" * 100)
-    before = (run_dir / "notes.db").read_bytes()
-    assert search_main(["--config", "run.yaml", "--storage", f"sqlite:///{run_dir}/notes.db"]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "study.storage: cannot open" in err
-    assert (run_dir / "notes.db").read_bytes() == before
-
-
-def test_an_unwritable_storage_path_is_one_line(run_dir, capsys):
-    (run_dir / "file").write_text("x")
-    assert search_main(["--config", "run.yaml", "--storage", f"sqlite:///{run_dir}/file/sub/nas.db"]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "study.storage" in err
-
-
-@pytest.mark.parametrize("resume", [False, True])
-def test_a_read_only_sqlite_file_is_one_line_and_left_alone(run_dir, capsys, resume):
-    assert search_main(["--config", "run.yaml", "--trials", "1", "--epochs", "1", "--no-progress"]) == 0
-    db = run_dir / "nas.db"
-    db.chmod(0o444)
-    before = db.read_bytes()
-    capsys.readouterr()
-    argv = ["--resume", "--study", "s", "--storage", storage_url(run_dir)] if resume else ["--config", "run.yaml"]
-    assert search_main([*argv, "--trials", "2"]) == 2
-    err = capsys.readouterr().err
-    assert (
-        err
-        == f"study.storage: the SQLite file {db} is read-only; make it writable (chmod u+w) or use another --storage\n"
-    )
-    assert db.read_bytes() == before
-
-
 @pytest.mark.parametrize("stage", ["loading data", "opening the study"])
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_signal_before_the_first_trial_stops_the_search_even_when_inherited_as_ignored(
@@ -202,7 +169,7 @@ def test_a_signal_before_the_first_trial_stops_the_search_even_when_inherited_as
     import nas.data.datasets
     import nas.study.run
 
-    module, name = (nas.data.datasets, "load_dataset") if stage == "loading data" else (nas.study.run, "open_study")
+    module, name = (nas.data.datasets, "load_dataset") if stage == "loading data" else (nas.study.run, "create_or_load")
     real = getattr(module, name)
 
     def signalled(*args, **kwargs):
@@ -223,7 +190,8 @@ def test_a_signal_before_the_first_trial_stops_the_search_even_when_inherited_as
 
 
 def test_a_signal_whose_raise_python_drops_still_interrupts_the_trial(run_dir, monkeypatch):
-    # a signal landing in a weakref callback (SQLAlchemy registers some): Python prints "Exception ignored" and drops the raise
+    # a signal landing in a weakref callback (SQLAlchemy registers some): Python prints "Exception ignored"
+    # and drops the raise
     import weakref
 
     import nas.training.folds_together

@@ -125,7 +125,7 @@ def open_to_read(url: str) -> optuna.storages.BaseStorage:
             else:
                 storage = storage_of(url)
             storage.get_all_studies()
-    except (ImportError, ValueError, SQLAlchemyError, RuntimeError) as exc:
+    except (ImportError, ValueError, SQLAlchemyError, RuntimeError, optuna.exceptions.StorageInternalError) as exc:
         raise StudyError(f"--storage: cannot read {url}: {one_line(exc)}") from None
     return storage
 
