@@ -19,6 +19,8 @@ from optuna.trial import TrialState
 from nas.search.archspec import describe_norms
 from nas.study.schema import FINISHED, RUN_CONFIG_ATTR
 
+pytestmark = pytest.mark.system  # starts dashboard server processes
+
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):

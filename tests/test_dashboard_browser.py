@@ -13,6 +13,8 @@ from optuna.trial import TrialState
 
 from nas.study.storage import quiet_optuna
 
+pytestmark = pytest.mark.system  # starts Chromium and dashboard servers
+
 sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (dev extra)")
 TIMEOUT_MS = 180_000
 

@@ -13,6 +13,8 @@ from dashboard_support import Dashboard, make_study
 from nas.cli import compare_main
 from nas.compare.report import rows
 
+pytestmark = pytest.mark.system  # starts a dashboard server process
+
 SPACE = {
     "stages": 1,
     "width": 8,

@@ -9,6 +9,8 @@ from dashboard_support import Dashboard, make_study, trials, wait_for
 from nas.study.schema import FINISHED
 from nas.study.storage import quiet_optuna
 
+pytestmark = pytest.mark.system  # starts a dashboard server process
+
 ODD = ["a/b", "x</script><script>alert(1)</script>", "..", "-dash"]
 LONG = "n" * 3000
 

@@ -12,6 +12,8 @@ from dashboard_support import Dashboard, wait_for
 
 from nas.dashboard.server import THREADS
 
+pytestmark = pytest.mark.system  # starts a dashboard server process
+
 IDLE_TIMEOUT = 2
 
 

@@ -14,6 +14,8 @@ from dashboard_support import Dashboard
 from nas.dashboard.security import Sessions
 from nas.dashboard.server import app_and_workers, server_settings
 
+pytestmark = pytest.mark.system  # starts dashboard server processes
+
 TOKEN = "tok-S-93be1c"
 NAMES = ("victim", "spare", "control")
 

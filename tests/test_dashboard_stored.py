@@ -11,6 +11,8 @@ from dashboard_support import Dashboard, make_study
 from nas.study.schema import COMPARE_CELL_ATTR, HISTORY_ATTR, RUN_CONFIG_ATTR, STOP_ATTR
 from nas.study.storage import quiet_optuna
 
+pytestmark = pytest.mark.system  # starts a dashboard server process
+
 STUDY_ATTRS = {  # study name -> (system attr, how the good value becomes bad, what the page must name)
     "budget-str": (RUN_CONFIG_ATTR, lambda c: c | {"study": c["study"] | {"trials": "5"}}, "key study.trials"),
     "config-list": (RUN_CONFIG_ATTR, lambda c: ["digits"], f"study attr '{RUN_CONFIG_ATTR}': expected a mapping"),

@@ -13,6 +13,8 @@ from dashboard_support import Dashboard
 
 from nas.dashboard.security import interface_addresses
 
+pytestmark = pytest.mark.system  # starts dashboard server processes
+
 TOKEN_A, TOKEN_B = "tok-A-4f9c2e", "tok-B-77d01a"
 
 

@@ -20,6 +20,8 @@ from nas.study.storage import make_storage, storage_of
 from nas.study.storage import open_to_read as dashboard_storage
 from nas.study.workers import Identity, reclaim_dead_trials
 
+pytestmark = pytest.mark.system  # starts gRPC proxy servers, a Ray cluster and a PostgreSQL server
+
 pytest.importorskip("grpc")
 SPACE = {"stages": 1, "width": 8, "training": {"lr": {"float": [0.01, 0.1], "log": True}}}
 

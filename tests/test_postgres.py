@@ -9,6 +9,8 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
+pytestmark = pytest.mark.system  # starts a PostgreSQL server
+
 SPACE = {
     "stages": 1,
     "width": 8,

@@ -20,6 +20,8 @@ from nas.cluster.ray_workers import gpus_per_worker, run_worker, worker_task
 from nas.errors import StudyError
 from nas.study.schema import counts_toward_budget
 
+pytestmark = pytest.mark.system  # starts Ray test clusters and a PostgreSQL server
+
 ray = pytest.importorskip("ray")
 SPACE = {"stages": 1, "width": 8, "training": {"lr": {"float": [0.01, 0.1], "log": True}}}
 

@@ -10,11 +10,14 @@ import sys
 from pathlib import Path
 
 import optuna
+import pytest
 import yaml
 from conftest import write_digits_run
 from optuna.trial import TrialState
 
 from nas.study.schema import counts_toward_budget
+
+pytestmark = pytest.mark.system  # starts a PostgreSQL server
 
 ROOT = Path(__file__).resolve().parent.parent
 SPACE = {"stages": 1, "width": 8, "training": {"lr": {"float": [0.01, 0.1], "log": True}}}

@@ -22,6 +22,8 @@ from nas.cli import storage_proxy_main, storage_proxy_parser
 from nas.errors import StudyError
 from tests.test_grpc_proxy import SPACE, start_proxy
 
+pytestmark = pytest.mark.system  # starts gRPC proxy servers
+
 TOKEN = "t0ken-for-tests-only-0123456789"
 RUN_CONFIG = {"dataset": {"name": "digits", "root": "/data"}}
 
