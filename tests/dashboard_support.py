@@ -207,7 +207,8 @@ class Dashboard:
         return status, (json.loads(text) if text.startswith("{") else text)
 
     def links(self, name: str) -> dict:
-        """The study's row on the list page: `page` (its link), `api` (its JSON) and `actions` (form targets by name)."""
+        """The study's row on the list page: `page` (its link), `api` (its JSON) and `actions`
+        (form targets by name)."""
         status, _, page = self.get("/", **self.auth())
         assert status == 200, (status, page)
         row = Row(page, self.base).rows[name]

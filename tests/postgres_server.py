@@ -80,7 +80,10 @@ def postgres_server():
     started = False
     try:
         run("initdb", "-D", str(data), "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync")
-        options = f"-c listen_addresses=127.0.0.1 -p {port} -k {sock} -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+        options = (
+            f"-c listen_addresses=127.0.0.1 -p {port} -k {sock} "
+            "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+        )
         run("pg_ctl", "-D", str(data), "-l", str(log), "-o", options, "-w", "-t", "60", "start", timeout=90)
         started = True
         names = iter(range(1, 10_000))

@@ -58,8 +58,8 @@ def test_after_a_resume_the_line_covers_this_runs_trials_and_says_where_it_start
     assert line == "Best CV loss over this run (0:40): from 0.3000 (trial 1, before this run) -> 0.2000 (trial 3, 0:30)"
     unimproved = anytime_line(improvements(trials[:3], start=run), 40)
     assert (
-        unimproved
-        == "Best CV loss over this run (0:40): from 0.3000 (trial 1, before this run); no trial of this run improved on it"
+        unimproved == "Best CV loss over this run (0:40): from 0.3000 (trial 1, before this run); "
+        "no trial of this run improved on it"
     )
 
 

@@ -71,7 +71,7 @@ def test_bench_workers_prints_the_median_trials_per_hour_for_each_worker_count(l
     assert ("Ray workers" in out) == bool(launcher) and f"{repeats} interleaved runs per count" in out
     rows = re.findall(r"^\s+(\d+)\s+([\d.]+)\s+\(([\d.]+)-([\d.]+)\)\s+(\d+)\s+([\d.]+)x$", out, re.M)
     assert [r[0] for r in rows] == ["1", "2"]
-    for n, median, low, high, rate, _ in rows:
+    for _, median, low, high, rate, _ in rows:
         assert float(low) <= float(median) <= float(high) and int(rate) == pytest.approx(
             2 / float(median) * 3600, rel=0.03
         )  # both printed rounded
@@ -171,7 +171,8 @@ def test_bench_data_times_first_and_cached_loads_against_image_folder_and_judges
     assert re.search(r"target: cached load >= 10x faster than a first decode: (met|NOT met)", out)
     epochs = dict(
         re.findall(
-            r"^  (float32 in memory \(before\)|uint8 in memory|uint8 streamed from the cache|ImageFolder \+ DataLoader\(2\))\s+([\d.]+) s",
+            r"^  (float32 in memory \(before\)|uint8 in memory|uint8 streamed from the cache|"
+            r"ImageFolder \+ DataLoader\(2\))\s+([\d.]+) s",
             out,
             re.M,
         )

@@ -172,7 +172,7 @@ def test_stop_right_after_resume_stops_the_worker_before_its_budget(site):
 
 
 def test_the_list_shows_the_budget_a_starting_worker_was_given(site):
-    """Issue 15.8: the new budget shows from the click on, not only once the worker has loaded its data and stored it."""
+    """The new budget shows from the click on, not only once the worker has loaded its data and stored it."""
     before = site.study("quick")
     status, body = site.act("quick", "resume", {"trials": before["finished"] + 30})
     assert status == 202, body

@@ -133,7 +133,7 @@ def other_site():
 
 
 def test_another_site_cannot_frame_any_page_of_the_dashboard(site, browser, other_site, tmp_path):
-    """Issue 15.2: a page on another site framed /optuna/dashboard, and a click on Delete in the frame deleted a study."""
+    """A page on another site must not frame /optuna/dashboard, where a click on Delete would delete a study."""
     origin, pages = other_site
     study = site.links("seen")["page"]
     framed = ["/", study, "/optuna/dashboard", "/optuna/dashboard/studies/1"]

@@ -1,4 +1,4 @@
-"""The dashboard's server against a crowd and idle or slow clients (issue 15.1): a real process on loopback, raw sockets."""
+"""The dashboard's server against a crowd and idle or slow clients: a real process on loopback, raw sockets."""
 
 import re
 import socket
@@ -98,7 +98,7 @@ def test_held_connections_take_no_thread_do_not_block_others_and_are_closed_when
 
 
 def test_a_slow_sender_does_not_hold_the_server(server):
-    """A client that sends its request a byte at a time is served when it is done, others meanwhile (as before waitress)."""
+    """A client that sends its request a byte at a time is served when it is done, others meanwhile."""
     sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
     request = f"GET /api/studies HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nConnection: close\r\n\r\n".encode()
     try:

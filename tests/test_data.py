@@ -88,9 +88,9 @@ def write_cifar(
     test = [written[f] for f in test_files]
     return (
         np.concatenate([d for d, _ in train]),
-        sum((l for _, l in train), []),
+        sum((labels for _, labels in train), []),
         np.concatenate([d for d, _ in test]),
-        sum((l for _, l in test), []),
+        sum((labels for _, labels in test), []),
         class_names,
     )
 

@@ -81,7 +81,8 @@ def test_exported_files_load_without_the_nas_package_and_match_the_eval_model(ex
         f"ts = torch.jit.load({str(exported / 'model.ts')!r})\n"
         f"ep = torch.export.load({str(exported / 'model.pt2')!r}).module()\n"
         "for m in (ts, ep):\n"
-        "    out = m(d['x']); print((out - d['expected']).abs().max().item(), (out.argmax(1) == d['expected'].argmax(1)).all().item())\n"
+        "    out = m(d['x'])\n"
+        "    print((out - d['expected']).abs().max().item(), (out.argmax(1) == d['expected'].argmax(1)).all().item())\n"
     )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr

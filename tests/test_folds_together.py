@@ -70,7 +70,8 @@ def threads(request):
 def trained_alone(
     spec: dict, data: Dataset, folds: list, seeds: list[int], epochs: int, dtype: torch.dtype
 ) -> list[nn.Module]:
-    """One fold after another with `nas.training.train.fit`, in `dtype` (float64: the reference the float32 runs are measured against)."""
+    """One fold after another with `nas.training.train.fit`, in `dtype` (float64: the reference the float32 runs
+    are measured against)."""
     models = [m.to(dtype) for m in models_for(spec, data, seeds)]
     as_dtype = dataclasses.replace(data, x_train=data.x_train.to(dtype), x_test=data.x_test.to(dtype))
     for model, (train_idx, _), seed in zip(models, folds, seeds):
@@ -107,7 +108,8 @@ def assert_close_as_float32_allows(actual: dict, expected32: dict, exact: dict, 
         update = (reference - initial[name].double()).abs().max().item()
         error = (actual[name].double() - reference).abs().max().item()
         assert error <= SLACK * own_error + UPDATE_SHARE * update + SLACK * torch.finfo(torch.float32).eps * largest, (
-            f"{what} {name}: {error:.2e} from float64; one by one in float32 {own_error:.2e}; training moved it {update:.2e}"
+            f"{what} {name}: {error:.2e} from float64; one by one in float32 {own_error:.2e}; "
+            f"training moved it {update:.2e}"
         )
 
 

@@ -176,7 +176,8 @@ def ray_search(tmp_path, url: str, study: str, trials: int, address: str, epochs
 
 
 def running_trial(url: str, study: str, driver, where=lambda pid: True, timeout: float = 240):
-    """Poll the storage until a trial of `study` trains (worker recorded, params drawn, `where` its pid); its FrozenTrial."""
+    """Poll the storage until a trial of `study` trains (worker recorded, params drawn, `where` its pid);
+    its FrozenTrial."""
     storage = optuna.storages.RDBStorage(
         url
     )  # one connection pool: a pool per poll would exhaust the server's connections
@@ -288,7 +289,10 @@ def test_workers_on_every_node_get_the_storage_proxys_credentials_from_the_drive
     monkeypatch.setenv("UNRELATED_SECRET", "not forwarded")
     try:
         task = worker_task(ray, 1, 0)
-        show = "import os, sys; sys.exit(os.environ.get('BNNAS_PROXY_TOKEN', '-') + ' ' + os.environ.get('UNRELATED_SECRET', '-'))"
+        show = (
+            "import os, sys; "
+            "sys.exit(os.environ.get('BNNAS_PROXY_TOKEN', '-') + ' ' + os.environ.get('UNRELATED_SECRET', '-'))"
+        )
         results = ray.get([task.remote([sys.executable, "-c", show], str(tmp_path)) for _ in range(2)])
     finally:
         ray.shutdown()

@@ -248,7 +248,8 @@ def test_cli_writes_the_report_and_maps_an_unknown_study_to_exit_2(live_study, t
 
 
 def test_repeats_are_counted_as_repeats_not_as_failures(tmp_path):
-    """nas-search records a repeat as FAIL with `duplicate_of` so samplers ignore it; the report must not call it a failure."""
+    """nas-search records a repeat as FAIL with `duplicate_of` so samplers ignore it; the report must not call it
+    a failure."""
     url = make_study(tmp_path / "nas.db", "repeats", 4)
     study = optuna.load_study(study_name="repeats", storage=url)
     repeat = study.ask()

@@ -119,8 +119,8 @@ def test_a_search_prints_how_the_dataset_is_held(tmp_path, monkeypatch, capsys):
     )
     assert search_main([*argv, "--study", "streamed", "--set", "dataset.device_memory=0"]) == 0
     assert (
-        f"Dataset in memory: streamed from host memory: {held / 1e3:.1f} kB uint8, over the 0 bytes dataset.device_memory "
-        "budget of cpu"
+        f"Dataset in memory: streamed from host memory: {held / 1e3:.1f} kB uint8, "
+        "over the 0 bytes dataset.device_memory budget of cpu"
     ) in capsys.readouterr().out
 
 
