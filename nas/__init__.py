@@ -13,7 +13,8 @@ deploy    export, predict, bench, fine-tune
 dashboard the web app
 
 `nas.errors` and `nas.validation` sit below them all; `nas.cli` maps it all to console scripts.
-The names below are the public Python API, imported on first use.
+The names below are the public Python API, imported on first use; `nas.build.build(spec, input_shape,
+num_classes)` rebuilds any trial's model from its stored ArchSpec.
 """
 
 from nas._lazy import public
@@ -23,7 +24,6 @@ __version__ = "0.1.0"  # the one version source: pyproject.toml reads it
 __getattr__, __dir__, __all__ = public(
     __name__,
     {
-        "models.build": ["build"],
         "search.config": ["load_run_config", "RunConfig"],
         "search.space": ["Space", "load_space"],
         "data.datasets": ["load_dataset"],

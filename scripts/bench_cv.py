@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
+from nas.build import build
 from nas.data import Dataset, load_dataset, stratified_folds
-from nas.models import build
 from nas.search import DatasetConfig, Space, default_spec, load_run_config
 from nas.training import autocast, cross_validate, on_device_layout, resolve_device
 

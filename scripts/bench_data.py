@@ -40,8 +40,8 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
+from nas.build import build
 from nas.data import Dataset, load_dataset, load_image_folder
-from nas.models import build
 from nas.search import DatasetConfig, default_spec
 from nas.training import autocast, fit, make_optimizer, on_device_layout, prepare_model, resolve_device
 

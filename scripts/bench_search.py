@@ -132,8 +132,8 @@ def run_baseline(config: Path, seed: int) -> dict:
     """The hand-designed CNN under the same CV (the seed's folds) and the same export-style test."""
     import torch
 
+    from nas.build import build
     from nas.data import load_dataset, stratified_folds
-    from nas.models import build
     from nas.training import cross_validate, evaluate, fit, fold_seed, prepare_model, resolve_device, scoring_batch_size
 
     cfg = load_run_config(config, [("study.seed", seed)])

@@ -27,8 +27,8 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
+from nas.build import build
 from nas.data import Dataset, load_dataset
-from nas.models import build
 from nas.search import DatasetConfig, default_spec
 from nas.training import autocast, fit, make_optimizer, prepare_model, resolve_device
 

@@ -3,6 +3,8 @@ no subpackage importing one above it, and scripts and experiments using only the
 
 import ast
 import importlib
+import pkgutil
+import types
 from pathlib import Path
 
 import nas
@@ -141,4 +143,7 @@ def test_scripts_and_experiments_import_only_the_public_api():
 def test_every_public_name_can_be_imported():
     for package in ["nas", *(f"nas.{name}" for name in LAYERS[3:])]:
         for name in public_names(package):
-            assert getattr(importlib.import_module(package), name) is not None, f"{package}.{name}"
+            for submodule in pkgutil.iter_modules(importlib.import_module(package).__path__):
+                importlib.import_module(f"{package}.{submodule.name}")  # a submodule import sets a package attribute
+            value = getattr(importlib.import_module(package), name)
+            assert value is not None and not isinstance(value, types.ModuleType), f"{package}.{name} is {value!r}"

@@ -12,7 +12,7 @@ __getattr__, __dir__, __all__ = public(
     __name__,
     {
         "export": ["export_trial", "load_exported"],
-        "finetune": ["adapt", "finetune"],
+        "finetune": ["adapt"],  # the function `finetune` shares its module's name: nas.deploy.finetune.finetune
         "bench": ["bench_export"],
     },
 )

@@ -14,7 +14,7 @@ from nas._lazy import public
 __getattr__, __dir__, __all__ = public(
     __name__,
     {
-        "build": ["build", "Net", "count_parameters"],
+        "build": ["Net", "count_parameters", "make_block"],  # `build` itself: nas.build.build
         "norms": ["NORMS", "POSITIONS", "make_norm"],
         "batch_renorm": ["BatchRenorm"],
         "bn_fold": ["fold_norms"],
