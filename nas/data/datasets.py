@@ -1,9 +1,9 @@
 """Datasets as tensors on the device, batched augmentation on the device, stratified k-fold.
 
-A dataset lives whole on the device, 8-bit images as uint8 normalized per batch (`nas.data.samples`), the
-rest as normalized float32; a batch is an index slice and augmentation (random crop with padding,
-horizontal flip) is one tensor operation over the batch. No per-sample Dataset or DataLoader on
-the hot path.
+A dataset lives whole on the device (or in host memory, streamed, when it exceeds
+`dataset.device_memory`), 8-bit images as uint8 normalized per batch (`nas.data.samples`), the rest as
+normalized float32; a batch is an index slice and augmentation (random crop with padding, horizontal flip)
+is one tensor operation over the batch. No per-sample Dataset or DataLoader on the hot path.
 """
 
 from __future__ import annotations

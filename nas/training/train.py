@@ -57,8 +57,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def uses_channels_last(device: torch.device) -> bool:
-    """channels_last for 2-D models on CUDA only: on the CPU it sped up max pooling but slowed most
-    other layers, and over 8 candidates of the digits space it was slower overall (26.2 s vs 25.6 s)."""
+    """channels_last for 2-D models on CUDA only: on the CPU it speeds up max pooling but slows most other
+    layers, and a search over the digits space is slower with it (docs/performance.md)."""
     return device.type == "cuda"
 
 
