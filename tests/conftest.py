@@ -36,9 +36,17 @@ def pytest_configure(config):
 CUDA_TEST_DEVICE = os.environ.get("BNNAS_CUDA_TEST_DEVICE", "cuda")
 
 
+# Module fixtures that run a real search and export (or a real CLI run on a missing dataset) before their
+# first test: every test that uses one is `slow`, so the fast subset never pays for them.
+SLOW_FIXTURES = {"study_dir", "exported", "missing_cifar_cli_run"}
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
     if CUDA_TEST_DEVICE == "cuda" and not torch.cuda.is_available():
         skip = pytest.mark.skip(reason="needs a CUDA device (scripts/gpu_check.sh runs these on one)")
         for item in items:

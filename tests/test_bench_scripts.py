@@ -18,6 +18,7 @@ def run_script(name: str, *args: str) -> str:
     return proc.stdout
 
 
+@pytest.mark.slow
 def test_bench_cv_times_both_fold_modes_of_one_candidate_and_judges_the_cpu_target():
     out = run_script("bench_cv.py", "--device", "cpu", "--epochs", "1", "--repeats", "2")
     assert "candidate: 2x1 w32 k3 batch@post_conv maxpool b64" in out
@@ -28,6 +29,7 @@ def test_bench_cv_times_both_fold_modes_of_one_candidate_and_judges_the_cpu_targ
     assert re.search(r"target: together >= 1.4x faster on cpu: (met|NOT met) \([\d.]+x\)", out)
 
 
+@pytest.mark.slow
 def test_bench_cv_samples_candidates_from_a_search_space_and_sums_them():
     out = run_script(
         "bench_cv.py", "--device", "cpu", "--sample", "2", "--epochs", "1", "--repeats", "1", "--every-epoch"
@@ -40,6 +42,7 @@ def test_bench_cv_samples_candidates_from_a_search_space_and_sums_them():
         assert float(rows[-1][column]) == pytest.approx(sum(float(r[column]) for r in rows[:2]), abs=0.002)
 
 
+@pytest.mark.slow
 def test_bench_cv_times_one_training_step_of_the_folds_alone():
     out = run_script("bench_cv.py", "--device", "cpu", "--step", "3", "--threads", "1")
     assert "1 CPU threads" in out and "timed: one training step" in out
@@ -48,6 +51,7 @@ def test_bench_cv_times_one_training_step_of_the_folds_alone():
     assert ratio == pytest.approx(alone / stacked, abs=0.01)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher, repeats", [([], 2), (["--ray"], 1)], ids=["workers", "ray"])
 def test_bench_workers_prints_the_median_trials_per_hour_for_each_worker_count(launcher, repeats):
     if launcher:
@@ -78,6 +82,7 @@ def test_bench_workers_prints_the_median_trials_per_hour_for_each_worker_count(l
     assert rows[0][5] == "1.00"
 
 
+@pytest.mark.slow
 def test_load_dashboard_serves_a_crowd_beside_held_and_slow_connections_and_prints_its_table():
     out = run_script(
         "load_dashboard.py",
@@ -108,6 +113,7 @@ def test_load_dashboard_serves_a_crowd_beside_held_and_slow_connections_and_prin
     assert answered >= 2 and failed == 0
 
 
+@pytest.mark.slow
 def test_bench_search_rows_agree_with_each_other_and_with_the_studies(tmp_path):
     import json
 
@@ -153,6 +159,7 @@ def test_bench_search_rows_agree_with_each_other_and_with_the_studies(tmp_path):
     assert (tmp_path / "out" / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_bench_data_times_first_and_cached_loads_against_image_folder_and_judges_the_target():
     out = run_script("bench_data.py", "--images", "200", "--size", "16", "--repeats", "1")
     medians = dict(
@@ -186,6 +193,7 @@ def test_bench_data_times_first_and_cached_loads_against_image_folder_and_judges
     assert re.search(r"target: uint8 epoch no slower than float32: (met|NOT met)", out)
 
 
+@pytest.mark.slow
 def test_bench_fingerprint_times_both_versions_interleaved_and_prints_their_ratio():
     out = run_script("bench_fingerprint.py", "--repeats", "2", "--train", "500")
     medians = {

@@ -41,6 +41,7 @@ def trials(run_dir: Path, name: str = "tiny") -> list[optuna.trial.FrozenTrial]:
     return optuna.load_study(study_name=name, storage=f"sqlite:///{run_dir}/runs/nas.db").get_trials()
 
 
+@pytest.mark.slow
 def test_digits_search_in_a_real_process_stores_scored_trials_and_prints_the_table(run_dir):
     proc = subprocess.run(
         [sys.executable, "-m", "nas.cli", "--config", "run.yaml"], capture_output=True, text=True, timeout=300
@@ -100,6 +101,7 @@ def test_resume_of_an_unknown_study_is_one_clear_line(run_dir, capsys):
     assert code == 2 and err.count("\n") == 1 and "no study named 'nope'" in err and "tiny" in err
 
 
+@pytest.mark.slow
 def test_bad_config_exits_2_with_one_line_and_writes_nothing(run_dir):
     text = (run_dir / "run.yaml").read_text().replace("folds: 2", "fold: 2")
     (run_dir / "bad.yaml").write_text(text)
@@ -140,6 +142,7 @@ def test_a_dataset_error_names_the_config_file(run_dir, capsys):
     assert not (run_dir / "runs").exists()
 
 
+@pytest.mark.slow
 def test_pruners_from_the_config_prune_or_complete_every_trial(run_dir):
     sequential = ["--folds", "5", "--set", "evaluation.fold_mode=sequential"]  # wilcoxon can prune only there
     for pruner, extra in (("median", []), ("wilcoxon", sequential)):
@@ -168,6 +171,7 @@ def test_pruners_from_the_config_prune_or_complete_every_trial(run_dir):
         )
 
 
+@pytest.mark.slow
 def test_usage_errors_and_version():
     with pytest.raises(SystemExit) as info:
         search_main(["--resume"])

@@ -222,6 +222,7 @@ def cell_trials(run_dir, name):
     return optuna.load_study(study_name=name, storage=f"sqlite:///{run_dir}/nas.db").get_trials()
 
 
+@pytest.mark.slow
 def test_a_comparison_gives_equal_budgets_paired_reevaluations_and_its_files(run_dir, capsys):
     assert compare_main(COMPARE) == 0
     printed = capsys.readouterr().out
@@ -250,6 +251,7 @@ def test_a_comparison_gives_equal_budgets_paired_reevaluations_and_its_files(run
     assert (run_dir / "out" / "compare.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_the_same_command_resumes_without_training_again(run_dir, capsys):
     assert compare_main(COMPARE) == 0
     first = json.loads((run_dir / "out" / "compare.json").read_text())
@@ -279,6 +281,7 @@ def test_the_same_command_resumes_without_training_again(run_dir, capsys):
     assert [norm_type(t) for t in cell_trials(run_dir, "c[batch]")] == ["batch"] * 3
 
 
+@pytest.mark.slow
 def test_an_interrupted_comparison_resumes_where_it_stopped(run_dir):
     command = [sys.executable, "-m", "nas", "compare", *COMPARE[:-2], "--trials-per-cell", "3"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # each progress line as it is printed

@@ -87,6 +87,7 @@ def test_a_rerun_with_a_smaller_budget_than_a_cell_holds_is_refused_in_one_line(
     } == before  # nothing ran
 
 
+@pytest.mark.slow
 def test_a_cell_stopped_by_failures_in_a_row_is_marked_and_the_others_still_compared(tmp_path, monkeypatch, capsys):
     space = {
         "stages": 1,
@@ -149,6 +150,7 @@ def test_several_objectives_are_refused_before_any_cell_trains(tmp_path, monkeyp
     assert not (tmp_path / "nas.db").exists()  # no cell was searched
 
 
+@pytest.mark.slow
 def test_a_comparison_reaches_its_studies_through_a_grpc_proxy(tmp_path, monkeypatch):
     pytest.importorskip("grpc")
     from tests.test_grpc_proxy import start_proxy

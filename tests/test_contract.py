@@ -132,6 +132,7 @@ def test_a_run_that_trains_nothing_leaves_the_stored_config(run_dir, capsys):
     assert read_run_config(s._storage, s._study_id)["study"]["trials"] == 2
 
 
+@pytest.mark.slow
 def test_force_continues_records_the_change_and_each_trial_keeps_its_own_config(run_dir, capsys):
     assert search_main(["--config", "run.yaml", "--trials", "3", "--epochs", "2", "--force", "--no-progress"]) == 0
     assert "recorded as config version 1" in capsys.readouterr().out

@@ -326,6 +326,7 @@ def missing_cifar_cli_run(tmp_path_factory):
     return proc, root
 
 
+@pytest.mark.slow
 def test_missing_cifar_through_the_cli_exits_2_without_traceback(missing_cifar_cli_run):
     proc, root = missing_cifar_cli_run
 

@@ -83,6 +83,7 @@ def predict(capsys, *argv) -> tuple[int, str, str]:
 # --------------------------------------------------------------------------- raw input to prediction
 
 
+@pytest.mark.slow
 def test_the_readme_snippet_runs_as_printed_and_agrees_with_nas_predict(exported, capsys):
     torch_only, with_onnx = readme_snippets()
     proc = run_python(torch_only, exported.parent)
@@ -185,6 +186,7 @@ for n in (1, 37, len(data["x"])):  # the batch dimension is dynamic
 """
 
 
+@pytest.mark.slow
 def test_model_onnx_reproduces_the_eval_model_in_a_fresh_process_at_any_batch_size(exported, tmp_path):
     meta = json.loads((exported / "model.json").read_text())
     x = load_dataset(DatasetConfig()).x_test
@@ -209,6 +211,7 @@ def test_model_onnx_reproduces_the_eval_model_in_a_fresh_process_at_any_batch_si
     )
 
 
+@pytest.mark.slow
 def test_without_the_onnx_extra_export_says_so_and_the_rest_is_complete(study_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "onnxscript", None)  # import onnxscript now raises ImportError
     lines = []
@@ -228,6 +231,7 @@ def test_without_the_onnx_extra_export_says_so_and_the_rest_is_complete(study_di
 # --------------------------------------------------------------------------- export files
 
 
+@pytest.mark.slow
 def test_export_files_get_the_umasks_mode_and_an_existing_export_is_refused_unless_forced(study_dir, tmp_path, capsys):
     out = tmp_path / "out"
     argv = ["--storage", f"sqlite:///{study_dir}/nas.db", "--study", "d", "--out", str(out), "--epochs", "1"]
@@ -255,6 +259,7 @@ def test_export_files_get_the_umasks_mode_and_an_existing_export_is_refused_unle
 # --------------------------------------------------------------------------- fine-tuning messages
 
 
+@pytest.mark.slow
 def test_adabn_says_it_ignores_epochs_and_bn_only_says_it_trains_the_head_alone(study_dir, exported, tmp_path, capsys):
     config = {
         **yaml.safe_load((study_dir / "run.yaml").read_text()),

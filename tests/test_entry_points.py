@@ -43,6 +43,7 @@ def run_with_closed_stdout(args: list[str], cwd=None) -> subprocess.CompletedPro
         os.close(write_end)
 
 
+@pytest.mark.slow
 def test_search_table_into_a_closed_pipe_exits_quietly(tmp_path):
     space = {"stages": 1, "width": 8, "training": {"batch_size": 64}}
     write_digits_run(
@@ -86,6 +87,7 @@ def test_python_m_nas_without_a_known_command_is_one_line_and_exit_2(args, words
     assert proc.stdout == ""
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", COMMANDS)
 def test_every_command_runs_through_python_m_nas_and_its_help_states_the_exit_codes(command):
     proc = python_m_nas(command, "--help")
@@ -96,6 +98,7 @@ def test_every_command_runs_through_python_m_nas_and_its_help_states_the_exit_co
     assert EXIT_CODES in proc.stdout
 
 
+@pytest.mark.slow
 def test_search_help_names_the_datasets_samplers_pruners_and_fold_modes():
     proc = python_m_nas("search", "--help")
 
@@ -137,6 +140,7 @@ def assert_ran_the_default(proc: subprocess.CompletedProcess, storage: str) -> N
     )  # sampled from bn_placement.yaml
 
 
+@pytest.mark.slow
 def test_search_without_a_config_runs_the_embedded_default_and_says_so_first(tmp_path):
     proc, storage = run_the_default(tmp_path)
 
@@ -144,6 +148,7 @@ def test_search_without_a_config_runs_the_embedded_default_and_says_so_first(tmp
     assert [p.name for p in tmp_path.iterdir()] == ["x.db"]  # the shortcut flags applied: no runs/nas.db
 
 
+@pytest.mark.slow
 def test_an_installed_wheel_runs_the_embedded_default(tmp_path):
     pytest.importorskip("setuptools")  # the wheel is built offline, in this environment
     source = tmp_path / "source"

@@ -59,6 +59,7 @@ def exported(study_dir):
     return out
 
 
+@pytest.mark.slow
 def test_export_writes_hashed_files_for_the_best_trial(study_dir, exported):
     meta = json.loads((exported / "model.json").read_text())
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{study_dir}/nas.db")
@@ -70,6 +71,7 @@ def test_export_writes_hashed_files_for_the_best_trial(study_dir, exported):
     assert not [p for p in exported.iterdir() if p.name.startswith(".")]  # no temporary files left
 
 
+@pytest.mark.slow
 def test_exported_files_load_without_the_nas_package_and_match_the_eval_model(exported):
     data = load_dataset(DatasetConfig())
     model = load_exported(exported).model
@@ -225,6 +227,7 @@ def test_latency_objective_is_measured_per_candidate(study_dir):
         assert t.values[1] == t.user_attrs["latency_ms"] > 0 and t.values[2] == t.user_attrs["macs"] > 0
 
 
+@pytest.mark.slow
 def test_exporting_a_batch_dependent_model_says_what_it_does_at_batch_1(tmp_path, capsys):
     space = {
         "stages": 2,

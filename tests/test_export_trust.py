@@ -130,6 +130,7 @@ def clean(exported, capsys) -> list[str]:
 # --------------------------------------------------------------------------- code files are loaded only when asked
 
 
+@pytest.mark.slow
 def test_a_crafted_model_pt2_runs_nothing_by_default_and_runs_when_asked_for(exported, clean, tmp_path, capsys):
     copy = copy_of(exported, tmp_path)
     marker = tmp_path / "ran"
@@ -213,6 +214,7 @@ def test_model_json_naming_a_file_outside_the_fixed_names_is_refused_unread(expo
     assert err[0].startswith(f"{copy / 'model.json'}: files[{json.dumps(name)}]: ")
 
 
+@pytest.mark.slow
 def test_a_listed_device_or_a_link_out_of_the_folder_returns_at_once(exported, tmp_path):
     copy = copy_of(exported, tmp_path)
     edit_meta(copy, lambda meta: meta["files"].update({"/dev/zero": "0" * 64}))

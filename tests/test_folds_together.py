@@ -409,6 +409,7 @@ def run_search(tmp_path, mode: str, pruner: str = "none") -> list[optuna.trial.F
     return optuna.load_study(study_name="s", storage=storage).get_trials()
 
 
+@pytest.mark.slow
 def test_a_search_with_folds_together_stores_the_same_trial_attributes_as_sequential(tmp_path):
     together, sequential = run_search(tmp_path, "together", pruner="median"), run_search(tmp_path, "sequential")
     assert [set(t.user_attrs) for t in together] == [set(t.user_attrs) for t in sequential]

@@ -60,6 +60,7 @@ def test_a_stale_or_dead_record_is_not_live(storage):
     assert [w.identity for w in liveness.live_workers(storage, study_id, 200)] == [elsewhere]
 
 
+@pytest.mark.slow
 @pytest.mark.system  # starts a dashboard server process
 def test_a_starting_search_is_a_live_worker_for_report_and_dashboard_before_its_first_trial(tmp_path):
     url = f"sqlite:///{tmp_path}/nas.db"

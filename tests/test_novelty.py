@@ -58,6 +58,7 @@ def assert_every_trial_new(trials, expected_trained):
     assert not [t for t in trials if "duplicate_of" in t.user_attrs]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler", ["random", "tpe"])
 def test_a_study_resumed_four_times_never_repeats_a_candidate(tmp_path, sampler):
     config = make_run(tmp_path, CONTINUOUS, sampler, 2)
@@ -66,6 +67,7 @@ def test_a_study_resumed_four_times_never_repeats_a_candidate(tmp_path, sampler)
     assert_every_trial_new(load(tmp_path), 8)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler", ["random", "tpe"])
 def test_three_workers_never_repeat_a_candidate(tmp_path, sampler):
     config = make_run(tmp_path, CONTINUOUS, sampler, 9)
@@ -81,6 +83,7 @@ def test_three_workers_never_repeat_a_candidate(tmp_path, sampler):
     assert_every_trial_new(trials, 9)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler", ["random", "tpe"])
 def test_a_dashboard_style_resume_does_not_replay_the_first_run(tmp_path, sampler):
     config = make_run(tmp_path, CONTINUOUS, sampler, 3)

@@ -34,6 +34,7 @@ def run(tmp_path, pruner: str, fold_mode: str, trials: int = 10, **evaluation) -
     return optuna.load_study(study_name="p", storage=url).get_trials()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fold_mode", ["together", "sequential"])
 @pytest.mark.parametrize("pruner", ["successive_halving", "hyperband"])
 def test_a_multi_fidelity_search_prunes_some_trials_and_keeps_their_partial_folds(tmp_path, pruner, fold_mode):

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 NUMBER = re.compile(r"\d(?:[\d,]*\d)?(?:\.\d+)?")
 
@@ -34,6 +36,7 @@ def shape(line: str) -> str:
     return "  ".join(cells)
 
 
+@pytest.mark.slow
 def test_the_readme_example_has_the_lines_nas_search_prints(tmp_path):
     proc = subprocess.run(
         [

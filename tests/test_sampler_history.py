@@ -5,6 +5,7 @@ counts as tried, so a finite space still ends as exhausted. Real nas-search runs
 from collections import Counter
 
 import optuna
+import pytest
 from conftest import write_digits_run
 from optuna.trial import TrialState
 
@@ -49,6 +50,7 @@ def trained_before(trials, number):
     return sum(counts_toward_budget(t) for t in trials if t.number < number)
 
 
+@pytest.mark.slow
 def test_tpe_models_only_after_its_start_up_count_of_trained_candidates(tmp_path):
     assert run(tmp_path, TWELVE, 12) == 0
     trials = load(tmp_path).get_trials()
@@ -82,6 +84,7 @@ def test_the_median_pruners_start_up_counts_trained_candidates_only(tmp_path):
     assert not pruned_with_start_up(len(trained) + 1)  # the repeats are not one more trained candidate
 
 
+@pytest.mark.slow
 def test_a_repeat_of_an_older_config_version_is_trained(tmp_path, capsys):
     assert run(tmp_path, FOUR, 10) == 0
     assert "all 4 candidates of the space have been trained" in capsys.readouterr().out

@@ -5,6 +5,7 @@ import sys
 import time
 
 import optuna
+import pytest
 from conftest import write_digits_run
 from dashboard_support import SPACE, wait_for
 from optuna.trial import TrialState
@@ -13,6 +14,7 @@ from nas.cli import search_main
 from nas.study.schema import request_stop
 
 
+@pytest.mark.slow
 def test_a_stop_request_ends_the_search_after_its_running_trial_which_completes(tmp_path):
     url = f"sqlite:///{tmp_path}/nas.db"
     config = write_digits_run(
@@ -79,6 +81,7 @@ def test_a_stop_asked_after_the_launch_time_stops_the_search_before_its_first_tr
     assert len(optuna.load_study(study_name="s", storage=url).get_trials()) == 1
 
 
+@pytest.mark.slow
 def test_launched_at_must_be_a_finite_time():
     proc = subprocess.run(
         [sys.executable, "-m", "nas", "search", "--resume", "--study=s", "--launched-at=nan"],

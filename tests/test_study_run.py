@@ -242,6 +242,7 @@ def test_a_multi_objective_study_prints_its_pareto_front_under_its_objectives(tm
 # --- one tiny real search -------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_tiny_run_search_finishes_its_budget_stores_its_config_and_reproduces_from_its_seed(tmp_path):
     runs = {}
     for name, seed in (("first", 0), ("same_seed", 0), ("other_seed", 1)):

@@ -84,6 +84,7 @@ def running_after_one_complete(run_dir):
     return None
 
 
+@pytest.mark.slow
 def test_kill_9_mid_trial_then_rerun_at_once_reclaims_the_trial_and_reaches_the_budget(run_dir):
     # a 30 s heartbeat: the rerun cannot be waiting for the dead trial's heartbeat to go stale
     write_digits_run(
@@ -139,6 +140,7 @@ def test_a_running_trial_of_another_host_is_left_to_its_heartbeat(run_dir):
     assert study.get_trials()[0].state == TrialState.FAIL
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_fails_the_running_trial_as_interrupted_and_a_rerun_resumes(run_dir, signum, code):
     proc = start_search(run_dir)

@@ -124,6 +124,7 @@ EXPECTED_CHANGES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("mode", "per_class"), list(EXPECTED_CHANGES))
 def test_each_mode_changes_exactly_the_tensors_it_should(exported, mode, per_class):
     model = mixed_model()
@@ -199,6 +200,7 @@ def test_labelled_subset_is_stratified_seeded_and_refuses_more_than_there_is():
         labelled_subset(y, 8, seed=0)
 
 
+@pytest.mark.slow
 def test_finetune_command_writes_a_verified_export_and_metrics(exported, target_config, tmp_path):
     script = Path(sys.executable).parent / "nas-finetune"
     out = tmp_path / "tuned"
@@ -256,6 +258,7 @@ def test_finetune_command_writes_a_verified_export_and_metrics(exported, target_
     assert accuracy == pytest.approx(metrics["after"]["accuracy"])
 
 
+@pytest.mark.slow
 def test_adabn_alone_is_the_default_for_adabn(exported, target_config, tmp_path, capsys):
     assert (
         finetune_main(
@@ -277,6 +280,7 @@ def test_adabn_alone_is_the_default_for_adabn(exported, target_config, tmp_path,
     assert all(n.endswith(("running_mean", "running_var")) for n in metrics["changed_tensors"])
 
 
+@pytest.mark.slow
 def test_missing_model_folder_exits_2_with_one_line(target_config, tmp_path):
     script = Path(sys.executable).parent / "nas-finetune"
     proc = subprocess.run(

@@ -37,6 +37,7 @@ def trials(run_dir, name="w"):
     return optuna.load_study(study_name=name, storage=f"sqlite:///{run_dir}/nas.db").get_trials()
 
 
+@pytest.mark.slow
 def test_three_local_workers_end_with_exactly_the_budget(run_dir):
     proc = subprocess.run(
         [sys.executable, "-m", "nas.cli", "--config", "run.yaml", "--workers", "3"],
