@@ -23,6 +23,24 @@ def write_digits_run(folder: Path, space: dict, storage: str, study: dict, evalu
     return folder / "run.yaml"
 
 
+def spec_with(
+    norm_type: str, position: str, activation: str = "relu", block_type: str = "plain", share: str = "global", **space
+) -> dict:
+    norm = {
+        "type": norm_type,
+        "position": position if block_type == "plain" else "post_conv",
+        "share": share,
+        "groups": 4,
+    }
+    block = {"type": block_type, "activation": activation, "norm": norm}
+    if block_type == "residual":
+        block["residual"] = {"order": position, "zero_init": True}
+    """A generated-family ArchSpec: 2 stages x 2 blocks of width 4 with the given norm, position and block type."""
+    from nas.search.space import default_spec
+
+    return default_spec({"stages": 2, "blocks_per_stage": 2, "width": 4, "block": block, **space})
+
+
 def pytest_configure(config):
     """The tests' image-folder caches and nas-search's per-host records go to folders of their own
     (their subprocesses inherit them), not to the user's ~/.cache/bnnas and ~/.local/state/bnnas."""

@@ -3,29 +3,14 @@ the residual block's shortcut and its zero-init start; directly and through `bui
 
 import pytest
 import torch
+from conftest import spec_with
 from torch import nn
 
 from nas.models.blocks import ConvBlock, ResidualBlock
 from nas.models.build import build
 from nas.models.norms import POSITIONS, NormLayer, norm_layer
-from nas.search.space import default_spec
 
 BATCH = {"type": "batch", "momentum": 0.1, "eps": 1e-5, "affine": True, "track_running_stats": True}
-
-
-def spec_with(
-    norm_type: str, position: str, activation: str = "relu", block_type: str = "plain", share: str = "global", **space
-) -> dict:
-    norm = {
-        "type": norm_type,
-        "position": position if block_type == "plain" else "post_conv",
-        "share": share,
-        "groups": 4,
-    }
-    block = {"type": block_type, "activation": activation, "norm": norm}
-    if block_type == "residual":
-        block["residual"] = {"order": position, "zero_init": True}
-    return default_spec({"stages": 2, "blocks_per_stage": 2, "width": 4, "block": block, **space})
 
 
 def block_order(model: nn.Module) -> list[str]:

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import spec_with
 from torch import nn
 
 from nas.models.batch_renorm import BatchRenorm
@@ -14,21 +15,6 @@ SHAPES = {"2d": (3, 12, 12), "1d_channels": (2, 20), "1d_signal": (20,)}
 
 NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, BatchRenorm)
 LAYOUTS = [("plain", p) for p in POSITIONS] + [("residual", o) for o in RESIDUAL_ORDERS]
-
-
-def spec_with(
-    norm_type: str, position: str, activation: str = "relu", block_type: str = "plain", share: str = "global", **space
-) -> dict:
-    norm = {
-        "type": norm_type,
-        "position": position if block_type == "plain" else "post_conv",
-        "share": share,
-        "groups": 4,
-    }
-    block = {"type": block_type, "activation": activation, "norm": norm}
-    if block_type == "residual":
-        block["residual"] = {"order": position, "zero_init": True}
-    return default_spec({"stages": 2, "blocks_per_stage": 2, "width": 4, "block": block, **space})
 
 
 def train_one_step(model: nn.Module, shape: tuple) -> torch.Tensor:
