@@ -80,3 +80,23 @@ postgres = pytest.fixture(scope="session")(postgres_server)
 def pg_server(postgres) -> str:
     """The URL of an empty PostgreSQL database of its own for each test module, on the session's server."""
     return postgres()
+
+
+@pytest.fixture
+def cluster():
+    """Ray's test cluster: a head and a second node on this machine, one CPU each (one worker per node)."""
+    pytest.importorskip("ray")
+    from ray.cluster_utils import Cluster
+
+    for attempt in range(3):  # Ray waits a fixed 30 s for a raylet to register: on a loaded 2-core machine it can miss
+        cluster = Cluster()
+        try:
+            cluster.add_node(num_cpus=1)
+            cluster.add_node(num_cpus=1)
+            break
+        except Exception as exc:  # noqa: BLE001 - Ray raises a bare Exception for this
+            cluster.shutdown()
+            if "timed out during startup" not in str(exc) or attempt == 2:
+                raise
+    yield cluster
+    cluster.shutdown()

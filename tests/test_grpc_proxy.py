@@ -135,13 +135,8 @@ def test_with_optunas_heartbeat_a_silent_record_on_another_host_is_left_to_the_h
     assert study._storage.get_trial(trial._trial_id).state == TrialState.RUNNING
 
 
-def test_ray_workers_on_two_nodes_share_a_postgresql_study_through_the_proxy(pg_server, tmp_path):
-    pytest.importorskip("ray")
-    from ray.cluster_utils import Cluster
-
+def test_ray_workers_on_two_nodes_share_a_postgresql_study_through_the_proxy(pg_server, cluster, tmp_path):
     process, url = start_proxy(pg_server)
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    cluster.add_node(num_cpus=1)
     try:
         config = write_digits_run(
             tmp_path, SPACE, url, {"name": "rg", "sampler": "random", "trials": 4}, {"folds": 2, "epochs": 2}
@@ -165,7 +160,6 @@ def test_ray_workers_on_two_nodes_share_a_postgresql_study_through_the_proxy(pg_
             timeout=600,
         )
     finally:
-        cluster.shutdown()
         process.terminate()
         process.wait(timeout=30)
     assert done.returncode == 0, done.stderr  # every worker, on either node, reached the study through the proxy

@@ -45,22 +45,15 @@ def test_ray_workers_share_one_study_and_finish_exactly_its_budget(tmp_path, mon
     assert not [t for t in trials if t.state == TrialState.RUNNING]
 
 
-def test_sqlite_with_workers_on_other_nodes_is_refused_before_any_starts(tmp_path, capsys):
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    cluster.add_node(num_cpus=1)
-    try:
-        config = write_digits_run(
-            tmp_path,
-            SPACE,
-            f"sqlite:///{tmp_path}/nas.db",
-            {"name": "r", "sampler": "random", "trials": 2},
-            {"folds": 2, "epochs": 1},
-        )
-        assert search_main(["--config", str(config), "--ray", cluster.address, "--ray-workers", "2"]) == 2
-    finally:
-        cluster.shutdown()
+def test_sqlite_with_workers_on_other_nodes_is_refused_before_any_starts(cluster, tmp_path, capsys):
+    config = write_digits_run(
+        tmp_path,
+        SPACE,
+        f"sqlite:///{tmp_path}/nas.db",
+        {"name": "r", "sampler": "random", "trials": 2},
+        {"folds": 2, "epochs": 1},
+    )
+    assert search_main(["--config", str(config), "--ray", cluster.address, "--ray-workers", "2"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("--ray: the Ray cluster has 2 nodes and the storage is SQLite") and err.count("\n") == 1
     assert not (tmp_path / "nas.db").exists()
@@ -125,25 +118,6 @@ def test_a_worker_that_cannot_start_or_fails_is_reported_with_its_node_and_last_
 
 
 # --------------------------------------------------------------------------- faults: two Ray nodes, one PostgreSQL
-
-
-@pytest.fixture
-def cluster():
-    """Ray's test cluster: a head and a second node on this machine, one CPU each (one worker per node)."""
-    from ray.cluster_utils import Cluster
-
-    for attempt in range(3):  # Ray waits a fixed 30 s for a raylet to register: on a loaded 2-core machine it can miss
-        cluster = Cluster()
-        try:
-            cluster.add_node(num_cpus=1)
-            cluster.add_node(num_cpus=1)
-            break
-        except Exception as exc:  # noqa: BLE001 - Ray raises a bare Exception for this
-            cluster.shutdown()
-            if "timed out during startup" not in str(exc) or attempt == 2:
-                raise
-    yield cluster
-    cluster.shutdown()
 
 
 def ray_search(tmp_path, url: str, study: str, trials: int, address: str, epochs: int) -> subprocess.Popen:
