@@ -8,6 +8,14 @@ import pytest
 import yaml
 from postgres_server import postgres_server
 
+# A tiny space with two searched parameters (norm type, learning rate): what most end-to-end runs search.
+NORM_AND_LR_SPACE = {
+    "stages": 1,
+    "width": 8,
+    "block": {"norm": {"type": {"choice": ["batch", "none"]}}},
+    "training": {"lr": {"float": [0.01, 0.1], "log": True}},
+}
+
 
 def write_digits_run(folder: Path, space: dict, storage: str, study: dict, evaluation: dict) -> Path:
     """Write `space.yaml` and `run.yaml` (digits on the CPU) into `folder`; returns the config path."""

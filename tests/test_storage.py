@@ -8,7 +8,7 @@ from pathlib import Path
 import optuna
 import pytest
 import sqlalchemy
-from conftest import write_digits_run
+from conftest import NORM_AND_LR_SPACE, write_digits_run
 
 import nas.study.storage
 from nas.cli import search_main
@@ -24,19 +24,13 @@ from nas.study.storage import (
 )
 
 SPACE = {"stages": 1, "width": 8, "training": {"lr": 0.05}}
-RUN_SPACE = {
-    "stages": 1,
-    "width": 8,
-    "block": {"norm": {"type": {"choice": ["batch", "none"]}}},
-    "training": {"lr": {"float": [0.01, 0.1], "log": True}},
-}
 
 
 @pytest.fixture
 def run_dir(tmp_path, monkeypatch):
     write_digits_run(
         tmp_path,
-        RUN_SPACE,
+        NORM_AND_LR_SPACE,
         f"sqlite:///{tmp_path}/nas.db",
         {"name": "s", "sampler": "random", "trials": 3, "heartbeat_seconds": 1},
         {"folds": 2, "epochs": 1},

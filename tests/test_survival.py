@@ -8,18 +8,13 @@ import time
 
 import optuna
 import pytest
-from conftest import write_digits_run
+from conftest import NORM_AND_LR_SPACE, write_digits_run
 from optuna.trial import TrialState
 
 from nas.cli import search_main
 from nas.study import workers as liveness
 
-SPACE = {
-    "stages": 1,
-    "width": 8,
-    "block": {"norm": {"type": {"choice": ["batch", "none"]}}},
-    "training": {"lr": {"float": [0.01, 0.1], "log": True}},
-}
+SPACE = NORM_AND_LR_SPACE
 
 
 @pytest.fixture
