@@ -51,9 +51,19 @@ def spec_with(
 
 def pytest_configure(config):
     """The tests' image-folder caches and nas-search's per-host records go to folders of their own
-    (their subprocesses inherit them), not to the user's ~/.cache/bnnas and ~/.local/state/bnnas."""
+    (their subprocesses inherit them), not to the user's ~/.cache/bnnas and ~/.local/state/bnnas.
+    Ray's local clusters start without token authentication whatever ~/.ray holds: with a token there
+    (which any earlier local cluster may have written), Ray adds a warning line to a command's stderr."""
     os.environ["BNNAS_CACHE"] = tempfile.mkdtemp(prefix="bnnas-test-cache-")
     os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="bnnas-test-state-")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:  # torch's threads per worker (and per subprocess) share the cores instead of each taking all
+        threads = str(max(1, (os.cpu_count() or 1) // workers))
+        os.environ.setdefault("OMP_NUM_THREADS", threads)
+        import torch
+
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 # --- tests that need CUDA ------------------------------------------------------------------------
@@ -67,12 +77,21 @@ CUDA_TEST_DEVICE = os.environ.get("BNNAS_CUDA_TEST_DEVICE", "cuda")
 SLOW_FIXTURES = {"study_dir", "exported", "missing_cifar_cli_run"}
 
 
+# Under pytest-xdist (`-n auto`, with `--dist loadgroup` from pyproject) each file runs whole, in its own
+# order, on one worker: module fixtures are built once and a test may build on the one before it. The
+# files on the session's PostgreSQL server share one worker, so only one installs and starts it.
+POSTGRES_GROUP = "postgresql"
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook turns the group marks into node ids
 def pytest_collection_modifyitems(config, items):
     import torch
 
+    on_postgres = {item.path for item in items if "postgres" in getattr(item, "fixturenames", ())}
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+        item.add_marker(pytest.mark.xdist_group(POSTGRES_GROUP if item.path in on_postgres else item.path.name))
     if CUDA_TEST_DEVICE == "cuda" and not torch.cuda.is_available():
         skip = pytest.mark.skip(reason="needs a CUDA device (scripts/gpu_check.sh runs these on one)")
         for item in items:
