@@ -36,6 +36,7 @@ import numpy as np
 
 from nas.errors import ConfigError, NasError, TrialError
 from nas.search.config import RunConfig, set_key
+from nas.search.model_space import FOREIGN_NORM, GENERATED, NORM_SCHEMA, family_of, validate_norm
 from nas.search.space import SCHEMA, Space, validate_space
 from nas.search.stand_in_trials import FirstChoiceTrial, RandomTrial
 from nas.study.schema import (
@@ -90,6 +91,11 @@ def leaf_keys(schema: dict = SCHEMA, prefix: str = "") -> list[str]:
 
 def param_at(key: str, where: str):
     """The schema's Param at `key`; an unknown key or a section is a one-line error naming `where`."""
+    if key.startswith(FOREIGN_NORM):  # a foreign model's norm: the catalogue's settings, no position
+        name = key.removeprefix(FOREIGN_NORM)
+        if name not in NORM_SCHEMA:
+            raise ConfigError(where, key, f"not a key of a model's norm{did_you_mean(name, NORM_SCHEMA)}")
+        return NORM_SCHEMA[name]
     node = SCHEMA
     for part in key.split("."):
         if not isinstance(node, dict) or part not in node:
@@ -107,6 +113,10 @@ def _level_text(value: Any) -> str:
 def key_factor(space: dict, space_file: str, key: str, levels: list | None = None) -> Factor:
     """A factor over one space key: the key's choices, or `levels` (each one the space allows)."""
     param = param_at(key, "--factor")
+    if key.startswith("model.") and family_of(space) == GENERATED:
+        raise ConfigError(
+            "--factor", key, f"{space_file} searches the generated chain (model: bnnas): use block.norm keys"
+        )
     leaf = Space(space).leaf(key)
     given = levels is not None
     if not given:
@@ -128,7 +138,7 @@ def key_factor(space: dict, space_file: str, key: str, levels: list | None = Non
 
 def _check_level(key: str, value: Any, param, leaf: Any, space_file: str, given: bool) -> None:
     """A level must be a value the space allows: one of its choices, inside its range, its constant."""
-    validate_space(_nested({key: value}), "--levels")  # type and schema bounds (a level is a constant)
+    validate_override(key, value, "--levels")  # type and schema bounds (a level is a constant)
     if isinstance(leaf, dict) and "choice" in leaf:
         allowed = value in leaf["choice"]
     elif isinstance(leaf, dict):
@@ -139,6 +149,14 @@ def _check_level(key: str, value: Any, param, leaf: Any, space_file: str, given:
     if not allowed:
         shown = leaf["choice"] if isinstance(leaf, dict) and "choice" in leaf else leaf
         raise ConfigError("--levels", key, f"{_level_text(value)} is not allowed by {space_file} ({key}: {shown})")
+
+
+def validate_override(key: str, value: Any, where: str) -> None:
+    """One overriding key and value, checked as the space would check it."""
+    if key.startswith(FOREIGN_NORM):
+        validate_norm({key.removeprefix(FOREIGN_NORM): value}, where)
+    else:
+        validate_space(_nested({key: value}), where)
 
 
 def _nested(flat: dict) -> dict:
@@ -162,7 +180,7 @@ def variant_factor(path: str | Path, name: str | None = None) -> Factor:
         flat = _flatten(override)
         for key, value in flat.items():
             param_at(key, f"{path}: {variant}")
-            validate_space(_nested({key: value}), f"{path}: {variant}")
+            validate_override(key, value, f"{path}: {variant}")
         overrides[str(variant)] = flat
     return Factor(name or Path(path).stem, tuple(overrides), overrides)
 

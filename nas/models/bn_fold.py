@@ -26,6 +26,12 @@ Norms without running statistics (GroupNorm for group / layer / instance, BatchN
 `track_running_stats=False`) normalize with statistics of the input itself, even in eval
 mode: they are data-dependent, cannot be folded, and are left as they are.
 
+Any other network (timm, torchvision, a user's module) is traced with torch.fx, norms kept as
+leaves: wherever a norm's input is a conv whose output goes nowhere else, it folds into that conv,
+whatever the module nesting (torchvision's BasicBlock keeps conv1 and bn1 as siblings). A fused
+norm + activation (timm's BatchNormAct2d) leaves its activation behind. A model torch.fx cannot trace
+(Python control flow on tensor values) folds where its norms follow convs in a Sequential.
+
 The folded model exports (`torch.export.export`) with a dynamic batch axis; in torch 2.14 a
 named Dim with min=1 works, and the program then runs on any batch size up to max, 1 included:
 
@@ -43,7 +49,8 @@ import torch
 from torch import nn
 
 from nas.models.blocks import ResidualBlock
-from nas.models.norms import running_stats_layers, uses_running_stats
+from nas.models.norm_swap import fused_tail
+from nas.models.norms import is_norm, running_stats_layers, uses_running_stats
 
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -104,6 +111,42 @@ def _conv_norm_pairs(module: nn.Module) -> list[tuple[str, str]]:
     return []
 
 
+def _without_norm(norm: nn.Module) -> nn.Module:
+    """What is left of a norm once its map folded into the conv: a fused layer's dropout and activation."""
+    tail = fused_tail(norm)
+    return nn.Sequential(*tail) if tail else nn.Identity()
+
+
+class _NormsAsLeaves(torch.fx.Tracer):
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return is_norm(module) or super().is_leaf_module(module, qualified_name)
+
+
+def _fold_traced(model: nn.Module) -> nn.Module | None:
+    """`model` as a torch.fx GraphModule with each norm that follows a conv (its only user) folded into it;
+    None when torch.fx cannot trace it."""
+    try:
+        graph = _NormsAsLeaves().trace(model)
+    except Exception:  # noqa: BLE001 - torch.fx raises many kinds for code it cannot trace
+        return None
+    traced = torch.fx.GraphModule(model, graph)
+    calls = [node.target for node in graph.nodes if node.op == "call_module"]
+    for node in list(graph.nodes):
+        if node.op != "call_module" or not _foldable(traced.get_submodule(node.target)):
+            continue
+        source = node.args[0] if node.args else None
+        if not (isinstance(source, torch.fx.Node) and source.op == "call_module" and len(source.users) == 1):
+            continue
+        conv, norm = traced.get_submodule(source.target), traced.get_submodule(node.target)
+        if not isinstance(conv, CONVS) or calls.count(source.target) > 1 or calls.count(node.target) > 1:
+            continue  # a module called twice would be changed for its other call too
+        _fold_into_conv(conv, norm)
+        traced.set_submodule(node.target, _without_norm(norm))
+    graph.lint()
+    traced.recompile()
+    return traced
+
+
 @torch.no_grad()
 def fold_norms(model: nn.Module) -> nn.Module:
     """A copy of `model` in eval mode with every running-statistics norm folded into the conv
@@ -112,19 +155,31 @@ def fold_norms(model: nn.Module) -> nn.Module:
     Norms without running statistics are data-dependent and stay (see the module docstring).
     """
     folded = copy.deepcopy(model)
+    if not _is_ours(folded):
+        folded = _fold_traced(folded) or folded
     for module in list(folded.modules()):
         for conv_name, norm_name in _conv_norm_pairs(module):
             conv, norm = getattr(module, conv_name, None), getattr(module, norm_name, None)  # None: dropped
             if isinstance(conv, CONVS) and _foldable(norm):
                 _fold_into_conv(conv, norm)
-                if isinstance(module, nn.Sequential):
+                tail = fused_tail(norm)
+                if isinstance(module, nn.Sequential) and not tail:
                     delattr(module, norm_name)
                 else:
-                    setattr(module, norm_name, nn.Identity())
+                    setattr(module, norm_name, _without_norm(norm))
     for name, module in list(folded.named_modules()):
         if _foldable(module):
             parent_name, _, child = name.rpartition(".")
             scale, shift = norm_scale_shift(module)
             dtype = module.running_mean.dtype
-            setattr(folded.get_submodule(parent_name), child, ChannelAffine(scale.to(dtype), shift.to(dtype)))
+            affine = ChannelAffine(scale.to(dtype), shift.to(dtype))
+            tail = fused_tail(module)
+            setattr(folded.get_submodule(parent_name), child, nn.Sequential(affine, *tail) if tail else affine)
     return folded.eval()  # after the swaps: new modules start in training mode
+
+
+def _is_ours(model: nn.Module) -> bool:
+    """Our generated chain (nas.models.build.Net), whose blocks `_conv_norm_pairs` knows."""
+    from nas.models.build import Net  # late: build imports this module's neighbours
+
+    return isinstance(model, Net)

@@ -14,7 +14,9 @@ import torch
 from torch import nn
 
 from nas.models.blocks import ConvBlock, ResidualBlock
-from nas.models.norms import ACTIVATIONS, norm_layer
+from nas.models.families import make_model
+from nas.models.norm_swap import swap_norms
+from nas.models.norms import ACTIVATIONS, NormLayer, norm_layer
 
 POOL = {"maxpool": {1: nn.MaxPool1d, 2: nn.MaxPool2d}, "avgpool": {1: nn.AvgPool1d, 2: nn.AvgPool2d}}
 GLOBAL_POOL = {1: nn.AdaptiveAvgPool1d, 2: nn.AdaptiveAvgPool2d}
@@ -36,8 +38,11 @@ class Net(nn.Module):
         return self.head(torch.flatten(self.pool(self.features(x)), 1))
 
 
-def build(spec: dict, input_shape: tuple[int, ...] | list[int], num_classes: int) -> Net:
-    """The model an ArchSpec describes, for samples of `input_shape` (no batch axis)."""
+def build(spec: dict, input_shape: tuple[int, ...] | list[int], num_classes: int) -> nn.Module:
+    """The model an ArchSpec describes, for samples of `input_shape` (no batch axis): our generated chain (a Net),
+    or a timm / torchvision / factory model with the spec's norms in place of its own."""
+    if "model" in spec:
+        return build_foreign(spec, tuple(input_shape), num_classes)
     shape = tuple(input_shape)
     if len(shape) not in (1, 2, 3):
         raise ValueError(f"input shape {shape}: expected (L,), (C, L) or (C, H, W)")
@@ -65,6 +70,18 @@ def build(spec: dict, input_shape: tuple[int, ...] | list[int], num_classes: int
             )
             channels = stage["width"]
     return Net(nn.Sequential(OrderedDict(layers)), nn.Linear(channels, num_classes), dims, add_channel)
+
+
+def build_foreign(spec: dict, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """A model family's network (nas.models.families) with the norms its spec chose (nas.models.norm_swap)."""
+    if len(input_shape) != 3:
+        raise ValueError(f"input shape {input_shape}: a {spec['model']['family']} model takes images (C, H, W)")
+    norms = spec.get("norms")
+    if norms is not None and norms.get("via") == "norm_layer":
+        factory = norm_layer(norms["norm"], 2) or NormLayer(lambda channels: nn.Identity())
+        return make_model(spec["model"], input_shape, num_classes, factory)
+    model = make_model(spec["model"], input_shape, num_classes)
+    return swap_norms(model, norms["layers"]) if norms is not None else model
 
 
 def make_block(block: dict, in_channels: int, out_channels: int, stride: int, dims: int) -> nn.Module:

@@ -3,11 +3,16 @@
 `norm_layer(spec, dims)` turns an ArchSpec's norm entry into the factory blocks take (`make_norm`
 builds one layer), so adding a type is one entry in NORMS (its factory and the settings it takes)
 plus its test. The catalogue also answers which modules are norms and which keep running statistics.
+
+EvoNorm-B0 / -S0 (Liu et al. 2020) and Filter Response Normalization with its TLU (Singh & Krishnan
+2020) come from timm (`pip install "bnnas[timm]"`), as published: each includes its own nonlinearity,
+and works on images (2-D feature maps) only.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -70,6 +75,29 @@ def _instance(num_features: int, dims: int, eps: float, affine: bool) -> nn.Modu
     return _group(num_features, dims, num_features, eps, affine)
 
 
+def _timm_layers(name: str, dims: int):
+    """timm's layer module, for a norm that only timm provides; ValueError when it cannot serve `dims`-D data."""
+    if dims != 2:
+        raise ValueError(f"norm {name} works on images (2-D feature maps), not {dims}-D data")
+    try:
+        import timm.layers
+    except ImportError:
+        raise ValueError(f'norm {name} comes from timm: pip install "bnnas[timm]"') from None
+    return timm.layers
+
+
+def _evonorm_b0(num_features: int, dims: int, momentum: float, eps: float) -> nn.Module:
+    return _timm_layers("evonorm_b0", dims).EvoNorm2dB0(num_features, momentum=momentum, eps=eps)
+
+
+def _evonorm_s0(num_features: int, dims: int, groups: int, eps: float) -> nn.Module:
+    return _timm_layers("evonorm_s0", dims).EvoNorm2dS0(num_features, groups=math.gcd(groups, num_features), eps=eps)
+
+
+def _frn(num_features: int, dims: int, eps: float) -> nn.Module:
+    return _timm_layers("frn", dims).FilterResponseNormTlu2d(num_features, eps=eps)
+
+
 # Aliases are compared ignoring case, separators and a 1d/2d/3d suffix (nas.validation.spelling),
 # so "batchnorm" also covers BatchNorm2d, batch_norm and Batch-Norm.
 NORMS: dict[str, NormType] = {
@@ -90,6 +118,9 @@ NORMS: dict[str, NormType] = {
     # Instance norm is GroupNorm with a group per channel: no running statistics, and a 1-pixel
     # map gives zeros instead of an error.
     "instance": NormType(_instance, ("eps", "affine"), centers_per_channel=True, aliases=("instancenorm", "in")),
+    "evonorm_b0": NormType(_evonorm_b0, ("momentum", "eps"), aliases=("evonormb0", "evonorm")),
+    "evonorm_s0": NormType(_evonorm_s0, ("groups", "eps"), aliases=("evonorms0",)),
+    "frn": NormType(_frn, ("eps",), aliases=("filterresponsenorm", "frntlu", "filterresponsenormtlu")),
     "none": NormType(None, aliases=("identity", "nonorm")),
 }
 # Every spelling of a norm that did-you-mean maps to its registry key, the keys themselves included.
@@ -108,10 +139,18 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
 # and the ones whose eval-mode output is (x - running_mean) / sqrt(running_var + eps) * weight + bias.
 NORM_CLASSES = (nn.modules.batchnorm._NormBase, BatchRenorm, nn.GroupNorm)
 RUNNING_STATS_CLASSES = (nn.modules.batchnorm._NormBase, BatchRenorm)
+# timm's norms on (N, C, H, W) maps (EvoNorm, FRN, LayerNorm2d; its BatchNormAct2d is a BatchNorm2d): looked up
+# only where timm is already imported, so asking never imports it.
+TIMM_NORM_CLASSES = ("EvoNorm2dB0", "EvoNorm2dS0", "FilterResponseNormTlu2d", "FilterResponseNormAct2d", "LayerNorm2d")
+
+
+def _timm_norm_classes() -> tuple[type, ...]:
+    layers = sys.modules.get("timm.layers")
+    return tuple(getattr(layers, name) for name in TIMM_NORM_CLASSES if hasattr(layers, name)) if layers else ()
 
 
 def is_norm(module: nn.Module) -> bool:
-    return isinstance(module, NORM_CLASSES)
+    return isinstance(module, NORM_CLASSES + _timm_norm_classes())
 
 
 def uses_running_stats(module: nn.Module) -> bool:

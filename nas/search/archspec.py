@@ -3,6 +3,9 @@
 The one place that knows the spec's layout for readers: where each block normalizes, one-line
 descriptions for tables, and the catalogue order rows are sorted in. `nas-search`'s table,
 `nas-report` and the dashboard all read specs through it. No torch here, so reading is cheap.
+
+A foreign model's spec (`model` and `norms`, see nas.search.model_space) has no blocks: its norms are
+read per stage (or per layer), and its position is the model's own (`n/a`).
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 # Catalogue order for rows and columns; names not listed (a newer catalogue) sort after them.
-NORM_ORDER = ("batch", "batch_renorm", "group", "layer", "instance", "none")
+NORM_ORDER = ("batch", "batch_renorm", "group", "layer", "instance", "evonorm_b0", "evonorm_s0", "frn", "none")
 POSITION_ORDER = ("pre_conv", "post_conv", "post_act", "residual:original", "residual:preact")
 NO_POSITION = "n/a"  # a plain block without a norm has no position
 MIXED = "mixed"
@@ -34,6 +37,27 @@ def order_key(order: tuple[str, ...]) -> Callable[[str], tuple]:
     return lambda name: (order.index(name) if name in order else len(order), name == MIXED, name)
 
 
+OWN = "own"  # a foreign model that keeps the norms it was built with
+
+
+def model_family(spec: dict) -> str | None:
+    """`timm` / `torchvision` / `factory` for a foreign model's spec; None for the generated chain."""
+    model = spec.get("model")
+    return model.get("family") if isinstance(model, dict) else None
+
+
+def foreign_norms(spec: dict) -> list[tuple[str, dict]]:
+    """(stage or layer, norm entry) for every replaced norm of a foreign model's spec, in module order;
+    one ("", norm) entry for a factory given the norm through norm_layer; [] when it keeps its own."""
+    norms = spec.get("norms")
+    if not norms:
+        return []
+    if "norm" in norms:
+        return [("", norms["norm"])]
+    unit = "name" if norms.get("share") == "per_layer" else "stage"
+    return [(layer.get(unit, ""), layer["norm"]) for layer in norms.get("layers", [])]
+
+
 def blocks(spec: dict) -> list[dict]:
     """Every block of every stage, in order."""
     return [block for stage in spec.get("stages", []) for block in stage.get("blocks", [])]
@@ -55,6 +79,9 @@ def block_position(block: dict) -> str:
 
 def norm_group(spec: dict) -> tuple[str, str]:
     """The (norm type, position) all blocks share; `mixed` on the axis where they differ."""
+    if model_family(spec):
+        types = {norm["type"] for _, norm in foreign_norms(spec)} or {OWN}
+        return (next(iter(types)) if len(types) == 1 else MIXED), NO_POSITION
     all_blocks = blocks(spec)
     if not all_blocks:
         return UNKNOWN, UNKNOWN
@@ -66,6 +93,12 @@ def norm_group(spec: dict) -> tuple[str, str]:
 
 def describe_norms(spec: dict) -> str:
     """One line for an ArchSpec's normalization layout: `batch @ post_conv`, or per stage when mixed."""
+
+    if model_family(spec):
+        runs = _runs((unit, norm["type"]) for unit, norm in foreign_norms(spec))
+        if len({text for *_, text in runs}) <= 1:
+            return next((text for *_, text in runs), OWN)
+        return "  ".join(f"{a}: {text}" if a == b else f"{a}..{b}: {text}" for a, b, text in runs)
 
     def one(block: dict) -> str:
         norm = block["norm"]
@@ -88,8 +121,12 @@ def _fmt_setting(value) -> str:
 
 def describe_block_norm(block: dict) -> str:
     """`batch@post_conv(m=0.1,eps=1e-05,aff=1,trs=1)`: type, position and the norm's own settings."""
-    norm = block.get("norm", {})
-    kind, where = norm.get("type", UNKNOWN), block_position(block)
+    return describe_norm(block.get("norm", {}), block_position(block))
+
+
+def describe_norm(norm: dict, where: str = NO_POSITION) -> str:
+    """`group(g=8,eps=1e-05,aff=1)`, with `@where` unless the norm has no position of ours."""
+    kind = norm.get("type", UNKNOWN)
     head = kind if where == NO_POSITION else f"{kind}@{where}"
     settings = ",".join(
         f"{SETTING_ABBREV.get(k, k)}={_fmt_setting(v)}" for k, v in norm.items() if k not in ("type", "position")
@@ -98,19 +135,29 @@ def describe_block_norm(block: dict) -> str:
 
 
 def describe_layout(spec: dict) -> str:
-    """Every block's norm, runs of identical consecutive blocks merged: `s1b1..s2b1 batch@post_conv(...)`."""
+    """Every block's norm, runs of identical consecutive blocks merged: `s1b1..s2b1 batch@post_conv(...)`;
+    for a foreign model, every stage's (or layer's): `act1..layer2 group(g=8,eps=1e-05,aff=1)`."""
+    if model_family(spec):
+        labelled = [(unit or "all", describe_norm(norm)) for unit, norm in foreign_norms(spec)]
+        text = "; ".join(f"{a} {t}" if a == b else f"{a}..{b} {t}" for a, b, t in _runs(labelled))
+        return text or f"{OWN} norms"
     labelled = [
         (f"s{i + 1}b{j + 1}", describe_block_norm(block))
         for i, stage in enumerate(spec.get("stages", []))
         for j, block in enumerate(stage.get("blocks", []))
     ]
+    return "; ".join(f"{a} {text}" if a == b else f"{a}..{b} {text}" for a, b, text in _runs(labelled)) or UNKNOWN
+
+
+def _runs(labelled: Iterable[tuple[str, str]]) -> list[list]:
+    """[first label, last label, text] for each run of consecutive equal texts."""
     runs: list[list] = []
     for label, text in labelled:
-        if runs and runs[-1][2] == text:
+        if runs and runs[-1][2] == text and runs[-1][1] != label:
             runs[-1][1] = label
-        else:
+        elif not (runs and runs[-1][2] == text):
             runs.append([label, label, text])
-    return "; ".join(f"{a} {text}" if a == b else f"{a}..{b} {text}" for a, b, text in runs) or UNKNOWN
+    return runs
 
 
 def distinct(values: Iterable[str]) -> str:
@@ -119,10 +166,15 @@ def distinct(values: Iterable[str]) -> str:
 
 
 def describe_activations(spec: dict) -> str:
+    if model_family(spec):
+        return OWN
     return distinct(block.get("activation", UNKNOWN) for block in blocks(spec))
 
 
 def describe_block_types(spec: dict) -> str:
+    if model_family(spec):
+        return f"{spec['model']['family']} {spec['model'].get('name', UNKNOWN)}"
+
     def one(block: dict) -> str:
         if block.get("type") != "residual":
             return block.get("type", "plain")

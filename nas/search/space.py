@@ -16,6 +16,7 @@ The ArchSpec is plain JSON data; `nas.models.build.build(spec, ...)` alone makes
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -71,8 +72,16 @@ def load_space(path: str | Path) -> dict:
 
 
 def validate_space(space: dict, file: str) -> dict:
-    """Check every key and leaf against SCHEMA; returns the space unchanged when valid."""
-    _validate_node(space, SCHEMA, file, "")
+    """Check every key and leaf against SCHEMA (and `model` against the model families); returns the space
+    unchanged when valid."""
+    from nas.search.model_space import validate_model  # late: model_space builds on this module
+
+    if not isinstance(space, dict):
+        raise ConfigError(file, "", f"expected a mapping, got {type_name(space)}")
+    rest = {key: value for key, value in space.items() if key != "model"}
+    _validate_node(rest, SCHEMA, file, "")
+    if "model" in space:
+        validate_model(space, file)
     return space
 
 
@@ -159,13 +168,22 @@ def _check_value(value: Any, param: Param, file: str, path: str) -> None:
 
 
 class Space:
-    """A validated search space that samples ArchSpecs from an Optuna trial (or FixedTrial)."""
+    """A validated search space that samples ArchSpecs from an Optuna trial (or FixedTrial).
 
-    def __init__(self, space: dict):
+    A foreign model's norms are listed from its structure, which a factory may shape by the data:
+    give the data's `input_shape` and `num_classes` where they are known.
+    """
+
+    def __init__(self, space: dict, input_shape: tuple[int, ...] = (3, 32, 32), num_classes: int = 10):
+        from nas.search.model_space import ForeignModel  # late: model_space builds on this module
+
         self.space = space
+        self.foreign = ForeignModel.of(space, tuple(input_shape), num_classes)
 
     def leaf(self, key_path: str) -> Any:
         """The space's value at `key_path`, or the schema's default where the space is silent."""
+        if key_path.startswith("model.") and self.foreign is not None:
+            return self.foreign.leaf(key_path)
         node, schema, given = self.space, SCHEMA, True
         for part in key_path.split("."):
             schema = schema[part]
@@ -175,20 +193,13 @@ class Space:
 
     def suggest(self, trial, name: str, key_path: str) -> Any:
         """Ask the trial for parameter `name`, distributed as the leaf at `key_path`."""
-        leaf = self.leaf(key_path)
-        if not isinstance(leaf, dict):
-            return leaf
-        if "choice" in leaf:
-            return trial.suggest_categorical(name, leaf["choice"])
-        kind = "int" if "int" in leaf else "float"
-        low, high = leaf[kind]
-        log = leaf.get("log", False)
-        if kind == "int":
-            return trial.suggest_int(name, low, high, step=leaf.get("step", 1), log=log)
-        return trial.suggest_float(name, float(low), float(high), step=leaf.get("step"), log=log)
+        return suggest_leaf(trial, name, self.leaf(key_path))
 
     def sample(self, trial) -> dict:
         """Walk the tree, define-by-run, into an ArchSpec."""
+        if self.foreign is not None:
+            ask = lambda name, key_path: self.suggest(trial, name, key_path)  # noqa: E731
+            return self.foreign.sample(ask, lambda: self._training(trial))
         s = lambda key: self.suggest(trial, key, key)  # noqa: E731 - the name is the key path
         n_stages, n_blocks, width = s("stages"), s("blocks_per_stage"), s("width")
         downsample = s("downsample")
@@ -214,21 +225,46 @@ class Space:
                     norm = sample_norm(f"stage{i + 1}.block{j + 1}.norm")
                 blocks.append({**template, "norm": dict(norm)})
             stages.append({"width": width * 2**i, "downsample": "none" if i == 0 else downsample, "blocks": blocks})
-        training = {key: s(f"training.{key}") for key in SCHEMA["training"]}
-        return {"stages": stages, "training": training}
+        return {"stages": stages, "training": self._training(trial)}
+
+    def _training(self, trial) -> dict:
+        return {key: self.suggest(trial, f"training.{key}", f"training.{key}") for key in SCHEMA["training"]}
 
     def _sample_norm(self, trial, prefix: str, block_type: str) -> dict:
         """One normalization decision; only the chosen type's own settings are sampled.
 
         Residual blocks place their norms by `block.residual.order`, so they take no position.
         """
-        norm_type = self.suggest(trial, f"{prefix}.type", "block.norm.type")
-        norm = {"type": norm_type}
-        if norm_type != "none" and block_type == "plain":
-            norm["position"] = self.suggest(trial, f"{prefix}.position", "block.norm.position")
-        for key in NORMS[norm_type].params:
-            norm[key] = self.suggest(trial, f"{prefix}.{key}", f"block.norm.{key}")
-        return norm
+        return sample_norm(
+            prefix, lambda name, key: self.suggest(trial, name, f"block.norm.{key}"), block_type == "plain"
+        )
+
+
+def suggest_leaf(trial, name: str, leaf: Any) -> Any:
+    """A constant leaf as it is; a distribution leaf asked of the trial as parameter `name`."""
+    if not isinstance(leaf, dict):
+        return leaf
+    if "choice" in leaf:
+        return trial.suggest_categorical(name, leaf["choice"])
+    kind = "int" if "int" in leaf else "float"
+    low, high = leaf[kind]
+    log = leaf.get("log", False)
+    if kind == "int":
+        return trial.suggest_int(name, low, high, step=leaf.get("step", 1), log=log)
+    return trial.suggest_float(name, float(low), float(high), step=leaf.get("step"), log=log)
+
+
+def sample_norm(prefix: str, ask: Callable[[str, str], Any], with_position: bool) -> dict:
+    """One norm decision named `prefix.type`, `prefix.momentum`, ...: its type, then only that type's settings
+    (and a position where the block is ours); `ask(name, key)` asks for parameter `name` distributed as the
+    space's leaf for norm setting `key`."""
+    norm_type = ask(f"{prefix}.type", "type")
+    norm = {"type": norm_type}
+    if norm_type != "none" and with_position:
+        norm["position"] = ask(f"{prefix}.position", "position")
+    for key in NORMS[norm_type].params:
+        norm[key] = ask(f"{prefix}.{key}", key)
+    return norm
 
 
 def default_spec(space: dict | None = None) -> dict:

@@ -66,8 +66,16 @@ class Repeat(TrialError):
 class Novelty:
     """Finds repeats for one worker, queues untried candidates, and knows when to stop."""
 
-    def __init__(self, space: dict, seed: int, version: int = 0, retries: int = 1):
-        self.space = Space(space)
+    def __init__(
+        self,
+        space: dict,
+        seed: int,
+        version: int = 0,
+        retries: int = 1,
+        input_shape: tuple[int, ...] = (3, 32, 32),
+        num_classes: int = 10,
+    ):
+        self.space = Space(space, input_shape, num_classes)
         self.rng = random.Random(seed)
         self.version, self.retries = version, retries
         self._listed: list[dict] | None | bool = False  # False: not listed yet; None: not listable

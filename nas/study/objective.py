@@ -44,7 +44,7 @@ def make_objective(
     from nas.models.costs import candidate_costs
     from nas.training.cross_validation import cross_validate  # late: keeps torch out of `import nas.study` readers
 
-    space = Space(cfg.space)
+    space = Space(cfg.space, data.input_shape, data.num_classes)
     epochs = cfg.evaluation.epochs
 
     def objective(trial: optuna.Trial) -> float | tuple:

@@ -108,6 +108,7 @@ class Search:
 
     def _load(self, device):
         from nas.data.datasets import load_dataset, stratified_folds
+        from nas.search.model_space import check_model
 
         cfg = self.cfg
         moved = changed_on_this_host(cfg.study.storage, cfg.study.name, vars(cfg.dataset))
@@ -120,6 +121,9 @@ class Search:
             )
         with blamed(cfg), SIGNALS.interruptible():  # loading writes nothing: a signal stops it at once
             data = load_dataset(cfg.dataset, device)  # bad data is found before a new study is made
+            check_model(
+                cfg.space, cfg.search_space, data.input_shape, data.num_classes
+            )  # and a model that cannot take it
             return data, stratified_folds(data.y_train, cfg.evaluation.folds, cfg.study.seed)
 
     def _search(self, handle: optuna.Study, record: WorkerRecord, data, folds, device, changes: list) -> optuna.Study:
@@ -151,7 +155,7 @@ class Search:
         ]
         seed = process_seed(cfg.study.seed, len(handle.get_trials(deepcopy=False)), others)
         study = load_for_search(cfg, handle._storage, seed)
-        novelty = Novelty(cfg.space, seed, version, cfg.study.retries)
+        novelty = Novelty(cfg.space, seed, version, cfg.study.retries, data.input_shape, data.num_classes)
         out(
             f"Study '{cfg.study.name}' in {cfg.study.storage}: {done}/{budget} finished, running {budget - done} more "
             f"on {device.type} ({data.name}: {len(data.y_train)} training samples, {cfg.evaluation.folds} folds x "
