@@ -207,3 +207,15 @@ def test_bench_fingerprint_times_both_versions_interleaved_and_prints_their_rati
     }
     assert set(medians) == {1, 2}
     assert re.search(r"^version 2 / version 1: [\d.]+x$", out, re.M)
+
+
+@pytest.mark.slow
+def test_bench_foreign_times_our_loop_and_a_plain_loop_over_the_same_timm_model():
+    pytest.importorskip("timm")
+    out = run_script("bench_foreign.py", "--device", "cpu", "--model", "test_resnet", "--epochs", "1", "--repeats", "2")
+    assert "timm test_resnet (norm batch) on digits" in out and "2 interleaved runs each" in out
+    rows = dict(re.findall(r"^  (bnnas|plain)\s+([\d.]+)\s+\([\d.]+-[\d.]+\)\s+\d+$", out, re.M))
+    assert set(rows) == {"bnnas", "plain"}
+    ratio = float(re.search(r"plain / bnnas: ([\d.]+)", out).group(1))
+    assert ratio == pytest.approx(float(rows["plain"]) / float(rows["bnnas"]), abs=0.005)  # printed rounded
+    assert re.search(r"target: bnnas within 5% of plain \(>= 0.95\): (met|NOT met)$", out, re.M)

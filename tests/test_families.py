@@ -10,20 +10,21 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pytest
 import torch
 import yaml
 from torch import nn
 
-from nas.cli import export_main
+from nas.cli import bench_main, export_main, finetune_main, predict_main, report_main
 from nas.deploy.export import rebuild
 from nas.errors import ConfigError
 from nas.models.bn_fold import count_norms_with_running_stats, fold_norms
 from nas.models.build import build
 from nas.models.norm_swap import norm_sites
 from nas.search.archspec import describe_norms, norm_group
-from nas.search.model_space import check_model
+from nas.search.model_check import check_model
 from nas.search.space import Space, validate_space
 
 timm = pytest.importorskip("timm")
@@ -264,8 +265,9 @@ def test_a_timm_search_scores_its_trials_and_exports_the_best_with_bn_folded(tmp
     assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 2
     for t in trials:
         assert t.user_attrs["arch"]["model"]["name"] == "test_resnet" and t.user_attrs["fold_mode"] == "sequential"
-        assert "not a nas.models.build.Net" in t.user_attrs["fold_mode_fallback"]
+        assert t.user_attrs["fold_mode_fallback"] == "a timm model has no stacked form: its folds train one by one"
     assert "act1" in searched.stdout  # the table names the stages
+    assert searched.stdout.count("no stacked form") == 1  # said once, not per trial
     out = tmp_path / "exported"
     assert (
         export_main(["--storage", f"sqlite:///{tmp_path}/nas.db", "--study", "f", "--out", str(out), "--epochs", "1"])
@@ -277,6 +279,18 @@ def test_a_timm_search_scores_its_trials_and_exports_the_best_with_bn_folded(tmp
     assert not [m for m in scripted.modules() if m.original_name.startswith("BatchNorm")]  # folded away
     rebuilt = rebuild(out, meta)
     assert count_norms_with_running_stats(rebuilt) > 0  # weights.pt: the unfolded model, rebuilt from arch
+
+    # everything after the search takes it like a generated trial
+    from sklearn.datasets import load_digits
+
+    np.save(tmp_path / "raw.npy", load_digits().images[:5].astype("float32"))
+    assert predict_main(["--model", str(out), str(tmp_path / "raw.npy")]) == 0
+    assert bench_main(["--model", str(out), "--batch-sizes", "1", "--repeats", "2", "--warmup", "0"]) == 0
+    assert report_main(["--storage", f"sqlite:///{tmp_path}/nas.db", "--study", "f", "--out", str(tmp_path / "r")]) == 0
+    assert "timm test_resnet" in (tmp_path / "r" / "report.md").read_text()
+    tuned = tmp_path / "tuned"
+    assert finetune_main(["--model", str(out), "--config", str(config), "--bn-mode", "adabn", "--out", str(tuned)]) == 0
+    assert json.loads((tuned / "model.json").read_text())["arch"] == meta["arch"]
 
 
 def test_a_model_that_cannot_take_the_data_exits_2_with_one_line_before_any_trial(tmp_path):

@@ -35,12 +35,22 @@ MODES = ("freeze", "adabn", "bn-only", "full")
 TRAINS_WITHOUT_LABELS = ("adabn",)  # the modes that may run with --labels-per-class 0
 
 
+def head_name(model: nn.Module) -> str:
+    """The classifier: the model's last linear layer (our Net's `head`, timm's `fc` / `classifier`, torchvision's
+    `fc` / `classifier.3`, a user's last nn.Linear)."""
+    linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    if not linears:
+        raise NasError(f"{type(model).__name__} has no linear classifier to fine-tune")
+    return linears[-1]
+
+
 def replace_head(model: nn.Module, num_classes: int) -> bool:
     """A new, freshly initialized linear head when the class count differs; True if replaced."""
-    head = model.head
+    name = head_name(model)
+    head = model.get_submodule(name)
     if head.out_features == num_classes:
         return False
-    model.head = nn.Linear(head.in_features, num_classes).to(head.weight.device)
+    model.set_submodule(name, nn.Linear(head.in_features, num_classes).to(head.weight.device))
     return True
 
 
@@ -65,7 +75,7 @@ def labelled_subset(y: torch.Tensor, per_class: int | None, seed: int) -> torch.
 def _set_trainable(model: nn.Module, mode: str) -> Callable[[nn.Module], None] | None:
     """requires_grad per mode; returns the hook `fit` runs after model.train() each epoch."""
     norm_params = {id(p) for m in norm_layers(model) for p in m.parameters(recurse=False)}
-    head_params = {id(p) for p in model.head.parameters()}
+    head_params = {id(p) for p in model.get_submodule(head_name(model)).parameters()}
     for p in model.parameters():
         if mode == "full":
             p.requires_grad_(True)

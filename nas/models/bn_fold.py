@@ -124,13 +124,14 @@ class _NormsAsLeaves(torch.fx.Tracer):
 
 def _fold_traced(model: nn.Module) -> nn.Module | None:
     """`model` as a torch.fx GraphModule with each norm that follows a conv (its only user) folded into it;
-    None when torch.fx cannot trace it."""
+    None when torch.fx cannot trace it or finds nothing to fold."""
     try:
         graph = _NormsAsLeaves().trace(model)
     except Exception:  # noqa: BLE001 - torch.fx raises many kinds for code it cannot trace
         return None
     traced = torch.fx.GraphModule(model, graph)
     calls = [node.target for node in graph.nodes if node.op == "call_module"]
+    folded = 0
     for node in list(graph.nodes):
         if node.op != "call_module" or not _foldable(traced.get_submodule(node.target)):
             continue
@@ -142,7 +143,9 @@ def _fold_traced(model: nn.Module) -> nn.Module | None:
             continue  # a module called twice would be changed for its other call too
         _fold_into_conv(conv, norm)
         traced.set_submodule(node.target, _without_norm(norm))
-    graph.lint()
+        folded += 1
+    if not folded:
+        return None
     traced.recompile()
     return traced
 
@@ -155,8 +158,6 @@ def fold_norms(model: nn.Module) -> nn.Module:
     Norms without running statistics are data-dependent and stay (see the module docstring).
     """
     folded = copy.deepcopy(model)
-    if not _is_ours(folded):
-        folded = _fold_traced(folded) or folded
     for module in list(folded.modules()):
         for conv_name, norm_name in _conv_norm_pairs(module):
             conv, norm = getattr(module, conv_name, None), getattr(module, norm_name, None)  # None: dropped
@@ -167,6 +168,8 @@ def fold_norms(model: nn.Module) -> nn.Module:
                     delattr(module, norm_name)
                 else:
                     setattr(module, norm_name, _without_norm(norm))
+    if not _is_ours(folded) and running_stats_layers(folded):  # norms left beside, not in, a chain: the graph
+        folded = _fold_traced(folded) or folded
     for name, module in list(folded.named_modules()):
         if _foldable(module):
             parent_name, _, child = name.rpartition(".")

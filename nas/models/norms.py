@@ -48,6 +48,7 @@ class NormType:
     params: tuple[str, ...] = ()
     centers_per_channel: bool = False  # subtracts a per-channel mean: a preceding conv bias is dead
     aliases: tuple[str, ...] = ()  # what users type for it (BatchNorm2d, bn): suggested, never accepted
+    images_only: bool = False  # works on 2-D feature maps only (timm's EvoNorm and FRN)
 
     def absorbs_conv_bias(self, settings: dict) -> bool:
         """True when this norm directly after a conv makes the conv's bias redundant.
@@ -118,9 +119,11 @@ NORMS: dict[str, NormType] = {
     # Instance norm is GroupNorm with a group per channel: no running statistics, and a 1-pixel
     # map gives zeros instead of an error.
     "instance": NormType(_instance, ("eps", "affine"), centers_per_channel=True, aliases=("instancenorm", "in")),
-    "evonorm_b0": NormType(_evonorm_b0, ("momentum", "eps"), aliases=("evonormb0", "evonorm")),
-    "evonorm_s0": NormType(_evonorm_s0, ("groups", "eps"), aliases=("evonorms0",)),
-    "frn": NormType(_frn, ("eps",), aliases=("filterresponsenorm", "frntlu", "filterresponsenormtlu")),
+    "evonorm_b0": NormType(_evonorm_b0, ("momentum", "eps"), aliases=("evonormb0", "evonorm"), images_only=True),
+    "evonorm_s0": NormType(_evonorm_s0, ("groups", "eps"), aliases=("evonorms0",), images_only=True),
+    "frn": NormType(
+        _frn, ("eps",), aliases=("filterresponsenorm", "frntlu", "filterresponsenormtlu"), images_only=True
+    ),
     "none": NormType(None, aliases=("identity", "nonorm")),
 }
 # Every spelling of a norm that did-you-mean maps to its registry key, the keys themselves included.

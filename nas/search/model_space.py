@@ -23,7 +23,7 @@ from typing import Any
 from nas.errors import ConfigError
 from nas.models.families import FAMILIES, ModelError, known_names, load_factory, takes_norm_layer
 from nas.models.norms import NORM_PARAMS
-from nas.search.space import SCHEMA, _validate_leaf, sample_norm
+from nas.search.leaves import NORM_TYPE, sample_norm, validate_leaf
 from nas.validation import Param, did_you_mean, type_name, unknown_key
 
 GENERATED = "bnnas"
@@ -31,7 +31,7 @@ SHARE = ("global", "per_stage", "per_layer")
 MAX_PER_LAYER_PARAMS = 100  # per_layer on a deep network: beyond this many searched parameters, refused
 CHAIN_KEYS = ("stages", "blocks_per_stage", "width", "downsample", "block")
 NORM_SCHEMA = {
-    "type": SCHEMA["block"]["norm"]["type"],
+    "type": NORM_TYPE,
     "share": Param(str, "global", {"choices": SHARE, "what": "share mode"}, searchable=False),
     **NORM_PARAMS,
 }
@@ -110,7 +110,7 @@ def _validate_kwarg(leaf: Any, file: str, path: str) -> None:
             if isinstance(values, list) and values and type(values[0]) in (int, float, str, bool)
             else str
         )
-    _validate_leaf(leaf, Param(kind, None), file, path)
+    validate_leaf(leaf, Param(kind, None), file, path)
 
 
 def validate_norm(norm: Any, file: str) -> None:
@@ -127,7 +127,7 @@ def validate_norm(norm: Any, file: str) -> None:
             )
         if key not in NORM_SCHEMA:
             raise unknown_key(file, "model.norm", key, NORM_SCHEMA)
-        _validate_leaf(leaf, NORM_SCHEMA[key], file, f"model.norm.{key}")
+        validate_leaf(leaf, NORM_SCHEMA[key], file, f"model.norm.{key}")
 
 
 def searched_keys(norm: dict) -> int:
@@ -200,59 +200,3 @@ class ForeignModel:
                 decisions[unit] = decide(f"model.norm@{unit}" if unit else "model.norm")
             layers.append({**{k: site[k] for k in ("name", "was", "stage", "dims")}, "norm": dict(decisions[unit])})
         return {"share": self.share, "via": VIA_REPLACEMENT, "layers": layers}
-
-
-def check_model(space: dict, file: str, input_shape: tuple[int, ...], num_classes: int) -> None:
-    """Before any trial: the first candidate of a foreign model builds and takes the data's shape (on the meta
-    device: shapes only); a ConfigError naming `model.FAMILY` otherwise."""
-    from nas.models.build import build
-    from nas.models.families import forward_error, minimum_size, template
-    from nas.search.space import Space, suggest_leaf
-    from nas.search.stand_in_trials import FirstChoiceTrial
-
-    foreign = ForeignModel.of(space, tuple(input_shape), num_classes)
-    if foreign is None:
-        return
-    where, name = f"model.{foreign.family}", foreign.model[foreign.family]
-    shape = "x".join(map(str, input_shape))
-    if len(input_shape) != 3:
-        raise ConfigError(file, where, f"{name} takes images (C, H, W); the data's samples have shape {shape}")
-    if foreign.norm is not None and foreign.via == VIA_REPLACEMENT:
-        try:
-            first = lambda name, key_path: suggest_leaf(FirstChoiceTrial(), name, foreign.leaf(key_path))  # noqa: E731
-            sites = foreign.sites(foreign.sample(first, dict, with_norms=False)["model"])
-        except Exception as exc:  # noqa: BLE001 - the user's constructor may raise anything
-            raise ConfigError(file, where, f"{name} failed to build: {type(exc).__name__}: {exc}") from None
-        if not sites:
-            raise ConfigError(
-                file,
-                "model.norm",
-                f"{name} has no norm on feature maps to replace (BatchNorm, GroupNorm, "
-                "InstanceNorm, LayerNorm2d, EvoNorm, FRN); a LayerNorm over tokens is not one",
-            )
-    try:
-        spec = Space(space, input_shape, num_classes).sample(FirstChoiceTrial())
-        import torch
-
-        with torch.device("meta"):
-            net = build(spec, input_shape, num_classes)
-    except ModelError as exc:
-        raise ConfigError(file, where, str(exc)) from None
-    except ValueError as exc:
-        raise ConfigError(file, where, f"{name} cannot be built for {shape} inputs: {exc}") from None
-    except Exception as exc:  # noqa: BLE001 - the user's constructor may raise anything
-        raise ConfigError(file, where, f"{name} failed to build: {type(exc).__name__}: {exc}") from None
-    layers = spec.get("norms", {}).get("layers", [])
-    if foreign.share == "per_layer" and len(layers) * searched_keys(foreign.norm) > MAX_PER_LAYER_PARAMS:
-        raise ConfigError(
-            file,
-            "model.norm.share",
-            f"per_layer on {name} searches {len(layers)} norms x "
-            f"{searched_keys(foreign.norm)} parameters, more than {MAX_PER_LAYER_PARAMS}: use per_stage or fewer "
-            "searched settings",
-        )
-    error = forward_error(net, tuple(input_shape))
-    if error is not None:
-        size = minimum_size(template(spec["model"], input_shape, num_classes), input_shape[0])
-        fits = f"; it takes images from {size}x{size} (dataset.image_size resizes image folders)" if size else ""
-        raise ConfigError(file, where, f"{name} cannot take {shape} inputs ({error}){fits}")

@@ -108,7 +108,7 @@ class Search:
 
     def _load(self, device):
         from nas.data.datasets import load_dataset, stratified_folds
-        from nas.search.model_space import check_model
+        from nas.search.model_check import check_model  # late: builds on torch
 
         cfg = self.cfg
         moved = changed_on_this_host(cfg.study.storage, cfg.study.name, vars(cfg.dataset))
@@ -162,6 +162,12 @@ class Search:
             f"{cfg.evaluation.epochs} epochs)"
         )
         out(f"Dataset in memory: {data.memory()}")
+        if cfg.evaluation.fold_mode == "together" and "model" in cfg.space:
+            from nas.search.model_space import GENERATED, family_of  # late: builds on torch
+            from nas.training.cross_validation import no_stacked_form
+
+            if family_of(cfg.space) != GENERATED:
+                out(f"evaluation.fold_mode together: {no_stacked_form({'model': {'family': family_of(cfg.space)}})}")
         bars = Bars(self.progress, budget, done, cfg.evaluation.folds * cfg.evaluation.epochs)
 
         def after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:

@@ -49,7 +49,9 @@ def cross_validate(
     hp = spec["training"]
     seeds = [fold_seed(study_seed, trial_number, k) for k in range(len(folds))]
     together, fallback = None, None
-    if fold_mode == "together":
+    if fold_mode == "together" and "model" in spec:
+        fallback = no_stacked_form(spec)
+    elif fold_mode == "together":
         models = [_model(spec, data, device, seed) for seed in seeds]
         try:
             together = list(zip(models, train_together(models, data, folds, hp, epochs, device, seeds, on_epoch)))
@@ -104,6 +106,11 @@ def cross_validate(
         "fold_mode": "together" if together is not None else "sequential",
         **({"fold_mode_fallback": fallback} if fallback is not None else {}),
     }
+
+
+def no_stacked_form(spec: dict) -> str:
+    """Why a foreign model's folds train one by one (stacking knows only the generated chain's layers)."""
+    return f"a {spec['model']['family']} model has no stacked form: its folds train one by one"
 
 
 def _model(spec: dict, data: Dataset, device: torch.device, seed: int) -> torch.nn.Module:
