@@ -33,7 +33,7 @@ HP = {"optimizer": "sgd", "lr": 0.05, "weight_decay": 5e-4, "l1": 0.0, "label_sm
 def cifar_shaped(n: int, device: torch.device) -> Dataset:
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(n, 3, 32, 32, generator=gen), torch.randint(0, 10, (n,), generator=gen)
-    return Dataset("cifar-shaped", x, y, x[:256], y[:256], [str(c) for c in range(10)], None).to(device)
+    return Dataset("cifar-shaped", x, y, x[:256], y[:256], [str(c) for c in range(10)], "none").to(device)
 
 
 def plain_loop(model, x, y, train_idx, val_idx, epochs: int, device: torch.device, seed: int) -> float:

@@ -304,3 +304,20 @@ def test_a_model_that_cannot_take_the_data_exits_2_with_one_line_before_any_tria
         not (tmp_path / "nas.db").exists()
         or not optuna.load_study(study_name="f", storage=f"sqlite:///{tmp_path}/nas.db").get_trials()
     )
+
+
+def test_the_dashboard_and_the_tables_show_a_foreign_trials_norms_by_stage():
+    from nas.dashboard.state import Problems, arch_view
+    from nas.study.tables import summary_table
+
+    norm = {"type": {"choice": ["batch", "group"]}, "share": "per_stage"}
+    spec, _ = sample(space_with({"timm": "test_resnet", "norm": norm}), seed=3)
+    trial = optuna.trial.create_trial(value=0.5, user_attrs={"arch": spec})
+    problems = Problems()
+    view = arch_view(trial, problems)
+    assert not problems and view["norms"] == describe_norms(spec) and view["activation"] == "own"
+    stages = list(dict.fromkeys(layer["stage"] for layer in spec["norms"]["layers"]))
+    assert view["layout"].startswith(stages[0]) and stages[-1] in view["layout"] and view["group"][1] == "n/a"
+    study = optuna.create_study()
+    study.add_trial(trial)
+    assert describe_norms(spec) in summary_table(study)

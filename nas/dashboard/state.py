@@ -30,8 +30,10 @@ from nas.search.archspec import (
     NORM_ORDER,
     POSITION_ORDER,
     blocks,
+    describe_activations,
     describe_layout,
     describe_norms,
+    model_family,
     norm_group,
     order_key,
 )
@@ -75,6 +77,11 @@ class Problems(list):
             self.append(line)
 
 
+def foreign_activation(arch: dict) -> str:
+    """`own` for a timm / torchvision / factory model (its activations are its own), else nothing."""
+    return describe_activations(arch) if model_family(arch) else ""
+
+
 def arch_view(t: FrozenTrial, problems: Problems) -> dict:
     """What the tables show of a trial's ArchSpec; {} when it has none, or one the describers cannot read (named)."""
     arch = problems.read(trial_attr, t, ARCH_ATTR, default={})
@@ -86,7 +93,7 @@ def arch_view(t: FrozenTrial, problems: Problems) -> dict:
             "group": norm_group(arch),
             "norms": describe_norms(arch),
             "layout": describe_layout(arch),
-            "activation": spec_blocks[0].get("activation", "") if spec_blocks else "",
+            "activation": spec_blocks[0].get("activation", "") if spec_blocks else foreign_activation(arch),
         }
     except Exception as exc:  # noqa: BLE001 - a mapping that is no ArchSpec fails in any of the describers
         why = f"{type(exc).__name__}: {one_line(exc)}"
