@@ -4,6 +4,8 @@ norms         the normalization catalogue: one registry, name -> factory
 batch_renorm  batch renormalization (clipped r / d)
 blocks        conv / norm / activation blocks in every position
 build         `build(spec, input_shape, num_classes)`: an ArchSpec -> nn.Module
+families      timm / torchvision / factory networks: built by name, checked on the meta device
+norm_swap     a foreign network's norms: found, grouped by stage, replaced by the catalogue's
 stacking      k models of one spec as one (the CV folds trained together)
 bn_fold       BatchNorm folded into the preceding conv for inference
 costs         parameters, MACs and latency of a model

@@ -1,6 +1,9 @@
 """What is searched: the search space, the ArchSpec it samples, the run config, samplers and pruners.
 
 space     the search-space tree and `Space.sample(trial) -> ArchSpec`
+leaves    a leaf (constant or distribution): checked, asked of a trial; one norm decision
+model_space  the `model` entry: a timm / torchvision / factory network whose norms are searched
+model_check  before any trial: a foreign model builds and takes the data's shape
 archspec  reading an ArchSpec: norm, position, layout
 config    the run config: load, validate, override (`RunConfig`)
 samplers  samplers by name, and the seed each search process gives its sampler
