@@ -131,10 +131,3 @@ def minimum_size(net: nn.Module, channels: int, largest: int = 512) -> int | Non
         size *= 2
     return None
 
-
-def describe(model: dict) -> str:
-    """`timm resnet10t` / `factory mypkg.nets:make`, with its kwargs."""
-    kwargs = ",".join(
-        f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in model.get("kwargs", {}).items()
-    )
-    return f"{model['family']} {model['name']}" + (f"({kwargs})" if kwargs else "")
