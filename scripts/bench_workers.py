@@ -49,7 +49,9 @@ def local_ray(workers: int, gpus: int) -> str:
     """A local Ray cluster with a CPU slot for every worker (as --workers oversubscribes too); its address."""
     import ray
 
-    ray.init(num_cpus=workers, num_gpus=gpus, include_dashboard=False, log_to_driver=False)
+    # address="local": a new cluster of its own, even where another one runs on this machine (ray.init()
+    # would join that one, and refuse the CPU and GPU counts)
+    ray.init(address="local", num_cpus=workers, num_gpus=gpus, include_dashboard=False, log_to_driver=False)
     return ray.get_runtime_context().gcs_address
 
 
