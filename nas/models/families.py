@@ -23,7 +23,6 @@ import torch
 from torch import nn
 
 FAMILIES = ("timm", "torchvision", "factory")
-FACTORY_ARGS = ("num_classes", "in_channels", "input_shape", "norm_layer")
 
 
 class ModelError(ValueError):
@@ -130,4 +129,3 @@ def minimum_size(net: nn.Module, channels: int, largest: int = 512) -> int | Non
             return size
         size *= 2
     return None
-
