@@ -10,9 +10,16 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+HANG_GUARD = 1800  # seconds: beside a CPU hog, bench_workers --ray took over 600
+
+
 def run_script(name: str, *args: str) -> str:
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / name), *args], capture_output=True, text=True, timeout=600, cwd=ROOT
+        [sys.executable, str(ROOT / "scripts" / name), *args],
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD,
+        cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout

@@ -16,9 +16,10 @@ from conftest import write_digits_run
 from optuna.trial import TrialState
 
 from nas.cli import search_main
-from nas.cluster.ray_workers import gpus_per_worker, run_worker, worker_task
-from nas.errors import StudyError
-from nas.study.schema import counts_toward_budget
+from nas.cluster.ray_workers import gpus_per_worker, run_worker, wait_for_workers, worker_task
+from nas.errors import StudyError, Terminated
+from nas.study.schema import counts_toward_budget, read_stop_request
+from nas.training.signals import SIGNALS
 
 pytestmark = pytest.mark.system  # starts Ray test clusters and a PostgreSQL server
 
@@ -117,6 +118,78 @@ def test_a_worker_that_cannot_start_or_fails_is_reported_with_its_node_and_last_
     assert (failed.exit_code, failed.last_line) == (1, "storage unreachable")
 
 
+# --------------------------------------------------------------------------- the driver on a signal
+
+
+def signal_dropped_in_a_weakref_callback(signum: int) -> None:
+    """Deliver `signum` where Python drops an exception its handler raises: inside a weakref callback
+    (SQLAlchemy registers some; a driver polling the storage runs them), as a loaded machine makes likely."""
+    import weakref
+
+    class Collected:
+        pass
+
+    def callback(ref):
+        signal.raise_signal(signum)
+
+    doomed = Collected()
+    ref = weakref.ref(doomed, callback)
+    del doomed
+    assert ref() is None
+
+
+class ClusterOnASignal:
+    """Ray's wait / get / cancel for worker tasks that run until stopped: the first wait receives `signals`,
+    one per wait; a task ends once the study's stop request is stored, or once cancelled."""
+
+    def __init__(self, storage, study_name: str, signals: list[int]):
+        self.storage, self.study_name, self.signals = storage, study_name, list(signals)
+        self.started, self.cancelled, self.waits = 0, [], 0
+
+    def remote(self, command, cwd):
+        self.started += 1
+        return f"task {self.started}"
+
+    def wait(self, pending, num_returns=1, timeout=None):
+        self.waits += 1
+        assert self.waits < 20, "the driver goes on waiting for workers it was told to stop"
+        if self.signals:
+            signal_dropped_in_a_weakref_callback(self.signals.pop(0))
+        stopped = read_stop_request(self.storage, self.storage.get_study_id_from_name(self.study_name)) is not None
+        ended = [ref for ref in pending if stopped or ref in self.cancelled]
+        return ended, [ref for ref in pending if ref not in ended]
+
+    def get(self, pending):
+        return ["ended" for _ in pending]
+
+    def cancel(self, ref):
+        self.cancelled.append(ref)
+
+
+@pytest.mark.parametrize(
+    "signals, raised, cancelled",
+    [
+        ([signal.SIGINT], KeyboardInterrupt, False),  # stop after the running trials
+        ([signal.SIGINT, signal.SIGINT], KeyboardInterrupt, True),  # Ctrl-C again: interrupt them now
+        ([signal.SIGTERM], Terminated, True),
+    ],
+    ids=["ctrl-c", "ctrl-c-twice", "sigterm"],
+)
+def test_a_signal_whose_raise_python_dropped_still_stops_the_workers(tmp_path, signals, raised, cancelled):
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'study.db'}")
+    optuna.create_study(storage=storage, study_name="s")
+    cluster = ClusterOnASignal(storage, "s", signals)
+    logged = []
+    with SIGNALS.installed(), pytest.raises(raised):
+        wait_for_workers(cluster, cluster, ["nas-search"], 2, storage, "s", logged.append)
+    assert cluster.started == 1  # the signal came before the first worker had the study: no second started
+    assert (read_stop_request(storage, storage.get_study_id_from_name("s")) is not None) == (
+        signals[0] == signal.SIGINT
+    )
+    assert (cluster.cancelled == ["task 1"]) == cancelled
+    assert SIGNALS.pending is None
+
+
 # --------------------------------------------------------------------------- faults: two Ray nodes, one PostgreSQL
 
 
@@ -149,9 +222,10 @@ def ray_search(tmp_path, url: str, study: str, trials: int, address: str, epochs
     )
 
 
-def running_trial(url: str, study: str, driver, where=lambda pid: True, timeout: float = 240):
+def running_trial(url: str, study: str, driver, where=lambda pid: True, timeout: float = 900):
     """Poll the storage until a trial of `study` trains (worker recorded, params drawn, `where` its pid);
-    its FrozenTrial."""
+    its FrozenTrial. The timeout only guards against a hang: beside a CPU hog a worker on the second node took
+    over 4 minutes to start its first trial."""
     storage = optuna.storages.RDBStorage(
         url
     )  # one connection pool: a pool per poll would exhaust the server's connections
@@ -170,12 +244,18 @@ def running_trial(url: str, study: str, driver, where=lambda pid: True, timeout:
             if recorded:
                 return recorded[0]
             time.sleep(0.2)
+        seen = [
+            (t.number, t.state.name, (t.user_attrs.get("worker") or {}).get("pid"))
+            for t in optuna.load_study(study_name=study, storage=storage).get_trials()
+        ]
+    except KeyError:
+        seen = "no study"
     finally:
         storage.engine.dispose()
-    raise AssertionError(f"no running trial (driver exit code {driver.poll()})")
+    raise AssertionError(f"no running trial in {timeout:g} s (driver exit code {driver.poll()}); trials {seen}")
 
 
-def finished(driver, timeout: float = 600) -> tuple[str, str]:
+def finished(driver, timeout: float = 1800) -> tuple[str, str]:  # a hang guard, sized for a loaded machine
     try:
         return driver.communicate(timeout=timeout)
     finally:

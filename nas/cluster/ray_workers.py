@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from nas.errors import NasError, StudyError
 from nas.study.storage import sqlite_path
+from nas.training.signals import SIGNALS
 
 INSTALL = "pip install 'bnnas[ray]'"
 
@@ -172,17 +173,8 @@ def run_on_ray(
         storage = open_for_search(storage_url, cfg.study.heartbeat_seconds, cfg.study.retries)
         task = worker_task(ray, cpus_per_trial, gpus_per_trial)
         log(f"Ray: {workers} worker(s) on {len(nodes)} node(s), {cpus_per_trial:g} CPU and {gpus_per_trial:g} GPU each")
-        pending = [task.remote(command, os.getcwd())]
-        try:
-            while not study_ready(storage, cfg.study.name) and not ray.wait(pending, timeout=0.5)[0]:
-                pass  # ray.wait is the pause: until the first worker has the study, or has ended
-            pending += [task.remote(command, os.getcwd()) for _ in range(workers - 1)]
-            while len(ray.wait(pending, num_returns=len(pending), timeout=1.0)[0]) < len(pending):
-                pass  # waits a second at a time: a blocking ray.get would hold Ctrl-C until every worker ended
-            results = ray.get(pending)
-        except KeyboardInterrupt:
-            stop_workers(ray, pending, storage, cfg.study.name, log)
-            raise
+        with SIGNALS.installed():  # after ray.init, which installs a SIGTERM handler of its own
+            results = wait_for_workers(ray, task, command, workers, storage, cfg.study.name, log)
     finally:
         ray.shutdown()
     failed = [r for r in results if r.exit_code != 0]
@@ -195,20 +187,50 @@ def run_on_ray(
     return results
 
 
+def wait_for_workers(ray, task, command: list[str], workers: int, storage, study_name: str, log) -> list:
+    """Start the workers (the first alone, until it has made the study) and wait for them all.
+
+    A signal is only recorded by its handler and acted on here, between waits of at most a second:
+    a KeyboardInterrupt raised by the handler can be dropped (see nas.training.signals), and the
+    workers would then run out the whole budget behind a driver that was asked to stop.
+    """
+    pending = [task.remote(command, os.getcwd())]
+    while SIGNALS.pending is None and not study_ready(storage, study_name) and not ray.wait(pending, timeout=0.5)[0]:
+        pass  # ray.wait is the pause: until the first worker has the study, or has ended
+    if SIGNALS.pending is None:
+        pending += [task.remote(command, os.getcwd()) for _ in range(workers - 1)]
+    while SIGNALS.pending is None and not all_ended(ray, pending):
+        pass
+    if SIGNALS.pending is not None:
+        stop_workers(ray, pending, storage, study_name, log)
+    return ray.get(pending)
+
+
+def all_ended(ray, pending: list) -> bool:
+    """Wait up to a second for every task: a longer blocking wait would hold a signal until the workers ended."""
+    return len(ray.wait(pending, num_returns=len(pending), timeout=1.0)[0]) == len(pending)
+
+
 def stop_workers(ray, pending: list, storage, study_name: str, log) -> None:
-    """Ctrl-C: ask every worker to stop after its current trial (the stored stop request, as the dashboard's
-    Stop) and wait for them; a second Ctrl-C interrupts them now (SIGINT: their trials are marked interrupted)."""
+    """On the signal pending in SIGNALS, stop the workers and raise it (KeyboardInterrupt, or Terminated).
+
+    Ctrl-C asks every worker to stop after its current trial (the stored stop request, as the
+    dashboard's Stop) and waits for them; a second Ctrl-C, or SIGTERM, interrupts them now (SIGINT:
+    their trials are marked interrupted, the study stays resumable)."""
     from nas.study.schema import request_stop
 
-    request_stop(storage, study_name)
-    log(
-        "Stopping: every worker finishes its current trial (Ctrl-C again to interrupt them now); "
-        "the same command resumes"
-    )
-    try:
-        while len(ray.wait(pending, num_returns=len(pending), timeout=1.0)[0]) < len(pending):
+    signum, SIGNALS.pending = SIGNALS.pending, None
+    if signum == signal.SIGINT:
+        request_stop(storage, study_name)
+        log(
+            "Stopping: every worker finishes its current trial (Ctrl-C again to interrupt them now); "
+            "the same command resumes"
+        )
+        while SIGNALS.pending is None and not all_ended(ray, pending):
             pass
-    except KeyboardInterrupt:
+    if signum != signal.SIGINT or SIGNALS.pending is not None:
+        SIGNALS.pending = None  # acted on here
         for ref in pending:
             ray.cancel(ref)  # KeyboardInterrupt in each task: its worker gets SIGINT
         ray.wait(pending, num_returns=len(pending), timeout=120)
+    raise SIGNALS.exception(signum)
