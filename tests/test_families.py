@@ -94,7 +94,7 @@ def test_a_model_entry_that_cannot_work_is_refused_in_one_line_naming_its_key(mo
 
 def test_an_input_smaller_than_the_stem_takes_names_the_smallest_that_fits():
     assert refusal(space_with({"factory": "user_nets:needs_16_pixels"})).endswith(
-        "; it takes images from 16x16 (dataset.image_size resizes image folders)"
+        "; it takes images from 16x16: set dataset.image_size: 16"
     )
 
 
@@ -304,6 +304,32 @@ def test_a_model_that_cannot_take_the_data_exits_2_with_one_line_before_any_tria
         not (tmp_path / "nas.db").exists()
         or not optuna.load_study(study_name="f", storage=f"sqlite:///{tmp_path}/nas.db").get_trials()
     )
+
+
+@pytest.mark.slow
+def test_the_image_size_the_refusal_names_trains_and_the_export_takes_raw_8x8_digits(tmp_path, capsys):
+    config = write_run(tmp_path, {"factory": "user_nets:needs_16_pixels"}, trials=1)
+    refused = run(["--config", str(config), "--no-progress"], tmp_path)
+    advice = refused.stderr.strip().rsplit("set ", 1)[-1]
+    assert refused.returncode == 2 and advice == "dataset.image_size: 16"
+
+    key, value = advice.split(": ")
+    searched = run(["--config", str(config), "--no-progress", "--set", f"{key}={value}"], tmp_path)
+    assert searched.returncode == 0, searched.stderr
+    out = tmp_path / "exported"
+    assert export_main(["--storage", f"sqlite:///{tmp_path}/nas.db", "--study", "f", "--out", str(out)]) == 0
+    pre = json.loads((out / "model.json").read_text())["preprocessing"]
+    assert pre["raw_shape"] == [8, 8] and pre["resize"] == [16, 16] and pre["input_shape"] == [1, 16, 16]
+
+    from sklearn.datasets import load_digits
+
+    np.save(tmp_path / "raw.npy", load_digits().images[:3])
+    assert predict_main(["--model", str(out), str(tmp_path / "raw.npy")]) == 0
+    tune = ["--model", str(out), "--config", str(config), "--bn-mode", "adabn"]
+    capsys.readouterr()
+    assert finetune_main([*tune, "--out", str(tmp_path / "t")]) == 2
+    assert capsys.readouterr().err.strip().endswith("takes [1, 16, 16]: set dataset.image_size: 16")
+    assert finetune_main([*tune, "--out", str(tmp_path / "t"), "--set", f"{key}={value}"]) == 0
 
 
 def test_the_dashboard_and_the_tables_show_a_foreign_trials_norms_by_stage():

@@ -13,7 +13,7 @@ from sklearn.model_selection import train_test_split
 from nas.data.datasets import load_dataset
 from nas.data.preprocessing import image_to_model_input, recipe, to_model_input
 from nas.deploy.predict import decode_image
-from nas.errors import NasError
+from nas.errors import DataError, NasError
 from nas.search.config import DatasetConfig
 from tests.test_data import sine_signals, write_cifar, write_imagefolder, write_mnist, write_npz, write_png
 
@@ -76,6 +76,47 @@ def test_image_files_of_an_image_folder_follow_the_recipe_resized_as_in_training
 
     assert pre["image_files"]["converted"] and pre["image_files"]["resize"] == (image_size is not None)
     assert torch.allclose(inputs, data.x_test.float(), atol=1e-6)
+
+
+def test_digits_resized_by_image_size_follow_the_recipe_from_their_raw_8x8():
+    data = load_dataset(DatasetConfig(name="digits", image_size=20))
+    pre = recipe(data)
+    digits = load_digits()
+    _, raw_test = train_test_split(digits.images, test_size=0.2, stratify=digits.target, random_state=0)
+
+    assert data.input_shape == (1, 20, 20) and pre["raw_shape"] == [8, 8] and pre["resize"] == [20, 20]
+    assert torch.equal(to_model_input(raw_test, pre), data.x_test)  # the one resize, in the same order
+
+
+def test_cifar_arrays_resized_by_image_size_stay_uint8_and_follow_the_recipe(tmp_path, monkeypatch):
+    write_cifar(tmp_path, "cifar10", monkeypatch)
+    data = load_dataset(DatasetConfig(name="cifar10", root=str(tmp_path), augment="none", image_size=48))
+    pre = recipe(data)
+    raw = torchvision.datasets.CIFAR10(str(tmp_path), train=False).data  # (N, 32, 32, 3) uint8
+
+    assert data.x_train.pixels.dtype == torch.uint8 and data.input_shape == (3, 48, 48)  # compact: normalized per batch
+    assert pre["raw_shape"] == [32, 32, 3] and pre["image_files"]["resize"]
+    assert torch.allclose(to_model_input(raw, pre), data.x_test.float(), atol=1e-6)
+    assert torch.allclose(to_model_input(raw.astype(np.float32), pre), data.x_test.float(), atol=1e-6)
+
+
+def test_a_png_of_one_mnist_digit_is_resized_as_its_arrays_were(tmp_path):
+    written = write_mnist(tmp_path, "mnist")
+    data = load_dataset(DatasetConfig(name="mnist", root=str(tmp_path), image_size=32))
+    pre = recipe(data)
+    images = written["t10k"][0]
+    write_png(tmp_path / "one.png", images[4])
+
+    assert torch.allclose(to_model_input(images, pre), data.x_test.float(), atol=1e-6)
+    image = decode_image(tmp_path / "one.png", pre)
+    assert torch.allclose(image_to_model_input(image, pre, "one.png"), data.x_test[4:5], atol=1e-6)
+
+
+def test_image_size_on_signals_is_refused_naming_the_key(tmp_path):
+    x, y = sine_signals(40)
+    path = write_npz(tmp_path / "s.npz", x_train=x[:30], y_train=y[:30], x_test=x[30:], y_test=y[30:])
+    with pytest.raises(DataError, match=r"^dataset.image_size: resizes images \(N,C,H,W\); npz has samples of shape"):
+        load_dataset(DatasetConfig(name="npz", root=str(path), image_size=16))
 
 
 def test_a_sample_of_another_shape_is_refused_naming_the_input():

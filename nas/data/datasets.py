@@ -8,6 +8,7 @@ is one tensor operation over the batch. No per-sample Dataset or DataLoader on t
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import sys
@@ -81,7 +82,8 @@ class RawInput:
     (16 for digits, 255 for 8-bit images) before the normalization, or every prediction is quietly
     wrong. `image_files` says whether 8-bit image files can stand for a raw sample ("grey" or "rgb",
     divided by 255), `converted` whether training converted every image file to that colour, and
-    `resize` to which square size training resized them.
+    `resize` to which square size training resized them; `resized_from`, for arrays resized after loading,
+    the size of the raw samples.
     """
 
     description: str
@@ -91,6 +93,7 @@ class RawInput:
     image_files: str | None = None  # grey | rgb | None (not images)
     converted: bool = False
     resize: int | None = None
+    resized_from: tuple[int, int] | None = None  # (H, W) of a raw sample that `dataset.image_size` resized
 
 
 @dataclass
@@ -411,9 +414,10 @@ def load_dataset(cfg, device: torch.device | str = "cpu", normalization: dict | 
         y_test=torch.as_tensor(arrays.y_test, dtype=torch.long),
         classes=arrays.classes,
         augment=augment,
-        fingerprint=fingerprint(arrays, cfg),
-        raw=arrays.raw,
+        fingerprint=fingerprint(arrays, cfg),  # of the source: `dataset.image_size` is a key the study compares
     )
+    arrays = resized(arrays, cfg)
+    common["raw"] = arrays.raw
     if arrays.x_train.dtype == np.uint8 and not cfg.transforms:
         mean, std = _override(cfg, *pixel_statistics(arrays.x_train, arrays.raw.scale), normalization)
         return _compact(arrays, mean, std, device, memory_budget(cfg, device), common)
@@ -509,6 +513,30 @@ def _compact(arrays: Arrays, mean: np.ndarray, std: np.ndarray, device, budget: 
         budget=budget,
         **common,
     )
+
+
+def resized(arrays: Arrays, cfg) -> Arrays:
+    """Images resized to `dataset.image_size` (square), as loaded: uint8 stays uint8. Image folders are resized
+    as each file is decoded (`nas.data.image_cache`); other sources here, a chunk at a time."""
+    from nas.data.preprocessing import resize_images
+
+    if not cfg.image_size or cfg.name == "imagefolder":
+        return arrays
+    if arrays.x_train.ndim != 4:
+        raise DataError(
+            f"dataset.image_size: resizes images (N,C,H,W); {cfg.name} has samples of shape "
+            f"{tuple(arrays.x_train.shape[1:])}"
+        )
+    size = [cfg.image_size, cfg.image_size]
+
+    def resize(x: np.ndarray) -> np.ndarray:
+        out = np.empty((len(x), x.shape[1], *size), x.dtype)
+        for start in range(0, len(x), CHUNK):
+            out[start : start + CHUNK] = resize_images(torch.from_numpy(np.array(x[start : start + CHUNK])), size)
+        return out
+
+    raw = dataclasses.replace(arrays.raw, resize=cfg.image_size, resized_from=tuple(arrays.x_train.shape[2:]))
+    return dataclasses.replace(arrays, x_train=resize(arrays.x_train), x_test=resize(arrays.x_test), raw=raw)
 
 
 def _refuse_untrained_classes(arrays: Arrays, cfg) -> None:

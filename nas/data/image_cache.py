@@ -35,11 +35,11 @@ from pathlib import Path
 
 import numpy as np
 
+from nas.data.preprocessing import RESIZE, resize_images
 from nas.errors import DataError
 
 FORMAT = 1
 SPLITS = ("train", "test")
-RESIZE = {"interpolation": "bilinear", "antialias": True}  # torchvision Resize's defaults, in the cache key
 
 
 @dataclass
@@ -103,7 +103,6 @@ def cache_key(listings: dict[str, tuple[list[str], list[tuple[str, int]]]], imag
 def decode(path: str, image_size: int | None) -> np.ndarray:
     """One image as ImageFolder + PILToTensor (+ Resize) give it: uint8 (3, H, W); a bad file named in one line."""
     from PIL import Image, UnidentifiedImageError
-    from torchvision.transforms import InterpolationMode
     from torchvision.transforms.v2 import functional as F
 
     try:
@@ -115,12 +114,7 @@ def decode(path: str, image_size: int | None) -> np.ndarray:
             f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
         ) from None
     if image_size:
-        tensor = F.resize(
-            tensor,
-            [image_size, image_size],
-            interpolation=InterpolationMode(RESIZE["interpolation"]),
-            antialias=RESIZE["antialias"],
-        )
+        tensor = resize_images(tensor, [image_size, image_size])
     return tensor.numpy()
 
 

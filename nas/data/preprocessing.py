@@ -15,6 +15,18 @@ from nas.errors import NasError
 
 CHANNELS_LAST = "HWC"
 IMAGE_FILE_SCALE = 255.0  # 8-bit image files
+RESIZE = {"interpolation": "bilinear", "antialias": True}  # torchvision Resize's defaults
+
+
+def resize_images(images: torch.Tensor, size: list[int]) -> torch.Tensor:
+    """Images (..., H, W) to `size` [height, width] as torchvision's Resize does, in their own dtype (uint8 stays
+    uint8): the one resize that `dataset.image_size` trains with and `nas-predict` repeats."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as F
+
+    return F.resize(
+        images, list(size), interpolation=InterpolationMode(RESIZE["interpolation"]), antialias=RESIZE["antialias"]
+    )
 
 
 def recipe(data) -> dict:
@@ -22,6 +34,7 @@ def recipe(data) -> dict:
     and classes)."""
     raw = data.raw
     shape = list(data.input_shape)
+    source = [shape[0], *raw.resized_from] if raw.resized_from else shape  # one raw sample, channels first
     images = None
     if raw.image_files is not None:
         images = {
@@ -34,9 +47,10 @@ def recipe(data) -> dict:
     return {
         "raw_input": raw.description,
         "raw_layout": raw.layout,
-        "raw_shape": raw_shape(raw.layout, shape),
+        "raw_shape": raw_shape(raw.layout, source),
         "raw_dtype": raw.dtype,
         "scale": raw.scale,
+        "resize": shape[-2:] if raw.resized_from else None,
         "mean": list(data.mean),
         "std": list(data.std),
         "layout": "N" + ("CHW" if len(shape) == 3 else "CL" if len(shape) == 2 else "L"),
@@ -44,9 +58,23 @@ def recipe(data) -> dict:
         "input_shape": shape,
         "image_files": images,
         "classes": list(data.classes),
-        "steps": f"x = raw as float32 ({raw.layout}{' -> CHW' if raw.layout == CHANNELS_LAST else ''}), "
-        f"reshaped to input_shape, / {raw.scale:g}, then (x - mean[c]) / std[c] per channel",
+        "steps": steps(raw, source, shape),
     }
+
+
+def steps(raw, source: list[int], shape: list[int]) -> str:
+    """The recipe in one sentence, for a reader of model.json."""
+    layout = f"{raw.layout}{' -> CHW' if raw.layout == CHANNELS_LAST else ''}"
+    if not raw.resized_from:
+        body = f"x = raw as float32 ({layout}), reshaped to input_shape, / {raw.scale:g}"
+    else:
+        resize = f"resized to {shape[-2]}x{shape[-1]} (torchvision Resize: bilinear, antialiased)"
+        body = (  # uint8 resized before the division, as the loader resized its uint8 arrays
+            f"x = raw as uint8 ({layout}), reshaped to {source}, {resize}, as float32 / {raw.scale:g}"
+            if raw.dtype == "uint8"
+            else f"x = raw as float32 ({layout}), reshaped to {source}, / {raw.scale:g}, {resize}"
+        )
+    return f"{body}, then (x - mean[c]) / std[c] per channel"
 
 
 def raw_shape(layout: str, input_shape: list[int]) -> list[int]:
@@ -83,18 +111,23 @@ def to_model_input(raw, pre: dict, what: str = "input") -> torch.Tensor:
         )
     if pre["raw_layout"] == CHANNELS_LAST:
         x = x.movedim(-1, 1)
-    x = x.reshape(len(x), *pre["input_shape"]) / pre["scale"]
+    resize = pre.get("resize")  # absent from model.json written before dataset.image_size resized arrays
+    if not resize:
+        return normalize(x.reshape(len(x), *pre["input_shape"]) / pre["scale"], pre)
+    x = x.reshape(len(x), pre["input_shape"][0], *x.shape[-2:])
+    if pre["raw_dtype"] == "uint8":  # as training resized the loader's uint8 arrays, before scaling
+        x = resize_images(x.round().clamp(0, 255).to(torch.uint8), resize).to(torch.float32) / pre["scale"]
+    else:
+        x = resize_images(x / pre["scale"], resize)
     return normalize(x, pre)
 
 
 def image_to_model_input(image: torch.Tensor, pre: dict, what: str) -> torch.Tensor:
     """A decoded 8-bit image (C, H, W, uint8, colour already as the recipe says) as a batch of one."""
-    from torchvision.transforms.v2 import functional as F
-
     files = pre["image_files"]
     height, width = files["size"]
     if files["resize"]:
-        image = F.resize(image, [height, width], antialias=True)  # as the imagefolder loader resized for training
+        image = resize_images(image, [height, width])  # as training resized its images
     elif list(image.shape[-2:]) != [height, width]:
         raise NasError(
             f"{what}: a {image.shape[-1]}x{image.shape[-2]} (width x height) image; the model takes {width}x{height} "

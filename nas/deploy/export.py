@@ -281,7 +281,8 @@ def write_export(model: nn.Module, x_check: torch.Tensor, meta: dict, folder: Pa
         scripted = torch.jit.script(folded)
     example = x_check[:2]
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
-    program = torch.export.export(folded, (example,), dynamic_shapes={"x": {0: batch}})
+    # by position: forward's argument may have any name (nn.Sequential's is `input`)
+    program = torch.export.export(folded, (example,), dynamic_shapes=({0: batch},))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         atomic_write(folder / "model.ts", lambda tmp: torch.jit.save(scripted, tmp))

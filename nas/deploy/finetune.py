@@ -219,10 +219,16 @@ def finetune(
     dev = resolve_device(device or cfg.device)
     with blamed(cfg):
         data = load_dataset(cfg.dataset, dev, normalization=source.meta["normalization"])
-    if list(data.input_shape) != list(source.meta["input_shape"]):
+    wanted = list(source.meta["input_shape"])
+    if list(data.input_shape) != wanted:
+        resize = (
+            f": set dataset.image_size: {wanted[-1]}"
+            if len(wanted) == 3 == len(data.input_shape) and wanted[0] == data.input_shape[0] and wanted[1] == wanted[2]
+            else ""
+        )
         raise DataError(
             f"{cfg.source}: dataset: samples of shape {list(data.input_shape)}; the model in {model_dir} takes "
-            f"{source.meta['input_shape']}"
+            f"{wanted}{resize}"
         )
     hp = dict(source.meta["arch"]["training"])
     if lr is not None:

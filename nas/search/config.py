@@ -48,7 +48,7 @@ class DatasetConfig:
     root: str | None = None  # folder (torchvision, imagefolder) or .npz file; relative to the cwd
     download: bool = False
     augment: str = field(default="auto", metadata={"choices": AUGMENT_NAMES})
-    image_size: int | None = field(default=None, metadata={"min": 1})  # imagefolder: resize to this
+    image_size: int | None = field(default=None, metadata={"min": 1})  # images resized to this square size on load
     cache: str = "auto"  # imagefolder: decoded images cached in auto (~/.cache/bnnas), off, or a folder
     device_memory: float | None = field(
         default=None, metadata={"min": 0}

@@ -62,5 +62,5 @@ def check_model(space: dict, file: str, input_shape: tuple[int, ...], num_classe
     error = forward_error(net, tuple(input_shape))
     if error is not None:
         size = minimum_size(template(spec["model"], input_shape, num_classes), input_shape[0])
-        fits = f"; it takes images from {size}x{size} (dataset.image_size resizes image folders)" if size else ""
+        fits = f"; it takes images from {size}x{size}: set dataset.image_size: {size}" if size else ""
         raise ConfigError(file, where, f"{name} cannot take {shape} inputs ({error}){fits}")
