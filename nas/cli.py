@@ -442,14 +442,39 @@ def finetune_parser() -> argparse.ArgumentParser:
         "It writes an export folder like nas-export's (BN folded, verified) plus metrics.json.",
         "modes: freeze (norm layers fixed, the rest trained), adabn (running statistics re-estimated on the "
         "target inputs; with K > 0 then the head trained), bn-only (norm affine parameters and head), "
-        "full (everything)\n"
-        "example:\n  nas-finetune --model exported/ --config configs/digits_shifted.yaml --bn-mode adabn",
+        "full (everything), linear-probe (the head alone, norms in eval mode)\n"
+        "examples:\n  nas-finetune --model exported/ --config configs/digits_shifted.yaml --bn-mode adabn\n"
+        "  nas-finetune --model timm:resnet10t --weights resnet10t.safetensors --config configs/digits.yaml "
+        "--bn-mode freeze --input-size 32",
     )
     p.add_argument(
         "--model",
         required=True,
-        help="an export folder written by nas-export (or nas-finetune); read "
-        "as data (model.json's arch and weights.pt), never its code files",
+        help="an export folder written by nas-export (or nas-finetune), read as data (model.json's arch and "
+        "weights.pt), never its code files; or timm:NAME, torchvision:NAME, factory:pkg.mod:fn with --weights",
+    )
+    p.add_argument(
+        "--weights",
+        metavar="FILE",
+        help="a local checkpoint of --model NAME: a state dict (.pt/.pth, read with torch.load(weights_only=True)) "
+        "or .safetensors; nothing is downloaded",
+    )
+    p.add_argument(
+        "--strict",
+        type=_boolean,
+        default=True,
+        metavar="true|false",
+        help="refuse a checkpoint whose keys do not all match (default true; false loads what matches and reports "
+        "the rest)",
+    )
+    p.add_argument(
+        "--mean", type=float, nargs="+", help="per-channel mean the checkpoint expects (default: its library's)"
+    )
+    p.add_argument("--std", type=float, nargs="+", help="per-channel std the checkpoint expects")
+    p.add_argument(
+        "--input-size",
+        type=int,
+        help="square input size the checkpoint expects (default: dataset.image_size, else its library's)",
     )
     p.add_argument(
         "--config", required=True, help="run config YAML whose dataset (and dataset.transforms) is the target"
@@ -464,6 +489,14 @@ def finetune_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--epochs", type=int, help="training epochs (default: the config's evaluation.epochs)")
     p.add_argument("--lr", type=float, help="learning rate (default: the model's searched training.lr)")
+    p.add_argument("--batch-size", type=int, help="training batch size (default: the model's training.batch_size)")
+    p.add_argument(
+        "--unfreeze-stages",
+        type=int,
+        metavar="K",
+        help="train only the last K stages and the head (freeze, bn-only, full); earlier stages keep their weights "
+        "and running statistics (default: all)",
+    )
     p.add_argument(
         "--seed",
         type=int,
@@ -482,6 +515,12 @@ def finetune_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: the config's device")
     return p
+
+
+def _boolean(text: str) -> bool:
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def _per_class(text: str) -> int | None:
@@ -504,6 +543,12 @@ def finetune_main(argv: list[str] | None = None) -> int:
         parser.error("--epochs must be >= 1")
     if args.lr is not None and not args.lr > 0:
         parser.error("--lr must be > 0")
+    if args.batch_size is not None and args.batch_size < 2:
+        parser.error("--batch-size must be >= 2")
+    if args.input_size is not None and args.input_size < 1:
+        parser.error("--input-size must be >= 1")
+    if args.unfreeze_stages is not None and args.unfreeze_stages < 0:
+        parser.error("--unfreeze-stages must be >= 0")
     default = 0 if args.bn_mode == "adabn" else None  # adabn alone needs no labels; None is all
     per_class = getattr(args, "labels_per_class", default)
 
@@ -520,6 +565,13 @@ def finetune_main(argv: list[str] | None = None) -> int:
             epochs=args.epochs,
             seed=args.seed,
             lr=args.lr,
+            batch_size=args.batch_size,
+            unfreeze_stages=args.unfreeze_stages,
+            weights=args.weights,
+            strict=args.strict,
+            mean=args.mean,
+            std=args.std,
+            input_size=args.input_size,
             device=args.device,
             force=args.force,
         )

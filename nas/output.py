@@ -36,7 +36,9 @@ def atomic_write(path: Path | str, write: Callable[[str], object], mode: int | N
     a reader sees the old file or the new one, never half of one. The file gets `mode`, by default
     what the umask allows (mkstemp's 0600 would keep an export from whoever deploys it)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix + ".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(  # the real suffix last: torch.export warns about a .pt2 not ending in .pt2
+        prefix=f".{path.stem}.", suffix=".tmp" + path.suffix, dir=path.parent
+    )
     os.close(fd)
     try:
         write(tmp)

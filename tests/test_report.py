@@ -124,7 +124,7 @@ def test_every_png_the_report_shows_exists_and_is_a_png(report):
     for name in shown:
         data = (path.parent / name).read_bytes()
         assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 1000
-    assert not list(path.parent.glob("*.tmp")) and not list(path.parent.glob(".*.tmp"))
+    assert not list(path.parent.glob("*.tmp*")) and not list(path.parent.glob(".*.tmp*"))  # no temporary left
 
 
 def test_best_so_far_is_plotted_against_wall_time_and_trial_number(live_study, report):

@@ -394,12 +394,12 @@ def fingerprint(arrays: Arrays, cfg) -> Fingerprint:
     return Fingerprint(fields, functools.partial(_legacy_sha256, cfg) if arrays.x_train.dtype == np.uint8 else None)
 
 
-def load_dataset(cfg, device: torch.device | str = "cpu", normalization: dict | None = None) -> Dataset:
+def load_dataset(cfg, device: torch.device | str = "cpu", normalization=None) -> Dataset:
     """Load the dataset a `DatasetConfig` names, apply its transforms, normalize it and put it on `device`.
 
-    `normalization` ({"mean": [...], "std": [...]}, per channel) replaces the training split's
-    statistics: a fine-tuned model must see inputs normalized as its source data was, or the
-    input normalization would quietly undo a brightness or contrast shift. 8-bit images without
+    `normalization` ({"mean": [...], "std": [...]}, per channel, or a function of the channel count giving one or
+    None) replaces the training split's statistics: a fine-tuned model must see inputs normalized as its source
+    data was, or the input normalization would quietly undo a brightness or contrast shift. 8-bit images without
     transforms stay uint8 and are normalized per batch (`nas.data.samples`), streamed from host memory
     when they exceed `dataset.device_memory`.
     """
@@ -443,9 +443,11 @@ def load_dataset(cfg, device: torch.device | str = "cpu", normalization: dict | 
     ).to(device)
 
 
-def _override(cfg, mean: np.ndarray, std: np.ndarray, normalization: dict | None) -> tuple[np.ndarray, np.ndarray]:
+def _override(cfg, mean: np.ndarray, std: np.ndarray, normalization) -> tuple[np.ndarray, np.ndarray]:
     """The training split's statistics, or the given `normalization` in their shape (a channel count that
     differs refused)."""
+    if callable(normalization):  # given the channel count (a checkpoint's RGB statistics for grey data)
+        normalization = normalization(int(mean.size))
     if normalization is None:
         return mean, std
     shape = mean.shape

@@ -3,7 +3,8 @@
 export    nas-export and loading an export folder
 predict   nas-predict
 bench     nas-bench: what BN costs at inference
-finetune  nas-finetune: adapt an export to new data with a BN mode
+finetune  nas-finetune: adapt an export, or a pretrained checkpoint, to new data with a BN mode
+checkpoint  a timm / torchvision / factory checkpoint file as nas-finetune's source
 """
 
 from nas._lazy import public

@@ -278,6 +278,8 @@ def write_export(model: nn.Module, x_check: torch.Tensor, meta: dict, folder: Pa
         raise VerificationError(f"folding changed the logits by {gap:.2e} (> {FOLD_TOLERANCE}); nothing written")
     with warnings.catch_warnings():  # TorchScript is deprecated upstream; users still deploy it
         warnings.simplefilter("ignore", FutureWarning)
+        # timm's layers annotate instance attributes TorchScript ignores; harmless, and not the user's to fix
+        warnings.filterwarnings("ignore", "The TorchScript type system doesn't support instance-level annotations")
         scripted = torch.jit.script(folded)
     example = x_check[:2]
     batch = torch.export.Dim("batch", min=1, max=1 << 16)

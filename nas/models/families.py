@@ -22,6 +22,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from nas.errors import NasError
+
 FAMILIES = ("timm", "torchvision", "factory")
 
 
@@ -69,6 +71,15 @@ def takes_norm_layer(factory: Callable) -> bool:
     except (TypeError, ValueError):
         return False
     return "norm_layer" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+
+
+def head_name(model: nn.Module) -> str:
+    """The classifier: the model's last linear layer (our Net's `head`, timm's `fc` / `classifier`, torchvision's
+    `fc` / `classifier.3`, a user's last nn.Linear)."""
+    linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    if not linears:
+        raise NasError(f"{type(model).__name__} has no linear classifier to fine-tune")
+    return linears[-1]
 
 
 def make_model(

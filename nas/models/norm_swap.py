@@ -105,3 +105,21 @@ def swap_norms(model: nn.Module, layers: list[dict]) -> nn.Module:
             raise ValueError(f"{entry['name']} is a {type(old).__name__}, not a norm: the spec is for another model")
         model.set_submodule(entry["name"], replacement(old, entry["norm"], entry.get("dims", 2)))
     return model
+
+
+def stages_of(model: nn.Module) -> dict[str, str]:
+    """The stage of every module holding parameters of its own: that of the first norm at or after it in module
+    order (so a conv belongs with the norm that follows it), the head after the last norm."""
+    sites = norm_sites(model)
+    modules = list(model.named_modules())
+    position = {name: i for i, (name, _) in enumerate(modules)}
+    marks = sorted((position[site["name"]], site["stage"]) for site in sites)
+    stages = {}
+    for name, module in modules:
+        if next(module.parameters(recurse=False), None) is None:
+            continue
+        inside = next(
+            (s for n, s in ((site["name"], site["stage"]) for site in sites) if name.startswith(n + ".")), None
+        )
+        stages[name] = inside or next((stage for at, stage in marks if at >= position[name]), HEAD)
+    return stages

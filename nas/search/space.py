@@ -65,6 +65,11 @@ SCHEMA: dict = {
 }
 
 
+def training_defaults() -> dict:
+    """The training section of a spec that searched nothing (a checkpoint fine-tuned without a search)."""
+    return {key: param.default for key, param in SCHEMA["training"].items()}
+
+
 def load_space(path: str | Path) -> dict:
     """Read and validate a search-space YAML file."""
     return validate_space(read_yaml(path), str(path))
