@@ -156,8 +156,8 @@ examples:
         nargs="?",
         const="",
         metavar="ADDRESS",
-        help="run the workers as Ray tasks: no ADDRESS starts a "
-        "local Ray, 'auto' joins the cluster this machine belongs to, or give the head's address",
+        help="run the workers as Ray tasks: no ADDRESS starts a local Ray for this run (or joins $RAY_ADDRESS), "
+        "'auto' joins the cluster this machine belongs to, or give the head's address",
     )
     ray.add_argument(
         "--ray-workers", type=int, default=1, metavar="N", help="workers to start on the cluster (default %(default)s)"

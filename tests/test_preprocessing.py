@@ -42,9 +42,10 @@ def test_raw_cifar_arrays_channels_last_follow_the_recipe(tmp_path, monkeypatch)
     assert torch.allclose(to_model_input(raw[2], pre), data.x_test[2:3], atol=1e-6)  # one sample alone
 
 
-def test_raw_mnist_and_a_png_of_one_digit_follow_the_recipe(tmp_path):
+@pytest.mark.parametrize("image_size", [None, 32])  # 32: the arrays resized as they load, the png as they were
+def test_raw_mnist_and_a_png_of_one_digit_follow_the_recipe(tmp_path, image_size):
     written = write_mnist(tmp_path, "mnist")
-    data = load_dataset(DatasetConfig(name="mnist", root=str(tmp_path)))
+    data = load_dataset(DatasetConfig(name="mnist", root=str(tmp_path), image_size=image_size))
     pre = recipe(data)
     images = written["t10k"][0]
     write_png(tmp_path / "one.png", images[4])
@@ -98,18 +99,6 @@ def test_cifar_arrays_resized_by_image_size_stay_uint8_and_follow_the_recipe(tmp
     assert pre["raw_shape"] == [32, 32, 3] and pre["image_files"]["resize"]
     assert torch.allclose(to_model_input(raw, pre), data.x_test.float(), atol=1e-6)
     assert torch.allclose(to_model_input(raw.astype(np.float32), pre), data.x_test.float(), atol=1e-6)
-
-
-def test_a_png_of_one_mnist_digit_is_resized_as_its_arrays_were(tmp_path):
-    written = write_mnist(tmp_path, "mnist")
-    data = load_dataset(DatasetConfig(name="mnist", root=str(tmp_path), image_size=32))
-    pre = recipe(data)
-    images = written["t10k"][0]
-    write_png(tmp_path / "one.png", images[4])
-
-    assert torch.allclose(to_model_input(images, pre), data.x_test.float(), atol=1e-6)
-    image = decode_image(tmp_path / "one.png", pre)
-    assert torch.allclose(image_to_model_input(image, pre, "one.png"), data.x_test[4:5], atol=1e-6)
 
 
 def test_image_size_on_signals_is_refused_naming_the_key(tmp_path):

@@ -46,6 +46,22 @@ def test_ray_workers_share_one_study_and_finish_exactly_its_budget(tmp_path, mon
     assert not [t for t in trials if t.state == TrialState.RUNNING]
 
 
+def test_without_an_address_the_workers_get_a_ray_of_their_own_beside_another_cluster(cluster, tmp_path, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    config = write_digits_run(
+        tmp_path, SPACE, f"sqlite:///{tmp_path}/nas.db", {"name": "own", "trials": 1}, {"folds": 2, "epochs": 1}
+    )
+    driver = subprocess.run(
+        [sys.executable, "-m", "nas.cli", "--config", str(config), "--ray", "--no-progress"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=1800,  # a hang guard
+    )
+    assert driver.returncode == 0, driver.stderr
+    assert "on 1 node(s)" in driver.stdout  # ray.init() would have joined the two-node test cluster
+
+
 def test_sqlite_with_workers_on_other_nodes_is_refused_before_any_starts(cluster, tmp_path, capsys):
     config = write_digits_run(
         tmp_path,
@@ -338,7 +354,7 @@ def test_an_interrupted_driver_lets_workers_finish_their_trials_and_the_same_com
 def test_workers_on_every_node_get_the_storage_proxys_credentials_from_the_driver(tmp_path, monkeypatch):
     """The node's Ray was started before the token was set, as on a cluster's other nodes: only what the
     driver forwards reaches the workers."""
-    ray.init(num_cpus=1, include_dashboard=False)
+    ray.init(address="local", num_cpus=1, include_dashboard=False)  # not another test's cluster
     monkeypatch.setenv("BNNAS_PROXY_TOKEN", "token-set-after-the-nodes-started")
     monkeypatch.setenv("UNRELATED_SECRET", "not forwarded")
     try:

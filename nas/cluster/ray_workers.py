@@ -161,6 +161,9 @@ def run_on_ray(
 
     storage_url = cfg.study.storage
     ray = import_ray()
+    # no address: a Ray of this run's own ("local"), or $RAY_ADDRESS; ray.init(address=None) would join whichever
+    # cluster this machine started last
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
     ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         nodes = [node for node in ray.nodes() if node.get("Alive")]
