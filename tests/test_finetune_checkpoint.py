@@ -210,3 +210,38 @@ def test_a_model_that_cannot_take_the_checkpoint_or_the_data_is_refused_in_one_l
     err = capsys.readouterr().err
     assert code == 2 and err.startswith(message) and err.count("\n") == 1, err
     assert not out.exists()
+
+
+def test_a_torchvision_checkpoint_on_rgb_images_uses_its_weights_normalization(tmp_path, monkeypatch):
+    import torchvision
+
+    from tests.test_data import write_cifar
+
+    write_cifar(tmp_path / "data", "cifar10", monkeypatch)
+    torch.manual_seed(0)
+    state = torchvision.models.get_model("mobilenet_v3_small", weights=None).state_dict()  # 1000 classes
+    torch.save(state, tmp_path / "mobilenet_v3_small.pth")
+    out = tmp_path / "out"
+    args = ["--model", "torchvision:mobilenet_v3_small", "--weights", str(tmp_path / "mobilenet_v3_small.pth")]
+    target = [
+        "--set",
+        "dataset.name=cifar10",
+        "--set",
+        f"dataset.root={tmp_path / 'data'}",
+        "--set",
+        "dataset.augment=none",
+    ]
+    assert (
+        finetune_main(
+            [*args, "--bn-mode", "linear-probe", *QUICK, "--labels-per-class", "1", *target, "--out", str(out)]
+        )
+        == 0
+    )
+
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["preprocessing"]["mean"] == pytest.approx(
+        [0.485, 0.456, 0.406]
+    )  # ImageNet's, from the weights' transforms
+    assert meta["input_shape"] == [3, 16, 16] and meta["finetune"]["checkpoint"]["adapted"] is None
+    tuned = weights_of(out)
+    assert all(torch.equal(tuned[k], v) for k, v in state.items() if not k.startswith("classifier.3."))
