@@ -245,3 +245,17 @@ def test_a_torchvision_checkpoint_on_rgb_images_uses_its_weights_normalization(t
     assert meta["input_shape"] == [3, 16, 16] and meta["finetune"]["checkpoint"]["adapted"] is None
     tuned = weights_of(out)
     assert all(torch.equal(tuned[k], v) for k, v in state.items() if not k.startswith("classifier.3."))
+
+
+def test_adabn_without_labels_on_a_model_without_running_statistics_is_refused(tmp_path, capsys):
+    from user_nets import group_norm_cnn
+
+    save_file(group_norm_cnn(10, 1, (1, 16, 16)).state_dict(), str(tmp_path / "gn.safetensors"))
+    out = tmp_path / "out"
+    args = ["--model", "factory:user_nets:group_norm_cnn", "--weights", str(tmp_path / "gn.safetensors")]
+    assert finetune_main([*args, "--bn-mode", "adabn", *QUICK, "--labels-per-class", "0", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("--bn-mode adabn: no norm layer of Sequential keeps running statistics") and err.count("\n") == 1
+    )
+    assert not out.exists()

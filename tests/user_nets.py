@@ -32,3 +32,8 @@ def not_a_module(num_classes, in_channels, input_shape, norm_layer=None):
 def needs_16_pixels(num_classes, in_channels, input_shape, norm_layer=None):
     """A stem that takes no image smaller than 16x16 (a 16x16 unpadded conv)."""
     return nn.Sequential(nn.Conv2d(in_channels, 4, 16), nn.Flatten(), nn.LazyLinear(num_classes))
+
+
+def group_norm_cnn(num_classes, in_channels, input_shape):
+    """small_cnn with GroupNorm: no norm keeps running statistics."""
+    return small_cnn(num_classes, in_channels, input_shape, norm_layer=lambda channels: nn.GroupNorm(2, channels))

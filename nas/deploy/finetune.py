@@ -169,6 +169,11 @@ def adapt(
         raise NasError(f"--labels-per-class: must be >= 0 or 'all', got {labels_per_class}")
     if labels_per_class == 0 and mode not in TRAINS_WITHOUT_LABELS:
         raise NasError(f"--labels-per-class: 0 leaves {mode} nothing to train on; only adabn adapts without labels")
+    if labels_per_class == 0 and not running_stats_layers(model):
+        raise NasError(
+            f"--bn-mode {mode}: no norm layer of {type(model).__name__} keeps running statistics, and without labels "
+            "nothing is trained: the model would not change; give --labels-per-class K to train its head"
+        )
     start = time.perf_counter()
     torch.manual_seed(seed)  # the new head's initialization
     head_replaced = replace_head(model, data.num_classes) or new_head
