@@ -555,7 +555,7 @@ def finetune_main(argv: list[str] | None = None) -> int:
     def finetune() -> None:
         from nas.deploy.finetune import finetune
 
-        cfg = load_run_config(args.config, [parse_override(text) for text in args.overrides])
+        cfg = load_run_config(args.config, [parse_override(text) for text in args.overrides], needs_space=False)
         finetune(
             args.model,
             cfg,

@@ -18,8 +18,16 @@ from nas.cli import finetune_main, predict_main
 timm = pytest.importorskip("timm")
 from safetensors.torch import save_file  # noqa: E402 - timm brings safetensors
 
-CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "digits.yaml")
-QUICK = ["--config", CONFIG, "--input-size", "16", "--epochs", "1", "--labels-per-class", "3", "--device", "cpu"]
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory) -> list[str]:
+    """A run config that names only its target (nas-finetune needs no search space), and a short run."""
+    path = tmp_path_factory.mktemp("target") / "target.yaml"
+    path.write_text("dataset: {name: digits}\ndevice: cpu\n")
+    return ["--config", str(path), *QUICK]
+
+
+QUICK = ["--input-size", "16", "--epochs", "1", "--labels-per-class", "3", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +48,7 @@ def weights_of(folder: Path) -> dict:
 
 
 def test_a_timm_checkpoint_loads_with_its_stem_adapted_and_a_new_head_and_predicts_raw_digits(
-    imagenet_checkpoint, tmp_path
+    imagenet_checkpoint, tmp_path, quick
 ):
     path, state = imagenet_checkpoint
     out = tmp_path / "probe"
@@ -53,7 +61,7 @@ def test_a_timm_checkpoint_loads_with_its_stem_adapted_and_a_new_head_and_predic
                 str(path),
                 "--bn-mode",
                 "linear-probe",
-                *QUICK,
+                *quick,
                 "--out",
                 str(out),
             ]
@@ -76,21 +84,25 @@ def test_a_timm_checkpoint_loads_with_its_stem_adapted_and_a_new_head_and_predic
     assert predict_main(["--model", str(out), str(tmp_path / "raw.npy")]) == 0
 
 
-def test_a_training_checkpoint_with_its_wrapper_and_module_prefix_loads_the_same_tensors(imagenet_checkpoint, tmp_path):
+def test_a_training_checkpoint_with_its_wrapper_and_module_prefix_loads_the_same_tensors(
+    imagenet_checkpoint, tmp_path, quick
+):
     path, state = imagenet_checkpoint
     wrapped = tmp_path / "last.pth"
     torch.save({"epoch": 90, "state_dict": {f"module.{k}": v for k, v in state.items()}}, wrapped)
     out = tmp_path / "out"
-    args = ["--model", "timm:test_resnet", "--weights", str(wrapped), "--bn-mode", "linear-probe", *QUICK]
+    args = ["--model", "timm:test_resnet", "--weights", str(wrapped), "--bn-mode", "linear-probe", *quick]
     assert finetune_main([*args, "--out", str(out)]) == 0
     assert torch.equal(weights_of(out)["layer1.0.conv1.weight"], state["layer1.0.conv1.weight"])
 
 
-def test_full_with_the_last_stage_unfrozen_keeps_every_earlier_stage_and_its_statistics(imagenet_checkpoint, tmp_path):
+def test_full_with_the_last_stage_unfrozen_keeps_every_earlier_stage_and_its_statistics(
+    imagenet_checkpoint, tmp_path, quick
+):
     path, state = imagenet_checkpoint
     out = tmp_path / "out"
     args = ["--model", "timm:test_resnet", "--weights", str(path), "--bn-mode", "full", "--unfreeze-stages", "1"]
-    assert finetune_main([*args, *QUICK, "--out", str(out)]) == 0
+    assert finetune_main([*args, *quick, "--out", str(out)]) == 0
     tuned = weights_of(out)
     changed = {k for k in state if k in tuned and not torch.equal(tuned[k], state[k])} - {"conv1.0.weight"}
     assert changed and all(k.startswith(("layer4.", "fc.")) for k in changed)
@@ -99,10 +111,10 @@ def test_full_with_the_last_stage_unfrozen_keeps_every_earlier_stage_and_its_sta
     assert all(name.startswith(("layer4.", "fc.")) for name in metrics["trained_parameters"])
 
 
-def test_bn_only_trains_the_norms_of_a_timm_model_and_its_head(imagenet_checkpoint, tmp_path):
+def test_bn_only_trains_the_norms_of_a_timm_model_and_its_head(imagenet_checkpoint, tmp_path, quick):
     path, _ = imagenet_checkpoint
     out = tmp_path / "out"
-    args = ["--model", "timm:test_resnet", "--weights", str(path), "--bn-mode", "bn-only", *QUICK, "--out", str(out)]
+    args = ["--model", "timm:test_resnet", "--weights", str(path), "--bn-mode", "bn-only", *quick, "--out", str(out)]
     assert finetune_main(args) == 0
     trained = json.loads((out / "metrics.json").read_text())["trained_parameters"]
     model = timm.create_model("test_resnet")
@@ -149,12 +161,12 @@ def bad_file(kind: str, folder: Path, state: dict) -> Path:
     ],
 )
 def test_a_weights_file_that_is_not_a_checkpoint_is_refused_in_one_line(
-    imagenet_checkpoint, tmp_path, capsys, kind, message
+    imagenet_checkpoint, tmp_path, capsys, kind, message, quick
 ):
     path = bad_file(kind, tmp_path, imagenet_checkpoint[1])
     out = tmp_path / "out"
     code = finetune_main(
-        ["--model", "timm:test_resnet", "--weights", str(path), "--bn-mode", "full", *QUICK, "--out", str(out)]
+        ["--model", "timm:test_resnet", "--weights", str(path), "--bn-mode", "full", *quick, "--out", str(out)]
     )
     err = capsys.readouterr().err
     assert code == 2 and err.startswith(f"--weights: {path}: {message}") and err.count("\n") == 1, err
@@ -162,10 +174,10 @@ def test_a_weights_file_that_is_not_a_checkpoint_is_refused_in_one_line(
 
 
 def test_a_checkpoint_of_another_architecture_lists_its_keys_and_loads_what_matches_only_when_told(
-    imagenet_checkpoint, tmp_path, capsys
+    imagenet_checkpoint, tmp_path, capsys, quick
 ):
     path, _ = imagenet_checkpoint
-    args = ["--model", "timm:test_efficientnet", "--weights", str(path), "--bn-mode", "full", *QUICK]
+    args = ["--model", "timm:test_efficientnet", "--weights", str(path), "--bn-mode", "full", *quick]
     assert finetune_main([*args, "--out", str(tmp_path / "a")]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"--weights: {path} does not fit EfficientNet: ") and err.count("\n") == 1
@@ -191,7 +203,7 @@ def test_a_checkpoint_of_another_architecture_lists_its_keys_and_loads_what_matc
     ],
 )
 def test_a_model_that_cannot_take_the_checkpoint_or_the_data_is_refused_in_one_line(
-    imagenet_checkpoint, tmp_path, capsys, model, extra, message
+    imagenet_checkpoint, tmp_path, capsys, model, extra, message, quick
 ):
     (tmp_path / "w.pt").write_bytes(imagenet_checkpoint[0].read_bytes())
     out = tmp_path / "out"
@@ -202,7 +214,7 @@ def test_a_model_that_cannot_take_the_checkpoint_or_the_data_is_refused_in_one_l
             *[str(tmp_path / e) if e == "w.pt" else e for e in extra],
             "--bn-mode",
             "full",
-            *QUICK,
+            *quick,
             "--out",
             str(out),
         ]
@@ -212,7 +224,7 @@ def test_a_model_that_cannot_take_the_checkpoint_or_the_data_is_refused_in_one_l
     assert not out.exists()
 
 
-def test_a_torchvision_checkpoint_on_rgb_images_uses_its_weights_normalization(tmp_path, monkeypatch):
+def test_a_torchvision_checkpoint_on_rgb_images_uses_its_weights_normalization(tmp_path, monkeypatch, quick):
     import torchvision
 
     from tests.test_data import write_cifar
@@ -233,7 +245,7 @@ def test_a_torchvision_checkpoint_on_rgb_images_uses_its_weights_normalization(t
     ]
     assert (
         finetune_main(
-            [*args, "--bn-mode", "linear-probe", *QUICK, "--labels-per-class", "1", *target, "--out", str(out)]
+            [*args, "--bn-mode", "linear-probe", *quick, "--labels-per-class", "1", *target, "--out", str(out)]
         )
         == 0
     )
@@ -247,13 +259,13 @@ def test_a_torchvision_checkpoint_on_rgb_images_uses_its_weights_normalization(t
     assert all(torch.equal(tuned[k], v) for k, v in state.items() if not k.startswith("classifier.3."))
 
 
-def test_adabn_without_labels_on_a_model_without_running_statistics_is_refused(tmp_path, capsys):
+def test_adabn_without_labels_on_a_model_without_running_statistics_is_refused(tmp_path, capsys, quick):
     from user_nets import group_norm_cnn
 
     save_file(group_norm_cnn(10, 1, (1, 16, 16)).state_dict(), str(tmp_path / "gn.safetensors"))
     out = tmp_path / "out"
     args = ["--model", "factory:user_nets:group_norm_cnn", "--weights", str(tmp_path / "gn.safetensors")]
-    assert finetune_main([*args, "--bn-mode", "adabn", *QUICK, "--labels-per-class", "0", "--out", str(out)]) == 2
+    assert finetune_main([*args, "--bn-mode", "adabn", *quick, "--labels-per-class", "0", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert (
         err.startswith("--bn-mode adabn: no norm layer of Sequential keeps running statistics") and err.count("\n") == 1

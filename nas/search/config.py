@@ -246,8 +246,13 @@ def parse_override(text: str) -> Override:
     return Override(key.strip(), value, "--set")
 
 
-def load_run_config(path: str | Path | None, overrides: list[tuple] = (), stored: dict | None = None) -> RunConfig:
+def load_run_config(
+    path: str | Path | None, overrides: list[tuple] = (), stored: dict | None = None, *, needs_space: bool = True
+) -> RunConfig:
     """Read, override and validate a run config, then load and validate its search space.
+
+    `needs_space` False (nas-finetune, which reads only the dataset, epochs and device): a config without
+    `search_space` is taken, its `space` empty.
 
     `stored` is the dict a study keeps (`RunConfig.to_dict()`): resuming starts from it
     instead of a YAML file, and its embedded space is used as it was (unless `search_space`
@@ -258,7 +263,7 @@ def load_run_config(path: str | Path | None, overrides: list[tuple] = (), stored
     overrides = [Override(*o) for o in overrides]
     origins = {o.key: o.origin for o in overrides}
     try:
-        cfg = _load(path, overrides, stored)
+        cfg = _load(path, overrides, stored, needs_space)
     except ConfigError as exc:
         where = origin_of(exc.key_path, origins, exc.file) if exc.key_path else exc.file
         if where == exc.file:
@@ -270,7 +275,7 @@ def load_run_config(path: str | Path | None, overrides: list[tuple] = (), stored
     return cfg
 
 
-def _load(path: str | Path | None, overrides: list[Override], stored: dict | None) -> RunConfig:
+def _load(path: str | Path | None, overrides: list[Override], stored: dict | None, needs_space: bool) -> RunConfig:
     from nas.search.space import load_space, validate_space  # late: space pulls in torch (norms)
 
     if stored is not None:
@@ -285,6 +290,9 @@ def _load(path: str | Path | None, overrides: list[Override], stored: dict | Non
         space_dict = None
     for key, value, _ in overrides:
         set_key(raw, key, value)
+    spaceless = not needs_space and isinstance(raw, dict) and "search_space" not in raw
+    if spaceless:
+        raw["search_space"] = ""
     cfg = _from_dict(RunConfig, raw, file, "")
     cfg.source = file
     if len(cfg.objectives) > 1 and cfg.evaluation.pruner != "none":
@@ -299,7 +307,9 @@ def _load(path: str | Path | None, overrides: list[Override], stored: dict | Non
         raise ConfigError(file, "evaluation.pruner", problem)
     if len(cfg.objectives) > 1 and cfg.study.sampler == "gp":
         raise ConfigError(file, "study.sampler", "use tpe, nsga2 or random with several objectives")
-    if space_dict is None:
+    if spaceless:
+        pass  # `space` stays empty
+    elif space_dict is None:
         space_path = Path(cfg.search_space).expanduser()
         if not space_path.is_absolute():
             space_path = Path(file).parent / space_path
