@@ -194,12 +194,12 @@ class Loaded:
         return "; ".join(parts) or None
 
 
-def load_checkpoint(model: nn.Module, path: str | Path, strict: bool = True) -> Loaded:
-    """Load a weights file into `model` (built for the target) as timm loads pretrained weights; `strict`: refuse
-    any key that does not match, in one line, before anything is loaded."""
+def load_checkpoint(model: nn.Module, path: str | Path, state: dict, strict: bool = True) -> Loaded:
+    """Load `state` (`read_state_dict(path)`) into `model` (built for the target) as timm loads pretrained
+    weights; `strict`: refuse any key that does not match, in one line, before anything is loaded."""
     from nas.models.families import head_name
 
-    state = read_state_dict(path)
+    state = dict(state)
     own = model.state_dict()
     head = head_name(model)
     head_keys = [f"{head}.{name}" for name, _ in model.get_submodule(head).named_parameters()]

@@ -262,13 +262,14 @@ def from_checkpoint(reference: dict, weights: str | Path, cfg, dev, *, strict: b
     """A timm / torchvision / factory model built for the target (its channels, its classes), its checkpoint
     loaded into it; the target resized and normalized as the checkpoint expects."""
     from nas.data.datasets import load_dataset
-    from nas.deploy.checkpoint import check_reference, load_checkpoint
+    from nas.deploy.checkpoint import check_reference, load_checkpoint, read_state_dict
     from nas.deploy.export import FORMAT
     from nas.models.build import build
     from nas.models.families import ModelError
     from nas.search.config import blamed
 
     check_reference(reference)
+    state = read_state_dict(weights)  # a bad file is refused before the data loads
     size = cfg.dataset.image_size or expected.input_size
     dataset = dataclasses.replace(cfg.dataset, image_size=size)
     with blamed(cfg):
@@ -282,7 +283,7 @@ def from_checkpoint(reference: dict, weights: str | Path, cfg, dev, *, strict: b
         model = build(arch, data.input_shape, data.num_classes)
     except ModelError as exc:
         raise NasError(f"--model: {exc}") from None
-    loaded = load_checkpoint(model, weights, strict)
+    loaded = load_checkpoint(model, weights, state, strict)
     if loaded.mismatch():
         log(f"--strict false: loaded {loaded.loaded} tensors; {loaded.mismatch()}")
     meta = {"format": FORMAT, "arch": arch, "input_shape": list(data.input_shape)}
