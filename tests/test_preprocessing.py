@@ -115,3 +115,15 @@ def test_a_sample_of_another_shape_is_refused_naming_the_input():
         NasError, match=r"^batch.npy: samples of shape \[3, 7, 8\]; the model takes HW samples of shape \[8, 8\]"
     ):
         to_model_input(np.zeros((3, 7, 8)), pre, "batch.npy")
+
+
+def test_uint8_npz_images_resized_as_floats_follow_the_recipe(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, size=(40, 1, 8, 8), dtype=np.uint8)  # stored uint8, loaded as float32
+    y = np.arange(40) % 2
+    path = write_npz(tmp_path / "u8.npz", x_train=x[:30], y_train=y[:30], x_test=x[30:], y_test=y[30:])
+    data = load_dataset(DatasetConfig(name="npz", root=str(path), image_size=16))
+    pre = recipe(data)
+
+    assert pre["raw_dtype"] == "uint8" and pre["resized_as"] == "float32"
+    assert torch.allclose(to_model_input(x[30:], pre), data.x_test, atol=1e-5)

@@ -94,6 +94,7 @@ class RawInput:
     converted: bool = False
     resize: int | None = None
     resized_from: tuple[int, int] | None = None  # (H, W) of a raw sample that `dataset.image_size` resized
+    resized_as: str | None = None  # the dtype the loader's arrays had when resized: uint8, or float32 (scaled)
 
 
 @dataclass
@@ -537,7 +538,12 @@ def resized(arrays: Arrays, cfg) -> Arrays:
             out[start : start + CHUNK] = resize_images(torch.from_numpy(np.array(x[start : start + CHUNK])), size)
         return out
 
-    raw = dataclasses.replace(arrays.raw, resize=cfg.image_size, resized_from=tuple(arrays.x_train.shape[2:]))
+    raw = dataclasses.replace(
+        arrays.raw,
+        resize=cfg.image_size,
+        resized_from=tuple(arrays.x_train.shape[2:]),
+        resized_as="uint8" if arrays.x_train.dtype == np.uint8 else "float32",
+    )
     return dataclasses.replace(arrays, x_train=resize(arrays.x_train), x_test=resize(arrays.x_test), raw=raw)
 
 

@@ -51,6 +51,7 @@ def recipe(data) -> dict:
         "raw_dtype": raw.dtype,
         "scale": raw.scale,
         "resize": shape[-2:] if raw.resized_from else None,
+        "resized_as": raw.resized_as,
         "mean": list(data.mean),
         "std": list(data.std),
         "layout": "N" + ("CHW" if len(shape) == 3 else "CL" if len(shape) == 2 else "L"),
@@ -71,7 +72,7 @@ def steps(raw, source: list[int], shape: list[int]) -> str:
         resize = f"resized to {shape[-2]}x{shape[-1]} (torchvision Resize: bilinear, antialiased)"
         body = (  # uint8 resized before the division, as the loader resized its uint8 arrays
             f"x = raw as uint8 ({layout}), reshaped to {source}, {resize}, as float32 / {raw.scale:g}"
-            if raw.dtype == "uint8"
+            if raw.resized_as == "uint8"
             else f"x = raw as float32 ({layout}), reshaped to {source}, / {raw.scale:g}, {resize}"
         )
     return f"{body}, then (x - mean[c]) / std[c] per channel"
@@ -115,7 +116,7 @@ def to_model_input(raw, pre: dict, what: str = "input") -> torch.Tensor:
     if not resize:
         return normalize(x.reshape(len(x), *pre["input_shape"]) / pre["scale"], pre)
     x = x.reshape(len(x), pre["input_shape"][0], *x.shape[-2:])
-    if pre["raw_dtype"] == "uint8":  # as training resized the loader's uint8 arrays, before scaling
+    if pre.get("resized_as") == "uint8":  # as training resized the loader's uint8 arrays, before scaling
         x = resize_images(x.round().clamp(0, 255).to(torch.uint8), resize).to(torch.float32) / pre["scale"]
     else:
         x = resize_images(x / pre["scale"], resize)
