@@ -273,7 +273,7 @@ def from_checkpoint(reference: dict, weights: str | Path, cfg, dev, *, strict: b
     size = cfg.dataset.image_size or expected.input_size
     dataset = dataclasses.replace(cfg.dataset, image_size=size)
     with blamed(cfg):
-        data = load_dataset(dataset, dev, normalization=expected.normalization if expected.mean is not None else None)
+        data = load_dataset(dataset, dev, normalization=expected.normalization)
     log(
         f"Checkpoint input: {expected.source} (mean {_values(data.mean)}, std {_values(data.std)}), "
         f"{'x'.join(map(str, data.input_shape))}"
