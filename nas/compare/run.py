@@ -37,6 +37,7 @@ import numpy as np
 from nas.errors import ConfigError, NasError, TrialError
 from nas.search.config import RunConfig, set_key
 from nas.search.model_space import FOREIGN_NORM, GENERATED, NORM_SCHEMA, family_of, validate_norm
+from nas.search.leaves import validate_leaf
 from nas.search.space import SCHEMA, Space, validate_space
 from nas.search.stand_in_trials import FirstChoiceTrial, RandomTrial
 from nas.study.schema import (
@@ -155,6 +156,8 @@ def validate_override(key: str, value: Any, where: str) -> None:
     """One overriding key and value, checked as the space would check it."""
     if key.startswith(FOREIGN_NORM):
         validate_norm({key.removeprefix(FOREIGN_NORM): value}, where)
+    elif key.startswith("finetune."):  # checked alone: a finetune section needs its space's checkpoint
+        validate_leaf(value, param_at(key, where), where, key)
     else:
         validate_space(_nested({key: value}), where)
 
@@ -448,7 +451,8 @@ def _done(storage: str, names: list[str], trials_per_cell: int) -> int:
 
 def _reevaluate(cfg: RunConfig, study, seeds: list[int], where: str, out) -> dict:
     """Cross-validate the cell's best spec under each seed; each result is stored at once (resumable)."""
-    from nas.data.datasets import load_dataset, stratified_folds
+    from nas.data.datasets import stratified_folds
+    from nas.search.finetune_space import load_search_data
     from nas.training.cross_validation import cross_validate
     from nas.training.train import resolve_device
 
@@ -458,7 +462,7 @@ def _reevaluate(cfg: RunConfig, study, seeds: list[int], where: str, out) -> dic
     missing = [s for s in seeds if str(s) not in results]
     if missing:
         device = resolve_device(cfg.device)
-        data = load_dataset(cfg.dataset, device)
+        data = load_search_data(cfg, device)
     spec = trial_attr(best, ARCH_ATTR)
     for k, seed in enumerate(missing):
         out(f"  {where}: re-evaluating trial {best.number} with seed {len(seeds) - len(missing) + k + 1}/{len(seeds)}")

@@ -409,13 +409,15 @@ def load_dataset(cfg, device: torch.device | str = "cpu", normalization=None) ->
     arrays = LOADERS[cfg.name](cfg)
     _refuse_untrained_classes(arrays, cfg)
     augment = resolve_augment(cfg.name, cfg.augment)
+    source = fingerprint(arrays, cfg)  # of the source: `dataset.image_size` and the label budget are keys compared
+    arrays = labelled(arrays, cfg)
     common = dict(
         name=cfg.name,
         y_train=torch.as_tensor(arrays.y_train, dtype=torch.long),
         y_test=torch.as_tensor(arrays.y_test, dtype=torch.long),
         classes=arrays.classes,
         augment=augment,
-        fingerprint=fingerprint(arrays, cfg),  # of the source: `dataset.image_size` is a key the study compares
+        fingerprint=source,
     )
     arrays = resized(arrays, cfg)
     common["raw"] = arrays.raw
@@ -545,6 +547,30 @@ def resized(arrays: Arrays, cfg) -> Arrays:
         resized_as="uint8" if arrays.x_train.dtype == np.uint8 else "float32",
     )
     return dataclasses.replace(arrays, x_train=resize(arrays.x_train), x_test=resize(arrays.x_test), raw=raw)
+
+
+def stratified_subset(y: np.ndarray, per_class: int, seed: int, where: str) -> np.ndarray:
+    """Sorted indices of `per_class` samples of every class, drawn by `seed`; too few of a class is a DataError."""
+    generator = np.random.default_rng(seed)
+    picked = []
+    for label in np.unique(y):
+        members = np.flatnonzero(y == label)
+        if len(members) < per_class:
+            raise DataError(
+                f"{where}: {per_class} asked, but class {label} has only {len(members)} training samples "
+                "(use a smaller K or 'all')"
+            )
+        picked.append(generator.permutation(members)[:per_class])
+    return np.sort(np.concatenate(picked))
+
+
+def labelled(arrays: Arrays, cfg) -> Arrays:
+    """The training split cut to `dataset.labels_per_class` samples per class (a small labelled target, as a
+    practitioner fine-tuning on a few hundred images has); the test split is kept whole."""
+    if cfg.labels_per_class is None:
+        return arrays
+    keep = stratified_subset(arrays.y_train, cfg.labels_per_class, cfg.labels_seed, "dataset.labels_per_class")
+    return dataclasses.replace(arrays, x_train=arrays.x_train[keep], y_train=arrays.y_train[keep])
 
 
 def _refuse_untrained_classes(arrays: Arrays, cfg) -> None:

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 import nas
-from nas.errors import DataError, NasError, StudyError, VerificationError, one_line
+from nas.errors import DataError, NasError, StudyError, TrialError, VerificationError, one_line
 from nas.output import atomic_write, atomic_write_text
 from nas.study.schema import (
     ARCH_ATTR,
@@ -159,12 +159,12 @@ def export_trial(
     force: bool = False,
 ) -> Path:
     """Retrain the trial's ArchSpec on the full training split, test it, fold, save and verify."""
-    from nas.data.datasets import load_dataset
     from nas.data.preprocessing import recipe
-    from nas.models.build import build
-    from nas.search.config import load_run_config
+    from nas.search.config import blamed, load_run_config
+    from nas.search.finetune_space import describe_strategy, epochs_of, load_search_data
     from nas.study.storage import load_existing_study
-    from nas.training.cross_validation import fold_seed
+    from nas.training.bn_modes import all_trainable, start_strategy
+    from nas.training.cross_validation import build_candidate, fold_seed
     from nas.training.train import batch_dependent, evaluate, fit, prepare_model, resolve_device, scoring_batch_size
 
     study = load_existing_study(storage, study_name)
@@ -176,17 +176,26 @@ def export_trial(
     check_writable(Path(out), force)
     spec = trial_attr(trial, ARCH_ATTR)
     dev = resolve_device(device or cfg.device)
-    data = load_dataset(cfg.dataset, dev)
+    with blamed(cfg):
+        data = load_search_data(cfg, dev)
     check_same_data(fingerprint, data.fingerprint, f"study '{study_name}' was searched on")
-    epochs = epochs or cfg.evaluation.epochs
+    epochs = epochs or epochs_of(spec, cfg.evaluation.epochs)
     seed = fold_seed(cfg.study.seed, trial.number, cfg.evaluation.folds)  # a seed no CV fold used
     torch.manual_seed(seed)
-    model = prepare_model(build(spec, data.input_shape, data.num_classes), dev)
+    try:
+        model = prepare_model(build_candidate(spec, data.input_shape, data.num_classes), dev)
+    except TrialError as exc:
+        raise NasError(str(exc)) from None
+    strategy = spec.get("finetune")
     log(
         f"Training trial {trial.number} of '{study_name}' on all {len(data.y_train)} training samples for {epochs} "
-        f"epochs on {dev.type}"
+        f"epochs on {dev.type}" + (f" (fine-tuning its checkpoint: {describe_strategy(strategy)})" if strategy else "")
     )
-    fit(model, data, torch.arange(len(data.y_train), device=dev), None, spec["training"], epochs, dev, seed=seed)
+    hp = spec["training"]
+    train_mode = None if strategy is None else start_strategy(model, strategy, data.x_train, hp["batch_size"], dev)
+    everything = torch.arange(len(data.y_train), device=dev)
+    fit(model, data, everything, None, spec["training"], epochs, dev, seed=seed, train_mode=train_mode)
+    all_trainable(model)
     scored_in = scoring_batch_size(model, spec["training"])
     test_loss, test_acc = evaluate(model, data.x_test, data.y_test, dev, scored_in)
     log(f"Test split: loss {test_loss:.4f}, accuracy {test_acc:.4f} ({len(data.y_test)} samples)")

@@ -1,23 +1,9 @@
-"""Fine-tune an exported model, or a pretrained checkpoint (`nas.deploy.checkpoint`), on new data with a
+"""Fine-tune an exported model, or a pretrained checkpoint (`nas.models.checkpoint`), on new data with a
 BatchNorm strategy.
 
-When the input distribution shifts, a norm layer's running statistics are what breaks first.
-The modes differ in what may adapt ("norm layers" = every norm of the model: BatchNorm, batch
-renorm, GroupNorm, LayerNorm2d, EvoNorm, FRN, timm's BatchNormAct2d):
-
-  freeze   norm layers kept in eval mode while training (running statistics do not move), their
-           affine parameters frozen; every other parameter, the head included, is trained.
-  adabn    running statistics reset and re-estimated on all target training inputs (no labels,
-           no gradient step); with labels (K > 0) the head alone is then trained, the rest of
-           the model in eval mode so the re-estimated statistics stay.
-  bn-only  only the norm layers' affine parameters and the head are trained; norm layers train
-           as usual, so their running statistics follow the target batches.
-  full     every parameter trained, running statistics follow the target batches.
-  linear-probe  the head alone trained, the rest of the model in eval mode (statistics as they came).
-
-`unfreeze_stages` K narrows freeze, bn-only and full to the last K stages (as `nas.models.norm_swap` finds
-them: timm's feature_info, or the top-level modules) and the head: earlier stages keep their parameters and,
-in eval mode, their running statistics.
+When the input distribution shifts, a norm layer's running statistics are what breaks first. The modes
+(`--bn-mode`: freeze, adabn, bn-only, full, linear-probe; `--unfreeze-stages`) are `nas.training.bn_modes`; here
+adabn may also run without labels (`--labels-per-class 0`): the statistics re-estimated and nothing trained.
 
 Norms without running statistics (group, layer, instance, BN with track_running_stats off)
 have nothing for adabn to re-estimate: adabn leaves them as they are. Batch renorm keeps
@@ -28,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -38,9 +23,9 @@ from torch import nn
 from nas.errors import DataError, NasError
 from nas.models.families import head_name
 from nas.models.norms import norm_layers, running_stats_layers
+from nas.search.finetune_space import MODES
+from nas.training.bn_modes import all_trainable, set_trainable
 
-MODES = ("freeze", "adabn", "bn-only", "full", "linear-probe")
-HEAD_ONLY = ("adabn", "linear-probe")  # train the head alone, the rest in eval mode
 TRAINS_WITHOUT_LABELS = ("adabn",)  # the modes that may run with --labels-per-class 0
 
 
@@ -56,68 +41,12 @@ def replace_head(model: nn.Module, num_classes: int) -> bool:
 
 def labelled_subset(y: torch.Tensor, per_class: int | None, seed: int) -> torch.Tensor:
     """Indices of `per_class` training samples of every class (None: all), stratified and seeded."""
+    from nas.data.datasets import stratified_subset
+
     if per_class is None:
         return torch.arange(len(y), device=y.device)
-    generator = torch.Generator().manual_seed(seed)
-    y_cpu = y.cpu()
-    picked = []
-    for label in torch.unique(y_cpu).tolist():
-        members = (y_cpu == label).nonzero().flatten()
-        if len(members) < per_class:
-            raise DataError(
-                f"--labels-per-class: {per_class} asked, but class {label} has only {len(members)} training samples "
-                "(use a smaller K or 'all')"
-            )
-        picked.append(members[torch.randperm(len(members), generator=generator)[:per_class]])
-    return torch.cat(picked).sort().values.to(y.device)
-
-
-def _set_trainable(
-    model: nn.Module, mode: str, unfreeze_stages: int | None = None
-) -> Callable[[nn.Module], None] | None:
-    """requires_grad per mode; returns the hook `fit` runs after model.train() each epoch."""
-    norm_params = {id(p) for m in norm_layers(model) for p in m.parameters(recurse=False)}
-    head_params = {id(p) for p in model.get_submodule(head_name(model)).parameters()}
-    frozen_modules = frozen_stages(model, unfreeze_stages)
-    frozen = {id(p) for m in frozen_modules for p in m.parameters()}
-    for p in model.parameters():
-        if id(p) in frozen and id(p) not in head_params:
-            p.requires_grad_(False)
-        elif mode == "full":
-            p.requires_grad_(True)
-        elif mode == "freeze":
-            p.requires_grad_(id(p) not in norm_params)
-        elif mode == "bn-only":
-            p.requires_grad_(id(p) in norm_params or id(p) in head_params)
-        else:  # adabn, linear-probe: the head alone
-            p.requires_grad_(id(p) in head_params)
-    if mode in HEAD_ONLY:
-        return nn.Module.eval  # a fixed feature extractor: statistics and dropout as at inference
-    if mode == "freeze" or frozen_modules:
-        keep = norm_layers(model) if mode == "freeze" else frozen_modules
-
-        def hook(m: nn.Module) -> None:
-            for layer in keep:
-                layer.eval()
-
-        return hook
-    return None
-
-
-def frozen_stages(model: nn.Module, unfreeze: int | None) -> list[nn.Module]:
-    """The modules of every stage but the last `unfreeze` (None: none frozen); the head is never one of them."""
-    from nas.models.norm_swap import HEAD, stages_of
-
-    if unfreeze is None:
-        return []
-    stages = stages_of(model)
-    order = [stage for stage in dict.fromkeys(stages.values()) if stage != HEAD]
-    if not 0 <= unfreeze <= len(order):
-        raise NasError(
-            f"--unfreeze-stages: {unfreeze}; {type(model).__name__} has {len(order)} stages ({', '.join(order)})"
-        )
-    kept = set(order[len(order) - unfreeze :])
-    return [model.get_submodule(name) for name, stage in stages.items() if stage != HEAD and stage not in kept]
+    picked = stratified_subset(y.cpu().numpy(), per_class, seed, "--labels-per-class")
+    return torch.as_tensor(picked, device=y.device)
 
 
 @dataclass
@@ -193,14 +122,13 @@ def adapt(
     trained, samples = [], 0
     if labels_per_class != 0:
         train_idx = labelled_subset(data.y_train, labels_per_class, seed)
-        hook = _set_trainable(model, mode, unfreeze_stages)
+        hook = set_trainable(model, mode, unfreeze_stages)
         trained = [name for name, p in model.named_parameters() if p.requires_grad]
         samples = len(train_idx)
         try:
             fit(model, data, train_idx, None, hp, epochs, device, seed=seed, train_mode=hook, max_steps=max_steps)
         finally:
-            for p in model.parameters():
-                p.requires_grad_(True)
+            all_trainable(model)
     after = _scores(evaluate(model, data.x_test, data.y_test, device, scoring_batch_size(model, hp)))
     changed = [k for k, v in model.state_dict().items() if not torch.equal(v, snapshot[k])]
     return Adaptation(
@@ -231,7 +159,7 @@ class Start:
     meta: dict  # model.json entries carried into the result (an export's, or a checkpoint's arch)
     described: str  # for the first log line
     new_head: bool = False
-    checkpoint: dict | None = None  # how a checkpoint loaded (nas.deploy.checkpoint.Loaded), for model.json
+    checkpoint: dict | None = None  # how a checkpoint loaded (nas.models.checkpoint.Loaded), for model.json
 
 
 def from_export(model_dir: Path, cfg, dev) -> Start:
@@ -262,14 +190,14 @@ def from_checkpoint(reference: dict, weights: str | Path, cfg, dev, *, strict: b
     """A timm / torchvision / factory model built for the target (its channels, its classes), its checkpoint
     loaded into it; the target resized and normalized as the checkpoint expects."""
     from nas.data.datasets import load_dataset
-    from nas.deploy.checkpoint import check_reference, load_checkpoint, read_state_dict
     from nas.deploy.export import FORMAT
     from nas.models.build import build
+    from nas.models.checkpoint import check_reference, load_checkpoint, read_checkpoint
     from nas.models.families import ModelError
     from nas.search.config import blamed
 
     check_reference(reference)
-    state = read_state_dict(weights)  # a bad file is refused before the data loads
+    state, sha256 = read_checkpoint(weights)  # a bad file is refused before the data loads
     size = cfg.dataset.image_size or expected.input_size
     dataset = dataclasses.replace(cfg.dataset, image_size=size)
     with blamed(cfg):
@@ -283,7 +211,7 @@ def from_checkpoint(reference: dict, weights: str | Path, cfg, dev, *, strict: b
         model = build(arch, data.input_shape, data.num_classes)
     except ModelError as exc:
         raise NasError(f"--model: {exc}") from None
-    loaded = load_checkpoint(model, weights, state, strict)
+    loaded = load_checkpoint(model, weights, state, strict, sha256=sha256)
     if loaded.mismatch():
         log(f"--strict false: loaded {loaded.loaded} tensors; {loaded.mismatch()}")
     meta = {"format": FORMAT, "arch": arch, "input_shape": list(data.input_shape)}
@@ -319,8 +247,8 @@ def finetune(
     """Adapt an export folder, or `timm:NAME` / `torchvision:NAME` / `factory:pkg.mod:fn` with its `weights`, to the
     run config's dataset; write an export plus metrics.json."""
     from nas.data.preprocessing import recipe
-    from nas.deploy.checkpoint import expected_input, model_reference
     from nas.deploy.export import VERIFY_SAMPLES, check_writable, write_export, write_json
+    from nas.models.checkpoint import expected_input, model_reference
     from nas.search.space import training_defaults
     from nas.training.train import prepare_model, resolve_device
 

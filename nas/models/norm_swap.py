@@ -107,6 +107,11 @@ def swap_norms(model: nn.Module, layers: list[dict]) -> nn.Module:
     return model
 
 
+def stage_order(stages: dict[str, str]) -> list[str]:
+    """The stages of `stages_of(model)` in module order, the head left out."""
+    return [stage for stage in dict.fromkeys(stages.values()) if stage != HEAD]
+
+
 def stages_of(model: nn.Module) -> dict[str, str]:
     """The stage of every module holding parameters of its own: that of the first norm at or after it in module
     order (so a conv belongs with the norm that follows it), the head after the last norm."""

@@ -56,6 +56,9 @@ class DatasetConfig:
     # Shifted variants (nas.data.transforms): [{contrast: 0.5}, {noise: 0.1}, ...] applied to both splits.
     transforms: list = field(default_factory=list, metadata={"check": _check_transforms})
     transform_seed: int = 0  # seeds the `noise` transform
+    # A small labelled training split: K samples of every class (the test split kept whole), drawn by labels_seed.
+    labels_per_class: int | None = field(default=None, metadata={"min": 1})
+    labels_seed: int = 0
 
 
 @dataclass
@@ -299,6 +302,7 @@ def _load(path: str | Path | None, overrides: list[Override], stored: dict | Non
         raise ConfigError(
             file, "evaluation.pruner", "Optuna prunes single-objective studies only; use none with several objectives"
         )
+    from nas.search.finetune_space import check_pruner
     from nas.search.pruners import pruner_problem
 
     ev = cfg.evaluation
@@ -319,4 +323,5 @@ def _load(path: str | Path | None, overrides: list[Override], stored: dict | Non
         cfg.space = load_space(space_path)
     else:
         cfg.space = validate_space(space_dict, cfg.search_space)
+    check_pruner(cfg.space, cfg.evaluation.pruner, file)
     return cfg

@@ -59,8 +59,35 @@ def check_model(space: dict, file: str, input_shape: tuple[int, ...], num_classe
             f"{searched_keys(foreign.norm)} parameters, more than {MAX_PER_LAYER_PARAMS}: use per_stage or fewer "
             "searched settings",
         )
+    if "weights" in foreign.model:
+        check_checkpoint(spec, space, file, input_shape, num_classes)
     error = forward_error(net, tuple(input_shape))
     if error is not None:
         size = minimum_size(template(spec["model"], input_shape, num_classes), input_shape[0])
         fits = f"; it takes images from {size}x{size}: set dataset.image_size: {size}" if size else ""
         raise ConfigError(file, where, f"{name} cannot take {shape} inputs ({error}){fits}")
+
+
+def check_checkpoint(spec: dict, space: dict, file: str, input_shape: tuple[int, ...], num_classes: int) -> None:
+    """The checkpoint loads into the first candidate (on the CPU, as every fold will load it), and the stages the
+    strategy may unfreeze exist."""
+    from nas.errors import NasError
+    from nas.models.checkpoint import load_pinned
+    from nas.models.norm_swap import stage_order, stages_of
+
+    net = build(spec, input_shape, num_classes)
+    where = f"{file}: model.weights"
+    try:
+        load_pinned(net, spec["model"]["weights"], where=where)
+    except NasError as exc:
+        raise ConfigError(file, "model.weights", str(exc).removeprefix(f"{where}: ")) from None
+    leaf = space.get("finetune", {}).get("unfreeze_stages")
+    most = max(leaf["choice"]) if isinstance(leaf, dict) and "choice" in leaf else leaf
+    most = leaf["int"][1] if isinstance(leaf, dict) and "int" in leaf else most
+    stages = stage_order(stages_of(net))
+    if most is not None and most > len(stages):
+        raise ConfigError(
+            file,
+            "finetune.unfreeze_stages",
+            f"up to {most}; {type(net).__name__} has {len(stages)} stages ({', '.join(stages)})",
+        )

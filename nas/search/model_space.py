@@ -23,6 +23,7 @@ from typing import Any
 from nas.errors import ConfigError
 from nas.models.families import FAMILIES, ModelError, known_names, load_factory, takes_norm_layer
 from nas.models.norms import NORM_PARAMS
+from nas.search.finetune_space import CHECKPOINT_KEYS, sample_finetune, validate_checkpoint_keys, weights_entry
 from nas.search.leaves import NORM_TYPE, sample_norm, validate_leaf
 from nas.validation import Param, did_you_mean, type_name, unknown_key
 
@@ -61,8 +62,8 @@ def validate_model(space: dict, file: str) -> None:
         raise ConfigError(file, "model", f"expected {GENERATED} or a mapping, got {type_name(model)}")
     families = [key for key in FAMILIES if key in model]
     for key in model:
-        if key not in (*FAMILIES, "kwargs", "norm"):
-            raise unknown_key(file, "model", key, (*FAMILIES, "kwargs", "norm"))
+        if key not in (*FAMILIES, "kwargs", "norm", *CHECKPOINT_KEYS):
+            raise unknown_key(file, "model", key, (*FAMILIES, "kwargs", "norm", *CHECKPOINT_KEYS))
     if len(families) != 1:
         raise ConfigError(file, "model", f"expected exactly one of {', '.join(FAMILIES)}")
     family = families[0]
@@ -95,6 +96,7 @@ def validate_model(space: dict, file: str) -> None:
         raise ConfigError(file, "model.kwargs", f"expected a mapping of constructor arguments, got {type_name(kwargs)}")
     for key, leaf in kwargs.items():
         _validate_kwarg(leaf, file, f"model.kwargs.{key}")
+    validate_checkpoint_keys(model, file)
     if "norm" in model:
         validate_norm(model["norm"], file)
 
@@ -175,13 +177,17 @@ class ForeignModel:
         return self._sites[key]
 
     def sample(self, ask: Callable[[str, str], Any], training: Callable[[], dict], with_norms: bool = True) -> dict:
-        """The model entry, its norms, then `training()` (sampled last, as for the chain); `ask(name, key_path)`
-        asks the trial for parameter `name` distributed as the space's leaf at `key_path`."""
+        """The model entry, its norms (or a checkpoint's fine-tuning strategy), then `training()` (sampled last, as
+        for the chain); `ask(name, key_path)` asks the trial for parameter `name` distributed as the space's leaf at
+        `key_path`."""
         kwargs = {key: ask(f"model.kwargs.{key}", f"model.kwargs.{key}") for key in self.model.get("kwargs", {})}
         model = {"family": self.family, "name": self.model[self.family], "kwargs": kwargs}
         spec: dict = {"model": model}
         if self.norm is not None and with_norms:
             spec["norms"] = self._sample_norms(ask, model)
+        if "weights" in self.model:
+            model["weights"] = weights_entry(self.model)
+            spec["finetune"] = sample_finetune(lambda key: ask(f"finetune.{key}", f"finetune.{key}"))
         spec["training"] = training()
         return spec
 

@@ -21,6 +21,7 @@ from typing import Any
 
 from nas.errors import ConfigError
 from nas.models.norms import ACTIVATIONS, NORM_PARAMS, POSITIONS
+from nas.search.finetune_space import FINETUNE_SCHEMA, pin_checkpoint, resolve_weights, validate_finetune
 from nas.search.leaves import NORM_TYPE, sample_norm, suggest_leaf, validate_leaf
 from nas.search.model_space import ForeignModel, validate_model
 from nas.search.stand_in_trials import FirstChoiceTrial
@@ -62,6 +63,7 @@ SCHEMA: dict = {
         "label_smoothing": Param(float, 0.0, {"min": 0.0, "below": 1.0}),
         "batch_size": Param(int, 64, {"min": 2}),
     },
+    "finetune": FINETUNE_SCHEMA,  # a checkpoint's fine-tuning strategy (nas.search.finetune_space)
 }
 
 
@@ -71,8 +73,11 @@ def training_defaults() -> dict:
 
 
 def load_space(path: str | Path) -> dict:
-    """Read and validate a search-space YAML file."""
-    return validate_space(read_yaml(path), str(path))
+    """Read and validate a search-space YAML file; a checkpoint it fine-tunes is found and pinned by its sha256."""
+    space = read_yaml(path)
+    if isinstance(space, dict):
+        resolve_weights(space, path)
+    return pin_checkpoint(validate_space(space, str(path)), str(path))
 
 
 def validate_space(space: dict, file: str) -> dict:
@@ -84,6 +89,7 @@ def validate_space(space: dict, file: str) -> dict:
     _validate_node(rest, SCHEMA, file, "")
     if "model" in space:
         validate_model(space, file)
+    validate_finetune(space, file)
     return space
 
 

@@ -20,7 +20,16 @@ from pathlib import Path
 
 from nas.output import atomic_write_text
 
-DATASET_KEYS = ("name", "root", "transforms", "transform_seed", "augment", "image_size")
+DATASET_KEYS = (
+    "name",
+    "root",
+    "transforms",
+    "transform_seed",
+    "augment",
+    "image_size",
+    "labels_per_class",
+    "labels_seed",
+)
 EVALUATION_KEYS = ("folds", "epochs", "fold_mode", "recalibrate_bn", "pruner")
 HOST_KEYS = ("root", "cache", "download")  # dataset keys naming this host's files, which a resume takes from storage
 
@@ -35,7 +44,11 @@ def contract(config: dict, data: dict | None) -> dict:
     dataset = {**dataset, "augment": resolve_augment(dataset.get("name"), dataset.get("augment"))}
     objectives = config.get("objectives", ["cv_loss"])
     terms = {
-        "dataset": {key: _root(dataset.get(key)) if key == "root" else dataset.get(key) for key in DATASET_KEYS},
+        "dataset": {
+            key: _root(dataset.get(key)) if key == "root" else dataset.get(key)
+            for key in DATASET_KEYS
+            if key != "labels_seed" or dataset.get("labels_per_class") is not None  # older studies lack the key
+        },
         "evaluation": {key: evaluation.get(key) for key in EVALUATION_KEYS},
         "objectives": objectives,
         "study": {"seed": config.get("study", {}).get("seed")},

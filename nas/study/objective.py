@@ -12,6 +12,7 @@ import optuna
 
 from nas.errors import TrialError
 from nas.search.config import RunConfig
+from nas.search.finetune_space import epochs_of
 from nas.search.pruners import reports_every_epoch
 from nas.search.space import Space
 from nas.study.duplicates import Novelty, record_repeat
@@ -40,7 +41,8 @@ def make_objective(
     novelty: Novelty | None = None,
     version: int = 0,
 ) -> Callable[[optuna.Trial], float | tuple]:
-    """The objective of `cfg`'s study on `data` split into `folds`; `epoch_bar(trial_number)` makes a progress bar."""
+    """The objective of `cfg`'s study on `data` split into `folds`; `epoch_bar(trial_number, epochs)` makes a
+    progress bar."""
     from nas.models.costs import candidate_costs
     from nas.training.cross_validation import cross_validate  # late: keeps torch out of `import nas.study` readers
 
@@ -59,8 +61,8 @@ def make_objective(
         original = novelty.original_of(trial.study, trial.params) if novelty is not None else None
         if original is not None:
             record_repeat(trial, original)  # raises: a FAIL trial, caught by `optimize`
-        reporter = Reporter(trial, cfg.evaluation.pruner, epochs, len(folds))
-        bar = epoch_bar(trial.number) if epoch_bar else None
+        reporter = Reporter(trial, cfg.evaluation.pruner, epochs_of(spec, epochs), len(folds))
+        bar = epoch_bar(trial.number, epochs_of(spec, epochs)) if epoch_bar else None
 
         def on_epoch(report) -> None:
             if bar is not None:

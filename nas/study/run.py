@@ -107,7 +107,8 @@ class Search:
         return open_for_search(self.cfg.study.storage, self.cfg.study.heartbeat_seconds, self.cfg.study.retries)
 
     def _load(self, device):
-        from nas.data.datasets import load_dataset, stratified_folds
+        from nas.data.datasets import stratified_folds
+        from nas.search.finetune_space import load_search_data
         from nas.search.model_check import check_model  # late: builds on torch
 
         cfg = self.cfg
@@ -120,7 +121,7 @@ class Search:
                 "check them)"
             )
         with blamed(cfg), SIGNALS.interruptible():  # loading writes nothing: a signal stops it at once
-            data = load_dataset(cfg.dataset, device)  # bad data is found before a new study is made
+            data = load_search_data(cfg, device)  # bad data is found before a new study is made
             check_model(
                 cfg.space, cfg.search_space, data.input_shape, data.num_classes
             )  # and a model that cannot take it
@@ -168,7 +169,7 @@ class Search:
 
             if family_of(cfg.space) != GENERATED:
                 out(f"evaluation.fold_mode together: {no_stacked_form({'model': {'family': family_of(cfg.space)}})}")
-        bars = Bars(self.progress, budget, done, cfg.evaluation.folds * cfg.evaluation.epochs)
+        bars = Bars(self.progress, budget, done, cfg.evaluation.folds)
 
         def after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
             best = bars.trial_ended(study, trial)
@@ -238,18 +239,19 @@ class Search:
 class Bars:
     """The progress bars on stderr: trials over the budget (with the best CV loss) and epochs of the running trial."""
 
-    def __init__(self, progress: bool | None, budget: int, done: int, epochs_per_trial: int):
+    def __init__(self, progress: bool | None, budget: int, done: int, folds: int):
         from tqdm.auto import tqdm
 
-        self.tqdm, self.epochs_per_trial = tqdm, epochs_per_trial
+        self.tqdm, self.folds = tqdm, folds
         self.shown = sys.stderr.isatty() if progress is None else progress
         self.trials = tqdm(
             total=budget, initial=done, desc="trials", unit="trial", disable=not self.shown, dynamic_ncols=True
         )
 
-    def epoch_bar(self, number: int):
+    def epoch_bar(self, number: int, epochs: int):
+        """The running trial's bar over its folds x `epochs` (a fine-tuning search may search the epochs)."""
         return self.tqdm(
-            total=self.epochs_per_trial,
+            total=self.folds * epochs,
             desc=f"trial {number}",
             unit="epoch",
             leave=False,

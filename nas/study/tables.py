@@ -6,6 +6,7 @@ import optuna
 
 from nas.output import text_table
 from nas.search.archspec import describe_activations, describe_norms
+from nas.search.finetune_space import describe_strategy
 from nas.study.schema import (
     ARCH_ATTR,
     PARAMS_ATTR,
@@ -37,20 +38,14 @@ def summary_table(study: optuna.Study, k: int = 5) -> str:
     if len(study.directions) > 1:
         return pareto_table(study, objectives)
     # cv_loss_std is the population SD of the fold losses (nas.training.cross_validation), so the column says so
-    rows = [("trial", "cv loss ± SD over folds", "cv acc", "params", "norm (type @ position)", "activation")]
-    for t in top_trials(study, k):
+    trials = top_trials(study, k)
+    tuning = any("finetune" in trial_attr(t, ARCH_ATTR, {}) for t in trials)
+    rows = [("trial", "cv loss ± SD over folds", "cv acc", *(FINETUNE_COLUMNS if tuning else CHAIN_COLUMNS))]
+    for t in trials:
         arch, std = trial_attr(t, ARCH_ATTR, {}), trial_attr(t, "cv_loss_std")
         loss = f"{t.value:.4f}" + (f" ± {std:.4f}" if std is not None else "")
-        rows.append(
-            (
-                str(t.number),
-                loss,
-                _accuracy(t),
-                f"{trial_attr(t, PARAMS_ATTR, 0):,}",
-                describe_norms(arch),
-                describe_activations(arch),
-            )
-        )
+        params = f"{trial_attr(t, PARAMS_ATTR, 0):,}"
+        rows.append((str(t.number), loss, _accuracy(t), params, *(_strategy(arch) if tuning else _layout(arch))))
     if len(rows) == 1:
         return f"Study '{study.study_name}': no completed trials yet."
     header = (
@@ -58,6 +53,25 @@ def summary_table(study: optuna.Study, k: int = 5) -> str:
         "(lower cv loss is better):"
     )
     return "\n".join([header, *text_table(rows)])
+
+
+CHAIN_COLUMNS = ("params", "norm (type @ position)", "activation")
+FINETUNE_COLUMNS = ("trained params", "fine-tuning", "lr", "batch", "epochs")  # params: those the strategy trains
+
+
+def _layout(arch: dict) -> tuple[str, str]:
+    return describe_norms(arch), describe_activations(arch)
+
+
+def _strategy(arch: dict) -> tuple[str, ...]:
+    strategy, training = arch.get("finetune", {}), arch.get("training", {})
+    epochs = strategy.get("epochs")
+    return (
+        describe_strategy(strategy) if strategy else "?",
+        f"{training.get('lr', float('nan')):.3g}",
+        str(training.get("batch_size", "?")),
+        "config" if epochs is None else str(epochs),
+    )
 
 
 def pareto_table(study: optuna.Study, objectives: list[str]) -> str:

@@ -10,8 +10,11 @@ import torch
 
 from nas.data.datasets import Dataset
 from nas.data.samples import rows
-from nas.errors import TrialError
+from nas.errors import NasError, TrialError
 from nas.models.build import build, count_parameters
+from nas.models.checkpoint import load_pinned
+from nas.search.finetune_space import epochs_of
+from nas.training.bn_modes import start_strategy
 from nas.training.diagnostics import recalibrate, train_mode_loss
 from nas.training.folds_together import NotBatchable, train_together
 from nas.training.train import OnEpoch, evaluate, fit, prepare_model, scoring_batch_size
@@ -44,9 +47,12 @@ def cross_validate(
     trains one fold after another, and the Score says why in `fold_mode_fallback`. Each fold also
     records the BN diagnostics: the validation loss with batch statistics, and with `recalibrate_bn`
     the loss after the running statistics are re-estimated on the training fold (which then is the
-    fold's score).
+    fold's score). A spec that fine-tunes a checkpoint (`finetune`, `model.weights`) starts every fold from the
+    checkpoint, with its strategy (`nas.training.bn_modes`) and its `finetune.epochs` when it sets them.
     """
     hp = spec["training"]
+    strategy = spec.get("finetune")
+    epochs = epochs_of(spec, epochs)
     seeds = [fold_seed(study_seed, trial_number, k) for k in range(len(folds))]
     together, fallback = None, None
     if fold_mode == "together" and "model" in spec:
@@ -65,9 +71,22 @@ def cross_validate(
             model, result = together[k]
         else:
             model = _model(spec, data, device, seeds[k])
+            norms_hook = None
+            if strategy is not None:
+                norms_hook = start_strategy(model, strategy, rows(data.x_train, train_idx), hp["batch_size"], device)
             try:
                 result = fit(
-                    model, data, train_idx, val_idx, hp, epochs, device, seed=seeds[k], fold=k, on_epoch=on_epoch
+                    model,
+                    data,
+                    train_idx,
+                    val_idx,
+                    hp,
+                    epochs,
+                    device,
+                    seed=seeds[k],
+                    fold=k,
+                    on_epoch=on_epoch,
+                    train_mode=norms_hook,
                 )
             except torch.cuda.OutOfMemoryError as exc:
                 params = count_parameters(model)
@@ -114,10 +133,22 @@ def no_stacked_form(spec: dict) -> str:
 
 
 def _model(spec: dict, data: Dataset, device: torch.device, seed: int) -> torch.nn.Module:
-    """The fold's fresh model, its initialization seeded by the fold's seed."""
+    """The fold's fresh model, its initialization seeded by the fold's seed (a checkpoint's: loaded into it)."""
     torch.manual_seed(seed)
     try:
-        model = build(spec, data.input_shape, data.num_classes)
+        model = build_candidate(spec, data.input_shape, data.num_classes)
     except (ValueError, RuntimeError, KeyError) as exc:
         raise TrialError(f"cannot build the model for input {data.input_shape}: {exc}") from exc
     return prepare_model(model, device)
+
+
+def build_candidate(spec: dict, input_shape, num_classes: int) -> torch.nn.Module:
+    """`build(spec)`, with the checkpoint the spec fine-tunes (`model.weights`) loaded into it."""
+    model = build(spec, input_shape, num_classes)
+    weights = spec.get("model", {}).get("weights") if isinstance(spec.get("model"), dict) else None
+    if weights is not None:
+        try:
+            load_pinned(model, weights)
+        except NasError as exc:
+            raise TrialError(str(exc)) from None
+    return model

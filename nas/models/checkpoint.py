@@ -14,6 +14,7 @@ target's own statistics (said when it runs).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from dataclasses import dataclass, field
@@ -117,49 +118,58 @@ def _library_expectations(model: dict) -> dict:
     return {}
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """The tensors of a weights file, unwrapped from a training checkpoint; one line naming the file otherwise."""
+def read_state_dict(path: str | Path, where: str = "--weights") -> dict[str, torch.Tensor]:
+    """The tensors of a weights file, unwrapped from a training checkpoint; one line naming `where` and the file
+    otherwise."""
+    return read_checkpoint(path, where)[0]
+
+
+def read_checkpoint(path: str | Path, where: str = "--weights") -> tuple[dict[str, torch.Tensor], str]:
+    """The tensors of a weights file and the file's sha256, from one read of it."""
     path = Path(path)
     if not path.is_file():
-        raise NasError(f"--weights: {path}: not found")
+        raise NasError(f"{where}: {path}: not found")
+    content = path.read_bytes()
+    digest = hashlib.sha256(content).hexdigest()
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        from safetensors.torch import load
 
         try:
-            found = load_file(str(path), device="cpu")
+            found = load(content)
         except (SafetensorError, OSError, ValueError) as exc:
-            raise NasError(f"--weights: {path}: not a readable .safetensors file ({_first_line(exc)})") from None
+            raise NasError(f"{where}: {path}: not a readable .safetensors file ({_first_line(exc)})") from None
     else:
-        found = _torch_load(path)
+        found = _torch_load(path, content, where)
     if isinstance(found, dict):
         for key in WRAPPERS:
             if isinstance(found.get(key), dict):
                 found = found[key]
                 break
     if not isinstance(found, dict) or not found or not all(isinstance(v, torch.Tensor) for v in found.values()):
-        raise NasError(f"--weights: {path}: not a state dict (a mapping of parameter names to tensors)")
-    return {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in found.items()}
+        raise NasError(f"{where}: {path}: not a state dict (a mapping of parameter names to tensors)")
+    return {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in found.items()}, digest
 
 
-def _torch_load(path: Path):
+def _torch_load(path: Path, content: bytes, where: str):
+    import io
     import pickle
 
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(io.BytesIO(content), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         unsupported = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
         if unsupported:  # a pickled class or function: code that would run on loading
             raise NasError(
-                f"--weights: {path}: holds pickled objects other than tensors ({unsupported[1]}); refused: only "
+                f"{where}: {path}: holds pickled objects other than tensors ({unsupported[1]}); refused: only "
                 "torch.load(weights_only=True) is used"
             ) from None
         operand = re.search(r"Unsupported operand \d+|invalid load key[^\n]*", str(exc))
         raise NasError(
-            f"--weights: {path}: not a PyTorch checkpoint ({operand[0] if operand else _first_line(exc)})"
+            f"{where}: {path}: not a PyTorch checkpoint ({operand[0] if operand else _first_line(exc)})"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise NasError(f"--weights: {path}: not a PyTorch checkpoint, or truncated ({_first_line(exc)})") from None
+        raise NasError(f"{where}: {path}: not a PyTorch checkpoint, or truncated ({_first_line(exc)})") from None
 
 
 def _first_line(exc: Exception) -> str:
@@ -194,9 +204,19 @@ class Loaded:
         return "; ".join(parts) or None
 
 
-def load_checkpoint(model: nn.Module, path: str | Path, state: dict, strict: bool = True) -> Loaded:
-    """Load `state` (`read_state_dict(path)`) into `model` (built for the target) as timm loads pretrained
-    weights; `strict`: refuse any key that does not match, in one line, before anything is loaded."""
+def load_checkpoint(
+    model: nn.Module,
+    path: str | Path,
+    state: dict,
+    strict: bool = True,
+    *,
+    sha256: str | None = None,
+    where: str = "--weights",
+    relax: str = "--strict false",
+) -> Loaded:
+    """Load `state` (`read_checkpoint(path)`, whose `sha256` it is) into `model` (built for the target) as timm
+    loads pretrained weights; `strict`: refuse any key that does not match, in one line naming `where` and how to
+    `relax` it, before anything is loaded."""
     from nas.models.families import head_name
 
     state = dict(state)
@@ -206,7 +226,7 @@ def load_checkpoint(model: nn.Module, path: str | Path, state: dict, strict: boo
     head_replaced = any(k in state and state[k].shape != own[k].shape for k in head_keys)
     if head_replaced:  # the target's classes: a new head, as timm resets its classifier
         state = {k: v for k, v in state.items() if k not in head_keys}
-    adapted = _adapt_first_conv(model, state)
+    adapted = _adapt_first_conv(model, state, where)
     missing = [k for k in own if k not in state and not (head_replaced and k in head_keys)]
     unexpected = [k for k in state if k not in own]
     shape = [
@@ -216,7 +236,7 @@ def load_checkpoint(model: nn.Module, path: str | Path, state: dict, strict: boo
     ]
     loaded = Loaded(
         str(path),
-        hashlib.sha256(Path(path).read_bytes()).hexdigest(),
+        sha256 or hashlib.sha256(Path(path).read_bytes()).hexdigest(),
         0,
         head_replaced,
         adapted,
@@ -226,16 +246,14 @@ def load_checkpoint(model: nn.Module, path: str | Path, state: dict, strict: boo
     )
     problem = loaded.mismatch()
     if problem and strict:
-        raise NasError(
-            f"--weights: {path} does not fit {type(model).__name__}: {problem}; --strict false loads what matches"
-        )
+        raise NasError(f"{where}: {path} does not fit {type(model).__name__}: {problem}; {relax} loads what matches")
     matching = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
     model.load_state_dict(matching, strict=False)
     loaded.loaded = len(matching)
     return loaded
 
 
-def _adapt_first_conv(model: nn.Module, state: dict) -> str | None:
+def _adapt_first_conv(model: nn.Module, state: dict, where: str) -> str | None:
     """The first conv's checkpoint weight adapted to the model's input channels (timm's adapt_input_conv); its name."""
     first = next(((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), None)
     if first is None or f"{first[0]}.weight" not in state:
@@ -253,8 +271,29 @@ def _adapt_first_conv(model: nn.Module, state: dict) -> str | None:
         from timm.models import adapt_input_conv
     except ImportError:
         raise NasError(
-            f"--weights: {name} takes {weight.shape[1]} channels, the data has {conv.in_channels}: adapting it needs "
+            f"{where}: {name} takes {weight.shape[1]} channels, the data has {conv.in_channels}: adapting it needs "
             "timm (pip install 'bnnas[timm]')"
         ) from None
     state[f"{name}.weight"] = adapt_input_conv(conv.in_channels, weight)
     return name
+
+
+@functools.lru_cache(maxsize=2)
+def _pinned_state(file: str, sha256: str, where: str) -> dict[str, torch.Tensor]:
+    """A search's checkpoint, read once per process (every fold of every trial starts from it) and refused when the
+    file is no longer the one the study pinned."""
+    state, found = read_checkpoint(file, where)
+    if found != sha256:
+        raise NasError(
+            f"{where}: {file} has changed since the study pinned it (sha256 {found[:12]}..., pinned {sha256[:12]}...)"
+        )
+    return state
+
+
+def load_pinned(model: nn.Module, weights: dict, where: str = "model.weights") -> Loaded:
+    """Load an ArchSpec's `model.weights` entry ({file, sha256, strict}) into `model`, built for the target."""
+    state = _pinned_state(weights["file"], weights["sha256"], where)
+    relax = "model.strict: false"
+    return load_checkpoint(
+        model, weights["file"], state, weights.get("strict", True), sha256=weights["sha256"], where=where, relax=relax
+    )
