@@ -326,10 +326,11 @@ def test_the_image_size_the_refusal_names_trains_and_the_export_takes_raw_8x8_di
     np.save(tmp_path / "raw.npy", load_digits().images[:3])
     assert predict_main(["--model", str(out), str(tmp_path / "raw.npy")]) == 0
     tune = ["--model", str(out), "--config", str(config), "--bn-mode", "full"]  # its model has no norm for adabn
+    assert finetune_main([*tune, "--out", str(tmp_path / "t")]) == 0  # the target resized as the export was trained
+    assert json.loads((tmp_path / "t" / "model.json").read_text())["preprocessing"]["resize"] == [16, 16]
     capsys.readouterr()
-    assert finetune_main([*tune, "--out", str(tmp_path / "t")]) == 2
+    assert finetune_main([*tune, "--out", str(tmp_path / "t12"), "--set", f"{key}=12"]) == 2  # a size it cannot take
     assert capsys.readouterr().err.strip().endswith("takes [1, 16, 16]: set dataset.image_size: 16")
-    assert finetune_main([*tune, "--out", str(tmp_path / "t"), "--set", f"{key}={value}"]) == 0
 
 
 def test_the_dashboard_and_the_tables_show_a_foreign_trials_norms_by_stage():

@@ -36,8 +36,8 @@ import numpy as np
 
 from nas.errors import ConfigError, NasError, TrialError
 from nas.search.config import RunConfig, set_key
-from nas.search.model_space import FOREIGN_NORM, GENERATED, NORM_SCHEMA, family_of, validate_norm
 from nas.search.leaves import validate_leaf
+from nas.search.model_space import FOREIGN_NORM, GENERATED, NORM_SCHEMA, family_of, validate_norm
 from nas.search.space import SCHEMA, Space, validate_space
 from nas.search.stand_in_trials import FirstChoiceTrial, RandomTrial
 from nas.study.schema import (

@@ -169,8 +169,12 @@ def from_export(model_dir: Path, cfg, dev) -> Start:
     from nas.search.config import blamed
 
     source = load_exported(model_dir)
+    resize = (source.meta.get("preprocessing") or {}).get("resize")
+    dataset = cfg.dataset
+    if dataset.image_size is None and resize and resize[0] == resize[1]:  # resized as the source was trained
+        dataset = dataclasses.replace(dataset, image_size=resize[0])
     with blamed(cfg):
-        data = load_dataset(cfg.dataset, dev, normalization=source.meta["normalization"])
+        data = load_dataset(dataset, dev, normalization=source.meta["normalization"])
     wanted = list(source.meta["input_shape"])
     if list(data.input_shape) != wanted:
         resize = (

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
+from nas.search.finetune_space import describe_strategy
+
 # Catalogue order for rows and columns; names not listed (a newer catalogue) sort after them.
 NORM_ORDER = ("batch", "batch_renorm", "group", "layer", "instance", "evonorm_b0", "evonorm_s0", "frn", "none")
 POSITION_ORDER = ("pre_conv", "post_conv", "post_act", "residual:original", "residual:preact")
@@ -38,6 +40,8 @@ def order_key(order: tuple[str, ...]) -> Callable[[str], tuple]:
 
 
 OWN = "own"  # a foreign model that keeps the norms it was built with
+RE_ESTIMATED, AS_LOADED = "statistics re-estimated", "statistics as loaded"  # a fine-tuned checkpoint's
+FINETUNE_AXES = ("BN mode", "statistics")  # what a fine-tuning study's groups are by
 
 
 def model_family(spec: dict) -> str | None:
@@ -78,7 +82,11 @@ def block_position(block: dict) -> str:
 
 
 def norm_group(spec: dict) -> tuple[str, str]:
-    """The (norm type, position) all blocks share; `mixed` on the axis where they differ."""
+    """The (norm type, position) all blocks share; `mixed` on the axis where they differ. A fine-tuned checkpoint's
+    norms are its own: its group is (BN mode, whether its statistics were re-estimated first)."""
+    if "finetune" in spec:
+        strategy = spec["finetune"]
+        return strategy["bn_mode"], RE_ESTIMATED if strategy.get("recalibrate") else AS_LOADED
     if model_family(spec):
         types = {norm["type"] for _, norm in foreign_norms(spec)} or {OWN}
         return (next(iter(types)) if len(types) == 1 else MIXED), NO_POSITION
@@ -94,6 +102,8 @@ def norm_group(spec: dict) -> tuple[str, str]:
 def describe_norms(spec: dict) -> str:
     """One line for an ArchSpec's normalization layout: `batch @ post_conv`, or per stage when mixed."""
 
+    if "finetune" in spec:
+        return f"fine-tuned: {describe_strategy(spec['finetune'])}"
     if model_family(spec):
         runs = _runs((unit, norm["type"]) for unit, norm in foreign_norms(spec))
         if len({text for *_, text in runs}) <= 1:
@@ -137,6 +147,8 @@ def describe_norm(norm: dict, where: str = NO_POSITION) -> str:
 def describe_layout(spec: dict) -> str:
     """Every block's norm, runs of identical consecutive blocks merged: `s1b1..s2b1 batch@post_conv(...)`;
     for a foreign model, every stage's (or layer's): `act1..layer2 group(g=8,eps=1e-05,aff=1)`."""
+    if "finetune" in spec:
+        return describe_norms(spec)
     if model_family(spec):
         labelled = [(unit or "all", describe_norm(norm)) for unit, norm in foreign_norms(spec)]
         text = "; ".join(f"{a} {t}" if a == b else f"{a}..{b} {t}" for a, b, t in _runs(labelled))

@@ -30,6 +30,7 @@ from optuna.trial import FrozenTrial, TrialState
 from nas.errors import NasError, StudyError, one_line
 from nas.output import atomic_write, atomic_write_text, markdown_table
 from nas.search.archspec import (
+    FINETUNE_AXES,
     NO_POSITION,
     NORM_ORDER,
     POSITION_ORDER,
@@ -456,7 +457,8 @@ def _fanova(rows: list[Row], direction: StudyDirection) -> tuple[dict | None, st
 
 def norm_groups(rows: list[Row], minimize: bool, plots: Plots) -> list[str]:
     """CV loss by norm type x position: a table of best / median (n) and a box plot per group."""
-    lines = ["## CV loss by norm type x position", ""]
+    first, second = _axes(rows)
+    lines = [f"## CV loss by {first} x {second}", ""]
     if not rows:
         return lines + _not_made("norm_type_position.png", "No complete trials yet")
     best = min if minimize else max
@@ -473,10 +475,16 @@ def norm_groups(rows: list[Row], minimize: bool, plots: Plots) -> list[str]:
         "Cells: best / median CV loss (number of complete trials). A trial whose blocks differ is counted as `mixed` "
         "on that axis; residual blocks take their ordering (`residual:original` / `residual:preact`) as position.",
         "",
-        *markdown_table(["norm type \\ position", *positions], cells),
+        *markdown_table([f"{first} \\ {second}", *positions], cells),
         "",
     ]
     return lines + _group_plot(rows, minimize, plots)
+
+
+def _axes(rows: list[Row]) -> tuple[str, str]:
+    """What the groups are by: norm type x position; BN mode x statistics for a study fine-tuning a checkpoint."""
+    tuning = rows and all("finetune" in r.attrs.get(ARCH_ATTR, {}) for r in rows)
+    return FINETUNE_AXES if tuning else ("norm type", "position")
 
 
 def _group_plot(rows: list[Row], minimize: bool, plots: Plots) -> list[str]:
@@ -513,9 +521,8 @@ def _group_plot(rows: list[Row], minimize: bool, plots: Plots) -> list[str]:
     ax.invert_yaxis()  # best median on top
     if _spans_decade(r.loss for r in rows):
         ax.set_xscale("log")
-    ax.set(
-        title="CV loss by norm type @ position (best median on top)", xlabel="CV loss", ylabel="norm type @ position"
-    )
+    first, second = _axes(rows)
+    ax.set(title=f"CV loss by {first} @ {second} (best median on top)", xlabel="CV loss", ylabel=f"{first} @ {second}")
     ax.grid(axis="x", alpha=0.3)
     return plots.save(
         fig,
@@ -591,7 +598,7 @@ def bn_diagnostics(rows: list[Row], plots: Plots) -> list[str]:
             ]
             row.append(f"{statistics.median(deltas):+.4f} ({len(deltas)})" if deltas else "")
         table.append(row)
-    columns = ["norm type", "trials", "median eval - train mode loss"] + (
+    columns = [_axes(have)[0], "trials", "median eval - train mode loss"] + (
         ["median recalibrated - eval loss (n)"] if recal else []
     )
     lines += [
