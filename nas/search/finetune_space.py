@@ -156,6 +156,17 @@ def epochs_of(spec: dict, default: int) -> int:
     return (spec.get("finetune") or {}).get("epochs") or default
 
 
+def epochs_said(space: dict, default: int) -> str:
+    """The epochs per fold in words: `12 epochs`, `3 epochs (finetune.epochs)`, `1-3 epochs (finetune.epochs)`."""
+    leaf = (space.get("finetune") or {}).get("epochs")
+    if leaf is None:
+        return f"{default} epochs"
+    if isinstance(leaf, dict):
+        values = leaf["choice"] if "choice" in leaf else leaf["int"]
+        return f"{min(values)}-{max(values)} epochs (finetune.epochs)"
+    return f"{leaf} epochs (finetune.epochs)"
+
+
 def check_pruner(space: dict, pruner: str, file: str) -> None:
     """A pruner compares trials epoch by epoch: with searched epochs a short trial's last epoch would be judged
     against long trials mid-schedule."""

@@ -28,6 +28,7 @@ import optuna
 
 from nas.errors import StudyError, Terminated, TrialError
 from nas.search.config import RunConfig, blamed
+from nas.search.finetune_space import epochs_said, load_search_data
 from nas.search.samplers import process_seed
 from nas.study.best_so_far import anytime_line, improvements
 from nas.study.contract import changed_on_this_host, show
@@ -108,7 +109,6 @@ class Search:
 
     def _load(self, device):
         from nas.data.datasets import stratified_folds
-        from nas.search.finetune_space import load_search_data
         from nas.search.model_check import check_model  # late: builds on torch
 
         cfg = self.cfg
@@ -160,7 +160,7 @@ class Search:
         out(
             f"Study '{cfg.study.name}' in {cfg.study.storage}: {done}/{budget} finished, running {budget - done} more "
             f"on {device.type} ({data.name}: {len(data.y_train)} training samples, {cfg.evaluation.folds} folds x "
-            f"{cfg.evaluation.epochs} epochs)"
+            f"{epochs_said(cfg.space, cfg.evaluation.epochs)})"
         )
         out(f"Dataset in memory: {data.memory()}")
         if cfg.evaluation.fold_mode == "together" and "model" in cfg.space:
