@@ -1,11 +1,13 @@
-"""A pretrained checkpoint as nas-finetune's source: `timm:NAME`, `torchvision:NAME` or `factory:pkg.mod:fn`, with a
-local weights file (no hub download: users bring the file).
+"""A pretrained checkpoint as nas-finetune's source (`timm:NAME`, `torchvision:NAME` or `factory:pkg.mod:fn`, with a
+local weights file: no hub download, users bring the file), and as the start of every fold of a fine-tuning search
+(`model.weights`, pinned by its sha256: `load_pinned`).
 
 The file is read as data only: safetensors, or `torch.load(weights_only=True)`, which refuses pickled code. The
 weights load as timm loads pretrained ones: the wrapping of a training checkpoint removed (`state_dict_ema`,
 `model_ema`, `state_dict`, `model`; a `module.` prefix), the first conv adapted to the target's channel count
 (timm's `adapt_input_conv`), the classifier left to a new head when the target's classes differ, every other key
-matched by name and shape. Keys that do not match are listed in one line and refused unless `--strict false`.
+matched by name and shape. Keys that do not match are listed in one line and refused unless `--strict false`
+(`model.strict: false` in a search space).
 
 What the checkpoint expects of its input (mean, std, input size) comes from `--mean/--std/--input-size`, else timm's
 `pretrained_cfg` or the torchvision weights' transforms; a factory checkpoint without them is normalized with the
@@ -118,14 +120,9 @@ def _library_expectations(model: dict) -> dict:
     return {}
 
 
-def read_state_dict(path: str | Path, where: str = "--weights") -> dict[str, torch.Tensor]:
-    """The tensors of a weights file, unwrapped from a training checkpoint; one line naming `where` and the file
-    otherwise."""
-    return read_checkpoint(path, where)[0]
-
-
 def read_checkpoint(path: str | Path, where: str = "--weights") -> tuple[dict[str, torch.Tensor], str]:
-    """The tensors of a weights file and the file's sha256, from one read of it."""
+    """The tensors of a weights file, unwrapped from a training checkpoint, and the file's sha256, from one read of
+    it; one line naming `where` and the file otherwise."""
     path = Path(path)
     if not path.is_file():
         raise NasError(f"{where}: {path}: not found")
@@ -278,7 +275,7 @@ def _adapt_first_conv(model: nn.Module, state: dict, where: str) -> str | None:
     return name
 
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=1)
 def _pinned_state(file: str, sha256: str, where: str) -> dict[str, torch.Tensor]:
     """A search's checkpoint, read once per process (every fold of every trial starts from it) and refused when the
     file is no longer the one the study pinned."""

@@ -76,11 +76,10 @@ def check_checkpoint(spec: dict, space: dict, file: str, input_shape: tuple[int,
     from nas.models.norm_swap import stage_order, stages_of
 
     net = build(spec, input_shape, num_classes)
-    where = f"{file}: model.weights"
     try:
-        load_pinned(net, spec["model"]["weights"], where=where)
+        load_pinned(net, spec["model"]["weights"])  # read once per process: the folds reuse it
     except NasError as exc:
-        raise ConfigError(file, "model.weights", str(exc).removeprefix(f"{where}: ")) from None
+        raise ConfigError(file, "model.weights", str(exc).removeprefix("model.weights: ")) from None
     leaf = space.get("finetune", {}).get("unfreeze_stages")
     most = max(leaf["choice"]) if isinstance(leaf, dict) and "choice" in leaf else leaf
     most = leaf["int"][1] if isinstance(leaf, dict) and "int" in leaf else most
