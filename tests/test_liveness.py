@@ -106,3 +106,15 @@ def test_a_starting_search_is_a_live_worker_for_report_and_dashboard_before_its_
         if search.poll() is None:
             search.kill()
         dashboard.close()
+
+
+def test_a_stepped_wall_clock_does_not_make_a_running_process_look_dead(monkeypatch):
+    """psutil's create_time moves with the wall clock (boot time is read anew); a search that saw its own trial's
+    process as gone after an NTP step failed the trial it was running, then crashed telling it."""
+    here = liveness.current()
+    stepped = liveness.psutil.Process.create_time
+    monkeypatch.setattr(liveness.psutil.Process, "create_time", lambda self: stepped(self) + 5.0)
+    assert here.ticks is not None and not liveness.known_dead(here)
+    reused = liveness.Identity(here.host, here.pid, here.started, here.pid_space, here.ticks - 100)
+    assert liveness.known_dead(reused)  # this pid, another process's start
+    assert liveness.Identity.from_dict(here.as_dict()) == here

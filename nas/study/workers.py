@@ -38,6 +38,7 @@ class Identity:
     pid: int
     started: float  # process start, seconds since the epoch
     pid_space: str  # boot and pid namespace: pids compare only within one
+    ticks: int | None = None  # process start in clock ticks since boot (Linux): unmoved by wall-clock steps
 
     @property
     def key(self) -> str:
@@ -49,7 +50,14 @@ class Identity:
     @classmethod
     def from_dict(cls, data) -> Identity | None:
         try:
-            return cls(str(data["host"]), int(data["pid"]), float(data["started"]), str(data.get("pid_space", "")))
+            ticks = data.get("ticks")
+            return cls(
+                str(data["host"]),
+                int(data["pid"]),
+                float(data["started"]),
+                str(data.get("pid_space", "")),
+                None if ticks is None else int(ticks),
+            )
         except (KeyError, TypeError, ValueError):
             return None
 
@@ -79,7 +87,19 @@ def _identity(pid: int) -> Identity:
 
 def process_identity(pid: int) -> Identity:
     """A process of this machine (not cached: another process's pid may be reused later)."""
-    return Identity(socket.gethostname(), pid, psutil.Process(pid).create_time(), _pid_space())
+    return Identity(socket.gethostname(), pid, psutil.Process(pid).create_time(), _pid_space(), start_ticks(pid))
+
+
+def start_ticks(pid: int) -> int | None:
+    """When process `pid` started, in clock ticks since boot (/proc/PID/stat field 22); None where unknown.
+
+    psutil's create_time is boot time + these ticks, and the boot time it reads moves when the wall clock is
+    stepped (NTP, a VM resumed): a running process then looks started seconds later than it was recorded."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        return int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def running_here(other: Identity) -> bool:
@@ -94,7 +114,9 @@ def known_dead(other: Identity) -> bool:
     if (other.host, other.pid_space) != (me.host, me.pid_space):
         return False  # another machine or container: only its heartbeat can tell
     try:
-        return abs(psutil.Process(other.pid).create_time() - other.started) > 0.5
+        started = psutil.Process(other.pid).create_time()
+        ticks = start_ticks(other.pid) if other.ticks is not None else None
+        return ticks != other.ticks if ticks is not None else abs(started - other.started) > 0.5
     except psutil.NoSuchProcess:
         return True
     except psutil.Error:  # exists, but not ours to inspect
