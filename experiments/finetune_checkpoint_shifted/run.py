@@ -7,9 +7,12 @@ is a bnnas command, run as a user would run it, and skipped when its result is a
 2. space.yaml: the fine-tuning space, its checkpoint the export's weights.pt, its mean / std the export's;
 3. anchors: the source on the shifted test split as it is, and after AdaBN (statistics re-estimated on the unlabelled
    shifted training images, nothing trained): nas-finetune --bn-mode adabn --labels-per-class 0;
-4. nas-compare --factor finetune.bn_mode at 5, 20 and 100 labels per class (each cell searches the rest of the strategy
+4. nas-compare --factor finetune.bn_mode at 5, 20 and 50 labels per class (each cell searches the rest of the strategy
    for the same number of trials; its best is re-evaluated under 5 fresh seeds);
-5. nas-compare of bn_mode x batch size 4 / 32 at 20 labels per class (the advice to freeze BN with small batches).
+5. nas-compare of bn_mode x batch size 4 / 32 at 20 labels per class (the advice to freeze BN with small batches),
+   and of finetune.recalibrate there (re-estimating the statistics before training: AdaBN's step);
+6. each cell's best strategy retrained on all its labelled images and scored on the 360 shifted test images
+   (nas-export of the cell's study: one seed).
 
 results.md collects the tables.
 """
@@ -27,8 +30,9 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 BIN = Path(sys.executable).parent
 STORAGE = "sqlite:///experiments/finetune_checkpoint_shifted/study.db"
-BUDGETS = {5: 40, 20: 12, 100: 4}  # labels per class: epochs (about 160-250 optimizer steps at batch 8)
+BUDGETS = {5: 40, 20: 12, 50: 6}  # labels per class: epochs (about 160-250 optimizer steps at batch 8)
 TRIALS_PER_CELL, SEEDS = 8, 5
+VERDICTS = {"indistinguishable": "= best (not shown worse)"}  # nas-compare's words in compare.md
 SPACE = {
     "finetune": {
         "bn_mode": {"choice": ["freeze", "adabn", "bn-only", "full", "linear-probe"]},
@@ -88,16 +92,75 @@ def compare(name: str, labels: int, epochs: int, *factor: str) -> None:
     run("nas-compare", "--config", str(HERE / "target.yaml"), *settings, *factor, *budget, "--out", str(out))
 
 
+def export_cells(name: str) -> dict[str, dict]:
+    """Each cell's best trial exported (retrained on every labelled image); its model.json by cell label."""
+    found = {}
+    for cell in json.loads((HERE / "results" / name / "compare.json").read_text())["cells"]:
+        folder = HERE / "results" / name / "exports" / cell["label"].replace(" ", "_").replace("/", "_")
+        if not (folder / "model.json").exists():
+            run("nas-export", "--storage", STORAGE, "--study", cell["study"], "--out", str(folder), "--force")
+        found[cell["label"]] = json.loads((folder / "model.json").read_text())
+    return found
+
+
+def strategy_text(spec: dict) -> str:
+    strategy, training = spec["finetune"], spec["training"]
+    parts = [strategy["bn_mode"]]
+    if strategy["recalibrate"] and strategy["bn_mode"] != "adabn":
+        parts.append("re-estimated")
+    if strategy.get("unfreeze_stages") is not None:
+        parts.append(f"last {strategy['unfreeze_stages']} stages")
+    return ", ".join(parts) + f"; lr {training['lr']:.2g}, batch {training['batch_size']}"
+
+
+def table(name: str) -> list[str]:
+    result = json.loads((HERE / "results" / name / "compare.json").read_text())
+    exports = export_cells(name)
+    lines = [
+        "| cell | best strategy of its search | CV loss, mean ± SD over 5 seeds | verdict | CV acc "
+        "| test acc (1 retrain) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for cell in sorted(result["cells"], key=lambda c: c["stats"]["loss"]["mean"]):
+        loss, acc = cell["stats"]["loss"], cell["stats"]["accuracy"]
+        verdict = VERDICTS.get(cell["stats"]["verdict"], cell["stats"]["verdict"])
+        test = exports[cell["label"]]["test"]["accuracy"]
+        lines.append(
+            f"| {cell['label']} | {strategy_text(cell['spec'])} | {loss['mean']:.3f} ± {loss['sd']:.3f} "
+            f"| {verdict} | {acc['mean']:.3f} ± {acc['sd']:.3f} | {test:.3f} |"
+        )
+    return lines
+
+
+def summarize() -> None:
+    adabn = json.loads((HERE / "results" / "adabn_unlabelled" / "metrics.json").read_text())
+    lines = [
+        "# Results (written by run.py)",
+        "",
+        f"Source on the shifted test split as it is: accuracy {adabn['before']['accuracy']:.3f}, loss "
+        f"{adabn['before']['loss']:.3f}. After AdaBN on the 1,437 unlabelled shifted training images (nothing "
+        f"trained): accuracy {adabn['after']['accuracy']:.3f}, loss "
+        f"{adabn['after']['loss']:.3f}.",
+    ]
+    for labels in BUDGETS:
+        lines += ["", f"## {labels} labelled images per class ({BUDGETS[labels]} epochs)", "", *table(f"k{labels}")]
+    lines += ["", "## Batch size 4 vs 32 at 20 labels per class", "", *table("k20_batch")]
+    lines += ["", "## Statistics re-estimated first or not at 20 labels per class", "", *table("k20_recalibrate")]
+    (HERE / "results.md").write_text("\n".join(lines) + "\n")
+
+
 def main() -> None:
     folder = source()
     write_space(folder)
     anchors(folder)
     for labels, epochs in BUDGETS.items():
         compare(f"k{labels}", labels, epochs, "--factor", "finetune.bn_mode")
-    batch = ["--factor", "finetune.bn_mode", "--levels", "finetune.bn_mode=freeze,bn-only,full"]
+    batch = ["--factor", "finetune.bn_mode", "--levels", "finetune.bn_mode=freeze,full"]
     compare(
         "k20_batch", 20, BUDGETS[20], *batch, "--factor", "training.batch_size", "--levels", "training.batch_size=4,32"
     )
+    compare("k20_recalibrate", 20, BUDGETS[20], "--factor", "finetune.recalibrate")
+    summarize()
 
 
 if __name__ == "__main__":
