@@ -223,3 +223,23 @@ def test_a_searched_epoch_count_refuses_a_pruner(checkpoints, tmp_path, capsys):
     assert search_main(["--config", str(config), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "run.yaml: evaluation.pruner: median compares trials epoch by epoch, but finetune.epochs is searched" in err
+
+
+@pytest.mark.parametrize("kind", ["pickled code", "truncated", "not a checkpoint"])
+def test_a_bad_weights_file_is_refused_before_any_trial(checkpoints, tmp_path, capsys, kind):
+    path = tmp_path / "bad.pt"
+    if kind == "pickled code":
+        torch.save({"conv1.weight": torch.zeros(1), "hook": print}, path)  # loading would call into builtins
+        message = "holds pickled objects other than tensors (print); refused"
+    elif kind == "truncated":
+        torch.save(timm.create_model("test_resnet").state_dict(), path)
+        path.write_bytes(path.read_bytes()[:5000])
+        message = "not a PyTorch checkpoint"
+    else:
+        path.write_text("weights: none\n")
+        message = "not a PyTorch checkpoint"
+    config = write_run(tmp_path, str(path), {"bn_mode": "full"})
+    assert search_main(["--config", str(config), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"{tmp_path / 'space.yaml'}: model.weights: {path}: ") and message in err, err
+    assert err.count("\n") == 1

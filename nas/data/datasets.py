@@ -549,16 +549,16 @@ def resized(arrays: Arrays, cfg) -> Arrays:
     return dataclasses.replace(arrays, x_train=resize(arrays.x_train), x_test=resize(arrays.x_test), raw=raw)
 
 
-def stratified_subset(y: np.ndarray, per_class: int, seed: int, where: str) -> np.ndarray:
-    """Sorted indices of `per_class` samples of every class, drawn by `seed`; too few of a class is a DataError."""
+def stratified_subset(y: np.ndarray, per_class: int, seed: int, where: str, instead: str) -> np.ndarray:
+    """Sorted indices of `per_class` samples of every class, drawn by `seed`; too few of a class is a DataError
+    naming `where` and what to do `instead`."""
     generator = np.random.default_rng(seed)
     picked = []
     for label in np.unique(y):
         members = np.flatnonzero(y == label)
         if len(members) < per_class:
             raise DataError(
-                f"{where}: {per_class} asked, but class {label} has only {len(members)} training samples "
-                "(use a smaller K or 'all')"
+                f"{where}: {per_class} asked, but class {label} has only {len(members)} training samples ({instead})"
             )
         picked.append(generator.permutation(members)[:per_class])
     return np.sort(np.concatenate(picked))
@@ -569,7 +569,13 @@ def labelled(arrays: Arrays, cfg) -> Arrays:
     practitioner fine-tuning on a few hundred images has); the test split is kept whole."""
     if cfg.labels_per_class is None:
         return arrays
-    keep = stratified_subset(arrays.y_train, cfg.labels_per_class, cfg.labels_seed, "dataset.labels_per_class")
+    keep = stratified_subset(
+        arrays.y_train,
+        cfg.labels_per_class,
+        cfg.labels_seed,
+        "dataset.labels_per_class",
+        "use a smaller K, or leave the key out for every image",
+    )
     return dataclasses.replace(arrays, x_train=arrays.x_train[keep], y_train=arrays.y_train[keep])
 
 

@@ -194,9 +194,9 @@ def export_trial(
     hp = spec["training"]
     train_mode = None if strategy is None else start_strategy(model, strategy, data.x_train, hp["batch_size"], dev)
     everything = torch.arange(len(data.y_train), device=dev)
-    fit(model, data, everything, None, spec["training"], epochs, dev, seed=seed, train_mode=train_mode)
+    fit(model, data, everything, None, hp, epochs, dev, seed=seed, train_mode=train_mode)
     all_trainable(model)
-    scored_in = scoring_batch_size(model, spec["training"])
+    scored_in = scoring_batch_size(model, hp)
     test_loss, test_acc = evaluate(model, data.x_test, data.y_test, dev, scored_in)
     log(f"Test split: loss {test_loss:.4f}, accuracy {test_acc:.4f} ({len(data.y_test)} samples)")
     dependence = batch_dependence(model, data, dev, scored_in, test_acc) if batch_dependent(model) else None

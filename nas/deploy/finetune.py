@@ -45,7 +45,7 @@ def labelled_subset(y: torch.Tensor, per_class: int | None, seed: int) -> torch.
 
     if per_class is None:
         return torch.arange(len(y), device=y.device)
-    picked = stratified_subset(y.cpu().numpy(), per_class, seed, "--labels-per-class")
+    picked = stratified_subset(y.cpu().numpy(), per_class, seed, "--labels-per-class", "use a smaller K or 'all'")
     return torch.as_tensor(picked, device=y.device)
 
 

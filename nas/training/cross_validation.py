@@ -145,7 +145,7 @@ def _model(spec: dict, data: Dataset, device: torch.device, seed: int) -> torch.
 def build_candidate(spec: dict, input_shape, num_classes: int) -> torch.nn.Module:
     """`build(spec)`, with the checkpoint the spec fine-tunes (`model.weights`) loaded into it."""
     model = build(spec, input_shape, num_classes)
-    weights = spec.get("model", {}).get("weights") if isinstance(spec.get("model"), dict) else None
+    weights = spec["model"].get("weights") if isinstance(spec.get("model"), dict) else None
     if weights is not None:
         try:
             load_pinned(model, weights)
