@@ -118,3 +118,13 @@ def test_a_stepped_wall_clock_does_not_make_a_running_process_look_dead(monkeypa
     reused = liveness.Identity(here.host, here.pid, here.started, here.pid_space, here.ticks - 100)
     assert liveness.known_dead(reused)  # this pid, another process's start
     assert liveness.Identity.from_dict(here.as_dict()) == here
+
+
+def test_a_record_older_than_start_ticks_is_still_judged_by_its_start_time():
+    here = liveness.current()
+    older = {key: value for key, value in here.as_dict().items() if key != "ticks"}
+    assert liveness.Identity.from_dict(older).ticks is None and not liveness.known_dead(
+        liveness.Identity.from_dict(older)
+    )
+    assert liveness.known_dead(liveness.Identity.from_dict({**older, "started": here.started - 3600}))
+    assert liveness.Identity.from_dict(None) is None and liveness.Identity.from_dict("vm:1") is None

@@ -130,7 +130,8 @@ def test_a_running_trial_of_another_host_is_left_to_its_heartbeat(run_dir):
     assert liveness.reclaim_dead_trials(study) == []
     assert study.get_trials()[0].state == TrialState.RUNNING
     # the same process id on this host, but started at another time: the pid was reused, the worker is gone
-    trial.set_user_attr("worker", {**here.as_dict(), "started": here.started - 3600})
+    reused = {**here.as_dict(), "started": here.started - 3600, "ticks": here.ticks - 360_000}
+    trial.set_user_attr("worker", reused)
     assert liveness.reclaim_dead_trials(study) == [0]
     assert study.get_trials()[0].state == TrialState.FAIL
 

@@ -49,6 +49,8 @@ class Identity:
 
     @classmethod
     def from_dict(cls, data) -> Identity | None:
+        if not isinstance(data, dict):
+            return None
         try:
             ticks = data.get("ticks")
             return cls(
