@@ -63,12 +63,14 @@ def trials_of(config: Path) -> list[optuna.trial.FrozenTrial]:
     return study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
 
 
-def test_every_fold_starts_from_the_checkpoint_so_a_trained_one_scores_far_better(checkpoints, tmp_path):
+def test_every_fold_starts_from_the_checkpoint_so_a_trained_one_scores_far_better(checkpoints, tmp_path, capsys):
     """Linear probes of a trained and an untrained checkpoint of one architecture: only the weights differ."""
     scores = {}
     for name, path in checkpoints.items():
         config = write_run(tmp_path / name, str(path), {"bn_mode": "linear-probe"})
         assert search_main(["--config", str(config), "--no-progress"]) == 0
+        said = "Checkpoint input: mean [0.500], std [0.500] (model.mean, model.std), images 1x16x16"
+        assert said in capsys.readouterr().out
         (trial,) = trials_of(config)
         scores[name] = trial.value
         weights = trial.user_attrs["arch"]["model"]["weights"]

@@ -190,8 +190,22 @@ def expected_of(space: dict):
         return None
     model = space["model"]
     family = next(key for key in FAMILIES if key in model)
-    return expected_input(
+    expected = expected_input(
         {"family": family, "name": model[family]}, model.get("mean"), model.get("std"), model.get("input_size")
+    )
+    return dataclasses.replace(expected, source="model.mean, model.std") if "mean" in model else expected
+
+
+def checkpoint_input(space: dict, data) -> str | None:
+    """The line that says how a fine-tuning search prepares its data (None for a search from scratch): a checkpoint
+    whose library says 224x224 makes 8x8 digits 784 times larger, which a user should see before the first trial."""
+    expected = expected_of(space)
+    if expected is None:
+        return None
+    values = lambda v: "[" + ", ".join(f"{x:.3f}" for x in v) + "]"  # noqa: E731
+    return (
+        f"Checkpoint input: mean {values(data.mean)}, std {values(data.std)} ({expected.source}), images "
+        f"{'x'.join(map(str, data.input_shape))} (model.input_size; dataset.image_size overrides it)"
     )
 
 

@@ -28,7 +28,7 @@ import optuna
 
 from nas.errors import StudyError, Terminated, TrialError
 from nas.search.config import RunConfig, blamed
-from nas.search.finetune_space import epochs_said, load_search_data
+from nas.search.finetune_space import checkpoint_input, epochs_said, load_search_data
 from nas.search.samplers import process_seed
 from nas.study.best_so_far import anytime_line, improvements
 from nas.study.contract import changed_on_this_host, show
@@ -163,6 +163,9 @@ class Search:
             f"{epochs_said(cfg.space, cfg.evaluation.epochs)})"
         )
         out(f"Dataset in memory: {data.memory()}")
+        said = checkpoint_input(cfg.space, data)
+        if said:
+            out(said)
         if cfg.evaluation.fold_mode == "together" and "model" in cfg.space:
             from nas.search.model_space import GENERATED, family_of  # late: builds on torch
             from nas.training.cross_validation import no_stacked_form
