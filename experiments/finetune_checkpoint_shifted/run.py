@@ -26,6 +26,8 @@ from pathlib import Path
 
 import yaml
 
+from nas.search import describe_strategy
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 BIN = Path(sys.executable).parent
@@ -104,13 +106,8 @@ def export_cells(name: str) -> dict[str, dict]:
 
 
 def strategy_text(spec: dict) -> str:
-    strategy, training = spec["finetune"], spec["training"]
-    parts = [strategy["bn_mode"]]
-    if strategy["recalibrate"] and strategy["bn_mode"] != "adabn":
-        parts.append("re-estimated")
-    if strategy.get("unfreeze_stages") is not None:
-        parts.append(f"last {strategy['unfreeze_stages']} stages")
-    return ", ".join(parts) + f"; lr {training['lr']:.2g}, batch {training['batch_size']}"
+    training = spec["training"]
+    return f"{describe_strategy(spec['finetune'])}; lr {training['lr']:.2g}, batch {training['batch_size']}"
 
 
 def table(name: str) -> list[str]:

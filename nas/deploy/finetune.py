@@ -23,7 +23,7 @@ from torch import nn
 from nas.errors import DataError, NasError
 from nas.models.families import head_name
 from nas.models.norms import norm_layers, running_stats_layers
-from nas.search.finetune_space import MODES
+from nas.search.finetune_space import MODES, show_values
 from nas.training.bn_modes import all_trainable, set_trainable
 
 TRAINS_WITHOUT_LABELS = ("adabn",)  # the modes that may run with --labels-per-class 0
@@ -207,7 +207,7 @@ def from_checkpoint(reference: dict, weights: str | Path, cfg, dev, *, strict: b
     with blamed(cfg):
         data = load_dataset(dataset, dev, normalization=expected.normalization)
     log(
-        f"Checkpoint input: {expected.source} (mean {_values(data.mean)}, std {_values(data.std)}), "
+        f"Checkpoint input: {expected.source} (mean {show_values(data.mean)}, std {show_values(data.std)}), "
         f"{'x'.join(map(str, data.input_shape))}"
     )
     arch = {"model": {**reference, "kwargs": {}}, "training": hp}
@@ -221,10 +221,6 @@ def from_checkpoint(reference: dict, weights: str | Path, cfg, dev, *, strict: b
     meta = {"format": FORMAT, "arch": arch, "input_shape": list(data.input_shape)}
     described = f"{reference['family']}:{reference['name']} with {weights} ({loaded.loaded} tensors)"
     return Start(model, data, meta, described, loaded.head_replaced, dataclasses.asdict(loaded))
-
-
-def _values(values: list[float]) -> str:
-    return "[" + ", ".join(f"{v:.3f}" for v in values) + "]"
 
 
 def finetune(

@@ -196,15 +196,19 @@ def expected_of(space: dict):
     return dataclasses.replace(expected, source="model.mean, model.std") if "mean" in model else expected
 
 
+def show_values(values: list[float]) -> str:
+    """Per-channel values as the logs print them: `[0.485, 0.456, 0.406]`."""
+    return "[" + ", ".join(f"{v:.3f}" for v in values) + "]"
+
+
 def checkpoint_input(space: dict, data) -> str | None:
     """The line that says how a fine-tuning search prepares its data (None for a search from scratch): a checkpoint
     whose library says 224x224 makes 8x8 digits 784 times larger, which a user should see before the first trial."""
     expected = expected_of(space)
     if expected is None:
         return None
-    values = lambda v: "[" + ", ".join(f"{x:.3f}" for x in v) + "]"  # noqa: E731
     return (
-        f"Checkpoint input: mean {values(data.mean)}, std {values(data.std)} ({expected.source}), images "
+        f"Checkpoint input: mean {show_values(data.mean)}, std {show_values(data.std)} ({expected.source}), images "
         f"{'x'.join(map(str, data.input_shape))} (model.input_size; dataset.image_size overrides it)"
     )
 

@@ -61,7 +61,7 @@ def set_trainable(model: nn.Module, mode: str, unfreeze_stages: int | None = Non
     return None
 
 
-def frozen_stages(model: nn.Module, unfreeze: int | None, where: str = "--unfreeze-stages") -> list[nn.Module]:
+def frozen_stages(model: nn.Module, unfreeze: int | None) -> list[nn.Module]:
     """The modules of every stage but the last `unfreeze` (None: none frozen); the head is never one of them."""
     from nas.models.norm_swap import HEAD, stage_order, stages_of
 
@@ -70,7 +70,9 @@ def frozen_stages(model: nn.Module, unfreeze: int | None, where: str = "--unfree
     stages = stages_of(model)
     order = stage_order(stages)
     if not 0 <= unfreeze <= len(order):
-        raise NasError(f"{where}: {unfreeze}; {type(model).__name__} has {len(order)} stages ({', '.join(order)})")
+        raise NasError(
+            f"--unfreeze-stages: {unfreeze}; {type(model).__name__} has {len(order)} stages ({', '.join(order)})"
+        )
     kept = set(order[len(order) - unfreeze :])
     return [model.get_submodule(name) for name, stage in stages.items() if stage != HEAD and stage not in kept]
 
