@@ -84,7 +84,7 @@ def sample(space: dict, seed: int = 0, shape=DIGITS) -> tuple[dict, dict]:
         ),
         ({"timm": "test_vit", "norm": {"type": "batch"}}, "s.yaml: model.norm: test_vit has no norm on feature maps"),
         ({"factory": "user_nets:needs_16_pixels"}, "cannot take 1x8x8 inputs (RuntimeError"),
-        ("timmm", "s.yaml: model: expected bnnas or a mapping such as {timm: resnet10t}, got 'timmm'"),
+        ("timmm", "s.yaml: model: expected bnnas or mlp or a mapping such as {timm: resnet10t}, got 'timmm'"),
     ],
 )
 def test_a_model_entry_that_cannot_work_is_refused_in_one_line_naming_its_key(model, expected):

@@ -104,7 +104,7 @@ def test_parameters_split_by_decay_as_a_single_model_splits_them():
 
 
 def test_a_model_that_is_not_a_built_net_is_not_stackable():
-    with pytest.raises(NotStackable, match="Sequential is not a nas.models.build.Net"):
+    with pytest.raises(NotStackable, match="Sequential is neither a nas.models.build.Net nor a nas.models.mlp.MLP"):
         stack([nn.Sequential(nn.Conv2d(1, 2, 3)), nn.Sequential(nn.Conv2d(1, 2, 3))])
 
 

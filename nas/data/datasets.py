@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nas.data.tabular import FEATURES, TABLES
 from nas.errors import DataError
 
 
@@ -95,6 +96,8 @@ class RawInput:
     resize: int | None = None
     resized_from: tuple[int, int] | None = None  # (H, W) of a raw sample that `dataset.image_size` resized
     resized_as: str | None = None  # the dtype the loader's arrays had when resized: uint8, or float32 (scaled)
+    columns: tuple[str, ...] | None = None  # a feature vector's column names (tabular data), for CSV rows
+    target: str | None = None  # the CSV column the classes were read from (optional in rows to predict on)
 
 
 @dataclass
@@ -308,6 +311,18 @@ def _imagefolder(cfg) -> Arrays:
     return Arrays(x_train, y_train, x_test, y_test, classes, raw=raw)
 
 
+def _tabular(load):
+    """A loader of `nas.data.tabular`'s tables as Arrays of feature vectors (raw layout F, standardized per feature)."""
+
+    def loader(cfg) -> Arrays:
+        table = load(cfg)
+        raw = RawInput(table.description, FEATURES, "float64", 1.0, columns=table.columns, target=table.target)
+        x_train, x_test = (x.astype(np.float32) for x in (table.x_train, table.x_test))
+        return Arrays(x_train, table.y_train, x_test, table.y_test, table.classes, raw=raw)
+
+    return loader
+
+
 LOADERS = {
     "digits": _digits,
     "mnist": _torchvision("MNIST"),
@@ -316,6 +331,7 @@ LOADERS = {
     "cifar100": _torchvision("CIFAR100"),
     "npz": _npz,
     "imagefolder": _imagefolder,
+    **{name: _tabular(load) for name, load in TABLES.items()},  # feature vectors (N, F): csv, breast_cancer, ...
 }
 AUTO_AUGMENT = {"cifar10": "crop_flip", "cifar100": "crop_flip"}  # what `dataset.augment: auto` is; "none" elsewhere
 
@@ -427,9 +443,8 @@ def load_dataset(cfg, device: torch.device | str = "cpu", normalization=None) ->
     x_train, x_test = apply_transforms(
         as_float(arrays.x_train, arrays), as_float(arrays.x_test, arrays), cfg.transforms, cfg.transform_seed
     )
-    axes = (
-        (0, 1) if x_train.ndim == 2 else (0, *range(2, x_train.ndim))
-    )  # all but the channel axis; (N, L) is one channel
+    # All but the channel axis; (N, L) is one channel; a feature vector (N, F) is standardized per feature.
+    axes = (0,) if arrays.raw.layout == FEATURES else (0, 1) if x_train.ndim == 2 else (0, *range(2, x_train.ndim))
     mean, std = _override(
         cfg, x_train.mean(axis=axes, keepdims=True), x_train.std(axis=axes, keepdims=True) + 1e-8, normalization
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from nas.data.tabular import FEATURES
 from nas.errors import NasError
 
 CHANNELS_LAST = "HWC"
@@ -54,11 +55,13 @@ def recipe(data) -> dict:
         "resized_as": raw.resized_as,
         "mean": list(data.mean),
         "std": list(data.std),
-        "layout": "N" + ("CHW" if len(shape) == 3 else "CL" if len(shape) == 2 else "L"),
+        "layout": "N" + ("CHW" if len(shape) == 3 else "CL" if len(shape) == 2 else raw.layout),
         "dtype": "float32",
         "input_shape": shape,
         "image_files": images,
         "classes": list(data.classes),
+        "columns": list(raw.columns) if raw.columns else None,  # a CSV row's feature columns, in this order
+        "target": raw.target,
         "steps": steps(raw, source, shape),
     }
 
@@ -75,6 +78,8 @@ def steps(raw, source: list[int], shape: list[int]) -> str:
             if raw.resized_as == "uint8"
             else f"x = raw as float32 ({layout}), reshaped to {source}, / {raw.scale:g}, {resize}"
         )
+    if raw.layout == FEATURES:
+        return f"{body}, then (x - mean[f]) / std[f] per feature"
     return f"{body}, then (x - mean[c]) / std[c] per channel"
 
 
@@ -89,8 +94,9 @@ def raw_shape(layout: str, input_shape: list[int]) -> list[int]:
 
 
 def normalize(x: torch.Tensor, pre: dict) -> torch.Tensor:
-    """(x - mean[c]) / std[c] over the channel axis (axis 1; a (N, L) signal is one channel)."""
-    view = (1, -1) + (1,) * (x.dim() - 2) if x.dim() > 2 else (1, 1)
+    """(x - mean[c]) / std[c] over axis 1: channels, or features of a vector (a (N, L) signal's one mean is one
+    channel's)."""
+    view = (1, -1) + (1,) * (x.dim() - 2)
     mean = torch.tensor(pre["mean"], dtype=torch.float32).view(view)
     std = torch.tensor(pre["std"], dtype=torch.float32).view(view)
     return (x - mean) / std

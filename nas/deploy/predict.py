@@ -1,8 +1,9 @@
 """`nas-predict`: classify raw inputs with an export folder, following its model.json.
 
-Inputs are image files (PNG / JPEG, decoded as training decodes image folders) or `.npy` /
-`.npz` arrays of raw samples; each goes through `nas.data.preprocessing`, the one implementation of
-the recipe in model.json. The model file is checked against its sha256 before it is loaded.
+Inputs are image files (PNG / JPEG, decoded as training decodes image folders), `.npy` /
+`.npz` arrays of raw samples, or CSV rows with the training table's columns (found by header);
+each goes through `nas.data.preprocessing`, the one implementation of the recipe in model.json.
+The model file is checked against its sha256 before it is loaded.
 
 The default runtime, `eager`, runs no code from the folder: bnnas builds the model from model.json's
 `arch`, loads weights.pt as data (torch.load weights_only=True) and folds it as export did. `onnx`
@@ -78,12 +79,26 @@ def read_inputs(path: Path, pre: dict) -> list[tuple[str, torch.Tensor]]:
     suffix = path.suffix.lower()
     if suffix in IMAGE_SUFFIXES:
         return [(str(path), image_to_model_input(decode_image(path, pre), pre, str(path)))]
+    if suffix == ".csv":
+        return _csv_rows(path, pre)
     if suffix in (".npy", ".npz"):
         raw = read_array(path)
         x = to_model_input(raw, pre, str(path))
         single = list(raw.shape) == list(pre["raw_shape"])
         return [(str(path), x)] if single else [(f"{path}[{i}]", x[i : i + 1]) for i in range(len(x))]
-    raise DataError(f"{path}: unknown input type '{suffix}' (give {', '.join(IMAGE_SUFFIXES)}, .npy or .npz)")
+    raise DataError(f"{path}: unknown input type '{suffix}' (give {', '.join(IMAGE_SUFFIXES)}, .npy, .npz or .csv)")
+
+
+def _csv_rows(path: Path, pre: dict) -> list[tuple[str, torch.Tensor]]:
+    """Each row of a CSV file with the training data's feature columns (any order; its target column, if there,
+    ignored) as a model input, named by its line."""
+    from nas.data.tabular import read_table
+
+    if not pre.get("columns"):
+        raise DataError(f"{path}: this model takes {pre['raw_input']}, not CSV rows; give .npy or .npz arrays")
+    x, _, _ = read_table(path, pre.get("target"), "", pre["columns"], target_optional=True)
+    batch = to_model_input(x, pre, str(path))
+    return [(f"{path}[line {i + 2}]", batch[i : i + 1]) for i in range(len(batch))]
 
 
 def decode_image(path: Path, pre: dict) -> torch.Tensor:

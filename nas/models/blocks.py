@@ -29,12 +29,12 @@ def _conv(dims: int, in_channels: int, out_channels: int, kernel: int, stride: i
     return CONV[dims](in_channels, out_channels, kernel, stride=stride, padding=(kernel - 1) // 2, bias=bias)
 
 
-def _bias_before(norm_layer: NormFactory | None) -> bool:
+def bias_before(norm_layer: NormFactory | None) -> bool:
     """Whether a conv whose output goes straight into `norm_layer` needs its own bias."""
     return norm_layer is None or not getattr(norm_layer, "absorbs_conv_bias", False)
 
 
-def _dropout(p: float) -> list:
+def dropout_layers(p: float) -> list:
     return [("drop", nn.Dropout(p))] if p > 0 else []
 
 
@@ -64,10 +64,10 @@ class ConvBlock(nn.Sequential):
         dropout: float = 0.0,
     ):
         norm = None if norm_layer is None else norm_layer(in_channels if position == "pre_conv" else out_channels)
-        bias = position != "post_conv" or _bias_before(norm_layer)
+        bias = position != "post_conv" or bias_before(norm_layer)
         parts = {"conv": _conv(dims, in_channels, out_channels, kernel, stride, bias), "norm": norm, "act": act_layer()}
         layers = [(name, parts[name]) for name in self.ORDERS[position] if parts[name] is not None]
-        super().__init__(OrderedDict(layers + _dropout(dropout)))
+        super().__init__(OrderedDict(layers + dropout_layers(dropout)))
         self.position = position
 
 
@@ -100,7 +100,7 @@ class ResidualBlock(nn.Module):
         def norm(channels: int) -> nn.Module:
             return nn.Identity() if norm_layer is None else norm_layer(channels)
 
-        bias = _bias_before(norm_layer)
+        bias = bias_before(norm_layer)
         if preact:
             self.norm1, self.act1 = norm(in_channels), act_layer()
             self.conv1 = _conv(dims, in_channels, out_channels, kernel, stride, bias)
@@ -117,7 +117,7 @@ class ResidualBlock(nn.Module):
         self.shortcut = nn.Identity()
         if stride != 1 or in_channels != out_channels:
             self.shortcut = _conv(dims, in_channels, out_channels, 1, stride, True)
-        self.drop = nn.Sequential(OrderedDict(_dropout(dropout)))
+        self.drop = nn.Sequential(OrderedDict(dropout_layers(dropout)))
         if zero_init and getattr(self.norm2, "weight", None) is not None:
             nn.init.zeros_(self.norm2.weight)
 

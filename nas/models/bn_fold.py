@@ -22,6 +22,13 @@ A norm before a conv cannot fold into it exactly: the conv zero-pads, and a shif
 would pad with the shift instead. A norm after the activation has no conv right before it.
 Both become a `ChannelAffine`, which has no running statistics to update or misuse.
 
+Fully-connected layers (an MLP, a chain's head) fold both ways, as a linear layer pads nothing:
+a norm right after a Linear folds into it as into a conv, and a norm whose next layer is a Linear
+(pre_linear, a post_act norm before the next layer, a pre-norm residual block's norm) folds into
+that Linear's input side, W' = W * scale per input feature, b' = b + W @ shift. Dropout between
+them is the identity in eval mode. What is left (a residual MLP's last norm, before its activation)
+becomes a ChannelAffine.
+
 Norms without running statistics (GroupNorm for group / layer / instance, BatchNorm with
 `track_running_stats=False`) normalize with statistics of the input itself, even in eval
 mode: they are data-dependent, cannot be folded, and are left as they are.
@@ -49,10 +56,12 @@ import torch
 from torch import nn
 
 from nas.models.blocks import ResidualBlock
+from nas.models.mlp import MLP, ResidualLinearBlock
 from nas.models.norm_swap import fused_tail
 from nas.models.norms import is_norm, running_stats_layers, uses_running_stats
 
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+WEIGHTED = (*CONVS, nn.Linear)  # layers a norm right after them folds into
 
 
 class ChannelAffine(nn.Module):
@@ -99,6 +108,42 @@ def _fold_into_conv(conv: nn.Module, norm: nn.Module) -> None:
     dtype = conv.weight.dtype
     conv.weight = nn.Parameter(weight.to(dtype))
     conv.bias = nn.Parameter(bias.to(dtype))
+
+
+def _fold_into_next_linear(norm: nn.Module, linear: nn.Linear) -> None:
+    """Make `linear` compute linear(norm(x)); it gains a bias if it had none."""
+    scale, shift = norm_scale_shift(norm)
+    weight = linear.weight.double()
+    bias = weight @ shift + (0.0 if linear.bias is None else linear.bias.double())
+    dtype = linear.weight.dtype
+    linear.weight = nn.Parameter((weight * scale.view(1, -1)).to(dtype))
+    linear.bias = nn.Parameter(bias.to(dtype))
+
+
+def _chain(module: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
+    """(parent, name, layer) for the layers a Sequential runs one after another, nested Sequentials opened."""
+    layers = []
+    for name, child in module.named_children():
+        layers += _chain(child) if isinstance(child, nn.Sequential) else [(module, name, child)]
+    return layers
+
+
+def _fold_before_linears(model: nn.Module) -> None:
+    """Fold every running-statistics norm whose next layer (dropout aside) is a Linear into that Linear: along an
+    MLP's layers into its classifier, along a chain's head, and in each pre-norm residual block."""
+    chains = [
+        [(m, "norm", m.norm), (m, "linear1", m.linear1)] for m in model.modules() if isinstance(m, ResidualLinearBlock)
+    ]
+    if isinstance(model, MLP):
+        chains.append([*_chain(model.features), (model, "head", model.head)])
+    elif isinstance(model.head, nn.Sequential):
+        chains.append(_chain(model.head))
+    for steps in chains:
+        steps = [step for step in steps if not isinstance(step[2], (nn.Dropout, nn.Identity))]
+        for (parent, name, norm), (_, _, linear) in zip(steps, steps[1:]):
+            if _foldable(norm) and type(linear) is nn.Linear:
+                _fold_into_next_linear(norm, linear)
+                setattr(parent, name, nn.Identity())
 
 
 def _conv_norm_pairs(module: nn.Module) -> list[tuple[str, str]]:
@@ -161,14 +206,16 @@ def fold_norms(model: nn.Module) -> nn.Module:
     for module in list(folded.modules()):
         for conv_name, norm_name in _conv_norm_pairs(module):
             conv, norm = getattr(module, conv_name, None), getattr(module, norm_name, None)  # None: dropped
-            if isinstance(conv, CONVS) and _foldable(norm):
+            if isinstance(conv, WEIGHTED) and _foldable(norm):
                 _fold_into_conv(conv, norm)
                 tail = fused_tail(norm)
                 if isinstance(module, nn.Sequential) and not tail:
                     delattr(module, norm_name)
                 else:
                     setattr(module, norm_name, _without_norm(norm))
-    if not _is_ours(folded) and running_stats_layers(folded):  # norms left beside, not in, a chain: the graph
+    if _is_ours(folded):
+        _fold_before_linears(folded)
+    elif running_stats_layers(folded):  # norms left beside, not in, a chain: the graph
         folded = _fold_traced(folded) or folded
     for name, module in list(folded.named_modules()):
         if _foldable(module):
@@ -182,7 +229,7 @@ def fold_norms(model: nn.Module) -> nn.Module:
 
 
 def _is_ours(model: nn.Module) -> bool:
-    """Our generated chain (nas.models.build.Net), whose blocks `_conv_norm_pairs` knows."""
+    """Our generated chain (nas.models.build.Net) or MLP, whose blocks `_conv_norm_pairs` knows."""
     from nas.models.build import Net  # late: build imports this module's neighbours
 
-    return isinstance(model, Net)
+    return isinstance(model, (Net, MLP))

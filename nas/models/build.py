@@ -1,7 +1,8 @@
 """Turn an ArchSpec into an nn.Module: `build(spec, input_shape, num_classes)`.
 
 The data's rank chooses the dimension once: a sample of shape (C, H, W) gets Conv2d /
-BatchNorm2d, a sample of shape (L,) or (C, L) gets Conv1d / BatchNorm1d. Blocks (plain or
+BatchNorm2d, a sample of shape (L,) or (C, L) gets Conv1d / BatchNorm1d. An `mlp` spec is
+fully-connected layers for vectors (F,), and a chain's `head` its FC layers (`nas.models.mlp`). Blocks (plain or
 residual, norm in any position) come from `nas.models.blocks`.
 This module knows nothing about Optuna or training.
 """
@@ -15,6 +16,7 @@ from torch import nn
 
 from nas.models.blocks import ConvBlock, ResidualBlock
 from nas.models.families import make_model
+from nas.models.mlp import build_mlp, make_head
 from nas.models.norm_swap import swap_norms
 from nas.models.norms import ACTIVATIONS, NormLayer, norm_layer
 
@@ -23,9 +25,9 @@ GLOBAL_POOL = {1: nn.AdaptiveAvgPool1d, 2: nn.AdaptiveAvgPool2d}
 
 
 class Net(nn.Module):
-    """Stages of conv blocks, global average pooling and a linear classifier."""
+    """Stages of conv blocks, global average pooling and a classifier head (a Linear, or FC layers then one)."""
 
-    def __init__(self, features: nn.Sequential, head: nn.Linear, dims: int, add_channel: bool):
+    def __init__(self, features: nn.Sequential, head: nn.Module, dims: int, add_channel: bool):
         super().__init__()
         self.add_channel = add_channel  # (N, L) signals get their channel axis here
         self.features = features
@@ -43,6 +45,8 @@ def build(spec: dict, input_shape: tuple[int, ...] | list[int], num_classes: int
     or a timm / torchvision / factory model with the spec's norms in place of its own."""
     if "model" in spec:
         return build_foreign(spec, tuple(input_shape), num_classes)
+    if "mlp" in spec:
+        return build_mlp(spec, tuple(input_shape), num_classes)
     shape = tuple(input_shape)
     if len(shape) not in (1, 2, 3):
         raise ValueError(f"input shape {shape}: expected (L,), (C, L) or (C, H, W)")
@@ -69,7 +73,8 @@ def build(spec: dict, input_shape: tuple[int, ...] | list[int], num_classes: int
                 )
             )
             channels = stage["width"]
-    return Net(nn.Sequential(OrderedDict(layers)), nn.Linear(channels, num_classes), dims, add_channel)
+    head = make_head(spec.get("head"), channels, num_classes)
+    return Net(nn.Sequential(OrderedDict(layers)), head, dims, add_channel)
 
 
 def build_foreign(spec: dict, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:

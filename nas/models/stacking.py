@@ -4,11 +4,12 @@ Fold f's channels are block f of every feature map, so each layer keeps the fold
 a conv becomes a grouped conv (k times the groups), a per-channel norm (BatchNorm, batch
 renorm) gets k times the channels and so keeps k sets of running statistics, GroupNorm gets
 k times the groups (its groups are runs of channels, so none spans two folds), and
-activations, pools and dropout act per element or per channel. The classifier becomes k
-linear maps applied batched. One forward of the stacked model is the k forwards in the ops of
-one, so small models, whose cost is mostly per-op overhead, train several times for the cost
-of about one; every parameter is still its fold's own, so gradients and any elementwise
-optimizer (SGD, AdamW) stay per fold.
+activations, pools and dropout act per element or per channel. A linear layer becomes k
+linear maps applied batched: the classifier's give (k, B, classes) logits, a hidden layer's
+(an MLP's, a head's) go back to channel blocks for the next layer. One forward of the stacked
+model is the k forwards in the ops of one, so small models, whose cost is mostly per-op
+overhead, train several times for the cost of about one; every parameter is still its fold's
+own, so gradients and any elementwise optimizer (SGD, AdamW) stay per fold.
 
 We tried `torch.func.vmap` over `functional_call` first: it gives the same numbers, but its
 batching rules add a reshape or copy around most layers, and on the 2-core CPU it was no
@@ -26,6 +27,8 @@ from torch import nn
 from nas.models.batch_renorm import BatchRenorm
 from nas.models.blocks import ConvBlock, ResidualBlock
 from nas.models.build import GLOBAL_POOL, POOL, Net
+from nas.models.families import head_name
+from nas.models.mlp import MLP, LinearBlock, ResidualLinearBlock
 from nas.models.norms import ACTIVATIONS
 
 
@@ -41,21 +44,26 @@ PER_CHANNEL = (
     *GLOBAL_POOL.values(),
     *(cls for by_dims in POOL.values() for cls in by_dims.values()),
 )
-CONTAINERS = (Net, nn.Sequential, ConvBlock, ResidualBlock)  # forwards that only chain their children
+# Forwards that only chain their children (and add a shortcut, which adds channel blocks to channel blocks).
+CONTAINERS = (Net, MLP, nn.Sequential, ConvBlock, ResidualBlock, LinearBlock, ResidualLinearBlock)
 
 
 class StackedLinear(nn.Module):
-    """k linear maps at once: (B, k*F) features, fold-major, to (k, B, out) logits."""
+    """k linear maps at once on (B, k*F) features, fold-major: to (k, B, out) logits (the classifier), or back to
+    (B, k*out) features, fold-major, for the next layer (`hidden`)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, hidden: bool = False):
         super().__init__()
-        self.weight, self.bias = nn.Parameter(weight), nn.Parameter(bias)  # (k, out, F), (k, out)
+        self.hidden = hidden
+        self.weight = nn.Parameter(weight)  # (k, out, F)
+        self.bias = None if bias is None else nn.Parameter(bias)  # (k, out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        k, _, features = self.weight.shape
-        return torch.baddbmm(
-            self.bias.unsqueeze(1), x.view(len(x), k, features).transpose(0, 1), self.weight.transpose(1, 2)
-        )
+        k, out, features = self.weight.shape
+        x = x.view(len(x), k, features).transpose(0, 1)
+        weight = self.weight.transpose(1, 2)
+        y = torch.bmm(x, weight) if self.bias is None else torch.baddbmm(self.bias.unsqueeze(1), x, weight)
+        return y.transpose(0, 1).reshape(-1, k * out) if self.hidden else y
 
 
 @dataclass
@@ -107,14 +115,14 @@ class Stacked:
 def stack(models: list[Net]) -> Stacked:
     """One model computing the k `models` (same architecture) side by side; their state copied in."""
     first = models[0]
-    if not isinstance(first, Net):
-        raise NotStackable(f"{type(first).__name__} is not a nas.models.build.Net")
-    stacked, links = copy.deepcopy(first), []
+    if not isinstance(first, (Net, MLP)):
+        raise NotStackable(f"{type(first).__name__} is neither a nas.models.build.Net nor a nas.models.mlp.MLP")
+    stacked, links, classifier = copy.deepcopy(first), [], head_name(first)
     for name, module in list(stacked.named_modules()):
         folds = [m.get_submodule(name) for m in models]
         if isinstance(module, CONTAINERS + PER_CHANNEL):
             continue
-        replacement, how = _stack_layer(folds, head=name == "head")
+        replacement, how = _stack_layer(folds, head=name == classifier)
         parent, _, attr = name.rpartition(".")
         setattr(stacked.get_submodule(parent), attr, replacement)
         for tensor_name, tensor in (*replacement.named_parameters(), *replacement.named_buffers()):
@@ -148,9 +156,10 @@ def _stack_layer(folds: list[nn.Module], head: bool) -> tuple[nn.Module, str]:
         ).to(factory["device"])
     elif isinstance(m, nn.GroupNorm):
         new = nn.GroupNorm(k * m.num_groups, k * m.num_channels, m.eps, m.affine, **factory)
-    elif isinstance(m, nn.Linear) and head:
+    elif type(m) is nn.Linear:
         with torch.no_grad():
-            return StackedLinear(torch.stack([f.weight for f in folds]), torch.stack([f.bias for f in folds])), "stack"
+            bias = None if m.bias is None else torch.stack([f.bias for f in folds])
+            return StackedLinear(torch.stack([f.weight for f in folds]), bias, hidden=not head), "stack"
     else:
         raise NotStackable(f"no stacked form for {type(m).__name__} layers")
     with torch.no_grad():

@@ -16,7 +16,15 @@ from nas.search.finetune_space import describe_strategy
 
 # Catalogue order for rows and columns; names not listed (a newer catalogue) sort after them.
 NORM_ORDER = ("batch", "batch_renorm", "group", "layer", "instance", "evonorm_b0", "evonorm_s0", "frn", "none")
-POSITION_ORDER = ("pre_conv", "post_conv", "post_act", "residual:original", "residual:preact")
+POSITION_ORDER = (
+    "pre_conv",
+    "post_conv",
+    "pre_linear",
+    "post_linear",
+    "post_act",
+    "residual:original",
+    "residual:preact",
+)
 NO_POSITION = "n/a"  # a plain block without a norm has no position
 MIXED = "mixed"
 UNKNOWN = "?"
@@ -63,8 +71,19 @@ def foreign_norms(spec: dict) -> list[tuple[str, dict]]:
 
 
 def blocks(spec: dict) -> list[dict]:
-    """Every block of every stage, in order."""
-    return [block for stage in spec.get("stages", []) for block in stage.get("blocks", [])]
+    """Every block of every stage, in order; an MLP's layers (its blocks: norm, activation, type)."""
+    return [block for _, block in labelled_blocks(spec)]
+
+
+def labelled_blocks(spec: dict) -> list[tuple[str, dict]]:
+    """(label, block) for every block: `s2b1` (stage 2, block 1) in a chain, `l3` (layer 3) in an MLP."""
+    if "mlp" in spec:
+        return [(f"l{i + 1}", layer) for i, layer in enumerate(spec["mlp"].get("layers", []))]
+    return [
+        (f"s{i + 1}b{j + 1}", block)
+        for i, stage in enumerate(spec.get("stages", []))
+        for j, block in enumerate(stage.get("blocks", []))
+    ]
 
 
 def norm_position(block: dict) -> str:
@@ -114,6 +133,11 @@ def describe_norms(spec: dict) -> str:
         norm = block["norm"]
         return "none" if norm["type"] == "none" else f"{norm['type']} @ {norm_position(block)}"
 
+    if "mlp" in spec:
+        runs = _runs((label, one(layer)) for label, layer in labelled_blocks(spec))
+        if len(runs) <= 1:
+            return next((text for *_, text in runs), UNKNOWN)
+        return "  ".join(f"{a}: {text}" if a == b else f"{a}..{b}: {text}" for a, b, text in runs)
     stages = [[one(block) for block in stage["blocks"]] for stage in spec.get("stages", [])]
     kinds = {k for stage in stages for k in stage}
     if len(kinds) <= 1:
@@ -153,12 +177,14 @@ def describe_layout(spec: dict) -> str:
         labelled = [(unit or "all", describe_norm(norm)) for unit, norm in foreign_norms(spec)]
         text = "; ".join(f"{a} {t}" if a == b else f"{a}..{b} {t}" for a, b, t in _runs(labelled))
         return text or f"{OWN} norms"
-    labelled = [
-        (f"s{i + 1}b{j + 1}", describe_block_norm(block))
-        for i, stage in enumerate(spec.get("stages", []))
-        for j, block in enumerate(stage.get("blocks", []))
-    ]
+    labelled = [(label, describe_block_norm(block)) for label, block in labelled_blocks(spec)]
+    labelled += [(f"head{i + 1}", describe_block_norm(layer)) for i, layer in enumerate(head_layers(spec))]
     return "; ".join(f"{a} {text}" if a == b else f"{a}..{b} {text}" for a, b, text in _runs(labelled)) or UNKNOWN
+
+
+def head_layers(spec: dict) -> list[dict]:
+    """A chain's fully-connected head layers before its classifier ([] for the single Linear)."""
+    return (spec.get("head") or {}).get("layers", [])
 
 
 def _runs(labelled: Iterable[tuple[str, str]]) -> list[list]:
@@ -186,6 +212,10 @@ def describe_activations(spec: dict) -> str:
 def describe_block_types(spec: dict) -> str:
     if model_family(spec):
         return f"{spec['model']['family']} {spec['model'].get('name', UNKNOWN)}"
+    if "mlp" in spec:
+        layers = spec["mlp"].get("layers", [])
+        kind = "residual " if layers and layers[0].get("type") == "residual" else ""
+        return f"{kind}mlp {'/'.join(str(layer.get('width', UNKNOWN)) for layer in layers)}"
 
     def one(block: dict) -> str:
         if block.get("type") != "residual":

@@ -59,6 +59,12 @@ class DatasetConfig:
     # A small labelled training split: K samples of every class (the test split kept whole), drawn by labels_seed.
     labels_per_class: int | None = field(default=None, metadata={"min": 1})
     labels_seed: int = 0
+    # Tabular data (nas.data.tabular): the CSV column of the classes, and the test split: a stated file, or this
+    # share of the rows drawn stratified by split_seed (scikit-learn's bundled tables are split the same way).
+    target: str | None = None
+    test_root: str | None = None
+    test_fraction: float = field(default=0.2, metadata={"above": 0.0, "below": 1.0})
+    split_seed: int = 0
 
 
 @dataclass

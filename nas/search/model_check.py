@@ -1,4 +1,4 @@
-"""Before any trial: a foreign model's first candidate builds and takes the data's shape.
+"""Before any trial: a foreign model's first candidate builds and takes the data's shape (an MLP: vectors).
 
 On the meta device (shapes only, no weights allocated, no compute), so even a large network is checked in
 moments; every refusal is one ConfigError naming the search space file and `model.FAMILY` (or `model.norm`).
@@ -12,7 +12,8 @@ from nas.errors import ConfigError
 from nas.models.build import build
 from nas.models.families import ModelError, forward_error, minimum_size, template
 from nas.search.leaves import suggest_leaf
-from nas.search.model_space import MAX_PER_LAYER_PARAMS, VIA_REPLACEMENT, ForeignModel, searched_keys
+from nas.search.mlp_space import MLP
+from nas.search.model_space import MAX_PER_LAYER_PARAMS, VIA_REPLACEMENT, ForeignModel, family_of, searched_keys
 from nas.search.space import Space
 from nas.search.stand_in_trials import FirstChoiceTrial
 
@@ -20,6 +21,13 @@ from nas.search.stand_in_trials import FirstChoiceTrial
 def check_model(space: dict, file: str, input_shape: tuple[int, ...], num_classes: int) -> None:
     """Before any trial: the first candidate of a foreign model builds and takes the data's shape (on the meta
     device: shapes only); a ConfigError naming `model.FAMILY` otherwise."""
+    if family_of(space) == MLP and len(input_shape) != 1:
+        raise ConfigError(
+            file,
+            "model",
+            f"mlp takes vectors (F,); the data's samples have shape {'x'.join(map(str, input_shape))}: use a table "
+            "(csv, breast_cancer, wine, digits_vectors) or an npz of (N, F) arrays",
+        )
     foreign = ForeignModel.of(space, tuple(input_shape), num_classes)
     if foreign is None:
         return

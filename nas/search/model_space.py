@@ -25,9 +25,11 @@ from nas.models.families import FAMILIES, ModelError, known_names, load_factory,
 from nas.models.norms import NORM_PARAMS
 from nas.search.finetune_space import CHECKPOINT_KEYS, sample_finetune, validate_checkpoint_keys, weights_entry
 from nas.search.leaves import NORM_TYPE, sample_norm, validate_leaf
+from nas.search.mlp_space import MLP
 from nas.validation import Param, did_you_mean, type_name, unknown_key
 
 GENERATED = "bnnas"
+OURS = (GENERATED, MLP)  # families whose layers we build ourselves (nas.models.build; mlp: nas.models.mlp)
 SHARE = ("global", "per_stage", "per_layer")
 MAX_PER_LAYER_PARAMS = 100  # per_layer on a deep network: beyond this many searched parameters, refused
 CHAIN_KEYS = ("stages", "blocks_per_stage", "width", "downsample", "block")
@@ -41,7 +43,7 @@ FOREIGN_NORM = "model.norm."  # the key paths of a foreign model's norm settings
 
 
 def family_of(space: dict) -> str:
-    """`bnnas`, `timm`, `torchvision` or `factory`."""
+    """`bnnas`, `mlp`, `timm`, `torchvision` or `factory`."""
     model = space.get("model", GENERATED)
     return model if isinstance(model, str) else next((k for k in FAMILIES if k in model), GENERATED)
 
@@ -49,14 +51,14 @@ def family_of(space: dict) -> str:
 def validate_model(space: dict, file: str) -> None:
     """The `model` entry's keys, names and settings; every error names `model.KEY`."""
     model = space["model"]
-    if model == GENERATED:
+    if model in OURS:
         return
     if isinstance(model, str):
         raise ConfigError(
             file,
             "model",
-            f"expected {GENERATED} or a mapping such as {{timm: resnet10t}}, got {model!r}"
-            f"{did_you_mean(model, [GENERATED, *FAMILIES])}",
+            f"expected {' or '.join(OURS)} or a mapping such as {{timm: resnet10t}}, got {model!r}"
+            f"{did_you_mean(model, [*OURS, *FAMILIES])}",
         )
     if not isinstance(model, dict):
         raise ConfigError(file, "model", f"expected {GENERATED} or a mapping, got {type_name(model)}")
@@ -148,7 +150,7 @@ class ForeignModel:
 
     @classmethod
     def of(cls, space: dict, input_shape: tuple[int, ...], num_classes: int) -> ForeignModel | None:
-        return None if family_of(space) == GENERATED else cls(space["model"], input_shape, num_classes)
+        return None if family_of(space) in OURS else cls(space["model"], input_shape, num_classes)
 
     @property
     def share(self) -> str:

@@ -23,7 +23,8 @@ from nas.errors import ConfigError
 from nas.models.norms import ACTIVATIONS, NORM_PARAMS, POSITIONS
 from nas.search.finetune_space import FINETUNE_SCHEMA, pin_checkpoint, resolve_weights, validate_finetune
 from nas.search.leaves import NORM_TYPE, sample_norm, suggest_leaf, validate_leaf
-from nas.search.model_space import ForeignModel, validate_model
+from nas.search.mlp_space import HEAD_SCHEMA, MLP, MLP_SCHEMA, check_head_share, sample_head, sample_mlp
+from nas.search.model_space import ForeignModel, family_of, validate_model
 from nas.search.stand_in_trials import FirstChoiceTrial
 from nas.validation import Param, read_yaml, type_name, unknown_key
 
@@ -63,8 +64,19 @@ SCHEMA: dict = {
         "label_smoothing": Param(float, 0.0, {"min": 0.0, "below": 1.0}),
         "batch_size": Param(int, 64, {"min": 2}),
     },
+    "head": HEAD_SCHEMA,  # FC layers before the classifier (nas.search.mlp_space); none by default
     "finetune": FINETUNE_SCHEMA,  # a checkpoint's fine-tuning strategy (nas.search.finetune_space)
 }
+
+
+# The MLP family's space (`model: mlp`): its layers' keys in place of the chain's, the same training.
+MLP_SPACE_SCHEMA: dict = {**MLP_SCHEMA, "training": SCHEMA["training"]}
+
+
+def schema_of(space: dict) -> dict:
+    """The schema a space's keys are read against: the MLP family's, or the chain's (foreign models use its
+    training and finetune sections)."""
+    return MLP_SPACE_SCHEMA if family_of(space) == MLP else SCHEMA
 
 
 def training_defaults() -> dict:
@@ -86,10 +98,11 @@ def validate_space(space: dict, file: str) -> dict:
     if not isinstance(space, dict):
         raise ConfigError(file, "", f"expected a mapping, got {type_name(space)}")
     rest = {key: value for key, value in space.items() if key != "model"}
-    _validate_node(rest, SCHEMA, file, "")
+    _validate_node(rest, schema_of(space), file, "")
     if "model" in space:
         validate_model(space, file)
     validate_finetune(space, file)
+    check_head_share(space, file)
     return space
 
 
@@ -115,13 +128,14 @@ class Space:
 
     def __init__(self, space: dict, input_shape: tuple[int, ...] = (3, 32, 32), num_classes: int = 10):
         self.space = space
+        self.schema = schema_of(space)
         self.foreign = ForeignModel.of(space, tuple(input_shape), num_classes)
 
     def leaf(self, key_path: str) -> Any:
         """The space's value at `key_path`, or the schema's default where the space is silent."""
         if key_path.startswith("model.") and self.foreign is not None:
             return self.foreign.leaf(key_path)
-        node, schema, given = self.space, SCHEMA, True
+        node, schema, given = self.space, self.schema, True
         for part in key_path.split("."):
             schema = schema[part]
             given = given and isinstance(node, dict) and part in node
@@ -137,6 +151,9 @@ class Space:
         if self.foreign is not None:
             ask = lambda name, key_path: self.suggest(trial, name, key_path)  # noqa: E731
             return self.foreign.sample(ask, lambda: self._training(trial))
+        ask = lambda name, key_path: self.suggest(trial, name, key_path)  # noqa: E731
+        if self.schema is MLP_SPACE_SCHEMA:
+            return {"mlp": sample_mlp(ask, self.leaf), "training": self._training(trial)}
         s = lambda key: self.suggest(trial, key, key)  # noqa: E731 - the name is the key path
         n_stages, n_blocks, width = s("stages"), s("blocks_per_stage"), s("width")
         downsample = s("downsample")
@@ -162,7 +179,11 @@ class Space:
                     norm = sample_norm(f"stage{i + 1}.block{j + 1}.norm")
                 blocks.append({**template, "norm": dict(norm)})
             stages.append({"width": width * 2**i, "downsample": "none" if i == 0 else downsample, "blocks": blocks})
-        return {"stages": stages, "training": self._training(trial)}
+        spec = {"stages": stages}
+        head = sample_head(ask, self.leaf, stages[-1]["blocks"][-1]["norm"])
+        if head is not None:  # no entry for the single Linear: the specs of spaces without a head are unchanged
+            spec["head"] = head
+        return {**spec, "training": self._training(trial)}
 
     def _training(self, trial) -> dict:
         return {key: self.suggest(trial, f"training.{key}", f"training.{key}") for key in SCHEMA["training"]}

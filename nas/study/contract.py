@@ -29,9 +29,15 @@ DATASET_KEYS = (
     "image_size",
     "labels_per_class",
     "labels_seed",
+    "target",
+    "test_root",
+    "test_fraction",
+    "split_seed",
 )
+SPLIT_KEYS = ("test_fraction", "split_seed")  # draw a tabular dataset's test split; nothing else reads them
 EVALUATION_KEYS = ("folds", "epochs", "fold_mode", "recalibrate_bn", "pruner")
-HOST_KEYS = ("root", "cache", "download")  # dataset keys naming this host's files, which a resume takes from storage
+# Dataset keys naming this host's files, which a resume takes from storage.
+HOST_KEYS = ("root", "test_root", "cache", "download")
 
 
 def contract(config: dict, data: dict | None) -> dict:
@@ -45,9 +51,9 @@ def contract(config: dict, data: dict | None) -> dict:
     objectives = config.get("objectives", ["cv_loss"])
     terms = {
         "dataset": {
-            key: _root(dataset.get(key)) if key == "root" else dataset.get(key)
+            key: _root(dataset.get(key)) if key in ("root", "test_root") else dataset.get(key)
             for key in DATASET_KEYS
-            if key != "labels_seed" or dataset.get("labels_per_class") is not None  # older studies lack the key
+            if _compared(key, dataset)
         },
         "evaluation": {key: evaluation.get(key) for key in EVALUATION_KEYS},
         "objectives": objectives,
@@ -60,6 +66,20 @@ def contract(config: dict, data: dict | None) -> dict:
     if data is not None:
         terms["data"] = data
     return terms
+
+
+def _compared(key: str, dataset: dict) -> bool:
+    """Keys older studies lack are compared only where they mean something: the label budget's seed with a
+    budget, a CSV's target and test file when given, the test split's draw on tabular data."""
+    from nas.data.tabular import TABLES
+
+    if key == "labels_seed":
+        return dataset.get("labels_per_class") is not None
+    if key in ("target", "test_root"):
+        return dataset.get(key) is not None
+    if key in SPLIT_KEYS:
+        return dataset.get("name") in TABLES and not dataset.get("test_root")
+    return True
 
 
 def _root(root: str | None) -> str | None:

@@ -167,10 +167,10 @@ class Search:
         if said:
             out(said)
         if cfg.evaluation.fold_mode == "together" and "model" in cfg.space:
-            from nas.search.model_space import GENERATED, family_of  # late: builds on torch
+            from nas.search.model_space import OURS, family_of  # late: builds on torch
             from nas.training.cross_validation import no_stacked_form
 
-            if family_of(cfg.space) != GENERATED:
+            if family_of(cfg.space) not in OURS:
                 out(f"evaluation.fold_mode together: {no_stacked_form({'model': {'family': family_of(cfg.space)}})}")
         bars = Bars(self.progress, budget, done, cfg.evaluation.folds)
 
