@@ -135,7 +135,7 @@ def test_named_variants_override_the_space(run_dir):
             }
         )
     )
-    factor = variant_factor(run_dir / "variants.yaml")
+    factor = variant_factor(run_dir / "variants.yaml", cfg_of(run_dir).space)
     assert factor.name == "variants" and factor.levels == ("bn_only", "dropout_only", "none")
     cells = make_cells(cfg_of(run_dir).space, [factor])
     assert (
@@ -162,7 +162,7 @@ def test_named_variants_override_the_space(run_dir):
 def test_bad_variants_name_the_file_and_the_variant(run_dir, variants, says):
     (run_dir / "variants.yaml").write_text(yaml.safe_dump(variants))
     with pytest.raises(ConfigError, match=None) as exc:
-        variant_factor(run_dir / "variants.yaml")
+        variant_factor(run_dir / "variants.yaml", cfg_of(run_dir).space)
     assert says in str(exc.value) and str(run_dir / "variants.yaml") in str(exc.value)
 
 

@@ -199,3 +199,20 @@ def test_an_mlp_searched_on_a_csv_exports_with_bn_folded_and_predicts_csv_rows_a
     refused = run("predict", "--model", "out", "wrong.csv", cwd=tmp_path)
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
     assert "wrong.csv: its columns differ from the training data's: it lacks weight; has extra height" in refused.stderr
+
+
+def test_an_npz_of_feature_vectors_with_feature_names_is_standardized_per_feature(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.normal([0, 100, -50], [1, 30, 5], size=(60, 3)).astype(np.float32)
+    y = np.arange(60) % 2
+    common = {"x_train": x[:50], "y_train": y[:50], "x_test": x[50:], "y_test": y[50:]}
+    np.savez(tmp_path / "v.npz", feature_names=np.array(FEATURES), **common)
+    np.savez(tmp_path / "s.npz", **common)
+    vectors = load_dataset(DatasetConfig(name="npz", root=str(tmp_path / "v.npz")))
+    assert torch.allclose(vectors.x_train.std(0, unbiased=False), torch.ones(3), atol=1e-4)
+    assert vectors.raw.columns == tuple(FEATURES) and len(vectors.mean) == 3
+    signals = load_dataset(DatasetConfig(name="npz", root=str(tmp_path / "s.npz")))
+    assert len(signals.mean) == 1  # without names: one signal channel, as before
+    np.savez(tmp_path / "bad.npz", feature_names=np.array(["a", "b"]), **common)
+    with pytest.raises(DataError, match="feature_names has shape \\(2,\\)"):
+        load_dataset(DatasetConfig(name="npz", root=str(tmp_path / "bad.npz")))

@@ -37,8 +37,9 @@ import numpy as np
 from nas.errors import ConfigError, NasError, TrialError
 from nas.search.config import RunConfig, set_key
 from nas.search.leaves import validate_leaf
+from nas.search.mlp_space import MLP
 from nas.search.model_space import FOREIGN_NORM, GENERATED, NORM_SCHEMA, family_of, validate_norm
-from nas.search.space import SCHEMA, Space, validate_space
+from nas.search.space import SCHEMA, Space, schema_of, validate_space
 from nas.search.stand_in_trials import FirstChoiceTrial, RandomTrial
 from nas.study.schema import (
     ARCH_ATTR,
@@ -90,17 +91,18 @@ def leaf_keys(schema: dict = SCHEMA, prefix: str = "") -> list[str]:
     return keys
 
 
-def param_at(key: str, where: str):
-    """The schema's Param at `key`; an unknown key or a section is a one-line error naming `where`."""
+def param_at(key: str, where: str, schema: dict = SCHEMA):
+    """The schema's Param at `key` (`schema`: the space's, `nas.search.space.schema_of`); an unknown key or a
+    section is a one-line error naming `where`."""
     if key.startswith(FOREIGN_NORM):  # a foreign model's norm: the catalogue's settings, no position
         name = key.removeprefix(FOREIGN_NORM)
         if name not in NORM_SCHEMA:
             raise ConfigError(where, key, f"not a key of a model's norm{did_you_mean(name, NORM_SCHEMA)}")
         return NORM_SCHEMA[name]
-    node = SCHEMA
+    node = schema
     for part in key.split("."):
         if not isinstance(node, dict) or part not in node:
-            raise ConfigError(where, key, f"not a key of the search space{did_you_mean(key, leaf_keys())}")
+            raise ConfigError(where, key, f"not a key of the search space{did_you_mean(key, leaf_keys(schema))}")
         node = node[part]
     if isinstance(node, dict):
         raise ConfigError(where, key, f"is a section, not a key (its keys: {', '.join(node)})")
@@ -113,7 +115,7 @@ def _level_text(value: Any) -> str:
 
 def key_factor(space: dict, space_file: str, key: str, levels: list | None = None) -> Factor:
     """A factor over one space key: the key's choices, or `levels` (each one the space allows)."""
-    param = param_at(key, "--factor")
+    param = param_at(key, "--factor", schema_of(space))
     if key.startswith("model.") and family_of(space) == GENERATED:
         raise ConfigError(
             "--factor", key, f"{space_file} searches the generated chain (model: bnnas): use block.norm keys"
@@ -130,16 +132,16 @@ def key_factor(space: dict, space_file: str, key: str, levels: list | None = Non
             )
         levels = list(leaf["choice"])
     for value in levels:
-        _check_level(key, value, param, leaf, space_file, key in _flatten(space))
+        _check_level(key, value, param, leaf, space_file, key in _flatten(space), space)
     if len({_level_text(v) for v in levels}) != len(levels):
         raise ConfigError("--levels", key, "levels repeat")
     labels = tuple(_level_text(v) for v in levels)
     return Factor(key, labels, {label: {key: value} for label, value in zip(labels, levels)}, key)
 
 
-def _check_level(key: str, value: Any, param, leaf: Any, space_file: str, given: bool) -> None:
+def _check_level(key: str, value: Any, param, leaf: Any, space_file: str, given: bool, space: dict) -> None:
     """A level must be a value the space allows: one of its choices, inside its range, its constant."""
-    validate_override(key, value, "--levels")  # type and schema bounds (a level is a constant)
+    validate_override(key, value, "--levels", space)  # type and schema bounds (a level is a constant)
     if isinstance(leaf, dict) and "choice" in leaf:
         allowed = value in leaf["choice"]
     elif isinstance(leaf, dict):
@@ -152,14 +154,15 @@ def _check_level(key: str, value: Any, param, leaf: Any, space_file: str, given:
         raise ConfigError("--levels", key, f"{_level_text(value)} is not allowed by {space_file} ({key}: {shown})")
 
 
-def validate_override(key: str, value: Any, where: str) -> None:
-    """One overriding key and value, checked as the space would check it."""
+def validate_override(key: str, value: Any, where: str, space: dict) -> None:
+    """One overriding key and value, checked as the space would check it (an MLP's keys as an MLP's)."""
     if key.startswith(FOREIGN_NORM):
         validate_norm({key.removeprefix(FOREIGN_NORM): value}, where)
     elif key.startswith("finetune."):  # checked alone: a finetune section needs its space's checkpoint
         validate_leaf(value, param_at(key, where), where, key)
     else:
-        validate_space(_nested({key: value}), where)
+        family = {"model": MLP} if family_of(space) == MLP else {}
+        validate_space({**family, **_nested({key: value})}, where)
 
 
 def _nested(flat: dict) -> dict:
@@ -169,8 +172,8 @@ def _nested(flat: dict) -> dict:
     return out
 
 
-def variant_factor(path: str | Path, name: str | None = None) -> Factor:
-    """Named variants from a YAML file: each name maps to an override of the space (dotted or nested keys)."""
+def variant_factor(path: str | Path, space: dict, name: str | None = None) -> Factor:
+    """Named variants from a YAML file: each name maps to an override of `space` (dotted or nested keys)."""
     raw = read_yaml(path)
     if not isinstance(raw, dict) or len(raw) < 2:
         raise ConfigError(path, "", "expected a mapping of at least two variant names to overrides of the search space")
@@ -182,8 +185,8 @@ def variant_factor(path: str | Path, name: str | None = None) -> Factor:
             raise ConfigError(path, str(variant), "expected a mapping of search-space keys to values or distributions")
         flat = _flatten(override)
         for key, value in flat.items():
-            param_at(key, f"{path}: {variant}")
-            validate_override(key, value, f"{path}: {variant}")
+            param_at(key, f"{path}: {variant}", schema_of(space))
+            validate_override(key, value, f"{path}: {variant}", space)
         overrides[str(variant)] = flat
     return Factor(name or Path(path).stem, tuple(overrides), overrides)
 
@@ -639,7 +642,7 @@ def parse_factors(cfg: RunConfig, factor_args: list[str], level_args: list[str])
         if not sep and text.endswith((".yaml", ".yml")):
             name, path = None, text
         if path:
-            factor = variant_factor(path, name or None)
+            factor = variant_factor(path, cfg.space, name or None)
             if factor.name in levels:
                 factor = pick_levels(factor, levels.pop(factor.name))
         else:

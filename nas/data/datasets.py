@@ -241,22 +241,27 @@ def _idx_problem(data: bytes) -> str | None:
     return None
 
 
+NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
 def _npz(cfg) -> Arrays:
     """A .npz file with x_train, y_train, x_test, y_test: images (N,C,H,W) or signals (N,L / N,C,L).
 
-    A 3-D array is read as signals with channels; store grey images as (N,1,H,W).
+    A 3-D array is read as signals with channels; store grey images as (N,1,H,W). 2-D arrays with a
+    `feature_names` array (one name per column) are feature vectors (N, F), standardized per feature as tables
+    are, for the MLP family; without it, one signal channel.
     """
     if not cfg.root:
         raise DataError("dataset.root: the npz dataset needs dataset.root set to a .npz file")
     path = Path(cfg.root).expanduser()
     try:
         with np.load(path, allow_pickle=False) as npz:
-            arrays = {key: npz[key] for key in ("x_train", "y_train", "x_test", "y_test") if key in npz}
+            arrays = {key: npz[key] for key in (*NPZ_KEYS, "feature_names") if key in npz}
     except FileNotFoundError:
         raise DataError(f"dataset.root: file not found: {path}") from None
     except (OSError, ValueError) as exc:
         raise DataError(f"dataset.root: {path} is not a readable .npz file: {exc}") from None
-    missing = [key for key in ("x_train", "y_train", "x_test", "y_test") if key not in arrays]
+    missing = [key for key in NPZ_KEYS if key not in arrays]
     if missing:
         raise DataError(f"dataset.root: {path} lacks the arrays {', '.join(missing)}")
     x_train, x_test = (arrays[k].astype(np.float32) for k in ("x_train", "x_test"))
@@ -270,12 +275,19 @@ def _npz(cfg) -> Arrays:
     n = len(arrays["y_train"])
     if len(x_train) != n or len(x_test) != len(arrays["y_test"]):
         raise DataError(f"dataset.root: {path}: x and y arrays differ in length")
-    layout = {2: "L", 3: "CL", 4: "CHW"}[x_train.ndim]
+    names = arrays.get("feature_names")
+    if names is not None and (x_train.ndim != 2 or names.shape != (x_train.shape[1],)):
+        raise DataError(
+            f"dataset.root: {path}: feature_names has shape {names.shape}; it names the columns of 2-D x arrays "
+            f"(here {x_train.shape}): one name each"
+        )
+    layout = FEATURES if names is not None else {2: "L", 3: "CL", 4: "CHW"}[x_train.ndim]
     raw = RawInput(
         f"one sample of x_train in {path.name}, as stored ({layout}, no scaling)",
         layout,
         str(arrays["x_train"].dtype),
         1.0,
+        columns=None if names is None else tuple(str(n) for n in names),
     )
     return Arrays(x_train, encoded[:n], x_test, encoded[n:], [str(c) for c in classes], raw=raw)
 
