@@ -157,7 +157,7 @@ def test_an_mlp_searched_on_a_csv_exports_with_bn_folded_and_predicts_csv_rows_a
         "model": "mlp",
         "layers": 2,
         "width": 16,
-        "norm": {"type": {"choice": ["batch", "layer"]}, "position": {"choice": ["post_linear", "post_act"]}},
+        "norm": {"type": "batch", "position": {"choice": ["pre_linear", "post_linear", "post_act"]}},
         "training": {"batch_size": 16},
     }
     (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
@@ -172,8 +172,8 @@ def test_an_mlp_searched_on_a_csv_exports_with_bn_folded_and_predicts_csv_rows_a
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
     searched = run("search", "--config", "run.yaml", "--no-progress", cwd=tmp_path)
     assert searched.returncode == 0, searched.stderr
-    trials = optuna.load_study(study_name="t", storage=storage).get_trials()
-    assert all(t.user_attrs["fold_mode"] == "together" for t in trials)  # the MLP's folds train as one model
+    trials = optuna.load_study(study_name="t", storage=storage).get_trials(states=[optuna.trial.TrialState.COMPLETE])
+    assert trials and all(t.user_attrs["fold_mode"] == "together" for t in trials)  # the MLP's folds train as one model
     exported = run("export", "--storage", storage, "--study", "t", "--out", "out", cwd=tmp_path)
     assert exported.returncode == 0, exported.stderr
     meta = json.loads((tmp_path / "out" / "model.json").read_text())
@@ -195,6 +195,17 @@ def test_an_mlp_searched_on_a_csv_exports_with_bn_folded_and_predicts_csv_rows_a
     assert sum(p["class"] == r["outcome"] for p, r in zip(by_csv, rows)) >= 5  # dose separates the classes
     for runtime in ("onnx", "ts"):
         assert [p["class"] for p in outputs[runtime]] == [p["class"] for p in eager]
+    # nas-bench times it; nas-finetune adapts it to a shifted table (AdaBN) and writes a verified export again.
+    benched = run("bench", "--model", "out", "--batch-sizes", "1,8", "--repeats", "3", cwd=tmp_path)
+    assert benched.returncode == 0 and "eager folded" in benched.stdout, benched.stderr
+    write_table(tmp_path / "shifted.csv", rows=40, seed=3, cells={(i, "age"): "80" for i in range(0, 40, 3)})
+    target = {**config, "dataset": {"name": "csv", "root": "shifted.csv", "target": "outcome"}}
+    (tmp_path / "target.yaml").write_text(yaml.safe_dump(target))
+    tuned = run(
+        "finetune", "--model", "out", "--config", "target.yaml", "--bn-mode", "adabn", "--out", "tuned", cwd=tmp_path
+    )
+    assert tuned.returncode == 0, tuned.stderr
+    assert json.loads((tmp_path / "tuned" / "model.json").read_text())["preprocessing"]["columns"] == FEATURES
     write_table(tmp_path / "wrong.csv", rows=2, header=["age", "dose", "height"])
     refused = run("predict", "--model", "out", "wrong.csv", cwd=tmp_path)
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
