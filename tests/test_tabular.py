@@ -109,17 +109,23 @@ def test_a_bad_table_is_refused_in_one_line_naming_file_column_and_line(tmp_path
     assert str(caught.value).startswith(words.format(root=root)), str(caught.value)
 
 
-def test_a_bad_table_exits_2_in_one_line_and_writes_no_study(tmp_path, monkeypatch, capsys):
-    write_table(tmp_path / "t.csv", cells={(4, "age"): "?"})
-    (tmp_path / "space.yaml").write_text(yaml.safe_dump({"model": "mlp", "layers": 1, "width": 8}))
+def write_run(folder: Path, dataset: dict, space: dict, study: dict | None = None, evaluation: dict | None = None):
+    """`space.yaml` and `run.yaml` in `folder`: the dataset, a study in runs/t.db, 2 folds x 1 epoch on the CPU."""
+    (folder / "space.yaml").write_text(yaml.safe_dump(space))
     config = {
-        "dataset": {"name": "csv", "root": "t.csv", "target": "outcome"},
+        "dataset": dataset,
         "search_space": "space.yaml",
-        "study": {"name": "t", "storage": f"sqlite:///{tmp_path}/runs/t.db", "trials": 1},
-        "evaluation": {"folds": 2, "epochs": 1},
+        "study": {"name": "t", "storage": f"sqlite:///{folder}/runs/t.db", "trials": 1, **(study or {})},
+        "evaluation": evaluation or {"folds": 2, "epochs": 1},
         "device": "cpu",
     }
-    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    (folder / "run.yaml").write_text(yaml.safe_dump(config))
+    return config
+
+
+def test_a_bad_table_exits_2_in_one_line_and_writes_no_study(tmp_path, monkeypatch, capsys):
+    write_table(tmp_path / "t.csv", cells={(4, "age"): "?"})
+    write_run(tmp_path, {"name": "csv", "root": "t.csv", "target": "outcome"}, {"model": "mlp", "layers": 1})
     monkeypatch.chdir(tmp_path)
     assert search_main(["--config", "run.yaml"]) == 2
     err = capsys.readouterr().err
@@ -128,15 +134,7 @@ def test_a_bad_table_exits_2_in_one_line_and_writes_no_study(tmp_path, monkeypat
 
 
 def test_an_mlp_on_images_is_refused_before_any_trial(tmp_path, monkeypatch, capsys):
-    (tmp_path / "space.yaml").write_text(yaml.safe_dump({"model": "mlp"}))
-    config = {
-        "dataset": {"name": "digits"},
-        "search_space": "space.yaml",
-        "study": {"name": "t", "storage": f"sqlite:///{tmp_path}/t.db", "trials": 1},
-        "evaluation": {"folds": 2, "epochs": 1},
-        "device": "cpu",
-    }
-    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    write_run(tmp_path, {"name": "digits"}, {"model": "mlp"})
     monkeypatch.chdir(tmp_path)
     assert search_main(["--config", "run.yaml"]) == 2
     err = capsys.readouterr().err
@@ -160,16 +158,9 @@ def test_an_mlp_searched_on_a_csv_exports_with_bn_folded_and_predicts_csv_rows_a
         "norm": {"type": "batch", "position": {"choice": ["pre_linear", "post_linear", "post_act"]}},
         "training": {"batch_size": 16},
     }
-    (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
-    storage = f"sqlite:///{tmp_path}/runs/t.db"
-    config = {
-        "dataset": {"name": "csv", "root": "train.csv", "target": "outcome"},
-        "search_space": "space.yaml",
-        "study": {"name": "t", "storage": storage, "trials": 3, "sampler": "random"},
-        "evaluation": {"folds": 3, "epochs": 4},
-        "device": "cpu",
-    }
-    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    dataset = {"name": "csv", "root": "train.csv", "target": "outcome"}
+    config = write_run(tmp_path, dataset, space, {"trials": 3, "sampler": "random"}, {"folds": 3, "epochs": 4})
+    storage = config["study"]["storage"]
     searched = run("search", "--config", "run.yaml", "--no-progress", cwd=tmp_path)
     assert searched.returncode == 0, searched.stderr
     trials = optuna.load_study(study_name="t", storage=storage).get_trials(states=[optuna.trial.TrialState.COMPLETE])

@@ -29,13 +29,32 @@ def _conv(dims: int, in_channels: int, out_channels: int, kernel: int, stride: i
     return CONV[dims](in_channels, out_channels, kernel, stride=stride, padding=(kernel - 1) // 2, bias=bias)
 
 
-def bias_before(norm_layer: NormFactory | None) -> bool:
+def _bias_before(norm_layer: NormFactory | None) -> bool:
     """Whether a conv whose output goes straight into `norm_layer` needs its own bias."""
     return norm_layer is None or not getattr(norm_layer, "absorbs_conv_bias", False)
 
 
 def dropout_layers(p: float) -> list:
     return [("drop", nn.Dropout(p))] if p > 0 else []
+
+
+def ordered_layers(
+    order: tuple[str, ...],
+    main: str,
+    make_main: Callable[[bool], nn.Module],
+    sizes: tuple[int, int],
+    norm_layer: NormFactory | None,
+    act_layer: ActFactory,
+    dropout: float,
+) -> OrderedDict:
+    """A block's layers: `main` (a conv or a linear layer, `make_main(bias)`), norm and activation in `order`, then
+    dropout. The norm is sized for where it sits (`sizes`: the main layer's in and out features), and the main
+    layer keeps its bias unless the norm right after it makes the bias redundant."""
+    norm_first = order[0] == "norm"
+    norm = None if norm_layer is None else norm_layer(sizes[0] if norm_first else sizes[1])
+    norm_right_after = order.index("norm") == order.index(main) + 1
+    parts = {main: make_main(not norm_right_after or _bias_before(norm_layer)), "norm": norm, "act": act_layer()}
+    return OrderedDict([(name, parts[name]) for name in order if parts[name] is not None] + dropout_layers(dropout))
 
 
 class ConvBlock(nn.Sequential):
@@ -63,11 +82,9 @@ class ConvBlock(nn.Sequential):
         position: str = "post_conv",
         dropout: float = 0.0,
     ):
-        norm = None if norm_layer is None else norm_layer(in_channels if position == "pre_conv" else out_channels)
-        bias = position != "post_conv" or bias_before(norm_layer)
-        parts = {"conv": _conv(dims, in_channels, out_channels, kernel, stride, bias), "norm": norm, "act": act_layer()}
-        layers = [(name, parts[name]) for name in self.ORDERS[position] if parts[name] is not None]
-        super().__init__(OrderedDict(layers + dropout_layers(dropout)))
+        conv = lambda bias: _conv(dims, in_channels, out_channels, kernel, stride, bias)  # noqa: E731
+        order, sizes = self.ORDERS[position], (in_channels, out_channels)
+        super().__init__(ordered_layers(order, "conv", conv, sizes, norm_layer, act_layer, dropout))
         self.position = position
 
 
@@ -100,7 +117,7 @@ class ResidualBlock(nn.Module):
         def norm(channels: int) -> nn.Module:
             return nn.Identity() if norm_layer is None else norm_layer(channels)
 
-        bias = bias_before(norm_layer)
+        bias = _bias_before(norm_layer)
         if preact:
             self.norm1, self.act1 = norm(in_channels), act_layer()
             self.conv1 = _conv(dims, in_channels, out_channels, kernel, stride, bias)

@@ -19,7 +19,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from nas.models.blocks import ActFactory, NormFactory, bias_before, dropout_layers
+from nas.models.blocks import ActFactory, NormFactory, dropout_layers, ordered_layers
 from nas.models.norms import ACTIVATIONS, norm_layer
 
 FC_POSITIONS = ("pre_linear", "post_linear", "post_act")
@@ -46,11 +46,9 @@ class LinearBlock(nn.Sequential):
         position: str = "post_linear",
         dropout: float = 0.0,
     ):
-        norm = None if norm_layer is None else norm_layer(in_features if position == "pre_linear" else out_features)
-        bias = position != "post_linear" or bias_before(norm_layer)
-        parts = {"linear": nn.Linear(in_features, out_features, bias=bias), "norm": norm, "act": act_layer()}
-        layers = [(name, parts[name]) for name in self.ORDERS[position] if parts[name] is not None]
-        super().__init__(OrderedDict(layers + dropout_layers(dropout)))
+        linear = lambda bias: nn.Linear(in_features, out_features, bias=bias)  # noqa: E731
+        order, sizes = self.ORDERS[position], (in_features, out_features)
+        super().__init__(ordered_layers(order, "linear", linear, sizes, norm_layer, act_layer, dropout))
         self.position = position
 
 
