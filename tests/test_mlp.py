@@ -215,6 +215,10 @@ def test_a_head_norm_is_searched_independently_of_the_blocks_norm():
             "s.yaml: head.norm.share: blocks: the blocks' norm can be instance",
         ),
         ({"head": {"layers": -1}}, "s.yaml: head.layers: must be >= 0"),
+        (
+            {"model": {"timm": "resnet10t"}, "head": {"layers": 1}},
+            "s.yaml: head: shapes the generated chain (model: bnnas), not a timm model",
+        ),
     ],
 )
 def test_a_bad_fully_connected_space_is_refused_naming_the_key(space, words):

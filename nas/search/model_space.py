@@ -32,7 +32,7 @@ GENERATED = "bnnas"
 OURS = (GENERATED, MLP)  # families whose layers we build ourselves (nas.models.build; mlp: nas.models.mlp)
 SHARE = ("global", "per_stage", "per_layer")
 MAX_PER_LAYER_PARAMS = 100  # per_layer on a deep network: beyond this many searched parameters, refused
-CHAIN_KEYS = ("stages", "blocks_per_stage", "width", "downsample", "block")
+CHAIN_KEYS = ("stages", "blocks_per_stage", "width", "downsample", "block", "head")
 NORM_SCHEMA = {
     "type": NORM_TYPE,
     "share": Param(str, "global", {"choices": SHARE, "what": "share mode"}, searchable=False),

@@ -148,10 +148,9 @@ class Space:
 
     def sample(self, trial) -> dict:
         """Walk the tree, define-by-run, into an ArchSpec."""
-        if self.foreign is not None:
-            ask = lambda name, key_path: self.suggest(trial, name, key_path)  # noqa: E731
-            return self.foreign.sample(ask, lambda: self._training(trial))
         ask = lambda name, key_path: self.suggest(trial, name, key_path)  # noqa: E731
+        if self.foreign is not None:
+            return self.foreign.sample(ask, lambda: self._training(trial))
         if self.schema is MLP_SPACE_SCHEMA:
             return {"mlp": sample_mlp(ask, self.leaf), "training": self._training(trial)}
         s = lambda key: self.suggest(trial, key, key)  # noqa: E731 - the name is the key path
