@@ -252,3 +252,15 @@ def test_mlp_blocks_keep_their_position_as_a_torchscript_constant():
     assert torch.allclose(torch.jit.script(model)(x), model(x))
     residual = build(mlp_spec({"type": "batch"}, residual=True), (10,), 3)
     assert isinstance(residual.features.layer1, ResidualLinearBlock)
+
+
+def test_the_dashboard_shows_an_mlp_trials_norm_group_and_layout():
+    from nas.dashboard.state import Problems, arch_view
+
+    spec = mlp_spec({"type": "batch", "position": "pre_linear"})
+    trial = optuna.trial.create_trial(value=0.1, user_attrs={"arch": spec})
+    problems = Problems()
+    view = arch_view(trial, problems)
+    assert not problems
+    assert view["group"] == ("batch", "pre_linear") and view["activation"] == "relu"
+    assert view["layout"].startswith("l1..l3 batch@pre_linear")
