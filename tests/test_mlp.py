@@ -215,6 +215,7 @@ def test_a_head_norm_is_searched_independently_of_the_blocks_norm():
             "s.yaml: head.norm.share: blocks: the blocks' norm can be instance",
         ),
         ({"head": {"layers": -1}}, "s.yaml: head.layers: must be >= 0"),
+        ({"model": "mlp", "training": {"l1": {"float": [0, 0.1]}}}, "s.yaml: training.l1: penalizes conv kernels"),
         (
             {"model": {"timm": "resnet10t"}, "head": {"layers": 1}},
             "s.yaml: head: shapes the generated chain (model: bnnas), not a timm model",

@@ -218,3 +218,16 @@ def test_an_npz_of_feature_vectors_with_feature_names_is_standardized_per_featur
     np.savez(tmp_path / "bad.npz", feature_names=np.array(["a", "b"]), **common)
     with pytest.raises(DataError, match="feature_names has shape \\(2,\\)"):
         load_dataset(DatasetConfig(name="npz", root=str(tmp_path / "bad.npz")))
+
+
+def test_the_study_contract_holds_a_tables_target_and_split_and_older_studies_keep_theirs():
+    from nas.study.contract import contract, differences
+
+    table = {"dataset": {"name": "csv", "root": "t.csv", "target": "outcome", "test_fraction": 0.2, "split_seed": 0}}
+    terms = contract(table, None)["dataset"]
+    assert terms["target"] == "outcome" and terms["test_fraction"] == 0.2 and terms["split_seed"] == 0
+    moved = {"dataset": {**table["dataset"], "split_seed": 1}}
+    assert [d[0] for d in differences(contract(table, None), contract(moved, None))] == ["dataset.split_seed"]
+    older = {"dataset": {"name": "digits"}}  # stored before these keys existed
+    now = {"dataset": {"name": "digits", "target": None, "test_root": None, "test_fraction": 0.2, "split_seed": 0}}
+    assert differences(contract(older, None), contract(now, None)) == []

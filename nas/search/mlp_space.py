@@ -119,6 +119,14 @@ def _decide(ask: Ask, prefix: str, leaf_prefix: str, with_position: bool) -> dic
     return sample_norm(prefix, lambda name, key: ask(name, f"{leaf_prefix}.{key}"), with_position)
 
 
+def check_mlp_training(space: dict, file: str) -> None:
+    """`training.l1` penalizes conv kernels (nas.training.train.conv_weights): an MLP has none, so it would do
+    nothing; refused rather than searched in vain."""
+    l1 = (space.get("training") or {}).get("l1", 0.0)
+    if space.get("model") == MLP and l1 not in (0, 0.0):
+        raise ConfigError(file, "training.l1", "penalizes conv kernels, and an MLP has none: leave it out")
+
+
 def check_head_share(space: dict, file: str) -> None:
     """`head.norm.share: blocks` needs block norms a fully-connected layer can take."""
     head = space.get("head") or {}

@@ -23,7 +23,15 @@ from nas.errors import ConfigError
 from nas.models.norms import ACTIVATIONS, NORM_PARAMS, POSITIONS
 from nas.search.finetune_space import FINETUNE_SCHEMA, pin_checkpoint, resolve_weights, validate_finetune
 from nas.search.leaves import NORM_TYPE, sample_norm, suggest_leaf, validate_leaf
-from nas.search.mlp_space import HEAD_SCHEMA, MLP, MLP_SCHEMA, check_head_share, sample_head, sample_mlp
+from nas.search.mlp_space import (
+    HEAD_SCHEMA,
+    MLP,
+    MLP_SCHEMA,
+    check_head_share,
+    check_mlp_training,
+    sample_head,
+    sample_mlp,
+)
 from nas.search.model_space import ForeignModel, family_of, validate_model
 from nas.search.stand_in_trials import FirstChoiceTrial
 from nas.validation import Param, read_yaml, type_name, unknown_key
@@ -103,6 +111,7 @@ def validate_space(space: dict, file: str) -> dict:
         validate_model(space, file)
     validate_finetune(space, file)
     check_head_share(space, file)
+    check_mlp_training(space, file)
     return space
 
 
