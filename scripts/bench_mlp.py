@@ -128,7 +128,7 @@ def main() -> None:
     for name in VARIANTS:
         times = seconds[name]
         median = statistics.median(times)
-        print(f"  {name:13} {median:9.3f} {min(times):7.3f}-{max(times):<7.3f} {samples / median:10.0f}")
+        print(f"  {name:13} {median:9.4f} {min(times):7.4f}-{max(times):<7.4f} {samples / median:10.0f}")
     hand, seq, tog = (statistics.median(seconds[name]) for name in VARIANTS)
     pairs = sorted(s / h for s, h in zip(seconds["sequential"], seconds["hand-written"]))
     print(

@@ -226,3 +226,20 @@ def test_bench_foreign_times_our_loop_and_a_plain_loop_over_the_same_timm_model(
     ratio = float(re.search(r"plain / bnnas: ([\d.]+)", out).group(1))
     assert ratio == pytest.approx(float(rows["plain"]) / float(rows["bnnas"]), abs=0.005)  # printed rounded
     assert re.search(r"target: bnnas within 5% of plain \(>= 0.95\): (met|NOT met)$", out, re.M)
+
+
+@pytest.mark.slow
+def test_bench_mlp_times_a_hand_written_loop_our_loop_and_the_folds_together_over_the_same_mlp():
+    out = run_script("bench_mlp.py", "--epochs", "1", "--repeats", "3", "--folds", "3", "--width", "32")
+    assert "breast_cancer: 455 training samples, 3 folds x 1 epochs, MLP 3 x 32" in out and "3 interleaved" in out
+    rows = {
+        name: float(median)
+        for name, median in re.findall(
+            r"^  (hand-written|sequential|together)\s+([\d.]+)\s+[\d.]+-[\d.]+\s+\d+$", out, re.M
+        )
+    }
+    assert set(rows) == {"hand-written", "sequential", "together"}
+    ratio = float(re.search(r"sequential / hand-written time: ([\d.]+)", out).group(1))
+    assert ratio == pytest.approx(rows["sequential"] / rows["hand-written"], abs=0.005)
+    assert re.search(r"target <= 1.05: (met|NOT met)$", out, re.M)
+    assert re.search(r"together speed-up over sequential: [\d.]+x .*target > 1: (met|NOT met)$", out, re.M)
