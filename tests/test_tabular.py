@@ -231,3 +231,10 @@ def test_the_study_contract_holds_a_tables_target_and_split_and_older_studies_ke
     older = {"dataset": {"name": "digits"}}  # stored before these keys existed
     now = {"dataset": {"name": "digits", "target": None, "test_root": None, "test_fraction": 0.2, "split_seed": 0}}
     assert differences(contract(older, None), contract(now, None)) == []
+
+
+def test_a_feature_constant_in_training_keeps_its_scale_so_a_new_value_stays_finite():
+    data = load_dataset(DatasetConfig(name="digits_vectors"))
+    corner = data.raw.columns.index("pixel_0_0")  # 0 in every training digit
+    assert data.std[corner] == pytest.approx(1.0) and data.mean[corner] == 0.0
+    assert float(data.x_train[:, corner].abs().max()) == 0.0

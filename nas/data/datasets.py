@@ -457,9 +457,10 @@ def load_dataset(cfg, device: torch.device | str = "cpu", normalization=None) ->
     )
     # All but the channel axis; (N, L) is one channel; a feature vector (N, F) is standardized per feature.
     axes = (0,) if arrays.raw.layout == FEATURES else (0, 1) if x_train.ndim == 2 else (0, *range(2, x_train.ndim))
-    mean, std = _override(
-        cfg, x_train.mean(axis=axes, keepdims=True), x_train.std(axis=axes, keepdims=True) + 1e-8, normalization
-    )
+    spread = x_train.std(axis=axes, keepdims=True)
+    if arrays.raw.layout == FEATURES:  # a feature constant in training (a digit's corner pixel) keeps its scale, as
+        spread = np.where(spread > 0, spread, 1.0).astype(np.float32)  # scikit-learn's StandardScaler keeps it
+    mean, std = _override(cfg, x_train.mean(axis=axes, keepdims=True), spread + 1e-8, normalization)
     if augment != "none" and x_train.ndim != 4:
         raise DataError(
             f"dataset.augment: '{augment}' needs images (N,C,H,W); {cfg.name} has samples of shape {x_train.shape[1:]}"
