@@ -417,3 +417,9 @@ def test_a_search_with_folds_together_stores_the_same_trial_attributes_as_sequen
     for t in together:  # the median pruner saw one report an epoch: the mean over the folds
         assert sorted(t.intermediate_values) == [1, 2]  # epochs trained
         assert t.intermediate_values[2] == pytest.approx(sum(t.user_attrs["fold_losses"]) / 2)
+
+
+def test_together_matches_sequential_with_bn_sparsity_on_every_affine_norm(digits, threads):
+    data, folds = small(digits)
+    for norm in ({"type": "batch"}, {"type": "group", "groups": 4}, {"type": "batch_renorm"}):
+        assert_same_state(spec_for(norm, hp={"bn_sparsity": 1e-2}), data, folds)

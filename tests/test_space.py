@@ -68,6 +68,7 @@ def test_spec_is_plain_json_with_doubling_widths_and_defaults_for_silent_keys():
         "lr": 0.01,
         "weight_decay": 5e-4,
         "l1": 0.0,
+        "bn_sparsity": 0.0,
         "label_smoothing": 0.0,
         "batch_size": 16,
     }

@@ -73,3 +73,39 @@ def test_max_steps_caps_the_optimizer_steps_and_the_schedule_spans_them(monkeypa
     fit(model, data, train_idx, None, spec["training"], 3, torch.device("cpu"), seed=0, max_steps=20)
     assert len(lrs) == 20 == sum(forwards)  # 14 + 6, not 3 x 14
     assert lrs[0] == spec["training"]["lr"] and lrs[-1] < 0.01 * lrs[0]  # the cosine reaches ~0 at the 20th step
+
+
+def norm_scales_after_training(bn_sparsity: float) -> torch.Tensor:
+    data = load_dataset(DatasetConfig())
+    train_idx, val_idx = stratified_folds(data.y_train, 3, 0)[0]
+    hp = {"bn_sparsity": bn_sparsity, "weight_decay": 0.0, "lr": 0.05}
+    spec = default_spec({"stages": 2, "width": 16, "training": hp})
+    torch.manual_seed(0)
+    model = build(spec, data.input_shape, data.num_classes)
+    fit(model, data, train_idx, val_idx, spec["training"], 3, torch.device("cpu"), seed=0)
+    return torch.cat([m.weight.detach().abs() for m in model.modules() if isinstance(m, nn.BatchNorm2d)])
+
+
+def test_bn_sparsity_pushes_norm_scales_toward_zero():
+    plain, sparse = norm_scales_after_training(0.0), norm_scales_after_training(0.1)
+    assert sparse.sum() < 0.5 * plain.sum() and sparse.median() < 0.5 * plain.median()
+
+
+def test_a_trials_score_summarizes_its_fold_models_norm_scales_and_none_without_norms():
+    from nas.training import cross_validate
+
+    data = load_dataset(DatasetConfig())
+    folds = stratified_folds(data.y_train, 2, 0)
+    for hp, norm in (({"bn_sparsity": 0.3}, "batch"), ({}, "batch"), ({}, "none")):
+        spec = default_spec({"stages": 2, "width": 8, "block": {"norm": {"type": norm}}, "training": hp})
+        score = cross_validate(spec, data, folds, 2, torch.device("cpu"))
+        if norm == "none":
+            assert "norm_scales" not in score
+            continue
+        summary = score["norm_scales"]
+        assert summary["count"] == 2 * (8 + 16)  # two folds of two BatchNorms
+        assert summary["p10"] <= summary["p50"] <= summary["p90"] and 0.0 <= summary["below_0.01"] <= 1.0
+        if hp:
+            assert summary["p50"] < 0.5
+        else:
+            assert summary["p50"] > 0.8 and summary["below_0.01"] == 0.0

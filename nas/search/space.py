@@ -69,6 +69,7 @@ SCHEMA: dict = {
         "lr": Param(float, 0.05, {"above": 0.0}),
         "weight_decay": Param(float, 5e-4, {"min": 0.0}),
         "l1": Param(float, 0.0, {"min": 0.0}),  # L1 penalty on conv weights
+        "bn_sparsity": Param(float, 0.0, {"min": 0.0}),  # L1 penalty on norm scales (network slimming)
         "label_smoothing": Param(float, 0.0, {"min": 0.0, "below": 1.0}),
         "batch_size": Param(int, 64, {"min": 2}),
     },

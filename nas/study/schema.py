@@ -54,6 +54,8 @@ FOLD_LOSSES_ATTR = "fold_losses"
 PARTIAL_FOLD_LOSSES_ATTR = "partial_fold_losses"  # a pruned trial: each fold's latest validation loss
 PRUNED_AT_STEP_ATTR = "pruned_at_step"
 PARAMS_ATTR = "params"  # trainable parameters of the model as trained (BN unfolded)
+# |gamma| of the trained fold models' norms, pooled: count, p10 / p50 / p90, share below 0.01 (what slimming removes)
+NORM_SCALES_ATTR = "norm_scales"
 SCORE_ATTRS = (
     FOLD_LOSSES_ATTR,
     "fold_accuracies",
@@ -66,6 +68,7 @@ SCORE_ATTRS = (
     "recalibrated_loss",
     "fold_mode",
     "fold_mode_fallback",
+    NORM_SCALES_ATTR,
 )
 # objective -> the trial attr its value is kept in: the costs of the candidate as it deploys (BN folded)
 COST_ATTRS = {"params": "folded_params", "macs": "macs", "latency_ms": "latency_ms"}
@@ -89,6 +92,7 @@ TRIAL_ATTR_KINDS = {
     "folded_params": int,
     "macs": int,
     "latency_ms": float,
+    NORM_SCALES_ATTR: dict,
 }
 
 

@@ -15,9 +15,9 @@ from nas.models.build import build, count_parameters
 from nas.models.checkpoint import load_pinned
 from nas.search.finetune_space import epochs_of
 from nas.training.bn_modes import start_strategy
-from nas.training.diagnostics import recalibrate, train_mode_loss
+from nas.training.diagnostics import recalibrate, scale_summary, train_mode_loss
 from nas.training.folds_together import NotBatchable, train_together
-from nas.training.train import OnEpoch, evaluate, fit, prepare_model, scoring_batch_size
+from nas.training.train import OnEpoch, evaluate, fit, norm_scales, prepare_model, scoring_batch_size
 
 
 def fold_seed(study_seed: int, trial_number: int, fold: int) -> int:
@@ -65,7 +65,7 @@ def cross_validate(
             fallback = str(exc)
         del models
     losses, accuracies, seconds, params = [], [], 0.0, 0
-    eval_mode, train_mode = [], []
+    eval_mode, train_mode, scales = [], [], []
     for k, (train_idx, val_idx) in enumerate(folds):
         if together is not None:
             model, result = together[k]
@@ -98,6 +98,7 @@ def cross_validate(
                     f"{str(exc).splitlines()[0]}"
                 ) from None
         params = count_parameters(model)
+        scales += [scale.detach().cpu() for scale in norm_scales(model, trainable=False)]
         loss, accuracy = result.val_loss, result.val_accuracy
         x_val, y_val = rows(data.x_train, val_idx), data.y_train[val_idx]
         eval_mode.append(loss)
@@ -124,6 +125,7 @@ def cross_validate(
         **({"recalibrated_loss": statistics.fmean(losses)} if recalibrate_bn else {}),
         "fold_mode": "together" if together is not None else "sequential",
         **({"fold_mode_fallback": fallback} if fallback is not None else {}),
+        **({"norm_scales": summary} if (summary := scale_summary(scales)) is not None else {}),
     }
 
 

@@ -1,4 +1,4 @@
-"""BatchNorm diagnostics: what running statistics cost, and re-estimating them.
+"""BatchNorm diagnostics: what running statistics cost, re-estimating them, and how small the scales trained.
 
 `train_mode_loss` validates with the norm layers using batch statistics (the rest of the model
 in eval mode, so dropout is off) and leaves the running statistics as they were; next to the
@@ -24,6 +24,19 @@ from torch import nn
 from nas.models.batch_renorm import BatchRenorm
 from nas.models.norms import running_stats_layers
 from nas.training.train import autocast, evaluate, on_device_layout
+
+SMALL_SCALE = 0.01  # a norm scale below this leaves its channel near-constant: what network slimming removes first
+
+
+def scale_summary(scales: list[torch.Tensor]) -> dict | None:
+    """|gamma| of norm scales (several models' pooled): how many, their 10th / 50th / 90th percentiles and the
+    share below SMALL_SCALE; None without any. Stored per trial, it shows what `training.bn_sparsity` did."""
+    if not scales:
+        return None
+    values = torch.cat([s.detach().abs().float().flatten().cpu() for s in scales])
+    p10, p50, p90 = torch.quantile(values, torch.tensor([0.1, 0.5, 0.9])).tolist()
+    share = float((values < SMALL_SCALE).float().mean())
+    return {"count": len(values), "p10": p10, "p50": p50, "p90": p90, f"below_{SMALL_SCALE:g}": share}
 
 
 def _norms_in_train_mode(model: nn.Module) -> list[nn.Module]:

@@ -28,9 +28,9 @@ from nas.training.train import (
     OnEpoch,
     autocast,
     batches,
-    conv_weights,
     cosine_schedule,
     evaluate,
+    l1_penalties,
     on_device_layout,
     optimizer_for,
     prepare_model,
@@ -75,8 +75,7 @@ def train_together(
         raise NotBatchable(str(exc)) from None
     model = prepare_model(stacked.model, device)
     optimizer = optimizer_for(*stacked.parameters_by_decay(), hp)
-    kernels = conv_weights(model)
-    l1, bs = hp.get("l1", 0.0), hp["batch_size"]
+    penalties, bs = l1_penalties(model, hp), hp["batch_size"]
     generators = [torch.Generator().manual_seed(s) for s in seeds]
     aug_generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
     steps_per_epoch = min(max(1, len(train) // bs) for train, _ in folds)  # = fit's count when the folds agree
@@ -96,8 +95,8 @@ def train_together(
                 with autocast(device):
                     logits = model(on_device_layout(stacked.fold_input(xb), device)).float()
                     fold_loss = fold_losses(logits, data.y_train[idx], hp["label_smoothing"])
-                    if l1 > 0:
-                        fold_loss = fold_loss + l1 * sum(w.abs().reshape(k, -1).sum(1) for w in kernels)
+                    for weight, tensors in penalties:  # each stacked tensor holds the folds' blocks in order
+                        fold_loss = fold_loss + weight * sum(t.abs().reshape(k, -1).sum(1) for t in tensors)
                 optimizer.zero_grad(set_to_none=True)
                 fold_loss.sum().backward()  # a sum, not a mean: each fold gets exactly its own gradient
             except torch.cuda.OutOfMemoryError as exc:

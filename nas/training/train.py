@@ -20,7 +20,7 @@ from torch import nn
 from nas.data.datasets import Dataset, augment_batch
 from nas.data.samples import loaded, rows
 from nas.errors import NasError, TrialError
-from nas.models.norms import batch_dependent_in_eval
+from nas.models.norms import batch_dependent_in_eval, norm_layers
 from nas.training.signals import SIGNALS
 
 
@@ -103,6 +103,22 @@ def conv_weights(model: nn.Module) -> list[torch.Tensor]:
     return [m.weight for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d))]
 
 
+def norm_scales(model: nn.Module, trainable: bool = True) -> list[torch.Tensor]:
+    """The scales (gamma) of the model's norms (`trainable`: only those that train): what `training.bn_sparsity`
+    pushes toward zero (Liu et al. 2017, network slimming), so that channels whose gamma ends small can be removed."""
+    return [
+        m.weight
+        for m in norm_layers(model)
+        if isinstance(getattr(m, "weight", None), nn.Parameter) and (m.weight.requires_grad or not trainable)
+    ]
+
+
+def l1_penalties(model: nn.Module, hp: dict) -> list[tuple[float, list[torch.Tensor]]]:
+    """(weight, tensors) of each L1 penalty `hp` asks for: `l1` on conv kernels, `bn_sparsity` on norm scales."""
+    terms = [(hp.get("l1", 0.0), conv_weights(model)), (hp.get("bn_sparsity", 0.0), norm_scales(model))]
+    return [(weight, tensors) for weight, tensors in terms if weight > 0 and tensors]
+
+
 def batches(indices: torch.Tensor, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
     """Shuffled index slices; a last partial batch is dropped (BatchNorm needs > 1 sample) unless it is the only one."""
     order = indices[torch.randperm(len(indices), generator=generator, device="cpu").to(indices.device)]
@@ -181,8 +197,7 @@ def fit(
     generator = torch.Generator().manual_seed(seed)
     aug_generator = torch.Generator(device=device).manual_seed(seed)
     optimizer = make_optimizer(model, hp)
-    l1 = hp.get("l1", 0.0)
-    kernels = conv_weights(model)
+    penalties = l1_penalties(model, hp)
     steps_per_epoch = max(1, len(train_idx) // hp["batch_size"])
     total = epochs * steps_per_epoch if max_steps is None else min(epochs * steps_per_epoch, max_steps)
     schedule = cosine_schedule(optimizer, total)
@@ -204,8 +219,8 @@ def fit(
                     data.y_train[idx],
                     label_smoothing=hp["label_smoothing"],
                 )
-                if l1 > 0:
-                    loss = loss + l1 * sum(w.abs().sum() for w in kernels)
+                for weight, tensors in penalties:
+                    loss = loss + weight * sum(t.abs().sum() for t in tensors)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
