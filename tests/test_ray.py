@@ -367,3 +367,36 @@ def test_workers_on_every_node_get_the_storage_proxys_credentials_from_the_drive
     finally:
         ray.shutdown()
     assert [r.last_line for r in results] == ["token-set-after-the-nodes-started -"] * 2
+
+
+class SlowStartingRay:
+    """Ray's init and shutdown as a machine too loaded for Ray's fixed startup waits shows them: the first
+    `timeouts` starts time out with Ray's own message, then one starts."""
+
+    def __init__(self, timeouts: int, message: str = "The current node timed out during startup. This could happen"):
+        self.timeouts, self.message, self.starts, self.shutdowns = timeouts, message, 0, 0
+
+    def init(self, **kwargs):
+        self.starts += 1
+        if self.starts <= self.timeouts:
+            raise Exception(self.message)
+
+    def shutdown(self):
+        self.shutdowns += 1
+
+
+def test_a_local_ray_that_times_out_starting_is_started_again_and_says_so():
+    from nas.cluster.ray_workers import STARTS, start_ray
+
+    said = []
+    slow = SlowStartingRay(timeouts=STARTS - 1)
+    start_ray(slow, "local", said.append)
+    assert slow.starts == STARTS and slow.shutdowns == STARTS - 1 and len(said) == STARTS - 1
+    assert said[0] == f"Ray: the local Ray did not start in time (try 1 of {STARTS}); starting it again"
+    with pytest.raises(Exception, match="timed out during startup"):
+        start_ray(SlowStartingRay(timeouts=STARTS), "local", said.append)  # it gives up after STARTS tries
+    for ray_at, error in (("ray://head:10001", "timed out during startup"), ("local", "No module named 'x'")):
+        other = SlowStartingRay(timeouts=1, message=error)
+        with pytest.raises(Exception, match=error):
+            start_ray(other, ray_at, said.append)  # another's cluster, or another failure: not retried
+        assert other.starts == 1

@@ -142,6 +142,26 @@ def gpus_per_worker(requested: float | None, device: str, cluster_gpus: float) -
     return requested
 
 
+# What Ray says when its processes missed one of the fixed times it waits for them (30 s for the raylet): on a
+# loaded machine a local Ray can miss them and start on the next try.
+STARTUP_TIMEOUTS = ("timed out during startup", "Timed out waiting for file")
+STARTS = 3
+
+
+def start_ray(ray, address: str, log=print) -> None:
+    """`ray.init` at `address`; a Ray of this run's own ("local") that timed out starting is started again, up to
+    STARTS times in all (a cluster at an address is someone else's to start: its errors are raised at once)."""
+    for attempt in range(1, STARTS + 1):
+        try:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+            return
+        except Exception as exc:  # noqa: BLE001 - Ray raises a bare Exception for a startup timeout
+            ray.shutdown()
+            if address != "local" or attempt == STARTS or not any(text in str(exc) for text in STARTUP_TIMEOUTS):
+                raise
+            log(f"Ray: the local Ray did not start in time (try {attempt} of {STARTS}); starting it again")
+
+
 def run_on_ray(
     cfg,
     command: list[str],
@@ -164,7 +184,7 @@ def run_on_ray(
     # no address: a Ray of this run's own ("local"), or $RAY_ADDRESS; ray.init(address=None) would join whichever
     # cluster this machine started last
     address = address or os.environ.get("RAY_ADDRESS") or "local"
-    ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    start_ray(ray, address, log)
     try:
         nodes = [node for node in ray.nodes() if node.get("Alive")]
         if sqlite_path(storage_url) is not None and len(nodes) > 1:
