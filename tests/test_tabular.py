@@ -84,6 +84,10 @@ def test_the_bundled_tables_load_offline_as_feature_vectors(name, classes, featu
             "dataset.target: {root} has no column 'outcom' (columns: age, dose, weight, outcome); "
             "did you mean 'outcome'?",
         ),
+        (
+            {"target": "DOSE"},
+            "dataset.target: {root} has no column 'DOSE' (columns: age, dose, weight, outcome); did you mean 'dose'?",
+        ),
         ({"cells": {(3, "dose"): ""}}, "dataset.root: {root} line 5: column 'dose' is missing a value"),
         ({"cells": {(3, "dose"): "NaN"}}, "dataset.root: {root} line 5: column 'dose' is missing a value"),
         (

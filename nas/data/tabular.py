@@ -46,7 +46,7 @@ def read_table(
     if target not in header and not target_optional:
         raise DataError(
             f"dataset.target: {path} has no column '{target}' (columns: {', '.join(header)})"
-            f"{did_you_mean(target, header)}"
+            f"{did_you_mean(target, header, {name: name for name in header})}"  # Y -> y: case and separators aside
         )
     names = [name for name in header if name != target]
     if columns is not None and sorted(names) != sorted(columns):
