@@ -145,6 +145,15 @@ def test_an_mlp_on_images_is_refused_before_any_trial(tmp_path, monkeypatch, cap
     assert err.count("\n") == 1 and "model: mlp takes vectors (F,); the data's samples have shape 1x8x8" in err
 
 
+def test_the_generated_chain_on_a_table_is_refused_before_any_trial(tmp_path, monkeypatch, capsys):
+    write_run(tmp_path, {"name": "wine"}, {"stages": 1, "width": 8})
+    monkeypatch.chdir(tmp_path)
+    assert search_main(["--config", "run.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "space.yaml: model: the data are a table's feature vectors" in err
+    assert "use model: mlp" in err and not (tmp_path / "runs" / "t.db").exists()
+
+
 def run(*args, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
     """`python -m nas COMMAND ARGS...` in a real process."""
     return subprocess.run(

@@ -8,19 +8,36 @@ from __future__ import annotations
 
 import torch
 
+from nas.data.tabular import FEATURES
 from nas.errors import ConfigError
 from nas.models.build import build
 from nas.models.families import ModelError, forward_error, minimum_size, template
 from nas.search.leaves import suggest_leaf
 from nas.search.mlp_space import MLP
-from nas.search.model_space import MAX_PER_LAYER_PARAMS, VIA_REPLACEMENT, ForeignModel, family_of, searched_keys
+from nas.search.model_space import (
+    GENERATED,
+    MAX_PER_LAYER_PARAMS,
+    VIA_REPLACEMENT,
+    ForeignModel,
+    family_of,
+    searched_keys,
+)
 from nas.search.space import Space
 from nas.search.stand_in_trials import FirstChoiceTrial
 
 
-def check_model(space: dict, file: str, input_shape: tuple[int, ...], num_classes: int) -> None:
+def check_model(
+    space: dict, file: str, input_shape: tuple[int, ...], num_classes: int, layout: str | None = None
+) -> None:
     """Before any trial: the first candidate of a foreign model builds and takes the data's shape (on the meta
     device: shapes only); a ConfigError naming `model.FAMILY` otherwise."""
+    if family_of(space) == GENERATED and layout == FEATURES:
+        raise ConfigError(
+            file,
+            "model",
+            "the data are a table's feature vectors, and the generated chain would convolve over their column "
+            "order, which means nothing: use model: mlp (search_spaces/mlp.yaml)",
+        )
     if family_of(space) == MLP and len(input_shape) != 1:
         raise ConfigError(
             file,

@@ -122,9 +122,9 @@ class Search:
             )
         with blamed(cfg), SIGNALS.interruptible():  # loading writes nothing: a signal stops it at once
             data = load_search_data(cfg, device)  # bad data is found before a new study is made
-            check_model(
-                cfg.space, cfg.search_space, data.input_shape, data.num_classes
-            )  # and a model that cannot take it
+            check_model(  # and a model that cannot take it
+                cfg.space, cfg.search_space, data.input_shape, data.num_classes, data.raw.layout if data.raw else None
+            )
             return data, stratified_folds(data.y_train, cfg.evaluation.folds, cfg.study.seed)
 
     def _search(self, handle: optuna.Study, record: WorkerRecord, data, folds, device, changes: list) -> optuna.Study:
