@@ -354,7 +354,9 @@ def test_an_interrupted_driver_lets_workers_finish_their_trials_and_the_same_com
 def test_workers_on_every_node_get_the_storage_proxys_credentials_from_the_driver(tmp_path, monkeypatch):
     """The node's Ray was started before the token was set, as on a cluster's other nodes: only what the
     driver forwards reaches the workers."""
-    ray.init(address="local", num_cpus=1, include_dashboard=False)  # not another test's cluster
+    from nas.cluster.ray_workers import start_ray
+
+    start_ray(ray, "local", num_cpus=1, log_to_driver=True)  # not another test's cluster; again if it starts late
     monkeypatch.setenv("BNNAS_PROXY_TOKEN", "token-set-after-the-nodes-started")
     monkeypatch.setenv("UNRELATED_SECRET", "not forwarded")
     try:

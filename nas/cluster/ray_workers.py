@@ -148,12 +148,14 @@ STARTUP_TIMEOUTS = ("timed out during startup", "Timed out waiting for file")
 STARTS = 3
 
 
-def start_ray(ray, address: str, log=print) -> None:
-    """`ray.init` at `address`; a Ray of this run's own ("local") that timed out starting is started again, up to
-    STARTS times in all (a cluster at an address is someone else's to start: its errors are raised at once)."""
+def start_ray(ray, address: str, log=print, **options) -> None:
+    """`ray.init` at `address` (with `options`); a Ray of this run's own ("local") that timed out starting is started
+    again, up to STARTS times in all (a cluster at an address is someone else's to start: its errors are raised at
+    once)."""
+    settings = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False, **options}
     for attempt in range(1, STARTS + 1):
         try:
-            ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+            ray.init(address=address, **settings)
             return
         except Exception as exc:  # noqa: BLE001 - Ray raises a bare Exception for a startup timeout
             ray.shutdown()
