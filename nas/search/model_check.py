@@ -31,14 +31,15 @@ def check_model(
 ) -> None:
     """Before any trial: the first candidate of a foreign model builds and takes the data's shape (on the meta
     device: shapes only); a ConfigError naming `model.FAMILY` otherwise."""
-    if family_of(space) == GENERATED and layout == FEATURES:
+    family = family_of(space)
+    if family == GENERATED and layout == FEATURES:
         raise ConfigError(
             file,
             "model",
             "the data are a table's feature vectors, and the generated chain would convolve over their column "
             "order, which means nothing: use model: mlp (search_spaces/mlp.yaml)",
         )
-    if family_of(space) == MLP and len(input_shape) != 1:
+    if family == MLP and len(input_shape) != 1:
         raise ConfigError(
             file,
             "model",
