@@ -57,6 +57,7 @@ SUMMARIES = {
         "Time an exported model unfolded, folded, in onnxruntime (and its code files with --trust-code): what BN costs"
     ),
     "finetune": "Fine-tune an exported model on a run config's dataset with a BatchNorm strategy",
+    "slim": "Make an exported model smaller: remove the channels with the smallest BatchNorm scales, fine-tune, export",
     "dashboard": "Web dashboard for the studies in one storage: browse, resume, stop, export",
     "compare": "Compare normalization choices fairly: one equal-budget study per cell, re-evaluated over fresh seeds",
     "predict": (
@@ -579,6 +580,118 @@ def finetune_main(argv: list[str] | None = None) -> int:
     return _run(finetune)
 
 
+def slim_parser() -> argparse.ArgumentParser:
+    from nas.models.costs import DEFAULT_THREADS
+    from nas.models.slimming import SCOPES
+
+    p = _parser(
+        "slim",
+        "Network slimming (Liu et al. 2017): channels are ranked by the |scale| of the BatchNorm on them and cut "
+        "out of the convs, norms and linear layers that share them (Torch-Pruning's dependency graph), then the "
+        "model is fine-tuned on the training split it was trained on, folded and exported like nas-export's "
+        "(verified in a fresh process). model.json records what was removed and the parameters, MACs, CPU latency "
+        "and test accuracy before and after.",
+        "examples:\n  nas-slim --model exported/ --ratio 0.5 --out slim/\n"
+        "  nas-slim --model exported/ --target-params 20000 --out slim/\n"
+        "  nas-slim --model exported/ --sweep 0.3,0.5,0.7 --out sweep/   (one export per ratio, sweep.md/.csv/.png)",
+    )
+    p.add_argument("--model", required=True, help="an export folder written by nas-export, nas-finetune or nas-slim")
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--ratio", type=float, help="share of the ranked channels to remove, in (0, 1)")
+    how.add_argument(
+        "--target-params", type=float, metavar="N", help="remove the fewest channels that leave <= N parameters"
+    )
+    how.add_argument(
+        "--target-macs", type=float, metavar="N", help="... that leave <= N multiply-accumulates per sample"
+    )
+    how.add_argument(
+        "--target-latency",
+        type=float,
+        metavar="MS",
+        help="... that bring the CPU latency at the first --batch-sizes to <= MS",
+    )
+    how.add_argument("--sweep", metavar="R,R,...", help="several ratios: one export per ratio and the trade-off table")
+    p.add_argument(
+        "--scope",
+        choices=SCOPES,
+        default="global",
+        help="global: one threshold over every layer (Liu et al.); layer: the same share of every layer "
+        "(default %(default)s)",
+    )
+    p.add_argument(
+        "--finetune-epochs",
+        type=int,
+        metavar="E",
+        help="fine-tuning epochs after the cut (default: the export's; 0: none)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seeds the fine-tuning batch order (default %(default)s)")
+    p.add_argument(
+        "--config",
+        help="run config whose dataset the model was trained on (default: the dataset model.json records)",
+    )
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a config key"
+    )
+    p.add_argument(
+        "--batch-sizes", default="1,64", help="latency measured at these, comma-separated (default %(default)s)"
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=DEFAULT_THREADS,
+        help="CPU threads the latency is timed with (default %(default)s)",
+    )
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="fine-tuning device (default: the config's)")
+    p.add_argument("--out", default="slimmed", help="output folder (default %(default)s)")
+    p.add_argument("--force", action="store_true", help="overwrite what --out already holds")
+    return p
+
+
+def _numbers(parser: argparse.ArgumentParser, flag: str, text: str, kind: type) -> list:
+    try:
+        values = [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values:
+        parser.error(f"{flag}: expected comma-separated numbers, got {text!r}")
+    return values
+
+
+@_console_script
+def slim_main(argv: list[str] | None = None) -> int:
+    parser = slim_parser()
+    args = parser.parse_args(argv)
+    sizes = _numbers(parser, "--batch-sizes", args.batch_sizes, int)
+    if min(sizes) < 1 or args.threads < 1 or (args.finetune_epochs is not None and args.finetune_epochs < 0):
+        parser.error("--batch-sizes must be positive integers, --threads >= 1, --finetune-epochs >= 0")
+    targets = {"params": args.target_params, "macs": args.target_macs, "latency_ms": args.target_latency}
+    target = next(((kind, value) for kind, value in targets.items() if value is not None), None)
+    if target is not None and not target[1] > 0:
+        parser.error(f"--target-{target[0].split('_')[0]} must be > 0")
+
+    def slim() -> None:
+        from nas.deploy.slim import slim
+
+        slim(
+            args.model,
+            args.out,
+            ratio=args.ratio,
+            target=target,
+            sweep=None if args.sweep is None else _numbers(parser, "--sweep", args.sweep, float),
+            scope=args.scope,
+            finetune_epochs=args.finetune_epochs,
+            seed=args.seed,
+            config=args.config,
+            overrides=[parse_override(text) for text in args.overrides],
+            device=args.device,
+            batch_sizes=sizes,
+            threads=args.threads,
+            force=args.force,
+        )
+
+    return _run(slim)
+
+
 def dashboard_parser() -> argparse.ArgumentParser:
     from nas.dashboard.security import SESSION_IDLE, SESSION_LIFETIME  # light: no web framework imported
 
@@ -913,6 +1026,7 @@ COMMANDS = {
     "export": export_main,
     "bench": bench_main,
     "finetune": finetune_main,
+    "slim": slim_main,
     "dashboard": dashboard_main,
     "compare": compare_main,
     "predict": predict_main,

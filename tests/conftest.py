@@ -74,7 +74,7 @@ CUDA_TEST_DEVICE = os.environ.get("BNNAS_CUDA_TEST_DEVICE", "cuda")
 
 # Module fixtures that run a real search and export (or a real CLI run on a missing dataset) before their
 # first test: every test that uses one is `slow`, so the fast subset never pays for them.
-SLOW_FIXTURES = {"study_dir", "exported", "missing_cifar_cli_run"}
+SLOW_FIXTURES = {"study_dir", "exported", "missing_cifar_cli_run", "slim_source"}
 
 
 # Under pytest-xdist (`-n auto`, with `--dist loadgroup` from pyproject) each file runs whole, in its own

@@ -215,6 +215,7 @@ def export_trial(
         "normalization": {"mean": data.mean, "std": data.std},
         "preprocessing": recipe(data),
         "dataset": cfg.dataset.name,
+        "dataset_config": dataset_record(cfg),
         "data": data.fingerprint,
         "epochs": epochs,
         "test": {"loss": test_loss, "accuracy": test_acc, "samples": len(data.y_test), "batch_size": scored_in},
@@ -222,6 +223,13 @@ def export_trial(
     }
     folder = write_export(model, x_test, meta, Path(out), log)
     return folder
+
+
+def dataset_record(cfg) -> dict:
+    """The run config's dataset section, as model.json keeps it: what nas-slim reloads to fine-tune on."""
+    from dataclasses import asdict
+
+    return asdict(cfg.dataset)
 
 
 BATCH_ONE_SAMPLES = 1000  # test samples classified one at a time to show what batch 1 does
@@ -517,12 +525,16 @@ def verified_bytes(folder: Path, meta: dict, name: str) -> bytes:
 
 def rebuild(folder: Path, meta: dict) -> nn.Module:
     """The unfolded eval model from data alone: bnnas builds `arch`, weights.pt fills it (torch.load weights_only=True,
-    which refuses anything but tensors and containers). No code from the folder runs."""
+    which refuses anything but tensors and containers), after the channels nas-slim removed are removed from it
+    again (`removed_channels`). No code from the folder runs."""
     from nas.models.build import build
+    from nas.models.slimming import remove_channels
 
     weights = verified_bytes(folder, meta, "weights.pt")
     model = build(meta["arch"], meta["input_shape"], meta["num_classes"])
     try:
+        for removed in meta.get("removed_channels", []):  # nas-slim's cuts, replayed in order
+            remove_channels(model, meta["input_shape"], removed)
         state = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True)
         model.load_state_dict(state)
     except Exception as exc:  # an UnpicklingError of a payload, a wrong key set: the folder is not what it says

@@ -247,7 +247,7 @@ def finetune(
     """Adapt an export folder, or `timm:NAME` / `torchvision:NAME` / `factory:pkg.mod:fn` with its `weights`, to the
     run config's dataset; write an export plus metrics.json."""
     from nas.data.preprocessing import recipe
-    from nas.deploy.export import VERIFY_SAMPLES, check_writable, write_export, write_json
+    from nas.deploy.export import VERIFY_SAMPLES, check_writable, dataset_record, write_export, write_json
     from nas.models.checkpoint import expected_input, model_reference
     from nas.search.space import training_defaults
     from nas.training.train import prepare_model, resolve_device
@@ -327,6 +327,7 @@ def finetune(
         "classes": data.classes,
         "normalization": {"mean": data.mean, "std": data.std},
         "dataset": cfg.dataset.name,
+        "dataset_config": dataset_record(cfg),
         "data": data.fingerprint,
         "preprocessing": recipe(data),
         "epochs": result.epochs,

@@ -25,7 +25,8 @@ from nas.search.samplers import SAMPLER_NAMES
 from nas.validation import check_bounds, check_scalar, read_yaml, type_name, unknown_key
 
 DEVICES = ("auto", "cpu", "cuda")
-OBJECTIVES = ("cv_loss", "latency_ms", "params", "macs")  # all minimized
+# all minimized; kept_scales: the share of norm scales |gamma| >= 0.01, the channels slimming at that threshold keeps
+OBJECTIVES = ("cv_loss", "latency_ms", "params", "macs", "kept_scales")
 FOLD_MODES = ("together", "sequential")
 AUGMENT_NAMES = ("auto", "none", "crop", "crop_flip")
 

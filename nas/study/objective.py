@@ -22,6 +22,7 @@ from nas.study.schema import (
     COST_ATTRS,
     FAIL_REASON_ATTR,
     INTERRUPTED,
+    NORM_SCALES_ATTR,
     OVER_BUDGET,
     SCORE_ATTRS,
     VERSION_ATTR,
@@ -45,6 +46,7 @@ def make_objective(
     progress bar."""
     from nas.models.costs import candidate_costs
     from nas.training.cross_validation import cross_validate  # late: keeps torch out of `import nas.study` readers
+    from nas.training.diagnostics import kept_scales
 
     space = Space(cfg.space, data.input_shape, data.num_classes)
     epochs = cfg.evaluation.epochs
@@ -111,7 +113,7 @@ def make_objective(
         )
         for objective_name, value in costs.items():
             trial.set_user_attr(COST_ATTRS[objective_name], value)
-        values = {**score, **costs}
+        values = {**score, **costs, "kept_scales": kept_scales(score.get(NORM_SCALES_ATTR))}
         return tuple(values[name] for name in cfg.objectives)
 
     return objective

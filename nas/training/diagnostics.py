@@ -39,6 +39,12 @@ def scale_summary(scales: list[torch.Tensor]) -> dict | None:
     return {"count": len(values), "p10": p10, "p50": p50, "p90": p90, f"below_{SMALL_SCALE:g}": share}
 
 
+def kept_scales(summary: dict | None) -> float:
+    """The share of norm scales at or above SMALL_SCALE (a `scale_summary`): the channels network slimming at that
+    threshold would keep, the `kept_scales` objective. A model without norm scales keeps everything (1.0)."""
+    return 1.0 if summary is None else 1.0 - summary[f"below_{SMALL_SCALE:g}"]
+
+
 def _norms_in_train_mode(model: nn.Module) -> list[nn.Module]:
     model.eval()
     layers = running_stats_layers(model)
