@@ -351,6 +351,14 @@ def export_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="exported", help="output folder (default %(default)s)")
     p.add_argument("--force", action="store_true", help="overwrite an export already in --out")
     p.add_argument("--epochs", type=int, help="training epochs (default: the study's evaluation.epochs)")
+    p.add_argument("--seed", type=int, help="seeds the training (default: a seed no CV fold of the trial used)")
+    p.add_argument(
+        "--bn-sparsity",
+        type=float,
+        metavar="W",
+        help="train with this L1 weight on the norm scales instead of the trial's training.bn_sparsity, so that "
+        "nas-slim can remove the channels it drives to zero",
+    )
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: the study's device")
     return p
 
@@ -360,6 +368,8 @@ def export_main(argv: list[str] | None = None) -> int:
     args = export_parser().parse_args(argv)
     if args.epochs is not None and args.epochs < 1:
         export_parser().error("--epochs must be >= 1")
+    if args.bn_sparsity is not None and not args.bn_sparsity >= 0:
+        export_parser().error("--bn-sparsity must be >= 0")
 
     def export() -> None:
         from nas.deploy.export import export_trial
@@ -372,6 +382,8 @@ def export_main(argv: list[str] | None = None) -> int:
             epochs=args.epochs,
             device=args.device,
             force=args.force,
+            seed=args.seed,
+            bn_sparsity=args.bn_sparsity,
         )
 
     return _run(export)

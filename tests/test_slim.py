@@ -190,31 +190,37 @@ def test_a_timm_resnet_is_cut_through_its_residual_additions_and_rebuilt_from_it
 # --- nas-slim end to end ---------------------------------------------------------------------------------------
 
 
-SPARSE_SPACE = {
+BN_SPACE = {
     "stages": 2,
     "width": 16,
     "block": {"norm": {"type": "batch", "position": "post_conv"}},
-    "training": {"batch_size": 32, "lr": 0.05, "bn_sparsity": 0.1},
+    "training": {"batch_size": 32, "lr": 0.05},
 }
 
 
 @pytest.fixture(scope="module")
 def slim_source(tmp_path_factory):
-    """A digits export trained with the sparsity penalty: a real search of one trial, then nas-export."""
+    """A digits export trained with the sparsity penalty: a real search of one trial, then nas-export with
+    --bn-sparsity."""
     root = tmp_path_factory.mktemp("slim")
     write_digits_run(
         root,
-        SPARSE_SPACE,
+        BN_SPACE,
         f"sqlite:///{root}/nas.db",
         {"name": "d", "sampler": "random", "trials": 1},
         {"folds": 2, "epochs": 1},
     )
     assert search_main(["--config", str(root / "run.yaml"), "--no-progress"]) == 0
     out = root / "exported"
-    assert (
-        export_main(["--storage", f"sqlite:///{root}/nas.db", "--study", "d", "--out", str(out), "--epochs", "4"]) == 0
-    )
+    export = ["--storage", f"sqlite:///{root}/nas.db", "--study", "d", "--out", str(out), "--epochs", "4"]
+    assert export_main([*export, "--bn-sparsity", "0.1", "--seed", "3"]) == 0
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["arch"]["training"]["bn_sparsity"] == 0.1 and meta["seed"] == 3
     return out
+
+
+def slim(source, out, *args: str) -> int:
+    return slim_main(["--model", str(source), "--out", str(out), *args])
 
 
 def written_params_and_macs(folder) -> tuple[int, int]:
@@ -234,23 +240,7 @@ def written_params_and_macs(folder) -> tuple[int, int]:
 
 def test_nas_slim_writes_a_smaller_verified_export_that_records_the_cut(slim_source, tmp_path, capsys):
     out = tmp_path / "slim"
-    assert (
-        slim_main(
-            [
-                "--model",
-                str(slim_source),
-                "--ratio",
-                "0.5",
-                "--finetune-epochs",
-                "1",
-                "--out",
-                str(out),
-                "--batch-sizes",
-                "1,8",
-            ]
-        )
-        == 0
-    )
+    assert slim(slim_source, out, "--ratio", "0.5", "--finetune-epochs", "1", "--batch-sizes", "1,8") == 0
     log = capsys.readouterr().out
     assert "verified in a fresh process" in log
     meta = json.loads((out / "model.json").read_text())
@@ -298,23 +288,7 @@ def record_accuracy(log: str) -> float:
 
 def test_a_sweep_writes_one_export_per_ratio_and_the_trade_off_table_and_plot(slim_source, tmp_path, capsys):
     out = tmp_path / "sweep"
-    assert (
-        slim_main(
-            [
-                "--model",
-                str(slim_source),
-                "--sweep",
-                "0.3,0.6",
-                "--finetune-epochs",
-                "0",
-                "--out",
-                str(out),
-                "--batch-sizes",
-                "1",
-            ]
-        )
-        == 0
-    )
+    assert slim(slim_source, out, "--sweep", "0.3,0.6", "--finetune-epochs", "0", "--batch-sizes", "1") == 0
     rows = list(csv.DictReader((out / "sweep.csv").open()))
     assert [float(r["ratio"]) for r in rows] == [0.0, 0.3, 0.6]
     params = [int(r["params"]) for r in rows]
@@ -329,23 +303,8 @@ def test_a_sweep_writes_one_export_per_ratio_and_the_trade_off_table_and_plot(sl
 def test_a_params_target_takes_the_smallest_ratio_that_meets_it(slim_source, tmp_path):
     before = written_params_and_macs(slim_source)[0]
     out = tmp_path / "target"
-    assert (
-        slim_main(
-            [
-                "--model",
-                str(slim_source),
-                "--target-params",
-                str(before // 2),
-                "--finetune-epochs",
-                "0",
-                "--out",
-                str(out),
-                "--batch-sizes",
-                "1",
-            ]
-        )
-        == 0
-    )
+    target = str(before // 2)
+    assert slim(slim_source, out, "--target-params", target, "--finetune-epochs", "0", "--batch-sizes", "1") == 0
     record = json.loads((out / "model.json").read_text())["slim"]
     assert record["after"]["params"] <= before // 2 and record["target"] == {"kind": "params", "value": before // 2}
     source = load_exported(slim_source).model
@@ -366,7 +325,7 @@ def test_a_params_target_takes_the_smallest_ratio_that_meets_it(slim_source, tmp
 )
 def test_bad_input_is_one_line_exit_2_and_nothing_written(slim_source, tmp_path, capsys, args, message):
     out = tmp_path / "out"
-    assert slim_main(["--model", str(slim_source), *args, "--out", str(out)]) == 2
+    assert slim(slim_source, out, *args) == 2
     err = capsys.readouterr().err
     assert err.startswith(message) and err.count("\n") == 1
     assert not out.exists()
@@ -383,7 +342,7 @@ def test_an_export_without_batchnorm_scales_is_refused_saying_what_is_and_is_not
     model = build(meta["arch"], meta["input_shape"], meta["num_classes"]).eval()
     keep = {k: v for k, v in meta.items() if k not in ("files", "versions", "onnx", "fold_max_abs_diff")}
     write_export(model, torch.randn(8, *meta["input_shape"]), keep, tmp_path / "gn", log=lambda _: None)
-    assert slim_main(["--model", str(tmp_path / "gn"), "--ratio", "0.5", "--out", str(tmp_path / "out")]) == 2
+    assert slim(tmp_path / "gn", tmp_path / "out", "--ratio", "0.5") == 2
     err = capsys.readouterr().err
     assert err.startswith("the model has no channels to rank by BatchNorm scale") and "GroupNorm of 4 groups" in err
     assert not (tmp_path / "out").exists()

@@ -157,8 +157,13 @@ def export_trial(
     device: str | None = None,
     log=print,
     force: bool = False,
+    seed: int | None = None,
+    bn_sparsity: float | None = None,
 ) -> Path:
-    """Retrain the trial's ArchSpec on the full training split, test it, fold, save and verify."""
+    """Retrain the trial's ArchSpec on the full training split, test it, fold, save and verify.
+
+    `seed` (default: one no CV fold of the trial used) seeds the training; `bn_sparsity` replaces the spec's L1
+    weight on the norm scales, to train the found model for network slimming (`nas-slim`)."""
     from nas.data.preprocessing import recipe
     from nas.search.config import blamed, load_run_config
     from nas.search.finetune_space import describe_strategy, epochs_of, load_search_data
@@ -175,12 +180,15 @@ def export_trial(
     cfg = load_run_config(None, stored=stored)
     check_writable(Path(out), force)
     spec = trial_attr(trial, ARCH_ATTR)
+    if bn_sparsity is not None:
+        spec = {**spec, "training": {**spec["training"], "bn_sparsity": bn_sparsity}}
     dev = resolve_device(device or cfg.device)
     with blamed(cfg):
         data = load_search_data(cfg, dev)
     check_same_data(fingerprint, data.fingerprint, f"study '{study_name}' was searched on")
     epochs = epochs or epochs_of(spec, cfg.evaluation.epochs)
-    seed = fold_seed(cfg.study.seed, trial.number, cfg.evaluation.folds)  # a seed no CV fold used
+    if seed is None:
+        seed = fold_seed(cfg.study.seed, trial.number, cfg.evaluation.folds)  # a seed no CV fold used
     torch.manual_seed(seed)
     try:
         model = prepare_model(build_candidate(spec, data.input_shape, data.num_classes), dev)
@@ -192,6 +200,15 @@ def export_trial(
         f"epochs on {dev.type}" + (f" (fine-tuning its checkpoint: {describe_strategy(strategy)})" if strategy else "")
     )
     hp = spec["training"]
+    if hp.get("bn_sparsity"):
+        from nas.training.train import norm_scales
+
+        scales = sum(t.numel() for t in norm_scales(model))
+        log(
+            f"L1 weight {hp['bn_sparsity']:g} on {scales} norm scales (training.bn_sparsity)"
+            if scales
+            else "note: training.bn_sparsity has no norm scale to act on (no affine norm in this model)"
+        )
     train_mode = None if strategy is None else start_strategy(model, strategy, data.x_train, hp["batch_size"], dev)
     everything = torch.arange(len(data.y_train), device=dev)
     fit(model, data, everything, None, hp, epochs, dev, seed=seed, train_mode=train_mode)
@@ -218,6 +235,7 @@ def export_trial(
         "dataset_config": dataset_record(cfg),
         "data": data.fingerprint,
         "epochs": epochs,
+        "seed": seed,
         "test": {"loss": test_loss, "accuracy": test_acc, "samples": len(data.y_test), "batch_size": scored_in},
         **({"batch_dependent": dependence} if dependence is not None else {}),
     }
