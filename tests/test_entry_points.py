@@ -17,7 +17,7 @@ from nas.search.config import FOLD_MODES
 from nas.search.pruners import PRUNER_NAMES
 from nas.search.samplers import SAMPLER_NAMES
 
-COMMANDS = ("search", "report", "export", "bench", "finetune", "dashboard")
+COMMANDS = ("search", "report", "export", "bench", "finetune", "slim", "dashboard")
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--trials", "1", "--epochs", "1", "--folds", "2", "--no-progress"]
 
