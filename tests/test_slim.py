@@ -321,6 +321,10 @@ def test_a_params_target_takes_the_smallest_ratio_that_meets_it(slim_source, tmp
         (["--target-params", "10"], "--target-params 10: cannot be met: removing the most channels"),
         (["--target-params", "100000000"], "--target-params 1e+08: the model already has"),
         (["--ratio", "1.5"], "--ratio: 1.5 is not a share of channels in (0, 1)"),
+        (
+            ["--ratio", "0.5", "--set", "dataset.transforms=[{contrast: 0.5}]"],
+            '--set: dataset.transforms: [{"contrast":0.5}] here, [] in the data',
+        ),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_nothing_written(slim_source, tmp_path, capsys, args, message):

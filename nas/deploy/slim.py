@@ -67,6 +67,38 @@ def source_config(meta: dict, model_dir: Path, config: str | None, overrides: li
     return load_run_config(None, overrides, stored=stored, needs_space=False)
 
 
+# dataset keys that change which samples the model sees, or how (root, cache and the like only say where they are)
+SAME_DATA_KEYS = (
+    "name",
+    "image_size",
+    "transforms",
+    "transform_seed",
+    "labels_per_class",
+    "labels_seed",
+    "target",
+    "test_fraction",
+    "split_seed",
+)
+
+
+def check_same_dataset(meta: dict, cfg, model_dir: Path) -> None:
+    """Refuse to fine-tune on other data than the export's (another transform, split or label budget): the
+    fingerprint covers the source arrays, these keys what is made of them."""
+    from nas.study.contract import show
+
+    recorded = meta.get("dataset_config")
+    if recorded is None:
+        return
+    for key in SAME_DATA_KEYS:
+        here = getattr(cfg.dataset, key)
+        if key in recorded and recorded[key] != here:
+            raise NasError(
+                f"{cfg.where('dataset.' + key)}: dataset.{key}: {show(here)} here, {show(recorded[key])} in the data "
+                f"{model_dir} was trained on; nas-slim fine-tunes on that data (nas-finetune adapts a model to other "
+                "data)"
+            )
+
+
 def target_ratio(
     source: nn.Module, found: slimming.Survey, input_shape, scope: str, kind: str, value: float, measure
 ) -> float:
@@ -168,6 +200,7 @@ def slim(
     check_outputs(model_dir, out, sweep, force)
     meta = load_meta(model_dir)
     cfg = source_config(meta, model_dir, config, list(overrides))
+    check_same_dataset(meta, cfg, model_dir)
     dev = resolve_device(device or cfg.device)
     start = from_export(model_dir, cfg, dev)
     data, source = start.data, start.model.cpu().eval()
