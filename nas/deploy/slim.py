@@ -187,6 +187,7 @@ def slim(
 ) -> Path:
     """Slim the export in `model_dir` by one `ratio`, to one `target` (kind, value), or at every ratio of `sweep`;
     write the export(s) to `out` (a sweep: one folder per ratio plus the trade-off table and plot)."""
+    from nas.deploy.bench import spread_warnings
     from nas.deploy.export import check_same_data, load_meta
     from nas.deploy.finetune import from_export
     from nas.training.train import resolve_device
@@ -222,6 +223,8 @@ def slim(
     rows = time_side_by_side(
         {"source": source, **{f"ratio {c.ratio:.2f}": c.model for c in cuts}}, shape, list(batch_sizes), threads
     )
+    for warning in spread_warnings(rows):
+        log(warning)
     latency = {r["variant"]: {} for r in rows}
     for r in rows:
         latency[r["variant"]][str(r["batch_size"])] = {
