@@ -389,6 +389,16 @@ def export_main(argv: list[str] | None = None) -> int:
     return _run(export)
 
 
+def _numbers(parser: argparse.ArgumentParser, flag: str, text: str, kind: type) -> list:
+    try:
+        values = [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values:
+        parser.error(f"{flag}: expected comma-separated numbers, got {text!r}")
+    return values
+
+
 def bench_parser() -> argparse.ArgumentParser:
     from nas.models.costs import DEFAULT_THREADS, SPREAD_LIMIT
 
@@ -425,11 +435,8 @@ def bench_parser() -> argparse.ArgumentParser:
 def bench_main(argv: list[str] | None = None) -> int:
     parser = bench_parser()
     args = parser.parse_args(argv)
-    try:
-        sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
-    except ValueError:
-        parser.error(f"--batch-sizes: expected integers like 1,64,256, got {args.batch_sizes!r}")
-    if not sizes or min(sizes) < 1 or args.repeats < 1 or args.warmup < 0 or args.threads < 1:
+    sizes = _numbers(parser, "--batch-sizes", args.batch_sizes, int)
+    if min(sizes) < 1 or args.repeats < 1 or args.warmup < 0 or args.threads < 1:
         parser.error("--batch-sizes must be positive integers, --repeats >= 1, --warmup >= 0, --threads >= 1")
 
     def bench() -> None:
@@ -657,16 +664,6 @@ def slim_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="slimmed", help="output folder (default %(default)s)")
     p.add_argument("--force", action="store_true", help="overwrite what --out already holds")
     return p
-
-
-def _numbers(parser: argparse.ArgumentParser, flag: str, text: str, kind: type) -> list:
-    try:
-        values = [kind(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        values = []
-    if not values:
-        parser.error(f"{flag}: expected comma-separated numbers, got {text!r}")
-    return values
 
 
 @_console_script
