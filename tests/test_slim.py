@@ -375,3 +375,13 @@ def test_kept_scales_is_an_objective_a_multi_objective_search_minimizes(tmp_path
         summary = trial.user_attrs.get("norm_scales")
         assert trial.values[1] == kept_scales(summary)
         assert (summary is None) == (trial.params["block.norm.type"] == "none")
+
+
+def test_export_says_what_the_sparsity_penalty_did_to_the_scales_and_when_it_collapsed_the_model():
+    from nas.deploy.export import scales_line
+
+    model = build(spec_with("batch", "post_conv"), IMAGE, 10)
+    assert scales_line(model).endswith("p90 1; 0.0% below 0.01")
+    for norm in ranked_norms(model):
+        norm.weight.data.zero_()
+    assert "100.0% below 0.01 (every one: the penalty collapsed the model" in scales_line(model)

@@ -212,6 +212,8 @@ def export_trial(
     train_mode = None if strategy is None else start_strategy(model, strategy, data.x_train, hp["batch_size"], dev)
     everything = torch.arange(len(data.y_train), device=dev)
     fit(model, data, everything, None, hp, epochs, dev, seed=seed, train_mode=train_mode)
+    if hp.get("bn_sparsity"):
+        log(scales_line(model))
     all_trainable(model)
     scored_in = scoring_batch_size(model, hp)
     test_loss, test_acc = evaluate(model, data.x_test, data.y_test, dev, scored_in)
@@ -241,6 +243,22 @@ def export_trial(
     }
     folder = write_export(model, x_test, meta, Path(out), log)
     return folder
+
+
+def scales_line(model: nn.Module) -> str:
+    """What the sparsity penalty did: the trained norm scales' percentiles and the share below 0.01."""
+    from nas.training.diagnostics import SMALL_SCALE, scale_summary
+    from nas.training.train import norm_scales
+
+    summary = scale_summary(norm_scales(model, trainable=False))
+    if summary is None:
+        return "no norm scales"
+    share = summary[f"below_{SMALL_SCALE:g}"]
+    return (
+        f"Norm scales |gamma| after training: p10 {summary['p10']:.3g}, p50 {summary['p50']:.3g}, p90 "
+        f"{summary['p90']:.3g}; {share:.1%} below {SMALL_SCALE:g}"
+        + (" (every one: the penalty collapsed the model; use a smaller --bn-sparsity)" if share == 1.0 else "")
+    )
 
 
 def dataset_record(cfg) -> dict:
