@@ -21,16 +21,23 @@ HERE = Path(__file__).resolve().parent
 RUNS = HERE.parents[1] / "runs" / "slim_digits"
 STORAGE = f"sqlite:///{HERE / 'study.db'}"
 SOURCES = {"digits": "digits-bn", "shifted": "digits-shifted"}  # model -> study
-SPARSITY = (0.0, 0.1)  # training.bn_sparsity of the export trained before slimming
+SPARSITY = (0.0, 0.03)  # training.bn_sparsity of the export trained before slimming (README: why 0.03)
 SEEDS = range(5)
 RATIOS = "0.3,0.5,0.7"
 FINETUNE_EPOCHS = 6
 BIN = Path(sys.executable).parent
 
 
-def run(*args: str) -> None:
+def run(*args: str, refusable: bool = False) -> str | None:
+    """Run a bnnas command; with `refusable`, its one-line refusal (exit 2) is returned instead of raised."""
     print("$", " ".join(args), flush=True)
-    subprocess.run([str(BIN / args[0]), *args[1:]], check=True, stdout=subprocess.DEVNULL)
+    proc = subprocess.run([str(BIN / args[0]), *args[1:]], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if proc.returncode == 2 and refusable:
+        print(proc.stderr.strip(), flush=True)
+        return proc.stderr.strip()
+    if proc.returncode != 0:
+        raise SystemExit(f"{args[0]} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
+    return None
 
 
 def sweep_folder(source: str, sparsity: float, seed: int) -> Path:
@@ -40,8 +47,8 @@ def sweep_folder(source: str, sparsity: float, seed: int) -> Path:
 def produce(sources: list[str]) -> None:
     for source in sources:
         study = SOURCES[source]
-        for sparsity in SPARSITY:
-            for seed in SEEDS:
+        for seed in SEEDS:  # seeds outermost: a run cut short still has every sparsity level for its seeds
+            for sparsity in SPARSITY:
                 folder = sweep_folder(source, sparsity, seed)
                 export = folder / "export"
                 if not (export / "model.json").exists():
@@ -62,25 +69,39 @@ def produce(sources: list[str]) -> None:
                         "--force",
                     )
                 if not (folder / "sweep" / "sweep.csv").exists():
-                    run(
-                        "nas-slim",
-                        "--model",
-                        str(export),
-                        "--sweep",
-                        RATIOS,
-                        "--finetune-epochs",
-                        str(FINETUNE_EPOCHS),
-                        "--seed",
-                        str(seed),
-                        "--out",
-                        str(folder / "sweep"),
-                        "--device",
-                        "cpu",
-                        "--force",
-                    )
+                    sweep(folder, seed)
 
 
 BATCH_SIZES = (1, 64)
+
+
+def sweep(folder: Path, seed: int) -> None:
+    """nas-slim --sweep over RATIOS; a ratio nas-slim refuses (it would empty a layer) is recorded in
+    refused.txt and the sweep runs over the ratios below it."""
+    ratios = RATIOS.split(",")
+    while ratios:
+        refusal = run(
+            "nas-slim",
+            "--model",
+            str(folder / "export"),
+            "--sweep",
+            ",".join(ratios),
+            "--finetune-epochs",
+            str(FINETUNE_EPOCHS),
+            "--seed",
+            str(seed),
+            "--out",
+            str(folder / "sweep"),
+            "--device",
+            "cpu",
+            "--force",
+            refusable=True,
+        )
+        if refusal is None:
+            return
+        with open(folder / "refused.txt", "a") as f:
+            f.write(f"{ratios[-1]}\t{refusal}\n")
+        ratios = ratios[:-1]
 
 
 def measure() -> None:
@@ -98,7 +119,8 @@ def measure() -> None:
                 folder = sweep_folder(source, sparsity, seed)
                 models = {"0.0": load_exported(folder / "export").model}
                 for ratio in RATIOS.split(","):
-                    models[ratio] = load_exported(folder / "sweep" / f"ratio-{float(ratio):.2f}").model
+                    if (folder / "sweep" / f"ratio-{float(ratio):.2f}").exists():  # not where nas-slim refused it
+                        models[ratio] = load_exported(folder / "sweep" / f"ratio-{float(ratio):.2f}").model
                 shape = tuple(load_exported(folder / "export").meta["input_shape"])
                 for r in time_side_by_side(models, shape, list(BATCH_SIZES), threads=1):
                     rows.append(
@@ -143,14 +165,21 @@ def collect() -> list[dict]:
                         entry[k] = float(row[k])
                         entry[f"{k}_ratio"] = float(row[k]) / float(base[k])
                     per_ratio.setdefault(float(row["ratio"]), []).append(entry)
-            for ratio, entries in sorted(per_ratio.items()):
+            for ratio in [0.0, *map(float, RATIOS.split(","))]:
+                entries = per_ratio.get(ratio, [])
                 out = {"model": source, "bn_sparsity": sparsity, "ratio": ratio, "seeds": len(entries)}
-                for key in entries[0]:
+                out["refused"] = sum(refused(sweep_folder(source, sparsity, seed), ratio) for seed in SEEDS)
+                for key in entries[0] if entries else []:
                     values = [e[key] for e in entries if key in e]
                     out[key] = statistics.fmean(values)
                     out[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
                 rows.append(out)
     return rows
+
+
+def refused(folder: Path, ratio: float) -> bool:
+    path = folder / "refused.txt"
+    return path.exists() and any(float(line.split("\t")[0]) == ratio for line in path.read_text().splitlines())
 
 
 def pm(row: dict, key: str, digits: int = 3) -> str:
@@ -160,19 +189,26 @@ def pm(row: dict, key: str, digits: int = 3) -> str:
 
 
 def write(rows: list[dict]) -> None:
+    fields = list(dict.fromkeys(key for row in rows for key in row))
     with open(HERE / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
+        writer = csv.DictWriter(f, fieldnames=fields, lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
     lines = [
-        "| model | bn_sparsity | removed | test acc, cut | test acc, fine-tuned | params | MACs | latency b1 | "
-        "latency b64 |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | bn_sparsity | removed | seeds (refused) | test acc, cut | test acc, fine-tuned | params | MACs | "
+        "latency b1 | latency b64 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         removed = "source" if r["ratio"] == 0 else f"{r['ratio']:.0%}"
+        if not r["seeds"]:
+            lines.append(
+                f"| {r['model']} | {r['bn_sparsity']:g} | {removed} | 0 ({r['refused']}) | refused: it "
+                "would remove every channel of a layer | | | | | |"
+            )
+            continue
         lines.append(
-            f"| {r['model']} | {r['bn_sparsity']:g} | {removed} | "
+            f"| {r['model']} | {r['bn_sparsity']:g} | {removed} | {r['seeds']} ({r['refused']}) | "
             f"{'' if r['ratio'] == 0 else pm(r, 'test_accuracy_pruned')} | {pm(r, 'test_accuracy')} | "
             f"{r['params']:,.0f} ({pm(r, 'params_ratio', 2)}) | {r['macs']:,.0f} ({pm(r, 'macs_ratio', 2)}) | "
             f"{pm(r, 'latency_ms_b1_ratio', 2)} | {pm(r, 'latency_ms_b64_ratio', 2)} |"
@@ -191,7 +227,7 @@ def plot(rows: list[dict]) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for source in SOURCES:
         for sparsity in SPARSITY:
-            sel = [r for r in rows if r["model"] == source and r["bn_sparsity"] == sparsity]
+            sel = [r for r in rows if r["model"] == source and r["bn_sparsity"] == sparsity and r["seeds"]]
             label = f"{source}, bn_sparsity {sparsity:g}"
             x = [r["ratio"] for r in sel]
             axes[0].errorbar(
