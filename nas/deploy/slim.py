@@ -38,7 +38,6 @@ class Cut:
     model: nn.Module
     pruned: dict | None = None  # test loss / accuracy right after the cut, before fine-tuning
     finetuned: dict | None = None
-    latency: dict | None = None  # batch size -> median ms
 
     @property
     def folder_name(self) -> str:
@@ -151,6 +150,16 @@ def time_side_by_side(models: dict[str, nn.Module], input_shape, batch_sizes: li
         return time_variants(folded, input_shape, batch_sizes, "cpu")
 
 
+def by_model(rows: list[dict]) -> dict[str, dict]:
+    """`time_variants` rows as model -> batch size -> median / p10 / p90 ms (model.json's `latency`)."""
+    latency: dict[str, dict] = {}
+    for r in rows:
+        latency.setdefault(r["variant"], {})[str(r["batch_size"])] = {
+            k: r[k] for k in ("median_ms", "p10_ms", "p90_ms")
+        }
+    return latency
+
+
 def check_outputs(model_dir: Path, out: Path, ratios: list[float] | None, force: bool) -> None:
     """Refuse, before any work, an --out that is the source or holds what this run would overwrite."""
     from nas.deploy.export import check_writable
@@ -225,13 +234,7 @@ def slim(
     )
     for warning in spread_warnings(rows):
         log(warning)
-    latency = {r["variant"]: {} for r in rows}
-    for r in rows:
-        latency[r["variant"]][str(r["batch_size"])] = {
-            "median_ms": r["median_ms"],
-            "p10_ms": r["p10_ms"],
-            "p90_ms": r["p90_ms"],
-        }
+    latency = by_model(rows)
     before = {**costs(source, shape), "latency": latency["source"], "test": meta.get("test")}
     common = {
         "source": str(model_dir),
@@ -245,9 +248,8 @@ def slim(
     }
     table = []
     for cut in cuts:
-        cut.latency = latency[f"ratio {cut.ratio:.2f}"]
         folder = out if sweep is None else out / cut.folder_name
-        after = {**costs(cut.model, shape), "latency": cut.latency}
+        after = {**costs(cut.model, shape), "latency": latency[f"ratio {cut.ratio:.2f}"]}
         write_cut(cut, found, start.meta, {**common, "ratio": cut.ratio, "after": after}, data, folder, log)
         table.append({"ratio": cut.ratio, **after, "pruned": cut.pruned, "finetuned": cut.finetuned})
         log(summary_line(cut, before, after, batch_sizes))
