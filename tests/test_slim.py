@@ -385,3 +385,21 @@ def test_export_says_what_the_sparsity_penalty_did_to_the_scales_and_when_it_col
     for norm in ranked_norms(model):
         norm.weight.data.zero_()
     assert "100.0% below 0.01 (every one: the penalty collapsed the model" in scales_line(model)
+
+
+def test_a_latency_target_is_met_by_the_smallest_ratio_that_the_measure_says_meets_it():
+    from nas.deploy.slim import target_ratio
+
+    source = scatter_scales(build(spec_with("batch", "post_conv"), IMAGE, 10))
+    found = slimming.survey(source, IMAGE)
+    measured = []
+
+    def measure(model):  # a stand-in for the clock that falls as channels go, as latency does
+        measured.append(count_params(model))
+        return measured[-1] / 1000
+
+    goal = count_params(source) / 2000
+    ratio = target_ratio(source, found, IMAGE, "global", "latency_ms", goal, measure)
+    cut = lambda r: slimming.remove_channels(copy.deepcopy(source), IMAGE, slimming.plan(found, r))  # noqa: E731
+    assert count_params(cut(ratio)) / 1000 <= goal < count_params(cut(ratio - 1 / found.channels)) / 1000
+    assert len(measured) <= 2 + found.channels.bit_length()  # a bisection, not a scan
