@@ -108,8 +108,7 @@ def measure() -> None:
     """CPU latency of every source and its slimmed models, timed again in one quiet pass after all training (the
     sweeps ran beside each other, so their own timings are not used): per seed folder, the source and the three
     slimmed exports rebuilt from data, folded, interleaved (nas-bench's protocol), one pinned thread."""
-    from nas.deploy.export import load_exported
-    from nas.deploy.slim import time_side_by_side
+    from nas.deploy import load_exported, time_side_by_side
 
     path = HERE / "latency.csv"
     rows = []
