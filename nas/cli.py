@@ -1058,6 +1058,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] in (["-h"], ["--help"]):
         print(commands_help())
         return 0
+    if argv[:1] == ["--version"]:
+        print(f"bnnas {nas.__version__}")
+        return 0
     if not argv or argv[0] not in COMMANDS:
         what = f"unknown command '{argv[0]}'" if argv else "give a command"
         hint = did_you_mean(argv[0], COMMANDS) if argv else "; python -m nas --help lists them"

@@ -78,6 +78,14 @@ def test_python_m_nas_help_lists_every_command_with_one_line_and_the_exit_codes(
     assert EXIT_CODES in proc.stdout
 
 
+def test_python_m_nas_version_prints_the_version_and_exits_0():
+    import nas
+
+    proc = python_m_nas("--version")
+
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, f"bnnas {nas.__version__}\n", "")
+
+
 @pytest.mark.parametrize("args, words", [((), "give a command"), (("serach",), "unknown command 'serach'")])
 def test_python_m_nas_without_a_known_command_is_one_line_and_exit_2(args, words):
     proc = python_m_nas(*args)

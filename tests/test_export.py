@@ -270,3 +270,14 @@ def test_exporting_a_batch_dependent_model_says_what_it_does_at_batch_1(tmp_path
         "depends on the inputs batched with it" in out
         and f"at batch 1 its accuracy is {note['accuracy_at_batch_1']:.4f}" in out
     )
+
+
+def test_an_out_that_is_a_file_is_refused_as_not_a_folder(tmp_path):
+    from nas.deploy.export import check_writable
+    from nas.errors import NasError
+
+    path = tmp_path / "model"
+    path.write_text("a file")
+    with pytest.raises(NasError, match=r"^--out: .*/model is a file, not a folder; choose a folder for the export$"):
+        check_writable(path)
+    assert path.read_text() == "a file"

@@ -238,3 +238,14 @@ def test_a_read_only_sqlite_file_is_one_line_and_left_alone(run_dir, capsys, res
         == f"study.storage: the SQLite file {db} is read-only; make it writable (chmod u+w) or use another --storage\n"
     )
     assert db.read_bytes() == before
+
+
+@pytest.mark.parametrize("url", ["foo://x/y", "runs/nas.log"])
+def test_nas_search_refuses_a_storage_url_it_cannot_write_in_one_line(tmp_path, capsys, url):
+    write_digits_run(tmp_path, NORM_AND_LR_SPACE, "sqlite:///unused.db", {"name": "s", "trials": 1}, {"epochs": 1})
+
+    code = search_main(["--config", str(tmp_path / "run.yaml"), "--storage", url, "--no-progress"])
+
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert f"cannot open {url}: not a storage URL nas-search writes (sqlite:///FILE, postgresql://" in err

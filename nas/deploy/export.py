@@ -100,6 +100,8 @@ def check_writable(folder: Path, force: bool = False) -> None:
     """Create `folder` and a scratch file in it, then remove what was made: an --out that cannot take
     the files is found before minutes of training, and input found bad later still leaves nothing.
     A folder that already holds an export is refused unless `force`: it would be overwritten."""
+    if folder.exists() and not folder.is_dir():
+        raise NasError(f"--out: {folder} is a file, not a folder; choose a folder for the export")
     existing = [name for name in ("model.json", *MODEL_FILES) if (folder / name).exists()]
     if existing and not force:
         raise NasError(

@@ -1,6 +1,6 @@
 """Opening Optuna storage: one route for every command (no torch here).
 
-Any URL Optuna takes (SQLite, PostgreSQL, MySQL, a journal file) or a grpc:// (grpcs://) proxy.
+An RDB URL (SQLite, PostgreSQL, MySQL) or a grpc:// (grpcs://) proxy.
 `storage_of` opens one to read; `open_for_search` opens one that a search writes, with heartbeats,
 crash retries and a busy timeout, after checking that a SQLite file can be written. What bnnas keeps
 in a storage, and reading and writing it, is `nas.study.schema`.
@@ -56,7 +56,7 @@ def storage_of(url: str) -> optuna.storages.BaseStorage:
     return grpc_proxy(url, "--storage") if url.startswith(PROXY_SCHEMES) else optuna.storages.get_storage(url)
 
 
-def make_storage(url: str, heartbeat_seconds: float, retries: int) -> optuna.storages.BaseStorage | str:
+def make_storage(url: str, heartbeat_seconds: float, retries: int) -> optuna.storages.BaseStorage:
     """RDB storage (SQLite, PostgreSQL, MySQL) with heartbeats, a busy timeout and crash retries.
 
     A trial whose process died stops beating; after twice the interval Optuna fails it and
@@ -64,8 +64,6 @@ def make_storage(url: str, heartbeat_seconds: float, retries: int) -> optuna.sto
     """
     if url.startswith(PROXY_SCHEMES):
         return grpc_proxy(url)
-    if not url.startswith(RDB_SCHEMES):
-        return url  # journal files and the like: Optuna resolves them
     engine = engine_options(url)
     for attempt in range(5):
         try:
@@ -90,6 +88,11 @@ def open_for_search(url: str, heartbeat_seconds: float, retries: int, what: str 
 
     The folder of a local SQLite file is created, so the default `sqlite:///runs/nas.db` just works.
     """
+    if not url.startswith(RDB_SCHEMES + PROXY_SCHEMES):
+        raise StudyError(
+            f"{what}: cannot open {url}: not a storage URL nas-search writes (sqlite:///FILE, postgresql://..., "
+            "mysql://... or grpc://HOST:PORT)"
+        )
     check_writable_sqlite(url, what)
     path = sqlite_path(url)
     if path is not None:
