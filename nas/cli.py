@@ -1044,7 +1044,8 @@ COMMANDS = {
 
 
 def commands_help() -> str:
-    lines = "\n".join(f"  {name:<10} {SUMMARIES[name]}" for name in COMMANDS)
+    width = max(map(len, COMMANDS))
+    lines = "\n".join(f"  {name:<{width}}  {SUMMARIES[name]}" for name in COMMANDS)
     return (
         f"usage: python -m nas COMMAND [ARGS...]\n\nEvery console script of bnnas (nas-COMMAND), run with this "
         f"interpreter; python -m nas COMMAND --help for one.\n\ncommands:\n{lines}\n\n{EXIT_CODES}"

@@ -11,6 +11,7 @@ import optuna
 import pytest
 from conftest import write_digits_run
 
+from nas.cli import COMMANDS as ALL_COMMANDS
 from nas.cli import EXIT_CLOSED_STDOUT, EXIT_CODES, SUMMARIES, search_main
 from nas.data.datasets import LOADERS
 from nas.search.config import FOLD_MODES
@@ -73,8 +74,10 @@ def test_python_m_nas_help_lists_every_command_with_one_line_and_the_exit_codes(
     proc = python_m_nas("--help")
 
     assert proc.returncode == 0, proc.stderr
-    for command in COMMANDS:
-        assert f"  {command:<10} {SUMMARIES[command]}\n" in proc.stdout
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("  ") and line.split()[0] in ALL_COMMANDS]
+    assert [row.split()[0] for row in rows] == list(ALL_COMMANDS)
+    columns = {row.index(SUMMARIES[row.split()[0]]) for row in rows}
+    assert len(columns) == 1  # every summary starts in the same column, storage-proxy's too
     assert EXIT_CODES in proc.stdout
 
 
@@ -157,11 +160,11 @@ def test_search_without_a_config_runs_the_embedded_default_and_says_so_first(tmp
 
 
 @pytest.mark.slow
-def test_an_installed_wheel_runs_the_embedded_default(tmp_path):
+def test_an_installed_wheel_carries_its_license_and_runs_the_embedded_default(tmp_path):
     pytest.importorskip("setuptools")  # the wheel is built offline, in this environment
     source = tmp_path / "source"
     shutil.copytree(REPO / "nas", source / "nas", ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(REPO / name, source / name)
     subprocess.run(
         [
@@ -182,9 +185,11 @@ def test_an_installed_wheel_runs_the_embedded_default(tmp_path):
         timeout=300,
     )
     site, cwd = tmp_path / "site", tmp_path / "cwd"
-    zipfile.ZipFile(next((tmp_path / "wheel").glob("bnnas-*.whl"))).extractall(
-        site
-    )  # what pip install puts in site-packages
+    wheel = zipfile.ZipFile(next((tmp_path / "wheel").glob("bnnas-*.whl")))
+    metadata = wheel.read(next(n for n in wheel.namelist() if n.endswith(".dist-info/METADATA"))).decode()
+    assert "License-Expression: MIT" in metadata.splitlines() and "Requires-Python: >=3.11" in metadata.splitlines()
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in wheel.namelist())  # the license ships (PEP 639)
+    wheel.extractall(site)  # what pip install puts in site-packages
     cwd.mkdir()
 
     env = {**os.environ, "PYTHONPATH": str(site)}

@@ -17,7 +17,7 @@ import math
 import statistics
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import optuna
 import sqlalchemy
@@ -335,7 +335,7 @@ def detail(storage: optuna.storages.BaseStorage, name: str, own=None) -> dict:
         "trials": trial_rows(trials, problems),
         "norm_grid": norm_grid(trials, problems),
         "history": history(trials),
-        "read_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "read_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
 
 
