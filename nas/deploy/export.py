@@ -249,13 +249,13 @@ def export_trial(
 
 def scales_line(model: nn.Module) -> str:
     """What the sparsity penalty did: the trained norm scales' percentiles and the share below 0.01."""
-    from nas.training.diagnostics import SMALL_SCALE, scale_summary
+    from nas.training.diagnostics import SMALL_SCALE, SMALL_SHARE, scale_summary
     from nas.training.train import norm_scales
 
     summary = scale_summary(norm_scales(model, trainable=False))
     if summary is None:
         return "no norm scales"
-    share = summary[f"below_{SMALL_SCALE:g}"]
+    share = summary[SMALL_SHARE]
     return (
         f"Norm scales |gamma| after training: p10 {summary['p10']:.3g}, p50 {summary['p50']:.3g}, p90 "
         f"{summary['p90']:.3g}; {share:.1%} below {SMALL_SCALE:g}"

@@ -23,7 +23,7 @@ from torch import nn
 from nas.errors import NasError
 from nas.models import slimming
 from nas.models.bn_fold import fold_norms
-from nas.models.costs import DEFAULT_THREADS, count_macs, count_params, measure_latency, pinned_threads
+from nas.models.costs import DEFAULT_THREADS, count_macs, count_params, median_latency_ms, pinned_threads
 
 TARGETS = {"params": "--target-params", "macs": "--target-macs", "latency_ms": "--target-latency"}
 SWEEP_FILES = ("sweep.md", "sweep.csv", "sweep.png")
@@ -66,29 +66,16 @@ def source_config(meta: dict, model_dir: Path, config: str | None, overrides: li
     return load_run_config(None, overrides, stored=stored, needs_space=False)
 
 
-# dataset keys that change which samples the model sees, or how (root, cache and the like only say where they are)
-SAME_DATA_KEYS = (
-    "name",
-    "image_size",
-    "transforms",
-    "transform_seed",
-    "labels_per_class",
-    "labels_seed",
-    "target",
-    "test_fraction",
-    "split_seed",
-)
-
-
 def check_same_dataset(meta: dict, cfg, model_dir: Path) -> None:
     """Refuse to fine-tune on other data than the export's (another transform, split or label budget): the
     fingerprint covers the source arrays, these keys what is made of them."""
-    from nas.study.contract import show
+    from nas.study.contract import DATASET_KEYS, HOST_KEYS, show
 
     recorded = meta.get("dataset_config")
     if recorded is None:
         return
-    for key in SAME_DATA_KEYS:
+    # the study contract's dataset keys, less where the files are (this host's) and augment (how training draws)
+    for key in (k for k in DATASET_KEYS if k not in HOST_KEYS and k != "augment"):
         here = getattr(cfg.dataset, key)
         if key in recorded and recorded[key] != here:
             raise NasError(
@@ -134,11 +121,7 @@ def target_ratio(
 
 def latency_of(model: nn.Module, input_shape, batch_size: int, threads: int) -> float:
     """Median CPU ms of the folded model at `batch_size` (the latency target's measure)."""
-    example = torch.randn(batch_size, *input_shape)
-    with pinned_threads(threads):
-        return measure_latency(fold_norms(model.eval()), example, torch.device("cpu"), warmup=5, repeats=20)[
-            "median_ms"
-        ]
+    return median_latency_ms(fold_norms(model.eval()), tuple(input_shape), torch.device("cpu"), batch_size, threads)
 
 
 def time_side_by_side(models: dict[str, nn.Module], input_shape, batch_sizes: list[int], threads: int) -> list[dict]:

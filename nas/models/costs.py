@@ -168,7 +168,15 @@ def candidate_costs(
     if "macs" in wanted:
         costs["macs"] = count_macs(model, input_shape)
     if "latency_ms" in wanted:
-        example = torch.randn(batch_size, *input_shape, device=device)
-        with pinned_threads(threads if device.type == "cpu" else None):
-            costs["latency_ms"] = measure_latency(model, example, device, warmup=5, repeats=20)["median_ms"]
+        costs["latency_ms"] = median_latency_ms(model, input_shape, device, batch_size, threads)
     return costs
+
+
+def median_latency_ms(
+    model: nn.Module, input_shape: tuple[int, ...], device: torch.device, batch_size: int, threads: int
+) -> float:
+    """The median ms of `model` (as it deploys: folded, eval mode) on random inputs of `batch_size`, with `threads`
+    CPU threads pinned on the CPU: the latency_ms objective and nas-slim's latency target."""
+    example = torch.randn(batch_size, *input_shape, device=device)
+    with pinned_threads(threads if device.type == "cpu" else None):
+        return measure_latency(model, example, device, warmup=5, repeats=20)["median_ms"]

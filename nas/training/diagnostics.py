@@ -26,6 +26,7 @@ from nas.models.norms import running_stats_layers
 from nas.training.train import autocast, evaluate, on_device_layout
 
 SMALL_SCALE = 0.01  # a norm scale below this leaves its channel near-constant: what network slimming removes first
+SMALL_SHARE = f"below_{SMALL_SCALE:g}"  # the summary's key for the share of scales below SMALL_SCALE
 
 
 def scale_summary(scales: list[torch.Tensor]) -> dict | None:
@@ -36,13 +37,13 @@ def scale_summary(scales: list[torch.Tensor]) -> dict | None:
     values = torch.cat([s.detach().abs().float().flatten().cpu() for s in scales])
     p10, p50, p90 = torch.quantile(values, torch.tensor([0.1, 0.5, 0.9])).tolist()
     share = float((values < SMALL_SCALE).float().mean())
-    return {"count": len(values), "p10": p10, "p50": p50, "p90": p90, f"below_{SMALL_SCALE:g}": share}
+    return {"count": len(values), "p10": p10, "p50": p50, "p90": p90, SMALL_SHARE: share}
 
 
 def kept_scales(summary: dict | None) -> float:
     """The share of norm scales at or above SMALL_SCALE (a `scale_summary`): the channels network slimming at that
     threshold would keep, the `kept_scales` objective. A model without norm scales keeps everything (1.0)."""
-    return 1.0 if summary is None else 1.0 - summary[f"below_{SMALL_SCALE:g}"]
+    return 1.0 if summary is None else 1.0 - summary[SMALL_SHARE]
 
 
 def _norms_in_train_mode(model: nn.Module) -> list[nn.Module]:
