@@ -224,6 +224,13 @@ def test_cifar_one_level_below_dataset_root_names_the_root_to_set(tmp_path, monk
     assert load_dataset(DatasetConfig(name=name, root=str(tmp_path / name))).num_classes == 3  # the advice works
 
 
+def test_a_missing_mnist_names_the_files_it_looked_for_once(tmp_path):
+    message = data_error("mnist", tmp_path)
+
+    assert str(tmp_path / "MNIST" / "raw") in message and "train-images-idx3-ubyte" in message
+    assert "download: true" in message and "download=True" not in message  # not torchvision's sentence again
+
+
 def test_dataset_root_pointing_into_the_cifar_folder_names_the_root_to_set(tmp_path, monkeypatch):
     write_cifar(tmp_path, "cifar10", monkeypatch)
 
@@ -471,6 +478,15 @@ def test_npz_missing_or_unreadable_file_is_a_data_error(tmp_path):
     garbage = tmp_path / "garbage.npz"
     garbage.write_text("not a zip archive")
     assert str(garbage) in _npz_error(garbage)
+
+
+def test_a_single_npy_array_as_npz_root_is_named_not_a_type_error(tmp_path):
+    single = tmp_path / "x.npy"
+    np.save(single, np.zeros((3, 3)))
+
+    message = _npz_error(single)
+
+    assert str(single) in message and "one array" in message and "x_train" in message
 
 
 def test_npz_without_root_asks_for_dataset_root():

@@ -2,6 +2,7 @@
 line naming the path when it cannot be written, and the folder of a new SQLite file is made; reading never
 creates a database, and a missing study is named with the studies that exist."""
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -73,14 +74,28 @@ def test_storage_of_opens_a_url_to_the_studies_written_through_another_handle(tm
 
 
 def test_open_for_search_makes_the_folder_of_a_new_sqlite_file_and_a_storage_a_search_can_use(tmp_path):
-    url = f"sqlite:///{tmp_path}/runs/deeper/nas.db"
+    url = f"sqlite:///{tmp_path}/runs/nas.db"
     storage = open_for_search(url, heartbeat_seconds=1, retries=2)
-    assert (tmp_path / "runs" / "deeper").is_dir()
+    assert (tmp_path / "runs").is_dir()
     with quiet_optuna():
         study = optuna.create_study(storage=storage, study_name="s")
     study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
     assert len(optuna.load_study(study_name="s", storage=url).trials) == 2
     assert storage.heartbeat_interval == 1  # a crashed worker's trial goes stale and is retried
+
+
+@pytest.mark.parametrize("name", ["nas.db", "nas.log"])
+def test_a_storage_path_deeper_into_missing_folders_is_refused_as_a_likely_typo_and_nothing_is_made(tmp_path, name):
+    path = tmp_path / "tpyo" / "runs" / name
+    url = f"sqlite:///{path}" if name.endswith(".db") else str(path)
+
+    message = refusal(open_for_search, url, 1, 0)
+
+    missing = tmp_path / "tpyo"
+    assert message == f"study.storage: the folder {missing} does not exist; create it, or check the path of {url} " + (
+        "for a typo"
+    )
+    assert not (tmp_path / "tpyo").exists()
 
 
 def test_open_for_search_refuses_a_read_only_sqlite_file_in_one_line_naming_it(tmp_path):
@@ -116,7 +131,10 @@ def test_open_for_search_refuses_a_folder_sqlite_cannot_write_its_journal_into(t
         message = refusal(open_for_search, f"sqlite:///{db}", 1, 0)
     finally:
         db.parent.chmod(0o755)
-    assert message == f"study.storage: the folder {db.parent} is not writable (SQLite writes its journal beside nas.db)"
+    assert (
+        message
+        == f"study.storage: the folder {db.parent} is not writable (SQLite writes its lock or journal beside nas.db)"
+    )
 
 
 def test_open_to_read_refuses_a_missing_sqlite_file_without_creating_it(tmp_path):
@@ -240,7 +258,7 @@ def test_a_read_only_sqlite_file_is_one_line_and_left_alone(run_dir, capsys, res
     assert db.read_bytes() == before
 
 
-@pytest.mark.parametrize("url", ["foo://x/y", "runs/nas.log"])
+@pytest.mark.parametrize("url", ["foo://x/y", "redis://localhost/0"])
 def test_nas_search_refuses_a_storage_url_it_cannot_write_in_one_line(tmp_path, capsys, url):
     write_digits_run(tmp_path, NORM_AND_LR_SPACE, "sqlite:///unused.db", {"name": "s", "trials": 1}, {"epochs": 1})
 
@@ -249,3 +267,21 @@ def test_nas_search_refuses_a_storage_url_it_cannot_write_in_one_line(tmp_path, 
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1
     assert f"cannot open {url}: not a storage URL nas-search writes (sqlite:///FILE, postgresql://" in err
+
+
+@pytest.mark.parametrize(
+    ("url", "package"),
+    [("mysql://u:p@localhost/db", "mysqlclient"), ("mysql+pymysql://u:p@localhost/db", "pymysql")],
+)
+def test_a_missing_database_driver_names_the_package_to_install(tmp_path, capsys, url, package):
+    driver = "MySQLdb" if package == "mysqlclient" else package
+    if importlib.util.find_spec(driver):
+        pytest.skip(f"{driver} is installed here")
+    write_digits_run(tmp_path, NORM_AND_LR_SPACE, "sqlite:///unused.db", {"name": "s", "trials": 1}, {"epochs": 1})
+
+    code = search_main(["--config", str(tmp_path / "run.yaml"), "--storage", url, "--no-progress"])
+
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert f"cannot open {url}: its database driver is not installed: pip install {package}" in err
+    assert not (tmp_path / "unused.db").exists()

@@ -197,8 +197,12 @@ def _not_loaded(cls, root: Path, download: bool, exc: Exception) -> str:
         for near in _near(root, len(folder.parts)):
             if any((near / folder / name).is_file() for name in files):
                 return f"dataset.root: {root} does not hold {folder}/, {near} does: set dataset.root to {near}"
-    hint = "set dataset.download: true to fetch it" if not download else "the download did not complete"
-    return f"dataset.root: {cls.__name__} not found in {root} ({hint}): {exc}"
+    if download:
+        return f"dataset.root: {cls.__name__} not found in {root} after the download: {exc}"
+    return (
+        f"dataset.root: {cls.__name__} not found: {here} has none of {', '.join(files)} "
+        "(set dataset.download: true to fetch it)"
+    )
 
 
 def _near(root: Path, depth: int) -> list[Path]:
@@ -255,7 +259,13 @@ def _npz(cfg) -> Arrays:
         raise DataError("dataset.root: the npz dataset needs dataset.root set to a .npz file")
     path = Path(cfg.root).expanduser()
     try:
-        with np.load(path, allow_pickle=False) as npz:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):  # a single .npy array, not an archive of named arrays
+            raise DataError(
+                f"dataset.root: {path} holds one array, not a .npz archive with the arrays {', '.join(NPZ_KEYS)} "
+                "(np.savez)"
+            )
+        with loaded as npz:
             arrays = {key: npz[key] for key in (*NPZ_KEYS, "feature_names") if key in npz}
     except FileNotFoundError:
         raise DataError(f"dataset.root: file not found: {path}") from None
