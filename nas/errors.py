@@ -28,6 +28,11 @@ class StudyError(NasError):
     """A study cannot be created or resumed as asked."""
 
 
+class IntegrityError(NasError):
+    """An input file failed its integrity check (sha256, signature, not a regular file, unloadable): bad input,
+    exit code 2, one line; nothing from it is run."""
+
+
 class TrialError(Exception):
     """One candidate failed (cannot be built, loss not finite); recorded on the trial, the search goes on."""
 

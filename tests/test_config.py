@@ -100,6 +100,21 @@ def test_overrides_reach_any_key_and_are_validated(tmp_path):
         parse_override("no-equals-sign")
 
 
+def test_a_bad_value_in_the_file_is_named_even_when_a_flag_overrides_it(tmp_path):
+    err = problem(tmp_path, {"study": {"trials": "two"}}, overrides=[("study.trials", 1, "--trials")])
+
+    assert err.file == str(tmp_path / "run.yaml") and err.key_path == "study.trials" and "'two'" in str(err)
+
+
+def test_a_required_key_may_come_from_a_flag_alone(tmp_path):
+    path = write(tmp_path, {}, space=None)
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(SPACE))
+
+    cfg = load_run_config(path, [("search_space", str(tmp_path / "space.yaml"), "--set")])
+
+    assert cfg.space == SPACE
+
+
 @pytest.mark.parametrize(
     "space, key_path, words",
     [

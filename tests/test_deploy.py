@@ -168,7 +168,7 @@ def test_a_changed_model_file_is_refused_before_it_is_loaded(exported, tmp_path,
     code, _, err = predict(capsys, "--model", copy, tmp_path / "one.npy", *runtime)
 
     refusal = f"{copy / name}: sha256 differs from model.json (file changed or corrupted); refusing to load it\n"
-    assert code == 1 and err.endswith(refusal) and err.count("\n") == 1 + bool(runtime)  # ts: after the trust note
+    assert code == 2 and err.endswith(refusal) and err.count("\n") == 1 + bool(runtime)  # ts: after the trust note
 
 
 # --------------------------------------------------------------------------- ONNX

@@ -12,7 +12,7 @@ import yaml
 from nas.cli import bench_main, export_main, search_main
 from nas.data.datasets import load_dataset
 from nas.deploy.export import FILES, load_exported, sha256
-from nas.errors import VerificationError
+from nas.errors import IntegrityError
 from nas.models.build import build, count_parameters
 from nas.search.config import DatasetConfig
 from nas.study.schema import counts_toward_budget
@@ -102,7 +102,7 @@ def test_a_changed_file_is_refused_on_load(exported, tmp_path):
     weights = torch.load(copy / "weights.pt", weights_only=True)
     next(iter(weights.values())).add_(1.0)
     torch.save(weights, copy / "weights.pt")
-    with pytest.raises(VerificationError, match="sha256"):
+    with pytest.raises(IntegrityError, match="sha256"):
         load_exported(copy)
 
 

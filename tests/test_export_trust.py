@@ -26,7 +26,7 @@ from nas.cli import bench_main, predict_main
 from nas.data.datasets import load_dataset
 from nas.data.preprocessing import recipe
 from nas.deploy.export import load_exported, write_export
-from nas.errors import NasError, VerificationError
+from nas.errors import IntegrityError, NasError
 from nas.models.build import build
 from nas.search.config import DatasetConfig
 from nas.search.space import default_spec
@@ -142,7 +142,7 @@ def test_a_crafted_model_pt2_runs_nothing_by_default_and_runs_when_asked_for(exp
     assert not marker.exists() and err == []
 
     code, out, err = predict(capsys, copy, "--runtime", "pt2")  # the attack is real: asked for, the payload runs
-    assert marker.exists() and code == 1 and out == []
+    assert marker.exists() and code == 2 and out == []
     assert err[0] == (
         f"note: model.pt2 (torch.export, whose loader unpickles) is code: loading runs what its author "
         f"wrote, so {copy} is trusted like a script"
@@ -158,7 +158,7 @@ def test_the_default_never_opens_model_ts(exported, clean, tmp_path, capsys):
 
     assert code == 0 and len(out) == len(clean)
     code, _, err = predict(capsys, copy, "--runtime", "ts")
-    assert code == 1 and err[-1].startswith(f"{copy / 'model.ts'}: sha256 differs from model.json")
+    assert code == 2 and err[-1].startswith(f"{copy / 'model.ts'}: sha256 differs from model.json")
 
 
 def test_nas_bench_times_code_files_only_with_trust_code(exported, tmp_path, capsys):
@@ -175,7 +175,7 @@ def test_nas_bench_times_code_files_only_with_trust_code(exported, tmp_path, cap
     assert "eager folded" in out and "onnxruntime folded" in out and "TorchScript folded" not in out
     assert load_exported(copy).model is not None and not marker.exists()  # nas-finetune's reading: data only
 
-    assert bench_main([*argv, "--trust-code"]) == 1
+    assert bench_main([*argv, "--trust-code"]) == 2
     assert marker.exists() and "model.pt2: cannot load it" in capsys.readouterr().err
 
 
@@ -187,7 +187,7 @@ def test_a_pickle_payload_as_weights_pt_is_refused_without_running(exported, tmp
 
     code, out, err = predict(capsys, copy)
 
-    assert code == 1 and out == [] and len(err) == 1 and not marker.exists()
+    assert code == 2 and out == [] and len(err) == 1 and not marker.exists()
     assert err[0].startswith(f"{copy / 'weights.pt'}: not weights of model.json's arch: ")
 
 
@@ -242,7 +242,7 @@ def test_a_file_linked_out_of_the_folder_is_refused_unread(exported, tmp_path, c
     (copy / "model.ts").symlink_to("/etc/hostname")
     rehash(copy)  # a match would tell the folder's author what the file holds
 
-    with pytest.raises(VerificationError, match="model.ts: not a regular file inside"):
+    with pytest.raises(IntegrityError, match="model.ts: not a regular file inside"):
         load_exported(copy)
 
 
@@ -252,10 +252,10 @@ def test_a_loaded_file_left_out_of_model_json_is_refused(exported, tmp_path, cap
     torch.save({k: torch.zeros_like(v) for k, v in weights.items()}, copy / "weights.pt")  # nothing vouches for these
     edit_meta(copy, lambda meta: meta["files"].pop("weights.pt"))
 
-    with pytest.raises(VerificationError, match="weights.pt: not listed in"):
+    with pytest.raises(IntegrityError, match="weights.pt: not listed in"):
         load_exported(copy)
     code, out, err = predict(capsys, copy)
-    assert code == 1 and out == [] and len(err) == 1 and "not listed in" in err[0]
+    assert code == 2 and out == [] and len(err) == 1 and "not listed in" in err[0]
 
 
 # --------------------------------------------------------------------------- the signature: $BNNAS_EXPORT_KEY
@@ -274,24 +274,24 @@ def test_with_the_key_only_a_folder_signed_with_it_loads(exported, clean, tmp_pa
     craft_pt2(copy / "model.pt2", marker)
     for argv in ([], ["--runtime", "pt2"]):
         code, out, err = predict(capsys, copy, *argv)
-        assert code == 1 and out == [] and not marker.exists()
+        assert code == 2 and out == [] and not marker.exists()
         assert err[-1] == (
             f"{copy / 'model.sig'}: not model.json's signature under {KEY} (signed with another key, or "
             "model.json changed); refusing to load the folder"
         )
-    assert bench_main(["--model", str(copy), "--repeats", "1"]) == 1
+    assert bench_main(["--model", str(copy), "--repeats", "1"]) == 2
     assert "not model.json's signature" in capsys.readouterr().err
-    with pytest.raises(VerificationError, match="model.sig"):
+    with pytest.raises(IntegrityError, match="model.sig"):
         load_exported(copy)  # nas-finetune's source
 
     (copy / "model.sig").unlink()
     code, _, err = predict(capsys, copy)
-    assert code == 1
+    assert code == 2
     assert err == [f"{copy / 'model.sig'}: missing: {KEY} is set, so only an export signed with it is loaded"]
 
     monkeypatch.setenv(KEY, "another key")
     code, _, err = predict(capsys, exported)
-    assert code == 1 and "not model.json's signature" in err[-1]
+    assert code == 2 and "not model.json's signature" in err[-1]
 
 
 def test_export_without_the_key_leaves_no_signature(exported, tmp_path):

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 import nas
-from nas.errors import DataError, NasError, StudyError, TrialError, VerificationError, one_line
+from nas.errors import DataError, IntegrityError, NasError, StudyError, TrialError, VerificationError, one_line
 from nas.output import atomic_write, atomic_write_text
 from nas.study.schema import (
     ARCH_ATTR,
@@ -419,7 +419,7 @@ def onnx_session(path: Path, model: bytes, threads: int | None = None):
         try:
             return onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own untyped errors for a model it cannot load
-            raise VerificationError(f"{path}: onnxruntime cannot load it: {one_line(exc)}") from None
+            raise IntegrityError(f"{path}: onnxruntime cannot load it: {one_line(exc)}") from None
 
 
 # Runs in a fresh interpreter that imports only torch (and onnxruntime for model.onnx): `nas` is
@@ -493,10 +493,10 @@ def check_signature(folder: Path, text: bytes) -> None:
         return
     path = folder / SIGNATURE_FILE
     if not path.exists():
-        raise VerificationError(f"{path}: missing: {KEY_ENV} is set, so only an export signed with it is loaded")
+        raise IntegrityError(f"{path}: missing: {KEY_ENV} is set, so only an export signed with it is loaded")
     found = _read_regular(folder, SIGNATURE_FILE).decode(errors="replace").strip()
     if not hmac.compare_digest(found, signature(text, key)):
-        raise VerificationError(
+        raise IntegrityError(
             f"{path}: not model.json's signature under {KEY_ENV} (signed with another key, or "
             "model.json changed); refusing to load the folder"
         )
@@ -532,7 +532,7 @@ def _read_regular(folder: Path, name: str) -> bytes:
     try:
         inside = path.resolve().parent == folder.resolve()
         if not inside or not stat.S_ISREG(path.stat().st_mode):
-            raise VerificationError(f"{path}: not a regular file inside {folder}; refusing to read it")
+            raise IntegrityError(f"{path}: not a regular file inside {folder}; refusing to read it")
         return path.read_bytes()
     except FileNotFoundError:
         raise NasError(f"{path}: missing" + (" (listed in model.json)" if name != "model.json" else "")) from None
@@ -550,14 +550,12 @@ def verified_bytes(folder: Path, meta: dict, name: str) -> bytes:
         onnx = meta.get("onnx")
         if name == ONNX_FILE and isinstance(onnx, dict) and onnx.get("written") is False:
             raise NasError(f"{path}: not part of this export ({onnx.get('reason')})")
-        raise VerificationError(
+        raise IntegrityError(
             f"{path}: not listed in {folder / 'model.json'}'s files, so nothing checks it; refusing to load it"
         )
     data = _read_regular(folder, name)
     if hashlib.sha256(data).hexdigest() != digest:
-        raise VerificationError(
-            f"{path}: sha256 differs from model.json (file changed or corrupted); refusing to load it"
-        )
+        raise IntegrityError(f"{path}: sha256 differs from model.json (file changed or corrupted); refusing to load it")
     return data
 
 
@@ -576,7 +574,7 @@ def rebuild(folder: Path, meta: dict) -> nn.Module:
         state = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True)
         model.load_state_dict(state)
     except Exception as exc:  # an UnpicklingError of a payload, a wrong key set: the folder is not what it says
-        raise VerificationError(f"{folder / 'weights.pt'}: not weights of model.json's arch: {one_line(exc)}") from None
+        raise IntegrityError(f"{folder / 'weights.pt'}: not weights of model.json's arch: {one_line(exc)}") from None
     return model.eval()
 
 
@@ -591,7 +589,7 @@ def load_code_file(folder: Path, meta: dict, name: str, map_location: str | torc
                 return torch.jit.load(data, map_location=map_location).eval()
             return torch.export.load(data).module().to(map_location)
     except Exception as exc:  # torch raises RuntimeError, pickle errors, ... for a file it cannot read
-        raise VerificationError(f"{folder / name}: cannot load it: {one_line(exc)}") from None
+        raise IntegrityError(f"{folder / name}: cannot load it: {one_line(exc)}") from None
 
 
 def code_note(folder: str | Path, names: list[str]) -> str:

@@ -272,6 +272,8 @@ def load_run_config(
     """
     overrides = [Override(*o) for o in overrides]
     origins = {o.key: o.origin for o in overrides}
+    if stored is None and overrides:
+        _check_as_written(path, overrides, needs_space)
     try:
         cfg = _load(path, overrides, stored, needs_space)
     except ConfigError as exc:
@@ -283,6 +285,30 @@ def load_run_config(
     if cfg.dataset.root is not None:
         cfg.dataset.root = str(Path(cfg.dataset.root).expanduser().absolute())
     return cfg
+
+
+def _check_as_written(path: str | Path, overrides: list[Override], needs_space: bool) -> None:
+    """Validate the file's own values, so that a flag does not hide a mistake the next run without it meets.
+
+    Only the keys the file lacks are taken from the flags (a required key may come from --set)."""
+    raw = read_yaml(path)
+    if not isinstance(raw, dict):
+        return  # _load names the file's shape
+    for key, value, _ in overrides:
+        if not _has_key(raw, key):
+            set_key(raw, key, value)
+    if not needs_space:
+        raw.setdefault("search_space", "")
+    _from_dict(RunConfig, raw, str(path), "")
+
+
+def _has_key(data: dict, key_path: str) -> bool:
+    node = data
+    for part in key_path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
 
 
 def _load(path: str | Path | None, overrides: list[Override], stored: dict | None, needs_space: bool) -> RunConfig:
