@@ -64,6 +64,9 @@ def test_digits_search_in_a_real_process_stores_scored_trials_and_prints_the_tab
     table_rows = [line.split()[0] for line in proc.stdout.splitlines() if line[:1].isdigit()]
     assert table_rows[0] == str(best.number)
     assert "\r" not in proc.stderr  # no progress bar when stderr is not a terminal
+    first, second = done
+    assert f"trial 0 complete (1/2): cv loss {first.value:.4f}, best {first.value:.4f}" in proc.stderr.splitlines()
+    assert f"trial 1 complete (2/2): cv loss {second.value:.4f}, best {best.value:.4f}" in proc.stderr.splitlines()
 
 
 def test_rerun_runs_only_the_remainder_and_a_finished_study_runs_nothing(run_dir, capsys):

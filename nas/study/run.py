@@ -172,7 +172,7 @@ class Search:
 
             if family_of(cfg.space) not in OURS:
                 out(f"evaluation.fold_mode together: {no_stacked_form({'model': {'family': family_of(cfg.space)}})}")
-        bars = Bars(self.progress, budget, done, cfg.evaluation.folds)
+        bars = Bars(self.progress, budget, done, cfg.evaluation.folds, lines=self.on_trial is None)
 
         def after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
             best = bars.trial_ended(study, trial)
@@ -242,11 +242,12 @@ class Search:
 class Bars:
     """The progress bars on stderr: trials over the budget (with the best CV loss) and epochs of the running trial."""
 
-    def __init__(self, progress: bool | None, budget: int, done: int, folds: int):
+    def __init__(self, progress: bool | None, budget: int, done: int, folds: int, lines: bool = True):
         from tqdm.auto import tqdm
 
-        self.tqdm, self.folds = tqdm, folds
+        self.tqdm, self.folds, self.budget = tqdm, folds, budget
         self.shown = sys.stderr.isatty() if progress is None else progress
+        self.lines = lines and not self.shown  # without bars (CI, Slurm logs), a line per finished trial instead
         self.trials = tqdm(
             total=budget, initial=done, desc="trials", unit="trial", disable=not self.shown, dynamic_ncols=True
         )
@@ -265,18 +266,33 @@ class Bars:
 
     def trial_ended(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> float | None:
         """Advance (other workers' trials count too), say why a trial failed; returns the best CV loss."""
+        best = best_value(study)
         if trial.state in FINISHED:
-            self.trials.update(finished_trials(study) - self.trials.n)
+            done = finished_trials(study)
+            self.trials.update(done - self.trials.n)
+            if self.lines:
+                print(finished_line(trial, done, self.budget, best), file=sys.stderr, flush=True)
         elif is_failure(trial) and trial.user_attrs.get(FAIL_REASON_ATTR) != OVER_BUDGET:
             reason = trial.user_attrs.get(FAIL_REASON_ATTR, "see its user attributes")
             self.trials.write(f"trial {trial.number} failed: {reason}", file=sys.stderr)
-        best = best_value(study)
         if best is not None:
             self.trials.set_postfix(best_cv_loss=f"{best:.4f}")
         return best
 
     def close(self) -> None:
         self.trials.close()
+
+
+def finished_line(trial: optuna.trial.FrozenTrial, done: int, budget: int, best: float | None) -> str:
+    """`trial 4 complete (5/13): cv loss 0.2224, best 0.2224`: the log line of a trial ended without bars."""
+    if trial.state == optuna.trial.TrialState.PRUNED:  # a step is an epoch, or a fold when folds run one by one
+        head = f"trial {trial.number} pruned" + ("" if trial.last_step is None else f" at step {trial.last_step}")
+        result = ""
+    else:
+        head = f"trial {trial.number} complete"
+        result = ": cv loss " + ", ".join(f"{v:.4f}" for v in trial.values)
+    ahead = "" if best is None else f", best {best:.4f}"
+    return f"{head} ({done}/{budget}){result}{ahead}"
 
 
 @contextmanager
