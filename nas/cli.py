@@ -9,6 +9,7 @@ process killed by it), quietly. `main` is `python -m nas COMMAND`: every script 
 from __future__ import annotations
 
 import argparse
+import contextvars
 import functools
 import math
 import os
@@ -19,7 +20,9 @@ from pathlib import Path
 
 import nas
 from nas.errors import NasError, Terminated, VerificationError
+from nas.options import DATASET_NAMES, DEFAULT_THREADS, RUNTIMES, SLIM_SCOPES, SPREAD_LIMIT
 from nas.search.config import FOLD_MODES, OBJECTIVES, SHORTCUTS, Override, load_run_config, parse_override
+from nas.search.finetune_space import MODES
 from nas.search.pruners import PRUNER_NAMES
 from nas.search.samplers import SAMPLER_NAMES
 from nas.validation import did_you_mean
@@ -31,6 +34,7 @@ __all__ = [
     "export_main",
     "bench_main",
     "finetune_main",
+    "slim_main",
     "dashboard_main",
     "compare_main",
     "predict_main",
@@ -88,10 +92,22 @@ def _console_script(main):
     return wrapper
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, except that a --help into a closed pipe raises BrokenPipeError (argparse swallows it and exits 0),
+    so that `_console_script` ends the command as `| head -1` expects."""
+
+    def _print_message(self, message: str, file=None) -> None:
+        if message:
+            (file or sys.stderr).write(message)
+
+
+_UNDER_MAIN: contextvars.ContextVar[str | None] = contextvars.ContextVar("under_main", default=None)  # usage's name
+
+
 def _parser(command: str, details: str, epilog: str = "") -> argparse.ArgumentParser:
     """A command's parser: its summary and details, its epilog, the exit codes and --version."""
-    p = argparse.ArgumentParser(
-        prog=f"nas-{command}",
+    p = _Parser(
+        prog=_UNDER_MAIN.get() or f"nas-{command}",
         description=textwrap.fill(f"{SUMMARIES[command]}. {details}", 88, break_on_hyphens=False),
         epilog=f"{epilog}\n\n{EXIT_CODES}" if epilog else EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -105,13 +121,11 @@ def _names(values) -> str:
 
 
 def search_parser() -> argparse.ArgumentParser:
-    from nas.data.datasets import LOADERS
-
     p = _parser(
         "search",
         "A trial's score is its mean validation loss over the folds; every trial is stored in an Optuna study.",
         f"""names the config takes:
-  datasets (dataset.name)              {_names(LOADERS)}
+  datasets (dataset.name)              {_names(DATASET_NAMES)}
   samplers (--sampler, study.sampler)  {_names(SAMPLER_NAMES)}
   pruners (evaluation.pruner)          {_names(PRUNER_NAMES)}
   fold modes (evaluation.fold_mode)    {_names(FOLD_MODES)}
@@ -400,8 +414,6 @@ def _numbers(parser: argparse.ArgumentParser, flag: str, text: str, kind: type) 
 
 
 def bench_parser() -> argparse.ArgumentParser:
-    from nas.models.costs import DEFAULT_THREADS, SPREAD_LIMIT
-
     p = _parser(
         "bench",
         "Median latency and throughput of each variant, measured side by side in one run, with a "
@@ -455,8 +467,6 @@ def bench_main(argv: list[str] | None = None) -> int:
 
 
 def finetune_parser() -> argparse.ArgumentParser:
-    from nas.deploy.finetune import MODES
-
     p = _parser(
         "finetune",
         "It writes an export folder like nas-export's (BN folded, verified) plus metrics.json.",
@@ -600,9 +610,6 @@ def finetune_main(argv: list[str] | None = None) -> int:
 
 
 def slim_parser() -> argparse.ArgumentParser:
-    from nas.models.costs import DEFAULT_THREADS
-    from nas.models.slimming import SCOPES
-
     p = _parser(
         "slim",
         "Network slimming (Liu et al. 2017): channels are ranked by the |scale| of the BatchNorm on them and cut "
@@ -632,7 +639,7 @@ def slim_parser() -> argparse.ArgumentParser:
     how.add_argument("--sweep", metavar="R,R,...", help="several ratios: one export per ratio and the trade-off table")
     p.add_argument(
         "--scope",
-        choices=SCOPES,
+        choices=SLIM_SCOPES,
         default="global",
         help="global: one threshold over every layer (Liu et al.); layer: the same share of every layer "
         "(default %(default)s)",
@@ -895,8 +902,6 @@ def compare_main(argv: list[str] | None = None) -> int:
 
 
 def predict_parser() -> argparse.ArgumentParser:
-    from nas.deploy.predict import RUNTIMES
-
     p = _parser(
         "predict",
         "Every input is preprocessed from its raw form by model.json's recipe (scale, mean / std, "
@@ -1042,32 +1047,62 @@ COMMANDS = {
     "storage-proxy": storage_proxy_main,
 }
 
+PARSERS = {  # each command's parser, built without torch (tests hold it)
+    "search": search_parser,
+    "report": report_parser,
+    "export": export_parser,
+    "bench": bench_parser,
+    "finetune": finetune_parser,
+    "slim": slim_parser,
+    "dashboard": dashboard_parser,
+    "compare": compare_parser,
+    "predict": predict_parser,
+    "storage-proxy": storage_proxy_parser,
+}
 
-def commands_help() -> str:
-    width = max(map(len, COMMANDS))
-    lines = "\n".join(f"  {name:<{width}}  {SUMMARIES[name]}" for name in COMMANDS)
-    return (
-        f"usage: python -m nas COMMAND [ARGS...]\n\nEvery console script of bnnas (nas-COMMAND), run with this "
-        f"interpreter; python -m nas COMMAND --help for one.\n\ncommands:\n{lines}\n\n{EXIT_CODES}"
+
+class _CommandList(argparse.RawDescriptionHelpFormatter):
+    """Each command's summary on one line, all starting in one column: argparse measures sub-command names two
+    columns short of where it prints them, which pushed storage-proxy's summary to the next line."""
+
+    def __init__(self, prog: str):
+        super().__init__(prog, max_help_position=24, width=200)
+        self._action_max_length = max(map(len, COMMANDS)) + 6  # the names' indent under "commands:"
+
+
+def main_parser() -> argparse.ArgumentParser:
+    """`python -m nas`: one sub-command per console script; each parses its own arguments (its usage says
+    `python -m nas COMMAND`)."""
+    p = _Parser(
+        prog="python -m nas",
+        description="Every console script of bnnas (nas-COMMAND), run with this interpreter; "
+        "python -m nas COMMAND --help for one.",
+        epilog=EXIT_CODES,
+        formatter_class=_CommandList,
     )
+    p.add_argument("--version", action="version", version=f"bnnas {nas.__version__}")
+    commands = p.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    for name in COMMANDS:
+        command = commands.add_parser(name, help=SUMMARIES[name], add_help=False, prefix_chars="\0")
+        command.add_argument("args", nargs=argparse.REMAINDER)  # the command's own parser reads them
+    return p
 
 
 @_console_script
 def main(argv: list[str] | None = None) -> int:
     """`python -m nas COMMAND ARGS...`: the console scripts without relying on installed scripts."""
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] in (["-h"], ["--help"]):
-        print(commands_help())
-        return 0
-    if argv[:1] == ["--version"]:
-        print(f"bnnas {nas.__version__}")
-        return 0
-    if not argv or argv[0] not in COMMANDS:
+    if not argv or (argv[0] not in COMMANDS and not argv[0].startswith("-")):
         what = f"unknown command '{argv[0]}'" if argv else "give a command"
         hint = did_you_mean(argv[0], COMMANDS) if argv else "; python -m nas --help lists them"
         print(f"python -m nas: {what} (known: {_names(COMMANDS)}){hint}", file=sys.stderr)
         return 2
-    return COMMANDS[argv[0]](argv[1:])
+    args = main_parser().parse_args(argv)
+    token = _UNDER_MAIN.set(f"python -m nas {args.command}")
+    try:
+        return COMMANDS[args.command](args.args)
+    finally:
+        _UNDER_MAIN.reset(token)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -26,7 +26,8 @@ from nas.deploy.bench import format_table, spread_warnings
 from nas.deploy.export import FILES, ONNX_FILE, export_trial, load_exported, sha256
 from nas.deploy.finetune import mode_notes
 from nas.models.build import build
-from nas.models.costs import SPREAD_LIMIT, candidate_costs, pinned_threads
+from nas.models.costs import candidate_costs, pinned_threads
+from nas.options import SPREAD_LIMIT
 from nas.search.config import DatasetConfig
 from nas.search.space import default_spec
 

@@ -59,8 +59,9 @@ def test_search_table_into_a_closed_pipe_exits_quietly(tmp_path):
     assert proc.stderr == ""
 
 
-def test_the_command_list_into_a_closed_pipe_exits_quietly():
-    proc = run_with_closed_stdout(["--help"])
+@pytest.mark.parametrize("args", [["--help"], ["report", "--help"]])
+def test_help_into_a_closed_pipe_exits_quietly(args):
+    proc = run_with_closed_stdout(args)
 
     assert proc.returncode == EXIT_CLOSED_STDOUT
     assert proc.stderr == ""
@@ -104,9 +105,34 @@ def test_every_command_runs_through_python_m_nas_and_its_help_states_the_exit_co
     proc = python_m_nas(command, "--help")
 
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith(f"usage: nas-{command} ")
+    assert proc.stdout.startswith(f"usage: python -m nas {command} ")  # the name it was called by
     assert SUMMARIES[command] in " ".join(proc.stdout.split())  # the description is wrapped
     assert EXIT_CODES in proc.stdout
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_a_console_scripts_help_names_the_script(command):
+    proc = subprocess.run(
+        [str(Path(sys.executable).with_name(f"nas-{command}")), "--help"], capture_output=True, text=True, timeout=60
+    )
+
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"usage: nas-{command} ")
+
+
+def test_every_parser_and_the_python_m_nas_parser_build_without_importing_torch():
+    """--help and --version answer in a fraction of a second: a parser that loaded torch took 2-5 s."""
+    code = (
+        "import sys\n"
+        "from nas.cli import PARSERS, main_parser\n"
+        "for build in (*PARSERS.values(), main_parser):\n"
+        "    build().format_help()\n"
+        "print(sorted(m for m in ('torch', 'torchvision', 'timm', 'sklearn', 'optuna') if m in sys.modules))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
 
 
 @pytest.mark.slow

@@ -69,6 +69,7 @@ def test_the_circle_finder_finds_circles_and_nothing_else():
 # The subpackages from the bottom up: each may import itself and those before it, never one after it.
 LAYERS = [
     "errors",
+    "options",
     "validation",
     "_lazy",
     "output",

@@ -20,6 +20,7 @@ import torch
 
 from nas.data.tabular import FEATURES, TABLES
 from nas.errors import DataError
+from nas.options import DATASET_NAMES
 
 
 @dataclass
@@ -355,6 +356,7 @@ LOADERS = {
     "imagefolder": _imagefolder,
     **{name: _tabular(load) for name, load in TABLES.items()},  # feature vectors (N, F): csv, breast_cancer, ...
 }
+assert tuple(LOADERS) == DATASET_NAMES, "nas.options.DATASET_NAMES lists the loaders, for a --help without torch"
 AUTO_AUGMENT = {"cifar10": "crop_flip", "cifar100": "crop_flip"}  # what `dataset.augment: auto` is; "none" elsewhere
 
 

@@ -21,8 +21,6 @@ from contextlib import ExitStack
 import torch
 
 from nas.models.costs import (
-    DEFAULT_THREADS,
-    SPREAD_LIMIT,
     Variant,
     check_counts,
     count_macs,
@@ -33,6 +31,7 @@ from nas.models.costs import (
     synchronizer,
     time_call,
 )
+from nas.options import DEFAULT_THREADS, SPREAD_LIMIT
 from nas.output import text_table
 
 

@@ -21,10 +21,9 @@ import torch
 
 from nas.data.preprocessing import image_to_model_input, to_model_input
 from nas.errors import DataError, NasError, VerificationError
+from nas.options import CODE_RUNTIMES, RUNTIMES
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-RUNTIMES = {"eager": "weights.pt", "onnx": "model.onnx", "ts": "model.ts", "pt2": "model.pt2"}  # runtime -> its file
-CODE_RUNTIMES = ("ts", "pt2")  # their files are code: loaded only when asked for by name
 BATCH = 256  # inputs per forward pass
 
 

@@ -23,7 +23,8 @@ from torch import nn
 from nas.errors import NasError
 from nas.models import slimming
 from nas.models.bn_fold import fold_norms
-from nas.models.costs import DEFAULT_THREADS, count_macs, count_params, median_latency_ms, pinned_threads
+from nas.models.costs import count_macs, count_params, median_latency_ms, pinned_threads
+from nas.options import DEFAULT_THREADS
 
 TARGETS = {"params": "--target-params", "macs": "--target-macs", "latency_ms": "--target-latency"}
 SWEEP_FILES = ("sweep.md", "sweep.csv", "sweep.png")

@@ -19,9 +19,9 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from nas.options import DEFAULT_THREADS
+
 Variant = Callable[[torch.Tensor], object]
-DEFAULT_THREADS = 1  # CPU inference threads of nas-bench and the latency_ms objective: the same on every machine
-SPREAD_LIMIT = 1.5  # p90 / p10 of the timed calls above this: the machine was busy, the median is not a figure
 
 
 @contextmanager

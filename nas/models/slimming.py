@@ -24,9 +24,9 @@ from nas.errors import NasError
 from nas.models.batch_renorm import BatchRenorm
 from nas.models.families import head_name
 from nas.models.norms import is_norm
+from nas.options import SLIM_SCOPES
 
 RANKED = (nn.modules.batchnorm._BatchNorm, BatchRenorm)  # the norms whose scale ranks channels
-SCOPES = ("global", "layer")  # one threshold over the whole network (Liu et al.), or the same share of every layer
 
 
 @dataclass
@@ -162,8 +162,8 @@ def removal_order(found: Survey) -> list[tuple[int, int]]:
 def plan(found: Survey, ratio: float, scope: str = "global") -> dict[str, list[int]]:
     """The channels to remove, by root layer: the `ratio` of ranked channels with the smallest scores, over the
     whole network (`global`) or in every group alike (`layer`). A plan that empties a layer is refused."""
-    if scope not in SCOPES:
-        raise NasError(f"--scope: unknown scope '{scope}' (known: {', '.join(SCOPES)})")
+    if scope not in SLIM_SCOPES:
+        raise NasError(f"--scope: unknown scope '{scope}' (known: {', '.join(SLIM_SCOPES)})")
     picked: dict[int, list[int]] = {}
     if scope == "global":
         for g, c in removal_order(found)[: round(ratio * found.channels)]:

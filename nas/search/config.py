@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from nas.errors import ConfigError, DataError
+from nas.options import DATASET_NAMES
 from nas.search.pruners import PRUNER_NAMES
 from nas.search.samplers import SAMPLER_NAMES
 from nas.validation import check_bounds, check_scalar, read_yaml, type_name, unknown_key
@@ -37,15 +38,9 @@ def _check_transforms(value, file: str, path: str) -> list:
     return check_transforms(value, file, path)
 
 
-def _dataset_names() -> tuple[str, ...]:
-    from nas.data.datasets import LOADERS  # late: keeps `import nas.search.config` free of torch
-
-    return tuple(LOADERS)
-
-
 @dataclass
 class DatasetConfig:
-    name: str = field(default="digits", metadata={"choices": _dataset_names})
+    name: str = field(default="digits", metadata={"choices": DATASET_NAMES})
     root: str | None = None  # folder (torchvision, imagefolder) or .npz file; relative to the cwd
     download: bool = False
     augment: str = field(default="auto", metadata={"choices": AUGMENT_NAMES})
