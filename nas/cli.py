@@ -475,7 +475,7 @@ def finetune_parser() -> argparse.ArgumentParser:
         "full (everything), linear-probe (the head alone, norms in eval mode)\n"
         "examples:\n  nas-finetune --model exported/ --config configs/digits_shifted.yaml --bn-mode adabn\n"
         "  nas-finetune --model timm:resnet10t --weights resnet10t.safetensors --config configs/digits.yaml "
-        "--bn-mode freeze --input-size 32",
+        "--bn-mode freeze --input-size 32 --out finetuned-resnet10t/",
     )
     p.add_argument(
         "--model",
@@ -827,7 +827,7 @@ examples:
   nas-compare --factor block.norm.type --factor block.norm.position --trials-per-cell 10 --seeds 5
   nas-compare --config configs/digits_shifted.yaml --factor training.batch_size --levels training.batch_size=4,8,32 \\
               --factor block.norm.type --out runs/compare
-  nas-compare --factor regularizer=experiments/bn_vs_regularizers/variants.yaml --out runs/regularizers""",
+  nas-compare --factor regularizer=experiments/compare_regularizers_shifted/variants.yaml --out runs/regularizers""",
     )
     p.add_argument("--config", help="run config YAML (default: the embedded configs/digits.yaml)")
     p.add_argument(
