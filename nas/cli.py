@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextvars
 import functools
+import logging
 import math
 import os
 import sys
@@ -21,6 +22,7 @@ from pathlib import Path
 import nas
 from nas.errors import NasError, Terminated, VerificationError
 from nas.options import DATASET_NAMES, DEFAULT_THREADS, RUNTIMES, SLIM_SCOPES, SPREAD_LIMIT
+from nas.output import LOG, status
 from nas.search.config import FOLD_MODES, OBJECTIVES, SHORTCUTS, Override, load_run_config, parse_override
 from nas.search.finetune_space import MODES
 from nas.search.pruners import PRUNER_NAMES
@@ -80,6 +82,7 @@ def _console_script(main):
 
     @functools.wraps(main)
     def wrapper(argv: list[str] | None = None) -> int:
+        _log_to_stderr()
         try:
             try:
                 return main(argv)
@@ -113,7 +116,42 @@ def _parser(command: str, details: str, epilog: str = "") -> argparse.ArgumentPa
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--version", action="version", version=f"%(prog)s {nas.__version__}")
+    loud = p.add_mutually_exclusive_group()
+    loud.add_argument(
+        "-q", "--quiet", action=_Verbosity, level=logging.WARNING, help="no status lines: results, warnings, errors"
+    )
+    loud.add_argument("-v", "--verbose", action=_Verbosity, level=logging.DEBUG, help="also Optuna's own log lines")
     return p
+
+
+class _Verbosity(argparse.Action):
+    """-q / -v: set the `nas` logger's level as soon as the flag is read, before the command says anything."""
+
+    def __init__(self, option_strings, dest, level: int, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+        self.level = level
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        LOG.setLevel(self.level)
+
+
+class _Stderr(logging.Handler):
+    """Status lines to whatever sys.stderr is when they are written (a test's capture, a redirected stream)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(self.format(record) + "\n")
+            sys.stderr.flush()
+        except Exception:  # noqa: BLE001 - logging's own rule: a failing handler reports, never raises
+            self.handleError(record)
+
+
+def _log_to_stderr() -> None:
+    """The console scripts' logging: the `nas` logger's status lines, bare, on stderr; INFO until -q / -v."""
+    if not any(isinstance(h, _Stderr) for h in LOG.handlers):
+        LOG.addHandler(_Stderr())
+    LOG.propagate = False  # not twice through a root handler someone else configured
+    LOG.setLevel(logging.INFO)
 
 
 def _names(values) -> str:
@@ -267,11 +305,10 @@ def _search(args: argparse.Namespace, argv: list[str] | None) -> None:
     else:
         cfg = load_run_config(args.config or DEFAULT_CONFIG, overrides)
     if not args.resume and not args.config:
-        print(
+        status(
             f"No --config given: running the embedded default (configs/digits.yaml: {cfg.dataset.name}, "
             f"--trials {cfg.study.trials} --folds {cfg.evaluation.folds} --epochs {cfg.evaluation.epochs}, "
-            f"study '{cfg.study.name}' in {cfg.study.storage})",
-            flush=True,
+            f"study '{cfg.study.name}' in {cfg.study.storage})"
         )
     if args.ray is not None:
         from nas.cluster.ray_workers import run_on_ray
@@ -345,7 +382,7 @@ def report_main(argv: list[str] | None = None) -> int:
         from nas.study.report import write_report
 
         path = write_report(args.storage, args.study, args.out, top=args.top)
-        print(f"wrote {path}")
+        status(f"wrote {path}")
 
     return _run(report)
 
@@ -896,7 +933,7 @@ def compare_main(argv: list[str] | None = None) -> int:
         if args.out:
             command = shlex.join(["nas-compare", *(sys.argv[1:] if argv is None else argv)])
             for path in write(result, args.out, command):
-                print(f"wrote {path}")
+                status(f"wrote {path}")
 
     return _run(compare)
 

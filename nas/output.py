@@ -1,5 +1,8 @@
-"""What bnnas writes for people and for other processes: tables, and files that appear whole.
+"""What bnnas writes for people and for other processes: status lines, tables, and files that appear whole.
 
+Status and progress go through the `nas` logger (`status`), which the console scripts send to stderr (`-q` hides
+it, `-v` adds Optuna's own log); results (tables, predictions) are printed to stdout, so `nas-search | head -1`
+reads the results. Used as a library, bnnas says nothing until the caller configures logging.
 Every command's plain-text table (nas-search, nas-compare, nas-bench) and markdown table
 (nas-report, nas-compare) comes from here, and every file a reader may open while it is being
 written (exports, reports, worker records) goes through `atomic_write`.
@@ -7,10 +10,23 @@ written (exports, reports, worker records) goes through `atomic_write`.
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+LOG = logging.getLogger("nas")
+
+
+def status(message: str) -> None:
+    """A status or progress line (stderr under the console scripts)."""
+    LOG.info(message)
+
+
+def notice(message: str) -> None:
+    """A line worth reading even with -q: something changed that the user should check."""
+    LOG.warning(message)
 
 
 def text_table(rows: list[tuple | list]) -> list[str]:

@@ -78,7 +78,7 @@ def test_rerun_runs_only_the_remainder_and_a_finished_study_runs_nothing(run_dir
     capsys.readouterr()
     assert search_main(["--config", "run.yaml", "--trials", "4"]) == 0
     assert len(trials(run_dir)) == 4
-    assert "nothing to run" in capsys.readouterr().out
+    assert "nothing to run" in capsys.readouterr().err
 
 
 def test_resume_needs_no_yaml_and_keeps_the_stored_space(run_dir):

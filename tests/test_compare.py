@@ -225,7 +225,7 @@ def cell_trials(run_dir, name):
 @pytest.mark.slow
 def test_a_comparison_gives_equal_budgets_paired_reevaluations_and_its_files(run_dir, capsys):
     assert compare_main(COMPARE) == 0
-    printed = capsys.readouterr().out
+    printed = capsys.readouterr().err  # the progress lines; the table is stdout's
     assert (
         "Comparison: 2 cells x 2 trials + 2 cells x 2 seeds = 8 trainings (each 2 folds x 1 epochs); 0 done already"
         in printed
@@ -257,7 +257,7 @@ def test_the_same_command_resumes_without_training_again(run_dir, capsys):
     first = json.loads((run_dir / "out" / "compare.json").read_text())
     capsys.readouterr()
     assert compare_main(COMPARE) == 0
-    printed = capsys.readouterr().out
+    printed = capsys.readouterr().err
     assert "8 trainings (each 2 folds x 1 epochs); 8 done already" in printed and "re-evaluating" not in printed
     again = json.loads((run_dir / "out" / "compare.json").read_text())
     assert [c["losses"] for c in again["cells"]] == [c["losses"] for c in first["cells"]]
@@ -286,7 +286,7 @@ def test_an_interrupted_comparison_resumes_where_it_stopped(run_dir):
     command = [sys.executable, "-m", "nas", "compare", *COMPARE[:-2], "--trials-per-cell", "3"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # each progress line as it is printed
     proc = subprocess.Popen(command, cwd=run_dir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    for line in proc.stdout:  # the printed progress is the synchronisation: stop inside the second cell
+    for line in proc.stderr:  # the printed progress is the synchronisation: stop inside the second cell
         if line.startswith("  cell 2/2: trial 1/3"):
             proc.send_signal(signal.SIGINT)
             break
@@ -298,7 +298,7 @@ def test_an_interrupted_comparison_resumes_where_it_stopped(run_dir):
     assert len(stored["seeds"]) == 2  # the first cell was done, re-evaluations included
     proc = subprocess.run(command, cwd=run_dir, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr
-    assert "done already" in proc.stdout and "cell 1/2: re-evaluating" not in proc.stdout
+    assert "done already" in proc.stderr and "cell 1/2: re-evaluating" not in proc.stderr
     assert [t.number for t in cell_trials(run_dir, "c[batch]")] == [
         t.number for t in first
     ]  # nothing of cell 1 ran again

@@ -21,13 +21,13 @@ def ran(tmp_path, monkeypatch, capsys):
     write_digits_run(tmp_path, SPACE, url, {"name": "c", "sampler": "random", "trials": 1}, {"folds": 2, "epochs": 1})
     monkeypatch.chdir(tmp_path)
     assert search_main(["--config", "run.yaml", "--no-progress"]) == 0
-    assert NOTICE not in capsys.readouterr().out  # the first run on this host has nothing to compare with
+    assert NOTICE not in capsys.readouterr().err  # the first run on this host has nothing to compare with
     return url
 
 
 def resume(url: str, capsys) -> list[str]:
     assert search_main(["--resume", "--study", "c", "--storage", url, "--no-progress"]) == 0
-    return [line for line in capsys.readouterr().out.splitlines() if NOTICE in line]
+    return [line for line in capsys.readouterr().err.splitlines() if NOTICE in line]
 
 
 def test_a_resume_on_a_stored_config_whose_dataset_was_rewritten_says_so_once(ran, tmp_path, capsys):

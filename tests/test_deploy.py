@@ -285,7 +285,7 @@ def test_adabn_says_it_ignores_epochs_and_bn_only_says_it_trains_the_head_alone(
         )
         == 0
     )
-    assert "--epochs 5 is ignored: adabn without labels" in capsys.readouterr().out
+    assert "--epochs 5 is ignored: adabn without labels" in capsys.readouterr().err
 
     plain = build(default_spec({"stages": 1, "width": 4}), (1, 8, 8), 10)
     without_affine = build(default_spec({"stages": 1, "width": 4, "block": {"norm": {"affine": False}}}), (1, 8, 8), 10)

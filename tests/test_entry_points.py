@@ -56,7 +56,10 @@ def test_search_table_into_a_closed_pipe_exits_quietly(tmp_path):
 
     assert proc.returncode == EXIT_CLOSED_STDOUT
     assert "Traceback" not in proc.stderr and "BrokenPipeError" not in proc.stderr
-    assert proc.stderr == ""
+    assert (
+        proc.stderr
+        == "Study 'piped' already has 1 finished trials (budget 1): nothing to run. Raise --trials to search more.\n"
+    )
 
 
 @pytest.mark.parametrize("args", [["--help"], ["report", "--help"]])
@@ -150,11 +153,11 @@ def test_search_help_names_the_datasets_samplers_pruners_and_fold_modes():
         assert any(line.startswith(f"  {label} ") and line.endswith(f" {', '.join(names)}") for line in lines), label
 
 
-def run_the_default(cwd: Path, env: dict | None = None) -> tuple[subprocess.CompletedProcess, str]:
+def run_the_default(cwd: Path, env: dict | None = None, *extra: str) -> tuple[subprocess.CompletedProcess, str]:
     """`python -m nas search` with no --config, a tiny budget and a storage in `cwd`."""
     storage = f"sqlite:///{cwd}/x.db"
     proc = subprocess.run(
-        [sys.executable, "-m", "nas", "search", *TINY, "--storage", storage],
+        [sys.executable, "-m", "nas", "search", *TINY, "--storage", storage, *extra],
         capture_output=True,
         text=True,
         timeout=300,
@@ -166,7 +169,7 @@ def run_the_default(cwd: Path, env: dict | None = None) -> tuple[subprocess.Comp
 
 def assert_ran_the_default(proc: subprocess.CompletedProcess, storage: str) -> None:
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.splitlines()[0] == (
+    assert proc.stderr.splitlines()[0] == (
         "No --config given: running the embedded default (configs/digits.yaml: digits, "
         f"--trials 1 --folds 2 --epochs 1, study 'digits-bn' in {storage})"
     )
@@ -183,6 +186,24 @@ def test_search_without_a_config_runs_the_embedded_default_and_says_so_first(tmp
 
     assert_ran_the_default(proc, storage)
     assert [p.name for p in tmp_path.iterdir()] == ["x.db"]  # the shortcut flags applied: no runs/nas.db
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loudness", ["", "-q", "-v"])
+def test_stdout_holds_the_results_and_stderr_the_status_as_loud_as_asked(tmp_path, loudness):
+    proc, _ = run_the_default(tmp_path, None, *([loudness] if loudness else []))
+
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout.splitlines()
+    assert out[0] == "Top 1 of 1 finished trials in 'digits-bn' (lower cv loss is better):"  # what | head -1 reads
+    assert out[-1].startswith("Best CV loss over this run") and len(out) == 5  # the table (header, rule, row), best
+    err = proc.stderr.splitlines()
+    if loudness == "-q":
+        assert err == []
+    else:
+        assert err[0].startswith("No --config given") and any(line.startswith("trial 0 complete (1/1)") for line in err)
+        optunas = [line for line in err if line.startswith("[I ")]  # Optuna's own log format
+        assert bool(optunas) == (loudness == "-v") and (not optunas or "Trial 0 finished" in " ".join(optunas))
 
 
 @pytest.mark.slow

@@ -128,8 +128,8 @@ def test_an_out_that_cannot_be_written_fails_before_training(study_dir, tmp_path
 
     captured = capsys.readouterr()
     assert code == 2
-    assert captured.err.startswith(f"--out: cannot write to {out}: ") and captured.err.count("\n") == 1
-    assert captured.out == ""  # not even "Training trial ..."
+    assert captured.err.startswith(f"--out: cannot write to {out}: ") and captured.err.count("\n") == 1  # no "Training"
+    assert captured.out == ""
     assert blocker.read_text() == "a regular file"
 
 
@@ -261,7 +261,7 @@ def test_exporting_a_batch_dependent_model_says_what_it_does_at_batch_1(tmp_path
         )
         == 0
     )
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     meta = json.loads((tmp_path / "out" / "model.json").read_text())
     note = meta["batch_dependent"]
     assert meta["test"]["batch_size"] == note["scored_batch_size"] == 32

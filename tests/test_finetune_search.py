@@ -70,7 +70,7 @@ def test_every_fold_starts_from_the_checkpoint_so_a_trained_one_scores_far_bette
         config = write_run(tmp_path / name, str(path), {"bn_mode": "linear-probe"})
         assert search_main(["--config", str(config), "--no-progress"]) == 0
         said = "Checkpoint input: mean [0.500], std [0.500] (model.mean, model.std), images 1x16x16"
-        assert said in capsys.readouterr().out
+        assert said in capsys.readouterr().err
         (trial,) = trials_of(config)
         scores[name] = trial.value
         weights = trial.user_attrs["arch"]["model"]["weights"]
@@ -128,7 +128,7 @@ def test_export_retrains_with_the_found_strategy_and_the_result_predicts(checkpo
     out = tmp_path / "exported"
     storage = f"sqlite:///{tmp_path / 'ft.db'}"
     assert export_main(["--storage", storage, "--study", "ft", "--out", str(out)]) == 0
-    assert "(fine-tuning its checkpoint: freeze, last 1 stage)" in capsys.readouterr().out
+    assert "(fine-tuning its checkpoint: freeze, last 1 stage)" in capsys.readouterr().err
     meta = json.loads((out / "model.json").read_text())
     assert meta["test"]["accuracy"] > 0.8  # from a digits checkpoint, two epochs are plenty
     assert meta["preprocessing"]["mean"] == [0.5] and meta["preprocessing"]["resize"] == [16, 16]  # as the space said

@@ -139,6 +139,7 @@ def test_nas_search_on_a_folder_with_a_corrupt_image_exits_2_naming_it(tmp_path,
         "--trials",
         "1",
         "--no-progress",
+        "-q",  # the refusal alone on stderr
     ]
 
     assert search_main(argv) == 2

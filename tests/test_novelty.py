@@ -127,8 +127,9 @@ def test_a_fresh_run_reproduces_exactly(tmp_path):
 def test_a_used_up_finite_space_trains_each_candidate_once_and_stops(tmp_path, capsys, sampler):
     config = make_run(tmp_path, FINITE, sampler, 10)
     assert search_main(["--config", str(config), "--no-progress"]) == 0
-    out = capsys.readouterr().out
-    assert "search space exhausted: all 4 candidates of the space have been trained" in out
+    said = capsys.readouterr()
+    out = said.out  # the table
+    assert "search space exhausted: all 4 candidates of the space have been trained" in said.err
     trials = load(tmp_path)
     trained = [t for t in trials if counts_toward_budget(t)]
     assert len(trained) == 4 and len(param_sets(trained)) == 4
@@ -146,7 +147,7 @@ def test_a_used_up_finite_space_trains_each_candidate_once_and_stops(tmp_path, c
     assert len(table) == 4 and {int(n) for n in table} == {t.number for t in trained}
     # a rerun with a larger budget trains nothing new and says so
     assert search_main(["--config", str(config), "--trials", "12", "--no-progress"]) == 0
-    assert "search space exhausted" in capsys.readouterr().out
+    assert "search space exhausted" in capsys.readouterr().err
     assert len([t for t in load(tmp_path) if counts_toward_budget(t)]) == 4
 
 

@@ -90,7 +90,7 @@ def test_resume_from_postgres_runs_one_more_trial(three_workers, tmp_path):
         cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr
-    assert "6/7 finished, running 1 more" in proc.stdout
+    assert "6/7 finished, running 1 more" in proc.stderr
     done = optuna.load_study(study_name=STUDY, storage=url).get_trials()
     assert len([t for t in done if t.state in FINISHED]) == 7
     assert not [t for t in done if t.state in (TrialState.RUNNING, TrialState.WAITING)]

@@ -241,7 +241,8 @@ def test_norm_group_names_mixed_and_residual_layouts():
 def test_cli_writes_the_report_and_maps_an_unknown_study_to_exit_2(live_study, tmp_path, capsys):
     url, _ = live_study
     assert report_main(["--storage", url, "--study", "live", "--out", str(tmp_path / "r"), "--top", "3"]) == 0
-    assert capsys.readouterr().out.strip() == f"wrote {tmp_path / 'r' / 'report.md'}"
+    said = capsys.readouterr()
+    assert said.err.strip() == f"wrote {tmp_path / 'r' / 'report.md'}" and said.out == ""  # a status line, no results
     assert report_main(["--storage", url, "--study", "nope", "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "nope" in err

@@ -87,9 +87,9 @@ def test_the_median_pruners_start_up_counts_trained_candidates_only(tmp_path):
 @pytest.mark.slow
 def test_a_repeat_of_an_older_config_version_is_trained(tmp_path, capsys):
     assert run(tmp_path, FOUR, 10) == 0
-    assert "all 4 candidates of the space have been trained" in capsys.readouterr().out
+    assert "all 4 candidates of the space have been trained" in capsys.readouterr().err
     assert run(tmp_path, FOUR, 20, "tpe", "--epochs", "2", "--force") == 0
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert "recorded as config version 1" in out
     assert "all 4 candidates of the space have been trained under config version 1" in out
     trials = load(tmp_path).get_trials()
@@ -109,7 +109,7 @@ def test_a_candidate_that_fails_every_try_counts_as_tried_and_the_space_is_exhau
     # old behaviour: the failing candidates stay untried forever (queued after every repeat) until
     # "stopped after 5 failed trials in a row"; the timeout only bounds that
     assert run(tmp_path, FAILING, 10, "tpe", "--timeout", "120", "--set", "study.retries=1") == 0
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert (
         "Stopped: search space exhausted: all 4 candidates of the space have been tried: 2 trained, "
         "2 failed on each of their 2 tries (1 + study.retries)"

@@ -115,13 +115,13 @@ def test_a_search_prints_how_the_dataset_is_held(tmp_path, monkeypatch, capsys):
     held = 2 * 12 * 3 * 8 * 8  # both splits, uint8
     assert (
         f"Dataset in memory: {held / 1e3:.1f} kB uint8 on cpu (float32 would be {4 * held / 1e3:.1f} kB)"
-        in capsys.readouterr().out
+        in capsys.readouterr().err
     )
     assert search_main([*argv, "--study", "streamed", "--set", "dataset.device_memory=0"]) == 0
     assert (
         f"Dataset in memory: streamed from host memory: {held / 1e3:.1f} kB uint8, "
         "over the 0 bytes dataset.device_memory budget of cpu"
-    ) in capsys.readouterr().out
+    ) in capsys.readouterr().err
 
 
 def test_prefetching_hands_on_a_read_error_and_stops_when_the_consumer_does():

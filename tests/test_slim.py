@@ -241,7 +241,7 @@ def written_params_and_macs(folder) -> tuple[int, int]:
 def test_nas_slim_writes_a_smaller_verified_export_that_records_the_cut(slim_source, tmp_path, capsys):
     out = tmp_path / "slim"
     assert slim(slim_source, out, "--ratio", "0.5", "--finetune-epochs", "1", "--batch-sizes", "1,8") == 0
-    log = capsys.readouterr().out
+    log = capsys.readouterr().err
     assert "verified in a fresh process" in log
     meta = json.loads((out / "model.json").read_text())
     record = meta["slim"]
@@ -297,7 +297,7 @@ def test_a_sweep_writes_one_export_per_ratio_and_the_trade_off_table_and_plot(sl
     table = (out / "sweep.md").read_text().split("```")[1].strip().splitlines()
     assert [line.split()[0] for line in table[2:]] == ["source", "0.30", "0.60"]
     assert (out / "sweep.png").stat().st_size > 10_000
-    assert "ms @ batch 1" in capsys.readouterr().out
+    assert "ms @ batch 1" in capsys.readouterr().err
 
 
 def test_a_params_target_takes_the_smallest_ratio_that_meets_it(slim_source, tmp_path):
@@ -329,7 +329,7 @@ def test_a_params_target_takes_the_smallest_ratio_that_meets_it(slim_source, tmp
 )
 def test_bad_input_is_one_line_exit_2_and_nothing_written(slim_source, tmp_path, capsys, args, message):
     out = tmp_path / "out"
-    assert slim(slim_source, out, *args) == 2
+    assert slim(slim_source, out, *args, "-q") == 2  # -q: the refusal alone
     err = capsys.readouterr().err
     assert err.startswith(message) and err.count("\n") == 1
     assert not out.exists()

@@ -46,7 +46,7 @@ def test_a_stop_request_ends_the_search_after_its_running_trial_which_completes(
     request_stop(url, "s")
     out, err = search.communicate(timeout=300)
     assert search.returncode == 0, err
-    assert "Stopped on request after the running trial" in out and "nas-search --resume --study s" in out
+    assert "Stopped on request after the running trial" in err and "nas-search --resume --study s" in err
     stored = optuna.load_study(study_name="s", storage=url).get_trials()
     assert all(t.state == TrialState.COMPLETE for t in stored)  # the running one too: not FAIL, not RUNNING
     assert number in [t.number for t in stored] and len(stored) <= number + 2 < 50
@@ -77,7 +77,7 @@ def test_a_stop_asked_after_the_launch_time_stops_the_search_before_its_first_tr
         )
         == 0
     )
-    assert "Stopped on request before the first trial: 1/5 finished" in capsys.readouterr().out
+    assert "Stopped on request before the first trial: 1/5 finished" in capsys.readouterr().err
     assert len(optuna.load_study(study_name="s", storage=url).get_trials()) == 1
 
 

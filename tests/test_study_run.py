@@ -249,7 +249,7 @@ def test_a_tiny_run_search_finishes_its_budget_stores_its_config_and_reproduces_
         (tmp_path / name).mkdir()
         cfg = run_config(tmp_path / name, seed=seed)
         out = []
-        study = run_search(cfg, progress=False, out=out.append)
+        study = run_search(cfg, progress=False, out=out.append, results=out.append)
         runs[name] = study.get_trials()
         if name == "first":
             first_cfg, first_out, first_study = cfg, out, study
@@ -262,7 +262,7 @@ def test_a_tiny_run_search_finishes_its_budget_stores_its_config_and_reproduces_
     assert read_run_config(storage, study_id) == first_cfg.to_dict()  # a resume needs no YAML
     assert not [k for k in storage.get_study_system_attrs(study_id) if k.startswith(WORKER_PREFIX)]  # record removed
     assert "0/2 finished, running 2 more on cpu (digits: " in first_out[0]
-    assert "Top 2 of 2 finished trials in 's' (lower cv loss is better):" in first_out[-1]
+    assert "Top 2 of 2 finished trials in 's' (lower cv loss is better):" in first_out[-2]  # then the best-so-far line
     # a fresh study searched by one process draws from the study seed itself: the same seed, the same candidates
     assert [t.params for t in runs["same_seed"]] == [t.params for t in trials]
     assert [t.params for t in runs["other_seed"]] != [t.params for t in trials]

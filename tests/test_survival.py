@@ -109,7 +109,7 @@ def test_kill_9_mid_trial_then_rerun_at_once_reclaims_the_trial_and_reaches_the_
         timeout=300,
     )
     assert rerun.returncode == 0, rerun.stderr
-    assert f"Reclaimed trial(s) {killed.number}" in rerun.stdout
+    assert f"Reclaimed trial(s) {killed.number}" in rerun.stderr
     trials = load(run_dir)
     by_number = {t.number: t for t in trials}
     assert by_number[killed.number].state == TrialState.FAIL and killed.params

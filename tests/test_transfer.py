@@ -356,6 +356,7 @@ def test_bad_input_exits_2_with_one_line(exported, target_config, tmp_path, caps
             per_class,
             "--out",
             str(tmp_path / "out"),
+            "-q",  # the refusal alone
         ]
     )
     err = capsys.readouterr().err

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from nas.errors import ConfigError, NasError, TrialError
+from nas.output import status
 from nas.search.config import RunConfig, set_key
 from nas.search.leaves import validate_leaf
 from nas.search.mlp_space import MLP
@@ -299,7 +300,7 @@ def run_comparison(
     trials_per_cell: int,
     seeds: int,
     progress: bool | None = None,
-    out: Callable[[str], None] = print,
+    out: Callable[[str], None] = status,
 ) -> dict:
     """Search every cell to its budget, re-evaluate each cell's best under `seeds` fresh seeds, rank the cells."""
     import optuna
@@ -333,7 +334,8 @@ def run_comparison(
         )
         stops: list[str] = []
         try:
-            study = run_search(cell_cfg, progress=bars, out=_notable(out, stops), on_trial=lines)
+            notable = _notable(out, stops)  # of a cell's own lines, only what changes its reading; not its table
+            study = run_search(cell_cfg, progress=bars, out=notable, results=notable, on_trial=lines)
         except StudyError as exc:
             if not str(exc).startswith(FAILURE_STOP):
                 raise

@@ -44,7 +44,7 @@ from torch import nn
 
 import nas
 from nas.errors import DataError, IntegrityError, NasError, StudyError, TrialError, VerificationError, one_line
-from nas.output import atomic_write, atomic_write_text
+from nas.output import atomic_write, atomic_write_text, status
 from nas.study.schema import (
     ARCH_ATTR,
     DUPLICATE_ATTR,
@@ -157,7 +157,7 @@ def export_trial(
     trial_number: int | None = None,
     epochs: int | None = None,
     device: str | None = None,
-    log=print,
+    log=status,
     force: bool = False,
     seed: int | None = None,
     bn_sparsity: float | None = None,
@@ -316,7 +316,7 @@ def check_same_data(expected: dict | None, found: dict | None, what: str) -> Non
         )
 
 
-def write_export(model: nn.Module, x_check: torch.Tensor, meta: dict, folder: Path, log=print) -> Path:
+def write_export(model: nn.Module, x_check: torch.Tensor, meta: dict, folder: Path, log=status) -> Path:
     """Fold, check folding exactness, write the files atomically, verify in a fresh process."""
     from nas.models.bn_fold import fold_norms
 

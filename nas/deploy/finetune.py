@@ -23,6 +23,7 @@ from torch import nn
 from nas.errors import DataError, NasError
 from nas.models.families import head_name
 from nas.models.norms import norm_layers, running_stats_layers
+from nas.output import status
 from nas.search.finetune_space import MODES, show_values
 from nas.training.bn_modes import all_trainable, set_trainable
 
@@ -241,7 +242,7 @@ def finetune(
     std: list[float] | None = None,
     input_size: int | None = None,
     device: str | None = None,
-    log=print,
+    log=status,
     force: bool = False,
 ) -> Path:
     """Adapt an export folder, or `timm:NAME` / `torchvision:NAME` / `factory:pkg.mod:fn` with its `weights`, to the

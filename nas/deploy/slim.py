@@ -25,6 +25,7 @@ from nas.models import slimming
 from nas.models.bn_fold import fold_norms
 from nas.models.costs import count_macs, count_params, median_latency_ms, pinned_threads
 from nas.options import DEFAULT_THREADS
+from nas.output import status
 
 TARGETS = {"params": "--target-params", "macs": "--target-macs", "latency_ms": "--target-latency"}
 SWEEP_FILES = ("sweep.md", "sweep.csv", "sweep.png")
@@ -176,7 +177,7 @@ def slim(
     batch_sizes: list[int] = (1, 64),
     threads: int = DEFAULT_THREADS,
     force: bool = False,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = status,
 ) -> Path:
     """Slim the export in `model_dir` by one `ratio`, to one `target` (kind, value), or at every ratio of `sweep`;
     write the export(s) to `out` (a sweep: one folder per ratio plus the trade-off table and plot)."""

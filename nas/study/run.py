@@ -27,6 +27,7 @@ from datetime import datetime
 import optuna
 
 from nas.errors import StudyError, Terminated, TrialError
+from nas.output import notice, status
 from nas.search.config import RunConfig, blamed
 from nas.search.finetune_space import checkpoint_input, epochs_said, load_search_data
 from nas.search.samplers import process_seed
@@ -49,14 +50,16 @@ def run_search(
     cfg: RunConfig,
     *,
     progress: bool | None = None,
-    out: Callable[[str], None] = print,
+    out: Callable[[str], None] = status,
+    results: Callable[[str], None] = print,
     force: bool = False,
     worker_command: list[str] | None = None,
     workers: int = 1,
     started: float | None = None,
     on_trial: OnTrial | None = None,
 ) -> optuna.Study:
-    """Run the study to its budget of finished trials; prints what it did and the top candidates.
+    """Run the study to its budget of finished trials; says what it does (`out`: status lines) and prints the
+    best-so-far line and the top candidates (`results`).
 
     This process is recorded as a worker of the study from the moment the study exists (while it
     loads data, too). With `workers` > 1 it is the first worker and starts `worker_command` as
@@ -65,7 +68,14 @@ def run_search(
     budget, best)` is called after each trial this process ends (nas-compare's progress lines).
     """
     search = Search(
-        cfg, progress=progress, out=out, force=force, worker_command=worker_command, workers=workers, on_trial=on_trial
+        cfg,
+        progress=progress,
+        out=out,
+        results=results,
+        force=force,
+        worker_command=worker_command,
+        workers=workers,
+        on_trial=on_trial,
     )
     if started is not None:
         search.started = started
@@ -78,7 +88,8 @@ class Search:
 
     cfg: RunConfig
     progress: bool | None = None  # None: bars when stderr is a terminal
-    out: Callable[[str], None] = print
+    out: Callable[[str], None] = status  # what it does: stderr
+    results: Callable[[str], None] = print  # the best-so-far line and the table: stdout
     force: bool = False
     worker_command: list[str] | None = None
     workers: int = 1
@@ -114,7 +125,7 @@ class Search:
         cfg = self.cfg
         moved = changed_on_this_host(cfg.study.storage, cfg.study.name, vars(cfg.dataset))
         if moved:  # before the data is read from where the storage now says
-            self.out(
+            (notice if self.out is status else self.out)(
                 f"Study '{cfg.study.name}' changed since this host last ran it: "
                 + "; ".join(f"{key} {show(a, 200)} -> {show(b, 200)}" for key, a, b in moved)
                 + " (a resume takes these from the study, and whoever can write its storage can rewrite them; "
@@ -141,7 +152,7 @@ class Search:
                 f"Study '{cfg.study.name}' already has {done} finished trials (budget {budget}): nothing to run. "
                 "Raise --trials to search more."
             )
-            out(summary_table(handle))
+            self.results(summary_table(handle))
             return handle
         version = store_config(handle, cfg, data.fingerprint, changes)
         if changes:
@@ -231,11 +242,11 @@ class Search:
             )
         if novelty.stop_reason is not None:
             out(f"Stopped: {novelty.stop_reason} ({finished_trials(study)}/{budget} of the budget used).")
+        self.results(summary_table(study))  # first: `nas-search | head -1` reads the table's first line
         if len(study.directions) == 1:
-            out(
+            self.results(
                 anytime_line(improvements(study.get_trials(deepcopy=False), self.run_start), time.time() - self.started)
             )
-        out(summary_table(study))
         return study
 
 
@@ -271,7 +282,7 @@ class Bars:
             done = finished_trials(study)
             self.trials.update(done - self.trials.n)
             if self.lines:
-                print(finished_line(trial, done, self.budget, best), file=sys.stderr, flush=True)
+                status(finished_line(trial, done, self.budget, best))
         elif is_failure(trial) and trial.user_attrs.get(FAIL_REASON_ATTR) != OVER_BUDGET:
             reason = trial.user_attrs.get(FAIL_REASON_ATTR, "see its user attributes")
             self.trials.write(f"trial {trial.number} failed: {reason}", file=sys.stderr)

@@ -10,6 +10,7 @@ in a storage, and reading and writing it, is `nas.study.schema`.
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from contextlib import contextmanager
@@ -20,6 +21,7 @@ import sqlalchemy
 from sqlalchemy.exc import IntegrityError, ProgrammingError, SQLAlchemyError
 
 from nas.errors import StudyError, one_line
+from nas.output import LOG
 from nas.study.storage_proxy import PROXY_SCHEMES, grpc_proxy
 
 SQLITE = "sqlite:///"
@@ -60,9 +62,9 @@ def _journal(path: Path) -> optuna.storages.JournalStorage:
 
 @contextmanager
 def quiet_optuna(level: int = optuna.logging.WARNING):
-    """Optuna's INFO lines (study created, trial finished) would interleave with our own output."""
+    """Optuna's INFO lines (study created, trial finished) would interleave with ours; -v lets them through."""
     before = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(level)
+    optuna.logging.set_verbosity(optuna.logging.INFO if LOG.isEnabledFor(logging.DEBUG) else level)
     try:
         yield
     finally:
