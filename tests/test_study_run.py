@@ -271,3 +271,14 @@ def test_a_tiny_run_search_finishes_its_budget_stores_its_config_and_reproduces_
     run_search(first_cfg, progress=False, out=out.append)
     assert out[0].startswith("Study 's' already has 2 finished trials (budget 2): nothing to run.")
     assert len(first_study.get_trials()) == 2
+
+
+@pytest.mark.parametrize("sampler", ["gp", "nsga2", "tpe"])
+def test_a_multi_objective_search_runs_with_each_sampler_and_names_its_objectives(tmp_path, sampler):
+    cfg = run_config(tmp_path, [("study.sampler", sampler), ("objectives", ["cv_loss", "params"])], trials=3)
+
+    study = run_search(cfg, progress=False, out=lambda _: None, results=lambda _: None)
+
+    assert [len(t.values) for t in study.get_trials() if t.state == TrialState.COMPLETE] == [2, 2, 2]
+    stored = optuna.load_study(study_name="s", storage=cfg.study.storage)
+    assert stored.metric_names == ["cv_loss", "params"]  # optuna-dashboard labels the axes with them

@@ -337,8 +337,6 @@ def _load(path: str | Path | None, overrides: list[Override], stored: dict | Non
     problem = pruner_problem(ev.pruner, ev.folds, ev.fold_mode, ev.recalibrate_bn)
     if problem is not None:
         raise ConfigError(file, "evaluation.pruner", problem)
-    if len(cfg.objectives) > 1 and cfg.study.sampler == "gp":
-        raise ConfigError(file, "study.sampler", "use tpe, nsga2 or random with several objectives")
     if spaceless:
         pass  # `space` stays empty
     elif space_dict is None:

@@ -7,6 +7,8 @@ written to an existing study while it is opened: the run config is stored only w
 
 from __future__ import annotations
 
+import warnings
+
 import optuna
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -84,6 +86,10 @@ def create_or_load(cfg: RunConfig, storage) -> optuna.Study:
             )
     except (ImportError, ValueError, SQLAlchemyError) as exc:
         raise StudyError(f"study.storage: cannot open {cfg.study.storage}: {one_line(exc)}") from None
+    if study.metric_names != list(cfg.objectives):  # optuna-dashboard and Optuna's plots label the objectives
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(list(cfg.objectives))
     return study
 
 
