@@ -43,6 +43,7 @@ __all__ = [
     "storage_proxy_main",
 ]  # the console scripts
 DEFAULT_STORAGE = "sqlite:///runs/nas.db"
+STORAGE_ENV = "OPTUNA_STORAGE"  # read where the `optuna` CLI reads it: a --storage not given
 # The embedded default run config: package data, so an installed bnnas has it; the repository's
 # configs/digits.yaml and search_spaces/bn_placement.yaml are links to these files.
 DEFAULT_CONFIG = Path(__file__).parent / "default" / "configs" / "digits.yaml"
@@ -183,9 +184,8 @@ examples:
     p.add_argument(
         "--resume",
         action="store_true",
-        help="continue a stored study without its YAML (needs --study; --storage defaults to %(default)s)".replace(
-            "%(default)s", DEFAULT_STORAGE
-        ),
+        help=f"continue a stored study without its YAML (needs --study; --storage defaults to ${STORAGE_ENV}, "
+        f"else {DEFAULT_STORAGE})",
     )
     p.add_argument(
         "--set",
@@ -265,13 +265,24 @@ def _progress_arguments(p: argparse.ArgumentParser, without: str) -> None:
 
 
 def _overrides(args: argparse.Namespace, shortcuts: dict) -> list[Override]:
-    """`--set` values and the shortcut flags given, each remembering its flag for error messages."""
+    """`--set` values and the shortcut flags given, each remembering its flag for error messages; $OPTUNA_STORAGE
+    stands in for a --storage not given, as it does for the `optuna` CLI."""
     overrides = [parse_override(text) for text in args.overrides]
+    if "storage" in shortcuts and args.storage is None and os.environ.get(STORAGE_ENV):
+        overrides.append(Override(shortcuts["storage"], os.environ[STORAGE_ENV], STORAGE_ENV))
     return overrides + [
         Override(key, getattr(args, flag), f"--{flag}")
         for flag, key in shortcuts.items()
         if getattr(args, flag) is not None
     ]
+
+
+def _storage_default() -> str:
+    """A --storage not given: $OPTUNA_STORAGE (the `optuna` CLI's variable), else the default SQLite file."""
+    return os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
+
+
+STORAGE_HELP = f"Optuna storage URL or journal file (default: ${STORAGE_ENV}, else {DEFAULT_STORAGE})"
 
 
 @_console_script
@@ -300,7 +311,7 @@ def _search(args: argparse.Namespace, argv: list[str] | None) -> None:
     )  # a stop request from now on is for this run
     overrides = _overrides(args, SHORTCUTS)
     if args.resume:
-        storage = args.storage or DEFAULT_STORAGE
+        storage = args.storage or _storage_default()
         cfg = load_run_config(None, overrides, stored=stored_config(args.study, storage))
     else:
         cfg = load_run_config(args.config or DEFAULT_CONFIG, overrides)
@@ -362,7 +373,7 @@ def _worker_command(argv: list[str], launched_at: float) -> list[str]:
 
 
 def _study_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--storage", default=DEFAULT_STORAGE, help="Optuna storage URL (default %(default)s)")
+    p.add_argument("--storage", default=_storage_default(), help=STORAGE_HELP)
     p.add_argument("--study", required=True, help="study name")
 
 
@@ -749,7 +760,7 @@ def dashboard_parser() -> argparse.ArgumentParser:
     from nas.dashboard.security import SESSION_IDLE, SESSION_LIFETIME  # light: no web framework imported
 
     p = _parser("dashboard", "List and detail pages, Resume / Stop / Export best, and optuna-dashboard under /optuna/.")
-    p.add_argument("--storage", default=DEFAULT_STORAGE, help="Optuna storage URL (default %(default)s)")
+    p.add_argument("--storage", default=_storage_default(), help=STORAGE_HELP)
     p.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default %(default)s, or ::1; any other needs a token)"
     )
@@ -758,10 +769,10 @@ def dashboard_parser() -> argparse.ArgumentParser:
         "--token-file",
         metavar="PATH",
         help="file holding the secret every request must carry (open the printed "
-        "...?token= address once); or set NAS_DASHBOARD_TOKEN. Needed for any --host but loopback",
+        "...?token= address once); or set BNNAS_DASHBOARD_TOKEN. Needed for any --host but loopback",
     )
     p.add_argument(
-        "--token", help="the secret itself (visible to every user in ps: prefer --token-file or NAS_DASHBOARD_TOKEN)"
+        "--token", help="the secret itself (visible to every user in ps: prefer --token-file or BNNAS_DASHBOARD_TOKEN)"
     )
     p.add_argument(
         "--allow-host",
@@ -822,7 +833,7 @@ def dashboard_main(argv: list[str] | None = None) -> int:
         if args.token is not None:
             print(
                 "nas-dashboard: --token shows the secret to every user of this machine (ps); "
-                "prefer --token-file PATH or NAS_DASHBOARD_TOKEN",
+                "prefer --token-file PATH or BNNAS_DASHBOARD_TOKEN",
                 file=sys.stderr,
             )
         from nas.dashboard.server import serve
@@ -1002,7 +1013,12 @@ def storage_proxy_parser() -> argparse.ArgumentParser:
         "  nas-storage-proxy --storage postgresql+psycopg2://nas:PASSWORD@db/nas --host 10.0.0.5 \\\n"
         "      --port 13000 --tls-cert proxy.pem --tls-key proxy.key --tls-client-ca cluster-ca.pem",
     )
-    p.add_argument("--storage", required=True, help="the storage URL the proxy serves (SQLite, PostgreSQL, MySQL)")
+    p.add_argument(
+        "--storage",
+        default=os.environ.get(STORAGE_ENV),
+        required=not os.environ.get(STORAGE_ENV),
+        help=f"the storage URL the proxy serves (SQLite, PostgreSQL, MySQL; default ${STORAGE_ENV})",
+    )
     p.add_argument(
         "--host",
         default="127.0.0.1",

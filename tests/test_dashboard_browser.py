@@ -181,7 +181,9 @@ def test_without_javascript_a_button_answers_with_a_page_that_leads_back(site, c
 
 def test_the_token_link_opened_from_another_site_lets_the_browser_in(site, browser, other_site, tmp_path):
     """Issue 15.6: the cookie was SameSite=Strict, so after a link from another site the browser withheld it: 401."""
-    dash = Dashboard(site.storage, tmp_path / "work", env={"NAS_DASHBOARD_TOKEN": "t0k-from-env"}, token="t0k-from-env")
+    dash = Dashboard(
+        site.storage, tmp_path / "work", env={"BNNAS_DASHBOARD_TOKEN": "t0k-from-env"}, token="t0k-from-env"
+    )
     try:
         origin, pages = other_site
         pages["/chat"] = f'<a id="go" href="{dash.base}/?token=t0k-from-env">the dashboard</a>'

@@ -38,7 +38,7 @@ def dash(storage, tmp_path_factory):
         "127.0.0.1",
         "--session-lifetime",
         "5000",
-        env={"NAS_DASHBOARD_TOKEN": TOKEN},
+        env={"BNNAS_DASHBOARD_TOKEN": TOKEN},
         token=TOKEN,
     )
     yield server
@@ -174,13 +174,13 @@ def test_a_cookie_replayed_after_expiry_deletes_nothing(timed, storage):
 
 def test_a_restart_ends_every_session(storage, tmp_path):
     """Sessions live in the server's memory: a cookie of one dashboard process opens no later one on the same port."""
-    first = Dashboard(storage, tmp_path / "a", env={"NAS_DASHBOARD_TOKEN": TOKEN}, token=TOKEN)
+    first = Dashboard(storage, tmp_path / "a", env={"BNNAS_DASHBOARD_TOKEN": TOKEN}, token=TOKEN)
     try:
         cookie, _ = login(first)
         port = first.port
     finally:
         first.close()
-    second = Dashboard(storage, tmp_path / "b", "--port", str(port), env={"NAS_DASHBOARD_TOKEN": TOKEN}, token=TOKEN)
+    second = Dashboard(storage, tmp_path / "b", "--port", str(port), env={"BNNAS_DASHBOARD_TOKEN": TOKEN}, token=TOKEN)
     try:
         assert delete(second, storage, "spare", cookie) == 401
         assert study_id(storage, "spare") is not None

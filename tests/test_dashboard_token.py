@@ -29,7 +29,12 @@ def storage(tmp_path_factory):
 def outward(storage, tmp_path_factory):
     """Bound to every interface, the token in the environment."""
     dash = Dashboard(
-        storage, tmp_path_factory.mktemp("a"), "--host", "0.0.0.0", env={"NAS_DASHBOARD_TOKEN": TOKEN_A}, token=TOKEN_A
+        storage,
+        tmp_path_factory.mktemp("a"),
+        "--host",
+        "0.0.0.0",
+        env={"BNNAS_DASHBOARD_TOKEN": TOKEN_A},
+        token=TOKEN_A,
     )
     yield dash
     dash.close()
@@ -121,3 +126,13 @@ def test_the_redirect_that_drops_the_token_stays_on_this_site(outward, path):
     location = dict(headers)["Location"]
     assert "\r" not in location and "\n" not in location and "\\" not in location
     assert urlsplit(urljoin(f"http://{netloc}/", location)).netloc == netloc
+
+
+def test_the_token_variable_has_the_bnnas_prefix_and_its_old_name_still_works_with_a_note(capsys):
+    from nas.dashboard.security import read_token
+
+    assert read_token(None, None, {"BNNAS_DASHBOARD_TOKEN": "new"}) == "new"
+    assert capsys.readouterr().err == ""
+    assert read_token(None, None, {"NAS_DASHBOARD_TOKEN": "old"}) == "old"
+    assert "NAS_DASHBOARD_TOKEN is now BNNAS_DASHBOARD_TOKEN" in capsys.readouterr().err
+    assert read_token(None, None, {"BNNAS_DASHBOARD_TOKEN": "new", "NAS_DASHBOARD_TOKEN": "old"}) == "new"

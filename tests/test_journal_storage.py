@@ -72,3 +72,21 @@ def test_a_bare_path_to_a_sqlite_file_opens_it_as_sqlite_as_optuna_dashboard_doe
 
     assert isinstance(storage_of(str(db)), optuna.storages.RDBStorage)
     assert [s.study_name for s in open_to_read(str(db)).get_all_studies()] == ["s"]
+
+
+def test_optuna_storage_stands_in_for_a_storage_not_given_as_for_the_optuna_cli(tmp_path, monkeypatch, capsys):
+    journal = tmp_path / "env.log"
+    config = write_digits_run(
+        tmp_path, NORM_AND_LR_SPACE, "sqlite:///unused.db", {"name": "e", "trials": 1}, {"folds": 2, "epochs": 1}
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OPTUNA_STORAGE", str(journal))
+
+    assert search_main(["--config", str(config), "--no-progress"]) == 0  # over the config's study.storage
+    assert len(journal_trials(journal, "e")) == 1 and not (tmp_path / "unused.db").exists()
+    assert report_main(["--study", "e", "--out", "report"]) == 0  # a reader's default too
+    assert search_main(["--resume", "--study", "e", "--trials", "2", "--no-progress"]) == 0
+    assert len(journal_trials(journal, "e")) == 2
+    flag = tmp_path / "flag.log"
+    assert search_main(["--config", str(config), "--storage", str(flag), "--no-progress"]) == 0  # a flag wins
+    assert len(journal_trials(flag, "e")) == 1

@@ -63,7 +63,11 @@ def forwarded_env(environ: dict | None = None) -> dict:
     """What every worker needs from the driver's environment wherever its node's Ray was started:
     the storage proxy's credentials, so workers on other nodes authenticate as the driver does."""
     environ = os.environ if environ is None else environ
-    return {name: value for name, value in environ.items() if name.startswith(FORWARDED_ENV_PREFIX)}
+    return {
+        name: value
+        for name, value in environ.items()
+        if name.startswith(FORWARDED_ENV_PREFIX) or name == "OPTUNA_STORAGE"  # a --storage the driver did not give
+    }
 
 
 def worker_task(ray, cpus: float, gpus: float):

@@ -29,6 +29,7 @@ import ipaddress
 import os
 import secrets
 import socket
+import sys
 import threading
 import time
 from http.cookies import SimpleCookie
@@ -37,7 +38,8 @@ from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
 import psutil
 
-TOKEN_ENV = "NAS_DASHBOARD_TOKEN"
+TOKEN_ENV = "BNNAS_DASHBOARD_TOKEN"  # every bnnas variable starts with BNNAS_ (docs/cli.md#environment-variables)
+OLD_TOKEN_ENV = "NAS_DASHBOARD_TOKEN"  # its name before 2026-12: still read, with a note
 CSRF_HEADER = "HTTP_X_CSRF_TOKEN"
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
@@ -76,8 +78,8 @@ def require_token_beyond_loopback(host: str, token: str | None) -> None:
 
 
 def read_token(flag: str | None, file: str | None, environ=os.environ) -> str | None:
-    """The access token from `--token-file`, `--token` or $NAS_DASHBOARD_TOKEN (a flag shows in `ps`;
-    the others do not)."""
+    """The access token from `--token-file`, `--token` or $BNNAS_DASHBOARD_TOKEN (a flag shows in `ps`;
+    the others do not). The variable's old name, $NAS_DASHBOARD_TOKEN, is read too, with a note to rename it."""
     from nas.errors import NasError
 
     if flag is not None and file is not None:
@@ -90,9 +92,15 @@ def read_token(flag: str | None, file: str | None, environ=os.environ) -> str | 
         if not token:
             raise NasError(f"--token-file: {file} is empty")
         return token
-    token = flag if flag is not None else environ.get(TOKEN_ENV)
+    variable = TOKEN_ENV
+    if flag is None and TOKEN_ENV not in environ and OLD_TOKEN_ENV in environ:
+        variable = OLD_TOKEN_ENV
+        print(
+            f"nas-dashboard: {OLD_TOKEN_ENV} is now {TOKEN_ENV}; rename it (the old name still works)", file=sys.stderr
+        )
+    token = flag if flag is not None else environ.get(variable)
     if token is not None and not token.strip():
-        raise NasError(f"{'--token' if flag is not None else TOKEN_ENV}: the token is empty")
+        raise NasError(f"{'--token' if flag is not None else variable}: the token is empty")
     return token.strip() if token else None
 
 

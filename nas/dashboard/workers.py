@@ -20,7 +20,7 @@ from pathlib import Path
 
 import psutil
 
-from nas.dashboard.security import TOKEN_ENV
+from nas.dashboard.security import OLD_TOKEN_ENV, TOKEN_ENV
 from nas.output import atomic_write_text
 from nas.study import workers as liveness
 
@@ -173,7 +173,9 @@ class Workers:
 
     def _start(self, job: Job, command: list[str]) -> Job:
         job.log.parent.mkdir(parents=True, exist_ok=True)
-        env = {key: value for key, value in os.environ.items() if key != TOKEN_ENV}  # workers need no dashboard secret
+        env = {
+            key: value for key, value in os.environ.items() if key not in (TOKEN_ENV, OLD_TOKEN_ENV)
+        }  # workers need no dashboard secret
         with open(job.log, "ab") as sink:
             job.popen = subprocess.Popen(
                 command,
