@@ -282,3 +282,58 @@ def test_a_multi_objective_search_runs_with_each_sampler_and_names_its_objective
     assert [len(t.values) for t in study.get_trials() if t.state == TrialState.COMPLETE] == [2, 2, 2]
     stored = optuna.load_study(study_name="s", storage=cfg.study.storage)
     assert stored.metric_names == ["cv_loss", "params"]  # optuna-dashboard labels the axes with them
+
+
+# --- constraints ----------------------------------------------------------------------------------
+
+WIDE_OR_NARROW = {
+    "stages": 1,
+    "width": {"choice": [4, 48]},
+    "block": {"activation": {"choice": ["relu", "gelu", "silu", "elu"]}},
+    "training": {"lr": 0.05},
+}
+
+
+def test_constraints_mark_each_trial_rank_feasible_first_and_export_the_best_within_them(tmp_path, capsys):
+    from nas.deploy.export import pick_trial
+
+    limit = 500  # one stage of width 4 has about 100 parameters, of width 48 about 1,000
+    path = write_digits_run(
+        tmp_path,
+        WIDE_OR_NARROW,
+        f"sqlite:///{tmp_path}/nas.db",
+        {"name": "c", "sampler": "random", "trials": 6, "seed": 1},
+        {"folds": 2, "epochs": 1},
+    )
+    cfg = load_run_config(path, [("constraints", {"params": limit})])
+
+    study = run_search(cfg, progress=False, out=lambda _: None, results=lambda _: None)
+
+    done = [t for t in study.get_trials() if t.state == TrialState.COMPLETE]
+    widths = {t.user_attrs["arch"]["stages"][0]["width"] for t in done}
+    assert widths == {4, 48}, "the seed should draw both widths"
+    for t in done:
+        assert t.constraints == {"params": t.user_attrs["folded_params"] - limit}
+    feasible = [t for t in done if t.constraints["params"] <= 0]
+    best = min(feasible, key=lambda t: (t.value, t.number))
+    assert [t.number for t in top_trials(study, len(done))][: len(feasible)] == sorted(
+        (t.number for t in feasible), key=lambda n: (study.trials[n].value, n)
+    )
+    assert best_value(study) == best.value and pick_trial(study, None).number == best.number
+    rows = summary_table(study, len(done)).splitlines()
+    assert rows[1].split()[-1] == "limits"
+    said = [row.split()[-1] for row in rows[3:]]  # feasible rows first, then how far over the others are
+    assert said == ["ok"] * len(feasible) + ["over"] * (len(done) - len(feasible)) and "params +" in rows[-1]
+
+    with pytest.raises(ConfigError, match="constraints.params: study .c. was run with 500"):  # other limits: refused
+        check_contract(load_run_config(path, [("constraints", {"params": 10 * limit})]), study._storage, None, False)
+
+
+@pytest.mark.parametrize(
+    ("constraints", "words"),
+    [({"cv_loss": 1}, "constraints.cv_loss: unknown measure"), ({"params": 0}, "must be > 0"), ([1], "mapping")],
+)
+def test_a_constraint_that_cannot_mean_anything_is_one_line(tmp_path, constraints, words):
+    path = write_digits_run(tmp_path, SPACE, "sqlite:///x.db", {"name": "c"}, {"folds": 2, "epochs": 1})
+    with pytest.raises(ConfigError, match=words):
+        load_run_config(path, [("constraints", constraints)])

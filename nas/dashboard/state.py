@@ -50,6 +50,7 @@ from nas.study.schema import (
     counts_toward_budget,
     finite,
     is_duplicate,
+    is_feasible,
     read_config_history,
     read_run_config,
     read_stop_request,
@@ -148,7 +149,8 @@ def _scored(trials: list[FrozenTrial]) -> list[FrozenTrial]:
 
 
 def _best(trials: list[FrozenTrial]) -> FrozenTrial | None:
-    scored = _scored(trials)
+    """The best trial within the study's constraints (None when none is scored and feasible)."""
+    scored = [t for t in _scored(trials) if is_feasible(t)]
     return min(scored, key=lambda t: (t.values[0], t.number)) if scored else None
 
 

@@ -49,9 +49,11 @@ from nas.study.schema import (
     ARCH_ATTR,
     DUPLICATE_ATTR,
     config_of_trial,
-    counts_toward_budget,
     is_duplicate,
+    is_feasible,
+    outside,
     read_run_config,
+    scored_trials,
     trial_attr,
 )
 
@@ -132,12 +134,15 @@ def pick_trial(study, number: int | None):
             raise StudyError(
                 f"--trial: '{study.study_name}' has several objectives; pick one trial of its Pareto front ({front})"
             )
-        complete = [
-            t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if counts_toward_budget(t)
-        ]
-        if not complete:
+        ranked = scored_trials(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+        if not ranked:
             raise StudyError(f"--study: '{study.study_name}' has no completed trial to export")
-        return min(complete, key=lambda t: (t.value, t.number))
+        if not is_feasible(ranked[0]):
+            raise StudyError(
+                f"--trial: no trial of '{study.study_name}' meets its constraints ({outside(ranked[0])} on the best, "
+                f"trial {ranked[0].number}); export one anyway with --trial N"
+            )
+        return ranked[0]
     by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
     if number not in by_number:
         raise StudyError(f"--trial: '{study.study_name}' has no trial {number}")

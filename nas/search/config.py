@@ -28,6 +28,25 @@ from nas.validation import check_bounds, check_scalar, read_yaml, type_name, unk
 DEVICES = ("auto", "cpu", "cuda")
 # all minimized; kept_scales: the share of norm scales |gamma| >= 0.01, the channels slimming at that threshold keeps
 OBJECTIVES = ("cv_loss", "latency_ms", "params", "macs", "kept_scales")
+LIMITED = OBJECTIVES[1:]  # what `constraints` may bound: measured on the candidate, not trained
+
+
+def _check_constraints(value, file: str, path: str) -> dict:
+    """`constraints: {latency_ms: 5, params: 200000}`: upper bounds a feasible trial stays within."""
+    from nas.validation import check_bounds, check_scalar, did_you_mean
+
+    if not isinstance(value, dict):
+        raise ConfigError(file, path, f"expected a mapping of measure: upper bound, got {type(value).__name__}")
+    checked = {}
+    for name, limit in value.items():
+        if name not in LIMITED:
+            hint = did_you_mean(str(name), LIMITED)
+            raise ConfigError(file, f"{path}.{name}", f"unknown measure (known: {', '.join(LIMITED)}){hint}")
+        checked[name] = check_scalar(limit, float, file, f"{path}.{name}")
+        check_bounds(checked[name], {"above": 0}, file, f"{path}.{name}")
+    return checked
+
+
 FOLD_MODES = ("together", "sequential")
 AUGMENT_NAMES = ("auto", "none", "crop", "crop_flip")
 
@@ -103,6 +122,7 @@ class RunConfig:
     objectives: list[str] = field(
         default_factory=lambda: ["cv_loss"], metadata={"choices": OBJECTIVES, "what": "objective"}
     )
+    constraints: dict = field(default_factory=dict, metadata={"check": _check_constraints})  # measure -> bound
     # Filled by the loader, not read from YAML:
     source: str = field(default="", metadata={"internal": True})
     space: dict = field(default_factory=dict, metadata={"internal": True})

@@ -14,7 +14,7 @@ from datetime import datetime
 
 from optuna.trial import FrozenTrial, TrialState
 
-from nas.study.schema import counts_toward_budget
+from nas.study.schema import counts_toward_budget, is_feasible
 
 
 def improvements(trials: list[FrozenTrial], start: datetime | None = None) -> list[tuple[float, float, int]]:
@@ -27,7 +27,11 @@ def improvements(trials: list[FrozenTrial], start: datetime | None = None) -> li
         (
             t
             for t in trials
-            if t.state == TrialState.COMPLETE and counts_toward_budget(t) and t.values and t.datetime_complete
+            if t.state == TrialState.COMPLETE
+            and counts_toward_budget(t)
+            and t.values
+            and t.datetime_complete
+            and is_feasible(t)  # a trial outside the study's constraints is no answer to it
         ),
         key=lambda t: t.datetime_complete,
     )

@@ -60,7 +60,10 @@ def contract(config: dict, data: dict | None) -> dict:
         "study": {"seed": config.get("study", {}).get("seed")},
         "space": config.get("space"),
     }
-    if "latency_ms" in objectives:
+    constraints = config.get("constraints") or {}
+    if constraints:  # what a feasible trial is: compared only where set, so older studies' terms stay the same
+        terms["constraints"] = constraints
+    if "latency_ms" in objectives or "latency_ms" in constraints:
         terms["evaluation"]["latency_batch_size"] = evaluation.get("latency_batch_size")
         terms["evaluation"]["latency_threads"] = evaluation.get("latency_threads")
     if data is not None:

@@ -100,7 +100,8 @@ def make_objective(
         for key in SCORE_ATTRS:
             if key in score:
                 trial.set_user_attr(key, score[key])
-        if cfg.objectives == ["cv_loss"]:
+        measured = [*cfg.objectives, *(name for name in cfg.constraints if name not in cfg.objectives)]
+        if measured == ["cv_loss"]:
             return score["cv_loss"]
         costs = candidate_costs(
             spec,
@@ -108,12 +109,14 @@ def make_objective(
             data.num_classes,
             device,
             cfg.evaluation.latency_batch_size,
-            cfg.objectives,
+            measured,
             cfg.evaluation.latency_threads,
         )
         for objective_name, value in costs.items():
             trial.set_user_attr(COST_ATTRS[objective_name], value)
         values = {**score, **costs, "kept_scales": kept_scales(score.get(NORM_SCALES_ATTR))}
-        return tuple(values[name] for name in cfg.objectives)
+        for name, limit in cfg.constraints.items():  # feasible when <= 0: Optuna's samplers and best trial read them
+            trial.set_constraint(name, values[name] - limit)
+        return values["cv_loss"] if len(cfg.objectives) == 1 else tuple(values[name] for name in cfg.objectives)
 
     return objective

@@ -160,9 +160,21 @@ def is_scored(trial: optuna.trial.FrozenTrial) -> bool:
     )
 
 
+def is_feasible(trial: optuna.trial.FrozenTrial) -> bool:
+    """Within every limit of the study's `constraints` (Optuna's rule: each stored constraint value <= 0)."""
+    return all(value <= 0 for value in trial.constraints.values())
+
+
+def outside(trial: optuna.trial.FrozenTrial) -> str:
+    """How far a trial is outside its limits (`latency_ms +2.1 over`), or `ok` within them."""
+    over = [f"{name} {value:+.4g} over" for name, value in sorted(trial.constraints.items()) if value > 0]
+    return ", ".join(over) or "ok"
+
+
 def scored_trials(trials) -> list[optuna.trial.FrozenTrial]:
-    """The scored trials of `trials`, best first by the first objective (minimized), ties by trial number."""
-    return sorted(filter(is_scored, trials), key=lambda t: (t.values[0], t.number))
+    """The scored trials of `trials`, best first by the first objective (minimized), ties by trial number; those
+    outside the study's `constraints` after every feasible one."""
+    return sorted(filter(is_scored, trials), key=lambda t: (not is_feasible(t), t.values[0], t.number))
 
 
 def write_config_history(storage, study_id: int, history: list[dict]) -> None:

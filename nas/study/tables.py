@@ -12,6 +12,8 @@ from nas.study.schema import (
     PARAMS_ATTR,
     counts_toward_budget,
     finite,
+    is_feasible,
+    outside,
     read_run_config,
     scored_trials,
     trial_attr,
@@ -25,11 +27,12 @@ def top_trials(study: optuna.Study, k: int = 5) -> list[optuna.trial.FrozenTrial
 
 
 def best_value(study: optuna.Study) -> float | None:
-    """The best CV loss of a single-objective study (None: none scored, or several objectives)."""
+    """The best CV loss of a single-objective study within its constraints (None: none scored and feasible, or
+    several objectives)."""
     if len(study.directions) > 1:
         return None
     best = top_trials(study, 1)
-    return best[0].value if best else None
+    return best[0].value if best and is_feasible(best[0]) else None
 
 
 def summary_table(study: optuna.Study, k: int = 5) -> str:
@@ -40,12 +43,22 @@ def summary_table(study: optuna.Study, k: int = 5) -> str:
     # cv_loss_std is the population SD of the fold losses (nas.training.cross_validation), so the column says so
     trials = top_trials(study, k)
     tuning = any("finetune" in trial_attr(t, ARCH_ATTR, {}) for t in trials)
-    rows = [("trial", "cv loss ± SD over folds", "cv acc", *(FINETUNE_COLUMNS if tuning else CHAIN_COLUMNS))]
+    limited = any(t.constraints for t in trials)  # the study has `constraints`: say which rows keep them
+    rows = [
+        (
+            "trial",
+            "cv loss ± SD over folds",
+            "cv acc",
+            *(FINETUNE_COLUMNS if tuning else CHAIN_COLUMNS),
+            *(("limits",) if limited else ()),
+        )
+    ]
     for t in trials:
         arch, std = trial_attr(t, ARCH_ATTR, {}), trial_attr(t, "cv_loss_std")
         loss = f"{t.value:.4f}" + (f" ± {std:.4f}" if std is not None else "")
         params = f"{trial_attr(t, PARAMS_ATTR, 0):,}"
-        rows.append((str(t.number), loss, _accuracy(t), params, *(_strategy(arch) if tuning else _layout(arch))))
+        layout = _strategy(arch) if tuning else _layout(arch)
+        rows.append((str(t.number), loss, _accuracy(t), params, *layout, *((outside(t),) if limited else ())))
     if len(rows) == 1:
         return f"Study '{study.study_name}': no completed trials yet."
     header = (
