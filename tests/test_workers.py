@@ -1,5 +1,6 @@
 """Parallel workers on one local study; stopping after repeated failures; a changed space is refused."""
 
+import os
 import subprocess
 import sys
 
@@ -38,13 +39,14 @@ def trials(run_dir, name="w"):
 
 
 @pytest.mark.slow
-def test_three_local_workers_end_with_exactly_the_budget(run_dir):
+def test_three_local_workers_end_with_exactly_the_budget_each_on_its_own_gpu_of_the_list(run_dir):
     proc = subprocess.run(
         [sys.executable, "-m", "nas.cli", "--config", "run.yaml", "--workers", "3"],
         capture_output=True,
         text=True,
         timeout=600,
         cwd=run_dir,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": "5,7"},  # a fake list: on the CPU each worker still trains there
     )
     assert proc.returncode == 0, proc.stderr
     assert "database is locked" not in proc.stderr
@@ -58,7 +60,41 @@ def test_three_local_workers_end_with_exactly_the_budget(run_dir):
         for t in done
         if t.state == TrialState.FAIL
     )
+    device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    seen = {t.user_attrs["device"] for t in finished}  # the launcher keeps the list; workers 1, 2 get 7, then 5
+    assert seen <= {f"{device} (CUDA_VISIBLE_DEVICES={gpus})" for gpus in ("5,7", "7", "5")}, seen
     assert "Top 5 of 6 finished trials" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("listed", "count", "gpus"),
+    [(None, 0, []), (None, 3, ["0", "1", "2"]), ("2,3", 8, ["2", "3"]), ("", 8, []), ("-1", 8, [])],
+)
+def test_the_gpus_workers_are_spread_over_are_those_cuda_would_show_them(monkeypatch, listed, count, gpus):
+    from nas.study import run
+
+    if listed is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", listed)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+
+    assert run.visible_gpus() == gpus
+
+
+def test_workers_take_the_gpus_round_robin_and_share_a_single_one():
+    from nas.study.run import gpu_env
+
+    assert [gpu_env(["0", "1", "2", "3"], worker)["CUDA_VISIBLE_DEVICES"] for worker in range(1, 8)] == [
+        "1",
+        "2",
+        "3",
+        "0",
+        "1",
+        "2",
+        "3",
+    ]  # with this process on 0: eight workers, two on each GPU
+    assert gpu_env(["0"], 1) is None and gpu_env([], 1) is None
 
 
 def test_search_stops_after_consecutive_failures_with_the_reason(run_dir, capsys):

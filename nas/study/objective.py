@@ -20,12 +20,14 @@ from nas.study.pruning import Reporter
 from nas.study.schema import (
     ARCH_ATTR,
     COST_ATTRS,
+    DEVICE_ATTR,
     FAIL_REASON_ATTR,
     INTERRUPTED,
     NORM_SCALES_ATTR,
     OVER_BUDGET,
     SCORE_ATTRS,
     VERSION_ATTR,
+    where_it_trains,
 )
 from nas.study.stopping import over_budget
 from nas.study.workers import mark_trial, reclaim_dead_trials
@@ -54,6 +56,7 @@ def make_objective(
     def objective(trial: optuna.Trial) -> float | tuple:
         mark_trial(trial)
         trial.set_user_attr(VERSION_ATTR, version)
+        trial.set_user_attr(DEVICE_ATTR, where_it_trains(device))
         reclaim_dead_trials(trial.study, 2 * cfg.study.heartbeat_seconds, cfg.study.retries)
         if over_budget(trial.study, trial.number, cfg.study.trials):
             trial.set_user_attr(FAIL_REASON_ATTR, OVER_BUDGET)

@@ -15,6 +15,7 @@ dead workers, store the config, then search with a sampler seeded for this proce
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -203,8 +204,12 @@ class Search:
         objective = make_objective(
             cfg, data, folds, device, epoch_bar=bars.epoch_bar if bars.shown else None, novelty=novelty, version=version
         )
+        gpus = visible_gpus() if cfg.device != "cpu" else []
         helpers = (
-            [subprocess.Popen(self.worker_command, stdout=subprocess.DEVNULL) for _ in range(self.workers - 1)]
+            [
+                subprocess.Popen(self.worker_command, stdout=subprocess.DEVNULL, env=gpu_env(gpus, worker))
+                for worker in range(1, self.workers)
+            ]
             if self.worker_command
             else []
         )
@@ -292,6 +297,24 @@ class Bars:
 
     def close(self) -> None:
         self.trials.close()
+
+
+def visible_gpus() -> list[str]:
+    """This machine's GPUs as CUDA names them to a child process: $CUDA_VISIBLE_DEVICES's list, else 0..n-1."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [] if listed.strip() in ("", "-1") else [gpu.strip() for gpu in listed.split(",")]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]  # counts without creating a CUDA context
+
+
+def gpu_env(gpus: list[str], worker: int) -> dict | None:
+    """Worker `worker`'s environment (None: this one's): one of `gpus`, round robin, so N workers on G GPUs put
+    N / G on each. Worker 0 is this process, which trains on cuda:0, the first of them."""
+    if len(gpus) < 2:
+        return None  # one GPU or none: every worker shares it
+    return {**os.environ, "CUDA_VISIBLE_DEVICES": gpus[worker % len(gpus)]}
 
 
 def finished_line(trial: optuna.trial.FrozenTrial, done: int, budget: int, best: float | None) -> str:

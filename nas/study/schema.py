@@ -22,6 +22,7 @@ A repeated proposal (`duplicate_of`) is a FAIL trial, so that no sampler or prun
 from __future__ import annotations
 
 import math
+import os
 import time
 
 import optuna
@@ -48,6 +49,7 @@ LEGACY_RUN_CONFIG_ATTR = "run_config"  # user attr of studies written before RUN
 ARCH_ATTR = "arch"  # the ArchSpec: `nas.build.build(spec, input_shape, num_classes)` rebuilds the trial's model
 WORKER_ATTR = "worker"  # the identity of the process that ran the trial
 VERSION_ATTR = "config_version"  # the config version the trial ran under (0: the first)
+DEVICE_ATTR = "device"  # where the trial trained: `cuda:0 (CUDA_VISIBLE_DEVICES=2)`, `cpu`
 FAIL_REASON_ATTR = "fail_reason"
 DUPLICATE_ATTR = "duplicate_of"  # the proposal repeated this tried trial's parameters
 FOLD_LOSSES_ATTR = "fold_losses"
@@ -93,6 +95,7 @@ TRIAL_ATTR_KINDS = {
     "macs": int,
     "latency_ms": float,
     NORM_SCALES_ATTR: dict,
+    DEVICE_ATTR: str,
 }
 
 
@@ -158,6 +161,12 @@ def is_scored(trial: optuna.trial.FrozenTrial) -> bool:
         and bool(trial.values)
         and all(map(finite, trial.values))
     )
+
+
+def where_it_trains(device) -> str:
+    """The device a trial trains on, with the GPUs this process sees when a launcher narrowed them."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return str(device) + (f" (CUDA_VISIBLE_DEVICES={visible})" if visible is not None else "")
 
 
 def is_feasible(trial: optuna.trial.FrozenTrial) -> bool:
