@@ -10,8 +10,12 @@ optuna-dashboard changes them, the mount says so (503 with the reason) instead o
 from __future__ import annotations
 
 import gzip
+import importlib.metadata
+import importlib.util
 import threading
 from pathlib import Path
+
+PINNED = "optuna-dashboard>=0.21,<0.22"  # the releases this rewrite is tested with (0.21.0), as pyproject pins them
 
 # literal in the bundle → its replacement, given the prefix (e.g. "/optuna")
 BUNDLE_REWRITES = (
@@ -40,6 +44,42 @@ def rewrite_bundle(text: str, prefix: str) -> str:
     return text
 
 
+def assets_folder() -> Path:
+    """optuna-dashboard's installed files, found without importing it (that takes seconds)."""
+    spec = importlib.util.find_spec("optuna_dashboard")
+    if spec is None or spec.origin is None:
+        raise PrefixProblem("optuna-dashboard is not installed")
+    return Path(spec.origin).parent
+
+
+def prefixed_assets(assets: Path, prefix: str) -> tuple[bytes, bytes]:
+    """optuna-dashboard's index.html and bundle.js with their root paths moved under `prefix`; PrefixProblem
+    when they are not the files the rewrite knows."""
+    try:
+        index = (assets / "index.html").read_text()
+        bundle = (assets / "public" / "bundle.js").read_text()
+    except OSError as exc:
+        raise PrefixProblem(f"cannot read its assets: {exc.strerror or exc}") from None
+    if index.count('src="/static/bundle.js"') != 1:
+        raise PrefixProblem("optuna-dashboard's index.html no longer loads /static/bundle.js")
+    index = index.replace('src="/static/bundle.js"', f'src="{prefix}/static/bundle.js"')
+    return index.encode(), rewrite_bundle(bundle, prefix).encode()
+
+
+def mount_problem(prefix: str, assets: Path | None = None) -> str | None:
+    """Why optuna-dashboard cannot be served under `prefix` (one line naming its version and the tested one), or
+    None: nas-dashboard says so once at start, and its own pages work without it."""
+    try:
+        prefixed_assets(assets or assets_folder(), prefix)
+    except PrefixProblem as exc:
+        try:
+            version = importlib.metadata.version("optuna-dashboard")
+        except importlib.metadata.PackageNotFoundError:
+            version = "(not installed)"
+        return f'optuna-dashboard {version} cannot be mounted under {prefix}/: {exc} (pip install "{PINNED}")'
+    return None
+
+
 class OptunaMount:
     """WSGI app serving optuna-dashboard for `storage` under `prefix`.
 
@@ -55,21 +95,11 @@ class OptunaMount:
     def _load(self) -> None:
         import optuna_dashboard
 
-        assets = Path(optuna_dashboard.__file__).parent
         self.app = optuna_dashboard.wsgi(self.storage)
-        try:
-            index = (assets / "index.html").read_text()
-            if index.count('src="/static/bundle.js"') != 1:
-                raise PrefixProblem("optuna-dashboard's index.html no longer loads /static/bundle.js")
-            self.index = index.replace('src="/static/bundle.js"', f'src="{self.prefix}/static/bundle.js"').encode()
-            self.bundle = rewrite_bundle((assets / "public" / "bundle.js").read_text(), self.prefix).encode()
+        self.problem = mount_problem(self.prefix, Path(optuna_dashboard.__file__).parent)
+        if self.problem is None:
+            self.index, self.bundle = prefixed_assets(Path(optuna_dashboard.__file__).parent, self.prefix)
             self.bundle_gz = gzip.compress(self.bundle, 6)  # ~6 MB of JavaScript: what a remote browser waits for
-            self.problem = None
-        except (OSError, PrefixProblem) as exc:
-            self.problem = (
-                f"optuna-dashboard {getattr(optuna_dashboard, '__version__', '?')} cannot be mounted under "
-                f"{self.prefix}/: {exc}"
-            )
 
     def __call__(self, environ, start_response):
         with self.lock:

@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 
 from nas.dashboard.app import create_app
-from nas.dashboard.optuna_mount import OptunaMount
+from nas.dashboard.optuna_mount import OptunaMount, mount_problem
 from nas.dashboard.security import (
     Guard,
     Sessions,
@@ -127,6 +127,9 @@ def serve(
         server = create_server(app, host=host, port=port, **server_settings(idle_timeout, trusted_proxy))
     except OSError as exc:
         raise NasError(f"--port: cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    problem = mount_problem(OPTUNA_PREFIX)
+    if problem is not None:  # said once, at start; the Optuna tab then answers 503 with the same line
+        print(f"nas-dashboard: {problem}; its pages under {OPTUNA_PREFIX}/ are off", file=sys.stderr)
     print(
         f"nas-dashboard on {printed_address(host, server.effective_port, token)} "
         f"(listening on {host} port {server.effective_port}; storage {storage_url}; Ctrl-C to quit)",
