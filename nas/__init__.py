@@ -17,7 +17,22 @@ The names below are the public Python API, imported on first use; `nas.build.bui
 num_classes)` rebuilds any trial's model from its stored ArchSpec.
 """
 
+from typing import TYPE_CHECKING
+
 from nas._lazy import public
+
+if TYPE_CHECKING:  # what `public` resolves on first use, spelt out for type checkers (nas ships py.typed)
+    from nas.data.datasets import load_dataset as load_dataset
+    from nas.deploy.export import export_trial as export_trial
+    from nas.deploy.export import load_exported as load_exported
+    from nas.search.config import RunConfig as RunConfig
+    from nas.search.config import load_run_config as load_run_config
+    from nas.search.space import Space as Space
+    from nas.search.space import load_space as load_space
+    from nas.study.run import run_search as run_search
+    from nas.study.schema import request_stop as request_stop
+    from nas.study.storage import load_existing_study as load_existing_study
+    from nas.training.cross_validation import cross_validate as cross_validate
 
 __version__ = "0.1.0"  # the one version source: pyproject.toml reads it
 
