@@ -13,9 +13,18 @@ PACKAGE = Path(nas.__file__).parent
 
 
 def imports_of(path: Path) -> set[str]:
-    """Every `nas.*` module a file imports, late (function-level) imports included."""
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    """Every `nas.*` module a file imports, late (function-level) imports included; not those for type checkers
+    only (`if TYPE_CHECKING:`), which never run."""
+    found, tree = set(), ast.parse(path.read_text())
+    typing_only = {
+        id(inner)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
+        for inner in ast.walk(node)
+    }
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("nas"):
             found.add(node.module)
         elif isinstance(node, ast.Import):
