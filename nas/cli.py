@@ -422,6 +422,15 @@ def export_parser() -> argparse.ArgumentParser:
         "nas-slim can remove the channels it drives to zero",
     )
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: the study's device")
+    p.add_argument(
+        "--artifacts",
+        metavar="DIR|none",
+        help="Optuna artifact store that keeps the export with the study, shown by optuna-dashboard (default: "
+        "STORAGE_FILE.artifacts beside a local storage; none for a server storage unless named)",
+    )
+    p.add_argument(
+        "--retrain", action="store_true", help="train again even if the store holds an export with these settings"
+    )
     return p
 
 
@@ -446,6 +455,8 @@ def export_main(argv: list[str] | None = None) -> int:
             force=args.force,
             seed=args.seed,
             bn_sparsity=args.bn_sparsity,
+            artifacts=args.artifacts,
+            retrain=args.retrain,
         )
 
     return _run(export)

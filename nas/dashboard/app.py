@@ -301,6 +301,10 @@ def create_app(
             status=302, headers={"Location": f"/optuna/csv/{study_id}" + (f"?{query}" if query else "")}
         )
 
+    @app.get("/artifacts/<rest:re:[0-9]+(/[0-9]+)?/[0-9a-fA-F-]+>")
+    def optuna_artifact(rest):  # some of its artifact links (image previews) are absolute too
+        return bottle.HTTPResponse(status=302, headers={"Location": f"/optuna/artifacts/{rest}"})
+
     @app.error(400)
     @app.error(404)
     @app.error(405)

@@ -87,15 +87,15 @@ class OptunaMount:
     importance evaluators), which the dashboard's own pages need not wait for.
     """
 
-    def __init__(self, storage, prefix: str = "/optuna"):
-        self.storage, self.prefix = storage, prefix.rstrip("/")
+    def __init__(self, storage, prefix: str = "/optuna", artifact_store=None):
+        self.storage, self.prefix, self.artifact_store = storage, prefix.rstrip("/"), artifact_store
         self.app = None
         self.lock = threading.Lock()
 
     def _load(self) -> None:
         import optuna_dashboard
 
-        self.app = optuna_dashboard.wsgi(self.storage)
+        self.app = optuna_dashboard.wsgi(self.storage, artifact_store=self.artifact_store)  # lists kept exports
         self.problem = mount_problem(self.prefix, Path(optuna_dashboard.__file__).parent)
         if self.problem is None:
             self.index, self.bundle = prefixed_assets(Path(optuna_dashboard.__file__).parent, self.prefix)

@@ -25,6 +25,7 @@ from nas.dashboard.security import (
 )
 from nas.dashboard.workers import Workers
 from nas.errors import NasError
+from nas.study.artifacts import existing_store
 from nas.study.storage import open_to_read
 
 OPTUNA_PREFIX = "/optuna"
@@ -86,7 +87,7 @@ def app_and_workers(
     workers = Workers(storage_url, workdir)
     guard = Guard(None, allowed_hosts(host, list(extra_hosts)), token, sessions=sessions)
     ours = create_app(storage, workers, guard.csrf_token, logout=token is not None)
-    mounted = OptunaMount(storage, OPTUNA_PREFIX)
+    mounted = OptunaMount(storage, OPTUNA_PREFIX, existing_store(storage_url))
 
     def dispatch(environ, start_response):
         path = environ.get("PATH_INFO", "")

@@ -45,6 +45,7 @@ from torch import nn
 import nas
 from nas.errors import DataError, IntegrityError, NasError, StudyError, TrialError, VerificationError, one_line
 from nas.output import atomic_write, atomic_write_text, status
+from nas.study.artifacts import export_name, find, keep_folder, open_store, restore_folder
 from nas.study.schema import (
     ARCH_ATTR,
     DUPLICATE_ATTR,
@@ -166,11 +167,15 @@ def export_trial(
     force: bool = False,
     seed: int | None = None,
     bn_sparsity: float | None = None,
+    artifacts: str | Path | None = None,
+    retrain: bool = False,
 ) -> Path:
     """Retrain the trial's ArchSpec on the full training split, test it, fold, save and verify.
 
     `seed` (default: one no CV fold of the trial used) seeds the training; `bn_sparsity` replaces the spec's L1
-    weight on the norm scales, to train the found model for network slimming (`nas-slim`)."""
+    weight on the norm scales, to train the found model for network slimming (`nas-slim`). The export is kept in
+    the study's artifact store (`artifacts`: its folder, "none" for none; default beside a local storage file), and
+    an export kept there with the same settings is restored instead of trained again, unless `retrain`."""
     from nas.data.preprocessing import recipe
     from nas.search.config import blamed, load_run_config
     from nas.search.finetune_space import describe_strategy, epochs_of, load_search_data
@@ -196,6 +201,27 @@ def export_trial(
     epochs = epochs or epochs_of(spec, cfg.evaluation.epochs)
     if seed is None:
         seed = fold_seed(cfg.study.seed, trial.number, cfg.evaluation.folds)  # a seed no CV fold used
+    store = None if str(artifacts) == "none" else open_store(storage, artifacts)
+    kept_as = export_name(
+        trial.number,
+        {
+            "spec": spec,
+            "epochs": epochs,
+            "seed": seed,
+            "data": data.fingerprint,
+            "on": dev.type,
+            "bnnas": nas.__version__,
+        },
+    )
+    earlier = None if store is None or retrain else find(study, kept_as)
+    if earlier is not None:
+        restore_folder(store, earlier, Path(out))
+        load_exported(out)  # every file's sha256 against model.json, as any reader checks
+        log(
+            f"Restored trial {trial.number}'s export from the artifact store ({kept_as}): it was exported with these "
+            f"settings before; --retrain trains it again. Wrote {out}/"
+        )
+        return Path(out)
     torch.manual_seed(seed)
     try:
         model = prepare_model(build_candidate(spec, data.input_shape, data.num_classes), dev)
@@ -249,6 +275,9 @@ def export_trial(
         **({"batch_dependent": dependence} if dependence is not None else {}),
     }
     folder = write_export(model, x_test, meta, Path(out), log)
+    if store is not None:  # optuna-dashboard lists it on the study's page; the same export again restores it
+        keep_folder(study, store, folder, kept_as)
+        log(f"Kept as artifact {kept_as} of study '{study_name}'")
     return folder
 
 
