@@ -180,3 +180,34 @@ def test_another_decoder_version_makes_a_new_entry(tmp_path, monkeypatch):
     monkeypatch.setattr("torchvision.__version__", "0.0.1")
     load_image_folder(tmp_path / "data", None, str(cache))
     assert len(entries(cache)) == 3
+
+
+def test_the_cache_keeps_under_its_cap_by_removing_the_longest_unused_entries(tmp_path, monkeypatch):
+    cache, said = tmp_path / "cache", []
+    for name in ("a", "b", "c"):
+        write_imagefolder(tmp_path / name, per_class=2)
+    load_image_folder(tmp_path / "a", None, str(cache))
+    load_image_folder(tmp_path / "b", None, str(cache))
+    (first, size), (second, _) = sorted(
+        ((e, sum(f.stat().st_size for f in (cache / e).iterdir())) for e in entries(cache)),
+        key=lambda e: (cache / e[0] / "meta.json").stat().st_mtime,
+    )
+    os.utime(cache / first / "meta.json", (1, 1))
+    os.utime(cache / second / "meta.json", (2, 2))
+    load_image_folder(tmp_path / "a", None, str(cache))  # a read: `a`'s entry is the most recently used now
+    monkeypatch.setenv("BNNAS_CACHE_MAX_GB", str(2.5 * size / 2**30))  # room for two entries, not three
+
+    load_image_folder(tmp_path / "c", None, str(cache), log=said.append)
+
+    assert len(entries(cache)) == 2 and second not in entries(cache)  # `b`'s, the longest unused, went
+    assert said == [f"dataset.cache: removed {second} (0.00 GiB, longest unused) to keep its cap"]
+    monkeypatch.setenv("BNNAS_CACHE_MAX_GB", "none")
+    load_image_folder(tmp_path / "b", None, str(cache))
+    assert len(entries(cache)) == 3
+
+
+def test_a_cache_cap_that_is_no_number_is_one_line(tmp_path, monkeypatch):
+    write_imagefolder(tmp_path / "data", per_class=1)
+    monkeypatch.setenv("BNNAS_CACHE_MAX_GB", "lots")
+    with pytest.raises(DataError, match="BNNAS_CACHE_MAX_GB: expected a number of GiB or none, got 'lots'"):
+        load_image_folder(tmp_path / "data", None, str(tmp_path / "cache"))

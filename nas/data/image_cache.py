@@ -203,7 +203,50 @@ def load_image_folder(
         write_entry(
             entry, splits, {"format": FORMAT, "root": str(root.absolute()), "image_size": image_size, "key": key}, log
         )
+        for gone, size in prune(entry.parent, cache_cap(), keep=entry):
+            _say(log, f"dataset.cache: removed {gone.name} ({size / 2**30:.2f} GiB, longest unused) to keep its cap")
     return splits
+
+
+DEFAULT_CAP_GIB = 20.0  # $BNNAS_CACHE_MAX_GB changes it
+
+
+def cache_cap() -> int | None:
+    """The most bytes the cache's entries may hold ($BNNAS_CACHE_MAX_GB, GiB; default 20; "none": no cap)."""
+    setting = os.environ.get("BNNAS_CACHE_MAX_GB", "").strip()
+    if setting.lower() == "none":
+        return None
+    try:
+        return int(float(setting or DEFAULT_CAP_GIB) * 2**30)
+    except ValueError:
+        raise DataError(f"BNNAS_CACHE_MAX_GB: expected a number of GiB or none, got {setting!r}") from None
+
+
+def prune(base: Path, cap: int | None, keep: Path) -> list[tuple[Path, int]]:
+    """Remove this user's longest-unused entries until the cache holds at most `cap` bytes; `keep` (the entry just
+    written) stays. An entry's last use is its meta.json's mtime, touched on every read. Returns what went."""
+    if cap is None:
+        return []
+    entries = []
+    for entry in base.glob("imagefolder-*"):
+        try:
+            info = (entry / "meta.json").lstat()
+            if entry.is_symlink() or info.st_uid != os.getuid():
+                continue  # another user's entry, or not one of ours: never removed here
+            size = sum(f.stat().st_size for f in entry.iterdir() if f.is_file() and not f.is_symlink())
+        except OSError:
+            continue
+        entries.append((info.st_mtime, entry, size))
+    total, gone = sum(size for _, _, size in entries), []
+    for _, entry, size in sorted(entries, key=lambda e: e[0]):
+        if total <= cap:
+            break
+        if entry == keep:
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        total -= size
+        gone.append((entry, size))
+    return gone
 
 
 def _say(log, message: str) -> None:
@@ -267,6 +310,10 @@ def read_entry(entry: Path, key: str) -> dict[str, Split] | None:
             meta = json.load(file)
         if not isinstance(meta, dict) or meta.get("key") != key:
             raise Refused(entry / "meta.json", "holds another key than this folder's")
+        try:
+            os.utime("meta.json", dir_fd=entry_fd)  # last used now: the cap removes the longest unused first
+        except OSError:
+            pass  # a shared cache this user may read but not touch
         return {
             split: Split(
                 _load_array(entry / f"{split}_images.npy", entry_fd, mmap=True),
