@@ -382,7 +382,17 @@ def report_parser() -> argparse.ArgumentParser:
     _study_arguments(p)
     p.add_argument("--out", required=True, help="folder for report.md and the PNGs (created)")
     p.add_argument("--top", type=int, default=10, help="rows in the top-k table (default %(default)s)")
+    _artifacts_argument(p, "the report")
     return p
+
+
+def _artifacts_argument(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--artifacts",
+        metavar="DIR|none",
+        help=f"Optuna artifact store that keeps {what} with the study, shown by optuna-dashboard (default: "
+        "STORAGE_FILE.artifacts beside a local storage; none for a server storage unless named)",
+    )
 
 
 @_console_script
@@ -392,7 +402,7 @@ def report_main(argv: list[str] | None = None) -> int:
     def report() -> None:
         from nas.study.report import write_report
 
-        path = write_report(args.storage, args.study, args.out, top=args.top)
+        path = write_report(args.storage, args.study, args.out, top=args.top, artifacts=args.artifacts)
         status(f"wrote {path}")
 
     return _run(report)
@@ -422,12 +432,7 @@ def export_parser() -> argparse.ArgumentParser:
         "nas-slim can remove the channels it drives to zero",
     )
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: the study's device")
-    p.add_argument(
-        "--artifacts",
-        metavar="DIR|none",
-        help="Optuna artifact store that keeps the export with the study, shown by optuna-dashboard (default: "
-        "STORAGE_FILE.artifacts beside a local storage; none for a server storage unless named)",
-    )
+    _artifacts_argument(p, "the export")
     p.add_argument(
         "--retrain", action="store_true", help="train again even if the store holds an export with these settings"
     )

@@ -5,6 +5,7 @@ import re
 
 import optuna
 import pytest
+from optuna.artifacts import get_all_artifact_meta
 
 from nas.cli import report_main
 from nas.errors import StudyError
@@ -243,6 +244,9 @@ def test_cli_writes_the_report_and_maps_an_unknown_study_to_exit_2(live_study, t
     assert report_main(["--storage", url, "--study", "live", "--out", str(tmp_path / "r"), "--top", "3"]) == 0
     said = capsys.readouterr()
     assert said.err.strip() == f"wrote {tmp_path / 'r' / 'report.md'}" and said.out == ""  # a status line, no results
+    study = optuna.load_study(study_name="live", storage=url)
+    (kept,) = get_all_artifact_meta(study)  # the report, kept with the study
+    assert kept.filename.startswith("report-") and kept.mimetype == "application/zip"
     assert report_main(["--storage", url, "--study", "nope", "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "nope" in err

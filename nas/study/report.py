@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import Iterable
 from contextlib import suppress
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import matplotlib
@@ -44,6 +45,7 @@ from nas.search.archspec import (
     order_key,
 )
 from nas.search.config import StudyConfig
+from nas.study.artifacts import keep_folder, open_store
 from nas.study.best_so_far import clock, improvements
 from nas.study.contract import show
 from nas.study.schema import (
@@ -95,8 +97,10 @@ class Row:
         return self.norm_type if self.position == NO_POSITION else f"{self.norm_type} @ {self.position}"
 
 
-def write_report(storage: str, study_name: str, out_dir, top: int = 10) -> Path:
-    """Write report.md and its PNGs into `out_dir` (created); returns the path of report.md."""
+def write_report(storage: str, study_name: str, out_dir, top: int = 10, artifacts: str | None = None) -> Path:
+    """Write report.md and its PNGs into `out_dir` (created); returns the path of report.md. The folder is also kept
+    as a zip artifact of the study (`report-<UTC time>.zip`; `artifacts`: the store's folder, "none" for none;
+    default beside a local storage file), so optuna-dashboard shows each report made of the study."""
     if top < 1:
         raise NasError(f"--top: must be at least 1, got {top}")
     study = open_study(storage, study_name)
@@ -120,6 +124,9 @@ def write_report(storage: str, study_name: str, out_dir, top: int = 10) -> Path:
     text = "\n\n".join("\n".join(lines) for lines in sections) + "\n"
     atomic_write_text(path, text)
     plots.remove_stale()
+    store = None if artifacts == "none" else open_store(storage, artifacts)
+    if store is not None:
+        keep_folder(study, store, out, f"report-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.zip")
     return path
 
 
