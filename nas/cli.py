@@ -600,6 +600,11 @@ def finetune_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="finetuned", help="output folder (default %(default)s)")
     p.add_argument("--force", action="store_true", help="overwrite an export already in --out")
     p.add_argument(
+        "--storage",
+        help="the storage of the study the export came from: the result is kept there as an artifact of that study "
+        "(beside a local storage file), with its exports and reports",
+    )
+    p.add_argument(
         "--set",
         dest="overrides",
         action="append",
@@ -668,6 +673,7 @@ def finetune_main(argv: list[str] | None = None) -> int:
             input_size=args.input_size,
             device=args.device,
             force=args.force,
+            storage=args.storage,
         )
 
     return _run(finetune)

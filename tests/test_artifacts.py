@@ -81,3 +81,20 @@ def test_optuna_dashboard_lists_a_kept_export_and_serves_it_under_its_prefix(sea
     assert [a["filename"] for a in detail["artifacts"]] == [kept.filename]
     assert status == 200 and body.startswith("PK")  # the zip itself
     assert moved == 302 and dict(headers)["Location"] == f"/optuna/artifacts/{study._study_id}/{kept.artifact_id}"
+
+
+def test_a_fine_tuned_export_is_kept_with_the_study_its_source_came_from(searched, tmp_path):
+    from nas.cli import finetune_main
+
+    assert export(searched, "--out", "exported") == 0
+    target = tmp_path / "target.yaml"
+    target.write_text("dataset: {name: digits, transforms: [{contrast: 0.5}]}\ndevice: cpu\n")
+    storage = f"sqlite:///{searched}/nas.db"
+    args = ["--model", "exported", "--config", str(target), "--bn-mode", "full", "--epochs", "1"]
+
+    assert finetune_main([*args, "--out", "tuned", "--storage", storage]) == 0
+    study = optuna.load_study(study_name="a", storage=storage)
+    names = [meta.filename for meta in get_all_artifact_meta(study)]
+    assert len(names) == 2 and names[1].startswith("finetune-trial-") and "-full-" in names[1]
+    assert finetune_main([*args, "--out", "elsewhere", "--storage", f"sqlite:///{tmp_path}/none.db"]) == 2
+    assert not (tmp_path / "elsewhere").exists()  # refused before any training

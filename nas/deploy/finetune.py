@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -25,6 +26,8 @@ from nas.models.families import head_name
 from nas.models.norms import norm_layers, running_stats_layers
 from nas.output import status
 from nas.search.finetune_space import MODES, show_values
+from nas.study.artifacts import keep_folder, open_store
+from nas.study.storage import load_existing_study
 from nas.training.bn_modes import all_trainable, set_trainable
 
 TRAINS_WITHOUT_LABELS = ("adabn",)  # the modes that may run with --labels-per-class 0
@@ -244,9 +247,11 @@ def finetune(
     device: str | None = None,
     log=status,
     force: bool = False,
+    storage: str | None = None,
 ) -> Path:
     """Adapt an export folder, or `timm:NAME` / `torchvision:NAME` / `factory:pkg.mod:fn` with its `weights`, to the
-    run config's dataset; write an export plus metrics.json."""
+    run config's dataset; write an export plus metrics.json. With `storage`, the study the export came from keeps
+    the result as an artifact (`finetune-trial-N-MODE-UTC_TIME.zip`), beside its exports and reports."""
     from nas.data.preprocessing import recipe
     from nas.deploy.export import VERIFY_SAMPLES, check_writable, dataset_record, write_export, write_json
     from nas.models.checkpoint import expected_input, model_reference
@@ -275,6 +280,11 @@ def finetune(
     else:
         hp = training_defaults()
         start = from_checkpoint(reference, weights, cfg, dev, strict=strict, expected=expected, hp=hp, log=log)
+    source_study = None
+    if storage is not None:  # checked before training: the study the export names must be there
+        if not start.meta.get("study"):
+            raise NasError(f"--storage: {model_dir} names no study (made by nas-export from a study, it would)")
+        source_study = load_existing_study(storage, start.meta["study"])
     hp.update({k: v for k, v in (("lr", lr), ("batch_size", batch_size)) if v is not None})
     start.meta["arch"] = {**start.meta["arch"], "training": hp}
     data = start.data
@@ -354,6 +364,14 @@ def finetune(
     write_export(model, data.x_test[:VERIFY_SAMPLES].cpu(), meta, out, log)
     write_json(out / "metrics.json", metrics)
     log(f"Wrote {out / 'metrics.json'}")
+    if source_study is not None:
+        store = open_store(storage)
+        name = f"finetune-trial-{meta.get('trial')}-{mode}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.zip"
+        if store is None:
+            log(f"--storage: {storage} has no artifact store beside it; the result is not kept with the study")
+        else:
+            keep_folder(source_study, store, out, name)
+            log(f"Kept as artifact {name} of study '{source_study.study_name}'")
     return out
 
 
