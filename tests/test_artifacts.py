@@ -94,7 +94,7 @@ def test_a_fine_tuned_export_is_kept_with_the_study_its_source_came_from(searche
 
     assert finetune_main([*args, "--out", "tuned", "--storage", storage]) == 0
     study = optuna.load_study(study_name="a", storage=storage)
-    names = [meta.filename for meta in get_all_artifact_meta(study)]
+    names = sorted(meta.filename for meta in get_all_artifact_meta(study))  # Optuna keeps them in no order
     assert len(names) == 2 and names[1].startswith("finetune-trial-") and "-full-" in names[1]
     assert finetune_main([*args, "--out", "elsewhere", "--storage", f"sqlite:///{tmp_path}/none.db"]) == 2
     assert not (tmp_path / "elsewhere").exists()  # refused before any training

@@ -210,7 +210,9 @@ def export_trial(
             "seed": seed,
             "data": data.fingerprint,
             "on": dev.type,
-            "bnnas": nas.__version__,
+            "bnnas": nas.__version__,  # and what writes the files: another torch or onnx writes others
+            "torch": torch.__version__,
+            "onnx": onnx_version(),
         },
     )
     earlier = None if store is None or retrain else find(study, kept_as)
@@ -416,12 +418,10 @@ def write_onnx(program, example: torch.Tensor, folder: Path) -> dict:
     path = folder / ONNX_FILE
     if path.exists():
         path.unlink()  # an export --force over an older one must not keep a stale model.onnx
-    try:
-        import onnx
-        import onnxruntime  # noqa: F401  (the fresh-process check needs it)
-        import onnxscript  # noqa: F401
-    except ImportError:
+    if onnx_version() is None:
         return {"written": False, "reason": ONNX_MISSING}
+    import onnx
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         exported = torch.onnx.export(program, (example,), dynamo=True, verbose=False)
@@ -432,6 +432,18 @@ def write_onnx(program, example: torch.Tensor, folder: Path) -> dict:
         if entry.domain in ("", "ai.onnx")
     )
     return {"written": True, "opset": int(opset), "version": onnx.__version__, "dynamic_batch": True}
+
+
+def onnx_version() -> str | None:
+    """onnx's version when all of the onnx extra imports (onnx, onnxscript the exporter, onnxruntime the check);
+    None when model.onnx cannot be written here."""
+    try:
+        import onnx
+        import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError:
+        return None
+    return onnx.__version__
 
 
 def onnx_session(path: Path, model: bytes, threads: int | None = None):

@@ -58,7 +58,7 @@ def export_name(trial_number: int, settings: dict) -> str:
 
 
 def find(study: optuna.Study, name: str) -> str | None:
-    """The id of the study's newest artifact called `name`, or None."""
+    """The id of an artifact of the study called `name` (the same name: the same settings), or None."""
     from optuna.artifacts import get_all_artifact_meta
 
     found = [meta.artifact_id for meta in get_all_artifact_meta(study) if meta.filename == name]
