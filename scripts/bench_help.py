@@ -22,7 +22,10 @@ HERE = Path(__file__).resolve().parent.parent
 def commands() -> list[str]:
     """The commands `python -m nas --help` lists (indented four spaces under "commands:")."""
     listed = subprocess.run(
-        [sys.executable, "-m", "nas", "--help"], env={**os.environ, "PYTHONPATH": str(HERE)}, capture_output=True
+        [sys.executable, "-m", "nas", "--help"],
+        env={**os.environ, "PYTHONPATH": str(HERE)},
+        cwd=HERE,
+        capture_output=True,
     )
     return [line.split()[0] for line in listed.stdout.decode().splitlines() if line.startswith("    ") and line.split()]
 
@@ -30,7 +33,7 @@ def commands() -> list[str]:
 def seconds(tree: Path, command: str) -> float:
     env = {**os.environ, "PYTHONPATH": str(tree)}
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "nas", command, "--help"], env=env, check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "nas", command, "--help"], env=env, cwd=tree, check=True, capture_output=True)
     return time.perf_counter() - start
 
 
