@@ -430,9 +430,9 @@ def _done(storage: str, names: list[str], trials_per_cell: int) -> int:
     keep them all, and the budgets would no longer be equal."""
     import optuna
 
-    from nas.study.storage import quiet_optuna, rdb_url, storage_file, storage_of
+    from nas.study.storage import quiet_optuna, storage_file, storage_of
 
-    path = storage_file(rdb_url(storage))
+    path = storage_file(storage)
     if path is not None and not path.exists():
         return 0
     with quiet_optuna():

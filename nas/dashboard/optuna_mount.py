@@ -72,12 +72,16 @@ def mount_problem(prefix: str, assets: Path | None = None) -> str | None:
     try:
         prefixed_assets(assets or assets_folder(), prefix)
     except PrefixProblem as exc:
-        try:
-            version = importlib.metadata.version("optuna-dashboard")
-        except importlib.metadata.PackageNotFoundError:
-            version = "(not installed)"
-        return f'optuna-dashboard {version} cannot be mounted under {prefix}/: {exc} (pip install "{PINNED}")'
+        return problem_line(prefix, exc)
     return None
+
+
+def problem_line(prefix: str, exc: PrefixProblem) -> str:
+    try:
+        version = importlib.metadata.version("optuna-dashboard")
+    except importlib.metadata.PackageNotFoundError:
+        version = "(not installed)"
+    return f'optuna-dashboard {version} cannot be mounted under {prefix}/: {exc} (pip install "{PINNED}")'
 
 
 class OptunaMount:
@@ -96,10 +100,13 @@ class OptunaMount:
         import optuna_dashboard
 
         self.app = optuna_dashboard.wsgi(self.storage, artifact_store=self.artifact_store)  # lists kept exports
-        self.problem = mount_problem(self.prefix, Path(optuna_dashboard.__file__).parent)
-        if self.problem is None:
+        try:  # read and rewritten once: ~6 MB of JavaScript
             self.index, self.bundle = prefixed_assets(Path(optuna_dashboard.__file__).parent, self.prefix)
-            self.bundle_gz = gzip.compress(self.bundle, 6)  # ~6 MB of JavaScript: what a remote browser waits for
+        except PrefixProblem as exc:
+            self.problem = problem_line(self.prefix, exc)
+            return
+        self.problem = None
+        self.bundle_gz = gzip.compress(self.bundle, 6)  # what a remote browser waits for
 
     def __call__(self, environ, start_response):
         with self.lock:

@@ -20,14 +20,14 @@ from pathlib import Path
 import optuna
 
 from nas.errors import StudyError
-from nas.study.storage import rdb_url, storage_file
+from nas.study.storage import storage_file
 
 SUFFIX = ".artifacts"
 
 
 def default_folder(storage_url: str) -> Path | None:
     """The artifact folder beside a local storage file; None for a server storage."""
-    path = storage_file(rdb_url(storage_url))
+    path = storage_file(storage_url)
     return None if path is None else path.with_name(path.name + SUFFIX)
 
 

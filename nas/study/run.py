@@ -39,7 +39,7 @@ from nas.study.objective import make_objective
 from nas.study.opening import check_contract, create_or_load, existing_study_id, load_for_search, store_config
 from nas.study.schema import FAIL_REASON_ATTR, FINISHED, OVER_BUDGET, is_failure
 from nas.study.stopping import BudgetReached, StopAfterFailures, StopOnRequest, finished_trials
-from nas.study.storage import open_for_search, quiet_optuna, rdb_url, storage_file
+from nas.study.storage import open_for_search, quiet_optuna, storage_file
 from nas.study.tables import best_value, summary_table
 from nas.study.workers import WorkerRecord, live_workers, reclaim_dead_trials
 from nas.training.signals import SIGNALS
@@ -103,7 +103,7 @@ class Search:
 
         cfg = self.cfg
         device = resolve_device(cfg.device)
-        path = storage_file(rdb_url(cfg.study.storage))
+        path = storage_file(cfg.study.storage)
         storage = self._open() if path is None or path.exists() else None  # a new file waits for good data
         with SIGNALS.installed(), WorkerRecord(cfg.study.heartbeat_seconds) as record:
             study_id = existing_study_id(storage, cfg.study.name) if storage is not None else None

@@ -41,7 +41,7 @@ def journal_path(url: str) -> Path | None:
 
 
 def storage_file(url: str) -> Path | None:
-    """The local file a storage lives in (SQLite or journal), or None for a server."""
+    """The local file a storage lives in (SQLite, by URL or bare path, or journal), or None for a server."""
     return sqlite_path(url) or journal_path(url)
 
 
@@ -249,7 +249,7 @@ def load_existing_study(storage: str, study_name: str) -> optuna.Study:
 
     A missing SQLite file is reported, not created (opening it would make an empty database).
     """
-    path = storage_file(rdb_url(storage))
+    path = storage_file(storage)
     if path is not None and not path.exists():
         raise StudyError(f"--study: no study named '{study_name}' in {storage} (the file {path} does not exist)")
     try:
