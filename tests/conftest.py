@@ -1,6 +1,7 @@
 """Shared test helpers: a digits run folder with a tiny search space and budget; the cuda marker."""
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -49,13 +50,17 @@ def spec_with(
     return default_spec({"stages": 2, "blocks_per_stage": 2, "width": 4, "block": block, **space})
 
 
+_OWN_FOLDERS: list[str] = []
+
+
 def pytest_configure(config):
     """The tests' image-folder caches and nas-search's per-host records go to folders of their own
     (their subprocesses inherit them), not to the user's ~/.cache/bnnas and ~/.local/state/bnnas.
     Ray's local clusters start without token authentication whatever ~/.ray holds: with a token there
     (which any earlier local cluster may have written), Ray adds a warning line to a command's stderr."""
-    os.environ["BNNAS_CACHE"] = tempfile.mkdtemp(prefix="bnnas-test-cache-")
-    os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="bnnas-test-state-")
+    for variable, prefix in (("BNNAS_CACHE", "bnnas-test-cache-"), ("XDG_STATE_HOME", "bnnas-test-state-")):
+        os.environ[variable] = tempfile.mkdtemp(prefix=prefix)
+        _OWN_FOLDERS.append(os.environ[variable])
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1:  # torch's threads per worker (and per subprocess) share the cores instead of each taking all
@@ -64,6 +69,12 @@ def pytest_configure(config):
         import torch
 
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+def pytest_unconfigure(config):
+    """The folders pytest_configure made go when the run ends: a CI machine's /tmp must not fill over runs."""
+    for folder in _OWN_FOLDERS:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 # --- tests that need CUDA ------------------------------------------------------------------------
