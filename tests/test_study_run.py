@@ -1,13 +1,15 @@
 """The study run (nas.study.run, opening, stopping, objective, tables): the contract a continuation must keep, when a
 search stops, the table it prints, and one tiny real `run_search` on digits."""
 
+import sys
+
 import optuna
 import pytest
 from conftest import write_digits_run
 from optuna.trial import TrialState, create_trial
 
 from nas.errors import ConfigError, StudyError, TrialError
-from nas.search.config import load_run_config
+from nas.search.config import Override, load_run_config
 from nas.search.space import default_spec
 from nas.study.opening import check_contract, create_or_load, store_config, stored_config
 from nas.study.run import run_search
@@ -337,3 +339,38 @@ def test_a_constraint_that_cannot_mean_anything_is_one_line(tmp_path, constraint
     path = write_digits_run(tmp_path, SPACE, "sqlite:///x.db", {"name": "c"}, {"folds": 2, "epochs": 1})
     with pytest.raises(ConfigError, match=words):
         load_run_config(path, [("constraints", constraints)])
+
+
+@pytest.mark.parametrize(
+    ("pruner", "fold_mode", "validations"),
+    [("none", "together", 2), ("none", "sequential", 2), ("median", "together", 6)],
+)
+def test_a_progress_bar_shows_the_training_loss_and_validates_only_where_a_pruner_reads_every_epoch(
+    tmp_path, monkeypatch, capsys, pruner, fold_mode, validations
+):
+    import nas.training.folds_together
+    import nas.training.train
+
+    calls = []
+    for module in (nas.training.train, nas.training.folds_together):  # fit's and the folds-together validation
+        real = module.evaluate
+        monkeypatch.setattr(
+            module,
+            "evaluate",
+            lambda *a, real=real, **k: calls.append(sys._getframe(1).f_code.co_name) or real(*a, **k),
+        )
+    cfg = run_config(
+        tmp_path,
+        [
+            Override("evaluation.epochs", 3),
+            Override("evaluation.pruner", pruner),
+            Override("evaluation.fold_mode", fold_mode),
+        ],
+        trials=1,
+    )
+    study = run_search(cfg, progress=True, out=lambda line: None, results=lambda line: None)
+    assert study.trials[0].state == TrialState.COMPLETE
+    calls = [caller for caller in calls if caller in ("fit", "train_together", "<listcomp>")]  # not diagnostics'
+    assert len(calls) == validations  # 2 folds: the last epoch's validation each, or all 3 epochs' for the pruner
+    shown = capsys.readouterr().err
+    assert ("train_loss=" in shown) == (validations == 2) and ("val_loss=" in shown) == (validations == 6)

@@ -69,13 +69,20 @@ def make_objective(
         reporter = Reporter(trial, cfg.evaluation.pruner, epochs_of(spec, epochs), len(folds))
         bar = epoch_bar(trial.number, epochs_of(spec, epochs)) if epoch_bar else None
 
-        def on_epoch(report) -> None:
+        def advance(fold: int | None, **shown: str) -> None:
             if bar is not None:
-                bar.update(len(folds) if report.fold is None else 1)
-                bar.set_postfix(fold="all" if report.fold is None else report.fold + 1, val_loss=f"{report.loss:.4f}")
+                bar.update(len(folds) if fold is None else 1)
+                bar.set_postfix(fold="all" if fold is None else fold + 1, **shown)
+
+        def on_epoch(report) -> None:
+            advance(report.fold, val_loss=f"{report.loss:.4f}")
             reporter.epoch(report)
 
-        every_epoch = bar is not None or reports_every_epoch(cfg.evaluation.pruner, cfg.evaluation.fold_mode)
+        def on_trained(epoch: int, fold: int | None, train_loss: float) -> None:
+            advance(fold, train_loss=f"{train_loss:.4f}")
+
+        # Only a pruner that judges every epoch pays for validating every epoch; the bar shows the training loss.
+        every_epoch = reports_every_epoch(cfg.evaluation.pruner, cfg.evaluation.fold_mode)
         try:
             with SIGNALS.interruptible():
                 score = cross_validate(
@@ -87,6 +94,7 @@ def make_objective(
                     study_seed=cfg.study.seed,
                     trial_number=trial.number,
                     on_epoch=on_epoch if every_epoch else None,
+                    on_trained=on_trained if bar is not None and not every_epoch else None,
                     on_fold=reporter.fold,
                     recalibrate_bn=cfg.evaluation.recalibrate_bn,
                     fold_mode=cfg.evaluation.fold_mode,

@@ -17,7 +17,7 @@ from nas.search.finetune_space import epochs_of
 from nas.training.bn_modes import start_strategy
 from nas.training.diagnostics import recalibrate, scale_summary, train_mode_loss
 from nas.training.folds_together import NotBatchable, train_together
-from nas.training.train import OnEpoch, evaluate, fit, norm_scales, prepare_model, scoring_batch_size
+from nas.training.train import OnEpoch, OnTrained, evaluate, fit, norm_scales, prepare_model, scoring_batch_size
 
 
 def fold_seed(study_seed: int, trial_number: int, fold: int) -> int:
@@ -35,6 +35,7 @@ def cross_validate(
     study_seed: int = 0,
     trial_number: int = 0,
     on_epoch: OnEpoch | None = None,
+    on_trained: OnTrained | None = None,
     on_fold: Callable[[int, float], None] | None = None,
     recalibrate_bn: bool = False,
     fold_mode: str = "together",
@@ -42,7 +43,8 @@ def cross_validate(
     """Train and validate `spec` on every fold; returns the Score as plain data.
 
     `on_epoch(EpochReport)` and `on_fold(fold, val_loss)` let the caller report to a pruner (and
-    stop by raising). With `fold_mode` `together` the folds train as one batched computation
+    stop by raising); `on_epoch` validates every epoch, which `on_trained(epoch, fold, train_loss)` (a progress
+    bar's) does not. With `fold_mode` `together` the folds train as one batched computation
     (nas.training.folds_together) and report with fold None; a spec that cannot train batched
     trains one fold after another, and the Score says why in `fold_mode_fallback`. Each fold also
     records the BN diagnostics: the validation loss with batch statistics, and with `recalibrate_bn`
@@ -60,7 +62,9 @@ def cross_validate(
     elif fold_mode == "together":
         models = [_model(spec, data, device, seed) for seed in seeds]
         try:
-            together = list(zip(models, train_together(models, data, folds, hp, epochs, device, seeds, on_epoch)))
+            together = list(
+                zip(models, train_together(models, data, folds, hp, epochs, device, seeds, on_epoch, on_trained))
+            )
         except NotBatchable as exc:
             fallback = str(exc)
         del models
@@ -86,6 +90,7 @@ def cross_validate(
                     seed=seeds[k],
                     fold=k,
                     on_epoch=on_epoch,
+                    on_trained=on_trained,
                     train_mode=norms_hook,
                 )
             except torch.cuda.OutOfMemoryError as exc:

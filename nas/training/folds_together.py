@@ -26,6 +26,7 @@ from nas.training.train import (
     EpochReport,
     FitResult,
     OnEpoch,
+    OnTrained,
     autocast,
     batches,
     cosine_schedule,
@@ -61,10 +62,12 @@ def train_together(
     device: torch.device,
     seeds: list[int],
     on_epoch: OnEpoch | None = None,
+    on_trained: OnTrained | None = None,
 ) -> list[FitResult]:
     """`nas.training.train.fit` for every fold at once; the trained state is written back into `models`.
 
-    `on_epoch` after each epoch when given, with fold None, the means over the folds and each fold's loss. Raises
+    `on_trained` after each epoch's training (the folds' mean training loss); `on_epoch` after each epoch's
+    validation, with fold None, the means over the folds and each fold's loss. Raises
     NotBatchable when the models cannot be stacked or the stack does not fit in memory.
     """
     start = time.perf_counter()
@@ -110,6 +113,8 @@ def train_together(
         for fold, value in enumerate(last):
             if not math.isfinite(value):
                 raise TrialError(f"fold {fold + 1}: training loss is {value} at epoch {epoch + 1}")
+        if on_trained is not None:
+            on_trained(epoch, None, statistics.fmean(last))
         if on_epoch is not None or epoch == epochs - 1:
             stacked.write_back()
             scores = [evaluate(m, x, y, device, scoring_batch_size(m, hp)) for m, (x, y) in zip(models, validations)]

@@ -37,6 +37,9 @@ class EpochReport:
 
 
 OnEpoch = Callable[[EpochReport], None]
+# After each epoch's training, before any validation: (epoch, fold or None when the folds train together, the
+# last batch's training loss, their mean when together). A progress bar needs no validation.
+OnTrained = Callable[[int, "int | None", float], None]
 
 
 @dataclass
@@ -182,13 +185,15 @@ def fit(
     seed: int = 0,
     fold: int | None = None,
     on_epoch: OnEpoch | None = None,
+    on_trained: OnTrained | None = None,
     train_mode: Callable[[nn.Module], None] | None = None,
     max_steps: int | None = None,
 ) -> FitResult:
     """Train `model` on `train_idx` for `epochs` with a cosine learning rate, validate on `val_idx`
     (None: no validation).
 
-    `fold` labels the epoch reports. Only parameters with requires_grad are trained; `train_mode(model)`,
+    `fold` labels the epoch reports; `on_epoch` validates every epoch, `on_trained` only reports the training
+    loss. Only parameters with requires_grad are trained; `train_mode(model)`,
     when given, runs after `model.train()` every epoch (fine-tuning keeps some norm layers in eval mode there).
     `max_steps` ends training after that many optimizer steps (the schedule then spans them), so
     runs on labelled sets of different sizes can get exactly the same number of steps.
@@ -225,8 +230,11 @@ def fit(
             loss.backward()
             optimizer.step()
             schedule.step()
-        if not math.isfinite(loss.item()):
-            raise TrialError(f"training loss is {loss.item()} at epoch {epoch + 1}")
+        last = loss.item()
+        if not math.isfinite(last):
+            raise TrialError(f"training loss is {last} at epoch {epoch + 1}")
+        if on_trained is not None:
+            on_trained(epoch, fold, last)
         if val_idx is not None and (on_epoch is not None or epoch == epochs - 1):
             val_loss, val_acc = evaluate(model, x_val, y_val, device, scoring_batch_size(model, hp))
             if not math.isfinite(val_loss):
