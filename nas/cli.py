@@ -23,7 +23,15 @@ import nas
 from nas.errors import NasError, Terminated, VerificationError
 from nas.options import DATASET_NAMES, DEFAULT_THREADS, RUNTIMES, SLIM_SCOPES, SPREAD_LIMIT
 from nas.output import LOG, status
-from nas.search.config import FOLD_MODES, OBJECTIVES, SHORTCUTS, Override, load_run_config, parse_override
+from nas.search.config import (
+    FOLD_MODES,
+    OBJECTIVES,
+    SHORTCUTS,
+    WARM_START_KEYS,
+    Override,
+    load_run_config,
+    parse_override,
+)
 from nas.search.finetune_space import MODES
 from nas.search.pruners import PRUNER_NAMES
 from nas.search.samplers import SAMPLER_NAMES
@@ -246,10 +254,33 @@ examples:
 
 def _shortcut_arguments(p: argparse.ArgumentParser, shortcuts: dict, title: str) -> None:
     group = p.add_argument_group(title)
-    types = {"trials": int, "epochs": int, "folds": int, "seed": int, "timeout": float}
     for flag, key in shortcuts.items():
-        extra = {"choices": ["auto", "cpu", "cuda"]} if flag == "device" else {}
-        group.add_argument(f"--{flag}", type=types.get(flag, str), help=f"sets {key}", **extra)
+        extra = {"choices": ["auto", "cpu", "cuda"]} if flag == "device" else {"metavar": SHORTCUT_METAVARS.get(flag)}
+        group.add_argument(
+            f"--{flag}", type=SHORTCUT_TYPES.get(flag, str), help=SHORTCUT_HELP.get(flag, f"sets {key}"), **extra
+        )
+
+
+SHORTCUT_TYPES = {
+    "trials": int,
+    "epochs": int,
+    "folds": int,
+    "seed": int,
+    "timeout": float,
+    "stop-after": int,
+    "top": int,
+}
+SHORTCUT_METAVARS = {"budget": "DURATION", "stop-after": "N", "warm-start": "STUDY", "warm-storage": "URL", "top": "K"}
+SHORTCUT_HELP = {
+    "timeout": "sets study.timeout: seconds after which no new trial starts (the running one finishes)",
+    "budget": "sets study.budget: a wall time (90s, 10m, 1h30m) the search plans for and ends within; the trial "
+    "count is what fits (--trials then only caps it)",
+    "stop-after": "sets study.stop_after: stop after N finished trials without an improvement of the best CV loss "
+    "beyond its fold noise",
+    "warm-start": "sets study.warm_start.study: queue the best candidates of this earlier study as the first trials",
+    "warm-storage": "sets study.warm_start.storage: where the --warm-start study is (default: --storage)",
+    "top": "sets study.warm_start.top: how many of its best candidates --warm-start queues (default 5)",
+}
 
 
 def _progress_arguments(p: argparse.ArgumentParser, without: str) -> None:
@@ -270,10 +301,9 @@ def _overrides(args: argparse.Namespace, shortcuts: dict) -> list[Override]:
     overrides = [parse_override(text) for text in args.overrides]
     if "storage" in shortcuts and args.storage is None and os.environ.get(STORAGE_ENV):
         overrides.append(Override(shortcuts["storage"], os.environ[STORAGE_ENV], STORAGE_ENV))
+    given = {flag: getattr(args, flag.replace("-", "_")) for flag in shortcuts}
     return overrides + [
-        Override(key, getattr(args, flag), f"--{flag}")
-        for flag, key in shortcuts.items()
-        if getattr(args, flag) is not None
+        Override(key, given[flag], f"--{flag}") for flag, key in shortcuts.items() if given[flag] is not None
     ]
 
 
@@ -875,9 +905,10 @@ def dashboard_main(argv: list[str] | None = None) -> int:
     return _run(dashboard)
 
 
+SEARCH_ONLY = ("study.trials", "study.timeout", "study.budget", "study.stop_after", *WARM_START_KEYS)
 COMPARE_SHORTCUTS = {
-    flag: key for flag, key in SHORTCUTS.items() if flag not in ("trials", "timeout")
-}  # budgets: --trials-per-cell
+    flag: key for flag, key in SHORTCUTS.items() if key not in SEARCH_ONLY
+}  # budgets: --trials-per-cell; every cell starts afresh
 
 
 def compare_parser() -> argparse.ArgumentParser:

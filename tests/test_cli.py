@@ -128,6 +128,15 @@ def test_bad_config_exits_2_with_one_line_and_writes_nothing(run_dir):
         (["--set", "dataset.name=cifar"], "--set: dataset.name: unknown name 'cifar'"),
         (["--set", "evaluation.epochs=many"], "--set: evaluation.epochs: expected an integer"),
         (["--set", "dataset={name: npz, root: nowhere.npz}"], "--set: dataset.root: file not found: "),
+        (["--budget", "ten"], "--budget: study.budget: expected a duration such as 90s, 10m or 1h30m"),
+        (["--budget", "0s"], "--budget: study.budget: must be a positive duration, got '0s'"),
+        (["--stop-after", "0"], "--stop-after: study.stop_after: must be >= 1"),
+        (["--top", "0"], "--top: study.warm_start.top: must be >= 1"),
+        (["--timeout", "-1"], "--timeout: study.timeout: must be >= 0"),  # a key run.yaml lacks: the flag is named
+        (
+            ["--stop-after", "5", "--set", "objectives=[cv_loss, params]"],
+            "--stop-after: study.stop_after: a stop on stagnation follows one objective's best",
+        ),
     ],
 )
 def test_bad_overrides_exit_2_naming_the_flag_and_the_key(run_dir, capsys, args, words):

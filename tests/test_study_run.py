@@ -16,6 +16,7 @@ from nas.study.run import run_search
 from nas.study.schema import (
     DUPLICATE_ATTR,
     FAIL_REASON_ATTR,
+    FOLD_LOSSES_ATTR,
     OVER_BUDGET,
     RUN_CONFIG_ATTR,
     WORKER_PREFIX,
@@ -23,8 +24,16 @@ from nas.study.schema import (
     read_run_config,
     request_stop,
 )
-from nas.study.stopping import BudgetReached, StopAfterFailures, StopOnRequest, finished_trials, over_budget
-from nas.study.storage import quiet_optuna, storage_of
+from nas.study.stopping import (
+    BudgetReached,
+    StopAfterFailures,
+    StopOnRequest,
+    StopOnStagnation,
+    finished_trials,
+    over_budget,
+    stagnation,
+)
+from nas.study.storage import load_existing_study, quiet_optuna, storage_of
 from nas.study.tables import best_value, summary_table, top_trials
 
 SPACE = {"stages": 1, "width": 8, "training": {"lr": {"float": [0.01, 0.1], "log": True}}}
@@ -184,6 +193,72 @@ def test_a_stop_request_stops_only_the_workers_started_before_it(tmp_path):
     assert not before.asked(study)
     request_stop(url, "s")
     assert before.asked(study) and not StopOnRequest(started=float("inf")).asked(study)
+
+
+def scored_run(plan: list, limit: int | None = None) -> tuple[optuna.Study, StopOnStagnation]:
+    """A real optimize loop over `plan`: (cv loss, fold losses) per trial, "pruned", or ("infeasible", loss)."""
+    stop = StopOnStagnation(limit)
+
+    def objective(trial):
+        what = plan[trial.number]
+        if what == "pruned":
+            raise optuna.TrialPruned()
+        if what[0] == "infeasible":
+            trial.set_constraint("params", 1.0)  # as nas-search records a candidate over its limit
+            return what[1]
+        loss, folds = what
+        trial.set_user_attr(FOLD_LOSSES_ATTR, folds)
+        return loss
+
+    with quiet_optuna(optuna.logging.ERROR):
+        study = optuna.create_study()
+        study.optimize(objective, n_trials=len(plan), callbacks=[stop] if limit else [])
+    return study, stop
+
+
+def test_stagnation_counts_finished_trials_since_the_last_improvement_beyond_the_fold_noise():
+    noisy = (0.50, [0.40, 0.50, 0.60])  # fold noise: std 0.1 / sqrt(3) = 0.058
+    plan = [
+        noisy,
+        (0.46, [0.46] * 3),  # better, but within trial 0's noise: no improvement
+        "pruned",  # finished, no score
+        ("infeasible", 0.10),  # outside the constraints: no answer
+        (0.45, [0.45] * 3),  # 0.05 below trial 0: still within its noise
+        (0.43, [0.43] * 3),  # 0.07 below trial 0: beyond it
+        (0.4299, [0.4299] * 3),  # trial 5 has no fold noise: any gain counts
+        (0.50, [0.50] * 3),
+    ]
+    study, _ = scored_run(plan)
+    found = stagnation(study.trials)
+    assert (found.best, found.since) == (6, 1)
+    assert str(stagnation(study.trials[:5])) == "no improvement in 4 trials since trial 0"
+    assert stagnation(study.trials[2:4]) is None  # nothing scored yet
+
+
+def test_stop_after_stops_the_search_once_that_many_trials_brought_nothing_beyond_the_noise():
+    worse = [(loss, [loss] * 3) for loss in (0.7, 0.8, 0.9)]
+    plan = [(0.5, [0.5] * 3), (0.6, [0.6] * 3), "pruned", (0.4, [0.4] * 3), *worse, (0.1, [0.1] * 3)]
+    study, stop = scored_run(plan, limit=3)  # 2 trials without a gain (one pruned) do not stop it; 3 do
+    assert len(study.trials) == 7 and str(stop.stalled) == "no improvement in 3 trials since trial 3"
+
+
+def test_a_search_with_stop_after_ends_early_says_why_and_a_rerun_trains_nothing(tmp_path):
+    cfg = run_config(tmp_path, [Override("study.stop_after", 1, "--stop-after")], trials=12)
+    out, results = [], []
+    study = run_search(cfg, progress=False, out=out.append, results=results.append)
+    found = stagnation(study.trials)
+    assert found.since == 1 and finished_trials(study) < 12  # stopped by the first trial that did not improve
+    assert results[0].startswith("Top ") and results[-1] == (
+        f"Stopped: no improvement in 1 trial since trial {found.best} (--stop-after 1; {finished_trials(study)}/12 "
+        "of the budget used)."
+    )
+    out = []
+    run_search(cfg, progress=False, out=out.append, results=lambda line: None)
+    assert out[0] == (
+        f"Study 's' has stagnated: no improvement in 1 trial since trial {found.best} (--stop-after 1): nothing to "
+        "run. Raise --stop-after or leave it out to search on."
+    )
+    assert len(load_existing_study(cfg.study.storage, "s").trials) == len(study.trials)
 
 
 # --- the table ------------------------------------------------------------------------------------

@@ -47,6 +47,28 @@ def _check_constraints(value, file: str, path: str) -> dict:
     return checked
 
 
+DURATION = re.compile(r"(?:(\d+(?:\.\d*)?)h)?(?:(\d+(?:\.\d*)?)m)?(?:(\d+(?:\.\d*)?)s)?")
+
+
+def _check_duration(value, file: str, path: str) -> float | None:
+    """A wall time in seconds: a number, or `90s`, `10m`, `1.5h`, `1h30m`."""
+    if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+        seconds = value
+    else:
+        text = str(value).strip().lower().replace(" ", "")
+        match = DURATION.fullmatch(text)
+        if text and match is None and text.replace(".", "", 1).isdigit():
+            seconds = float(text)
+        elif not text or match is None or not any(match.groups()):
+            raise ConfigError(file, path, f"expected a duration such as 90s, 10m or 1h30m (or seconds), got {value!r}")
+        else:
+            hours, minutes, secs = (float(part or 0) for part in match.groups())
+            seconds = hours * 3600 + minutes * 60 + secs
+    if seconds is not None and seconds <= 0:
+        raise ConfigError(file, path, f"must be a positive duration, got {value!r}")
+    return None if seconds is None else float(seconds)
+
+
 FOLD_MODES = ("together", "sequential")
 AUGMENT_NAMES = ("auto", "none", "crop", "crop_flip")
 
@@ -83,6 +105,15 @@ class DatasetConfig:
 
 
 @dataclass
+class WarmStartConfig:
+    """An earlier study whose best candidates are queued as this study's first trials (nas.study.warm_start)."""
+
+    study: str | None = None
+    storage: str | None = None  # default: this study's storage
+    top: int = field(default=5, metadata={"min": 1})
+
+
+@dataclass
 class StudyConfig:
     name: str = "bnnas"
     storage: str = "sqlite:///runs/nas.db"
@@ -95,6 +126,12 @@ class StudyConfig:
         default=30.0, metadata={"min": 1}
     )  # RDB storage: a trial silent for 2x this is stale
     retries: int = field(default=1, metadata={"min": 0})  # times a stale (crashed) trial is rerun with its parameters
+    # A wall time the search plans for and ends within (nas.study.time_budget); then `trials` only caps it if a flag
+    # set it.
+    budget: float | None = field(default=None, metadata={"check": _check_duration})
+    # Stop after this many finished trials without an improvement beyond the fold noise (nas.study.stopping).
+    stop_after: int | None = field(default=None, metadata={"min": 1})
+    warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
 
 
 @dataclass
@@ -191,7 +228,13 @@ SHORTCUTS = {
     "study": "study.name",
     "timeout": "study.timeout",
     "device": "device",
+    "budget": "study.budget",
+    "stop-after": "study.stop_after",
+    "warm-start": "study.warm_start.study",
+    "warm-storage": "study.warm_start.storage",
+    "top": "study.warm_start.top",
 }
+WARM_START_KEYS = ("study.warm_start.study", "study.warm_start.storage", "study.warm_start.top")
 
 
 def _from_dict(cls, data: Any, file: str, path: str):
@@ -289,17 +332,24 @@ def load_run_config(
     origins = {o.key: o.origin for o in overrides}
     if stored is None and overrides:
         _check_as_written(path, overrides, needs_space)
-    try:
+    with blaming_flags(origins):
         cfg = _load(path, overrides, stored, needs_space)
+    cfg.origins = origins
+    if cfg.dataset.root is not None:
+        cfg.dataset.root = str(Path(cfg.dataset.root).expanduser().absolute())
+    return cfg
+
+
+@contextmanager
+def blaming_flags(origins: dict):
+    """A ConfigError about a key that a flag set (`origins`: key -> flag) names the flag instead of the file."""
+    try:
+        yield
     except ConfigError as exc:
         where = origin_of(exc.key_path, origins, exc.file) if exc.key_path else exc.file
         if where == exc.file:
             raise
         raise ConfigError(where, exc.key_path, exc.problem) from None
-    cfg.origins = origins
-    if cfg.dataset.root is not None:
-        cfg.dataset.root = str(Path(cfg.dataset.root).expanduser().absolute())
-    return cfg
 
 
 def _check_as_written(path: str | Path, overrides: list[Override], needs_space: bool) -> None:
@@ -309,12 +359,15 @@ def _check_as_written(path: str | Path, overrides: list[Override], needs_space: 
     raw = read_yaml(path)
     if not isinstance(raw, dict):
         return  # _load names the file's shape
-    for key, value, _ in overrides:
+    applied = {}  # key -> flag, for the keys a flag gave: an error there names the flag
+    for key, value, origin in overrides:
         if not _has_key(raw, key):
             set_key(raw, key, value)
+            applied[key] = origin
     if not needs_space:
         raw.setdefault("search_space", "")
-    _from_dict(RunConfig, raw, str(path), "")
+    with blaming_flags(applied):
+        _from_dict(RunConfig, raw, str(path), "")
 
 
 def _has_key(data: dict, key_path: str) -> bool:
@@ -346,6 +399,10 @@ def _load(path: str | Path | None, overrides: list[Override], stored: dict | Non
         raw["search_space"] = ""
     cfg = _from_dict(RunConfig, raw, file, "")
     cfg.source = file
+    if len(cfg.objectives) > 1 and cfg.study.stop_after is not None:
+        raise ConfigError(
+            file, "study.stop_after", "a stop on stagnation follows one objective's best; give one objective"
+        )
     if len(cfg.objectives) > 1 and cfg.evaluation.pruner != "none":
         raise ConfigError(
             file, "evaluation.pruner", "Optuna prunes single-objective studies only; use none with several objectives"

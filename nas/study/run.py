@@ -38,7 +38,7 @@ from nas.study.duplicates import Novelty
 from nas.study.objective import make_objective
 from nas.study.opening import check_contract, create_or_load, existing_study_id, load_for_search, store_config
 from nas.study.schema import FAIL_REASON_ATTR, FINISHED, OVER_BUDGET, is_failure
-from nas.study.stopping import BudgetReached, StopAfterFailures, StopOnRequest, finished_trials
+from nas.study.stopping import BudgetReached, StopAfterFailures, StopOnRequest, StopOnStagnation, finished_trials
 from nas.study.storage import open_for_search, quiet_optuna, storage_file
 from nas.study.tables import best_value, summary_table
 from nas.study.workers import WorkerRecord, live_workers, reclaim_dead_trials
@@ -155,6 +155,15 @@ class Search:
             )
             self.results(summary_table(handle))
             return handle
+        stagnant = StopOnStagnation(cfg.study.stop_after)
+        stalled = stagnant.check(handle)
+        if stalled is not None:
+            out(
+                f"Study '{cfg.study.name}' has stagnated: {stalled} (--stop-after {cfg.study.stop_after}): nothing to "
+                "run. Raise --stop-after or leave it out to search on."
+            )
+            self.results(summary_table(handle))
+            return handle
         version = store_config(handle, cfg, data.fingerprint, changes)
         if changes:
             out(
@@ -226,6 +235,7 @@ class Search:
                         SIGNALS.stop_at_boundary,
                         stop_request,
                         stop_when_used_up,
+                        stagnant,
                     ],
                 )
                 SIGNALS.raise_pending()  # a signal between trials: stop with its exit code
@@ -251,6 +261,11 @@ class Search:
         if len(study.directions) == 1:
             self.results(
                 anytime_line(improvements(study.get_trials(deepcopy=False), self.run_start), time.time() - self.started)
+            )
+        if stagnant.stalled is not None:
+            self.results(
+                f"Stopped: {stagnant.stalled} (--stop-after {cfg.study.stop_after}; "
+                f"{finished_trials(study)}/{budget} of the budget used)."
             )
         return study
 
