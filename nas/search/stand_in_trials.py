@@ -82,3 +82,36 @@ class RandomTrial:
         else:
             value = self.rng.uniform(low, high)
         return self._keep(name, value)
+
+
+class MappingTrial:
+    """A stand-in trial that answers from `given` parameters (an earlier study's) wherever the name is asked and the
+    value fits the distribution, and with the first option elsewhere: which of them this space can take.
+
+    `kept`: the given values it took; `asked`: every name the space asked for.
+    """
+
+    def __init__(self, given: dict):
+        self.given, self.kept, self.asked = given, {}, []
+
+    def _answer(self, name: str, fits, first):
+        self.asked.append(name)
+        if name in self.given and fits(self.given[name]):
+            self.kept[name] = self.given[name]
+            return self.given[name]
+        return first
+
+    def suggest_categorical(self, name, choices):
+        return self._answer(name, lambda value: value in list(choices), choices[0])
+
+    def suggest_int(self, name, low, high, step=1, log=False):
+        fits = lambda v: isinstance(v, int) and not isinstance(v, bool) and low <= v <= high and (v - low) % step == 0  # noqa: E731
+        return self._answer(name, fits, low)
+
+    def suggest_float(self, name, low, high, step=None, log=False):
+        def fits(value) -> bool:
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not low <= value <= high:
+                return False
+            return step is None or math.isclose((value - low) / step, round((value - low) / step), abs_tol=1e-9)
+
+        return self._answer(name, fits, low)

@@ -41,6 +41,7 @@ from nas.study.schema import FAIL_REASON_ATTR, FINISHED, OVER_BUDGET, is_failure
 from nas.study.stopping import BudgetReached, StopAfterFailures, StopOnRequest, StopOnStagnation, finished_trials
 from nas.study.storage import open_for_search, quiet_optuna, storage_file
 from nas.study.tables import best_value, summary_table
+from nas.study.warm_start import queue_warm_start, warm_start_source
 from nas.study.workers import WorkerRecord, live_workers, reclaim_dead_trials
 from nas.training.signals import SIGNALS
 
@@ -97,12 +98,14 @@ class Search:
     on_trial: OnTrial | None = None
     started: float = field(default_factory=time.time)  # a stop requested from then on is for this run
     run_start: datetime = field(default_factory=datetime.now)  # Optuna's trial times are naive local datetimes
+    warm_source: tuple | None = None  # the earlier study a warm start queues from (nas.study.warm_start)
 
     def run(self) -> optuna.Study:
         from nas.training.train import resolve_device
 
         cfg = self.cfg
         device = resolve_device(cfg.device)
+        self.warm_source = warm_start_source(cfg)  # a mistake there is found before anything is written
         path = storage_file(cfg.study.storage)
         storage = self._open() if path is None or path.exists() else None  # a new file waits for good data
         with SIGNALS.installed(), WorkerRecord(cfg.study.heartbeat_seconds) as record:
@@ -164,6 +167,8 @@ class Search:
             )
             self.results(summary_table(handle))
             return handle
+        if self.warm_source is not None:  # before other workers may join
+            out(str(queue_warm_start(handle, cfg, self.warm_source, data.input_shape, data.num_classes)))
         version = store_config(handle, cfg, data.fingerprint, changes)
         if changes:
             out(
