@@ -317,6 +317,7 @@ STORAGE_HELP = f"Optuna storage URL or journal file (default: ${STORAGE_ENV}, el
 
 @_console_script
 def search_main(argv: list[str] | None = None) -> int:
+    called = time.time()  # before torch and the rest load
     parser = search_parser()
     args = parser.parse_args(argv)
     if args.resume and not args.study:
@@ -329,16 +330,16 @@ def search_main(argv: list[str] | None = None) -> int:
         args.ray_workers < 1 or (args.gpus_per_trial or 0) < 0 or args.cpus_per_trial <= 0 or args.workers > 1
     ):
         parser.error("--ray needs --ray-workers >= 1, --gpus-per-trial >= 0, --cpus-per-trial > 0, and no --workers")
-    return _run(lambda: _search(args, argv))
+    return _run(lambda: _search(args, argv, called))
 
 
-def _search(args: argparse.Namespace, argv: list[str] | None) -> None:
+def _search(args: argparse.Namespace, argv: list[str] | None, called: float) -> None:
     from nas.study.opening import stored_config
     from nas.study.run import run_search
 
-    launched = (
-        time.time() if args.launched_at is None else args.launched_at
-    )  # a stop request from now on is for this run
+    # When the command was called (its imports and data loading are part of what a user waits for): a stop request
+    # from then on is for this run, and a time budget counts from it.
+    launched = called if args.launched_at is None else args.launched_at
     overrides = _overrides(args, SHORTCUTS)
     if args.resume:
         storage = args.storage or _storage_default()
@@ -348,7 +349,7 @@ def _search(args: argparse.Namespace, argv: list[str] | None) -> None:
     if not args.resume and not args.config:
         status(
             f"No --config given: running the embedded default (configs/digits.yaml: {cfg.dataset.name}, "
-            f"--trials {cfg.study.trials} --folds {cfg.evaluation.folds} --epochs {cfg.evaluation.epochs}, "
+            f"{_count_said(cfg)} --folds {cfg.evaluation.folds} --epochs {cfg.evaluation.epochs}, "
             f"study '{cfg.study.name}' in {cfg.study.storage})"
         )
     if args.ray is not None:
@@ -374,6 +375,16 @@ def _search(args: argparse.Namespace, argv: list[str] | None) -> None:
     run_search(
         cfg, progress=args.progress, force=args.force, worker_command=worker, workers=args.workers, started=launched
     )
+
+
+def _count_said(cfg) -> str:
+    """What decides how many trials run: `--trials 13`, or `--budget 1:30` (`--trials` then only caps it)."""
+    from nas.study.best_so_far import clock
+    from nas.study.time_budget import NO_CAP, trial_cap
+
+    if cfg.study.budget is None:
+        return f"--trials {cfg.study.trials}"
+    return f"--budget {clock(cfg.study.budget)}" + ("" if trial_cap(cfg) == NO_CAP else f" --trials {cfg.study.trials}")
 
 
 LAUNCH_FLAGS = {

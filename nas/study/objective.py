@@ -30,6 +30,7 @@ from nas.study.schema import (
     where_it_trains,
 )
 from nas.study.stopping import over_budget
+from nas.study.time_budget import TimeBudget
 from nas.study.workers import mark_trial, reclaim_dead_trials
 from nas.training.signals import SIGNALS
 
@@ -43,22 +44,26 @@ def make_objective(
     epoch_bar: Callable | None = None,
     novelty: Novelty | None = None,
     version: int = 0,
+    trials: int | None = None,
+    time_budget: TimeBudget | None = None,
 ) -> Callable[[optuna.Trial], float | tuple]:
     """The objective of `cfg`'s study on `data` split into `folds`; `epoch_bar(trial_number, epochs)` makes a
-    progress bar."""
+    progress bar. `trials`: the finished trials the study may reach (default `study.trials`); `time_budget`: the
+    deadline that cuts a trial which cannot end in time."""
     from nas.models.costs import candidate_costs
     from nas.training.cross_validation import cross_validate  # late: keeps torch out of `import nas.study` readers
     from nas.training.diagnostics import kept_scales
 
     space = Space(cfg.space, data.input_shape, data.num_classes)
     epochs = cfg.evaluation.epochs
+    cap = cfg.study.trials if trials is None else trials
 
     def objective(trial: optuna.Trial) -> float | tuple:
         mark_trial(trial)
         trial.set_user_attr(VERSION_ATTR, version)
         trial.set_user_attr(DEVICE_ATTR, where_it_trains(device))
         reclaim_dead_trials(trial.study, 2 * cfg.study.heartbeat_seconds, cfg.study.retries)
-        if over_budget(trial.study, trial.number, cfg.study.trials):
+        if over_budget(trial.study, trial.number, cap):
             trial.set_user_attr(FAIL_REASON_ATTR, OVER_BUDGET)
             raise TrialError(OVER_BUDGET)
         spec = space.sample(trial)
@@ -78,11 +83,16 @@ def make_objective(
             advance(report.fold, val_loss=f"{report.loss:.4f}")
             reporter.epoch(report)
 
-        def on_trained(epoch: int, fold: int | None, train_loss: float) -> None:
-            advance(fold, train_loss=f"{train_loss:.4f}")
-
         # Only a pruner that judges every epoch pays for validating every epoch; the bar shows the training loss.
         every_epoch = reports_every_epoch(cfg.evaluation.pruner, cfg.evaluation.fold_mode)
+        deadline = time_budget.guard(reporter.cut, epochs_of(spec, epochs), len(folds)) if time_budget else None
+
+        def on_trained(epoch: int, fold: int | None, train_loss: float) -> None:
+            if not every_epoch:
+                advance(fold, train_loss=f"{train_loss:.4f}")
+            if deadline is not None:
+                deadline(epoch, fold, train_loss)
+
         try:
             with SIGNALS.interruptible():
                 score = cross_validate(
@@ -94,7 +104,7 @@ def make_objective(
                     study_seed=cfg.study.seed,
                     trial_number=trial.number,
                     on_epoch=on_epoch if every_epoch else None,
-                    on_trained=on_trained if bar is not None and not every_epoch else None,
+                    on_trained=on_trained if (bar is not None and not every_epoch) or deadline else None,
                     on_fold=reporter.fold,
                     recalibrate_bn=cfg.evaluation.recalibrate_bn,
                     fold_mode=cfg.evaluation.fold_mode,

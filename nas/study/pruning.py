@@ -29,7 +29,7 @@ import optuna
 from optuna.trial import TrialState
 
 from nas.search.pruners import EPOCH_PRUNERS, PRUNERS, max_resource
-from nas.study.schema import FOLD_LOSSES_ATTR, PARTIAL_FOLD_LOSSES_ATTR, PRUNED_AT_STEP_ATTR
+from nas.study.schema import CUT_ATTR, FOLD_LOSSES_ATTR, PARTIAL_FOLD_LOSSES_ATTR, PRUNED_AT_STEP_ATTR
 from nas.training.train import EpochReport
 
 
@@ -114,7 +114,17 @@ class Reporter:
         self.trial.report(value, step)
         self.reported.add(step)
         if judge and self.trial.should_prune():
-            self.trial.set_user_attr(FOLD_LOSSES_ATTR, list(self.fold_losses))
-            self.trial.set_user_attr(PARTIAL_FOLD_LOSSES_ATTR, list(self.latest))
             self.trial.set_user_attr(PRUNED_AT_STEP_ATTR, step)
+            self._keep_partial()
             raise optuna.TrialPruned(f"pruned at step {step}")
+
+    def cut(self, why: str) -> None:
+        """End the trial as pruned for a reason of the search's own (the time budget's deadline), keeping what it
+        measured; `why` is stored as its `cut_by_budget`."""
+        self.trial.set_user_attr(CUT_ATTR, why)
+        self._keep_partial()
+        raise optuna.TrialPruned(why)
+
+    def _keep_partial(self) -> None:
+        self.trial.set_user_attr(FOLD_LOSSES_ATTR, list(self.fold_losses))
+        self.trial.set_user_attr(PARTIAL_FOLD_LOSSES_ATTR, list(self.latest))

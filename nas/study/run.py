@@ -32,15 +32,16 @@ from nas.output import notice, status
 from nas.search.config import RunConfig, blamed
 from nas.search.finetune_space import checkpoint_input, epochs_said, load_search_data
 from nas.search.samplers import process_seed
-from nas.study.best_so_far import anytime_line, improvements
+from nas.study.best_so_far import anytime_line, clock, improvements
 from nas.study.contract import changed_on_this_host, show
 from nas.study.duplicates import Novelty
 from nas.study.objective import make_objective
 from nas.study.opening import check_contract, create_or_load, existing_study_id, load_for_search, store_config
-from nas.study.schema import FAIL_REASON_ATTR, FINISHED, OVER_BUDGET, is_failure
+from nas.study.schema import CUT_ATTR, FAIL_REASON_ATTR, FINISHED, OVER_BUDGET, is_failure
 from nas.study.stopping import BudgetReached, StopAfterFailures, StopOnRequest, StopOnStagnation, finished_trials
 from nas.study.storage import open_for_search, quiet_optuna, storage_file
 from nas.study.tables import best_value, summary_table
+from nas.study.time_budget import NO_CAP, TimeBudget, trial_cap
 from nas.study.warm_start import queue_warm_start, warm_start_source
 from nas.study.workers import WorkerRecord, live_workers, reclaim_dead_trials
 from nas.training.signals import SIGNALS
@@ -150,7 +151,7 @@ class Search:
                 f"Reclaimed trial(s) {', '.join(map(str, reclaimed))}: their worker process is gone "
                 "(retried per study.retries)"
             )
-        budget, done = cfg.study.trials, finished_trials(handle)
+        budget, done = trial_cap(cfg), finished_trials(handle)
         if done >= budget:
             out(
                 f"Study '{cfg.study.name}' already has {done} finished trials (budget {budget}): nothing to run. "
@@ -183,9 +184,13 @@ class Search:
         seed = process_seed(cfg.study.seed, len(handle.get_trials(deepcopy=False)), others)
         study = load_for_search(cfg, handle._storage, seed)
         novelty = Novelty(cfg.space, seed, version, cfg.study.retries, data.input_shape, data.num_classes)
+        plan = f"{done}/{budget} finished, running {budget - done} more"
+        if cfg.study.budget is not None:
+            cap = "" if budget == NO_CAP else f", at most {budget - done} (--trials {budget})"
+            plan = f"{done} finished, searching for {clock(cfg.study.budget)} (as many trials as fit{cap})"
         out(
-            f"Study '{cfg.study.name}' in {cfg.study.storage}: {done}/{budget} finished, running {budget - done} more "
-            f"on {device.type} ({data.name}: {len(data.y_train)} training samples, {cfg.evaluation.folds} folds x "
+            f"Study '{cfg.study.name}' in {cfg.study.storage}: {plan} on {device.type} ({data.name}: "
+            f"{len(data.y_train)} training samples, {cfg.evaluation.folds} folds x "
             f"{epochs_said(cfg.space, cfg.evaluation.epochs)})"
         )
         out(f"Dataset in memory: {data.memory()}")
@@ -198,7 +203,9 @@ class Search:
 
             if family_of(cfg.space) not in OURS:
                 out(f"evaluation.fold_mode together: {no_stacked_form({'model': {'family': family_of(cfg.space)}})}")
-        bars = Bars(self.progress, budget, done, cfg.evaluation.folds, lines=self.on_trial is None)
+        bars = Bars(
+            self.progress, None if budget == NO_CAP else budget, done, cfg.evaluation.folds, self.on_trial is None
+        )
 
         def after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
             best = bars.trial_ended(study, trial)
@@ -213,10 +220,19 @@ class Search:
         failures, stop_request = StopAfterFailures(cfg.study.max_consecutive_failures), StopOnRequest(self.started)
         if stop_request.asked(study):  # asked while this worker started: not even one trial
             bars.close()
-            out(f"Stopped on request before the first trial: {done}/{budget} finished")
+            out(f"Stopped on request before the first trial: {of_budget(done, budget)} finished")
             return study
+        time_budget = TimeBudget(cfg.study.budget, self.started, out) if cfg.study.budget is not None else None
         objective = make_objective(
-            cfg, data, folds, device, epoch_bar=bars.epoch_bar if bars.shown else None, novelty=novelty, version=version
+            cfg,
+            data,
+            folds,
+            device,
+            epoch_bar=bars.epoch_bar if bars.shown else None,
+            novelty=novelty,
+            version=version,
+            trials=budget,
+            time_budget=time_budget,
         )
         gpus = visible_gpus() if cfg.device != "cpu" else []
         helpers = (
@@ -229,9 +245,12 @@ class Search:
         )
         with quiet_optuna(optuna.logging.ERROR), _passing_signals_to(helpers):  # failures: one line of ours
             try:
+                limits = [cfg.study.timeout, time_budget.left() if time_budget else None]
+                if time_budget is not None and time_budget.left() <= 0:  # loading the data took it all
+                    time_budget.ended = "the deadline came before the first trial could start"
                 study.optimize(
                     objective,
-                    timeout=cfg.study.timeout,
+                    timeout=min((s for s in limits if s is not None), default=None),
                     catch=(TrialError,),
                     callbacks=[
                         BudgetReached(budget),
@@ -241,6 +260,7 @@ class Search:
                         stop_request,
                         stop_when_used_up,
                         stagnant,
+                        *([time_budget] if time_budget else []),
                     ],
                 )
                 SIGNALS.raise_pending()  # a signal between trials: stop with its exit code
@@ -257,28 +277,28 @@ class Search:
             raise StudyError(f"stopped after {failures.limit} failed trials in a row; last reason: {last}")
         if stop_request.stopped:
             out(
-                f"Stopped on request after the running trial: {finished_trials(study)}/{budget} finished; "
+                f"Stopped on request after the running trial: {of_budget(finished_trials(study), budget)} finished; "
                 f"resume with nas-search --resume --study {cfg.study.name} --storage {cfg.study.storage}"
             )
         if novelty.stop_reason is not None:
-            out(f"Stopped: {novelty.stop_reason} ({finished_trials(study)}/{budget} of the budget used).")
+            out(f"Stopped: {novelty.stop_reason} ({of_budget(finished_trials(study), budget)} of the budget used).")
         self.results(summary_table(study))  # first: `nas-search | head -1` reads the table's first line
         if len(study.directions) == 1:
             self.results(
                 anytime_line(improvements(study.get_trials(deepcopy=False), self.run_start), time.time() - self.started)
             )
+        if time_budget is not None:
+            self.results(time_budget.summary(study, self.run_start))
         if stagnant.stalled is not None:
-            self.results(
-                f"Stopped: {stagnant.stalled} (--stop-after {cfg.study.stop_after}; "
-                f"{finished_trials(study)}/{budget} of the budget used)."
-            )
+            used = "" if budget == NO_CAP else f"; {finished_trials(study)}/{budget} of the budget used"
+            self.results(f"Stopped: {stagnant.stalled} (--stop-after {cfg.study.stop_after}{used}).")
         return study
 
 
 class Bars:
     """The progress bars on stderr: trials over the budget (with the best CV loss) and epochs of the running trial."""
 
-    def __init__(self, progress: bool | None, budget: int, done: int, folds: int, lines: bool = True):
+    def __init__(self, progress: bool | None, budget: int | None, done: int, folds: int, lines: bool = True):
         from tqdm.auto import tqdm
 
         self.tqdm, self.folds, self.budget = tqdm, folds, budget
@@ -337,16 +357,23 @@ def gpu_env(gpus: list[str], worker: int) -> dict | None:
     return {**os.environ, "CUDA_VISIBLE_DEVICES": gpus[worker % len(gpus)]}
 
 
-def finished_line(trial: optuna.trial.FrozenTrial, done: int, budget: int, best: float | None) -> str:
+def finished_line(trial: optuna.trial.FrozenTrial, done: int, budget: int | None, best: float | None) -> str:
     """`trial 4 complete (5/13): cv loss 0.2224, best 0.2224`: the log line of a trial ended without bars."""
-    if trial.state == optuna.trial.TrialState.PRUNED:  # a step is an epoch, or a fold when folds run one by one
+    if CUT_ATTR in trial.user_attrs:
+        head, result = f"trial {trial.number} {trial.user_attrs[CUT_ATTR]}", ""
+    elif trial.state == optuna.trial.TrialState.PRUNED:  # a step is an epoch, or a fold when folds run one by one
         head = f"trial {trial.number} pruned" + ("" if trial.last_step is None else f" at step {trial.last_step}")
         result = ""
     else:
         head = f"trial {trial.number} complete"
         result = ": cv loss " + ", ".join(f"{v:.4f}" for v in trial.values)
     ahead = "" if best is None else f", best {best:.4f}"
-    return f"{head} ({done}/{budget}){result}{ahead}"
+    return f"{head} ({of_budget(done, budget)}){result}{ahead}"
+
+
+def of_budget(done: int, budget: int | None) -> str:
+    """`5/13` finished trials of the budget; `5` where a time budget decides their count."""
+    return f"{done}" if budget in (None, NO_CAP) else f"{done}/{budget}"
 
 
 @contextmanager

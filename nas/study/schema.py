@@ -51,6 +51,7 @@ WORKER_ATTR = "worker"  # the identity of the process that ran the trial
 VERSION_ATTR = "config_version"  # the config version the trial ran under (0: the first)
 DEVICE_ATTR = "device"  # where the trial trained: `cuda:0 (CUDA_VISIBLE_DEVICES=2)`, `cpu`
 FAIL_REASON_ATTR = "fail_reason"
+CUT_ATTR = "cut_by_budget"  # a trial the time budget's deadline ended early (pruned): where and why
 WARM_START_ATTR = "warm_start_of"  # a queued candidate of an earlier study: {study, trial, cv_loss}
 DUPLICATE_ATTR = "duplicate_of"  # the proposal repeated this tried trial's parameters
 FOLD_LOSSES_ATTR = "fold_losses"
