@@ -123,3 +123,18 @@ def test_a_candidate_that_fails_every_try_counts_as_tried_and_the_space_is_exhau
     assert repeats
     assert all(t.state == TrialState.FAIL and t.user_attrs["fail_reason"].startswith("repeat of") for t in repeats)
     assert sum(map(counts_toward_budget, trials)) == 2
+
+
+@pytest.mark.parametrize(("sampler", "startup"), [("tpe", 3), ("gp", 4), ("tpe", None)])
+def test_study_startup_trials_sets_how_many_random_draws_tpe_and_gp_make_first(tmp_path, sampler, startup):
+    from nas.search.config import Override, load_run_config
+    from nas.search.samplers import STARTUP_TRIALS
+    from nas.study.opening import create_or_load, load_for_search
+    from nas.study.storage import storage_of
+
+    path = write_digits_run(tmp_path, FOUR, f"sqlite:///{tmp_path}/nas.db", {"name": "s", "sampler": sampler}, {})
+    overrides = [] if startup is None else [Override("study.startup_trials", startup, "--set")]
+    cfg = load_run_config(path, overrides)
+    storage = storage_of(cfg.study.storage)
+    create_or_load(cfg, storage)
+    assert load_for_search(cfg, storage, 0).sampler._n_startup_trials == (startup or STARTUP_TRIALS)

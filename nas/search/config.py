@@ -118,6 +118,7 @@ class StudyConfig:
     name: str = "bnnas"
     storage: str = "sqlite:///runs/nas.db"
     sampler: str = field(default="tpe", metadata={"choices": SAMPLER_NAMES})
+    startup_trials: int | None = field(default=None, metadata={"min": 1})  # TPE's and GP's random draws first (10)
     trials: int = field(default=30, metadata={"min": 1})
     seed: int = 0
     timeout: float | None = field(default=None, metadata={"min": 0})

@@ -21,22 +21,29 @@ def _samplers():
 
 
 SAMPLERS = {
-    "random": lambda seed: _samplers().RandomSampler(seed=seed),
+    "random": lambda seed, startup: _samplers().RandomSampler(seed=seed),
     # TPE models the conditional space jointly (multivariate + group); constant_liar keeps parallel workers apart
-    "tpe": lambda seed: _samplers().TPESampler(seed=seed, multivariate=True, group=True, constant_liar=True),
-    "gp": lambda seed: _samplers().GPSampler(seed=seed, warn_independent_sampling=False),
-    "nsga2": lambda seed: _samplers().NSGAIISampler(seed=seed, population_size=20),
+    "tpe": lambda seed, startup: _samplers().TPESampler(
+        seed=seed, multivariate=True, group=True, constant_liar=True, n_startup_trials=startup
+    ),
+    "gp": lambda seed, startup: _samplers().GPSampler(
+        seed=seed, warn_independent_sampling=False, n_startup_trials=startup
+    ),
+    "nsga2": lambda seed, startup: _samplers().NSGAIISampler(seed=seed, population_size=20),
 }
 SAMPLER_NAMES = tuple(SAMPLERS)
+STARTUP_TRIALS = 10  # random draws before TPE and GP model (Optuna's default for both); `study.startup_trials`
+MODELLED = ("tpe", "gp")  # the samplers that take a start-up count
 
 
-def make_sampler(name: str, seed: int):
-    """The seeded sampler `study.sampler` names (the config loader has checked the name)."""
+def make_sampler(name: str, seed: int, startup: int | None = None):
+    """The seeded sampler `study.sampler` names (the config loader has checked the name); `startup`: its random
+    draws before it models (TPE and GP; default STARTUP_TRIALS)."""
     from optuna.exceptions import ExperimentalWarning
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)  # multivariate, group, constant_liar, GP
-        return SAMPLERS[name](seed)
+        return SAMPLERS[name](seed, STARTUP_TRIALS if startup is None else startup)
 
 
 def process_seed(study_seed: int, trials_in_study: int, others: list) -> int:

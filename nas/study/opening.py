@@ -99,7 +99,7 @@ def load_for_search(cfg: RunConfig, storage, seed: int) -> optuna.Study:
         return optuna.load_study(
             study_name=cfg.study.name,
             storage=storage,
-            sampler=make_sampler(cfg.study.sampler, seed),
+            sampler=make_sampler(cfg.study.sampler, seed, cfg.study.startup_trials),
             pruner=make_pruner(
                 cfg.evaluation.pruner, cfg.evaluation.epochs, cfg.evaluation.folds, cfg.evaluation.fold_mode
             ),
