@@ -119,20 +119,27 @@ def test_a_trial_starts_only_while_half_a_typical_one_fits_and_never_after_a_cut
     assert budget.ended == "the deadline came"
 
 
-def test_the_guard_cuts_a_trial_whose_next_epoch_cannot_end_in_time_but_never_its_last():
+def test_the_guard_cuts_a_trial_whose_next_epoch_cannot_end_in_time_but_never_after_its_last():
     cuts = []
     gone = TimeBudget(10, time.time() - 20, lambda line: None)  # the deadline has passed
-    check = gone.guard(cuts.append, epochs=3, folds=2)
-    check(0, None, 0.1)  # folds together: 3 steps
+    gone.guard(cuts.append, epochs=3, folds=2, together=True).epoch(0, None, 0.1)
     assert cuts == ["cut at the time budget's deadline after epoch 1 of 3"]
-    check = gone.guard(cuts.append, epochs=2, folds=2)
-    check(1, 1, 0.1)  # one fold after another: 4 steps
-    assert cuts[-1] == "cut at the time budget's deadline after epoch 2 of 2 of fold 2"
-    check = gone.guard(cuts.append, epochs=1, folds=2)
-    check(0, None, 0.1)  # the last step: its CV is complete, nothing to save
-    far = TimeBudget(3600, time.time(), lambda line: None).guard(cuts.append, epochs=3, folds=2)
-    far(0, None, 0.1)
+    sequential = gone.guard(cuts.append, epochs=2, folds=2, together=False)
+    sequential.done = 2  # fold 1 trained
+    sequential.epoch(0, 1, 0.1)
+    assert cuts[-1] == "cut at the time budget's deadline after epoch 1 of 2 of fold 2"
+    gone.guard(cuts.append, epochs=1, folds=2, together=True).epoch(0, None, 0.1)  # the last: nothing to save
+    far = TimeBudget(3600, time.time(), lambda line: None).guard(cuts.append, epochs=3, folds=2, together=True)
+    far.epoch(0, None, 0.1)
+    far.step()
     assert len(cuts) == 2
+
+
+def test_a_first_epoch_that_runs_past_the_deadline_is_cut_at_the_next_step():
+    cuts = []
+    deadline = TimeBudget(10, time.time() - 20, lambda line: None).guard(cuts.append, epochs=3, folds=2, together=False)
+    deadline.step()
+    assert cuts == ["cut at the time budget's deadline during epoch 1 of 3 of fold 1"]
 
 
 def test_a_search_at_its_deadline_cuts_the_running_trial_starts_no_other_and_says_so(tmp_path, monkeypatch):
@@ -147,10 +154,10 @@ def test_a_search_at_its_deadline_cuts_the_running_trial_starts_no_other_and_say
     out, results = [], []
     study = run_search(cfg, progress=False, out=out.append, results=results.append)
     assert len(study.trials) == 1 and study.trials[0].state == TrialState.PRUNED
-    assert study.trials[0].user_attrs[CUT_ATTR] == "cut at the time budget's deadline after epoch 1 of 3"
+    assert study.trials[0].user_attrs[CUT_ATTR] == "cut at the time budget's deadline during epoch 1 of 3"
     assert "0 finished, searching for 0:30 (as many trials as fit) on cpu" in out[0]
     assert results[-1].startswith("Time budget 0:30: ended at 0:") and results[-1].endswith(
-        "; the deadline came; trial 0 cut at the time budget's deadline after epoch 1 of 3."
+        "; the deadline came; trial 0 cut at the time budget's deadline during epoch 1 of 3."
     )
 
 

@@ -85,13 +85,16 @@ def make_objective(
 
         # Only a pruner that judges every epoch pays for validating every epoch; the bar shows the training loss.
         every_epoch = reports_every_epoch(cfg.evaluation.pruner, cfg.evaluation.fold_mode)
-        deadline = time_budget.guard(reporter.cut, epochs_of(spec, epochs), len(folds)) if time_budget else None
+        together = cfg.evaluation.fold_mode == "together"
+        deadline = (
+            time_budget.guard(reporter.cut, epochs_of(spec, epochs), len(folds), together) if time_budget else None
+        )
 
         def on_trained(epoch: int, fold: int | None, train_loss: float) -> None:
             if not every_epoch:
                 advance(fold, train_loss=f"{train_loss:.4f}")
             if deadline is not None:
-                deadline(epoch, fold, train_loss)
+                deadline.epoch(epoch, fold, train_loss)
 
         try:
             with SIGNALS.interruptible():
@@ -105,6 +108,7 @@ def make_objective(
                     trial_number=trial.number,
                     on_epoch=on_epoch if every_epoch else None,
                     on_trained=on_trained if (bar is not None and not every_epoch) or deadline else None,
+                    on_step=deadline.step if deadline else None,
                     on_fold=reporter.fold,
                     recalibrate_bn=cfg.evaluation.recalibrate_bn,
                     fold_mode=cfg.evaluation.fold_mode,

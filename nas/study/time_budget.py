@@ -1,6 +1,6 @@
 """A search in wall time: `study.budget` is a deadline the search plans for and ends within.
 
-The deadline is the run's launch (its process start) plus the budget, less a second for the run to
+The deadline is the run's launch (when nas-search was called) plus the budget, less two seconds for the run to
 wind down; the workers a run starts (`--workers`, Ray) get its launch time, so they share one
 deadline. A trial starts only while the time left holds half a typical trial of the study (the
 median time of its finished trials; the first always starts): with a pruner many trials end
@@ -23,7 +23,7 @@ from nas.study.best_so_far import clock
 from nas.study.schema import CUT_ATTR, FINISHED, counts_toward_budget
 
 NO_CAP = 10**9  # trials: a time budget decides their count
-WIND_DOWN = 1.0  # seconds a run takes after its last trial (summary, storage closed, interpreter exit)
+WIND_DOWN = 2.0  # seconds a run takes after its last trial (summary, storage closed, interpreter exit: 1.5 s here)
 
 
 def trial_cap(cfg: RunConfig) -> int:
@@ -71,21 +71,9 @@ class TimeBudget:
         if self.ended is not None:
             study.stop()
 
-    def guard(self, cut: Callable[[str], None], epochs: int, folds: int) -> Callable[[int, int | None, float], None]:
-        """An `on_trained` hook for one trial: after each epoch, `cut(why)` if the next one cannot end by the
-        deadline (at the pace of this trial's epochs so far)."""
-        start, done = time.time(), 0
-
-        def check(epoch: int, fold: int | None, train_loss: float) -> None:
-            nonlocal done
-            done += 1
-            steps = epochs if fold is None else epochs * folds  # a together trial may fall back to fold by fold
-            now = time.time()
-            if done < steps and now + (now - start) / done > self.deadline:
-                where = f"epoch {epoch + 1} of {epochs}" + ("" if fold is None else f" of fold {fold + 1}")
-                cut(f"cut at the time budget's deadline after {where}")
-
-        return check
+    def guard(self, cut: Callable[[str], None], epochs: int, folds: int, together: bool) -> Deadline:
+        """The hooks that cut one trial at the deadline (`cut(why)` raises)."""
+        return Deadline(self.deadline, cut, epochs, folds, together)
 
     def summary(self, study: optuna.Study, since) -> str:
         """`Time budget 1:30: ended at 1:27; ...`: how the run used its budget, and what the deadline cut."""
@@ -97,3 +85,30 @@ class TimeBudget:
         said = f"Time budget {clock(self.seconds)}: ended at {clock(time.time() - self.launched)}"
         reasons = [*([self.ended] if self.ended else []), *cut]
         return said + ("; " + "; ".join(reasons) if reasons else "") + "."
+
+
+class Deadline:
+    """One trial's deadline: after each epoch, cut if the next one cannot end in time (at the pace of this trial's
+    epochs so far); after each optimizer step, cut once the deadline has passed (a first epoch has no pace yet)."""
+
+    def __init__(self, deadline: float, cut: Callable[[str], None], epochs: int, folds: int, together: bool):
+        self.deadline, self.cut, self.epochs, self.folds, self.together = deadline, cut, epochs, folds, together
+        self.start, self.done = time.time(), 0  # epochs trained (of every fold together, or of one fold)
+
+    def where(self, epoch_done: int) -> str:
+        """`epoch 3 of 12`, or `epoch 3 of 12 of fold 2` with the folds one by one."""
+        if self.together:
+            return f"epoch {epoch_done} of {self.epochs}"
+        fold, epoch = divmod(epoch_done - 1, self.epochs)
+        return f"epoch {epoch + 1} of {self.epochs} of fold {fold + 1}"
+
+    def epoch(self, epoch: int, fold: int | None, train_loss: float) -> None:
+        self.done += 1
+        steps = self.epochs if fold is None else self.epochs * self.folds  # a together trial may fall back
+        now = time.time()
+        if self.done < steps and now + (now - self.start) / self.done > self.deadline:
+            self.cut(f"cut at the time budget's deadline after {self.where(self.done)}")
+
+    def step(self) -> None:
+        if time.time() > self.deadline:
+            self.cut(f"cut at the time budget's deadline during {self.where(self.done + 1)}")

@@ -36,6 +36,7 @@ def cross_validate(
     trial_number: int = 0,
     on_epoch: OnEpoch | None = None,
     on_trained: OnTrained | None = None,
+    on_step: Callable[[], None] | None = None,
     on_fold: Callable[[int, float], None] | None = None,
     recalibrate_bn: bool = False,
     fold_mode: str = "together",
@@ -44,7 +45,8 @@ def cross_validate(
 
     `on_epoch(EpochReport)` and `on_fold(fold, val_loss)` let the caller report to a pruner (and
     stop by raising); `on_epoch` validates every epoch, which `on_trained(epoch, fold, train_loss)` (a progress
-    bar's) does not. With `fold_mode` `together` the folds train as one batched computation
+    bar's) does not; `on_step()` after every optimizer step may end the trial by raising (a deadline). With
+    `fold_mode` `together` the folds train as one batched computation
     (nas.training.folds_together) and report with fold None; a spec that cannot train batched
     trains one fold after another, and the Score says why in `fold_mode_fallback`. Each fold also
     records the BN diagnostics: the validation loss with batch statistics, and with `recalibrate_bn`
@@ -63,7 +65,10 @@ def cross_validate(
         models = [_model(spec, data, device, seed) for seed in seeds]
         try:
             together = list(
-                zip(models, train_together(models, data, folds, hp, epochs, device, seeds, on_epoch, on_trained))
+                zip(
+                    models,
+                    train_together(models, data, folds, hp, epochs, device, seeds, on_epoch, on_trained, on_step),
+                )
             )
         except NotBatchable as exc:
             fallback = str(exc)
@@ -91,6 +96,7 @@ def cross_validate(
                     fold=k,
                     on_epoch=on_epoch,
                     on_trained=on_trained,
+                    on_step=on_step,
                     train_mode=norms_hook,
                 )
             except torch.cuda.OutOfMemoryError as exc:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +64,7 @@ def train_together(
     seeds: list[int],
     on_epoch: OnEpoch | None = None,
     on_trained: OnTrained | None = None,
+    on_step: Callable[[], None] | None = None,
 ) -> list[FitResult]:
     """`nas.training.train.fit` for every fold at once; the trained state is written back into `models`.
 
@@ -109,6 +111,8 @@ def train_together(
                 raise NotBatchable(f"CUDA out of memory with {k} folds together: {str(exc).splitlines()[0]}") from None
             optimizer.step()
             schedule.step()
+            if on_step is not None:
+                on_step()
         last = fold_loss.detach().tolist()  # one sync an epoch, as fit has
         for fold, value in enumerate(last):
             if not math.isfinite(value):

@@ -186,6 +186,7 @@ def fit(
     fold: int | None = None,
     on_epoch: OnEpoch | None = None,
     on_trained: OnTrained | None = None,
+    on_step: Callable[[], None] | None = None,
     train_mode: Callable[[nn.Module], None] | None = None,
     max_steps: int | None = None,
 ) -> FitResult:
@@ -193,7 +194,8 @@ def fit(
     (None: no validation).
 
     `fold` labels the epoch reports; `on_epoch` validates every epoch, `on_trained` only reports the training
-    loss. Only parameters with requires_grad are trained; `train_mode(model)`,
+    loss; `on_step()` after every optimizer step may end training by raising (a deadline). Only parameters with
+    requires_grad are trained; `train_mode(model)`,
     when given, runs after `model.train()` every epoch (fine-tuning keeps some norm layers in eval mode there).
     `max_steps` ends training after that many optimizer steps (the schedule then spans them), so
     runs on labelled sets of different sizes can get exactly the same number of steps.
@@ -230,6 +232,8 @@ def fit(
             loss.backward()
             optimizer.step()
             schedule.step()
+            if on_step is not None:
+                on_step()
         last = loss.item()
         if not math.isfinite(last):
             raise TrialError(f"training loss is {last} at epoch {epoch + 1}")
