@@ -140,6 +140,8 @@ def test_bench_search_rows_agree_with_each_other_and_with_the_studies(tmp_path):
         "1",
         "--strategies",
         "random,tpe+hyperband",
+        "--baseline",
+        "--export",
         "--out",
         str(tmp_path / "out"),
     )
@@ -164,6 +166,40 @@ def test_bench_search_rows_agree_with_each_other_and_with_the_studies(tmp_path):
         and table in out + "\n"
     )
     assert (tmp_path / "out" / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_bench_search_ranks_strategies_across_its_written_tasks_with_random_at_twice_the_budget(tmp_path):
+    import json
+
+    out = run_script(
+        "bench_search.py",
+        "--tasks",
+        "signals,images",
+        "--budget-seconds",
+        "10",
+        "--seeds",
+        "1",
+        "--epochs",
+        "1",
+        "--strategies",
+        "tpe/2+hyperband,random@2x",
+        "--out",
+        str(tmp_path / "out"),
+    )
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    runs = {(r["task"], r["strategy"]): r for r in results["runs"]}
+    assert set(runs) == {(t, s) for t in ("signals", "images") for s in ("tpe/2+hyperband", "random@2x")}
+    assert all(
+        runs[t, "random@2x"]["budget_seconds"] == 20 and runs[t, "tpe/2+hyperband"]["budget_seconds"] == 10
+        for t in ("signals", "images")
+    )
+    assert all(r["wall_seconds"] <= 1.5 * r["budget_seconds"] and r["trials"] >= 1 for r in runs.values())
+    rank_rows = re.findall(r"^\| (tpe/2\+hyperband|random@2x) \| ([12]) \| ([12]) \| ([\d.]+) \|$", out, re.M)
+    assert sorted(r[0] for r in rank_rows) == ["random@2x", "tpe/2+hyperband"]  # one rank row each, both tasks ranked
+    for _, *task_ranks, median in rank_rows:
+        assert float(median) == sum(map(int, task_ranks)) / 2  # the median of two ranks
+    assert "**signals**" in out and "**images**" in out and (tmp_path / "out" / "curves.png").exists()
 
 
 @pytest.mark.slow

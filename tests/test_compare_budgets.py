@@ -150,6 +150,33 @@ def test_several_objectives_are_refused_before_any_cell_trains(tmp_path, monkeyp
     assert not (tmp_path / "nas.db").exists()  # no cell was searched
 
 
+@pytest.mark.parametrize(
+    ("key", "value", "what"),
+    [
+        ("study.budget", "10m", "a time budget"),
+        ("study.stop_after", "3", "a stop on stagnation"),
+        ("study.warm_start.study", "other", "a warm start"),
+    ],
+)
+def test_what_would_make_cells_unequal_is_refused_before_any_cell_trains(
+    tmp_path, monkeypatch, capsys, key, value, what
+):
+    write_digits_run(
+        tmp_path,
+        FINITE,
+        f"sqlite:///{tmp_path}/nas.db",
+        {"name": "o", "sampler": "random"},
+        {"folds": 2, "epochs": 1, "pruner": "none"},
+    )
+    monkeypatch.chdir(tmp_path)
+    assert compare_main([*RUN, "--trials-per-cell", "1", "--set", f"{key}={value}"]) == 2
+    assert capsys.readouterr().err == (
+        f"--set: {key}: nas-compare gives every cell exactly --trials-per-cell trials from scratch; {what} would "
+        "make the cells differ (leave it out)\n"
+    )
+    assert not (tmp_path / "nas.db").exists()  # no cell was searched
+
+
 @pytest.mark.slow
 def test_a_comparison_reaches_its_studies_through_a_grpc_proxy(tmp_path, monkeypatch):
     pytest.importorskip("grpc")

@@ -294,6 +294,30 @@ def check_objectives(cfg: RunConfig) -> None:
         )
 
 
+UNEQUAL = {  # a run config's keys that would give the cells unequal budgets or a shared start
+    "study.budget": "a time budget",
+    "study.stop_after": "a stop on stagnation",
+    "study.warm_start.study": "a warm start",
+}
+
+
+def check_equal_budgets(cfg: RunConfig) -> None:
+    """Every cell gets exactly --trials-per-cell trials from scratch: refuse what would make cells differ."""
+    values = {
+        "study.budget": cfg.study.budget,
+        "study.stop_after": cfg.study.stop_after,
+        "study.warm_start.study": cfg.study.warm_start.study,
+    }
+    for key, what in UNEQUAL.items():
+        if values[key] is not None:
+            raise ConfigError(
+                cfg.where(key),
+                key,
+                f"nas-compare gives every cell exactly --trials-per-cell trials from scratch; {what} would make "
+                "the cells differ (leave it out)",
+            )
+
+
 def run_comparison(
     cfg: RunConfig,
     factors: list[Factor],
@@ -311,6 +335,7 @@ def run_comparison(
     from nas.study.storage import load_existing_study
 
     check_objectives(cfg)
+    check_equal_budgets(cfg)
     cells = make_cells(cfg.space, factors)
     names = [cell_study_name(cfg.study.name, c, factors) for c in cells]
     seed_list = reeval_seeds(cfg.study.seed, seeds)
