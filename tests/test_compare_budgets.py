@@ -131,7 +131,8 @@ def test_a_cell_stopped_by_failures_in_a_row_is_marked_and_the_others_still_comp
     assert good["stats"]["verdict"] == "best"
 
 
-def test_several_objectives_are_refused_before_any_cell_trains(tmp_path, monkeypatch, capsys):
+def one_epoch_run(tmp_path, monkeypatch) -> None:
+    """run.yaml in tmp_path (the finite space, random, 2 folds x 1 epoch), the working folder."""
     write_digits_run(
         tmp_path,
         FINITE,
@@ -140,6 +141,10 @@ def test_several_objectives_are_refused_before_any_cell_trains(tmp_path, monkeyp
         {"folds": 2, "epochs": 1, "pruner": "none"},
     )
     monkeypatch.chdir(tmp_path)
+
+
+def test_several_objectives_are_refused_before_any_cell_trains(tmp_path, monkeypatch, capsys):
+    one_epoch_run(tmp_path, monkeypatch)
     assert compare_main([*RUN, "--trials-per-cell", "1", "--set", "objectives=[cv_loss, params]"]) == 2
     err = capsys.readouterr().err
     assert (
@@ -161,14 +166,7 @@ def test_several_objectives_are_refused_before_any_cell_trains(tmp_path, monkeyp
 def test_what_would_make_cells_unequal_is_refused_before_any_cell_trains(
     tmp_path, monkeypatch, capsys, key, value, what
 ):
-    write_digits_run(
-        tmp_path,
-        FINITE,
-        f"sqlite:///{tmp_path}/nas.db",
-        {"name": "o", "sampler": "random"},
-        {"folds": 2, "epochs": 1, "pruner": "none"},
-    )
-    monkeypatch.chdir(tmp_path)
+    one_epoch_run(tmp_path, monkeypatch)
     assert compare_main([*RUN, "--trials-per-cell", "1", "--set", f"{key}={value}"]) == 2
     assert capsys.readouterr().err == (
         f"--set: {key}: nas-compare gives every cell exactly --trials-per-cell trials from scratch; {what} would "

@@ -303,13 +303,11 @@ UNEQUAL = {  # a run config's keys that would give the cells unequal budgets or 
 
 def check_equal_budgets(cfg: RunConfig) -> None:
     """Every cell gets exactly --trials-per-cell trials from scratch: refuse what would make cells differ."""
-    values = {
-        "study.budget": cfg.study.budget,
-        "study.stop_after": cfg.study.stop_after,
-        "study.warm_start.study": cfg.study.warm_start.study,
-    }
     for key, what in UNEQUAL.items():
-        if values[key] is not None:
+        value = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        if value is not None:
             raise ConfigError(
                 cfg.where(key),
                 key,
